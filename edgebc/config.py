@@ -1,0 +1,147 @@
+"""Frozen dataclasses as configuration schemas, filled from JSON/YAML mappings with strict checks.
+
+Every configuration in edgebc (the preprocessing card, training and serving configs) is a frozen
+dataclass. `from_mapping` fills one from a plain mapping and rejects unknown keys by name, naming
+the file they came from, because a typo in a YAML key that is silently ignored on a cart means
+the device runs with a default nobody chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from edgebc.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def look_up_option(value: str, choices: Iterable[str], what: str = "option") -> str:
+    """Return `value` if it is one of `choices`, else raise naming the valid ones and a close match."""
+    options = list(choices)
+    if value in options:
+        return value
+    close = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"Unknown {what} {value!r}.{hint} Valid choices: {', '.join(options)}.")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], source: str = "configuration") -> T:
+    """Build dataclass `cls` from `data`, converting lists to tuples and nested mappings to dataclasses.
+
+    Unknown keys raise ConfigError naming `source` and the key; values of the wrong kind raise
+    ConfigError naming the field. The dataclass's own __post_init__ validates ranges.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: unknown key {key!r} for {cls.__name__}.{hint} "
+            f"Valid keys: {', '.join(fields)}."
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _convert(value, hints[name], f"{source}: {cls.__name__}.{name}")
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def to_mapping(obj: Any) -> dict[str, Any]:
+    """The JSON/YAML-ready mapping of a (nested) dataclass: tuples become lists."""
+    return _plain(dataclasses.asdict(obj))
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | None = None) -> T:
+    """Fill `cls` from the YAML file at `path`, then apply command-line `overrides` on top."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    merged = {**data, **(overrides or {})}
+    return from_mapping(cls, merged, source=str(path))
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in candidates:
+            try:
+                return _convert(value, candidate, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        return from_mapping(hint, value, source=where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_convert(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,77 @@
+"""One labelled image (`Sample`) and the lesion findings a mammogram annotation carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgebc.decode import read_image
+
+CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A located abnormality: centre in image pixels with the origin at the TOP-left, radius in pixels.
+
+    Centre and radius are None where the annotation gives none (MIAS lists some widely
+    distributed calcifications without a site).
+    """
+
+    kind: str
+    severity: str
+    x: float | None = None
+    y: float | None = None
+    radius: float | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to classify with its label and what is known about where it came from.
+
+    `group` holds a near-duplicate group id written by the audit; splits keep a group (and a
+    patient) on one side. `extra` keeps any further manifest columns for subgroup analysis.
+    """
+
+    path: Path
+    label: str
+    patient_id: str | None = None
+    modality: str = "us"
+    view: str | None = None
+    source: str | None = None
+    split: str | None = None
+    fold: int | None = None
+    group: str | None = None
+    masks: tuple[Path, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def with_(self, **changes: object) -> Sample:
+        """A copy with some fields changed (samples are immutable)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def load_mask(sample: Sample) -> np.ndarray | None:
+    """The union of a sample's lesion masks as a uint8 0/1 array, or None when it has no mask file.
+
+    BUSI stores a second and third lesion as `_mask_1`, `_mask_2`: a case's lesion area is all of them.
+    """
+    if not sample.masks:
+        return None
+    merged: np.ndarray | None = None
+    for path in sample.masks:
+        mask = read_image(path)
+        if mask.ndim == 3:
+            mask = mask.max(axis=2)
+        binary = (mask > 0).astype(np.uint8)
+        if merged is None:
+            merged = binary
+        elif merged.shape != binary.shape:
+            raise ValueError(
+                f"{path}: mask is {binary.shape[::-1]} but {sample.masks[0]} is {merged.shape[::-1]}"
+            )
+        else:
+            merged |= binary
+    return merged

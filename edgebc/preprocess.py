@@ -1,0 +1,225 @@
+"""The one preprocessing shared by training, evaluation, INT8 calibration and the device.
+
+A frame goes: imaging-region crop -> the model's channels -> resize (stretch or letterbox) ->
+scale to [0, 1] -> (x - mean) / std -> NCHW float32. Every number that defines this lives in
+`PreprocessCard`, which is saved in checkpoints and embedded in exported models, so the device
+reads it from the model instead of re-declaring it (the way torchvision binds `transforms` to
+each weights entry). Any change here changes every model's input: keep it in this one module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from edgebc.config import from_mapping, to_mapping
+from edgebc.region import Region
+
+CARD_VERSION = 1
+_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+_MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+@dataclass(frozen=True)
+class PreprocessCard:
+    """Everything that defines a model's input tensor; serialises to JSON for the model card.
+
+    pad_value is the intensity in [0, 1] of the letterbox bars, before normalisation (0 = black,
+    what the scanner shows outside the image).
+    """
+
+    input_height: int = 224
+    input_width: int = 224
+    channels: Literal[1, 3] = 1
+    resize: Literal["stretch", "letterbox"] = "letterbox"
+    interpolation: Literal["area", "linear"] = "area"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    pad_value: float = 0.0
+    version: int = CARD_VERSION
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
+        if not (8 <= self.input_height <= 4096 and 8 <= self.input_width <= 4096):
+            raise ValueError(
+                f"input size must be 8..4096 pixels a side, got {self.input_height}x{self.input_width}"
+            )
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"mean and std need one value per channel ({self.channels}), "
+                f"got mean={list(self.mean)} std={list(self.std)}"
+            )
+        if any(not np.isfinite(s) or s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {list(self.std)}")
+        if any(not np.isfinite(m) for m in self.mean):
+            raise ValueError(f"mean values must be finite, got {list(self.mean)}")
+        if not 0.0 <= self.pad_value <= 1.0:
+            raise ValueError(f"pad_value is an intensity in [0, 1], got {self.pad_value}")
+        if self.resize not in ("stretch", "letterbox"):
+            raise ValueError(f"resize must be 'stretch' or 'letterbox', got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(
+                f"interpolation must be 'area' or 'linear', got {self.interpolation!r}"
+            )
+        if self.version != CARD_VERSION:
+            raise ValueError(
+                f"preprocessing card version {self.version} is not supported by this edgebc "
+                f"(supports {CARD_VERSION}); upgrade edgebc or re-export the model"
+            )
+
+    @classmethod
+    def imagenet_rgb(cls, height: int = 224, width: int = 224, **kwargs: object) -> PreprocessCard:
+        """Three channels with ImageNet statistics, for backbones initialised from ImageNet weights."""
+        return cls(
+            input_height=height,
+            input_width=width,
+            channels=3,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed frame."""
+        return (self.channels, self.input_height, self.input_width)
+
+    def to_dict(self) -> dict[str, object]:
+        return to_mapping(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, object], source: str = "preprocessing card"
+    ) -> PreprocessCard:
+        return from_mapping(cls, data, source=source)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "preprocessing card") -> PreprocessCard:
+        return cls.from_dict(json.loads(text), source=source)
+
+
+@dataclass(frozen=True)
+class LetterboxGeometry:
+    """Where the resized image sits inside the model input (for mapping heat maps back)."""
+
+    scale_y: float
+    scale_x: float
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def preprocess(image: np.ndarray, card: PreprocessCard, region: Region | None = None) -> np.ndarray:
+    """One frame (grey HxW or BGR HxWx3, uint8/uint16/float in [0, 1]) to a (1, C, H, W) float32 tensor."""
+    return preprocess_chw(image, card, region)[np.newaxis]
+
+
+def preprocess_batch(
+    images: Sequence[np.ndarray], card: PreprocessCard, region: Region | None = None
+) -> np.ndarray:
+    """Several frames to one (N, C, H, W) float32 tensor."""
+    if len(images) == 0:
+        raise ValueError("preprocess_batch needs at least one image")
+    return np.stack([preprocess_chw(image, card, region) for image in images])
+
+
+def preprocess_chw(
+    image: np.ndarray, card: PreprocessCard, region: Region | None = None
+) -> np.ndarray:
+    """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
+    image = _validated(image)
+    if region is not None:
+        image = region.crop(image)
+    image = to_channels(image, card.channels)
+    image = resize_to_input(image, card)
+    scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
+    if scaled.ndim == 2:
+        scaled = scaled[:, :, np.newaxis]
+    mean = np.asarray(card.mean, np.float32)
+    inv_std = np.float32(1.0) / np.asarray(card.std, np.float32)
+    normalised = (scaled - mean) * inv_std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Grey HxW for channels=1; RGB HxWx3 (not BGR: models are trained in RGB order) for 3."""
+    if channels == 1:
+        return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if channels == 3:
+        if image.ndim == 2:
+            return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def letterbox_geometry(height: int, width: int, card: PreprocessCard) -> LetterboxGeometry:
+    """Placement of a height x width image inside the card's input, for either resize mode."""
+    out_h, out_w = card.input_height, card.input_width
+    if card.resize == "stretch":
+        return LetterboxGeometry(out_h / height, out_w / width, 0, 0, out_h, out_w)
+    scale = min(out_h / height, out_w / width)
+    new_h = min(out_h, max(1, round(height * scale)))
+    new_w = min(out_w, max(1, round(width * scale)))
+    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+    return LetterboxGeometry(new_h / height, new_w / width, top, left, new_h, new_w)
+
+
+def resize_to_input(image: np.ndarray, card: PreprocessCard) -> np.ndarray:
+    """Resize (stretch) or fit inside with bars of pad_value (letterbox), keeping the dtype."""
+    geometry = letterbox_geometry(image.shape[0], image.shape[1], card)
+    interpolation = _INTERPOLATION[card.interpolation]
+    if image.shape[0] != geometry.height or image.shape[1] != geometry.width:
+        image = cv2.resize(image, (geometry.width, geometry.height), interpolation=interpolation)
+    if card.resize == "stretch":
+        return image
+    canvas_shape = (card.input_height, card.input_width, *image.shape[2:])
+    pad = card.pad_value * _max_value(image.dtype)
+    fill = np.round(pad) if image.dtype != np.float32 else pad
+    canvas = np.full(canvas_shape, fill, dtype=image.dtype)
+    canvas[
+        geometry.top : geometry.top + geometry.height,
+        geometry.left : geometry.left + geometry.width,
+    ] = image
+    return canvas
+
+
+def _max_value(dtype: np.dtype) -> float:
+    return _MAX_VALUE.get(np.dtype(dtype), 1.0)
+
+
+def _validated(image: np.ndarray) -> np.ndarray:
+    """Accept grey/BGR/BGRA in uint8, uint16 or float in [0, 1]; refuse anything else plainly."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a numpy image array, got {type(image).__name__}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"expected a grey (HxW) or BGR (HxWx3) image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty (shape {image.shape})")
+    if image.dtype in (np.uint8, np.uint16):
+        return image
+    if image.dtype in (np.float32, np.float64):
+        if not np.all(np.isfinite(image)):
+            raise ValueError("image contains NaN or infinite values")
+        low, high = float(image.min()), float(image.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"float images must hold intensities in [0, 1], got values in [{low:.4g}, {high:.4g}]"
+            )
+        return image.astype(np.float32, copy=False)
+    raise ValueError(
+        f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1]"
+    )

@@ -1,0 +1,181 @@
+"""`edgebc synth`: write a labelled phantom dataset to disk with its manifest.
+
+Layout (every image file written atomically, the manifest last so that a reader never sees a
+manifest that names a missing file):
+
+    OUT/us/<class>/<class>_0000.png (+ _mask.png)      ultrasound phantoms
+    OUT/mammo/<class>/<class>_0000.png (+ _mask.png)   mammography phantoms (modality both|mammo)
+    OUT/screens/<class>_0000.png + regions.json        scanner-screen framing and the true regions
+    OUT/cine/<class>_00.avi + <class>_00/frame_0000.png  probe sweeps, as video and frame folders
+    OUT/manifest.csv
+
+Item k of class c comes from its own seeded stream, so adding items never changes earlier ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from edgebc.atomic import atomic_write_bytes, atomic_write_text
+from edgebc.data.manifest import write_manifest
+from edgebc.data.records import CLASS_NAMES, Sample
+from edgebc.synth.cine import make_cine, write_video
+from edgebc.synth.mammo import make_mammo_phantom
+from edgebc.synth.screen import render_scanner_screen
+from edgebc.synth.ultrasound import LesionDescriptors, make_ultrasound_phantom, phantom_rng
+
+_STREAM = {"us": 1, "mammo": 2, "screen": 3, "cine": 4}
+
+
+@dataclass(frozen=True)
+class SynthPlan:
+    """What `edgebc synth` writes."""
+
+    n_per_class: int = 20
+    size: int = 256
+    seed: int = 0
+    modality: Literal["us", "mammo", "both"] = "us"
+    screens: int = 0
+    cine_per_class: int = 0
+    cine_frames: int = 30
+    fps: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.n_per_class < 1:
+            raise ValueError(f"n_per_class must be at least 1, got {self.n_per_class}")
+        if not 32 <= self.size <= 2048:
+            raise ValueError(f"size must be 32..2048 pixels, got {self.size}")
+        if self.modality not in ("us", "mammo", "both"):
+            raise ValueError(f"modality must be us, mammo or both, got {self.modality!r}")
+        if self.screens < 0 or self.cine_per_class < 0 or self.cine_frames < 1:
+            raise ValueError("screens and cine_per_class must be >= 0 and cine_frames >= 1")
+
+
+def write_phantom_dataset(
+    out: str | Path, plan: SynthPlan, progress: Callable[[int], None] | None = None
+) -> Path:
+    """Write the dataset described by `plan` under `out`; returns the manifest path."""
+    out = Path(out)
+    samples: list[Sample] = []
+    tick = progress or (lambda _n: None)
+    for class_index, label in enumerate(CLASS_NAMES):
+        for k in range(plan.n_per_class):
+            if plan.modality in ("us", "both"):
+                phantom = make_ultrasound_phantom(
+                    label,
+                    phantom_rng(plan.seed, _STREAM["us"], class_index, k),
+                    plan.size,
+                    plan.size,
+                )
+                samples.append(
+                    _write_item(
+                        out / "us" / label,
+                        f"{label}_{k:04d}",
+                        phantom.image,
+                        phantom.mask,
+                        label,
+                        "us",
+                        extra=_descriptor_columns(phantom.lesion),
+                    )
+                )
+            if plan.modality in ("mammo", "both"):
+                mammo = make_mammo_phantom(
+                    label, phantom_rng(plan.seed, _STREAM["mammo"], class_index, k), plan.size
+                )
+                item = _write_item(
+                    out / "mammo" / label,
+                    f"{label}_{k:04d}",
+                    mammo.image,
+                    mammo.mask,
+                    label,
+                    "mammo",
+                )
+                samples.append(item.with_(view=mammo.view, findings=mammo.findings))
+            tick(1)
+    if plan.screens:
+        _write_screens(out / "screens", plan)
+    if plan.cine_per_class:
+        _write_cines(out / "cine", plan, tick)
+    return write_manifest(samples, out / "manifest.csv")
+
+
+def _write_item(
+    folder: Path,
+    stem: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    label: str,
+    modality: str,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> Sample:
+    image_path = folder / f"{stem}.png"
+    mask_path = folder / f"{stem}_mask.png"
+    atomic_write_bytes(image_path, _png(image))
+    atomic_write_bytes(mask_path, _png(mask * 255))
+    return Sample(
+        path=image_path,
+        label=label,
+        modality=modality,
+        source="phantom",
+        masks=(mask_path,),
+        extra=tuple(extra),
+    )
+
+
+def _descriptor_columns(lesion: LesionDescriptors | None) -> tuple[tuple[str, str], ...]:
+    if lesion is None:
+        return (("shape", ""), ("margin", ""), ("orientation", ""), ("posterior", ""))
+    return (
+        ("shape", lesion.shape),
+        ("margin", lesion.margin),
+        ("orientation", lesion.orientation),
+        ("posterior", lesion.posterior),
+    )
+
+
+def _write_screens(folder: Path, plan: SynthPlan) -> None:
+    regions = {}
+    for k in range(plan.screens):
+        label = CLASS_NAMES[k % len(CLASS_NAMES)]
+        phantom = make_ultrasound_phantom(
+            label, phantom_rng(plan.seed, _STREAM["screen"], k, 0), plan.size, plan.size
+        )
+        screen, region = render_scanner_screen(
+            phantom.image, phantom_rng(plan.seed, _STREAM["screen"], k, 1)
+        )
+        name = f"{label}_{k:04d}.png"
+        atomic_write_bytes(folder / name, _png(screen))
+        regions[name] = {"label": label, "region": asdict(region)}
+    atomic_write_text(folder / "regions.json", json.dumps(regions, indent=2) + "\n")
+
+
+def _write_cines(folder: Path, plan: SynthPlan, tick: Callable[[int], None]) -> None:
+    for class_index, label in enumerate(CLASS_NAMES):
+        for k in range(plan.cine_per_class):
+            frames, _ = make_cine(
+                label,
+                phantom_rng(plan.seed, _STREAM["cine"], class_index, k),
+                plan.cine_frames,
+                plan.size,
+                plan.size,
+            )
+            name = f"{label}_{k:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_video(frames, folder / f"{name}.avi", plan.fps)
+            for index, frame in enumerate(frames):
+                atomic_write_bytes(folder / name / f"frame_{index:04d}.png", _png(frame))
+            tick(1)
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError("OpenCV could not encode a PNG")
+    return encoded.tobytes()

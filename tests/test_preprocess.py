@@ -1,0 +1,170 @@
+"""The shared preprocessing against hand-computed numpy results, plus properties over random inputs."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgebc.errors import ConfigError
+from edgebc.preprocess import PreprocessCard, letterbox_geometry, preprocess, preprocess_batch
+from edgebc.region import Region
+
+
+def test_same_size_grey_is_only_scaled_and_normalised(rng):
+    image = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    card = PreprocessCard(input_height=16, input_width=16, mean=(0.3,), std=(0.2,))
+    expected = ((image.astype(np.float64) / 255.0 - 0.3) / 0.2)[None, None]
+    out = preprocess(image, card)
+    assert out.shape == (1, 1, 16, 16) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_bgr_becomes_rgb_with_per_channel_statistics():
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, 100, 250  # B, G, R
+    card = PreprocessCard.imagenet_rgb(8, 8)
+    out = preprocess(bgr, card)[0]
+    for channel, value in enumerate((250, 100, 10)):  # R, G, B order in the tensor
+        expected = (value / 255.0 - card.mean[channel]) / card.std[channel]
+        np.testing.assert_allclose(out[channel], expected, atol=1e-5)
+
+
+def test_bgr_to_grey_uses_luma_weights_and_grey_to_rgb_replicates():
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 30, 60, 90
+    card = PreprocessCard(input_height=8, input_width=8, mean=(0.0,), std=(1.0,))
+    luma = round(0.299 * 90 + 0.587 * 60 + 0.114 * 30)
+    np.testing.assert_allclose(preprocess(bgr, card), luma / 255.0, atol=1 / 255.0 + 1e-6)
+    grey = np.full((8, 8), 77, np.uint8)
+    rgb = preprocess(
+        grey,
+        PreprocessCard(input_height=8, input_width=8, channels=3, mean=(0, 0, 0), std=(1, 1, 1)),
+    )
+    np.testing.assert_allclose(rgb, 77 / 255.0, atol=1e-6)
+
+
+def test_area_downscale_by_two_is_the_block_mean(rng):
+    image = rng.integers(0, 256, (32, 32), dtype=np.uint16) * 200
+    card = PreprocessCard(
+        input_height=16, input_width=16, resize="stretch", mean=(0.0,), std=(1.0,)
+    )
+    blocks = image.astype(np.float64).reshape(16, 2, 16, 2).mean(axis=(1, 3)) / 65535.0
+    np.testing.assert_allclose(preprocess(image, card)[0, 0], blocks, atol=1.0 / 65535)
+
+
+def test_letterbox_centres_the_image_between_bars_of_pad_value():
+    image = np.full((10, 20), 255, np.uint8)  # wide: fits 16 wide, 8 tall, bars above and below
+    card = PreprocessCard(
+        input_height=16, input_width=16, resize="letterbox", pad_value=0.25, mean=(0.0,), std=(1.0,)
+    )
+    geometry = letterbox_geometry(10, 20, card)
+    assert (geometry.top, geometry.left, geometry.height, geometry.width) == (4, 0, 8, 16)
+    out = preprocess(image, card)[0, 0]
+    np.testing.assert_allclose(out[4:12], 1.0, atol=1e-6)
+    np.testing.assert_allclose(out[:4], round(0.25 * 255) / 255.0, atol=1e-6)
+    np.testing.assert_allclose(out[12:], round(0.25 * 255) / 255.0, atol=1e-6)
+
+
+def test_fixed_region_crop_selects_the_imaging_area_only():
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[20:60, 50:130] = 200  # the "image"; UI around it is black
+    frame[0:5, :] = 255  # a bright menu bar the crop must exclude
+    card = PreprocessCard(
+        input_height=20, input_width=40, resize="stretch", mean=(0.0,), std=(1.0,)
+    )
+    out = preprocess(frame, card, region=Region(50, 20, 80, 40))
+    np.testing.assert_allclose(out, 200 / 255.0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit in a 200x100 frame"):
+        preprocess(frame, card, region=Region(150, 20, 80, 40))
+
+
+def test_batch_equals_stacked_singles(rng):
+    card = PreprocessCard(input_height=24, input_width=24)
+    frames = [rng.integers(0, 256, (30 + 7 * k, 40), dtype=np.uint8) for k in range(3)]
+    np.testing.assert_array_equal(
+        preprocess_batch(frames, card), np.concatenate([preprocess(f, card) for f in frames])
+    )
+
+
+def test_card_round_trips_through_json_and_rejects_unknown_keys():
+    card = PreprocessCard.imagenet_rgb(192, 160, resize="stretch")
+    assert PreprocessCard.from_json(card.to_json()) == card
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'input_hieght'.*Did you mean 'input_height'"
+    ):
+        PreprocessCard.from_dict({"input_hieght": 224})
+    with pytest.raises(ConfigError, match="version 2 is not supported"):
+        PreprocessCard.from_dict({**card.to_dict(), "version": 2})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"channels": 2}, "channels must be 1"),
+        ({"std": (0.0,)}, "std values must be positive"),
+        ({"mean": (0.5, 0.5)}, "one value per channel"),
+        ({"pad_value": 2.0}, "pad_value is an intensity"),
+        ({"input_height": 4}, "input size must be"),
+    ],
+)
+def test_invalid_cards_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessCard(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((4, 4), np.nan, np.float32), "NaN or infinite"),
+        (np.full((4, 4), 3.0, np.float32), r"in \[0, 1\]"),
+        (np.zeros((4, 4), np.int32), "unsupported image dtype int32"),
+        (np.zeros((4, 4, 2), np.uint8), "expected a grey"),
+        (np.zeros((0, 4), np.uint8), "expected a grey|empty"),
+    ],
+)
+def test_bad_frames_are_refused_plainly(image, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess(image, PreprocessCard())
+
+
+_dtypes = st.sampled_from([np.uint8, np.uint16, np.float32, np.float64])
+
+
+@st.composite
+def _frames(draw):
+    dtype = draw(_dtypes)
+    shape = (
+        draw(st.integers(1, 300)),
+        draw(st.integers(1, 300)),
+        *draw(st.sampled_from([(), (3,), (1,), (4,)])),
+    )
+    if np.issubdtype(dtype, np.integer):
+        elements = st.integers(0, int(np.iinfo(dtype).max))
+    else:
+        elements = st.floats(0.0, 1.0, width=32)
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frame=_frames(),
+    channels=st.sampled_from([1, 3]),
+    resize=st.sampled_from(["stretch", "letterbox"]),
+    side=st.integers(8, 64),
+)
+def test_property_shape_dtype_range_and_finiteness(frame, channels, resize, side):
+    card = PreprocessCard(
+        input_height=side,
+        input_width=side + 3,
+        channels=channels,
+        resize=resize,
+        mean=(0.4,) * channels,
+        std=(0.3,) * channels,
+    )
+    out = preprocess(frame, card)
+    assert out.shape == (1, channels, side, side + 3)
+    assert out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    low, high = (0.0 - 0.4) / 0.3, (1.0 - 0.4) / 0.3
+    assert out.min() >= low - 1e-4 and out.max() <= high + 1e-4
