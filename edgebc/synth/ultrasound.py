@@ -104,7 +104,9 @@ def form_image(echo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Scatterers x sqrt(echogenicity), PSF, envelope, attenuation/TGC, log compression to uint8."""
     height, width = echo.shape
     scatter = rng.standard_normal((2, height, width)).astype(np.float32)
-    sigma_axial, sigma_lateral = rng.uniform(1.2, 1.7), rng.uniform(2.5, 3.5)
+    # Speckle grain scales with the field of view: about 1% of the width laterally, half that axially.
+    sigma_axial = max(0.6, height * rng.uniform(0.004, 0.006))
+    sigma_lateral = max(1.0, width * rng.uniform(0.008, 0.012))
     psf = _psf(sigma_axial, sigma_lateral, rng.uniform(0.2, 0.35))
     amplitude = np.sqrt(echo)
     real = cv2.filter2D(scatter[0] * amplitude, -1, psf, borderType=cv2.BORDER_REFLECT)
@@ -200,7 +202,7 @@ def _draw_lesion(
     lesion_h = size * ratio
     orientation = "parallel" if lesion_w >= lesion_h else "not parallel"
     cx = rng.uniform(0.3, 0.7) * width
-    cy = rng.uniform(0.3, 0.6) * height
+    cy = rng.uniform(0.38, 0.6) * height  # in the glandular layer, where most lesions arise
     return LesionDescriptors(
         shape,
         margin,
@@ -260,9 +262,9 @@ def _paint_lesion(
 ) -> None:
     height, width = echo.shape
     level = {
-        "anechoic": rng.uniform(0.005, 0.03),
-        "hypoechoic": rng.uniform(0.06, 0.18),
-        "heterogeneous": rng.uniform(0.06, 0.2),
+        "anechoic": rng.uniform(0.002, 0.01),
+        "hypoechoic": rng.uniform(0.02, 0.06),
+        "heterogeneous": rng.uniform(0.02, 0.08),
     }[lesion.echo_pattern]
     interior = np.full_like(echo, level)
     if lesion.echo_pattern == "heterogeneous":

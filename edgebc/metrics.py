@@ -1,0 +1,247 @@
+"""Clinical classification metrics in numpy: the same code scores a torch checkpoint and an ONNX model.
+
+AUC is the Mann-Whitney statistic (ties count half), so it needs no curve integration; confidence
+intervals are percentile bootstraps over cases; calibration is expected calibration error over
+equal-width bins; temperature scaling minimises validation NLL over log T; the operating point
+is the highest threshold whose sensitivity reaches the target, because at a screening cart a
+missed cancer costs more than a recall.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature, computed stably."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a random positive > a random negative), ties half."""
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(
+    positive: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive rate, true-positive rate, threshold) at every distinct score, from (0,0)."""
+    positive = np.asarray(positive, bool)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    sorted_scores = np.asarray(scores, np.float64)[order]
+    hits = positive[order]
+    distinct = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+    tp = np.cumsum(hits)[distinct]
+    fp = np.cumsum(~hits)[distinct]
+    tpr = np.r_[0.0, tp / max(1, positive.sum())]
+    fpr = np.r_[0.0, fp / max(1, (~positive).sum())]
+    return fpr, tpr, np.r_[np.inf, sorted_scores[distinct]]
+
+
+def precision_recall_curve(
+    positive: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) at every distinct threshold, highest threshold first."""
+    _, tpr, thresholds = roc_curve(positive, scores)
+    positive = np.asarray(positive, bool)
+    predicted = np.array([(np.asarray(scores) >= t).sum() for t in thresholds[1:]])
+    tp = tpr[1:] * positive.sum()
+    precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 1.0)
+    return precision, tpr[1:]
+
+
+def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    precision, recall = precision_recall_curve(positive, scores)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y: np.ndarray,
+    scores: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of metric(y, scores) over resampled cases; NaN draws are skipped."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    values = []
+    for _ in range(n_boot):
+        index = rng.integers(0, n, n)
+        value = metric(y[index], scores[index])
+        if np.isfinite(value):
+            values.append(value)
+    if len(values) < n_boot // 2:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are the true class, columns the predicted class."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return matrix
+
+
+def cohen_kappa(matrix: np.ndarray) -> float:
+    total = matrix.sum()
+    observed = np.trace(matrix) / total
+    expected = float(np.sum(matrix.sum(axis=0) * matrix.sum(axis=1))) / total**2
+    return float((observed - expected) / (1 - expected)) if expected < 1 else float("nan")
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    sensitivity: float
+    specificity: float
+    precision: float
+    f1: float
+    support: int
+
+
+def per_class_stats(matrix: np.ndarray) -> list[ClassStats]:
+    total = matrix.sum()
+    stats = []
+    for k in range(matrix.shape[0]):
+        tp = matrix[k, k]
+        fn = matrix[k].sum() - tp
+        fp = matrix[:, k].sum() - tp
+        tn = total - tp - fn - fp
+        sens = tp / (tp + fn) if tp + fn else float("nan")
+        spec = tn / (tn + fp) if tn + fp else float("nan")
+        prec = tp / (tp + fp) if tp + fp else float("nan")
+        f1 = (
+            2 * prec * sens / (prec + sens)
+            if (prec + sens) and np.isfinite(prec) and np.isfinite(sens)
+            else float("nan")
+        )
+        stats.append(ClassStats(float(sens), float(spec), float(prec), float(f1), int(tp + fn)))
+    return stats
+
+
+def expected_calibration_error(
+    probs: np.ndarray, y: np.ndarray, bins: int = 15
+) -> tuple[float, list[dict[str, float]]]:
+    """ECE of the top-class confidence, and the per-bin table behind the reliability diagram."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y)
+    edges = np.linspace(0, 1, bins + 1)
+    table, ece = [], 0.0
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high)
+        if not inside.any():
+            continue
+        accuracy, mean_conf = float(correct[inside].mean()), float(confidence[inside].mean())
+        ece += inside.mean() * abs(accuracy - mean_conf)
+        table.append(
+            {
+                "low": float(low),
+                "high": float(high),
+                "count": int(inside.sum()),
+                "accuracy": accuracy,
+                "confidence": mean_conf,
+            }
+        )
+    return float(ece), table
+
+
+def negative_log_likelihood(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    probs = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
+
+
+def fit_temperature(
+    logits: np.ndarray, y: np.ndarray, low: float = 0.05, high: float = 20.0
+) -> float:
+    """The temperature that minimises NLL on (validation) logits; golden-section search on log T."""
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+
+    def f(log_t):
+        return negative_log_likelihood(logits, y, float(np.exp(log_t)))
+
+    fc, fd = f(c), f(d)
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return float(np.exp((a + b) / 2))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    target_sensitivity: float
+    sensitivity: float
+    specificity: float
+
+
+def threshold_for_sensitivity(
+    positive: np.ndarray, scores: np.ndarray, target: float = 0.95
+) -> OperatingPoint:
+    """The highest threshold t with sensitivity(score >= t) >= target, and what it achieves."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, np.float64)
+    if not positive.any():
+        raise ValueError("cannot choose a threshold without positive cases")
+    candidates = np.sort(np.unique(scores[positive]))[::-1]
+    for threshold in candidates:
+        sens = float((scores[positive] >= threshold).mean())
+        if sens >= target:
+            return OperatingPoint(
+                float(threshold), target, sens, specificity_at(positive, scores, float(threshold))
+            )
+    threshold = float(candidates[-1])
+    return OperatingPoint(threshold, target, 1.0, specificity_at(positive, scores, threshold))
+
+
+def sensitivity_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    positive = np.asarray(positive, bool)
+    return (
+        float((np.asarray(scores)[positive] >= threshold).mean())
+        if positive.any()
+        else float("nan")
+    )
+
+
+def specificity_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    negative = ~np.asarray(positive, bool)
+    return (
+        float((np.asarray(scores)[negative] < threshold).mean()) if negative.any() else float("nan")
+    )
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), np.float64)
+    boundaries = np.r_[0, np.nonzero(np.diff(sorted_values))[0] + 1, len(values)]
+    for start, end in itertools.pairwise(boundaries):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return ranks

@@ -1,0 +1,128 @@
+"""Architectures: torchvision-identical keys, helpful registry errors, heads and pretrained loading."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+
+from edgebc.train.models import create_model, list_models, model_spec  # noqa: E402
+from edgebc.train.models.heads import ArcFaceHead  # noqa: E402
+from edgebc.train.models.pretrained import load_torchvision_weights  # noqa: E402
+from edgebc.train.models.registry import ModelSpec, register_model  # noqa: E402
+
+from edgebc.errors import ConfigError, EdgebcError  # noqa: E402
+
+TORCHVISION = json.loads((Path(__file__).parent / "data" / "torchvision_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION["models"]))
+def test_state_dict_keys_and_shapes_match_torchvision(name):
+    model = create_model(name, num_classes=1000, in_channels=3)
+    ours = [[key, list(value.shape)] for key, value in model.state_dict().items()]
+    assert ours == TORCHVISION["models"][name]
+
+
+def test_every_edge_and_baseline_architecture_is_registered():
+    assert set(TORCHVISION["models"]) | {"simple_cnn"} == set(list_models())
+    assert set(list_models("edge")) == {
+        n for n in TORCHVISION["models"] if n.startswith(("mobilenet", "shufflenet"))
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "simple_cnn", "resnet18"]
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_gives_one_logit_per_class(name, channels):
+    model = create_model(name, num_classes=3, in_channels=channels).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, channels, 64, 64)).shape == (2, 3)
+
+
+def test_width_multiplier_changes_mobilenet_width():
+    narrow = create_model("mobilenet_v3_small", width_mult=0.5)
+    assert narrow.features[0][0].out_channels == 8
+    with pytest.raises(ValueError, match="widths are chosen by name"):
+        create_model("shufflenet_v2_x1_0", width_mult=0.5)
+
+
+def test_unknown_and_duplicate_names_are_errors():
+    with pytest.raises(
+        ConfigError, match=r"Unknown architecture 'mobilenet_v3'\. Did you mean 'mobilenet_v3_"
+    ):
+        create_model("mobilenet_v3")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(ModelSpec("resnet18", lambda **_: None, "fc", "conv1", "layer4", "baseline"))
+
+
+def test_arcface_head_keeps_the_weight_key_and_adds_margin_only_in_training():
+    model = create_model("mobilenet_v3_small", head="arcface")
+    assert isinstance(model.classifier[3], ArcFaceHead)
+    assert (
+        "classifier.3.weight" in model.state_dict()
+        and "classifier.3.bias" not in model.state_dict()
+    )
+    head = ArcFaceHead(8, 3, scale=10.0, margin=0.3)
+    features, targets = torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1])
+    head.eval()
+    plain = head(features)
+    assert plain.abs().max() <= 10.0 + 1e-5
+    head.train()
+    head.targets = targets
+    margin = head(features)
+    target_rows = torch.arange(5), targets
+    assert torch.all(margin[target_rows] < plain[target_rows])  # the target logit is penalised
+    other = torch.ones_like(plain, dtype=torch.bool)
+    other[target_rows] = False
+    torch.testing.assert_close(margin[other], plain[other])
+
+
+def test_torchvision_checkpoint_loads_into_grey_model_with_new_head(tmp_path):
+    torchvision_like = create_model("resnet18", num_classes=1000, in_channels=3)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(torchvision_like.state_dict(), path)
+    model = create_model("resnet18", num_classes=3, in_channels=1)
+    head_before = model.fc.weight.clone()
+    report = load_torchvision_weights(model, "resnet18", path)
+    torch.testing.assert_close(
+        model.conv1.weight, torchvision_like.conv1.weight.sum(dim=1, keepdim=True)
+    )
+    torch.testing.assert_close(
+        model.layer3[1].conv2.weight, torchvision_like.layer3[1].conv2.weight
+    )
+    torch.testing.assert_close(model.fc.weight, head_before)  # classifier left for our classes
+    assert report["reinitialised"] == ["fc.weight", "fc.bias"]
+
+
+def test_old_densenet_key_names_are_renamed(tmp_path):
+    source = create_model("densenet121", num_classes=1000, in_channels=3, width_mult=0.25)
+    old = {  # the pre-0.4 layout: `norm.1` names and no num_batches_tracked
+        k.replace("denselayer1.norm1.", "denselayer1.norm.1."): v
+        for k, v in source.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert any(".norm.1." in k for k in old)
+    path = tmp_path / "densenet-old.pth"
+    torch.save({"state_dict": old}, path)
+    model = create_model("densenet121", num_classes=3, in_channels=3, width_mult=0.25)
+    load_torchvision_weights(model, "densenet121", path)
+    block = model.features.denseblock1.denselayer1
+    torch.testing.assert_close(
+        block.norm1.weight, source.features.denseblock1.denselayer1.norm1.weight
+    )
+
+
+def test_mismatched_or_damaged_weights_are_refused_clearly(tmp_path):
+    path = tmp_path / "mnv3.pth"
+    torch.save(
+        create_model("mobilenet_v3_small", num_classes=1000, in_channels=3).state_dict(), path
+    )
+    with pytest.raises(EdgebcError, match="do not fit resnet18"):
+        load_torchvision_weights(create_model("resnet18"), "resnet18", path)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(EdgebcError, match="not a readable PyTorch checkpoint"):
+        load_torchvision_weights(create_model("mobilenet_v3_small"), "mobilenet_v3_small", broken)
+    assert model_spec("shufflenet_v2_x1_0").classifier == "fc"

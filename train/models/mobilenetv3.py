@@ -1,0 +1,165 @@
+"""MobileNetV3-Small and -Large (Howard et al. 2019), module names as in torchvision.
+
+Hard-swish, squeeze-excitation and depthwise convolutions make it the edge model of choice and
+the one quantization and some exporters trip on; keep this definition plain so both see the
+standard pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from edgebc.train.models.layers import ConvNormActivation, SqueezeExcitation, make_divisible
+from edgebc.train.models.registry import ModelSpec, register_model
+
+from edgebc.optional import require
+
+torch = require("torch", "model definitions")
+nn = torch.nn
+
+_norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    in_channels: int
+    kernel: int
+    expanded: int
+    out_channels: int
+    use_se: bool
+    hard_swish: bool
+    stride: int
+
+
+def _scaled(blocks: list[tuple], width_mult: float) -> list[BlockConfig]:
+    return [
+        BlockConfig(
+            make_divisible(i * width_mult),
+            k,
+            make_divisible(e * width_mult),
+            make_divisible(o * width_mult),
+            se,
+            act == "HS",
+            s,
+        )
+        for i, k, e, o, se, act, s in blocks
+    ]
+
+
+_SMALL = [
+    (16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2), (24, 3, 88, 24, False, "RE", 1),
+    (24, 5, 96, 40, True, "HS", 2), (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
+    (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1), (48, 5, 288, 96, True, "HS", 2),
+    (96, 5, 576, 96, True, "HS", 1), (96, 5, 576, 96, True, "HS", 1),
+]  # fmt: skip
+_LARGE = [
+    (16, 3, 16, 16, False, "RE", 1), (16, 3, 64, 24, False, "RE", 2), (24, 3, 72, 24, False, "RE", 1),
+    (24, 5, 72, 40, True, "RE", 2), (40, 5, 120, 40, True, "RE", 1), (40, 5, 120, 40, True, "RE", 1),
+    (40, 3, 240, 80, False, "HS", 2), (80, 3, 200, 80, False, "HS", 1), (80, 3, 184, 80, False, "HS", 1),
+    (80, 3, 184, 80, False, "HS", 1), (80, 3, 480, 112, True, "HS", 1), (112, 3, 672, 112, True, "HS", 1),
+    (112, 5, 672, 160, True, "HS", 2), (160, 5, 960, 160, True, "HS", 1), (160, 5, 960, 160, True, "HS", 1),
+]  # fmt: skip
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cfg: BlockConfig) -> None:
+        super().__init__()
+        self.use_res_connect = cfg.stride == 1 and cfg.in_channels == cfg.out_channels
+        activation = nn.Hardswish if cfg.hard_swish else nn.ReLU
+        layers: list[nn.Module] = []
+        if cfg.expanded != cfg.in_channels:
+            layers.append(
+                ConvNormActivation(
+                    cfg.in_channels, cfg.expanded, 1, norm_layer=_norm, activation=activation
+                )
+            )
+        layers.append(
+            ConvNormActivation(
+                cfg.expanded,
+                cfg.expanded,
+                cfg.kernel,
+                cfg.stride,
+                groups=cfg.expanded,
+                norm_layer=_norm,
+                activation=activation,
+            )
+        )
+        if cfg.use_se:
+            layers.append(SqueezeExcitation(cfg.expanded, make_divisible(cfg.expanded // 4, 8)))
+        layers.append(
+            ConvNormActivation(cfg.expanded, cfg.out_channels, 1, norm_layer=_norm, activation=None)
+        )
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.use_res_connect else out
+
+
+class MobileNetV3(nn.Module):
+    def __init__(
+        self,
+        blocks: list[BlockConfig],
+        last_channel: int,
+        num_classes: int,
+        in_channels: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            ConvNormActivation(
+                in_channels, blocks[0].in_channels, 3, 2, norm_layer=_norm, activation=nn.Hardswish
+            )
+        ]
+        layers += [InvertedResidual(cfg) for cfg in blocks]
+        last_in = blocks[-1].out_channels
+        layers.append(
+            ConvNormActivation(last_in, 6 * last_in, 1, norm_layer=_norm, activation=nn.Hardswish)
+        )
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(6 * last_in, last_channel),
+            nn.Hardswish(inplace=True),
+            nn.Dropout(p=dropout, inplace=True),
+            nn.Linear(last_channel, num_classes),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _builder(blocks: list[tuple], last_channel: int):  # type: ignore[no-untyped-def]
+    def build(num_classes: int, in_channels: int, width_mult: float, dropout: float) -> MobileNetV3:
+        return MobileNetV3(
+            _scaled(blocks, width_mult),
+            make_divisible(last_channel * width_mult),
+            num_classes,
+            in_channels,
+            dropout,
+        )
+
+    return build
+
+
+for _name, _blocks, _last in (
+    ("mobilenet_v3_small", _SMALL, 1024),
+    ("mobilenet_v3_large", _LARGE, 1280),
+):
+    register_model(
+        ModelSpec(_name, _builder(_blocks, _last), classifier="classifier.3", first_conv="features.0.0",
+                  cam_layer="features", family="edge", torchvision_name=_name)
+    )  # fmt: skip
