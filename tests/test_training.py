@@ -9,14 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
-from edgebc.train import engine  # noqa: E402
-from edgebc.train.checkpoint import load_checkpoint, sha256_of_state  # noqa: E402
-from edgebc.train.config import load_train_config  # noqa: E402
+from edgebc.train import engine
+from edgebc.train.checkpoint import load_checkpoint, sha256_of_state
+from edgebc.train.config import load_train_config
 
-from edgebc.data import read_manifest, write_manifest  # noqa: E402
-from edgebc.data.split import SplitPlan, assign_splits  # noqa: E402
-from edgebc.errors import ConfigError, EdgebcError  # noqa: E402
-from edgebc.synth.dataset import SynthPlan, write_phantom_dataset  # noqa: E402
+from edgebc.data import read_manifest, write_manifest
+from edgebc.data.split import SplitPlan, assign_splits
+from edgebc.errors import ConfigError, EdgebcError
+from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 
 
 def _split_phantoms(root, n_per_class, size, plan):

@@ -1,0 +1,164 @@
+"""`edgebc export`: from a checkpoint to every artifact a device runs, each checked against the original.
+
+Writes into one folder: `<name>.onnx` (FP32, card embedded, ONNX Runtime vs PyTorch parity),
+optionally `<name>.fp16.onnx`, `<name>.int8.onnx` (with its parity report and latency evidence),
+a TensorRT engine with sidecar, a Triton repository; then `export.json` / `export.md` with every
+number, and `MANIFEST.sha256` over the artifacts so a device can refuse a damaged copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgebc.export.onnx_export import export_fp16, export_onnx, frames_from
+
+from edgebc.atomic import atomic_write_text
+from edgebc.errors import EdgebcError
+from edgebc.integrity import write_manifest
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    out_dir: Path
+    name: str = "model"
+    opset: int = 18
+    max_batch: int = 64
+    exporter: str = "dynamo"
+    verify_data: str | None = None
+    verify_count: int = 16
+    fp16: bool = False
+    int8: bool = False
+    calibration: str | None = None
+    calibration_size: int = 200
+    calibration_split: str | None = "train"
+    calibration_method: str = "minmax"
+    check_data: str | None = None
+    check_split: str | None = "val"
+    check_count: int = 500
+    int8_search: bool = True
+    tensorrt: str | None = None  # "fp16" | "int8"
+    triton: bool = False
+
+
+def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
+    out = Path(options.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = frames_from(options.verify_data, options.verify_count) if options.verify_data else []
+    fp32_path, card, parity = export_onnx(
+        checkpoint,
+        out / f"{options.name}.onnx",
+        options.opset,
+        options.max_batch,
+        options.exporter,
+        frames,
+    )
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "card": json.loads(card.to_json()),
+        "onnx": {"path": fp32_path.name, "parity_vs_torch": asdict(parity)},
+    }
+    artifacts = [fp32_path]
+    if options.fp16:
+        fp16_path, _, fp16_parity = export_fp16(
+            fp32_path, out / f"{options.name}.fp16.onnx", frames
+        )
+        report["fp16"] = {"path": fp16_path.name, "parity_vs_fp32": asdict(fp16_parity)}
+        artifacts.append(fp16_path)
+    int8_path = None
+    if options.int8:
+        from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
+
+        if not options.calibration or not options.check_data:
+            raise EdgebcError(
+                "--int8 needs --calibration (frames to calibrate on) and --check (a labelled set to prove accuracy held)"
+            )
+        calibration, _ = load_frames(
+            options.calibration, options.calibration_size, split=options.calibration_split
+        )
+        check, labels = load_frames(
+            options.check_data, options.check_count, split=options.check_split
+        )
+        if not labels:
+            raise EdgebcError(
+                f"{options.check_data}: the check set must be labelled (a manifest or class folders), not a video"
+            )
+        plan = QuantPlan(
+            method=options.calibration_method, calibration_size=options.calibration_size
+        )  # type: ignore[arg-type]
+        int8_path = out / f"{options.name}.int8.onnx"
+        quantize = search_int8 if options.int8_search else quantize_int8
+        quant = quantize(fp32_path, int8_path, calibration, check, labels, plan)
+        report["int8"] = {"path": int8_path.name, **asdict(quant)}
+        artifacts.append(int8_path)
+    if options.tensorrt:
+        from edgebc.export.onnx_export import _parity, _run, verification_inputs
+        from edgebc.export.tensorrt import build_engine, run_engine
+
+        source = int8_path if options.tensorrt == "int8" else fp32_path
+        if source is None:
+            raise EdgebcError(
+                "--tensorrt int8 needs --int8 in the same export (the engine is built from the QDQ model)"
+            )
+        engine = build_engine(
+            source,
+            out / f"{options.name}.{options.tensorrt}.engine",
+            options.tensorrt,
+            batch=(1, 1, min(8, options.max_batch)),
+        )  # type: ignore[arg-type]
+        inputs = verification_inputs(card.preprocess, frames)[:8]
+        report["tensorrt"] = {
+            "path": engine.name,
+            "parity_vs_onnx_fp32": asdict(
+                _parity(_run(fp32_path, inputs), run_engine(engine, inputs), 0.05)
+            ),
+        }
+        artifacts.append(engine)
+    if options.triton:
+        from edgebc.export.triton import write_triton_repository
+
+        folder = write_triton_repository(fp32_path, out / "model_repository", options.name)
+        report["triton"] = {"path": str(folder.relative_to(out))}
+    atomic_write_text(out / "export.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "export.md", render_markdown(report))
+    write_manifest(out, artifacts)
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    card = report["card"]
+    lines = [
+        f"# Export of {card['arch']} ({report['checkpoint']})",
+        "",
+        "| artifact | check | result |",
+        "|---|---|---|",
+    ]
+    p = report["onnx"]["parity_vs_torch"]
+    lines.append(
+        f"| {report['onnx']['path']} | ONNX Runtime vs PyTorch, {p['n']} inputs | max abs logit diff {p['max_abs_logit_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f} |"
+    )
+    if "fp16" in report:
+        p = report["fp16"]["parity_vs_fp32"]
+        lines.append(
+            f"| {report['fp16']['path']} | FP16 vs FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f} |"
+        )
+    if "int8" in report:
+        q = report["int8"]
+        lines.append(
+            f"| {q['path']} | INT8 vs FP32 on the check set | agreement {q['agreement']:.3f}, AUC {q['fp32']['auc_positive']:.3f} -> {q['int8']['auc_positive']:.3f}, budget {'met' if q['budget_met'] else 'NOT met'} |"
+        )
+        if q.get("latency_ms"):
+            lines.append(
+                f"| | latency, batch 1, 1 thread | FP32 {q['latency_ms']['fp32']:.2f} ms, INT8 {q['latency_ms']['int8']:.2f} ms |"
+            )
+        lines += ["", f"Recommendation: {q['recommendation']}"]
+        if q["excluded_nodes"]:
+            lines.append(f"Kept in float to meet the budget: {', '.join(q['excluded_nodes'])}")
+    if "tensorrt" in report:
+        p = report["tensorrt"]["parity_vs_onnx_fp32"]
+        lines.append(
+            f"| {report['tensorrt']['path']} | TensorRT vs ONNX FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,267 @@
+"""Export: ONNX with its card and proven parity, FP16, INT8 with evidence, Triton, integrity, engine sidecars."""
+
+import json
+import re
+
+import numpy as np
+import onnxruntime
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
+
+from edgebc.export.onnx_export import export_fp16, export_onnx
+from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
+from edgebc.export.triton import write_triton_repository
+from edgebc.train.checkpoint import save_checkpoint
+from edgebc.train.models import create_model, list_models
+
+from edgebc.data import read_manifest, write_manifest
+from edgebc.data.split import SplitPlan, assign_splits
+from edgebc.engine_sidecar import check_engine_compatible
+from edgebc.errors import EdgebcError
+from edgebc.integrity import verify_artifact
+from edgebc.integrity import write_manifest as write_sha_manifest
+from edgebc.model_card import read_card
+from edgebc.preprocess import PreprocessCard
+from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+
+
+def make_checkpoint(path, arch="simple_cnn", size=48, seed=0):
+    torch.manual_seed(seed)
+    model = create_model(arch).eval()
+    card = PreprocessCard(input_height=size, input_width=size)
+    options = {
+        "arch": arch,
+        "width_mult": 1.0,
+        "head": "linear",
+        "dropout": 0.2,
+        "pretrained": None,
+    }
+    save_checkpoint(path, {
+        "arch": arch, "model": options, "class_names": ["normal", "benign", "malignant"], "positive_class": "malignant",
+        "preprocess": card.to_dict(), "state_dict": model.state_dict(), "temperature": 1.5, "epoch": 3,
+        "operating_point": {"threshold": 0.3, "target_sensitivity": 0.95, "sensitivity": 0.96, "specificity": 0.5},
+        "metrics": {"val_auc_positive": 0.9}, "weights_sha256": "ab" * 32, "data_fingerprint": "cd" * 32,
+    })  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ph")
+    manifest = write_phantom_dataset(root, SynthPlan(n_per_class=12, size=64, seed=4))
+    return write_manifest(
+        assign_splits(read_manifest(manifest), SplitPlan(val=0.3, test=0.2, seed=0)),
+        root / "split.csv",
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    path, card, parity = export_onnx(make_checkpoint(folder / "ckpt.pt"), folder / "model.onnx")
+    return path, card, parity
+
+
+def test_onnx_carries_its_card_and_agrees_with_torch(exported):
+    path, card, parity = exported
+    assert parity.ok and parity.max_abs_logit_diff < 1e-4 and parity.top1_agreement == 1.0
+    read = read_card(path)
+    assert read == card
+    assert (read.temperature, read.threshold, read.target_sensitivity) == (1.5, 0.3, 0.95)
+    assert read.preprocess.input_shape == (1, 48, 48) and read.class_names == (
+        "normal",
+        "benign",
+        "malignant",
+    )
+    assert (
+        read.weights_sha256 == "ab" * 32 and read.edgebc_version and read.exported.startswith("20")
+    )
+    assert sorted(p.name for p in path.parent.iterdir() if p.suffix != ".pt") == [
+        "model.onnx"
+    ]  # one self-contained file
+
+
+def test_dynamic_batch_gives_the_same_answer_per_frame(exported):
+    path, card, _ = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).normal(0, 1, (5, *card.input_shape)).astype(np.float32)
+    together = session.run(None, {"input": batch})[0]
+    alone = np.concatenate([session.run(None, {"input": batch[i : i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_fp16_copy_keeps_float32_io_and_agrees(exported, tmp_path):
+    path, _, _ = exported
+    fp16, card, parity = export_fp16(path, tmp_path / "model.fp16.onnx")
+    assert card.precision == "fp16" and parity.ok and parity.top1_agreement == 1.0
+    assert (
+        onnxruntime.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .type
+        == "tensor(float)"
+    )
+
+
+def test_torchscript_exporter_matches_dynamo(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "c.pt", "shufflenet_v2_x0_5", 64)
+    _, _, parity = export_onnx(checkpoint, tmp_path / "ts.onnx", exporter="torchscript")
+    assert parity.ok
+
+
+def test_damaged_or_foreign_models_are_refused(exported, tmp_path):
+    path, _, _ = exported
+    truncated = tmp_path / "model.onnx"
+    truncated.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(EdgebcError, match="not a loadable ONNX model"):
+        read_card(truncated)
+    import onnx
+
+    bare = onnx.load(str(path))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(EdgebcError, match="has no edgebc model card"):
+        read_card(tmp_path / "bare.onnx")
+
+
+def test_manifest_refuses_an_altered_artifact(exported, tmp_path):
+    path, _, _ = exported
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(path.read_bytes())
+    write_sha_manifest(tmp_path, [copy])
+    assert verify_artifact(copy) == __import__("hashlib").sha256(copy.read_bytes()).hexdigest()
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(EdgebcError, match=r"does not match MANIFEST\.sha256"):
+        verify_artifact(copy)
+
+
+def test_int8_report_has_parity_sqnr_and_budget(exported, phantoms, tmp_path):
+    path, _, _ = exported
+    calibration, _ = load_frames(phantoms, 24, split="train")
+    check, labels = load_frames(phantoms, 40, split="val")
+    strict = QuantPlan(
+        min_agreement=1.0, max_auc_drop=0.0, max_sensitivity_drop=0.0, max_excluded_nodes=2
+    )
+    report = quantize_int8(path, tmp_path / "model.int8.onnx", calibration, check, labels, strict)
+    assert read_card(tmp_path / "model.int8.onnx").precision == "int8"
+    assert 0 <= report.agreement <= 1 and 0 <= report.max_prob_diff <= 1
+    assert {"auc_positive", "sensitivity_at_threshold"} <= set(report.int8)
+    assert report.sensitive_nodes and all(
+        "sqnr_db" in n and "loss_db" in n for n in report.sensitive_nodes
+    )
+    if not report.attempts[0]["budget_met"]:  # then it must have tried keeping nodes in float
+        assert len(report.attempts) > 1 and report.excluded_nodes
+    card = read_card(tmp_path / "model.int8.onnx")
+    assert card.quantization["excluded_nodes"] == report.excluded_nodes
+
+
+def test_int8_search_times_every_format_and_recommends_honestly(exported, phantoms, tmp_path):
+    path, _, _ = exported
+    calibration, _ = load_frames(phantoms, 16, split="train")
+    check, labels = load_frames(phantoms, 30, split="val")
+    report = search_int8(
+        path,
+        tmp_path / "m.int8.onnx",
+        calibration,
+        check,
+        labels,
+        QuantPlan(max_excluded_nodes=0),
+        latency_runs=20,
+    )
+    rows = report.attempts[-1]["format_search"]
+    assert {(r["format"], r["per_channel"]) for r in rows} == {
+        ("qdq", True),
+        ("qdq", False),
+        ("qoperator", True),
+    }
+    faster = report.latency_ms["int8"] < report.latency_ms["fp32"]
+    assert report.recommendation.startswith("INT8" if (faster and report.budget_met) else "FP32")
+
+
+def test_triton_config_matches_the_model(exported, tmp_path):
+    path, card, _ = exported
+    folder = write_triton_repository(path, tmp_path / "repo", "edgebc_demo")
+    config = (folder / "config.pbtxt").read_text()
+    assert (folder / "1" / "model.onnx").read_bytes() == path.read_bytes()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    blocks = re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: \[ ([\d, ]+) \]', config)
+    declared = {name: (dtype, [int(d) for d in dims.split(",")]) for name, dtype, dims in blocks}
+    for tensor in (*session.get_inputs(), *session.get_outputs()):
+        assert declared[tensor.name] == ("TYPE_FP32", list(tensor.shape[1:]))
+    assert f"max_batch_size: {card.max_batch}" in config and "dynamic_batching" in config
+    card_json = json.loads(json.loads(re.search(r"string_value: (\".*\") }", config).group(1)))
+    assert card_json["class_names"] == ["normal", "benign", "malignant"]
+
+
+def test_engine_sidecar_refuses_other_versions_and_gpus():
+    sidecar = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"}}
+    check_engine_compatible(sidecar, "10.3.0", {"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(
+        EdgebcError,
+        match=r"TensorRT 10\.3\.0 but this device has 10\.7\.0; engines are not portable",
+    ):
+        check_engine_compatible(sidecar, "10.7.0", {"name": "Orin", "compute_capability": "8.7"})
+    with pytest.raises(
+        EdgebcError,
+        match=r"built for Orin \(compute capability 8\.7\) but this GPU is NVIDIA H200 \(9\.0\)",
+    ):
+        check_engine_compatible(
+            sidecar, "10.3.0", {"name": "NVIDIA H200", "compute_capability": "9.0"}
+        )
+
+
+def test_export_cli_writes_every_artifact_and_the_manifest(phantoms, tmp_path, capsys):
+    from edgebc.cli import main
+
+    checkpoint = make_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "out"
+    code = main(["export", str(checkpoint), "--out", str(out), "--fp16", "--int8", "--calibration", str(phantoms),
+                 "--calibration-size", "16", "--check", str(phantoms), "--no-int8-search", "--triton"])  # fmt: skip
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "export.json",
+        "export.md",
+        "MANIFEST.sha256",
+        "model_repository",
+    } <= names
+    manifest = (out / "MANIFEST.sha256").read_text()
+    assert all(name in manifest for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"))
+    for artifact in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        assert verify_artifact(out / artifact)
+    assert "INT8 vs FP32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [name for name in list_models() if name != "simple_cnn"])
+def test_every_architecture_exports_with_parity(arch, tmp_path):
+    _, card, parity = export_onnx(
+        make_checkpoint(tmp_path / "c.pt", arch, 64), tmp_path / f"{arch}.onnx"
+    )
+    assert parity.ok and parity.top1_agreement == 1.0, parity
+    assert card.arch == arch
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine_builds_with_sidecar_and_parity(exported, tmp_path):
+    from edgebc.export.onnx_export import verification_inputs
+    from edgebc.export.tensorrt import build_engine, run_engine
+
+    from edgebc.engine_sidecar import read_sidecar
+
+    path, card, _ = exported
+    engine = build_engine(path, tmp_path / "model.fp16.engine", "fp16", batch=(1, 2, 4))
+    sidecar = read_sidecar(engine)
+    assert sidecar["precision"] == "fp16" and sidecar["gpu"]["compute_capability"]
+    inputs = verification_inputs(card.preprocess)[:4]
+    reference = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": inputs}
+    )[0]
+    np.testing.assert_allclose(run_engine(engine, inputs), reference, atol=0.05)
