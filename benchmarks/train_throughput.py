@@ -15,11 +15,11 @@ import platform
 import time
 
 import torch
+
+from edgebc.preprocess import PreprocessCard
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.config import AugmentConfig
 from edgebc.train.models import create_model
-
-from edgebc.preprocess import PreprocessCard
 
 
 def measure(

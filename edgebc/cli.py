@@ -354,12 +354,12 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
-        help="score a checkpoint: AUC with CIs, sensitivity at the operating point, calibration, Grad-CAM",
+        help="score a checkpoint or ONNX model: AUC with CIs, sensitivity at the operating point, calibration, Grad-CAM",
         description="Evaluate a checkpoint on a manifest or folder and write report.md, report.json, "
         "predictions.csv, ROC/PR/confusion/calibration PNGs and Grad-CAM overlays.",
         formatter_class=_Formatter,
     )
-    evaluate.add_argument("checkpoint", type=Path, help="best.pt from a training run")
+    evaluate.add_argument("checkpoint", type=Path, help="best.pt from a training run, or an exported .onnx model")
     evaluate.add_argument("data", type=Path, help="manifest .csv or dataset folder")
     evaluate.add_argument(
         "--split", default="test", help="which split to score; 'all' for every sample"

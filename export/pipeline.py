@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgebc.export.onnx_export import export_fp16, export_onnx, frames_from
-
 from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
+from edgebc.export.onnx_export import export_fp16, export_onnx, frames_from
 from edgebc.integrity import write_manifest
 
 

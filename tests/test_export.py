@@ -10,21 +10,20 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
 
-from edgebc.export.onnx_export import export_fp16, export_onnx
-from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
-from edgebc.export.triton import write_triton_repository
-from edgebc.train.checkpoint import save_checkpoint
-from edgebc.train.models import create_model, list_models
-
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.engine_sidecar import check_engine_compatible
 from edgebc.errors import EdgebcError
+from edgebc.export.onnx_export import export_fp16, export_onnx
+from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
+from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.model_card import read_card
 from edgebc.preprocess import PreprocessCard
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+from edgebc.train.checkpoint import save_checkpoint
+from edgebc.train.models import create_model, list_models
 
 
 def make_checkpoint(path, arch="simple_cnn", size=48, seed=0):
@@ -196,6 +195,30 @@ def test_triton_config_matches_the_model(exported, tmp_path):
     assert card_json["class_names"] == ["normal", "benign", "malignant"]
 
 
+def test_eval_scores_an_onnx_model_without_torch(exported, phantoms, tmp_path):
+    import subprocess
+    import sys
+
+    path, _, _ = exported
+    script = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from edgebc.train.evaluate import evaluate_checkpoint\n"
+        f"r = evaluate_checkpoint({str(path)!r}, {str(phantoms)!r}, {str(tmp_path / 'ev')!r}, 'test', n_boot=100)\n"
+        "print(json.dumps({'backend': r['backend'], 'auc': r['auc_positive'], 'threshold': r['operating_point']['threshold']}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (
+        report["backend"] == "onnxruntime (fp32)"
+        and report["threshold"] == 0.3
+        and 0 <= report["auc"] <= 1
+    )
+    assert (tmp_path / "ev" / "report.md").is_file()
+
+
 def test_engine_sidecar_refuses_other_versions_and_gpus():
     sidecar = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"}}
     check_engine_compatible(sidecar, "10.3.0", {"name": "Orin", "compute_capability": "8.7"})
@@ -251,10 +274,9 @@ def test_every_architecture_exports_with_parity(arch, tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_fp16_engine_builds_with_sidecar_and_parity(exported, tmp_path):
+    from edgebc.engine_sidecar import read_sidecar
     from edgebc.export.onnx_export import verification_inputs
     from edgebc.export.tensorrt import build_engine, run_engine
-
-    from edgebc.engine_sidecar import read_sidecar
 
     path, card, _ = exported
     engine = build_engine(path, tmp_path / "model.fp16.engine", "fp16", batch=(1, 2, 4))

@@ -7,12 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
+from edgebc.errors import ConfigError, EdgebcError
 from edgebc.train.models import create_model, list_models, model_spec
 from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.pretrained import load_torchvision_weights
 from edgebc.train.models.registry import ModelSpec, register_model
-
-from edgebc.errors import ConfigError, EdgebcError
 
 TORCHVISION = json.loads((Path(__file__).parent / "data" / "torchvision_keys.json").read_text())
 

@@ -9,14 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
-from edgebc.train import engine
-from edgebc.train.checkpoint import load_checkpoint, sha256_of_state
-from edgebc.train.config import load_train_config
-
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.errors import ConfigError, EdgebcError
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+from edgebc.train import engine
+from edgebc.train.checkpoint import load_checkpoint, sha256_of_state
+from edgebc.train.config import load_train_config
 
 
 def _split_phantoms(root, n_per_class, size, plan):

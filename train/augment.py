@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import math
 
-from edgebc.train.config import AugmentConfig
-
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard
+from edgebc.train.config import AugmentConfig
 
 torch = require("torch", "training")
 F = torch.nn.functional

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgebc.train.config import TrainConfig
-from edgebc.train.engine import train_model
 
 from edgebc.atomic import atomic_write_text
 from edgebc.data import read_dataset
 from edgebc.errors import EdgebcError
+from edgebc.train.config import TrainConfig
+from edgebc.train.engine import train_model
 
 SUMMARY_KEYS = (
     "val_auc_positive",

@@ -24,6 +24,14 @@ from typing import Any
 
 import numpy as np
 import yaml
+from tqdm import tqdm
+
+from edgebc import metrics
+from edgebc.atomic import atomic_write_text
+from edgebc.data import read_dataset
+from edgebc.data.records import Sample
+from edgebc.errors import ConfigError, EdgebcError
+from edgebc.optional import require
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.checkpoint import (
     data_fingerprint,
@@ -36,14 +44,6 @@ from edgebc.train.dataset import SampleDataset, cache_tensors
 from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.pretrained import load_torchvision_weights
-from tqdm import tqdm
-
-from edgebc import metrics
-from edgebc.atomic import atomic_write_text
-from edgebc.data import read_dataset
-from edgebc.data.records import Sample
-from edgebc.errors import ConfigError, EdgebcError
-from edgebc.optional import require
 
 torch = require("torch", "training")
 log = logging.getLogger(__name__)

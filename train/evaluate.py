@@ -1,4 +1,4 @@
-"""`edgebc eval`: a checkpoint scored the way clinicians read a test.
+"""`edgebc eval`: a checkpoint or an exported ONNX model scored the way clinicians read a test.
 
 On a manifest or folder: accuracy, balanced accuracy, per-class sensitivity / specificity /
 precision / F1, Cohen's kappa and the confusion matrix; malignant-vs-rest and macro one-vs-rest
@@ -21,22 +21,16 @@ from typing import Any
 
 import cv2
 import numpy as np
-from edgebc.train import plots
-from edgebc.train.checkpoint import load_checkpoint
-from edgebc.train.dataset import SampleDataset, cache_tensors
-from edgebc.train.engine import model_from_checkpoint, predict_logits
-from edgebc.train.gradcam import grad_cam, overlay
-from edgebc.train.models import model_spec
 
 from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.data import read_dataset
 from edgebc.data.records import Sample
+from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard
-
-torch = require("torch", "evaluation")
+from edgebc.preprocess import PreprocessCard, preprocess_chw
+from edgebc.train import plots
 
 
 def evaluate_checkpoint(
@@ -50,11 +44,11 @@ def evaluate_checkpoint(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Score `checkpoint` on `data` (optionally one split of it); write the report into `out_dir`."""
-    record = load_checkpoint(checkpoint)
-    classes = list(record["class_names"])
-    positive = classes.index(record["positive_class"])
-    card = PreprocessCard.from_dict(record["preprocess"], source=f"{checkpoint}: preprocess")
+    """Score a checkpoint (.pt) or an exported model (.onnx, through ONNX Runtime and its card)
+    on `data` (optionally one split of it); write the report into `out_dir`."""
+    model = _load_for_eval(Path(checkpoint), device)
+    classes, card = model.classes, model.card
+    positive = classes.index(model.positive_class)
     samples = read_dataset(data)
     if split:
         if not any(s.split for s in samples):
@@ -67,18 +61,15 @@ def evaluate_checkpoint(
         raise EdgebcError(f"{data}: labels {unknown} are not classes of this model ({classes})")
     if not samples:
         raise EdgebcError(f"{data}: no samples{f' in split {split!r}' if split else ''}")
-    torch_device = torch.device(device)
-    model = model_from_checkpoint(record).to(torch_device)
-    images, targets = cache_tensors(SampleDataset(samples, card, classes), desc="cache eval")
-    logits = predict_logits(model, images, torch_device)
-    y = targets.numpy()
-    temperature = float(record.get("temperature") or 1.0)
-    probs = metrics.softmax(logits, temperature)
-    report = score(probs, y, classes, positive, record.get("operating_point"), n_boot, seed)
+    images = np.stack([preprocess_chw(read_image(s.path), card) for s in samples])
+    y = np.array([classes.index(s.label) for s in samples])
+    logits = model.logits(images)
+    probs = metrics.softmax(logits, model.temperature)
+    report = score(probs, y, classes, positive, model.operating_point, n_boot, seed)
     report["ece_uncalibrated"] = metrics.expected_calibration_error(metrics.softmax(logits), y)[0]
     report.update(
-        checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=temperature,
-        weights_sha256=record.get("weights_sha256"), arch=record["arch"],
+        checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=model.temperature,
+        weights_sha256=model.weights_sha256, arch=model.arch, backend=model.backend,
         patient_level=patient_level(samples, probs, y, positive),
         subgroups=subgroup_table(samples, probs, y, positive, subgroups),
     )  # fmt: skip
@@ -86,13 +77,113 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", samples, probs, classes)
     _write_figures(out, report, probs, y, classes, positive)
-    layer = model.get_submodule(model_spec(record["arch"]).cam_layer)
-    report["gradcam"] = _write_gradcams(
-        out / "gradcam", model, layer, images, probs, y, card, classes, gradcam_per_kind, seed
-    )
+    report["gradcam"] = model.gradcams(out / "gradcam", images, probs, y, gradcam_per_kind, seed)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report, classes))
     return report
+
+
+class _EvalModel:
+    """What evaluation needs from a model, whether a torch checkpoint or an exported ONNX file."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path = path
+        if path.suffix.lower() == ".onnx":
+            self._init_onnx(path)
+        else:
+            self._init_checkpoint(path, device)
+
+    def _init_onnx(self, path: Path) -> None:
+        import onnxruntime
+
+        from edgebc.integrity import verify_artifact
+        from edgebc.model_card import read_card
+
+        verify_artifact(path)  # refuses a file that differs from its MANIFEST.sha256
+        card = read_card(path)
+        self.backend, self.arch, self.card = (
+            f"onnxruntime ({card.precision})",
+            card.arch,
+            card.preprocess,
+        )
+        self.classes, self.positive_class, self.temperature = (
+            list(card.class_names),
+            card.positive_class,
+            card.temperature,
+        )
+        self.weights_sha256 = card.weights_sha256
+        self.operating_point = (
+            None
+            if card.threshold is None
+            else {"threshold": card.threshold, "target_sensitivity": card.target_sensitivity}
+        )
+        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._torch_model = None
+
+    def _init_checkpoint(self, path: Path, device: str) -> None:
+        from edgebc.train.checkpoint import load_checkpoint
+        from edgebc.train.engine import model_from_checkpoint
+
+        record = load_checkpoint(path)
+        self.backend, self.arch = "pytorch", record["arch"]
+        self.card = PreprocessCard.from_dict(record["preprocess"], source=f"{path}: preprocess")
+        self.classes, self.positive_class = list(record["class_names"]), record["positive_class"]
+        self.temperature = float(record.get("temperature") or 1.0)
+        self.weights_sha256 = record.get("weights_sha256")
+        self.operating_point = record.get("operating_point")
+        self._device = device
+        self._torch_model = model_from_checkpoint(record).to(device)
+
+    def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+        if self._torch_model is None:
+            return np.concatenate(
+                [
+                    self._session.run(
+                        None, {self._session.get_inputs()[0].name: images[i : i + batch]}
+                    )[0]
+                    for i in range(0, len(images), batch)
+                ]
+            )
+        from edgebc.train.engine import predict_logits
+
+        torch = require("torch", "evaluating checkpoints")
+        return predict_logits(
+            self._torch_model, torch.from_numpy(images), torch.device(self._device), batch
+        )
+
+    def gradcams(
+        self,
+        folder: Path,
+        images: np.ndarray,
+        probs: np.ndarray,
+        y: np.ndarray,
+        per_kind: int,
+        seed: int,
+    ) -> list[str] | str:
+        if self._torch_model is None:
+            return "not available for ONNX models: Grad-CAM needs gradients; evaluate the checkpoint for heat maps"
+        from edgebc.train.models import model_spec
+
+        torch = require("torch", "Grad-CAM")
+        layer = self._torch_model.get_submodule(model_spec(self.arch).cam_layer)
+        return _write_gradcams(
+            folder,
+            self._torch_model,
+            layer,
+            torch.from_numpy(images),
+            probs,
+            y,
+            self.card,
+            self.classes,
+            per_kind,
+            seed,
+        )
+
+
+def _load_for_eval(path: Path, device: str) -> _EvalModel:
+    if not path.is_file():
+        raise EdgebcError(f"{path}: model file not found")
+    return _EvalModel(path, device)
 
 
 def score(
@@ -141,7 +232,7 @@ def score(
         )
         result["operating_point"] = {
             "threshold": threshold, "target_sensitivity": operating["target_sensitivity"],
-            "validation_sensitivity": operating["sensitivity"], "validation_specificity": operating["specificity"],
+            "validation_sensitivity": operating.get("sensitivity"), "validation_specificity": operating.get("specificity"),
             "sensitivity": metrics.sensitivity_at(y == positive, pos_scores, threshold), "sensitivity_ci": list(sens_ci),
             "specificity": metrics.specificity_at(y == positive, pos_scores, threshold),
         }  # fmt: skip
@@ -289,8 +380,10 @@ def _write_figures(
     plots.reliability_plot(report["reliability"], report["ece"], out / "calibration.png")
 
 
-def _write_gradcams(folder: Path, model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor, probs: np.ndarray, y: np.ndarray,
+def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np.ndarray, y: np.ndarray,
                     card: PreprocessCard, classes: Sequence[str], per_kind: int, seed: int) -> list[str]:  # fmt: skip
+    from edgebc.train.gradcam import grad_cam, overlay
+
     rng = np.random.default_rng(seed)
     predicted = probs.argmax(1)
     written = []

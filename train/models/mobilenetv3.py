@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+from edgebc.optional import require
 from edgebc.train.models.layers import ConvNormActivation, SqueezeExcitation, make_divisible
 from edgebc.train.models.registry import ModelSpec, register_model
-
-from edgebc.optional import require
 
 torch = require("torch", "model definitions")
 nn = torch.nn

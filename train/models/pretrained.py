@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edgebc.train.models.registry import model_spec
-
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
+from edgebc.train.models.registry import model_spec
 
 torch = require("torch", "loading pretrained weights")
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from edgebc.train.models.registry import ModelSpec, register_model
-
 from edgebc.optional import require
+from edgebc.train.models.registry import ModelSpec, register_model
 
 torch = require("torch", "model definitions")
 nn = torch.nn

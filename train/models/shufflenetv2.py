@@ -6,9 +6,8 @@ Reshape/Transpose/Reshape, which TensorRT and ONNX Runtime both handle.
 
 from __future__ import annotations
 
-from edgebc.train.models.registry import ModelSpec, register_model
-
 from edgebc.optional import require
+from edgebc.train.models.registry import ModelSpec, register_model
 
 torch = require("torch", "model definitions")
 nn = torch.nn
