@@ -13,8 +13,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgebc import __version__
+
+if TYPE_CHECKING:  # for annotations only; each command imports its modules when it runs
+    from edgebc.backends import Backend
+    from edgebc.classifier import FrameClassifier
 
 log = logging.getLogger("edgebc")
 
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_export(commands)
+    _add_classify(commands)
     return parser
 
 
@@ -359,7 +365,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "predictions.csv, ROC/PR/confusion/calibration PNGs and Grad-CAM overlays.",
         formatter_class=_Formatter,
     )
-    evaluate.add_argument("checkpoint", type=Path, help="best.pt from a training run, or an exported .onnx model")
+    evaluate.add_argument(
+        "checkpoint", type=Path, help="best.pt from a training run, or an exported .onnx model"
+    )
     evaluate.add_argument("data", type=Path, help="manifest .csv or dataset folder")
     evaluate.add_argument(
         "--split", default="test", help="which split to score; 'all' for every sample"
@@ -510,3 +518,99 @@ def _run_export(args: argparse.Namespace) -> int:
         f"wrote {args.out} ({', '.join(k for k in ('onnx', 'fp16', 'int8', 'tensorrt', 'triton') if k in report)} + MANIFEST.sha256)"
     )
     return 0
+
+
+def _add_classify(commands: argparse._SubParsersAction) -> None:
+    classify = commands.add_parser(
+        "classify",
+        help="classify image files, folders, videos or DICOM with an exported model; CSV or JSON Lines out",
+        description="Classify every frame of the inputs with an exported model (.onnx, or a TensorRT .engine) "
+        "through the shared preprocessing, the quality gate and the model card's temperature and "
+        "threshold. Unreadable inputs are reported and skipped; the exit status is 1 when any failed.",
+        formatter_class=_Formatter,
+    )
+    classify.add_argument("model", type=Path, help="exported model: .onnx or .engine")
+    classify.add_argument(
+        "inputs", nargs="+", help="image files, folders, glob patterns, videos, DICOM files"
+    )
+    classify.add_argument(
+        "--out", type=Path, default=Path("results.csv"), help="results file: .csv or .jsonl"
+    )
+    classify.add_argument(
+        "--region", default=None, metavar="X,Y,W,H", help="imaging region to crop from every frame"
+    )
+    classify.add_argument(
+        "--auto-region",
+        action="store_true",
+        help="detect the imaging region on each input's first frame",
+    )
+    classify.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="ONNX Runtime providers, comma-separated, in order of preference",
+    )
+    classify.add_argument(
+        "--threads", type=int, default=0, help="inference threads (0: ONNX Runtime's default)"
+    )
+    classify.add_argument("--batch", type=int, default=16, help="frames per inference batch")
+    classify.add_argument(
+        "--stride", type=int, default=1, help="classify every Nth frame of videos and cines"
+    )
+    classify.set_defaults(handler=_run_classify)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgebc.backends import open_backend
+    from edgebc.batch import classify_inputs
+    from edgebc.classifier import FrameClassifier
+    from edgebc.region import Region
+
+    if args.region and args.auto_region:
+        raise ValueError("give either --region or --auto-region, not both")
+    if args.batch < 1 or args.stride < 1:
+        raise ValueError("--batch and --stride must be at least 1")
+    region = None
+    if args.region:
+        try:
+            region = Region(*(int(v) for v in args.region.split(",")))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"--region expects X,Y,W,H in pixels, got {args.region!r}: {exc}"
+            ) from exc
+    backend = open_backend(
+        args.model,
+        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+        threads=args.threads,
+    )
+    classifier = FrameClassifier(backend, region)
+    if args.auto_region:
+        classifier = _auto_region_classifier(backend, args.inputs)
+    with tqdm(desc="classify", unit="frame", disable=None) as bar:
+        written, errors = classify_inputs(classifier, args.inputs, args.out, args.batch, args.stride,
+                                          on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update)  # fmt: skip
+    print(
+        f"wrote {args.out}: {written} frames classified with {backend.name}, {errors} inputs unreadable"
+    )
+    return 1 if errors else 0
+
+
+def _auto_region_classifier(backend: Backend, inputs: Sequence[str]) -> FrameClassifier:
+    from edgebc.batch import expand_inputs, iter_frames
+    from edgebc.classifier import FrameClassifier
+    from edgebc.region import detect_imaging_region
+
+    first = next(
+        (item for item in iter_frames(expand_inputs(inputs)) if item.image is not None), None
+    )
+    if first is None or first.image is None:
+        raise ValueError("no readable frame to detect the imaging region on")
+    region = detect_imaging_region(first.image)
+    if region is None:
+        raise ValueError(f"{first.source}: no imaging region found; give --region X,Y,W,H")
+    print(
+        f"imaging region from {first.source}: x={region.x} y={region.y} w={region.w} h={region.h}",
+        file=sys.stderr,
+    )
+    return FrameClassifier(backend, region)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -85,58 +85,11 @@ def build_engine(
 
 
 def run_engine(engine_path: str | Path, inputs: np.ndarray) -> np.ndarray:
-    """Logits from a serialized engine for a float32 NCHW batch, one profile, via cuda-python."""
-    trt = require("tensorrt", "running TensorRT engines")
-    cudart = require("cuda.bindings.runtime", "running TensorRT engines (pip install cuda-python)")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise EdgebcError(f"{engine_path}: TensorRT could not load this engine")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    batch = np.ascontiguousarray(inputs, np.float32)
-    context.set_input_shape(input_name, batch.shape)
-    out = np.empty(tuple(context.get_tensor_shape(output_name)), np.float32)
-    buffers: list[Any] = []
+    """Logits from an engine through the runtime's own TensorRT backend (one implementation)."""
+    from edgebc.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend(Path(engine_path), warmup=1)
     try:
-        for array in (batch, out):
-            err, pointer = cudart.cudaMalloc(array.nbytes)
-            _check(cudart, err)
-            buffers.append(pointer)
-        _check(
-            cudart,
-            cudart.cudaMemcpy(
-                buffers[0],
-                batch.ctypes.data,
-                batch.nbytes,
-                cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-            )[0],
-        )
-        context.set_tensor_address(input_name, buffers[0])
-        context.set_tensor_address(output_name, buffers[1])
-        err, stream = cudart.cudaStreamCreate()
-        _check(cudart, err)
-        if not context.execute_async_v3(stream):
-            raise EdgebcError(f"{engine_path}: TensorRT inference failed")
-        _check(cudart, cudart.cudaStreamSynchronize(stream)[0])
-        _check(
-            cudart,
-            cudart.cudaMemcpy(
-                out.ctypes.data,
-                buffers[1],
-                out.nbytes,
-                cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-            )[0],
-        )
-        cudart.cudaStreamDestroy(stream)
+        return np.concatenate([backend.run(inputs[i : i + 1]) for i in range(len(inputs))])
     finally:
-        for pointer in buffers:
-            cudart.cudaFree(pointer)
-    return out
-
-
-def _check(cudart: Any, err: Any) -> None:
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise EdgebcError(f"CUDA error {err}")
+        backend.close()

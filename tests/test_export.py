@@ -20,30 +20,9 @@ from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.model_card import read_card
-from edgebc.preprocess import PreprocessCard
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
-from edgebc.train.checkpoint import save_checkpoint
-from edgebc.train.models import create_model, list_models
-
-
-def make_checkpoint(path, arch="simple_cnn", size=48, seed=0):
-    torch.manual_seed(seed)
-    model = create_model(arch).eval()
-    card = PreprocessCard(input_height=size, input_width=size)
-    options = {
-        "arch": arch,
-        "width_mult": 1.0,
-        "head": "linear",
-        "dropout": 0.2,
-        "pretrained": None,
-    }
-    save_checkpoint(path, {
-        "arch": arch, "model": options, "class_names": ["normal", "benign", "malignant"], "positive_class": "malignant",
-        "preprocess": card.to_dict(), "state_dict": model.state_dict(), "temperature": 1.5, "epoch": 3,
-        "operating_point": {"threshold": 0.3, "target_sensitivity": 0.95, "sensitivity": 0.96, "specificity": 0.5},
-        "metrics": {"val_auc_positive": 0.9}, "weights_sha256": "ab" * 32, "data_fingerprint": "cd" * 32,
-    })  # fmt: skip
-    return path
+from edgebc.train.models import list_models
+from tests.helpers import make_checkpoint
 
 
 @pytest.fixture(scope="module")

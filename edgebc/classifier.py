@@ -1,0 +1,109 @@
+"""From a frame to a decision: crop, quality gate, shared preprocessing, inference, calibrated probabilities.
+
+Probabilities are softmax(logits / temperature) with the card's temperature. The decision uses the
+card's operating threshold: the positive class (malignant) whenever its probability reaches the
+threshold, which was chosen on validation for the target sensitivity; otherwise the most
+probable of the other classes. Without a threshold in the card, the most probable class. Every
+stage is timed, for every frame.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgebc.backends import Backend
+from edgebc.metrics import softmax
+from edgebc.preprocess import preprocess_chw
+from edgebc.quality import QualityGate, QualityResult
+from edgebc.region import Region
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: str | None  # None: no decision (see quality)
+    probabilities: dict[str, float] | None
+    positive_probability: float | None
+    threshold: float | None
+    quality: QualityResult
+    model_sha256: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class FrameClassifier:
+    def __init__(
+        self, backend: Backend, region: Region | None = None, gate: QualityGate | None = None
+    ) -> None:
+        self.backend = backend
+        self.card = backend.card
+        self.region = region
+        self.gate = gate or QualityGate()
+        self.positive = self.card.class_names.index(self.card.positive_class)
+
+    def classify(self, frame: np.ndarray) -> Decision:
+        return self.classify_batch([frame])[0]
+
+    def classify_batch(self, frames: Sequence[np.ndarray]) -> list[Decision]:
+        """Decisions for several frames; frames failing the gate are not sent to the model."""
+        clock = time.perf_counter
+        start = clock()
+        crops = [self.region.crop(f) if self.region else f for f in frames]
+        cropped = clock()
+        verdicts = [self.gate.check(c) for c in crops]
+        gated = clock()
+        passing = [i for i, v in enumerate(verdicts) if v.ok]
+        tensors = (
+            np.stack([preprocess_chw(crops[i], self.card.preprocess) for i in passing])
+            if passing
+            else None
+        )
+        preprocessed = clock()
+        logits = (
+            self.backend.run(tensors)
+            if tensors is not None
+            else np.empty((0, len(self.card.class_names)))
+        )
+        inferred = clock()
+        probs = softmax(logits, self.card.temperature) if len(logits) else logits
+        decisions: list[Decision] = []
+        row = {index: k for k, index in enumerate(passing)}
+        for index, verdict in enumerate(verdicts):
+            if not verdict.ok:
+                decisions.append(
+                    Decision(
+                        None, None, None, self.card.threshold, verdict, self.backend.model_sha256
+                    )
+                )
+                continue
+            p = probs[row[index]]
+            decisions.append(Decision(self._decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
+                                      float(p[self.positive]), self.card.threshold, verdict, self.backend.model_sha256))  # fmt: skip
+        done = clock()
+        per_frame = 1000.0 / max(1, len(frames))
+        timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,
+                   "preprocess": (preprocessed - gated) * per_frame, "inference": (inferred - preprocessed) * per_frame,
+                   "postprocess": (done - inferred) * per_frame}  # fmt: skip
+        return [
+            Decision(
+                d.label,
+                d.probabilities,
+                d.positive_probability,
+                d.threshold,
+                d.quality,
+                d.model_sha256,
+                dict(timings),
+            )
+            for d in decisions
+        ]
+
+    def _decide(self, p: np.ndarray) -> str:
+        names = self.card.class_names
+        if self.card.threshold is not None:
+            if p[self.positive] >= self.card.threshold:
+                return names[self.positive]
+            others = [k for k in range(len(names)) if k != self.positive]
+            return names[max(others, key=lambda k: p[k])]
+        return names[int(np.argmax(p))]
