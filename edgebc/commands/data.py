@@ -1,0 +1,117 @@
+"""`edgebc data audit|split`: dataset audits and group-aware splits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from edgebc.commands import HelpFormatter
+
+log = logging.getLogger("edgebc")
+
+
+def register_data(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser(
+        "data",
+        help="audit a dataset or split it into train/val/test and folds",
+        description="Dataset tools. PATH may be a manifest .csv, a BUSI folder, a mini-MIAS folder "
+        "or any class-per-folder tree.",
+        formatter_class=HelpFormatter,
+    )
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    audit = actions.add_parser(
+        "audit",
+        help="find duplicates, label conflicts, unreadable, colour and annotated frames",
+        description="Audit a dataset and write audit.json, audit.md and manifest.clean.csv "
+        "(near-duplicates share a `group` id so later splits keep them together).",
+        formatter_class=HelpFormatter,
+    )
+    audit.add_argument("path", type=Path, help="dataset folder or manifest .csv")
+    audit.add_argument(
+        "--out", type=Path, default=Path("audit"), help="folder for the report and cleaned manifest"
+    )
+    audit.add_argument(
+        "--conflicts",
+        choices=("drop", "keep"),
+        default="drop",
+        help="what the cleaned manifest does with images whose duplicates carry another class",
+    )
+    audit.add_argument("--workers", type=int, default=4, help="decoding threads")
+    audit.set_defaults(handler=run_audit)
+    split = actions.add_parser(
+        "split",
+        help="stratified, group-aware train/val/test split or k folds, written as a manifest",
+        description="Split so that no near-duplicate group and no patient straddles two sides. "
+        "Uses the manifest's `group` column (from `edgebc data audit`) when present; otherwise "
+        "finds near-duplicates first.",
+        formatter_class=HelpFormatter,
+    )
+    split.add_argument("path", type=Path, help="dataset folder or manifest .csv")
+    split.add_argument(
+        "--out", type=Path, default=Path("manifest.split.csv"), help="manifest to write"
+    )
+    split.add_argument(
+        "--val", type=float, default=0.15, help="validation fraction (0 with --folds)"
+    )
+    split.add_argument("--test", type=float, default=0.15, help="held-out test fraction")
+    split.add_argument(
+        "--folds", type=int, default=0, help="k folds over the non-test data (0: none)"
+    )
+    split.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same split"
+    )
+    split.set_defaults(handler=run_split)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edgebc.data import read_dataset
+    from edgebc.data.audit import audit_samples, write_audit
+
+    samples = read_dataset(args.path)
+    with tqdm(total=len(samples), desc="audit", unit="img", disable=None) as bar:
+        result = audit_samples(
+            samples,
+            str(args.path),
+            conflicts=args.conflicts,
+            workers=args.workers,
+            progress=bar.update,
+        )
+    paths = write_audit(result, args.out)
+    report = result.report
+    print(
+        f"{report.n_samples} images: {len(report.unreadable)} unreadable, {len(report.exact_duplicates)} exact-duplicate "
+        f"sets, {len(report.near_duplicate_groups)} near-duplicate groups, {len(report.label_conflicts)} label conflicts, "
+        f"{len(report.colour_frames)} colour frames, {len(report.suspected_annotations)} with burned-in marks"
+    )
+    for conflict in report.label_conflicts:
+        names = ", ".join(f"{Path(m['path']).name} ({m['label']})" for m in conflict["members"])
+        print(f"  label conflict ({conflict['kind']}): {names}")
+    print(
+        f"wrote {paths['markdown']}, {paths['json']}, {paths['manifest']} ({report.cleaning['kept']} kept)"
+    )
+    return 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from edgebc.data import read_dataset, write_manifest
+    from edgebc.data.audit import audit_samples
+    from edgebc.data.split import SplitPlan, assign_splits, split_summary
+
+    plan = SplitPlan(
+        val=0.0 if args.folds else args.val, test=args.test, folds=args.folds, seed=args.seed
+    )
+    samples = read_dataset(args.path)
+    if not any(s.group for s in samples):
+        log.info(
+            "no `group` column: finding near-duplicates first (run `edgebc data audit` to review them)"
+        )
+        samples = audit_samples(samples, str(args.path), conflicts="keep").cleaned
+    result = assign_splits(samples, plan)
+    write_manifest(result, args.out)
+    for side, counts in split_summary(result).items():
+        print(f"  {side:6s} " + "  ".join(f"{label}={n}" for label, n in counts.items()))
+    print(f"wrote {args.out}")
+    return 0

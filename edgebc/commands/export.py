@@ -1,0 +1,112 @@
+"""`edgebc export`: checkpoint to the artifacts a device runs (the [export] extra)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgebc.commands import HelpFormatter
+
+
+def register_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="checkpoint to ONNX with its model card; optional FP16, INT8 with evidence, TensorRT, Triton",
+        description="Export a checkpoint to ONNX (card embedded, checked against PyTorch) and optionally "
+        "FP16, INT8 (calibrated on real frames, parity report, accuracy budget, latency) , a TensorRT "
+        "engine and a Triton repository. Writes export.json, export.md and MANIFEST.sha256.",
+        formatter_class=HelpFormatter,
+    )
+    export.add_argument("checkpoint", type=Path, help="best.pt from a training run")
+    export.add_argument("--out", type=Path, default=Path("export"), help="output folder")
+    export.add_argument("--name", default="model", help="artifact base name")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    export.add_argument(
+        "--max-batch", type=int, default=64, help="largest batch the dynamic batch axis allows"
+    )
+    export.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="torch.onnx exporter",
+    )
+    export.add_argument(
+        "--verify",
+        dest="verify_data",
+        default=None,
+        help="frames (manifest/folder) added to the parity inputs",
+    )
+    export.add_argument(
+        "--fp16", action="store_true", help="also write an FP16 model (float32 in/out) for GPUs"
+    )
+    export.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write a static INT8 model (needs --calibration and --check)",
+    )
+    export.add_argument(
+        "--calibration", default=None, help="calibration frames: manifest, dataset folder or video"
+    )
+    export.add_argument(
+        "--calibration-split",
+        default="train",
+        help="split of a manifest to calibrate on ('all' for every sample)",
+    )
+    export.add_argument(
+        "--calibration-size", type=int, default=200, help="calibration frames to use"
+    )
+    export.add_argument(
+        "--calibration-method",
+        choices=("minmax", "entropy", "percentile"),
+        default="minmax",
+        help="calibration method",
+    )
+    export.add_argument(
+        "--check",
+        dest="check_data",
+        default=None,
+        help="labelled frames for the FP32 vs INT8 parity report",
+    )
+    export.add_argument(
+        "--check-split", default="val", help="split of --check to use ('all' for every sample)"
+    )
+    export.add_argument(
+        "--check-count", type=int, default=500, help="labelled frames to check with"
+    )
+    export.add_argument(
+        "--no-int8-search",
+        dest="int8_search",
+        action="store_false",
+        help="quantize QDQ per-channel only instead of timing every format and keeping the fastest within budget",
+    )
+    export.add_argument(
+        "--tensorrt",
+        choices=("fp16", "int8"),
+        default=None,
+        help="also build a TensorRT engine (on the target device)",
+    )
+    export.add_argument(
+        "--triton", action="store_true", help="also write a Triton model repository"
+    )
+    export.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from edgebc.export.pipeline import ExportOptions, run_export
+
+    def split(value):
+        return None if value == "all" else value
+
+    options = ExportOptions(
+        out_dir=args.out, name=args.name, opset=args.opset, max_batch=args.max_batch, exporter=args.exporter,
+        verify_data=args.verify_data, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
+        calibration_size=args.calibration_size, calibration_split=split(args.calibration_split),
+        calibration_method=args.calibration_method, check_data=args.check_data, check_split=split(args.check_split),
+        check_count=args.check_count, int8_search=args.int8_search, tensorrt=args.tensorrt, triton=args.triton,
+    )  # fmt: skip
+    report = run_export(args.checkpoint, options)
+    print((args.out / "export.md").read_text().rstrip())
+    print(
+        f"wrote {args.out} ({', '.join(k for k in ('onnx', 'fp16', 'int8', 'tensorrt', 'triton') if k in report)} + MANIFEST.sha256)"
+    )
+    return 0

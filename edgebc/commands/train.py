@@ -1,0 +1,149 @@
+"""`edgebc train` and `edgebc eval` (the [train] extra; torch is imported only when they run)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgebc.commands import HelpFormatter
+
+
+def register_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a classifier (needs the [train] extra: torch)",
+        description="Train from a YAML config (see configs/) with optional overrides. The run folder "
+        "gets config.yaml, history.csv, curves.png, best.pt (with temperature and operating threshold), "
+        "last.pt (for --resume) and metrics.json. Under torchrun it trains data-parallel.",
+        formatter_class=HelpFormatter,
+    )
+    train.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML training configuration (defaults when omitted)",
+    )
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    train.add_argument("--manifest", default=None, help="shortcut for --set data.manifest=PATH")
+    train.add_argument("--arch", default=None, help="shortcut for --set model.arch=NAME")
+    train.add_argument(
+        "--pretrained",
+        default=None,
+        help="torchvision ImageNet weights file on disk (never downloaded)",
+    )
+    train.add_argument("--epochs", type=int, default=None, help="shortcut for --set optim.epochs=N")
+    train.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="shortcut for --set device=...",
+    )
+    train.add_argument("--name", default=None, help="run name (folder under out_dir)")
+    train.add_argument("--out", default=None, help="shortcut for --set out_dir=PATH")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue the run in this folder exactly where last.pt left it",
+    )
+    train.add_argument(
+        "--cross-validate",
+        action="store_true",
+        help="train one model per fold of a --folds manifest and summarise",
+    )
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from edgebc.train.config import load_train_config
+    from edgebc.train.engine import train_model
+
+    if args.resume is not None:
+        result = train_model(load_train_config(args.resume / "config.yaml"), resume=args.resume)
+    else:
+        shortcuts = {"data.manifest": args.manifest, "model.arch": args.arch, "model.pretrained": args.pretrained,
+                     "optim.epochs": args.epochs, "device": args.device, "name": args.name, "out_dir": args.out}  # fmt: skip
+        overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
+        config = load_train_config(args.config, overrides)
+        if args.cross_validate:
+            from edgebc.train.crossval import cross_validate
+
+            report = cross_validate(config)
+            for key, stats in report["summary"].items():
+                print(f"  {key:32s} {stats['mean']:.3f} +- {stats['sd']:.3f}")
+            print(f"wrote {Path(config.out_dir) / config.name / 'cv_summary.md'}")
+            return 0
+        result = train_model(config)
+    if result.best_metrics:
+        m = result.best_metrics
+        print(f"best epoch {m['best_epoch']}: val AUC {m['val_auc_positive']:.3f}, macro AUC {m['val_macro_auc']:.3f}, "
+              f"balanced accuracy {m['val_balanced_accuracy']:.3f}, threshold {m['threshold']:.3f} "
+              f"(val sensitivity {m['val_sensitivity_at_threshold']:.3f}, specificity {m['val_specificity_at_threshold']:.3f})")  # fmt: skip
+        print(f"wrote {result.best_checkpoint}")
+    return 0
+
+
+def register_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a checkpoint or ONNX model: AUC with CIs, sensitivity at the operating point, calibration, Grad-CAM",
+        description="Evaluate a checkpoint on a manifest or folder and write report.md, report.json, "
+        "predictions.csv, ROC/PR/confusion/calibration PNGs and Grad-CAM overlays.",
+        formatter_class=HelpFormatter,
+    )
+    evaluate.add_argument(
+        "checkpoint", type=Path, help="best.pt from a training run, or an exported .onnx model"
+    )
+    evaluate.add_argument("data", type=Path, help="manifest .csv or dataset folder")
+    evaluate.add_argument(
+        "--split", default="test", help="which split to score; 'all' for every sample"
+    )
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default: eval-<split> beside the checkpoint)",
+    )
+    evaluate.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals"
+    )
+    evaluate.add_argument(
+        "--gradcam", type=int, default=4, help="Grad-CAM overlays per kind (correct, wrong)"
+    )
+    evaluate.add_argument(
+        "--subgroup",
+        action="append",
+        default=None,
+        metavar="COLUMN",
+        help="manifest column for the subgroup table (repeatable; default: source, modality, view)",
+    )
+    evaluate.add_argument(
+        "--device", default="cpu", help="torch device for inference, e.g. cpu or cuda:0"
+    )
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from edgebc.train.evaluate import evaluate_checkpoint
+
+    split = None if args.split == "all" else args.split
+    out = args.out or args.checkpoint.parent / f"eval-{args.split}"
+    report = evaluate_checkpoint(args.checkpoint, args.data, out, split, args.bootstrap, args.gradcam,
+                                 args.subgroup or ("source", "modality", "view"), args.device)  # fmt: skip
+    low, high = report["auc_positive_ci"]
+    print(f"{report['positive_class']}-vs-rest AUC {report['auc_positive']:.3f} (95% CI {low:.3f}-{high:.3f}), "
+          f"macro AUC {report['macro_auc']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, ECE {report['ece']:.3f}")  # fmt: skip
+    if report.get("operating_point"):
+        op = report["operating_point"]
+        print(
+            f"at threshold {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+        )
+    print(f"wrote {out / 'report.md'}")
+    return 0
