@@ -1,0 +1,297 @@
+"""Frame sources, chosen by a URI-like string: one protocol, numpy BGR or grey frames out.
+
+    scans/  or  "scans/*.png"  or  frame.png   image files (sorted), read once
+    clip.avi                                   a video file
+    cine.dcm                                   DICOM, single frame or multi-frame cine (needs pydicom)
+    /dev/video0, v4l2:0, 0                     a V4L2 capture card (OpenCV)
+    rtsp://..., http://..., gst:PIPELINE       a network stream or GStreamer pipeline (OpenCV)
+    picamera2:0                                a Raspberry Pi camera (picamera2)
+    phantom:malignant?fps=30&seed=0            the synthetic phantom cine, looping, paced like a scanner
+
+Every frame carries its capture time (wall clock and monotonic) and a sequence number, so a
+result can say how old its frame was. Live sources are read through `edgebc.live`, which keeps
+only the newest frame and watches the feed.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from edgebc.decode import decode_dicom_frames, read_image
+from edgebc.errors import EdgebcError
+from edgebc.optional import require
+
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".webm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class SourceError(EdgebcError):
+    """The source failed (unplugged, closed stream, unreadable); a live reader reopens it."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray
+    index: int  # sequence number within this source
+    captured: float  # wall-clock time.time() at capture
+    captured_monotonic: float  # time.monotonic() at capture, for ages
+    source: str
+
+    def age(self) -> float:
+        return time.monotonic() - self.captured_monotonic
+
+
+class FrameSource(Protocol):
+    name: str
+    live: bool  # live sources are read on their own thread, newest frame only
+
+    def open(self) -> None: ...
+
+    def read(self) -> Frame | None:
+        """The next frame; None at the end of a finite source; SourceError on failure."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Counter:
+    def __init__(self, name: str) -> None:
+        self.name, self._next = name, 0
+
+    def stamp(self, image: np.ndarray) -> Frame:
+        frame = Frame(image, self._next, time.time(), time.monotonic(), self.name)
+        self._next += 1
+        return frame
+
+
+class ImageFilesSource:
+    live = False
+
+    def __init__(self, paths: list[Path], name: str) -> None:
+        if not paths:
+            raise EdgebcError(f"{name}: no PNG or JPEG images found")
+        self.paths, self.name = paths, name
+        self._iter: Iterator[Path] = iter(())
+        self._counter = _Counter(name)
+
+    def open(self) -> None:
+        self._iter = iter(self.paths)
+
+    def read(self) -> Frame | None:
+        path = next(self._iter, None)
+        return None if path is None else self._counter.stamp(read_image(path))
+
+    def close(self) -> None:
+        self._iter = iter(())
+
+
+class DicomSource:
+    live = False
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.name = path, str(path)
+        self._frames: Iterator[np.ndarray] = iter(())
+        self._counter = _Counter(self.name)
+
+    def open(self) -> None:
+        self._frames = iter(decode_dicom_frames(self.path.read_bytes(), str(self.path)))
+
+    def read(self) -> Frame | None:
+        image = next(self._frames, None)
+        return None if image is None else self._counter.stamp(image)
+
+    def close(self) -> None:
+        self._frames = iter(())
+
+
+class OpenCVSource:
+    """Video files, V4L2 devices, network streams and GStreamer pipelines through cv2.VideoCapture."""
+
+    def __init__(
+        self,
+        target: str | int,
+        name: str,
+        live: bool,
+        api: int = cv2.CAP_ANY,
+        buffer_frames: int = 1,
+    ) -> None:
+        self.target, self.name, self.live, self.api = target, name, live, api
+        self.buffer_frames = buffer_frames
+        self._capture: cv2.VideoCapture | None = None
+        self._counter = _Counter(name)
+
+    def open(self) -> None:
+        capture = cv2.VideoCapture(self.target, self.api)
+        if not capture.isOpened():
+            raise SourceError(f"{self.name}: cannot open (device absent, busy or no permission?)")
+        if (
+            self.live
+        ):  # ask the driver for as little buffering as it allows; the reader drops the rest
+            capture.set(cv2.CAP_PROP_BUFFERSIZE, self.buffer_frames)
+        self._capture = capture
+
+    def read(self) -> Frame | None:
+        if self._capture is None:
+            raise SourceError(f"{self.name}: not open")
+        ok, image = self._capture.read()
+        if not ok:
+            if self.live:
+                raise SourceError(f"{self.name}: no frame (unplugged or stream ended)")
+            return None
+        return self._counter.stamp(image)
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+class PiCameraSource:
+    """The Raspberry Pi camera through picamera2. Its "RGB888" arrays are B, G, R in memory (and
+    "XRGB8888" B, G, R, X), which is already OpenCV's order: only the padding byte is dropped."""
+
+    live = True
+
+    def __init__(
+        self, camera: int = 0, size: tuple[int, int] = (1280, 720), pixel_format: str = "RGB888"
+    ) -> None:
+        self.camera, self.size, self.pixel_format = camera, size, pixel_format
+        self.name = f"picamera2:{camera}"
+        self._picam: Any = None
+        self._counter = _Counter(self.name)
+
+    def open(self) -> None:
+        picamera2 = require("picamera2", "the Raspberry Pi camera")
+        try:
+            self._picam = picamera2.Picamera2(self.camera)
+            config = self._picam.create_video_configuration(
+                main={"size": self.size, "format": self.pixel_format}
+            )
+            self._picam.configure(config)
+            self._picam.start()
+        except Exception as exc:
+            raise SourceError(f"{self.name}: cannot start the camera: {exc}") from exc
+
+    def read(self) -> Frame | None:
+        if self._picam is None:
+            raise SourceError(f"{self.name}: not open")
+        try:
+            array = self._picam.capture_array("main")
+        except Exception as exc:
+            raise SourceError(f"{self.name}: capture failed: {exc}") from exc
+        return self._counter.stamp(np.ascontiguousarray(array[:, :, :3]))
+
+    def close(self) -> None:
+        if self._picam is not None:
+            self._picam.stop()
+            self._picam.close()
+            self._picam = None
+
+
+class PhantomCineSource:
+    """Synthetic phantom sweeps of one class, looping, delivered at `fps` like a live scanner."""
+
+    live = True
+
+    def __init__(
+        self,
+        label: str = "malignant",
+        fps: float = 30.0,
+        seed: int = 0,
+        size: int = 256,
+        frames: int = 60,
+    ) -> None:
+        self.label, self.fps, self.seed, self.size, self.frames = label, fps, seed, size, frames
+        self.name = f"phantom:{label}"
+        self._clip: list[np.ndarray] = []
+        self._position = 0
+        self._next_time = 0.0
+        self._counter = _Counter(self.name)
+
+    def open(self) -> None:
+        from edgebc.synth.cine import make_cine
+        from edgebc.synth.ultrasound import phantom_rng
+
+        self._clip, _ = make_cine(
+            self.label, phantom_rng(self.seed, 77), self.frames, self.size, self.size
+        )
+        self._clip += self._clip[-2:0:-1]  # sweep back and forth so the loop has no jump
+        self._next_time = time.monotonic()
+
+    def read(self) -> Frame | None:
+        if not self._clip:
+            raise SourceError(f"{self.name}: not open")
+        delay = self._next_time - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next_time = max(self._next_time + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
+        image = self._clip[self._position % len(self._clip)]
+        self._position += 1
+        return self._counter.stamp(image)
+
+    def close(self) -> None:
+        self._clip = []
+
+
+def open_source(uri: str) -> FrameSource:
+    """The source named by `uri` (see the module docstring); not yet opened."""
+    text = uri.strip()
+    if text.startswith("phantom:"):
+        parsed = urllib.parse.urlparse(text)
+        options = dict(urllib.parse.parse_qsl(parsed.query))
+        label = parsed.path or "malignant"
+        try:
+            return PhantomCineSource(
+                label,
+                float(options.get("fps", 30)),
+                int(options.get("seed", 0)),
+                int(options.get("size", 256)),
+            )
+        except ValueError as exc:
+            raise EdgebcError(f"{uri}: bad phantom option: {exc}") from exc
+    if text.startswith("picamera2:"):
+        return PiCameraSource(int(text.split(":", 1)[1] or 0))
+    if text.startswith("gst:"):
+        return OpenCVSource(text[4:], text, live=True, api=cv2.CAP_GSTREAMER)
+    if text.startswith(("rtsp://", "http://", "https://")):
+        return OpenCVSource(text, text, live=True)
+    if text.isdigit() or text.startswith("v4l2:") or text.startswith("/dev/video"):
+        device = text.removeprefix("v4l2:")
+        target: str | int = int(device) if device.isdigit() else device
+        return OpenCVSource(target, f"v4l2:{device}", live=True, api=cv2.CAP_V4L2)
+    if any(ch in text for ch in "*?["):
+        return ImageFilesSource(
+            sorted(
+                Path(p) for p in globbing.glob(text) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+            ),
+            text,
+        )
+    path = Path(text)
+    if path.is_dir():
+        return ImageFilesSource(
+            sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem
+            ),
+            text,
+        )
+    if not path.exists():
+        raise EdgebcError(
+            f"{uri}: no such file, folder or device (sources: a folder, glob, image, video, .dcm, "
+            "/dev/videoN, rtsp://..., gst:PIPELINE, picamera2:N or phantom:CLASS)"
+        )
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return OpenCVSource(str(path), str(path), live=False)
+    if path.suffix.lower() == ".dcm":
+        return DicomSource(path)
+    return ImageFilesSource([path], str(path))
