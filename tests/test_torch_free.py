@@ -9,7 +9,7 @@ import importlib, json, pkgutil, sys
 sys.modules["torch"] = None  # any import of torch now raises ImportError
 import edgebc
 names = [m.name for m in pkgutil.walk_packages(edgebc.__path__, "edgebc.")
-         if not m.name.startswith(("edgebc.train", "edgebc.export")) and m.name != "edgebc.__main__"]
+         if not m.name.startswith(("edgebc.train", "edgebc.export"))]
 for name in names:
     importlib.import_module(name)
 from edgebc.cli import main

@@ -4,4 +4,5 @@ import sys
 
 from edgebc.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # importing this module runs nothing
+    sys.exit(main(["train", *sys.argv[1:]]))
