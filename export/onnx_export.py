@@ -186,16 +186,17 @@ def compare_with_torch(
     inputs = verification_inputs(card.preprocess, frames)
     with torch.inference_mode():
         expected = model(torch.from_numpy(inputs)).numpy()
-    return _parity(expected, _run(onnx_path, inputs), tolerance)
+    return parity_of(expected, run_onnx(onnx_path, inputs), tolerance)
 
 
 def compare_sessions(
     reference: str | Path, candidate: str | Path, inputs: np.ndarray, tolerance: float
 ) -> ParityResult:
-    return _parity(_run(reference, inputs), _run(candidate, inputs), tolerance)
+    return parity_of(run_onnx(reference, inputs), run_onnx(candidate, inputs), tolerance)
 
 
-def _run(path: str | Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+def run_onnx(path: str | Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Logits of an ONNX model for NCHW `inputs`, on ONNX Runtime's CPU provider, in batches."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -205,7 +206,7 @@ def _run(path: str | Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     )
 
 
-def _parity(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> ParityResult:
+def parity_of(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> ParityResult:
     from edgebc.metrics import softmax
 
     diff = np.abs(expected.astype(np.float64) - actual)

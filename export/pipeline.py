@@ -93,7 +93,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:
-        from edgebc.export.onnx_export import _parity, _run, verification_inputs
+        from edgebc.export.onnx_export import parity_of, run_onnx, verification_inputs
         from edgebc.export.tensorrt import build_engine, run_engine
 
         source = int8_path if options.tensorrt == "int8" else fp32_path
@@ -111,7 +111,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         report["tensorrt"] = {
             "path": engine.name,
             "parity_vs_onnx_fp32": asdict(
-                _parity(_run(fp32_path, inputs), run_engine(engine, inputs), 0.05)
+                parity_of(run_onnx(fp32_path, inputs), run_engine(engine, inputs), 0.05)
             ),
         }
         artifacts.append(engine)

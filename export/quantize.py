@@ -29,6 +29,7 @@ from edgebc.atomic import atomic_write_bytes
 from edgebc.data import read_dataset
 from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
+from edgebc.export.onnx_export import run_onnx
 from edgebc.model_card import ModelCard, read_card
 from edgebc.optional import require
 from edgebc.preprocess import preprocess
@@ -153,7 +154,7 @@ def quantize_int8(
         "percentile": q.CalibrationMethod.Percentile,
     }[plan.method]
     activation = q.QuantType.QUInt8 if plan.activations == "uint8" else q.QuantType.QInt8
-    fp32_logits = run_logits(fp32_path, check)
+    fp32_logits = run_onnx(fp32_path, check)
     fp32_stats = _clinical(fp32_logits, y, card)
     excluded: list[str] = []
     attempts: list[dict[str, Any]] = []
@@ -175,7 +176,7 @@ def quantize_int8(
             q.quantize_static(str(prepared), str(candidate), _Reader(calib, card.input_name), quant_format=quant_format,
                               per_channel=plan.per_channel, activation_type=activation, weight_type=q.QuantType.QInt8,
                               calibrate_method=method, nodes_to_exclude=list(excluded), extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
-            int8_logits = run_logits(candidate, check)
+            int8_logits = run_onnx(candidate, check)
             int8_stats = _clinical(int8_logits, y, card)
             agreement = float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1)))
             met = _within_budget(fp32_stats, int8_stats, agreement, plan)
@@ -429,19 +430,6 @@ def node_sqnr(
             }
         )
     return sorted(rows, key=lambda r: -r["loss_db"])
-
-
-def run_logits(path: str | Path, tensors: np.ndarray, batch: int = 16) -> np.ndarray:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [
-            session.run(None, {name: tensors[i : i + batch]})[0]
-            for i in range(0, len(tensors), batch)
-        ]
-    )
 
 
 def _clinical(logits: np.ndarray, y: np.ndarray, card: ModelCard) -> dict[str, float]:

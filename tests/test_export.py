@@ -1,5 +1,6 @@
 """Export: ONNX with its card and proven parity, FP16, INT8 with evidence, Triton, integrity, engine sidecars."""
 
+import hashlib
 import json
 import re
 
@@ -108,7 +109,7 @@ def test_manifest_refuses_an_altered_artifact(exported, tmp_path):
     copy = tmp_path / "model.onnx"
     copy.write_bytes(path.read_bytes())
     write_sha_manifest(tmp_path, [copy])
-    assert verify_artifact(copy) == __import__("hashlib").sha256(copy.read_bytes()).hexdigest()
+    assert verify_artifact(copy) == hashlib.sha256(copy.read_bytes()).hexdigest()
     data = bytearray(copy.read_bytes())
     data[-10] ^= 0xFF
     copy.write_bytes(bytes(data))

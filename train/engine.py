@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -336,9 +337,7 @@ def _train(
         best_metrics["ddp_world_size"] = dist.world_size
         if dist.world_size > 1:
             best_metrics["ddp_weights_identical"] = float(ddp_identical)
-        atomic_write_text(
-            run_dir / "metrics.json", __import__("json").dumps(best_metrics, indent=2) + "\n"
-        )
+        atomic_write_text(run_dir / "metrics.json", json.dumps(best_metrics, indent=2) + "\n")
         from edgebc.train.plots import training_curves
 
         training_curves(history, run_dir / "curves.png", optim.early_stop_metric)
