@@ -30,7 +30,9 @@ def test_rows_are_whole_and_the_log_is_append_only(tmp_path):
     trail.close()
     rows = read_trail(tmp_path / "audit.db")
     assert [r["frame_index"] for r in rows] == list(range(20))
-    assert json.loads(rows[0]["probabilities"])["benign"] == 0.7 and rows[0]["captured_at"].endswith("+00:00")
+    assert json.loads(rows[0]["probabilities"])["benign"] == 0.7 and rows[0][
+        "captured_at"
+    ].endswith("+00:00")
     connection = sqlite3.connect(tmp_path / "audit.db")
     for statement in ("UPDATE decisions SET decision = 'normal'", "DELETE FROM decisions"):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
