@@ -24,6 +24,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: object)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp makes 0600 files; a replaced file keeps its mode, a new one gets what open() would
+        # give (0666 less the umask), so a model exported here is readable by the service that runs it.
+        os.fchmod(fd, _mode_for(target))
         with os.fdopen(fd, mode, **kwargs) as handle:  # type: ignore[call-overload]
             yield handle
             handle.flush()
@@ -34,6 +37,22 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: object)
             os.unlink(tmp_name)
         raise
     _fsync_directory(target.parent)
+
+
+def _mode_for(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

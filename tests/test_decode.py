@@ -153,3 +153,22 @@ def test_corrupt_dicom_is_refused():
     data = _dicom_bytes(np.zeros((8, 8), np.uint8))
     with pytest.raises(ImageDecodeError):
         decode_image(data[:200])
+
+
+def test_atomic_writes_get_ordinary_permissions_and_keep_existing_ones(tmp_path):
+    import os
+    import stat
+
+    from edgebc.atomic import atomic_write_bytes
+
+    fresh = tmp_path / "model.onnx"
+    atomic_write_bytes(fresh, b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    os.chmod(fresh, 0o640)
+    atomic_write_bytes(fresh, b"y")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_bytes() == b"y"
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".")
+    ]  # no temporary file left behind
