@@ -158,6 +158,22 @@ def decode_dicom_frames(
     return out
 
 
+def to_grey_uint8(image: np.ndarray) -> np.ndarray:
+    """8-bit grey view of a decoded frame (grey, BGR or BGRA; uint8, uint16 or float in [0, 1]),
+    for the checks that look at the picture rather than feed the model (region, quality, audit)."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3:
+        image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
+    if image.ndim != 2:
+        raise ValueError(f"expected a grey (HxW) or BGR (HxWx3) frame, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    return np.clip(np.nan_to_num(image.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)
+
+
 def _to_uint8_grey(values: np.ndarray, invert: bool) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     scaled = np.zeros(values.shape, np.float64) if high <= low else (values - low) / (high - low)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from edgebc.data.fingerprint import colour_fraction
+from edgebc.decode import to_grey_uint8
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class QualityGate:
     max_colour_fraction: float = 0.05
 
     def check(self, frame: np.ndarray) -> QualityResult:
-        grey8 = _grey_uint8(frame)
+        grey8 = to_grey_uint8(frame)
         std, mean = float(grey8.std()), float(grey8.mean())
         if std < self.min_std:
             return QualityResult(
@@ -53,12 +53,3 @@ class QualityGate:
                 False, f"colour overlay covers {colour:.0%} of the image (Doppler?)"
             )
         return QualityResult(True)
-
-
-def _grey_uint8(frame: np.ndarray) -> np.ndarray:
-    grey = frame if frame.ndim == 2 else cv2.cvtColor(frame[:, :, :3], cv2.COLOR_BGR2GRAY)
-    if grey.dtype == np.uint8:
-        return grey
-    if grey.dtype == np.uint16:
-        return (grey // 256).astype(np.uint8)
-    return np.clip(grey.astype(np.float32) * 255.0, 0, 255).astype(np.uint8)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edgebc.decode import to_grey_uint8
+
 
 @dataclass(frozen=True)
 class Region:
@@ -76,7 +78,7 @@ def detect_imaging_region(
     `min_fraction` of the frame (a blank or menu-only screen): the caller must then refuse, not
     classify the whole screen.
     """
-    grey = _to_grey_uint8(frame)
+    grey = to_grey_uint8(frame)
     height, width = grey.shape
     blurred = cv2.GaussianBlur(grey, (5, 5), 0)
     mask = (blurred > intensity_threshold).astype(np.uint8)
@@ -97,17 +99,3 @@ def detect_imaging_region(
         return None
     x, y, w, h = (int(v) for v in stats[best, :4])
     return Region(x, y, w, h)
-
-
-def _to_grey_uint8(frame: np.ndarray) -> np.ndarray:
-    if frame.ndim == 3 and frame.shape[2] == 1:
-        frame = frame[:, :, 0]
-    if frame.ndim == 3:
-        frame = cv2.cvtColor(frame[:, :, :3], cv2.COLOR_BGR2GRAY)
-    if frame.ndim != 2:
-        raise ValueError(f"expected a grey (HxW) or BGR (HxWx3) frame, got shape {frame.shape}")
-    if frame.dtype == np.uint8:
-        return frame
-    if frame.dtype == np.uint16:
-        return (frame >> 8).astype(np.uint8)
-    return np.clip(np.nan_to_num(frame.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)

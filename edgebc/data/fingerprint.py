@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgebc.decode import decode_image
+from edgebc.decode import decode_image, to_grey_uint8
 
 THUMB_SIZE = 64
 #: A pixel whose channels spread more than this (of 255) is coloured, not grey stored as RGB.
@@ -48,9 +48,7 @@ def fingerprint_file(path: Path) -> Fingerprint:
 
 
 def fingerprint_image(image: np.ndarray, sha256: str) -> Fingerprint:
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    if grey.dtype != np.uint8:
-        grey = (grey.astype(np.float32) * (255.0 / np.iinfo(grey.dtype).max)).astype(np.uint8)
+    grey = to_grey_uint8(image)
     return Fingerprint(
         sha256=sha256,
         width=int(image.shape[1]),
