@@ -23,8 +23,6 @@ import numpy as np
 
 from edgebc import __version__
 from edgebc.atomic import atomic_write_bytes
-from edgebc.data import read_dataset
-from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.model_card import CARD_KEY, ModelCard
 from edgebc.optional import require
@@ -164,19 +162,6 @@ def verification_inputs(
         for k, label in enumerate(("normal", "benign", "malignant"))
     ]
     return np.concatenate([random, preprocess_batch([*phantoms, *frames], card)])
-
-
-def frames_from(
-    data: str | Path | None, limit: int, seed: int = 0, split: str | None = None
-) -> list[np.ndarray]:
-    """Up to `limit` decoded frames from a dataset folder or manifest (optionally one split)."""
-    if data is None:
-        return []
-    samples = read_dataset(data)
-    if split:
-        samples = [s for s in samples if s.split == split]
-    order = np.random.default_rng(seed).permutation(len(samples))[:limit]
-    return [read_image(samples[i].path) for i in order]
 
 
 def compare_with_torch(

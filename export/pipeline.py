@@ -15,7 +15,8 @@ from typing import Any
 
 from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
-from edgebc.export.onnx_export import export_fp16, export_onnx, frames_from
+from edgebc.export.frames import load_frames
+from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.integrity import write_manifest
 
 
@@ -45,7 +46,9 @@ class ExportOptions:
 def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frames = frames_from(options.verify_data, options.verify_count) if options.verify_data else []
+    frames = (
+        load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
+    )
     fp32_path, card, parity = export_onnx(
         checkpoint,
         out / f"{options.name}.onnx",
@@ -68,7 +71,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         artifacts.append(fp16_path)
     int8_path = None
     if options.int8:
-        from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
+        from edgebc.export.quantize import QuantPlan, quantize_int8, search_int8
 
         if not options.calibration or not options.check_data:
             raise EdgebcError(

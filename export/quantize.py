@@ -26,8 +26,6 @@ import numpy as np
 
 from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes
-from edgebc.data import read_dataset
-from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.export.onnx_export import run_onnx
 from edgebc.model_card import ModelCard, read_card
@@ -66,36 +64,6 @@ class QuantReport:
     sensitive_nodes: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)
     recommendation: str = ""
-
-
-def load_frames(
-    source: str | Path, limit: int, seed: int = 0, split: str | None = None
-) -> tuple[list[np.ndarray], list[str]]:
-    """Frames (and labels, empty for video/folders without classes) from a manifest, dataset folder or video."""
-    path = Path(source)
-    if path.is_file() and path.suffix.lower() in (".avi", ".mp4", ".mov", ".mkv"):
-        import cv2
-
-        capture = cv2.VideoCapture(str(path))
-        frames = []
-        while len(frames) < limit:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame)
-        capture.release()
-        if not frames:
-            raise EdgebcError(f"{path}: no frames could be read from this video")
-        return frames, []
-    samples = read_dataset(path)
-    if split:
-        samples = [s for s in samples if s.split == split]
-    if not samples:
-        raise EdgebcError(
-            f"{path}: no samples{f' in split {split!r}' if split else ''} to calibrate or check with"
-        )
-    order = np.random.default_rng(seed).permutation(len(samples))[:limit]
-    return [read_image(samples[i].path) for i in order], [samples[i].label for i in order]
 
 
 class _Reader:

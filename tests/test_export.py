@@ -15,8 +15,9 @@ from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.engine_sidecar import check_engine_compatible
 from edgebc.errors import EdgebcError
+from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
-from edgebc.export.quantize import QuantPlan, load_frames, quantize_int8, search_int8
+from edgebc.export.quantize import QuantPlan, quantize_int8, search_int8
 from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
