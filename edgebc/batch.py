@@ -15,16 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edgebc.atomic import atomic_write_text
 from edgebc.classifier import Decision, FrameClassifier
+from edgebc.data.readers import IMAGE_SUFFIXES
 from edgebc.decode import decode_dicom_frames, read_header, read_image, sniff_format
 from edgebc.errors import EdgebcError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".webm")
+from edgebc.sources import VIDEO_SUFFIXES, open_source
 
 
 @dataclass(frozen=True)
@@ -155,21 +153,16 @@ def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> s
 
 
 def _video_frames(path: Path, stride: int) -> Iterator[FrameItem]:
-    if not path.is_file():
-        raise EdgebcError(f"{path}: no such video file")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise EdgebcError(f"{path}: OpenCV cannot open this video")
-    index = 0
+    """Every `stride`-th frame of a video file, read through the runtime's own video source."""
+    video = open_source(str(path))
+    video.open()
+    count = 0
     try:
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if index % stride == 0:
-                yield FrameItem(str(path), index, frame)
-            index += 1
+        while (frame := video.read()) is not None:
+            if frame.index % stride == 0:
+                yield FrameItem(str(path), frame.index, frame.image)
+            count += 1
     finally:
-        capture.release()
-    if index == 0:
+        video.close()
+    if count == 0:
         raise EdgebcError(f"{path}: the video holds no readable frame")
