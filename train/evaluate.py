@@ -94,30 +94,23 @@ class _EvalModel:
             self._init_checkpoint(path, device)
 
     def _init_onnx(self, path: Path) -> None:
-        import onnxruntime
+        from edgebc.backends import open_backend
 
-        from edgebc.integrity import verify_artifact
-        from edgebc.model_card import read_card
-
-        verify_artifact(path)  # refuses a file that differs from its MANIFEST.sha256
-        card = read_card(path)
+        # The runtime's own backend: it checks MANIFEST.sha256 and reads everything from the card.
+        self._runtime = open_backend(path, warmup=0)
+        card = self._runtime.card
         self.backend, self.arch, self.card = (
             f"onnxruntime ({card.precision})",
             card.arch,
             card.preprocess,
         )
-        self.classes, self.positive_class, self.temperature = (
-            list(card.class_names),
-            card.positive_class,
-            card.temperature,
-        )
-        self.weights_sha256 = card.weights_sha256
+        self.classes, self.positive_class = list(card.class_names), card.positive_class
+        self.temperature, self.weights_sha256 = card.temperature, card.weights_sha256
         self.operating_point = (
             None
             if card.threshold is None
             else {"threshold": card.threshold, "target_sensitivity": card.target_sensitivity}
         )
-        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self._torch_model = None
 
     def _init_checkpoint(self, path: Path, device: str) -> None:
@@ -136,13 +129,9 @@ class _EvalModel:
 
     def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         if self._torch_model is None:
+            step = min(batch, self._runtime.card.max_batch)
             return np.concatenate(
-                [
-                    self._session.run(
-                        None, {self._session.get_inputs()[0].name: images[i : i + batch]}
-                    )[0]
-                    for i in range(0, len(images), batch)
-                ]
+                [self._runtime.run(images[i : i + step]) for i in range(0, len(images), step)]
             )
         from edgebc.train.engine import predict_logits
 
