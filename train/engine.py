@@ -98,7 +98,13 @@ def train_model(
     """Train according to `config` (or continue the run in `resume`); returns where the results are."""
     dist = _init_distributed()
     try:
-        return _train(config, resume, show_progress, dist)
+        result = _train(config, resume, show_progress, dist)
+        if dist.world_size > 1:
+            # Rank 0 finalises (temperature, threshold, plots) after the last collective; without a
+            # barrier the other ranks tear gloo down under it and a worker can abort at exit. Only on
+            # success: after a failure a barrier would wait for ranks that never arrive.
+            torch.distributed.barrier()
+        return result
     finally:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
