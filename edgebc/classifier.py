@@ -35,10 +35,18 @@ class Decision:
 
 class FrameClassifier:
     def __init__(
-        self, backend: Backend, region: Region | None = None, gate: QualityGate | None = None
+        self,
+        backend: Backend,
+        region: Region | None = None,
+        gate: QualityGate | None = None,
+        threshold: float | None = None,
     ) -> None:
+        """`threshold` overrides the card's operating threshold (a site's own validated choice)."""
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.backend = backend
         self.card = backend.card
+        self.threshold = threshold if threshold is not None else self.card.threshold
         self.region = region
         self.gate = gate or QualityGate()
         self.positive = self.card.class_names.index(self.card.positive_class)
@@ -73,14 +81,12 @@ class FrameClassifier:
         for index, verdict in enumerate(verdicts):
             if not verdict.ok:
                 decisions.append(
-                    Decision(
-                        None, None, None, self.card.threshold, verdict, self.backend.model_sha256
-                    )
+                    Decision(None, None, None, self.threshold, verdict, self.backend.model_sha256)
                 )
                 continue
             p = probs[row[index]]
             decisions.append(Decision(self._decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
-                                      float(p[self.positive]), self.card.threshold, verdict, self.backend.model_sha256))  # fmt: skip
+                                      float(p[self.positive]), self.threshold, verdict, self.backend.model_sha256))  # fmt: skip
         done = clock()
         per_frame = 1000.0 / max(1, len(frames))
         timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,
@@ -101,8 +107,8 @@ class FrameClassifier:
 
     def _decide(self, p: np.ndarray) -> str:
         names = self.card.class_names
-        if self.card.threshold is not None:
-            if p[self.positive] >= self.card.threshold:
+        if self.threshold is not None:
+            if p[self.positive] >= self.threshold:
                 return names[self.positive]
             others = [k for k in range(len(names)) if k != self.positive]
             return names[max(others, key=lambda k: p[k])]

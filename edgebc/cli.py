@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from edgebc import __version__
-from edgebc.commands import HelpFormatter, classify, data, export, info, synth, train
+from edgebc.commands import HelpFormatter, classify, data, export, info, serve, synth, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register_eval(commands)
     export.register_export(commands)
     classify.register_classify(commands)
+    serve.register_serve(commands)
     return parser
 
 

@@ -8,12 +8,13 @@ the device runs with a default nobody chose.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,21 +76,48 @@ def to_mapping(obj: Any) -> dict[str, Any]:
     return _plain(dataclasses.asdict(obj))
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | None = None) -> T:
-    """Fill `cls` from the YAML file at `path`, then apply command-line `overrides` on top."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    merged = {**data, **(overrides or {})}
-    return from_mapping(cls, merged, source=str(path))
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Sequence[str], source: str = "--set"
+) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested mapping; values are parsed as YAML."""
+    merged = copy.deepcopy(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: expected key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: cannot parse the value in {item!r}: {exc}") from exc
+        node = merged
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key!r} goes through a value that is not a mapping")
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Fill `cls` from the YAML file at `path` (defaults when None), then dotted `overrides` on top."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping at the top level, got {type(data).__name__}"
+            )
+    return from_mapping(cls, apply_overrides(data, overrides), source=source)
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

@@ -14,6 +14,7 @@ opened from the factory. Whoever shows results withdraws them while `state().ok`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -156,7 +157,12 @@ class LiveReader:
                     source = self._factory()
                     source.open()
                     delay = self._backoff[0]
+                started = time.perf_counter()
                 frame = source.read()
+                if frame is not None:
+                    frame = dataclasses.replace(
+                        frame, read_ms=(time.perf_counter() - started) * 1000.0
+                    )
             except (
                 Exception
             ) as exc:  # a failing source must not kill the reader: report, back off, reopen

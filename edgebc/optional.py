@@ -22,6 +22,7 @@ INSTALL_HINTS: dict[str, str] = {
     "pydicom": "pip install 'edgebc[dicom]'",
     "fastapi": "pip install 'edgebc[serve]'",
     "uvicorn": "pip install 'edgebc[serve]'",
+    "prometheus_client": "pip install 'edgebc[serve]'",
 }
 
 

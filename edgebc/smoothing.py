@@ -4,8 +4,10 @@ Probabilities are averaged with an exponential moving average whose weight comes
 time between frames (alpha = 1 - exp(-dt / time_constant)), so a dropped frame or a slower
 camera does not change how fast the display reacts. The displayed class has hysteresis: the
 positive class is shown as soon as its smoothed probability reaches the operating threshold
-(sensitivity is what the threshold was chosen for) and is left only once it falls below the
-threshold minus `margin`; between the other classes a challenger must lead by `margin`.
+(sensitivity is what the threshold was chosen for) and is left only once it falls below
+threshold x (1 - `margin`), a band relative to the threshold because high-sensitivity thresholds
+are often small (0.1): an absolute band would hold the class down to nothing. Between the other
+classes a challenger must lead by `margin`.
 A frame without a decision (quality gate) withdraws the display and restarts the average, as
 does a gap longer than `reset_after` seconds: an average must never span a different scene.
 """
@@ -86,7 +88,7 @@ class TemporalSmoother:
         if self.threshold is not None:
             p_pos = mean[self.positive]
             if p_pos >= self.threshold or (
-                self._shown == self.positive and p_pos >= self.threshold - margin
+                self._shown == self.positive and p_pos >= self.threshold * (1.0 - margin)
             ):
                 return self.positive
             others = [k for k in range(len(mean)) if k != self.positive]

@@ -45,6 +45,9 @@ class Frame:
     captured: float  # wall-clock time.time() at capture
     captured_monotonic: float  # time.monotonic() at capture, for ages
     source: str
+    read_ms: float = (
+        0.0  # how long the source's read took (grab + decode; for live sources also the wait)
+    )
 
     def age(self) -> float:
         return time.monotonic() - self.captured_monotonic
@@ -197,8 +200,14 @@ class PiCameraSource:
             self._picam = None
 
 
+PHANTOM_TOUR = ("normal", "benign", "malignant")
+
+
 class PhantomCineSource:
-    """Synthetic phantom sweeps of one class, looping, delivered at `fps` like a live scanner."""
+    """Synthetic phantom sweeps, looping, delivered at `fps` like a live scanner.
+
+    One class (`phantom:benign`) or `phantom:tour`: a sweep of each class in turn, so a display
+    shows its decision change (the embedded demo watches this)."""
 
     live = True
 
@@ -210,6 +219,14 @@ class PhantomCineSource:
         size: int = 256,
         frames: int = 60,
     ) -> None:
+        from edgebc.data.records import CLASS_NAMES
+
+        if label not in (*CLASS_NAMES, "tour"):
+            raise EdgebcError(
+                f"phantom:{label}: unknown phantom; choose tour or one of {', '.join(CLASS_NAMES)}"
+            )
+        if not fps > 0 or size < 32 or frames < 2:
+            raise EdgebcError(f"phantom:{label}: fps must be > 0, size >= 32, frames >= 2")
         self.label, self.fps, self.seed, self.size, self.frames = label, fps, seed, size, frames
         self.name = f"phantom:{label}"
         self._clip: list[np.ndarray] = []
@@ -221,10 +238,13 @@ class PhantomCineSource:
         from edgebc.synth.cine import make_cine
         from edgebc.synth.ultrasound import phantom_rng
 
-        self._clip, _ = make_cine(
-            self.label, phantom_rng(self.seed, 77), self.frames, self.size, self.size
-        )
-        self._clip += self._clip[-2:0:-1]  # sweep back and forth so the loop has no jump
+        labels = PHANTOM_TOUR if self.label == "tour" else (self.label,)
+        self._clip = []
+        for number, label in enumerate(labels):
+            sweep, _ = make_cine(
+                label, phantom_rng(self.seed, 77 + number), self.frames, self.size, self.size
+            )
+            self._clip += sweep + sweep[-2:0:-1]  # back and forth, so a loop has no jump
         self._next_time = time.monotonic()
 
     def read(self) -> Frame | None:

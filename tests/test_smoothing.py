@@ -27,16 +27,26 @@ def test_step_response_follows_the_time_constant_whatever_the_frame_rate():
         assert out.probabilities["malignant"] == pytest.approx(1 - math.exp(-t / 0.5), abs=1e-9)
 
 
-def test_positive_class_enters_at_the_threshold_and_leaves_below_threshold_minus_margin():
+def test_positive_class_enters_at_the_threshold_and_leaves_below_threshold_times_one_minus_margin():
     smoother = TemporalSmoother(
-        CLASSES, "malignant", 0.3, SmoothingConfig(time_constant=0.0, margin=0.1)
+        CLASSES, "malignant", 0.3, SmoothingConfig(time_constant=0.0, margin=0.2)
     )
     assert smoother.update(probs(0.5, 0.25, 0.25), 0.0).label == "normal"
     assert smoother.update(probs(0.4, 0.3, 0.30), 0.1).label == "malignant"  # reached the threshold
     assert (
         smoother.update(probs(0.5, 0.25, 0.25), 0.2).label == "malignant"
-    )  # 0.25 >= 0.3 - 0.1: held
-    assert smoother.update(probs(0.6, 0.21, 0.19), 0.3).label == "normal"  # fell below 0.2
+    )  # 0.25 >= 0.3 * (1 - 0.2) = 0.24: held
+    assert smoother.update(probs(0.6, 0.21, 0.19), 0.3).label == "normal"  # fell below 0.24
+
+
+def test_positive_hysteresis_scales_with_a_low_threshold():
+    """A high-sensitivity threshold (0.11) must not hold "malignant" down to a probability of 0.01."""
+    smoother = TemporalSmoother(
+        CLASSES, "malignant", 0.11, SmoothingConfig(time_constant=0.0, margin=0.1)
+    )
+    assert smoother.update(probs(0.4, 0.4, 0.2), 0.0).label == "malignant"
+    assert smoother.update(probs(0.45, 0.45, 0.10), 0.1).label == "malignant"  # 0.10 >= 0.099
+    assert smoother.update(probs(0.3, 0.62, 0.08), 0.2).label == "benign"
 
 
 def test_noisy_input_near_a_boundary_flickers_far_less_when_smoothed():

@@ -7,17 +7,13 @@ returns a TrainConfig. The resolved configuration is written into every run fold
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from edgebc.config import from_mapping, to_mapping
+from edgebc.config import load_config, to_mapping
 from edgebc.data.records import CLASS_NAMES
-from edgebc.errors import ConfigError
 from edgebc.preprocess import PreprocessCard
 
 
@@ -129,41 +125,6 @@ class TrainConfig:
         return to_mapping(self)
 
 
-def apply_overrides(
-    data: dict[str, Any], overrides: Sequence[str], source: str = "--set"
-) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested mapping; values are parsed as YAML."""
-    merged = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{source}: expected key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: cannot parse the value in {item!r}: {exc}") from exc
-        node = merged
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: {key!r} goes through a value that is not a mapping")
-        node[parts[-1]] = value
-    return merged
-
-
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """TrainConfig from a YAML file (or defaults when path is None) plus dotted overrides."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    return from_mapping(TrainConfig, apply_overrides(data, overrides), source=source)
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,140 @@
+"""`edgebc serve`: the cart's live classification service (the [serve] extra: FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgebc.commands import HelpFormatter
+
+if TYPE_CHECKING:
+    from edgebc.serve.settings import ServeSettings
+
+log = logging.getLogger("edgebc.serve")
+
+
+def register_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="classify a live source in real time and show it on the cart's screen (web page + API)",
+        description="Run the live service: read the newest frame from the source, classify it (region, "
+        "quality gate, shared preprocessing, model, smoothing), keep an audit trail, and serve the cart's "
+        "page at http://HOST:PORT/ with the API under /v1 (OpenAPI at /docs).\n\n"
+        "With no arguments it runs the embedded DEMO: a small model trained on synthetic phantoms watching "
+        "the phantom tour, on 127.0.0.1:8000. Settings come from --config (see deploy/configs/) with the "
+        "flags below and --set KEY=VALUE on top. Binding to any other address than loopback needs a bearer "
+        "token (token_file, or $EDGEBC_TOKEN). SIGINT/SIGTERM stop it cleanly: the source is released and "
+        "the audit log committed.",
+        formatter_class=HelpFormatter,
+    )
+    serve.add_argument(
+        "--config", type=Path, default=None, help="YAML settings (deploy/configs/*.yaml)"
+    )
+    serve.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set smoothing.time_constant=0.3 (repeatable)",
+    )
+    serve.add_argument(
+        "--source",
+        default=None,
+        help="frame source: /dev/video0, v4l2:N, rtsp://..., gst:PIPELINE, picamera2:N, "
+        "a video, a folder of images, a .dcm cine, phantom:tour (default: the demo's phantom tour)",
+    )
+    serve.add_argument(
+        "--model", default=None, help="exported .onnx or .engine (default: the demo model)"
+    )
+    serve.add_argument(
+        "--region", default=None, metavar="X,Y,W,H", help="imaging region to crop from every frame"
+    )
+    serve.add_argument(
+        "--auto-region", action="store_true", help="detect the imaging region on the first frame"
+    )
+    serve.add_argument(
+        "--threshold", type=float, default=None, help="override the card's operating threshold"
+    )
+    serve.add_argument(
+        "--time-constant",
+        type=float,
+        default=None,
+        help="smoothing time constant in seconds (0: no smoothing)",
+    )
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument(
+        "--audit-log", default=None, help="audit trail SQLite file (default edgebc-audit.sqlite)"
+    )
+    serve.add_argument(
+        "--token-file", default=None, help="file holding the bearer token (or set $EDGEBC_TOKEN)"
+    )
+    serve.set_defaults(handler=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    from edgebc.serve.settings import load_serve_settings
+
+    shortcuts = {
+        "source": args.source,
+        "model": args.model,
+        "threshold": args.threshold,
+        "smoothing.time_constant": args.time_constant,
+        "host": args.host,
+        "port": args.port,
+        "audit.path": args.audit_log,
+        "token_file": args.token_file,
+        "region": f"[{args.region}]" if args.region else None,
+        "auto_region": "true" if args.auto_region else None,
+    }
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
+    return load_serve_settings(args.config, overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from edgebc.optional import require
+
+    settings = settings_from_args(args)
+    uvicorn = require("uvicorn", "edgebc serve")
+    require("fastapi", "edgebc serve")
+    check_port_free(settings.host, settings.port)
+    from edgebc.serve.app import create_app
+    from edgebc.serve.runtime import build_runtime
+
+    runtime = build_runtime(settings)
+    app = create_app(runtime)
+    if settings.demo:
+        log.warning("DEMO — synthetic phantom model: results mean nothing for real patients")
+    log.info("the cart's page: http://%s:%d/  (API docs: /docs)", settings.host, settings.port)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=3,
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
+    log.info("stopped: source released, audit log committed (%s)", settings.audit.path)
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line when the port is taken, before anything is opened."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(
+                    f"port {port} on {host} is already in use (another edgebc serve?); "
+                    "choose another with --port"
+                ) from exc
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -1,0 +1,343 @@
+"""Everything one `edgebc serve` process holds: model, live pipeline, audit trail, upload queue.
+
+Kept apart from the HTTP layer so that readiness, the status view and upload classification are
+plain functions the tests can call, and so the web framework stays a thin shell. Built by
+`build_runtime(settings)`; the HTTP app starts it on startup and stops it on shutdown (which
+releases the source and commits the audit trail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgebc.audit_trail import AuditRecord, AuditTrail
+from edgebc.backends import Backend, open_backend
+from edgebc.classifier import Decision, FrameClassifier
+from edgebc.decode import decode_image
+from edgebc.demo import DEMO_BANNER, DEMO_MODEL
+from edgebc.errors import EdgebcError
+from edgebc.integrity import read_manifest
+from edgebc.live import LiveReader
+from edgebc.region import Region, detect_imaging_region
+from edgebc.serve.pipeline import LivePipeline, LiveResult
+from edgebc.serve.settings import ServeSettings
+from edgebc.sources import FrameSource, open_source
+
+log = logging.getLogger(__name__)
+
+RESEARCH_BANNER = "Research use only — not a medical device. Not for diagnosis."
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    verified: bool
+    detail: str
+
+
+def check_model_manifest(path: Path, sha256: str) -> ModelCheck:
+    """Whether a MANIFEST.sha256 beside the model lists it (the backend already refused a mismatch)."""
+    manifest = path.parent / "MANIFEST.sha256"
+    if not manifest.exists():
+        return ModelCheck(False, f"no MANIFEST.sha256 beside {path.name}")
+    expected = read_manifest(path.parent).get(path.name)
+    if expected is None:
+        return ModelCheck(False, f"{manifest} does not list {path.name}")
+    return ModelCheck(expected == sha256, f"sha256 matches {manifest.name}")
+
+
+class UploadQueue:
+    """A bounded queue for POST /v1/classify: a slot or an immediate refusal, never a backlog."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._worker = threading.Lock()  # one upload inference at a time beside the live loop
+        self.outcomes: dict[str, int] = {}
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self._pending >= self.capacity:
+                return False
+            self._pending += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def count(self, outcome: str) -> None:
+        with self._lock:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def run(self, work: Callable[[], Any]) -> Any:
+        with self._worker:
+            return work()
+
+
+@dataclass
+class ServeRuntime:
+    settings: ServeSettings
+    backend: Backend
+    model_path: Path
+    model_check: ModelCheck
+    pipeline: LivePipeline
+    audit: AuditTrail
+    token: str | None
+    uploads: UploadQueue
+    started: float = field(default_factory=time.time)
+    _jpeg: tuple[int, bytes] | None = None
+    _jpeg_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def demo(self) -> bool:
+        return self.settings.demo
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.pipeline.start()
+
+    def stop(self) -> None:
+        """Release the source and commit the audit trail (the pipeline does both)."""
+        self.pipeline.stop()
+        self.backend.close()
+
+    # -- readiness -------------------------------------------------------------------------------
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        feed = self.pipeline.feed()
+        trail = self.audit.status()
+        model_ok = self.model_check.verified or not self.settings.require_verified_model
+        return {
+            "model": {"ok": model_ok, "detail": self.model_check.detail},
+            "source": {
+                "ok": feed.ok and self.pipeline.alive,
+                "detail": feed.status + (f": {feed.detail}" if feed.detail else ""),
+            },
+            "audit_log": {
+                "ok": trail.healthy,
+                "detail": trail.problem or f"writable ({self.audit.path})",
+            },
+        }
+
+    # -- the screen's view -----------------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        card = self.backend.card
+        return {
+            "name": card.name,
+            "arch": card.arch,
+            "sha256": self.backend.model_sha256,
+            "path": str(self.model_path),
+            "backend": self.backend.name,
+            "precision": card.precision,
+            "class_names": list(card.class_names),
+            "positive_class": card.positive_class,
+            "threshold": self.pipeline.classifier.threshold,
+            "card_threshold": card.threshold,
+            "temperature": card.temperature,
+            "verified": self.model_check.verified,
+            "verification": self.model_check.detail,
+            "demo": self.demo,
+        }
+
+    def view(self) -> dict[str, Any]:
+        """The state the cart's page and GET /v1/status show."""
+        display = self.pipeline.display()
+        feed = self.pipeline.feed()
+        result = display.result
+        trail = self.audit.status()
+        region = self.pipeline.classifier.region
+        frame: dict[str, Any] | None = None
+        per_frame: dict[str, Any] | None = None
+        if result is not None:
+            h, w = result.frame.image.shape[:2]
+            frame = {
+                "sequence": result.sequence,
+                "index": result.frame.index,
+                "captured_at": result.frame.captured,
+                "age_ms": round((time.monotonic() - result.frame.captured_monotonic) * 1000.0, 1),
+                "width": w,
+                "height": h,
+                "sha256": result.frame_sha256,
+            }
+            per_frame = _decision_json(result.decision)
+            per_frame["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+        banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
+        return {
+            "banners": banners,
+            "demo": self.demo,
+            "display": {
+                "label": display.label,
+                "probabilities": display.probabilities,
+                "reason": None if display.reason is None else f"no decision: {display.reason}",
+            },
+            "per_frame": per_frame,
+            "frame": frame,
+            "region": None if region is None else asdict(region),
+            "region_note": self.pipeline.region_note,
+            "feed": {"source": self.settings.source, **asdict(feed), "ok": feed.ok},
+            "audit": asdict(trail),
+            **self.pipeline.summary(),
+            "model": {
+                k: self.model_info()[k]
+                for k in ("name", "sha256", "precision", "threshold", "positive_class")
+            },
+        }
+
+    def frame_jpeg(self, result: LiveResult) -> bytes:
+        """The result's frame as JPEG, scaled to the stream width; encoded once however many watch."""
+        with self._jpeg_lock:
+            if self._jpeg is not None and self._jpeg[0] == result.sequence:
+                return self._jpeg[1]
+            image = result.frame.image
+            if image.dtype != np.uint8:
+                image = (image >> 8).astype(np.uint8)
+            h, w = image.shape[:2]
+            if w > self.settings.stream_width:
+                scale = self.settings.stream_width / w
+                image = cv2.resize(
+                    image,
+                    (self.settings.stream_width, max(1, round(h * scale))),
+                    interpolation=cv2.INTER_AREA,
+                )
+            ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            if not ok:
+                raise EdgebcError("could not encode the frame as JPEG")
+            self._jpeg = (result.sequence, encoded.tobytes())
+            return self._jpeg[1]
+
+    # -- uploads ---------------------------------------------------------------------------------
+    def classify_upload(self, data: bytes, region: str | None) -> dict[str, Any]:
+        """Decode, crop (none, `auto`, or X,Y,W,H), classify and audit one uploaded image.
+
+        Raises ImageDecodeError / ValueError with a message for the client (422)."""
+        image = decode_image(data, "upload", max_pixels=40_000_000)
+        crop = _upload_region(image, region)
+        classifier = FrameClassifier(
+            self.backend, crop, self.pipeline.classifier.gate, self.pipeline.classifier.threshold
+        )
+        decision = self.uploads.run(lambda: classifier.classify(image))
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.record(
+            AuditRecord(
+                model_sha256=decision.model_sha256,
+                quality=str(decision.quality),
+                decision=decision.label,
+                probabilities=decision.probabilities,
+                threshold=decision.threshold,
+                captured_at=time.time(),
+                source="upload",
+                frame_sha256=digest,
+                latencies_ms=decision.timings_ms,
+                pixels=image if self.audit.store_pixels else None,
+            )
+        )
+        out = _decision_json(decision)
+        out.update(
+            input_sha256=digest,
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            region=None if crop is None else asdict(crop),
+            model_sha256=decision.model_sha256,
+            timings_ms={k: round(v, 3) for k, v in decision.timings_ms.items()},
+        )
+        return out
+
+
+def _decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "label": decision.label,
+        "probabilities": decision.probabilities,
+        "positive_probability": decision.positive_probability,
+        "threshold": decision.threshold,
+        "quality": "ok" if decision.quality.ok else "no decision",
+        "reason": decision.quality.reason,
+    }
+
+
+def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
+    if region in (None, "", "none"):
+        return None
+    if region == "auto":
+        found = detect_imaging_region(image)
+        if found is None:
+            raise ValueError("region=auto: no imaging region found in the image; give X,Y,W,H")
+        return found
+    try:
+        crop = Region(*(int(v) for v in str(region).split(",")))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"region must be none, auto or X,Y,W,H in pixels, got {region!r}") from exc
+    if not crop.fits(*image.shape[:2]):
+        raise ValueError(
+            f"region {region} does not fit in the {image.shape[1]}x{image.shape[0]} image"
+        )
+    return crop
+
+
+def build_runtime(
+    settings: ServeSettings, source_factory: Callable[[], FrameSource] | None = None
+) -> ServeRuntime:
+    """Load and check everything before the server listens: a bad model, source URI, region or
+    log location fails here with one clear line, not on the first request."""
+    token = settings.read_token()
+    model_path = Path(settings.model) if settings.model else DEMO_MODEL
+    backend = open_backend(model_path, settings.providers, settings.threads)
+    check = check_model_manifest(model_path, backend.model_sha256)
+    region = Region(*settings.region) if settings.region else None
+    classifier = FrameClassifier(backend, region, settings.quality, settings.threshold)
+    if source_factory is None:
+        open_source(settings.source)  # validate the URI now (raises with the list of kinds)
+        uri = settings.source
+        source_factory = lambda: open_source(uri)  # noqa: E731 - a fresh source per reopening
+    reader = LiveReader(
+        source_factory,
+        stall_seconds=settings.watchdog.stall_seconds,
+        freeze_seconds=settings.watchdog.freeze_seconds,
+        hang_seconds=settings.watchdog.hang_seconds,
+    )
+    try:
+        audit = AuditTrail(
+            settings.audit.path,
+            store_pixels=settings.audit.store_pixels,
+            store_patient_ids=settings.audit.store_patient_ids,
+            max_bytes=settings.audit.max_bytes,
+        )
+    except Exception as exc:
+        backend.close()
+        raise EdgebcError(f"audit log {settings.audit.path}: cannot open it: {exc}") from exc
+    pipeline = LivePipeline(
+        classifier, reader, audit, settings.smoothing, settings.auto_region, settings.max_result_age
+    )
+    log.info(
+        "model %s (%s, sha256 %s…, %s); source %s; audit log %s",
+        backend.card.name,
+        backend.name,
+        backend.model_sha256[:12],
+        check.detail,
+        settings.source,
+        settings.audit.path,
+    )
+    return ServeRuntime(
+        settings,
+        backend,
+        model_path,
+        check,
+        pipeline,
+        audit,
+        token,
+        UploadQueue(settings.max_pending_uploads),
+    )

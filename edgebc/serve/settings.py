@@ -1,0 +1,122 @@
+"""What `edgebc serve` runs with: one frozen dataclass, filled from deploy/configs/*.yaml and flags.
+
+Every key has a default that makes `edgebc serve` with no configuration run the embedded demo
+(the phantom model watching the phantom tour) on 127.0.0.1. Unknown keys are refused by name.
+The bearer token is never written in the YAML file (configs get copied around): it comes from
+`token_file` or the EDGEBC_TOKEN environment variable, and a server bound to anything but the
+loopback interface refuses to start without one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgebc.config import load_config
+from edgebc.errors import ConfigError
+from edgebc.quality import QualityGate
+from edgebc.region import Region
+from edgebc.smoothing import SmoothingConfig
+
+TOKEN_ENV = "EDGEBC_TOKEN"
+DEMO_SOURCE = "phantom:tour?seed=1"
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    stall_seconds: float = 1.0  # no frame for this long: the feed is reported stalled
+    freeze_seconds: float = 0.5  # identical frames for this long: frozen (the scanner's freeze key)
+    hang_seconds: float = 5.0  # a read blocked this long is abandoned and the source reopened
+
+    def __post_init__(self) -> None:
+        if min(self.stall_seconds, self.freeze_seconds, self.hang_seconds) <= 0:
+            raise ValueError(f"watchdog times must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: str = "edgebc-audit.sqlite"
+    max_bytes: int | None = None  # cap for small SD cards; reaching it acts like a full disk
+    store_pixels: bool = False  # opt-in: frames as PNG in the log
+    store_patient_ids: bool = False  # opt-in
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    source: str = DEMO_SOURCE
+    model: str | None = None  # None: the embedded demo model
+    region: tuple[int, int, int, int] | None = None  # x, y, w, h of the imaging region
+    auto_region: bool = False  # detect the region once on the first frame instead
+    threshold: float | None = None  # overrides the model card's operating threshold
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 0
+    require_verified_model: bool = True  # not ready unless a MANIFEST.sha256 lists the model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_file: str | None = None
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_pending_uploads: int = 4  # beyond this, POST /v1/classify answers 503 with Retry-After
+    max_result_age: float = 1.0  # seconds; an older result is withdrawn from the screen
+    stream_width: int = 960  # frames sent to the page are scaled down to this width
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    quality: QualityGate = field(default_factory=QualityGate)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+    def __post_init__(self) -> None:
+        if self.region is not None:
+            Region(*self.region)  # raises with a plain message
+        if self.region is not None and self.auto_region:
+            raise ValueError("give either region or auto_region, not both")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.max_upload_bytes < 1024 or self.max_pending_uploads < 1:
+            raise ValueError("max_upload_bytes must be >= 1024 and max_pending_uploads >= 1")
+        if self.max_result_age <= 0 or self.stream_width < 64 or self.threads < 0:
+            raise ValueError("max_result_age must be positive, stream_width >= 64, threads >= 0")
+
+    @property
+    def demo(self) -> bool:
+        return self.model is None
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def read_token(self) -> str | None:
+        """The bearer token (token_file, else $EDGEBC_TOKEN), or None; refuses an exposed server without one."""
+        token: str | None = None
+        if self.token_file:
+            try:
+                token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"token_file {self.token_file}: cannot read it: {exc.strerror or exc}"
+                ) from exc
+            if not token:
+                raise ConfigError(f"token_file {self.token_file} is empty")
+        else:
+            token = os.environ.get(TOKEN_ENV, "").strip() or None
+        if token is not None and len(token) < 16:
+            raise ConfigError("the bearer token must be at least 16 characters")
+        if token is None and not self.loopback:
+            raise ConfigError(
+                f"binding to {self.host} exposes the service beyond this machine: set a bearer token "
+                f"with token_file or ${TOKEN_ENV} (or bind to 127.0.0.1)"
+            )
+        return token
+
+
+def load_serve_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> ServeSettings:
+    """Settings from a YAML file (defaults when None) with dotted `key=value` overrides on top."""
+    return load_config(ServeSettings, path, overrides)

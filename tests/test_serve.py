@@ -1,0 +1,375 @@
+"""`edgebc serve` through its ASGI interface: every endpoint, every error, withdrawal, auth, OpenAPI."""
+
+import json
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the [serve] extra")
+from fastapi.testclient import TestClient  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from edgebc.audit_trail import read_trail  # noqa: E402
+from edgebc.demo import DEMO_MODEL  # noqa: E402
+from edgebc.errors import ConfigError  # noqa: E402
+from edgebc.integrity import sha256_file  # noqa: E402
+from edgebc.serve.app import create_app  # noqa: E402
+from edgebc.serve.runtime import build_runtime  # noqa: E402
+from edgebc.serve.settings import ServeSettings, load_serve_settings  # noqa: E402
+from edgebc.sources import Frame, PhantomCineSource  # noqa: E402
+from edgebc.synth import make_ultrasound_phantom  # noqa: E402
+from edgebc.synth.ultrasound import phantom_rng  # noqa: E402
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+class SwitchableSource:
+    """Phantom frames at ~60 fps that freeze on cue (mode: live | frozen)."""
+
+    live = True
+
+    def __init__(self):
+        self.name, self.mode, self.index = "switchable", "live", 0
+        self._phantom = PhantomCineSource("benign", fps=1000, size=128, frames=8)
+
+    def open(self):
+        self._phantom.open()
+
+    def read(self):
+        time.sleep(1 / 60)
+        if self.mode == "live":
+            self._last = self._phantom.read().image
+        return self._stamp(self._last)
+
+    def _stamp(self, image):
+        self.index += 1
+        return Frame(image, self.index, time.time(), time.monotonic(), self.name)
+
+    def close(self):
+        self._phantom.close()
+
+
+def settings_for(tmp_path, **changes):
+    values = {
+        "source": "phantom:tour?fps=60&size=128",
+        "audit": {"path": str(tmp_path / "audit.sqlite")},
+    }
+    values.update(changes)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    return load_serve_settings(None, overrides)
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def png_bytes(image):
+    ok, encoded = cv2.imencode(".png", image)
+    assert ok
+    return encoded.tobytes()
+
+
+def phantom_png(label="malignant", size=128, seed=3):
+    return png_bytes(make_ultrasound_phantom(label, phantom_rng(seed, 0), size, size).image)
+
+
+@pytest.fixture
+def served(tmp_path):
+    runtime = build_runtime(settings_for(tmp_path))
+    with TestClient(create_app(runtime)) as client:
+        wait_until(lambda: client.get("/v1/status").json()["display"]["label"], what="a decision")
+        yield client, runtime
+
+
+def test_status_shows_a_smoothed_decision_with_timings_and_the_demo_banner(served):
+    client, _ = served
+    view = client.get("/v1/status").json()
+    assert view["display"]["label"] in ("normal", "benign", "malignant")
+    assert sum(view["display"]["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert view["display"]["reason"] is None
+    assert view["feed"]["status"] == "ok" and view["frame"]["age_ms"] < 1000
+    assert set(view["per_frame"]["timings_ms"]) >= {"capture_wait", "read", "crop", "quality", "preprocess",
+                                                    "inference", "postprocess", "end_to_end"}  # fmt: skip
+    assert view["banners"] == [
+        "Research use only — not a medical device. Not for diagnosis.",
+        "DEMO — synthetic phantom model",
+    ]
+    assert view["model"]["sha256"] == sha256_file(DEMO_MODEL)
+    wait_until(lambda: client.get("/v1/status").json()["fps"] > 20, what="the frame rate")
+
+
+def test_model_health_and_readiness(served):
+    client, runtime = served
+    model = client.get("/v1/model").json()
+    assert model["sha256"] == sha256_file(DEMO_MODEL) and model["verified"] and model["demo"]
+    assert model["card"]["class_names"] == ["normal", "benign", "malignant"]
+    assert model["threshold"] == pytest.approx(model["card"]["threshold"])
+    assert client.get("/healthz").json() == {"alive": True}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert set(ready.json()["checks"]) == {"model", "source", "audit_log"}
+
+
+def test_metrics_are_prometheus_text_from_the_pipeline(served):
+    client, runtime = served
+    wait_until(lambda: runtime.pipeline.counts["frames"] >= 10, what="ten frames")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    frames = families["edgebc_frames"].samples[0].value
+    assert frames >= 10
+    decisions = sum(s.value for s in families["edgebc_decisions"].samples)
+    assert decisions + families["edgebc_no_decisions"].samples[0].value <= frames + 5
+    assert families["edgebc_feed_ok"].samples[0].value == 1
+    assert families["edgebc_ready"].samples[0].value == 1
+    stages = {s.labels["stage"] for s in families["edgebc_latency_milliseconds"].samples}
+    assert {"inference", "end_to_end"} <= stages
+
+
+def test_frame_jpeg_and_websocket_updates(served):
+    client, _ = served
+    jpeg = client.get("/v1/frame.jpg")
+    assert jpeg.status_code == 200 and jpeg.content[:3] == b"\xff\xd8\xff"
+    image = cv2.imdecode(np.frombuffer(jpeg.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image.shape[:2] == (128, 128)
+    with client.websocket_connect("/v1/live") as socket:
+        socket.send_json({"token": ""})
+        sequences, frames = [], 0
+        while frames < 5:
+            message = socket.receive()
+            if message.get("text"):
+                sequences.append(json.loads(message["text"])["frame"]["sequence"])
+            elif message.get("bytes"):
+                assert message["bytes"][:3] == b"\xff\xd8\xff"
+                frames += 1
+        assert sequences[-1] > sequences[0]  # the page sees new frames, not one frame again
+
+
+def test_classify_an_uploaded_png_and_audit_it(served, tmp_path):
+    client, runtime = served
+    data = phantom_png()
+    response = client.post("/v1/classify", content=data, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["label"] in ("normal", "benign", "malignant")
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert (result["width"], result["height"]) == (128, 128) and result["region"] is None
+    assert result["model_sha256"] == sha256_file(DEMO_MODEL)
+    region = client.post(
+        "/v1/classify?region=8,8,100,100", content=data, headers={"Content-Type": "image/png"}
+    )
+    assert region.json()["region"] == {"x": 8, "y": 8, "w": 100, "h": 100}
+    assert runtime.audit.flush()
+    uploads = [row for row in read_trail(tmp_path / "audit.sqlite") if row["source"] == "upload"]
+    assert len(uploads) == 2 and uploads[0]["decision"] == result["label"]
+    assert json.loads(uploads[0]["probabilities"]) == pytest.approx(result["probabilities"])
+
+
+def test_a_uniform_upload_gets_no_decision_with_a_reason(served):
+    client, _ = served
+    response = client.post("/v1/classify", content=png_bytes(np.full((64, 64), 128, np.uint8)),
+                           headers={"Content-Type": "image/png"})  # fmt: skip
+    assert response.status_code == 200
+    assert response.json()["label"] is None and "uniform" in response.json()["reason"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"hello", "text/plain", 415, "not accepted"),
+        (b"--x\r\n", "multipart/form-data; boundary=x", 415, "bytes as the body"),
+        (b"\x00\x01garbage" * 10, "image/png", 422, "expected a PNG, JPEG or DICOM"),
+        (b"", "image/png", 411, "no body"),
+        ("truncated", "image/png", 422, "truncated"),
+        ("jpeg-as-png", "image/png", 422, "says image/png but the body is JPEG"),
+        ("png", "image/png", 422, "region must be"),
+    ],
+)
+def test_upload_errors_are_clear(served, body, content_type, status, words):
+    client, _ = served
+    url = "/v1/classify"
+    if body == "truncated":
+        body = phantom_png()[:-40]
+    elif body == "jpeg-as-png":
+        body = cv2.imencode(".jpg", np.full((32, 32), 90, np.uint8))[1].tobytes()
+    elif body == "png":
+        body, url = phantom_png(), "/v1/classify?region=1,2,three,4"
+    response = client.post(url, content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+
+
+def test_oversized_uploads_are_refused_by_length_and_while_streaming(tmp_path):
+    runtime = build_runtime(settings_for(tmp_path, max_upload_bytes=4096))
+    with TestClient(create_app(runtime)) as client:
+        big = phantom_png(size=256)
+        assert len(big) > 4096
+        declared = client.post("/v1/classify", content=big, headers={"Content-Type": "image/png"})
+        assert declared.status_code == 413 and "limit is 4096 bytes" in declared.json()["detail"]
+
+        def chunks():  # no Content-Length: counted while read, refused past the limit
+            for start in range(0, len(big), 1000):
+                yield big[start : start + 1000]
+
+        streamed = client.post(
+            "/v1/classify", content=chunks(), headers={"Content-Type": "image/png"}
+        )
+        assert streamed.status_code == 413 and "exceeds the limit" in streamed.json()["detail"]
+        assert runtime.uploads.outcomes["too_large"] == 2 and runtime.uploads.pending == 0
+
+
+def test_a_full_upload_queue_answers_503_with_retry_after(tmp_path):
+    runtime = build_runtime(settings_for(tmp_path, max_pending_uploads=2))
+    with TestClient(create_app(runtime)) as client:
+        assert runtime.uploads.try_enter() and runtime.uploads.try_enter()  # two uploads in flight
+        response = client.post(
+            "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+        )
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        runtime.uploads.leave()
+        runtime.uploads.leave()
+        ok = client.post(
+            "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+        )
+        assert ok.status_code == 200
+
+
+def test_a_frozen_feed_withdraws_the_decision_and_readiness(tmp_path):
+    source = SwitchableSource()
+    runtime = build_runtime(settings_for(tmp_path), source_factory=lambda: source)
+    with TestClient(create_app(runtime)) as client:
+        wait_until(lambda: client.get("/v1/status").json()["display"]["label"], what="a decision")
+        source.mode = "frozen"
+        started = time.monotonic()
+        view = wait_until(lambda: (v := client.get("/v1/status").json())["display"]["label"] is None and v,
+                          timeout=3.0, what="withdrawal")  # fmt: skip
+        assert time.monotonic() - started < 2.0  # freeze_seconds 0.5 plus polling
+        assert "frozen feed" in view["display"]["reason"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and not ready.json()["checks"]["source"]["ok"]
+        source.mode = "live"
+        wait_until(
+            lambda: client.get("/v1/status").json()["display"]["label"], what="the decision back"
+        )
+        assert client.get("/readyz").status_code == 200
+
+
+def test_a_full_audit_disk_turns_readiness_false_but_keeps_serving(tmp_path):
+    runtime = build_runtime(
+        settings_for(tmp_path, audit={"path": str(tmp_path / "a.sqlite"), "max_bytes": 40960})
+    )
+    with TestClient(create_app(runtime)) as client:
+        ready = wait_until(lambda: not (r := client.get("/readyz")).json()["checks"]["audit_log"]["ok"] and r,
+                           timeout=20.0, what="the audit log to fill")  # fmt: skip
+        assert ready.status_code == 503
+        audit = ready.json()["checks"]["audit_log"]
+        assert not audit["ok"] and "cannot be written" in audit["detail"]
+        before = runtime.pipeline.counts["frames"]
+        wait_until(lambda: runtime.pipeline.counts["frames"] > before + 10, what="serving to go on")
+        view = client.get("/v1/status").json()
+        assert view["display"]["label"] is not None and not view["audit"]["healthy"]
+    assert read_trail(tmp_path / "a.sqlite")  # what was committed is whole
+
+
+def test_bearer_token_guards_everything_but_the_page_and_probes(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEBC_TOKEN", TOKEN)
+    runtime = build_runtime(settings_for(tmp_path, host="0.0.0.0"))
+    with TestClient(create_app(runtime)) as client:
+        for path in ("/v1/status", "/v1/model", "/metrics", "/v1/frame.jpg"):
+            refused = client.get(path)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert (
+            client.get(
+                "/v1/model", headers={"Authorization": "Bearer wrong-token-wrong-token"}
+            ).status_code
+            == 401
+        )
+        assert (
+            client.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        )
+        assert (
+            client.post(
+                "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+            ).status_code
+            == 401
+        )
+        assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+        with client.websocket_connect("/v1/live") as socket:
+            socket.send_json({"token": "nope"})
+            assert socket.receive()["code"] == 1008
+        with client.websocket_connect("/v1/live") as socket:
+            socket.send_json({"token": TOKEN})
+            assert json.loads(socket.receive_text())["model"]["name"] == "demo-phantom"
+
+
+def test_an_exposed_server_without_a_token_refuses_to_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEBC_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="bearer token"):
+        ServeSettings(host="0.0.0.0").read_token()
+    (tmp_path / "token").write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        ServeSettings(host="0.0.0.0", token_file=str(tmp_path / "token")).read_token()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert ServeSettings(host="0.0.0.0", token_file=str(tmp_path / "token")).read_token() == TOKEN
+
+
+def test_settings_refuse_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'source'"):
+        load_serve_settings(None, ["sorce=phantom:tour"])
+    with pytest.raises(ConfigError, match="threshold"):
+        load_serve_settings(None, ["threshold=1.5"])
+    with pytest.raises(ConfigError, match="either region or auto_region"):
+        load_serve_settings(None, ["region=[0,0,10,10]", "auto_region=true"])
+    with pytest.raises(Exception, match="no such file, folder or device"):
+        build_runtime(settings_for(tmp_path, source=str(tmp_path / "missing.avi")))
+
+
+def test_openapi_schema_documents_the_upload_and_its_errors(served):
+    client, _ = served
+    schema = client.get("/openapi.json").json()
+    assert {
+        "/v1/classify",
+        "/v1/model",
+        "/v1/status",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/frame.jpg",
+    } <= set(schema["paths"])
+    classify = schema["paths"]["/v1/classify"]["post"]
+    assert {"image/png", "image/jpeg", "application/dicom"} <= set(
+        classify["requestBody"]["content"]
+    )
+    assert {"200", "401", "411", "413", "415", "422", "503"} <= set(classify["responses"])
+    assert classify["parameters"][0]["name"] == "region"
+    assert "ClassifyResult" in schema["components"]["schemas"]
+
+
+def test_the_page_carries_the_banner_and_the_live_socket(served):
+    client, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and "Research use only" in page.text and "/v1/live" in page.text
+
+
+def test_an_upload_during_live_streaming_does_not_stall_the_loop(served):
+    client, runtime = served
+    before = runtime.pipeline.counts["frames"]
+    threads = [threading.Thread(target=lambda: client.post("/v1/classify", content=phantom_png(),
+                                                           headers={"Content-Type": "image/png"})) for _ in range(4)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    wait_until(
+        lambda: runtime.pipeline.counts["frames"] > before + 10, what="the live loop to go on"
+    )
+    assert runtime.uploads.pending == 0
