@@ -2,16 +2,26 @@
 
 A classifier answers something for any input; a cart must not. Before inference each cropped
 frame is checked for what a person at the screen would see at once: a blank or uniform picture
-(probe in the air, frozen black screen), a frame too dark or washed out to read, and colour
-covering much of the image (Doppler overlays change what the model sees). Frozen feeds are the
-stream's job (it compares consecutive frames). Detecting non-ultrasound content (a photo, a
-desktop) is not done yet.
+(probe in the air, frozen black screen), a frame too dark or washed out to read, colour
+covering much of the image (Doppler overlays change what the model sees), and pictures that are
+not B-mode ultrasound. Frozen feeds are the stream's job (it compares consecutive frames).
+
+"Not ultrasound" rests on speckle, which every B-mode image of tissue has and screens, documents,
+graphics and film mammograms lack. On the frame scaled to 256 px (so the test does not depend on
+resolution), among pixels brighter than black: the share of *flat* pixels (3x3 grey-level
+spread < 1) and the median *speckle contrast* (3x3 spread / local mean). Measured 2026-11-21
+(tools/measure_quality_gate.py): BUSI 623 frames flat <= 0.03, contrast >= 0.053; desktops,
+documents and logos flat >= 0.33; mini-MIAS mammograms contrast <= 0.042. Limits 0.10 and 0.04
+leave a margin on the BUSI side. Natural grey photos with fine texture (grass, gravel, faces) can
+pass; most natural photos are colour and fail the colour test. It is a guard against the wrong
+input, not a detector of every non-ultrasound picture.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from edgebc.data.fingerprint import colour_fraction
@@ -35,6 +45,8 @@ class QualityGate:
     min_mean: float = 8.0
     max_mean: float = 235.0
     max_colour_fraction: float = 0.05
+    max_flat_fraction: float = 0.10
+    min_speckle_contrast: float = 0.04
 
     def check(self, frame: np.ndarray) -> QualityResult:
         grey8 = to_grey_uint8(frame)
@@ -52,4 +64,34 @@ class QualityGate:
             return QualityResult(
                 False, f"colour overlay covers {colour:.0%} of the image (Doppler?)"
             )
+        flat, contrast = speckle_statistics(grey8)
+        if flat > self.max_flat_fraction:
+            return QualityResult(
+                False,
+                f"does not look like B-mode ultrasound: {flat:.0%} of the image is flat "
+                "(a screen, document or graphic? check the imaging region)",
+            )
+        if contrast < self.min_speckle_contrast:
+            return QualityResult(
+                False,
+                f"does not look like B-mode ultrasound: no speckle texture (contrast {contrast:.3f})",
+            )
         return QualityResult(True)
+
+
+def speckle_statistics(grey8: np.ndarray, size: int = 256) -> tuple[float, float]:
+    """(share of flat pixels, median speckle contrast) over the non-black pixels of a grey frame."""
+    height, width = grey8.shape
+    scale = size / max(height, width)
+    if scale < 1:
+        grey8 = cv2.resize(grey8, (max(1, round(width * scale)), max(1, round(height * scale))),
+                           interpolation=cv2.INTER_AREA)  # fmt: skip
+    values = grey8.astype(np.float32)
+    mean = cv2.blur(values, (3, 3))
+    spread = np.sqrt(np.maximum(cv2.blur(values * values, (3, 3)) - mean * mean, 0.0))
+    lit = values > 12
+    if not lit.any():
+        return 1.0, 0.0
+    flat = float(np.count_nonzero((spread < 1.0) & lit)) / float(np.count_nonzero(lit))
+    contrast = float(np.median(spread[lit] / (mean[lit] + 1.0)))
+    return flat, contrast

@@ -95,6 +95,32 @@ def test_quality_gate_refuses_blank_dark_and_colour_frames_with_reasons():
     assert "colour overlay covers" in gate.check(doppler).reason
 
 
+def test_quality_gate_refuses_screens_documents_and_smooth_pictures_but_not_ultrasound():
+    from edgebc.synth import make_cine
+    from edgebc.synth.decoys import make_desktop_screen, make_document
+    from edgebc.synth.ultrasound import phantom_rng
+
+    gate = QualityGate()
+    rng = np.random.default_rng(1)
+    for decoy in (
+        make_desktop_screen(rng),
+        make_desktop_screen(rng, 1080, 1920),
+        make_document(rng),
+    ):
+        reason = gate.check(decoy).reason
+        assert (
+            reason is not None
+            and "does not look like B-mode ultrasound" in reason
+            and "flat" in reason
+        )
+    smooth = cv2.GaussianBlur(_phantom(), (0, 0), 4)  # a film-like picture: texture without speckle
+    assert "no speckle texture" in gate.check(smooth).reason
+    for label in ("normal", "benign", "malignant"):
+        frames, _ = make_cine(label, phantom_rng(4, 1), 6, 256, 256)
+        assert all(gate.check(frame).ok for frame in frames)
+        assert gate.check(cv2.resize(frames[0], (1024, 1024))).ok  # scaled up: judged at 256 px
+
+
 def test_decisions_use_temperature_and_the_operating_threshold(model):
     classifier = FrameClassifier(open_backend(model))
     blank = np.zeros((96, 96), np.uint8)

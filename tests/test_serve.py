@@ -3,25 +3,26 @@
 import json
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="needs the [serve] extra")
-from fastapi.testclient import TestClient  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
-from edgebc.audit_trail import read_trail  # noqa: E402
-from edgebc.demo import DEMO_MODEL  # noqa: E402
-from edgebc.errors import ConfigError  # noqa: E402
-from edgebc.integrity import sha256_file  # noqa: E402
-from edgebc.serve.app import create_app  # noqa: E402
-from edgebc.serve.runtime import build_runtime  # noqa: E402
-from edgebc.serve.settings import ServeSettings, load_serve_settings  # noqa: E402
-from edgebc.sources import Frame, PhantomCineSource  # noqa: E402
-from edgebc.synth import make_ultrasound_phantom  # noqa: E402
-from edgebc.synth.ultrasound import phantom_rng  # noqa: E402
+from edgebc.audit_trail import read_trail
+from edgebc.demo import DEMO_MODEL
+from edgebc.errors import ConfigError
+from edgebc.integrity import sha256_file
+from edgebc.serve.app import create_app
+from edgebc.serve.runtime import build_runtime
+from edgebc.serve.settings import ServeSettings, load_serve_settings
+from edgebc.sources import Frame, PhantomCineSource
+from edgebc.synth import make_ultrasound_phantom
+from edgebc.synth.ultrasound import phantom_rng
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 
@@ -108,7 +109,7 @@ def test_status_shows_a_smoothed_decision_with_timings_and_the_demo_banner(serve
 
 
 def test_model_health_and_readiness(served):
-    client, runtime = served
+    client, _ = served
     model = client.get("/v1/model").json()
     assert model["sha256"] == sha256_file(DEMO_MODEL) and model["verified"] and model["demo"]
     assert model["card"]["class_names"] == ["normal", "benign", "malignant"]
@@ -373,3 +374,30 @@ def test_an_upload_during_live_streaming_does_not_stall_the_loop(served):
         lambda: runtime.pipeline.counts["frames"] > before + 10, what="the live loop to go on"
     )
     assert runtime.uploads.pending == 0
+
+
+def test_every_deploy_config_is_valid_and_the_demo_config_is_the_default():
+    configs = sorted((Path(__file__).parents[1] / "deploy" / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    loaded = {path.stem: load_serve_settings(path) for path in configs}
+    assert loaded["demo"] == ServeSettings()
+    assert loaded["cart-capture-card"].auto_region and not loaded["cart-capture-card"].loopback
+    assert loaded["pi-field-kit"].audit.max_bytes == 2_000_000_000
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    from edgebc.cli import build_parser
+    from edgebc.commands.serve import settings_from_args
+
+    config = tmp_path / "cart.yaml"
+    config.write_text("source: /dev/video0\nport: 9000\nsmoothing: {time_constant: 0.8}\n")
+    args = build_parser().parse_args(["serve", "--config", str(config), "--port", "9100", "--region", "1,2,300,400",
+                                      "--set", "smoothing.margin=0.2", "--audit-log", str(tmp_path / "x.sqlite")])  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.source, settings.port, settings.region) == (
+        "/dev/video0",
+        9100,
+        (1, 2, 300, 400),
+    )
+    assert (settings.smoothing.time_constant, settings.smoothing.margin) == (0.8, 0.2)
+    assert settings.audit.path == str(tmp_path / "x.sqlite")

@@ -35,13 +35,15 @@ def open_backend(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
     warmup: int = 3,
+    spin_wait: bool = True,
 ) -> Backend:
+    """The backend for `path`; `spin_wait=False` for live loops (ONNX Runtime only: see there)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         from edgebc.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, providers, threads, warmup)
+        return OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
     if suffix == ".engine":
         from edgebc.backends.tensorrt import TensorRTBackend
 

@@ -21,7 +21,10 @@ class OnnxRuntimeBackend:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int = 0,
         warmup: int = 3,
+        spin_wait: bool = True,
     ) -> None:
+        """`spin_wait=False` stops ONNX Runtime's worker threads from spinning between runs: a live
+        loop at 30 fps otherwise burns most of a core waiting (seen: 87 % of a core for 3 % work)."""
         available = onnxruntime.get_available_providers()
         missing = [p for p in providers if p not in available]
         if missing:
@@ -33,6 +36,9 @@ class OnnxRuntimeBackend:
         self.card = read_card(path)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin_wait:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,8 +120,15 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=3,
         access_log=False,
     )
+    received: list[str] = []
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler
+    # that was installed before it; this one records it, so the process ends with status 0 after
+    # a requested stop instead of dying by the signal before saying what it did.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: received.append(signal.Signals(number).name))
     uvicorn.Server(config).run()
-    log.info("stopped: source released, audit log committed (%s)", settings.audit.path)
+    how = f" on {received[0]}" if received else ""
+    log.info("stopped%s: source released, audit log committed (%s)", how, settings.audit.path)
     return 0
 
 

@@ -16,7 +16,6 @@ browsers cannot set headers on WebSockets). Uploads are refused by their declare
 the body is read, and counted while streamed for bodies without one.
 """
 
-
 import asyncio
 import contextlib
 import hmac
@@ -272,16 +271,27 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
         wake = asyncio.Event()
         notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731 - called from the pipeline thread
         runtime.pipeline.add_listener(notify)
+        gone = asyncio.Event()
+
+        async def listen() -> None:
+            """Keep reading: the protocol answers the page's keep-alive pings only while someone
+            receives, and this is how a closed page is noticed."""
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                while (await socket.receive())["type"] != "websocket.disconnect":
+                    pass
+            gone.set()
+            wake.set()
+
+        listener = asyncio.create_task(listen())
         sent = -1
         try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        wake.wait(), 0.25
-                    )  # state still refreshes when frames stop
+            while not gone.is_set():
+                with contextlib.suppress(TimeoutError):  # the state refreshes even when frames stop
+                    await asyncio.wait_for(wake.wait(), 0.25)
                 wake.clear()
-                view = runtime.view()
-                await socket.send_json(view)
+                if gone.is_set():
+                    break
+                await socket.send_json(runtime.view())
                 result = runtime.pipeline.latest()
                 if result is not None and result.sequence != sent:
                     jpeg = await run_in_threadpool(runtime.frame_jpeg, result)
@@ -291,6 +301,7 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
             pass  # the page went away
         finally:
             runtime.pipeline.remove_listener(notify)
+            listener.cancel()
 
     del fastapi
     return app

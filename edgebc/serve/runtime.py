@@ -295,7 +295,9 @@ def build_runtime(
     log location fails here with one clear line, not on the first request."""
     token = settings.read_token()
     model_path = Path(settings.model) if settings.model else DEMO_MODEL
-    backend = open_backend(model_path, settings.providers, settings.threads)
+    backend = open_backend(
+        model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
+    )
     check = check_model_manifest(model_path, backend.model_sha256)
     region = Region(*settings.region) if settings.region else None
     classifier = FrameClassifier(backend, region, settings.quality, settings.threshold)

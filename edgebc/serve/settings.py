@@ -53,6 +53,7 @@ class ServeSettings:
     threshold: float | None = None  # overrides the model card's operating threshold
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0
+    spin_wait: bool = False  # ONNX Runtime threads spin between frames: lower latency, a core burnt
     require_verified_model: bool = True  # not ready unless a MANIFEST.sha256 lists the model
     host: str = "127.0.0.1"
     port: int = 8000

@@ -1,0 +1,75 @@
+"""The cart's page in a real browser: Debian's Chromium driven by playwright (no browser download).
+
+Skipped with the reason when /usr/bin/chromium or the playwright package is missing (CI installs
+Debian's chromium package; see .ci/run).
+"""
+
+import shutil
+import time
+
+import pytest
+
+from tests.serve_process import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not shutil.which("chromium"), reason="needs Debian's chromium (apt install chromium)"
+    ),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the [dev] extra)")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def page():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 720})
+        finally:
+            browser.close()
+
+
+def sequence(page) -> int:
+    return int(page.get_attribute("#frame", "data-sequence"))
+
+
+def test_the_page_shows_live_frames_and_a_decision_that_updates_then_withdraws(tmp_path, page):
+    with ServerProcess(tmp_path) as server:
+        server.wait_ready()
+        page.goto(server.url + "/")
+        page.wait_for_function("['normal','benign','malignant'].includes(document.querySelector('#decision').textContent)",
+                               timeout=15000)  # fmt: skip
+        assert page.inner_text("#research-banner").startswith("Research use only")
+        assert page.inner_text("#demo-banner") == "DEMO — synthetic phantom model"
+        assert "demo-phantom" in page.inner_text("#model") and "sha256" in page.inner_text("#model")
+        assert page.locator(".bar").count() == 3
+
+        # Keeps up with the 30 fps source, without a backlog: frames advance at the source's rate
+        # and the frame shown is the server's newest, not one from a queue.
+        start, started = sequence(page), time.monotonic()
+        page.wait_for_timeout(3000)
+        advanced = (sequence(page) - start) / (time.monotonic() - started)
+        newest = server.get("/v1/status").json()["frame"]["sequence"]
+        assert advanced > 24, advanced
+        assert newest - sequence(page) <= 6
+
+        # The phantom tour goes through the classes: the decision on the screen changes.
+        seen = {page.inner_text("#decision")}
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+            seen.add(page.inner_text("#decision"))
+        assert len(seen - {"no decision"}) >= 2, seen
+        page.screenshot(path=str(tmp_path / "page.png"))
+
+        # The service goes away: the page withdraws the decision instead of showing the last one.
+        server.stop()
+        page.wait_for_function(
+            "document.querySelector('#decision').textContent === 'no decision'", timeout=5000
+        )
+        assert "cart service" in page.inner_text("#reason")

@@ -1,0 +1,124 @@
+"""`edgebc serve` as a real process: clean shutdown on signals, a crash mid-stream, a bounded soak."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the [serve] extra")
+pytest.importorskip("uvicorn", reason="needs the [serve] extra")
+
+import httpx
+
+from edgebc.audit_trail import read_trail
+from tests.serve_process import ServerProcess
+
+FIELDS = ("logged_at", "captured_at", "frame_sha256", "model_sha256", "probabilities", "decision",
+          "threshold", "quality", "latencies_ms")  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_server_cleanly_with_the_log_committed(tmp_path, sig):
+    with ServerProcess(tmp_path) as server:
+        server.wait_ready()
+        time.sleep(1.0)
+        frames = server.get("/v1/status").json()["counts"]["frames"]
+        code = server.stop(sig)
+        output = server.output()
+    assert code == 0, output
+    assert "source released, audit log committed" in output
+    rows = read_trail(server.audit)
+    assert len(rows) >= frames > 10  # every frame classified up to the signal is in the log
+    assert (
+        not (tmp_path / "audit.sqlite-wal").exists()
+        or (tmp_path / "audit.sqlite-wal").stat().st_size == 0
+    )
+
+
+def test_a_killed_server_leaves_every_committed_record_intact(tmp_path):
+    with ServerProcess(tmp_path) as server:
+        server.wait_ready()
+        time.sleep(2.0)
+        server.stop(signal.SIGKILL)
+    rows = read_trail(server.audit)  # raises if SQLite's integrity check fails
+    assert len(rows) > 20
+    for row in rows:
+        assert all(
+            row[name] is not None
+            for name in FIELDS
+            if not (name == "decision" and row["quality"] != "ok")
+        )
+        probabilities = json.loads(row["probabilities"])
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert (
+            len(row["frame_sha256"]) == 64 and row["pixels"] is None and row["patient_id"] is None
+        )
+    indices = [row["frame_index"] for row in rows]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices)  # no frame twice
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    with ServerProcess(tmp_path) as first:
+        first.wait_ready()
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        result = subprocess.run([sys.executable, "-m", "edgebc", "serve", "--port", str(first.port),
+                                 "--audit-log", str(second_dir / "a.sqlite")],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert f"port {first.port} on 127.0.0.1 is already in use" in result.stderr
+
+
+@pytest.mark.slow
+def test_soak_60_seconds_at_30_fps_without_growth(tmp_path):
+    """A page watching, the status polled and images uploaded for 60 s: memory, threads and file
+    descriptors must not grow, and the loop must keep the source's 30 fps."""
+    from websockets.sync.client import connect
+
+    from tests.test_serve import phantom_png
+
+    with ServerProcess(tmp_path, "--source", "phantom:tour?fps=30") as server:
+        server.wait_ready()
+        stop = threading.Event()
+        received = {"frames": 0}
+
+        def watch() -> None:
+            with connect(f"ws://127.0.0.1:{server.port}/v1/live") as socket:
+                socket.send(json.dumps({"token": ""}))
+                while not stop.is_set():
+                    if isinstance(socket.recv(timeout=2), bytes):
+                        received["frames"] += 1
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        upload = phantom_png()
+        samples = []
+        started = time.monotonic()
+        while time.monotonic() - started < 60:
+            server.get("/v1/status")
+            httpx.post(
+                server.url + "/v1/classify",
+                content=upload,
+                headers={"Content-Type": "image/png"},
+                timeout=5,
+            )
+            elapsed = time.monotonic() - started
+            if elapsed > 10 and (not samples or elapsed - samples[-1][0] >= 5):
+                samples.append((elapsed, server.proc_stats()))
+            time.sleep(0.5)
+        status = server.get("/v1/status").json()
+        stop.set()
+        watcher.join(5)
+        assert server.stop() == 0
+    first, last = samples[0][1], samples[-1][1]
+    print("soak samples:", samples, "status fps", status["fps"], "received", received)
+    assert last["rss_kb"] - first["rss_kb"] < 10_000, samples
+    assert last["threads"] <= max(s["threads"] for _, s in samples[:2]) + 1, samples
+    assert last["fds"] <= max(s["fds"] for _, s in samples[:2]) + 1, samples
+    assert status["counts"]["frames"] >= 0.9 * 30 * 60
+    assert received["frames"] >= 0.8 * 30 * 60  # the page kept up
+    assert status["counts"]["errors"] == 0
