@@ -13,7 +13,17 @@ import traceback
 from collections.abc import Sequence
 
 from edgebc import __version__
-from edgebc.commands import HelpFormatter, classify, data, export, info, serve, synth, train
+from edgebc.commands import (
+    HelpFormatter,
+    bench,
+    classify,
+    data,
+    export,
+    info,
+    serve,
+    synth,
+    train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.register_export(commands)
     classify.register_classify(commands)
     serve.register_serve(commands)
+    bench.register_bench(commands)
     return parser
 
 

@@ -96,3 +96,34 @@ def sha256_of_state(state_dict: dict[str, Any]) -> str:
         if torch.is_tensor(value):
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def save_untrained_checkpoint(
+    path: str | Path, arch: str = "simple_cnn", size: int = 48, seed: int = 0
+) -> Path:
+    """A real, self-describing checkpoint of an untrained `arch` (random weights, fixed seed).
+
+    For latency benchmarks (speed does not depend on the weights) and for export and runtime
+    tests; its card says so through zeroed hashes and made-up validation numbers.
+    """
+    import torch
+
+    from edgebc.preprocess import PreprocessCard
+    from edgebc.train.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(arch).eval()
+    card = PreprocessCard(input_height=size, input_width=size)
+    options = {
+        "arch": arch,
+        "width_mult": 1.0,
+        "head": "linear",
+        "dropout": 0.2,
+        "pretrained": None,
+    }
+    return save_checkpoint(path, {
+        "arch": arch, "model": options, "class_names": ["normal", "benign", "malignant"], "positive_class": "malignant",
+        "preprocess": card.to_dict(), "state_dict": model.state_dict(), "temperature": 1.5, "epoch": 3,
+        "operating_point": {"threshold": 0.3, "target_sensitivity": 0.95, "sensitivity": 0.96, "specificity": 0.5},
+        "metrics": {"val_auc_positive": 0.9}, "weights_sha256": "ab" * 32, "data_fingerprint": "cd" * 32,
+    })  # fmt: skip

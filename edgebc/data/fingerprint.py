@@ -87,8 +87,10 @@ def colour_fraction(image: np.ndarray) -> float:
     pixels = image[:, :, :3]
     if pixels.dtype != np.uint8:
         pixels = (pixels.astype(np.float32) * (255.0 / np.iinfo(pixels.dtype).max)).astype(np.uint8)
-    spread = pixels.max(axis=2).astype(np.int16) - pixels.min(axis=2)
-    return float(np.mean(spread > CHROMA_THRESHOLD))
+    # OpenCV's per-channel max/min: numpy's reductions over a length-3 last axis are ~10x slower
+    b, g, r = cv2.split(np.ascontiguousarray(pixels))
+    spread = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
+    return float(np.count_nonzero(spread > CHROMA_THRESHOLD)) / float(spread.size)
 
 
 def count_annotation_marks(grey: np.ndarray) -> int:

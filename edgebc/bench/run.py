@@ -1,0 +1,286 @@
+"""What `python benchmarks/latency.py` and `edgebc bench` run: stages, backends, pipeline, headroom.
+
+Models are either given (`--model x.onnx [--int8 y.onnx] [--checkpoint z.pt]`, torch-free on a
+device) or made here from the registry with random weights (speed does not depend on the weights;
+needs the [train] and [export] extras): exported to ONNX FP32 and quantized to INT8 (static QDQ,
+calibrated on phantom frames). Every number comes from this process on this machine.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgebc import __version__, sysinfo
+from edgebc.bench.backends import candidates
+from edgebc.bench.timing import peak_rss_mb, realtime_headroom, time_call
+from edgebc.decode import decode_image
+from edgebc.optional import is_installed
+from edgebc.preprocess import PreprocessCard, preprocess, preprocess_chw
+from edgebc.region import Region, detect_imaging_region
+from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
+from edgebc.synth.ultrasound import phantom_rng
+
+FRAME_SIZES = ((1080, 1920), (480, 640))
+CLASSES = ("normal", "benign", "malignant")
+
+
+def screens() -> dict[str, tuple[np.ndarray, Region]]:
+    out = {}
+    for height, width in FRAME_SIZES:
+        phantom = make_ultrasound_phantom("malignant", phantom_rng(0, 0), 400, 480).image
+        screen, region = render_scanner_screen(phantom, phantom_rng(0, 1), height, width)
+        out[f"{width}x{height}"] = (
+            cv2.cvtColor(screen, cv2.COLOR_GRAY2BGR) if screen.ndim == 2 else screen,
+            region,
+        )
+    return out
+
+
+def naive_preprocess(frame: np.ndarray, card: PreprocessCard) -> np.ndarray:
+    """The notebook way: float64 first, then resize and normalise (the same maths, slower order)."""
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float64) / 255.0
+    resized = cv2.resize(grey, (card.input_width, card.input_height), interpolation=cv2.INTER_AREA)
+    return ((resized - card.mean[0]) / card.std[0])[None, None].astype(np.float32)
+
+
+def stage_timings(
+    frames: dict[str, tuple[np.ndarray, Region]], warmup: int, iterations: int
+) -> dict[str, Any]:
+    card = PreprocessCard(resize="stretch")
+    few = max(5, iterations // 5)
+    results: dict[str, Any] = {}
+    for tag, (screen, region) in frames.items():
+        png = cv2.imencode(".png", screen)[1].tobytes()
+        jpeg = cv2.imencode(".jpg", screen, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        results[f"decode_png_{tag}"] = time_call(partial(decode_image, png), warmup, few)
+        results[f"decode_jpeg_{tag}"] = time_call(partial(decode_image, jpeg), warmup, iterations)
+        results[f"detect_region_{tag}"] = time_call(
+            partial(detect_imaging_region, screen), warmup, few
+        )
+        results[f"crop_preprocess_{tag}"] = time_call(
+            partial(preprocess, screen, card, region), warmup, iterations
+        )
+        results[f"baseline_naive_preprocess_{tag}"] = time_call(
+            partial(naive_preprocess, region.crop(screen), card), warmup, iterations
+        )
+    return results
+
+
+def make_models(arch: str, size: int, folder: Path, int8: bool) -> dict[str, Path | None]:
+    """Random-weight checkpoint -> ONNX FP32 -> INT8 QDQ (calibrated on phantoms)."""
+    from edgebc.export.onnx_export import export_onnx
+    from edgebc.export.quantize import QuantPlan, quantize_int8
+    from edgebc.train.checkpoint import save_untrained_checkpoint
+
+    checkpoint = save_untrained_checkpoint(folder / f"{arch}.pt", arch, size)
+    fp32, _, _ = export_onnx(checkpoint, folder / f"{arch}.onnx")
+    int8_path = None
+    if int8:
+        frames = [
+            make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 21), 256, 256).image
+            for k in range(24)
+        ]
+        labels = [CLASSES[k % 3] for k in range(24)]
+        quantize_int8(
+            fp32,
+            folder / f"{arch}-int8.onnx",
+            frames,
+            frames,
+            labels,
+            QuantPlan(calibration_size=24, max_excluded_nodes=0),
+        )
+        int8_path = folder / f"{arch}-int8.onnx"
+    return {"checkpoint": checkpoint, "fp32": fp32, "int8": int8_path}
+
+
+def naive_pipeline(checkpoint: Path, size: int) -> Callable[[np.ndarray, Region], np.ndarray]:
+    """The research-notebook pipeline: PIL crop/convert/resize, torch tensor maths, eager model."""
+    import torch
+    from PIL import Image
+
+    from edgebc.train.checkpoint import load_checkpoint
+    from edgebc.train.engine import model_from_checkpoint
+
+    record = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(record).eval()
+    mean, std = record["preprocess"]["mean"][0], record["preprocess"]["std"][0]
+
+    def run(frame: np.ndarray, region: Region) -> np.ndarray:
+        image = Image.fromarray(frame[:, :, ::-1]).crop(
+            (region.x, region.y, region.x + region.w, region.y + region.h)
+        )
+        image = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+        tensor = torch.tensor(np.array(image), dtype=torch.float32).div(255.0).sub(mean).div(std)
+        with torch.no_grad():
+            return torch.softmax(model(tensor[None, None]), dim=1).numpy()
+
+    return run
+
+
+def model_section(
+    models: dict[str, Path | None],
+    size: int,
+    batches: list[int],
+    threads: list[int],
+    warmup: int,
+    iterations: int,
+) -> dict[str, Any]:
+    """Every available backend on the same preprocessed phantom frames, at each batch size."""
+    frames = [
+        make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 33), 256, 256).image
+        for k in range(max(batches))
+    ]
+    card = PreprocessCard(input_height=size, input_width=size)
+    inputs = np.stack([preprocess_chw(f, card) for f in frames]).astype(np.float32)
+    fp32, int8, checkpoint = models["fp32"], models.get("int8"), models.get("checkpoint")
+    assert fp32 is not None
+    out: dict[str, Any] = {}
+    for candidate in candidates(fp32, int8, checkpoint, threads):
+        try:
+            runner, sync = candidate.make()
+            reference = runner(inputs[:1])
+        except Exception as exc:  # a backend that cannot run this model is reported, not fatal
+            out[candidate.name] = {"unavailable": _why(exc)}
+            continue
+        rows: dict[str, dict[str, Any]] = {}
+        for batch in batches:
+            x = np.ascontiguousarray(inputs[:batch])
+            try:
+                calls = max(20, iterations // batch)  # same number of frames per batch size
+                rows[f"b{batch}"] = time_call(partial(runner, x), warmup, calls, sync, batch)
+            except Exception as exc:
+                rows[f"b{batch}"] = {"unavailable": _why(exc)}
+        out[candidate.name] = {"batches": rows, "logits_b1": reference[0].tolist()}
+    return out
+
+
+def _why(exc: Exception) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def pipeline_section(
+    models: dict[str, Path | None],
+    size: int,
+    frames: dict[str, tuple[np.ndarray, Region]],
+    warmup: int,
+    iterations: int,
+    fps: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Raw frame to decision through FrameClassifier (one thread), its stages, the notebook
+    pipeline on the same frame, and the real-time headroom at `fps`."""
+    from edgebc.backends import open_backend
+    from edgebc.classifier import FrameClassifier
+
+    out: dict[str, Any] = {}
+    for precision in ("fp32", "int8"):
+        path = models.get(precision)
+        if path is None:
+            continue
+        backend = open_backend(path, threads=1, spin_wait=False)
+        for tag, (screen, region) in frames.items():
+            stages: dict[str, list[float]] = {}
+            classify = partial(_classify_into, FrameClassifier(backend, region), screen, stages)
+            timing: dict[str, Any] = dict(time_call(classify, warmup, iterations))
+            timing["stages_p50_ms"] = {k: float(np.percentile(v, 50)) for k, v in stages.items()}
+            out[f"{precision}_{tag}"] = timing
+        if precision == "fp32":
+            screen, region = frames["1920x1080"]
+            live = FrameClassifier(backend, region)
+            out["headroom_1920x1080_fp32"] = realtime_headroom(
+                partial(live.classify, screen), fps, seconds
+            )
+    checkpoint = models.get("checkpoint")
+    if checkpoint is not None and is_installed("torch"):
+        naive = naive_pipeline(checkpoint, size)
+        for tag, (screen, region) in frames.items():
+            out[f"naive_pil_torch_{tag}"] = time_call(
+                partial(naive, screen, region), warmup, max(5, iterations // 2)
+            )
+            out[f"speedup_vs_naive_{tag}"] = (
+                out[f"naive_pil_torch_{tag}"]["p50_ms"] / out[f"fp32_{tag}"]["p50_ms"]
+            )
+    return out
+
+
+def _classify_into(classifier: Any, screen: np.ndarray, stages: dict[str, list[float]]) -> None:
+    for name, value in classifier.classify(screen).timings_ms.items():
+        stages.setdefault(name, []).append(value)
+
+
+def run(
+    quick: bool,
+    archs: list[str],
+    batches: list[int],
+    threads: list[int],
+    fps: float = 30.0,
+    model: Path | None = None,
+    int8_model: Path | None = None,
+    checkpoint: Path | None = None,
+    int8: bool = True,
+) -> dict[str, Any]:
+    cv2.setNumThreads(1)
+    warmup, iterations = (3, 30) if quick else (20, 300)
+    seconds = 2.0 if quick else 10.0
+    started = time.monotonic()
+    frames = screens()
+    report: dict[str, Any] = {
+        "edgebc": __version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": quick,
+        "machine": {
+            "python": platform.python_version(),
+            "opencv": cv2.__version__,
+            "numpy": np.__version__,
+            "cpu": sysinfo.cpu_description(),
+            "versions": sysinfo.collect().get("packages", {}),
+            "gpus": sysinfo.nvidia_gpus(),
+        },
+        "settings": {
+            "warmup": warmup,
+            "iterations": iterations,
+            "batches": batches,
+            "threads": threads,
+            "fps": fps,
+            "opencv_threads": 1,
+        },
+        "stages": stage_timings(frames, warmup, iterations),
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="edgebc-bench-") as work:
+        jobs: list[tuple[str, dict[str, Path | None], int]] = []
+        if model is not None:
+            from edgebc.model_card import read_card
+
+            card = read_card(model)
+            jobs.append(
+                (
+                    card.name,
+                    {"fp32": model, "int8": int8_model, "checkpoint": checkpoint},
+                    card.input_shape[1],
+                )
+            )
+        else:
+            for arch in archs:
+                jobs.append((arch, make_models(arch, 224, Path(work), int8), 224))
+        for name, models, size in jobs:
+            report["models"][name] = {
+                "input": size,
+                "backends": model_section(models, size, batches, threads, warmup, iterations),
+                "pipeline": pipeline_section(
+                    models, size, frames, warmup, iterations, fps, seconds
+                ),
+            }
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["seconds"] = time.monotonic() - started
+    return report
