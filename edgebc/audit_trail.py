@@ -22,10 +22,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgebc.classifier import Decision
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,18 @@ class AuditRecord:
     latencies_ms: dict[str, float] = field(default_factory=dict)
     pixels: np.ndarray | None = None  # stored only with store_pixels=True
     patient_id: str | None = None  # stored only with store_patient_ids=True
+
+
+def record_of(decision: Decision, **context: Any) -> AuditRecord:
+    """The audit record of one classifier decision; `context` adds where and when the frame came from."""
+    return AuditRecord(
+        model_sha256=decision.model_sha256,
+        quality=str(decision.quality),
+        decision=decision.label,
+        probabilities=decision.probabilities,
+        threshold=decision.threshold,
+        **context,
+    )
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,7 @@ class AuditTrail:
                 self._problem is None,
                 self._problem,
                 self._written,
-                self._queue.qsize() + len(self._retry),
+                self._queue.unfinished_tasks,  # queued, being written, or held for a retry
                 self._lost,
             )
 
@@ -185,6 +200,10 @@ class AuditTrail:
                 continue
             backoff = self.flush_interval
             self._retry = []
+            for _ in (
+                batch
+            ):  # only now are they done: flush() must not return while a batch is in flight
+                self._queue.task_done()
             with self._lock:
                 self._written += len(batch)
                 if self._problem and not self._problem.startswith("audit backlog full"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.audit_trail import AuditRecord, AuditTrail
+from edgebc.audit_trail import AuditTrail, record_of
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.live import FeedState, LiveReader
 from edgebc.quality import QualityResult
@@ -229,13 +229,9 @@ class LivePipeline:
         }
         if self.audit is not None:
             self.audit.record(
-                AuditRecord(
-                    model_sha256=decision.model_sha256,
-                    quality=str(decision.quality),
-                    decision=decision.label,
+                record_of(
+                    decision,
                     smoothed_decision=smoothed.label,
-                    probabilities=decision.probabilities,
-                    threshold=decision.threshold,
                     captured_at=frame.captured,
                     source=frame.source,
                     frame_index=frame.index,

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgebc.audit_trail import AuditRecord, AuditTrail
+from edgebc.audit_trail import AuditTrail, record_of
 from edgebc.backends import Backend, open_backend
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.decode import decode_image
@@ -233,12 +233,8 @@ class ServeRuntime:
         decision = self.uploads.run(lambda: classifier.classify(image))
         digest = hashlib.sha256(data).hexdigest()
         self.audit.record(
-            AuditRecord(
-                model_sha256=decision.model_sha256,
-                quality=str(decision.quality),
-                decision=decision.label,
-                probabilities=decision.probabilities,
-                threshold=decision.threshold,
+            record_of(
+                decision,
                 captured_at=time.time(),
                 source="upload",
                 frame_sha256=digest,
