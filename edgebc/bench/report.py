@@ -17,38 +17,15 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"section": "stage", "model": "", "what": name, "batch": 1, **result})
     for model, sections in report["models"].items():
         for backend, result in sections["backends"].items():
+            row = {"section": "model", "model": model, "what": backend}
             if "unavailable" in result:
-                out.append(
-                    {
-                        "section": "model",
-                        "model": model,
-                        "what": backend,
-                        "batch": "",
-                        "note": result["unavailable"],
-                    }
-                )
+                out.append({**row, "batch": "", "note": result["unavailable"]})
                 continue
             for batch, timing in result["batches"].items():
                 if "unavailable" in timing:
-                    out.append(
-                        {
-                            "section": "model",
-                            "model": model,
-                            "what": backend,
-                            "batch": batch[1:],
-                            "note": timing["unavailable"],
-                        }
-                    )
+                    out.append({**row, "batch": batch[1:], "note": timing["unavailable"]})
                 else:
-                    out.append(
-                        {
-                            "section": "model",
-                            "model": model,
-                            "what": backend,
-                            "batch": int(batch[1:]),
-                            **timing,
-                        }
-                    )
+                    out.append({**row, "batch": int(batch[1:]), **timing})
         for what, timing in sections["pipeline"].items():
             if isinstance(timing, dict) and "p50_ms" in timing:
                 out.append(

@@ -35,7 +35,7 @@ UPLOAD_TYPES = (*DECLARED_FORMAT, "application/octet-stream")  # octet-stream: t
 
 def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     """The ASGI app. With `manage_runtime`, app startup starts the live loop and shutdown stops it."""
-    fastapi = require("fastapi", "edgebc serve")
+    require("fastapi", "edgebc serve")  # a missing [serve] extra says how to install it
     from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel
@@ -303,7 +303,6 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
             runtime.pipeline.remove_listener(notify)
             listener.cancel()
 
-    del fastapi
     return app
 
 

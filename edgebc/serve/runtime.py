@@ -177,6 +177,8 @@ class ServeRuntime:
             per_frame = _decision_json(result.decision)
             per_frame["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
+        info = self.model_info()  # once per view: the page asks for a view with every frame
+        model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class")}
         return {
             "banners": banners,
             "demo": self.demo,
@@ -192,10 +194,7 @@ class ServeRuntime:
             "feed": {"source": self.settings.source, **asdict(feed), "ok": feed.ok},
             "audit": asdict(trail),
             **self.pipeline.summary(),
-            "model": {
-                k: self.model_info()[k]
-                for k in ("name", "sha256", "precision", "threshold", "positive_class")
-            },
+            "model": model,
         }
 
     def frame_jpeg(self, result: LiveResult) -> bytes:
