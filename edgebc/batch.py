@@ -26,6 +26,40 @@ from edgebc.sources import VIDEO_SUFFIXES, open_source
 
 
 @dataclass(frozen=True)
+class ClassifySettings:
+    """An archive job for `edgebc classify --config` (deploy/configs/archive-batch.yaml); the
+    command line's arguments and flags override the file's keys."""
+
+    model: str = ""
+    inputs: tuple[str, ...] = ()
+    out: str = "results.csv"
+    region: tuple[int, int, int, int] | None = None
+    auto_region: bool = False
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 0
+    batch: int = 16
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("no model: give MODEL on the command line or model: in --config")
+        if not self.inputs:
+            raise ValueError("no inputs: give INPUTS on the command line or inputs: in --config")
+        if self.region is not None and self.auto_region:
+            raise ValueError("give either a region or auto_region, not both")
+        if self.batch < 1 or self.stride < 1:
+            raise ValueError(
+                f"batch and stride must be at least 1, got {self.batch} and {self.stride}"
+            )
+        if Path(self.out).suffix.lower() not in (".csv", ".jsonl"):
+            raise ValueError(f"out must end in .csv or .jsonl, got {self.out!r}")
+        if self.threads < 0:
+            raise ValueError(
+                f"threads must be 0 (ONNX Runtime's choice) or more, got {self.threads}"
+            )
+
+
+@dataclass(frozen=True)
 class FrameItem:
     source: str
     frame: int | None

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgebc.backends import Backend
 from edgebc.metrics import softmax
-from edgebc.preprocess import preprocess_chw
+from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import QualityGate, QualityResult
 from edgebc.region import Region
 
@@ -60,11 +60,15 @@ class FrameClassifier:
         start = clock()
         crops = [self.region.crop(f) if self.region else f for f in frames]
         cropped = clock()
-        verdicts = [self.gate.check(c) for c in crops]
+        # A grey model's input and the gate both start from the grey crop: convert it once (the
+        # same conversion preprocess_chw makes, so the tensor is unchanged).
+        greys = [self._grey(c) for c in crops]
+        verdicts = [self.gate.check(c, g) for c, g in zip(crops, greys, strict=True)]
         gated = clock()
         passing = [i for i, v in enumerate(verdicts) if v.ok]
+        model_inputs = greys if self.card.preprocess.channels == 1 else crops
         tensors = (
-            np.stack([preprocess_chw(crops[i], self.card.preprocess) for i in passing])
+            np.stack([preprocess_chw(model_inputs[i], self.card.preprocess) for i in passing])
             if passing
             else None
         )
@@ -105,11 +109,19 @@ class FrameClassifier:
             for d in decisions
         ]
 
+    def _grey(self, crop: np.ndarray) -> np.ndarray:
+        return to_channels(validated_image(crop), 1)
+
     def _decide(self, p: np.ndarray) -> str:
-        names = self.card.class_names
-        if self.threshold is not None:
-            if p[self.positive] >= self.threshold:
-                return names[self.positive]
-            others = [k for k in range(len(names)) if k != self.positive]
-            return names[max(others, key=lambda k: p[k])]
-        return names[int(np.argmax(p))]
+        return decide(p, self.card.class_names, self.positive, self.threshold)
+
+
+def decide(p: np.ndarray, names: Sequence[str], positive: int, threshold: float | None) -> str:
+    """The positive class when its probability reaches `threshold`, else the most probable other
+    class; without a threshold, the most probable class."""
+    if threshold is not None:
+        if p[positive] >= threshold:
+            return names[positive]
+        others = [k for k in range(len(names)) if k != positive]
+        return names[max(others, key=lambda k: p[k])]
+    return names[int(np.argmax(p))]

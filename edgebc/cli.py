@@ -20,6 +20,8 @@ from edgebc.commands import (
     data,
     export,
     info,
+    model,
+    region,
     serve,
     synth,
     train,
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.register_classify(commands)
     serve.register_serve(commands)
     bench.register_bench(commands)
+    model.register_model(commands)
+    region.register_region(commands)
     return parser
 
 

@@ -137,7 +137,7 @@ def preprocess_chw(
     image: np.ndarray, card: PreprocessCard, region: Region | None = None
 ) -> np.ndarray:
     """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
-    image = _validated(image)
+    image = validated_image(image)
     if region is not None:
         image = region.crop(image)
     image = to_channels(image, card.channels)
@@ -197,7 +197,7 @@ def _max_value(dtype: np.dtype) -> float:
     return _MAX_VALUE.get(np.dtype(dtype), 1.0)
 
 
-def _validated(image: np.ndarray) -> np.ndarray:
+def validated_image(image: np.ndarray) -> np.ndarray:
     """Accept grey/BGR/BGRA in uint8, uint16 or float in [0, 1]; refuse anything else plainly."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a numpy image array, got {type(image).__name__}")

@@ -4,6 +4,7 @@
     clip.avi                                   a video file
     cine.dcm                                   DICOM, single frame or multi-frame cine (needs pydicom)
     /dev/video0, v4l2:0, 0                     a V4L2 capture card (OpenCV)
+    /dev/edgebc-capture                        the same, by the stable name deploy/udev gives it
     rtsp://..., http://..., gst:PIPELINE       a network stream or GStreamer pipeline (OpenCV)
     picamera2:0                                a Raspberry Pi camera (picamera2)
     phantom:malignant?fps=30&seed=0            the synthetic phantom cine, looping, paced like a scanner
@@ -284,7 +285,7 @@ def open_source(uri: str) -> FrameSource:
         return OpenCVSource(text[4:], text, live=True, api=cv2.CAP_GSTREAMER)
     if text.startswith(("rtsp://", "http://", "https://")):
         return OpenCVSource(text, text, live=True)
-    if text.isdigit() or text.startswith("v4l2:") or text.startswith("/dev/video"):
+    if text.isdigit() or text.startswith(("v4l2:", "/dev/")):  # /dev/edgebc-capture: udev's name
         device = text.removeprefix("v4l2:")
         target: str | int = int(device) if device.isdigit() else device
         return OpenCVSource(target, f"v4l2:{device}", live=True, api=cv2.CAP_V4L2)

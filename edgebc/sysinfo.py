@@ -6,6 +6,7 @@ package metadata, so `edgebc info` runs on a cart that has none of them.
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -95,6 +96,31 @@ def nvidia_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def process_gpu_memory_mb() -> float | None:
+    """GPU memory this process holds now, from nvidia-smi (all runtimes, not only PyTorch's
+    allocator); None without a GPU or driver, or when the driver does not report it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [
+        float(fields[1])
+        for fields in (line.split(",") for line in out.splitlines())
+        if len(fields) == 2
+        and fields[0].strip() == str(os.getpid())
+        and fields[1].strip().isdigit()
+    ]
+    return sum(used) if used else None
 
 
 def jetson_release() -> str | None:

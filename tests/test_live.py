@@ -184,6 +184,11 @@ def test_unknown_sources_and_missing_devices_are_clear():
     source = open_source("/dev/video99")
     with pytest.raises(SourceError, match="cannot open"):
         source.open()
+    # the udev rule's stable name is a capture device too, reported as missing, not as a bad path
+    named = open_source("/dev/edgebc-capture")
+    assert named.name == "v4l2:/dev/edgebc-capture"
+    with pytest.raises(SourceError, match="cannot open"):
+        named.open()
 
 
 @pytest.mark.camera

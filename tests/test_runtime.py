@@ -149,6 +149,27 @@ def test_decisions_use_temperature_and_the_operating_threshold(model):
     np.testing.assert_allclose(list(decisions[0].probabilities.values()), calibrated, atol=1e-5)
 
 
+def test_a_colour_frame_reaches_the_model_as_preprocess_makes_it(model):
+    """The classifier converts a BGR crop to grey once for the gate and the model; the tensor
+    must be the one preprocess() makes from the colour crop itself."""
+    classifier = FrameClassifier(open_backend(model))
+    screen = cv2.cvtColor(_phantom(2, 160), cv2.COLOR_GRAY2BGR)
+    screen[:, :, 0] = cv2.add(screen[:, :, 0], 3)  # not exactly grey: the conversion matters
+    region = Region(10, 20, 120, 130)
+    decision = FrameClassifier(classifier.backend, region).classify(screen)
+    raw = classifier.backend.run(preprocess(screen, classifier.card.preprocess, region))[0]
+    expected = np.exp(raw / 1.5) / np.exp(raw / 1.5).sum()
+    np.testing.assert_allclose(list(decision.probabilities.values()), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 10, 4097, 50000])
+def test_quality_median_is_numpys_median(size):
+    from edgebc.quality import median
+
+    values = np.random.default_rng(size).random(size).astype(np.float32)
+    assert median(values) == pytest.approx(float(np.median(values.astype(np.float64))), abs=1e-7)
+
+
 def test_classify_command_covers_images_videos_dicom_and_bad_files(model, tmp_path, capsys):
     from edgebc.cli import main
 

@@ -39,6 +39,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"edgebc {report['edgebc']}, {report['date']}, {cpu.get('model', '?')} ({cpu.get('logical_cores', '?')} cores), "
         f"Python {report['machine']['python']}, OpenCV {report['machine']['opencv']}"
+        + (f", GPU {'; '.join(report['machine']['gpus'])}" if report["machine"].get("gpus") else "")
         + (" — quick run, few iterations" if report["quick"] else ""),
         "",
         "| section | model | what | batch | p50 ms | p90 ms | p99 ms | max ms | items/s | CPU ms |",
@@ -53,6 +54,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['section']} | {row['model']} | {row['what']} | {row['batch']} | "
                      + " | ".join(f"{row[k]:.3f}" if k != "per_s" else f"{row[k]:.0f}" for k in KEYS) + " |")  # fmt: skip
     for model, sections in report["models"].items():
+        lines.extend(_gpu_lines(model, sections["backends"]))
         pipeline = sections["pipeline"]
         for key, value in pipeline.items():
             if key.startswith("speedup_vs_naive"):
@@ -64,6 +66,24 @@ def to_markdown(report: dict[str, Any]) -> str:
                              f"{value['late']} late and {value['dropped']} dropped of {value['frames']} frames")  # fmt: skip
     lines.append(f"\npeak RSS {report['peak_rss_mb']:.0f} MB; run took {report['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def _gpu_lines(model: str, backends: dict[str, Any]) -> list[str]:
+    """Device memory per GPU backend, and each GPU backend's batch-1 speed-up over PyTorch eager CUDA."""
+    lines = [
+        f"\n{model}: {name} held {result['device_memory_mb']:.0f} MB of GPU memory (whole process)"
+        for name, result in backends.items()
+        if result.get("device_memory_mb") is not None
+    ]
+    eager = backends.get("torch-eager-cuda", {}).get("batches", {}).get("b1", {}).get("p50_ms")
+    if eager:
+        for name, result in backends.items():
+            p50 = result.get("batches", {}).get("b1", {}).get("p50_ms")
+            if p50 and result.get("gpu") and name != "torch-eager-cuda":
+                lines.append(
+                    f"\n{model}: {name} is {eager / p50:.1f}x faster than PyTorch eager CUDA at batch 1 (p50)"
+                )
+    return lines
 
 
 def to_csv(report: dict[str, Any]) -> str:

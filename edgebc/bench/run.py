@@ -133,8 +133,10 @@ def model_section(
     threads: list[int],
     warmup: int,
     iterations: int,
+    work: Path | None = None,
 ) -> dict[str, Any]:
-    """Every available backend on the same preprocessed phantom frames, at each batch size."""
+    """Every available backend on the same preprocessed phantom frames, at each batch size; for
+    GPU backends also the device memory this process held while it ran."""
     frames = [
         make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 33), 256, 256).image
         for k in range(max(batches))
@@ -144,10 +146,10 @@ def model_section(
     fp32, int8, checkpoint = models["fp32"], models.get("int8"), models.get("checkpoint")
     assert fp32 is not None
     out: dict[str, Any] = {}
-    for candidate in candidates(fp32, int8, checkpoint, threads):
+    for candidate in candidates(fp32, int8, checkpoint, threads, work, max(batches)):
         try:
-            runner, sync = candidate.make()
-            reference = runner(inputs[:1])
+            loaded = candidate.make()
+            reference = loaded.run(inputs[:1])
         except Exception as exc:  # a backend that cannot run this model is reported, not fatal
             out[candidate.name] = {"unavailable": _why(exc)}
             continue
@@ -156,10 +158,16 @@ def model_section(
             x = np.ascontiguousarray(inputs[:batch])
             try:
                 calls = max(20, iterations // batch)  # same number of frames per batch size
-                rows[f"b{batch}"] = time_call(partial(runner, x), warmup, calls, sync, batch)
+                rows[f"b{batch}"] = time_call(
+                    partial(loaded.run, x), warmup, calls, loaded.sync, batch
+                )
             except Exception as exc:
                 rows[f"b{batch}"] = {"unavailable": _why(exc)}
         out[candidate.name] = {"batches": rows, "logits_b1": reference[0].tolist()}
+        if candidate.gpu:
+            out[candidate.name].update(gpu=True, device_memory_mb=sysinfo.process_gpu_memory_mb())
+        if loaded.close is not None:
+            loaded.close()
     return out
 
 
@@ -276,7 +284,9 @@ def run(
         for name, models, size in jobs:
             report["models"][name] = {
                 "input": size,
-                "backends": model_section(models, size, batches, threads, warmup, iterations),
+                "backends": model_section(
+                    models, size, batches, threads, warmup, iterations, Path(work)
+                ),
                 "pipeline": pipeline_section(
                     models, size, frames, warmup, iterations, fps, seconds
                 ),

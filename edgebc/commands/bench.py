@@ -12,11 +12,12 @@ def register_bench(commands: argparse._SubParsersAction) -> None:
         "bench",
         help="measure latency of every stage, backend and the full pipeline on this machine",
         description="Time decode, region detection and preprocessing on 1920x1080 and 640x480 frames; "
-        "every available backend (PyTorch eager, ONNX Runtime FP32/INT8 per thread count, CUDA/TensorRT "
-        "providers, OpenCV DNN) on the same model and input at each batch size; the full pipeline to a "
+        "every available backend (PyTorch eager, PyTorch CUDA FP16 with CUDA graphs, ONNX Runtime FP32/INT8 "
+        "per thread count, CUDA/TensorRT providers, native TensorRT FP16/INT8, OpenCV DNN) on the same "
+        "model and input at each batch size, with GPU memory; the full pipeline to a "
         "decision with its stages; the PIL + torch notebook pipeline for comparison; and the share of a "
         "core used at 30 fps. Without --model, models are made from the registry with random weights "
-        "(needs the [train] and [export] extras).",
+        "(needs the [train] and [export] extras). Accuracy per backend: python benchmarks/accuracy.py.",
         formatter_class=HelpFormatter,
     )
     from edgebc.bench.cli import add_arguments

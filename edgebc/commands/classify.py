@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from edgebc.commands import HelpFormatter
 
 if TYPE_CHECKING:  # for annotations only; the command imports its modules when it runs
     from edgebc.backends import Backend
+    from edgebc.batch import ClassifySettings
     from edgebc.classifier import FrameClassifier
 
 
@@ -24,12 +26,16 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         "threshold. Unreadable inputs are reported and skipped; the exit status is 1 when any failed.",
         formatter_class=HelpFormatter,
     )
-    classify.add_argument("model", type=Path, help="exported model: .onnx or .engine")
+    classify.add_argument("model", nargs="?", default=None,
+                          help="exported model: .onnx or .engine (or model: in --config)")  # fmt: skip
+    classify.add_argument("inputs", nargs="*",
+                          help="image files, folders, glob patterns, videos, DICOM files (or inputs: in --config)")  # fmt: skip
+    classify.add_argument("--config", type=Path, default=None,
+                          help="YAML archive job (deploy/configs/archive-batch.yaml); arguments and flags override it")  # fmt: skip
+    classify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of --config (repeatable)")  # fmt: skip
     classify.add_argument(
-        "inputs", nargs="+", help="image files, folders, glob patterns, videos, DICOM files"
-    )
-    classify.add_argument(
-        "--out", type=Path, default=Path("results.csv"), help="results file: .csv or .jsonl"
+        "--out", default=None, help="results file: .csv or .jsonl (default results.csv)"
     )
     classify.add_argument(
         "--region", default=None, metavar="X,Y,W,H", help="imaging region to crop from every frame"
@@ -37,21 +43,42 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
     classify.add_argument(
         "--auto-region",
         action="store_true",
+        default=None,
         help="detect the imaging region on each input's first frame",
     )
+    classify.add_argument("--providers", default=None,
+                          help="ONNX Runtime providers, comma-separated, in order of preference (default CPU)")  # fmt: skip
+    classify.add_argument("--threads", type=int, default=None,
+                          help="inference threads (default 0: ONNX Runtime's choice)")  # fmt: skip
     classify.add_argument(
-        "--providers",
-        default="CPUExecutionProvider",
-        help="ONNX Runtime providers, comma-separated, in order of preference",
+        "--batch", type=int, default=None, help="frames per inference batch (default 16)"
     )
-    classify.add_argument(
-        "--threads", type=int, default=0, help="inference threads (0: ONNX Runtime's default)"
-    )
-    classify.add_argument("--batch", type=int, default=16, help="frames per inference batch")
-    classify.add_argument(
-        "--stride", type=int, default=1, help="classify every Nth frame of videos and cines"
-    )
+    classify.add_argument("--stride", type=int, default=None,
+                          help="classify every Nth frame of videos and cines (default 1)")  # fmt: skip
     classify.set_defaults(handler=run_classify)
+
+
+def classify_settings(args: argparse.Namespace) -> ClassifySettings:
+    """The --config file (or defaults) with --set on top, then the command line's values."""
+    from edgebc.batch import ClassifySettings
+    from edgebc.config import load_config
+
+    region = None
+    if args.region:
+        try:
+            x, y, w, h = (int(v) for v in args.region.split(","))
+        except ValueError as exc:
+            raise ValueError(f"--region expects X,Y,W,H in pixels, got {args.region!r}") from exc
+        region = (x, y, w, h)
+    given = {"model": args.model, "inputs": tuple(args.inputs) or None, "out": args.out,
+             "region": region, "auto_region": args.auto_region, "threads": args.threads,
+             "providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
+             "batch": args.batch, "stride": args.stride}  # fmt: skip
+    overrides = [
+        *args.overrides,
+        *(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None),
+    ]
+    return load_config(ClassifySettings, args.config, overrides)
 
 
 def run_classify(args: argparse.Namespace) -> int:
@@ -62,31 +89,18 @@ def run_classify(args: argparse.Namespace) -> int:
     from edgebc.classifier import FrameClassifier
     from edgebc.region import Region
 
-    if args.region and args.auto_region:
-        raise ValueError("give either --region or --auto-region, not both")
-    if args.batch < 1 or args.stride < 1:
-        raise ValueError("--batch and --stride must be at least 1")
-    region = None
-    if args.region:
-        try:
-            region = Region(*(int(v) for v in args.region.split(",")))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"--region expects X,Y,W,H in pixels, got {args.region!r}: {exc}"
-            ) from exc
-    backend = open_backend(
-        args.model,
-        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
-        threads=args.threads,
-    )
+    settings = classify_settings(args)
+    region = Region(*settings.region) if settings.region else None
+    backend = open_backend(settings.model, providers=settings.providers, threads=settings.threads)
     classifier = FrameClassifier(backend, region)
-    if args.auto_region:
-        classifier = auto_region_classifier(backend, args.inputs)
+    if settings.auto_region:
+        classifier = auto_region_classifier(backend, settings.inputs)
+    out = Path(settings.out)
     with tqdm(desc="classify", unit="frame", disable=None) as bar:
-        written, errors = classify_inputs(classifier, args.inputs, args.out, args.batch, args.stride,
+        written, errors = classify_inputs(classifier, settings.inputs, out, settings.batch, settings.stride,
                                           on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update)  # fmt: skip
     print(
-        f"wrote {args.out}: {written} frames classified with {backend.name}, {errors} inputs unreadable"
+        f"wrote {out}: {written} frames classified with {backend.name}, {errors} inputs unreadable"
     )
     return 1 if errors else 0
 

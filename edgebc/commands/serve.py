@@ -75,6 +75,12 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--token-file", default=None, help="file holding the bearer token (or set $EDGEBC_TOKEN)"
     )
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the settings (keys, values, token rule) and say what would be served; "
+        "start nothing (install scripts run it before switching a config over)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -101,6 +107,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from edgebc.optional import require
 
     settings = settings_from_args(args)
+    if args.check:
+        return check_settings(settings)
     uvicorn = require("uvicorn", "edgebc serve")
     require("fastapi", "edgebc serve")
     check_port_free(settings.host, settings.port)
@@ -129,6 +137,18 @@ def run_serve(args: argparse.Namespace) -> int:
     uvicorn.Server(config).run()
     how = f" on {received[0]}" if received else ""
     log.info("stopped%s: source released, audit log committed (%s)", how, settings.audit.path)
+    return 0
+
+
+def check_settings(settings: ServeSettings) -> int:
+    """Settings that loaded passed the schema; here the token rule and what is not there yet."""
+    token = settings.read_token()
+    print(f"settings ok: source {settings.source}, model {settings.model or 'the demo model'}, "
+          f"http://{settings.host}:{settings.port}, token {'set' if token else 'none (loopback only)'}, "
+          f"audit log {settings.audit.path}")  # fmt: skip
+    if settings.model and not Path(settings.model).exists():
+        print(f"note: {settings.model} does not exist yet: install a model with "
+              "`edgebc model install MODEL.onnx` before starting the service")  # fmt: skip
     return 0
 
 

@@ -28,6 +28,7 @@ from edgebc.errors import ImageDecodeError
 from edgebc.optional import require
 from edgebc.serve.metrics import metrics_text
 from edgebc.serve.runtime import ServeRuntime
+from edgebc.serve.systemd import SystemdNotifier
 
 DECLARED_FORMAT = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
 UPLOAD_TYPES = (*DECLARED_FORMAT, "application/octet-stream")  # octet-stream: the bytes tell
@@ -71,9 +72,16 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     async def lifespan(_: Any) -> AsyncIterator[None]:
         if manage_runtime:
             runtime.start()
+        systemd = SystemdNotifier()
+        systemd.send("READY=1", f"STATUS=serving {runtime.backend.card.name}")
+        watchdog = asyncio.create_task(
+            systemd.keep_alive(lambda: runtime.pipeline.last_beat, runtime.status_line)
+        )
         try:
             yield
         finally:
+            watchdog.cancel()
+            systemd.send("STOPPING=1")
             if manage_runtime:
                 await run_in_threadpool(runtime.stop)
 

@@ -131,6 +131,7 @@ class LivePipeline:
         self._listeners: list[Callable[[], object]] = []
         self._thread = threading.Thread(target=self._run, name="edgebc-live-pipeline", daemon=True)
         self._sequence = 0
+        self.last_beat = time.monotonic()  # each turn of the loop; the systemd watchdog reads it
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> LivePipeline:
@@ -189,6 +190,7 @@ class LivePipeline:
     # -- the loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.last_beat = time.monotonic()
             waited = time.perf_counter()
             frame = self.reader.latest(timeout=0.1)
             if frame is None:

@@ -117,6 +117,14 @@ class ServeRuntime:
         self.pipeline.stop()
         self.backend.close()
 
+    def status_line(self) -> str:
+        """One line for `systemctl status edgebc`: feed, rate and counts, and what is not ready."""
+        summary = self.pipeline.summary()
+        failing = [name for name, check in self.readiness().items() if not check["ok"]]
+        return (f"{self.pipeline.feed().status} feed, {summary['fps']:.1f} fps, "
+                f"{summary['counts']['frames']} frames, {summary['counts']['no_decision']} no decision"
+                + (f"; not ready: {', '.join(failing)}" if failing else ""))  # fmt: skip
+
     # -- readiness -------------------------------------------------------------------------------
     def readiness(self) -> dict[str, dict[str, Any]]:
         feed = self.pipeline.feed()
