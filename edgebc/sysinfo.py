@@ -83,44 +83,33 @@ def onnxruntime_providers() -> list[str]:
 
 def nvidia_gpus() -> list[str]:
     """GPU names from nvidia-smi, or [] where there is none (or no driver)."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    out = _nvidia_smi("--query-gpu=name,memory.total,driver_version", "--format=csv,noheader")
+    return [line.strip() for line in (out or "").splitlines() if line.strip()]
 
 
 def process_gpu_memory_mb() -> float | None:
     """GPU memory this process holds now, from nvidia-smi (all runtimes, not only PyTorch's
-    allocator); None without a GPU or driver, or when the driver does not report it."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    allocator); None without a GPU or driver, or when the driver does not report it (Jetson)."""
+    out = _nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
     used = [
         float(fields[1])
-        for fields in (line.split(",") for line in out.splitlines())
+        for fields in (line.split(",") for line in (out or "").splitlines())
         if len(fields) == 2
         and fields[0].strip() == str(os.getpid())
         and fields[1].strip().isdigit()
     ]
     return sum(used) if used else None
+
+
+def _nvidia_smi(*arguments: str) -> str | None:
+    """nvidia-smi's output, or None where it is missing or fails (no GPU, no driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        return subprocess.run(["nvidia-smi", *arguments], capture_output=True, text=True,
+                              timeout=10, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def jetson_release() -> str | None:
