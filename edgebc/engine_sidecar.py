@@ -9,13 +9,12 @@ with a message that says what to do (rebuild on this device) before TensorRT is 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
+from edgebc.sysinfo import nvidia_smi
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -24,20 +23,10 @@ def sidecar_path(engine: str | Path) -> Path:
 
 def gpu_identity() -> dict[str, str] | None:
     """Name and compute capability of GPU 0 (nvidia-smi), or the Jetson module; None without a GPU."""
-    if shutil.which("nvidia-smi"):
-        try:
-            line = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-            name, _, capability = line.partition(",")
-            if name:
-                return {"name": name.strip(), "compute_capability": capability.strip()}
-        except (OSError, subprocess.SubprocessError):
-            pass
+    line = nvidia_smi("--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0") or ""
+    name, _, capability = line.strip().partition(",")
+    if name:
+        return {"name": name.strip(), "compute_capability": capability.strip()}
     model = Path("/proc/device-tree/model")
     if model.exists():  # Jetson: no nvidia-smi; the module name identifies the GPU generation
         return {

@@ -78,18 +78,13 @@ class ModelStore:
             return None
         return Path(os.readlink(path)).name
 
-    def list(self) -> list[Release]:
-        """Every installed release, oldest first, each checked against its manifest."""
+    def list(self, verify: bool = True) -> list[Release]:
+        """Every installed release, oldest first, each checked against its manifest (hashing
+        every model file; `verify=False` where only the order and pointers matter)."""
         if not self.releases.is_dir():
             return []
-        current, previous = self.target("current"), self.target("previous")
-        out = []
-        for folder in self.releases.iterdir():
-            if not folder.is_dir():
-                continue
-            info = _read_info(folder)
-            out.append(Release(folder.name, folder, info, folder.name == current,
-                               folder.name == previous, _problem(folder)))  # fmt: skip
+        folders = [folder for folder in self.releases.iterdir() if folder.is_dir()]
+        out = [self._describe(folder, verify) for folder in folders]
         return sorted(out, key=lambda r: (str(r.info.get("installed", "")), r.id))
 
     # -- changing --------------------------------------------------------------------------------
@@ -208,14 +203,18 @@ class ModelStore:
 
     def _prune(self) -> None:
         """Delete the oldest releases beyond KEEP_RELEASES, never current or previous."""
-        releases = self.list()
+        releases = self.list(verify=False)
         keep = KEEP_RELEASES
         removable = [r for r in releases if not (r.current or r.previous)]
         for release in removable[: max(0, len(releases) - keep)]:
             shutil.rmtree(release.path, ignore_errors=True)
 
     def _release(self, release_id: str) -> Release:
-        return next(r for r in self.list() if r.id == release_id)
+        return self._describe(self.releases / release_id, verify=True)
+
+    def _describe(self, folder: Path, verify: bool) -> Release:
+        return Release(folder.name, folder, _read_info(folder), folder.name == self.target("current"),
+                       folder.name == self.target("previous"), _problem(folder) if verify else None)  # fmt: skip
 
 
 def cached_engine(
@@ -260,7 +259,10 @@ def smoke_test(model: Path) -> dict[str, Any]:
         backend = open_backend(model, threads=1, warmup=1)
         card = backend.card
         frame = make_ultrasound_phantom("malignant", phantom_rng(0, 0), 256, 256).image
-        logits = backend.run(preprocess(frame, card.preprocess))
+        try:
+            logits = backend.run(preprocess(frame, card.preprocess))
+        finally:
+            backend.close()
     except Exception as exc:
         raise EdgebcError(f"{model}: the smoke inference failed: {exc}") from exc
     probabilities = softmax(logits, card.temperature)[0]

@@ -52,7 +52,7 @@ class QualityGate:
         """`grey` is the frame already converted to grey (the classifier converts once for both
         the gate and a grey model's preprocessing); computed here when not given."""
         # Every test is a statistic over the picture, so it is judged on a grey copy at most 256 px
-        # on its long side: 1080p crops cost 1.9 ms instead of 40 (measured). Grey first, then
+        # on its long side: 1080p crops cost about 2 ms instead of 40 (measured). Grey first, then
         # scale: scaling the colour frame cost three times as much for the same statistics.
         grey8 = to_grey_uint8(thumbnail(grey if grey is not None else to_grey_uint8(frame)))
         std, mean = float(grey8.std()), float(grey8.mean())

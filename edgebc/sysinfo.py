@@ -83,14 +83,14 @@ def onnxruntime_providers() -> list[str]:
 
 def nvidia_gpus() -> list[str]:
     """GPU names from nvidia-smi, or [] where there is none (or no driver)."""
-    out = _nvidia_smi("--query-gpu=name,memory.total,driver_version", "--format=csv,noheader")
+    out = nvidia_smi("--query-gpu=name,memory.total,driver_version", "--format=csv,noheader")
     return [line.strip() for line in (out or "").splitlines() if line.strip()]
 
 
 def process_gpu_memory_mb() -> float | None:
     """GPU memory this process holds now, from nvidia-smi (all runtimes, not only PyTorch's
     allocator); None without a GPU or driver, or when the driver does not report it (Jetson)."""
-    out = _nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
     used = [
         float(fields[1])
         for fields in (line.split(",") for line in (out or "").splitlines())
@@ -101,7 +101,7 @@ def process_gpu_memory_mb() -> float | None:
     return sum(used) if used else None
 
 
-def _nvidia_smi(*arguments: str) -> str | None:
+def nvidia_smi(*arguments: str) -> str | None:
     """nvidia-smi's output, or None where it is missing or fails (no GPU, no driver)."""
     if shutil.which("nvidia-smi") is None:
         return None

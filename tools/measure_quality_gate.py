@@ -20,25 +20,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgebc.data.records import CLASS_NAMES
 from edgebc.decode import read_image
 from edgebc.quality import QualityGate
 from edgebc.sources import IMAGE_SUFFIXES, open_source
-from edgebc.synth import make_cine, make_ultrasound_phantom
+from edgebc.synth import make_cine
 from edgebc.synth.cine import write_video
 from edgebc.synth.decoys import make_desktop_screen, make_document
-from edgebc.synth.ultrasound import phantom_rng
-
-CLASSES = ("normal", "benign", "malignant")
-
-
-def phantom_stills(n: int) -> Iterator[np.ndarray]:
-    for k in range(n):
-        yield make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 5), 256, 256).image
+from edgebc.synth.ultrasound import phantom_rng, phantom_stills
 
 
 def phantom_cine_through_video(n_per_class: int) -> Iterator[np.ndarray]:
     with tempfile.TemporaryDirectory() as folder:
-        for number, label in enumerate(CLASSES):
+        for number, label in enumerate(CLASS_NAMES):
             frames, _ = make_cine(label, phantom_rng(number, 9), n_per_class, 256, 256)
             path = write_video(frames, Path(folder) / f"{label}.avi", fps=30)
             source = open_source(str(path))
@@ -95,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     gate = QualityGate()
-    report("phantom stills (256 px)", phantom_stills(300), gate)
+    report("phantom stills (256 px)", phantom_stills(300, seed=5)[0], gate)
     report("phantom cine via MJPG video", phantom_cine_through_video(60), gate)
     if (args.data / "busi").is_dir():
         report("BUSI (ultrasound)", image_files([args.data / "busi"]), gate)

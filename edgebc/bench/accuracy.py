@@ -27,7 +27,7 @@ import numpy as np
 
 from edgebc import __version__, sysinfo
 from edgebc.atomic import atomic_write_text
-from edgebc.bench.backends import candidates
+from edgebc.bench.backends import candidates, why_unavailable
 from edgebc.classifier import decide
 from edgebc.errors import EdgebcError
 from edgebc.metrics import bootstrap_ci, roc_auc, softmax
@@ -46,15 +46,9 @@ class LabelledSet:
 
 def phantom_set(per_class: int, seed: int = 77) -> LabelledSet:
     """Synthetic phantoms of every class, from seeds the demo model was not trained on."""
-    from edgebc.synth import make_ultrasound_phantom
-    from edgebc.synth.ultrasound import phantom_rng
+    from edgebc.synth.ultrasound import phantom_stills
 
-    classes = ("normal", "benign", "malignant")
-    labels = [classes[k % 3] for k in range(3 * per_class)]
-    frames = [
-        make_ultrasound_phantom(label, phantom_rng(k, seed), 256, 256).image
-        for k, label in enumerate(labels)
-    ]
+    frames, labels = phantom_stills(3 * per_class, seed)
     return LabelledSet(f"{len(frames)} synthetic phantoms (seed {seed})", frames, labels)
 
 
@@ -99,7 +93,7 @@ def evaluate(
                 [loaded.run(tensors[i : i + BATCH]) for i in range(0, len(tensors), BATCH)]
             )
         except Exception as exc:  # reported in the table, like the latency benchmark does
-            backends[candidate.name] = {"unavailable": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            backends[candidate.name] = {"unavailable": why_unavailable(exc)}
             continue
         result = _scores(logits, y, card, n_boot)
         if reference is None:

@@ -79,6 +79,12 @@ def candidates(
     return out
 
 
+def why_unavailable(exc: Exception) -> str:
+    """One line for a table: why a backend could not run (type and the message's first line)."""
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def _cuda() -> bool:
     import torch
 

@@ -20,17 +20,16 @@ import cv2
 import numpy as np
 
 from edgebc import __version__, sysinfo
-from edgebc.bench.backends import candidates
+from edgebc.bench.backends import candidates, why_unavailable
 from edgebc.bench.timing import peak_rss_mb, realtime_headroom, time_call
 from edgebc.decode import decode_image
 from edgebc.optional import is_installed
 from edgebc.preprocess import PreprocessCard, preprocess, preprocess_chw
 from edgebc.region import Region, detect_imaging_region
 from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
-from edgebc.synth.ultrasound import phantom_rng
+from edgebc.synth.ultrasound import phantom_rng, phantom_stills
 
 FRAME_SIZES = ((1080, 1920), (480, 640))
-CLASSES = ("normal", "benign", "malignant")
 
 
 def screens() -> dict[str, tuple[np.ndarray, Region]]:
@@ -85,11 +84,7 @@ def make_models(arch: str, size: int, folder: Path, int8: bool) -> dict[str, Pat
     fp32, _, _ = export_onnx(checkpoint, folder / f"{arch}.onnx")
     int8_path = None
     if int8:
-        frames = [
-            make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 21), 256, 256).image
-            for k in range(24)
-        ]
-        labels = [CLASSES[k % 3] for k in range(24)]
+        frames, labels = phantom_stills(24, seed=21)
         quantize_int8(
             fp32,
             folder / f"{arch}-int8.onnx",
@@ -137,10 +132,7 @@ def model_section(
 ) -> dict[str, Any]:
     """Every available backend on the same preprocessed phantom frames, at each batch size; for
     GPU backends also the device memory this process held while it ran."""
-    frames = [
-        make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(k, 33), 256, 256).image
-        for k in range(max(batches))
-    ]
+    frames, _ = phantom_stills(max(batches), seed=33)
     card = PreprocessCard(input_height=size, input_width=size)
     inputs = np.stack([preprocess_chw(f, card) for f in frames]).astype(np.float32)
     fp32, int8, checkpoint = models["fp32"], models.get("int8"), models.get("checkpoint")
@@ -151,7 +143,7 @@ def model_section(
             loaded = candidate.make()
             reference = loaded.run(inputs[:1])
         except Exception as exc:  # a backend that cannot run this model is reported, not fatal
-            out[candidate.name] = {"unavailable": _why(exc)}
+            out[candidate.name] = {"unavailable": why_unavailable(exc)}
             continue
         rows: dict[str, dict[str, Any]] = {}
         for batch in batches:
@@ -162,18 +154,13 @@ def model_section(
                     partial(loaded.run, x), warmup, calls, loaded.sync, batch
                 )
             except Exception as exc:
-                rows[f"b{batch}"] = {"unavailable": _why(exc)}
+                rows[f"b{batch}"] = {"unavailable": why_unavailable(exc)}
         out[candidate.name] = {"batches": rows, "logits_b1": reference[0].tolist()}
         if candidate.gpu:
             out[candidate.name].update(gpu=True, device_memory_mb=sysinfo.process_gpu_memory_mb())
         if loaded.close is not None:
             loaded.close()
     return out
-
-
-def _why(exc: Exception) -> str:
-    first = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def pipeline_section(

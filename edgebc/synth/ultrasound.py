@@ -52,6 +52,17 @@ def phantom_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
+def phantom_stills(count: int, seed: int, size: int = 256) -> tuple[list[np.ndarray], list[str]]:
+    """`count` labelled phantom frames cycling normal, benign, malignant, item k from its own
+    generator (seed, k): the fixed sets benchmarks, calibration and tools draw on."""
+    labels = [CLASS_NAMES[k % len(CLASS_NAMES)] for k in range(count)]
+    frames = [
+        make_ultrasound_phantom(label, phantom_rng(k, seed), size, size).image
+        for k, label in enumerate(labels)
+    ]
+    return frames, labels
+
+
 def make_ultrasound_phantom(
     label: str, rng: np.random.Generator, height: int = 256, width: int = 256
 ) -> UltrasoundPhantom:
