@@ -39,6 +39,13 @@ def messy_dataset(tmp_path):
         dark = np.zeros((128, 160), np.uint8)
         dark[y : y + 15, x : x + 15] = 180
         samples.append(Sample(_save(tmp_path / "normal" / f"dark{k}.png", dark), "normal"))
+    # Burned-in calipers on an otherwise clean frame: two crosses and a dotted measurement line.
+    marked = make_ultrasound_phantom("malignant", phantom_rng(7, 0), 400, 500).image.copy()
+    for y, x in [(120, 100), (120, 400)]:
+        marked[y, x - 8 : x + 9], marked[y - 8 : y + 9, x] = 255, 255
+    for x in range(110, 400, 10):
+        marked[120:122, x : x + 2] = 255
+    samples.append(Sample(_save(tmp_path / "malignant" / "calipers.png", marked), "malignant"))
     # Colour overlay and an unreadable file.
     colour = cv2.cvtColor(
         make_ultrasound_phantom("normal", phantom_rng(6, 0), 128, 160).image, cv2.COLOR_GRAY2BGR
@@ -67,7 +74,13 @@ def test_audit_finds_every_planted_defect(messy_dataset, tmp_path):
     assert len(kept) == len(messy_dataset) - 4
     paths = write_audit(result, tmp_path / "report")
     assert "label conflicts, same bytes | 1" in paths["markdown"].read_text()
-    assert len(read_dataset(paths["manifest"])) == len(kept)
+    written = read_dataset(paths["manifest"])
+    assert len(written) == len(kept)
+    # The caliper frame's flag travels in the manifest, for evaluation's subgroup table.
+    assert [Path(a["path"]).name for a in report.suspected_annotations] == ["calipers.png"]
+    flags = {s.path.name: dict(s.extra)["annotations"] for s in written}
+    assert flags["calipers.png"] == "yes" and set(flags.values()) == {"yes", "no"}
+    assert sum(v == "yes" for v in flags.values()) == 1
 
 
 def test_keep_conflicts_keeps_them_grouped(messy_dataset):

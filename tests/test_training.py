@@ -62,8 +62,10 @@ def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
         engine.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
 
 
-def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatch):
-    settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true")
+@pytest.mark.parametrize("mask_weight", [0.0, 0.5], ids=["plain", "mask-loss"])
+def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatch, mask_weight):
+    settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true",
+                f"optim.mask_loss_weight={mask_weight}")  # fmt: skip
     straight = engine.train_model(
         _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
     )
@@ -124,6 +126,9 @@ def test_eval_report_has_intervals_operating_point_and_pictures(tiny_split, tmp_
         assert (tmp_path / "eval" / name).is_file(), name
     assert report["gradcam"] and all(p.endswith(".png") for p in report["gradcam"])
     assert "malignant-vs-rest AUC" in (tmp_path / "eval" / "report.md").read_text()
+    attention = report["lesion_attention"]  # the phantoms have lesion masks
+    assert attention["frames"] + attention["blank_maps"] == 4  # the test split's 4 lesions
+    assert 0 <= attention["mean_share_on_lesion"] <= 1 and 0 < attention["mean_lesion_area"] < 1
 
 
 def test_cross_validation_summarises_every_fold(tmp_path):
@@ -145,6 +150,7 @@ def test_distributed_data_parallel_on_cpu_with_gloo(tiny_split, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "edgebc.train",
         "--set", f"data.manifest={tiny_split}", "--set", "model.arch=simple_cnn", "--set", "preprocess.input_height=32",
         "--set", "preprocess.input_width=32", "--set", "optim.batch_size=4", "--set", "threads=1",
+        "--set", "optim.mask_loss_weight=0.5",  # the mask head is synchronised too
         "--epochs", "2", "--out", str(tmp_path), "--name", "ddp",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -30,8 +30,19 @@ class BatchAugmenter:
         self.std = torch.tensor(card.std).view(1, -1, 1, 1)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.with_masks(batch, None, generator)[0]
+
+    def with_masks(
+        self, batch: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment `batch`; move `masks` (N x 1 x H x W lesion masks) with the same geometry.
+
+        The masks take the flip, rotation, scale, translation and elastic warp, not the intensity
+        changes, so a lesion mask keeps covering its lesion. Masks draw no random numbers, so a run
+        with masks sees exactly the image augmentations a run without them sees.
+        """
         if not self.config.enabled:
-            return batch
+            return batch, masks
         c = self.config
         n, _, height, width = batch.shape
         device = batch.device
@@ -64,6 +75,10 @@ class BatchAugmenter:
                 coarse, size=(height, width), mode="bicubic", align_corners=False
             ).permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(
+                masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         view = (n, 1, 1, 1)
         contrast = uniform(1 - c.contrast, 1 + c.contrast).view(view)
         brightness = uniform(-c.brightness, c.brightness).view(view)
@@ -76,4 +91,4 @@ class BatchAugmenter:
                 F.avg_pool2d(noise, 3, stride=1, padding=1) * 3
             )  # correlated over ~3 px, unit-ish std
             x = x * (1 + c.speckle * noise)
-        return (x.clamp(0, 1) - mean) / std
+        return (x.clamp(0, 1) - mean) / std, masks

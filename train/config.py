@@ -87,8 +87,14 @@ class OptimConfig:
     # tuned for ImageNet's many thousand steps; on a few hundred images the running statistics
     # then stay near their initial values and evaluation outputs are uniform. 0 keeps the model's.
     bn_momentum: float = 0.1
+    # Weight of the auxiliary lesion-mask loss (see lesion_mask.py): a training-only head predicts
+    # the lesion mask from the Grad-CAM layer, steering the model off calipers and annotations.
+    # Needs a manifest with masks; samples without one are skipped. 0 disables.
+    mask_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mask_loss_weight < 0:
+            raise ValueError(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"epochs and batch_size must be positive, got {self.epochs}, {self.batch_size}"

@@ -5,20 +5,22 @@ resizes or normalises: frames are decoded by `edgebc.decode` and turned into ten
 `edgebc.preprocess.preprocess_chw` with the model's card. Augmentation then acts on batches of
 those tensors on the training device (see augment.py). Small medical datasets fit in memory as
 preprocessed tensors (BUSI at 224x224 grey: 120 MB), so they are decoded once, not every epoch.
+Lesion masks (for the auxiliary mask loss) take the same letterbox geometry as their image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
 
-from edgebc.data.records import Sample
+from edgebc.data.records import Sample, load_mask
 from edgebc.decode import read_image
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard, preprocess_chw
+from edgebc.preprocess import PreprocessCard, preprocess_chw, resize_to_input
 
 torch = require("torch", "training")
 
@@ -46,6 +48,11 @@ class SampleDataset(torch.utils.data.Dataset):
         tensor = torch.from_numpy(preprocess_chw(read_image(sample.path), self.card))
         return tensor, self.class_names.index(sample.label)
 
+    def mask(self, index: int) -> torch.Tensor | None:
+        """The sample's lesion mask on the model input's grid as (1, H, W), or None without one."""
+        mask = lesion_mask_on_input(self.samples[index], self.card)
+        return None if mask is None else torch.from_numpy(mask)[None]
+
     def targets(self) -> np.ndarray:
         return np.array([self.class_names.index(s.label) for s in self.samples], np.int64)
 
@@ -64,3 +71,40 @@ def cache_tensors(
         ):
             images[index] = tensor
     return images, torch.from_numpy(dataset.targets())
+
+
+def lesion_mask_on_input(sample: Sample, card: PreprocessCard) -> np.ndarray | None:
+    """The sample's lesion mask as float32 coverage in [0, 1] on the model input's H x W grid
+    (letterboxed like its image, bars empty), or None when the sample has no mask file."""
+    mask = load_mask(sample)
+    if mask is None:
+        return None
+    image_shape = read_image(sample.path).shape[:2]
+    if mask.shape != image_shape:
+        raise ValueError(
+            f"{sample.masks[0]}: mask is {mask.shape[::-1]} but its image {sample.path} is "
+            f"{image_shape[::-1]}"
+        )
+    resized = resize_to_input(mask * np.uint8(255), replace(card, pad_value=0.0))
+    return resized.astype(np.float32) / np.float32(255.0)
+
+
+def cache_masks(
+    dataset: SampleDataset, workers: int = 2, desc: str = "masks"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All lesion masks of `dataset` as (N, 1, H, W) and which samples have one, as (N,) bool.
+
+    Samples without a mask file get an empty mask and False: a loss on masks must skip them, not
+    read "no lesion" into a missing annotation.
+    """
+    height, width = dataset.card.input_height, dataset.card.input_width
+    masks = torch.zeros((len(dataset), 1, height, width), dtype=torch.float32)
+    present = torch.zeros(len(dataset), dtype=torch.bool)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        loads = pool.map(lambda i: (i, dataset.mask(i)), range(len(dataset)))
+        for index, mask in tqdm(
+            loads, total=len(dataset), desc=desc, unit="img", disable=None, leave=False
+        ):
+            if mask is not None:
+                masks[index], present[index] = mask, True
+    return masks, present

@@ -5,7 +5,7 @@ validation metric (these models overfit within 4-10 epochs without it); gradient
 class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 with a scaler)
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
-CUDA). After the last epoch the best weights get a temperature fitted on validation and the
+CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py). After the last epoch the best weights get a temperature fitted on validation and the
 malignant threshold that reaches the target sensitivity there, both stored in `best.pt`.
 """
 
@@ -41,7 +41,8 @@ from edgebc.train.checkpoint import (
     sha256_of_state,
 )
 from edgebc.train.config import TrainConfig, load_train_config
-from edgebc.train.dataset import SampleDataset, cache_tensors
+from edgebc.train.dataset import SampleDataset, cache_masks, cache_tensors
+from edgebc.train.lesion_mask import MaskSupervised, mask_loss
 from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.pretrained import load_torchvision_weights
@@ -143,14 +144,24 @@ def _train(
             run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
     card = config.preprocess
-    train_x, train_y = cache_tensors(
-        SampleDataset(train_samples, card, classes), config.loader_workers, "cache train"
-    )
+    train_set = SampleDataset(train_samples, card, classes)
+    train_x, train_y = cache_tensors(train_set, config.loader_workers, "cache train")
+    train_masks = has_mask = None
+    if config.optim.mask_loss_weight > 0:
+        train_masks, has_mask = cache_masks(train_set, config.loader_workers, "cache masks")
+        if not bool(has_mask.any()):
+            raise EdgebcError(
+                f"optim.mask_loss_weight is {config.optim.mask_loss_weight} but none of the "
+                f"{len(train_samples)} training samples in {config.data.manifest} has a lesion mask "
+                "(manifest column masks); set it to 0 for data without masks"
+            )
     val_x, val_y = cache_tensors(
         SampleDataset(val_samples, card, classes), config.loader_workers, "cache val"
     )
     if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
         train_x, train_y = train_x.to(device), train_y.to(device)
+        if train_masks is not None:
+            train_masks = train_masks.to(device)
 
     model = create_model(
         config.model.arch,
@@ -181,10 +192,18 @@ def _train(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=_warmup_ema(config.optim.ema_decay), use_buffers=True
         )
-    train_module = model
+    # Created after the EMA copy, so the EMA model carries no hook. The mask head trains with the
+    # model (and under DDP is synchronised with it) but is never part of the model's state_dict.
+    supervised = (
+        MaskSupervised(model, model_spec(config.model.arch).cam_layer, card).to(device)
+        if train_masks is not None
+        else None
+    )
+    trained: torch.nn.Module = supervised if supervised is not None else model
+    train_module = trained
     if dist.world_size > 1:
         train_module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            trained, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     optim = config.optim
@@ -197,7 +216,7 @@ def _train(
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=weights.to(device), label_smoothing=optim.label_smoothing
     )
-    optimizer = torch.optim.AdamW(_param_groups(model, optim.weight_decay), lr=optim.lr)
+    optimizer = torch.optim.AdamW(_param_groups(trained, optim.weight_decay), lr=optim.lr)
     per_rank = math.ceil(len(train_y) / dist.world_size)
     steps_per_epoch = max(1, math.ceil(per_rank / optim.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -213,6 +232,8 @@ def _train(
     best_score, best_epoch, stale, start_epoch = -math.inf, -1, 0, 0
     if state is not None:
         model.load_state_dict(state["state_dict"])
+        if supervised is not None:
+            supervised.head.load_state_dict(state["mask_head_state"])
         if ema is not None and state.get("ema_state") is not None:
             ema.load_state_dict(state["ema_state"])
         optimizer.load_state_dict(state["optimizer"])
@@ -236,7 +257,7 @@ def _train(
         else:
             order = torch.randperm(len(train_y), generator=generator)
         order = order[dist.rank :: dist.world_size]
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        started, seen, loss_sum, mask_loss_sum = time.perf_counter(), 0, 0.0, 0.0
         batches = range(0, len(order), optim.batch_size)
         bar = tqdm(
             batches,
@@ -247,21 +268,31 @@ def _train(
         )
         for start in bar:
             index = order[start : start + optim.batch_size].to(train_x.device)
-            images = augmenter(train_x[index].to(device, non_blocking=True), generator).contiguous(
-                memory_format=memory_format
+            images, masks = augmenter.with_masks(
+                train_x[index].to(device, non_blocking=True),
+                None if train_masks is None else train_masks[index].to(device),
+                generator,
             )
+            images = images.contiguous(memory_format=memory_format)
             targets = train_y[index].to(device)
             if isinstance(head, ArcFaceHead):
                 head.targets = targets
             with torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
-                loss = loss_fn(train_module(images), targets)
+                if supervised is None:
+                    loss = loss_fn(train_module(images), targets)
+                else:
+                    logits, mask_logits = train_module(images)
+                    assert has_mask is not None and masks is not None
+                    lesion_loss = mask_loss(mask_logits, masks, has_mask[index.cpu()].to(device))
+                    loss = loss_fn(logits, targets) + optim.mask_loss_weight * lesion_loss
+                    mask_loss_sum += float(lesion_loss.detach()) * len(index)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if optim.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -282,6 +313,8 @@ def _train(
             "images_per_s": seen * dist.world_size / elapsed,
             "lr": scheduler.get_last_lr()[0],
         }
+        if supervised is not None:
+            row["train_mask_loss"] = mask_loss_sum / max(1, seen)
         if dist.is_main:
             logits = predict_logits(evaluated, val_x, device, optim.batch_size * 2, memory_format)
             row.update(validation_metrics(logits, val_y.numpy(), positive, loss_fn, len(classes)))
@@ -310,6 +343,7 @@ def _train(
             save_checkpoint(run_dir / "last.pt", {
                 **_describe(config, model, row, fingerprint, epoch, pretrained_report),
                 "ema_state": ema.state_dict() if ema is not None else None,
+                "mask_head_state": supervised.head.state_dict() if supervised is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": {**_rng_state(), "generator": generator.get_state()},
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "stale": stale,
@@ -336,7 +370,9 @@ def _train(
             )
             break
 
-    ddp_identical = _weights_identical_across_ranks(model, dist)
+    if supervised is not None:
+        supervised.release()
+    ddp_identical = _weights_identical_across_ranks(trained, dist)
     best_metrics: dict[str, float] = {}
     if dist.is_main:
         best_metrics = finalize_best(run_dir / "best.pt", val_x, val_y, device, config, positive)

@@ -5,7 +5,8 @@ precision / F1, Cohen's kappa and the confusion matrix; malignant-vs-rest and ma
 AUC with 95% bootstrap intervals; calibration (ECE and reliability diagram) with the temperature
 stored at training; sensitivity and specificity at the stored operating threshold; patient-level
 results where patient_id exists; a subgroup table for any manifest column; Grad-CAM overlays of
-right and wrong cases; a Markdown and JSON report with ROC, PR, confusion and calibration PNGs.
+right and wrong cases, and how much of their evidence lies on the lesion where the data has
+lesion masks (a check on the caliper shortcut); a Markdown and JSON report with ROC, PR, confusion and calibration PNGs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw
 from edgebc.train import plots
 
+# Manifest columns the subgroup table splits by unless told otherwise; `annotations` is the audit's
+# burned-in calipers/text flag, so a model leaning on calipers shows as a gap between its rows.
+DEFAULT_SUBGROUPS = ("source", "modality", "view", "annotations")
+
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
@@ -40,7 +45,7 @@ def evaluate_checkpoint(
     split: str | None = "test",
     n_boot: int = 1000,
     gradcam_per_kind: int = 4,
-    subgroups: Sequence[str] = ("source", "modality", "view"),
+    subgroups: Sequence[str] = DEFAULT_SUBGROUPS,
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -78,6 +83,7 @@ def evaluate_checkpoint(
     _write_predictions(out / "predictions.csv", samples, probs, classes)
     _write_figures(out, report, probs, y, classes, positive)
     report["gradcam"] = model.gradcams(out / "gradcam", images, probs, y, gradcam_per_kind, seed)
+    report["lesion_attention"] = model.lesion_attention(samples, images, y)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report, classes))
     return report
@@ -167,6 +173,23 @@ class _EvalModel:
             per_kind,
             seed,
         )
+
+    def lesion_attention(
+        self, samples: Sequence[Sample], images: np.ndarray, y: np.ndarray
+    ) -> dict[str, float] | str | None:
+        """Grad-CAM's share on the lesion (gradcam.lesion_attention); None without lesion masks."""
+        if not any(s.masks for s in samples):
+            return None
+        if self._torch_model is None:
+            return "not available for ONNX models: Grad-CAM needs gradients"
+        from edgebc.train.dataset import lesion_mask_on_input
+        from edgebc.train.gradcam import lesion_attention
+        from edgebc.train.models import model_spec
+
+        torch = require("torch", "Grad-CAM")
+        layer = self._torch_model.get_submodule(model_spec(self.arch).cam_layer)
+        masks = [lesion_mask_on_input(s, self.card) for s in samples]
+        return lesion_attention(self._torch_model, layer, torch.from_numpy(images), masks, y)
 
 
 def _load_for_eval(path: Path, device: str) -> _EvalModel:
@@ -298,6 +321,13 @@ def render_markdown(report: dict[str, Any], classes: Sequence[str]) -> str:
         lines.append(
             f"- at threshold {op['threshold']:.3f} (chosen for sensitivity {op['target_sensitivity']:.2f} on validation): "
             f"sensitivity **{op['sensitivity']:.3f}** {ci(op['sensitivity_ci'])}, specificity **{op['specificity']:.3f}**"
+        )
+    attention = report.get("lesion_attention")
+    if isinstance(attention, dict) and attention["frames"]:
+        lines.append(
+            f"- Grad-CAM evidence for the true class on the lesion: {attention['mean_share_on_lesion']:.3f} of the map "
+            f"on average over {attention['frames']} frames with a lesion mask; the masks cover {attention['mean_lesion_area']:.3f} "
+            f"of the input (a map blind to the lesion scores about that); {attention['blank_maps']} blank maps"
         )
     lines += [
         "",

@@ -122,7 +122,8 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="COLUMN",
-        help="manifest column for the subgroup table (repeatable; default: source, modality, view)",
+        help="manifest column for the subgroup table (repeatable; default: source, modality, "
+        "view, annotations (the audit's burned-in calipers/text flag))",
     )
     evaluate.add_argument(
         "--device", default="cpu", help="torch device for inference, e.g. cpu or cuda:0"
@@ -131,12 +132,12 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from edgebc.train.evaluate import evaluate_checkpoint
+    from edgebc.train.evaluate import DEFAULT_SUBGROUPS, evaluate_checkpoint
 
     split = None if args.split == "all" else args.split
     out = args.out or args.checkpoint.parent / f"eval-{args.split}"
     report = evaluate_checkpoint(args.checkpoint, args.data, out, split, args.bootstrap, args.gradcam,
-                                 args.subgroup or ("source", "modality", "view"), args.device)  # fmt: skip
+                                 args.subgroup or DEFAULT_SUBGROUPS, args.device)  # fmt: skip
     low, high = report["auc_positive_ci"]
     print(f"{report['positive_class']}-vs-rest AUC {report['auc_positive']:.3f} (95% CI {low:.3f}-{high:.3f}), "
           f"macro AUC {report['macro_auc']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, ECE {report['ece']:.3f}")  # fmt: skip

@@ -175,7 +175,20 @@ def audit_samples(
         if conflicts == "drop":
             drop.update({i: f"label conflict in {name}: " + "/".join(labels) for i in members})
 
-    cleaned = [samples[i].with_(group=group_of.get(i)) for i in readable if i not in drop]
+    # The annotation flag travels with each kept sample (extra column `annotations`), so
+    # evaluation can compare frames with and without burned-in calipers (--subgroup annotations).
+    cleaned = [
+        samples[i].with_(
+            group=group_of.get(i),
+            extra=_with_extra(
+                samples[i].extra,
+                "annotations",
+                "yes" if prints[i].annotation_marks >= thresholds.annotation_marks else "no",
+            ),
+        )
+        for i in readable
+        if i not in drop
+    ]
     report.cleaning = {
         "kept": len(cleaned),
         "dropped_unreadable": len(report.unreadable),
@@ -283,6 +296,12 @@ def _describe_images(
             report.grey_stored_as_colour.append(path)
         if fp.annotation_marks >= thresholds.annotation_marks:
             report.suspected_annotations.append({"path": path, "marks": fp.annotation_marks})
+
+
+def _with_extra(
+    extra: tuple[tuple[str, str], ...], key: str, value: str
+) -> tuple[tuple[str, str], ...]:
+    return (*((k, v) for k, v in extra if k != key), (key, value))
 
 
 def _stats(values: np.ndarray) -> dict[str, int]:
