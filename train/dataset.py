@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from edgebc.data.records import Sample, load_mask
-from edgebc.decode import read_image
+from edgebc.decode import read_header, read_image
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw, resize_to_input
 
@@ -79,7 +80,8 @@ def lesion_mask_on_input(sample: Sample, card: PreprocessCard) -> np.ndarray | N
     mask = load_mask(sample)
     if mask is None:
         return None
-    image_shape = read_image(sample.path).shape[:2]
+    header = read_header(Path(sample.path).read_bytes(), str(sample.path))  # size, not pixels
+    image_shape = (header.height, header.width)
     if mask.shape != image_shape:
         raise ValueError(
             f"{sample.masks[0]}: mask is {mask.shape[::-1]} but its image {sample.path} is "

@@ -5,8 +5,9 @@ validation metric (these models overfit within 4-10 epochs without it); gradient
 class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 with a scaler)
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
-CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py). After the last epoch the best weights get a temperature fitted on validation and the
-malignant threshold that reaches the target sensitivity there, both stored in `best.pt`.
+CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py). After the last epoch the best
+weights get a temperature fitted on validation and the malignant threshold that reaches the
+target sensitivity there, both stored in `best.pt`.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def _train(
     )
     if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
         train_x, train_y = train_x.to(device), train_y.to(device)
-        if train_masks is not None:
-            train_masks = train_masks.to(device)
+        if train_masks is not None and has_mask is not None:
+            train_masks, has_mask = train_masks.to(device), has_mask.to(device)
 
     model = create_model(
         config.model.arch,
@@ -285,7 +286,7 @@ def _train(
                 else:
                     logits, mask_logits = train_module(images)
                     assert has_mask is not None and masks is not None
-                    lesion_loss = mask_loss(mask_logits, masks, has_mask[index.cpu()].to(device))
+                    lesion_loss = mask_loss(mask_logits, masks, has_mask[index].to(device))
                     loss = loss_fn(logits, targets) + optim.mask_loss_weight * lesion_loss
                     mask_loss_sum += float(lesion_loss.detach()) * len(index)
             optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,8 @@ AUC with 95% bootstrap intervals; calibration (ECE and reliability diagram) with
 stored at training; sensitivity and specificity at the stored operating threshold; patient-level
 results where patient_id exists; a subgroup table for any manifest column; Grad-CAM overlays of
 right and wrong cases, and how much of their evidence lies on the lesion where the data has
-lesion masks (a check on the caliper shortcut); a Markdown and JSON report with ROC, PR, confusion and calibration PNGs.
+lesion masks (a check on the caliper shortcut); a Markdown and JSON report with ROC, PR,
+confusion and calibration PNGs.
 """
 
 from __future__ import annotations
