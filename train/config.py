@@ -91,8 +91,19 @@ class OptimConfig:
     # the lesion mask from the Grad-CAM layer, steering the model off calipers and annotations.
     # Needs a manifest with masks; samples without one are skipped. 0 disables.
     mask_loss_weight: float = 0.0
+    # Knowledge distillation (see distill.py): checkpoints of models trained on the same training
+    # and validation samples whose averaged soft predictions the model also learns from. The loss
+    # is (1 - distill_weight) * hard cross-entropy + distill_weight * T^2 * KL at temperature T.
+    distill_from: tuple[str, ...] = ()
+    distill_weight: float = 0.7
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.distill_weight <= 1 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"distill_weight must be in (0, 1] and distill_temperature > 0, got "
+                f"{self.distill_weight} and {self.distill_temperature}"
+            )
         if self.mask_loss_weight < 0:
             raise ValueError(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -5,7 +5,8 @@ validation metric (these models overfit within 4-10 epochs without it); gradient
 class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 with a scaler)
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
-CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py). After the last epoch the best
+CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
+trained teachers' soft predictions (distill.py). After the last epoch the best
 weights get a temperature fitted on validation and the malignant threshold that reaches the
 target sensitivity there, both stored in `best.pt`.
 """
@@ -43,6 +44,7 @@ from edgebc.train.checkpoint import (
 )
 from edgebc.train.config import TrainConfig, load_train_config
 from edgebc.train.dataset import SampleDataset, cache_masks, cache_tensors
+from edgebc.train.distill import distillation_loss, load_teachers, soft_targets
 from edgebc.train.lesion_mask import MaskSupervised, mask_loss
 from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
@@ -159,8 +161,22 @@ def _train(
     val_x, val_y = cache_tensors(
         SampleDataset(val_samples, card, classes), config.loader_workers, "cache val"
     )
+    fingerprint = data_fingerprint(train_samples + val_samples)
+    teachers = load_teachers(config.optim.distill_from, classes, card.to_dict(), fingerprint)
+    provenance = [t.provenance() for t in teachers]
+    if state is not None and state.get("distilled_from", []) != provenance:
+        raise EdgebcError(
+            f"the teachers of {run_dir} changed since the run started (recorded "
+            f"{state.get('distilled_from')}, now {provenance}): resuming would not continue exactly"
+        )
+    train_soft = (
+        soft_targets(teachers, train_x.to(device), config.optim.distill_temperature)
+        if teachers
+        else None
+    )
     if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
         train_x, train_y = train_x.to(device), train_y.to(device)
+        train_soft = None if train_soft is None else train_soft.to(device)
         if train_masks is not None and has_mask is not None:
             train_masks, has_mask = train_masks.to(device), has_mask.to(device)
 
@@ -246,7 +262,6 @@ def _train(
         best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
         start_epoch = state["epoch"] + 1
         log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
-    fingerprint = data_fingerprint(train_samples + val_samples)
     head = model.get_submodule(model_spec(config.model.arch).classifier)
 
     for epoch in range(start_epoch, optim.epochs):
@@ -282,12 +297,20 @@ def _train(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
                 if supervised is None:
-                    loss = loss_fn(train_module(images), targets)
+                    logits = train_module(images)
                 else:
                     logits, mask_logits = train_module(images)
+                loss = loss_fn(logits, targets)
+                if train_soft is not None:
+                    soft_loss = distillation_loss(
+                        logits, train_soft[index].to(device), optim.distill_temperature,
+                        loss_fn.weight[targets],
+                    )  # fmt: skip
+                    loss = (1 - optim.distill_weight) * loss + optim.distill_weight * soft_loss
+                if supervised is not None:
                     assert has_mask is not None and masks is not None
                     lesion_loss = mask_loss(mask_logits, masks, has_mask[index].to(device))
-                    loss = loss_fn(logits, targets) + optim.mask_loss_weight * lesion_loss
+                    loss = loss + optim.mask_loss_weight * lesion_loss
                     mask_loss_sum += float(lesion_loss.detach()) * len(index)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -330,7 +353,9 @@ def _train(
                 best_score, best_epoch, stale = score, epoch + 1, 0
                 save_checkpoint(
                     run_dir / "best.pt",
-                    _describe(config, evaluated, row, fingerprint, epoch, pretrained_report),
+                    _describe(
+                        config, evaluated, row, fingerprint, epoch, pretrained_report, provenance
+                    ),
                 )
             else:
                 stale += 1
@@ -342,7 +367,7 @@ def _train(
                 " (best)" if improved else "",
             )
             save_checkpoint(run_dir / "last.pt", {
-                **_describe(config, model, row, fingerprint, epoch, pretrained_report),
+                **_describe(config, model, row, fingerprint, epoch, pretrained_report, provenance),
                 "ema_state": ema.state_dict() if ema is not None else None,
                 "mask_head_state": supervised.head.state_dict() if supervised is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -488,13 +513,15 @@ def _describe(
     fingerprint: str,
     epoch: int,
     pretrained: Any,
+    distilled_from: list[dict[str, str]],
 ) -> dict[str, Any]:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {
         "arch": config.model.arch, "model": config.to_dict()["model"], "class_names": list(config.data.classes),
         "positive_class": config.data.positive_class, "preprocess": config.preprocess.to_dict(), "config": config.to_dict(),
         "state_dict": state, "weights_sha256": sha256_of_state(state), "metrics": dict(row), "epoch": epoch,
-        "data_fingerprint": fingerprint, "pretrained": pretrained, "temperature": 1.0, "operating_point": None,
+        "data_fingerprint": fingerprint, "pretrained": pretrained, "distilled_from": distilled_from,
+        "temperature": 1.0, "operating_point": None,
     }  # fmt: skip
 
 

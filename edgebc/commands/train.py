@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from edgebc.commands import HelpFormatter
@@ -40,6 +41,15 @@ def register_train(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--epochs", type=int, default=None, help="shortcut for --set optim.epochs=N")
     train.add_argument(
+        "--distill-from",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="also learn from these trained models' averaged soft predictions (knowledge "
+        "distillation; they must have been trained on the same train/val samples); shortcut for "
+        "--set optim.distill_from=[...]",
+    )
+    train.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default=None,
@@ -70,6 +80,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         shortcuts = {"data.manifest": args.manifest, "model.arch": args.arch, "model.pretrained": args.pretrained,
                      "optim.epochs": args.epochs, "device": args.device, "name": args.name, "out_dir": args.out}  # fmt: skip
+        if args.distill_from:  # JSON is YAML: paths with commas or spaces survive the parse
+            shortcuts["optim.distill_from"] = json.dumps(args.distill_from)
         overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
         config = load_train_config(args.config, overrides)
         if args.cross_validate:
