@@ -68,6 +68,8 @@ def test_a_teacher_that_does_not_match_the_run_is_refused(teacher_run):
         load_teachers([path], classes, dict(card, input_height=64), fingerprint)
     with pytest.raises(EdgebcError, match=r"other samples .* leak them"):
         load_teachers([path], classes, card, "0" * 64)
+    with pytest.raises(EdgebcError, match=r"same weights as .* double weight"):
+        load_teachers([path, path], classes, card, fingerprint)
 
 
 def _opinionated_teacher(run, path):

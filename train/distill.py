@@ -73,6 +73,14 @@ def load_teachers(
                 "validation splits (data fingerprints differ): it may have seen validation or test "
                 "frames and would leak them into the student. Train teachers on the same manifest."
             )
+        twin = next(
+            (t for t in teachers if t.record["weights_sha256"] == record["weights_sha256"]), None
+        )
+        if twin is not None:
+            raise EdgebcError(
+                f"teacher {path} has the same weights as {twin.path}: listing one model twice "
+                "would give it double weight in the soft targets"
+            )
         teachers.append(Teacher(path, record))
     return teachers
 
