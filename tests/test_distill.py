@@ -11,7 +11,11 @@ from edgebc.train import engine
 from edgebc.train.checkpoint import load_checkpoint, save_checkpoint, sha256_of_state
 from edgebc.train.dataset import SampleDataset, cache_tensors
 from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
-from tests.test_training import _config, tiny_split  # noqa: F401  (the fixture)
+from tests.test_training import (  # noqa: F401  (tiny_split is the fixture)
+    _config,
+    _crash_after_the_first_epoch,
+    tiny_split,
+)
 
 
 def test_the_loss_is_the_weighted_tempered_kl_divergence():
@@ -127,17 +131,7 @@ def test_resuming_a_distilled_run_is_exact_and_refuses_a_changed_teacher(
     straight = engine.train_model(
         _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
     )
-    real_save = engine.save_checkpoint
-
-    def crash_after_first_epoch(path, payload):
-        real_save(path, payload)
-        if path.name == "last.pt" and payload["epoch"] == 0:
-            raise KeyboardInterrupt("simulated power cut")
-
-    monkeypatch.setattr(engine, "save_checkpoint", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train_model(_config(tiny_split, tmp_path, "crashed", *settings), show_progress=False)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
     crashed = tmp_path / "crashed"
     (tmp_path / "crashed-copy").mkdir()
     for name in ("last.pt", "config.yaml"):

@@ -62,13 +62,8 @@ def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
         engine.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
 
 
-@pytest.mark.parametrize("mask_weight", [0.0, 0.5], ids=["plain", "mask-loss"])
-def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatch, mask_weight):
-    settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true",
-                f"optim.mask_loss_weight={mask_weight}")  # fmt: skip
-    straight = engine.train_model(
-        _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
-    )
+def _crash_after_the_first_epoch(config, monkeypatch):
+    """Train `config` until a simulated power cut just after the first epoch's last.pt is written."""
     real_save = engine.save_checkpoint
 
     def crash_after_first_epoch(path, payload):
@@ -78,8 +73,18 @@ def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatc
 
     monkeypatch.setattr(engine, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        engine.train_model(_config(tiny_split, tmp_path, "crashed", *settings), show_progress=False)
+        engine.train_model(config, show_progress=False)
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
+
+
+@pytest.mark.parametrize("mask_weight", [0.0, 0.5], ids=["plain", "mask-loss"])
+def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatch, mask_weight):
+    settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true",
+                f"optim.mask_loss_weight={mask_weight}")  # fmt: skip
+    straight = engine.train_model(
+        _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
+    )
+    _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
     resumed = engine.train_model(
         _config(tiny_split, tmp_path, "ignored"), resume=tmp_path / "crashed", show_progress=False
     )
