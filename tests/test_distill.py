@@ -74,6 +74,8 @@ def test_a_teacher_that_does_not_match_the_run_is_refused(teacher_run):
         load_teachers([path], classes, card, "0" * 64)
     with pytest.raises(EdgebcError, match=r"same weights as .* double weight"):
         load_teachers([path, path], classes, card, fingerprint)
+    with pytest.raises(EdgebcError, match=r"data.fold None but this run uses 2: .* validation"):
+        load_teachers([path], classes, card, fingerprint, fold=2)
 
 
 def _opinionated_teacher(run, path):

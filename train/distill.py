@@ -50,8 +50,14 @@ def load_teachers(
     class_names: Sequence[str],
     card: dict[str, Any],
     data_fingerprint: str,
+    fold: int | None = None,
 ) -> list[Teacher]:
-    """The teacher checkpoints, each checked against the student's classes, card and data."""
+    """The teacher checkpoints, each checked against the student's classes, card and data.
+
+    With k-fold manifests every fold's run has the same fingerprint (training plus validation is
+    the whole non-test data), so the fold must match too: a teacher from another fold trained on
+    this run's validation fold.
+    """
     teachers = []
     for path in map(Path, paths):
         record = load_checkpoint(path)
@@ -72,6 +78,12 @@ def load_teachers(
                 f"teacher {path} was trained on other samples than this run's training and "
                 "validation splits (data fingerprints differ): it may have seen validation or test "
                 "frames and would leak them into the student. Train teachers on the same manifest."
+            )
+        teacher_fold = record.get("config", {}).get("data", {}).get("fold")
+        if teacher_fold != fold:
+            raise EdgebcError(
+                f"teacher {path} was trained with data.fold {teacher_fold} but this run uses "
+                f"{fold}: its training samples include this run's validation frames"
             )
         twin = next(
             (t for t in teachers if t.record["weights_sha256"] == record["weights_sha256"]), None

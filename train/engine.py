@@ -162,7 +162,9 @@ def _train(
         SampleDataset(val_samples, card, classes), config.loader_workers, "cache val"
     )
     fingerprint = data_fingerprint(train_samples + val_samples)
-    teachers = load_teachers(config.optim.distill_from, classes, card.to_dict(), fingerprint)
+    teachers = load_teachers(
+        config.optim.distill_from, classes, card.to_dict(), fingerprint, config.data.fold
+    )
     provenance = [t.provenance() for t in teachers]
     if state is not None and state.get("distilled_from", []) != provenance:
         raise EdgebcError(
