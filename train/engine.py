@@ -171,16 +171,15 @@ def _train(
             f"the teachers of {run_dir} changed since the run started (recorded "
             f"{state.get('distilled_from')}, now {provenance}): resuming would not continue exactly"
         )
-    train_soft = (
-        soft_targets(teachers, train_x.to(device), config.optim.distill_temperature)
+    if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
+        train_x, train_y = train_x.to(device), train_y.to(device)
+        if train_masks is not None and has_mask is not None:
+            train_masks, has_mask = train_masks.to(device), has_mask.to(device)
+    train_soft = (  # computed once, where the cached images already are
+        soft_targets(teachers, train_x, config.optim.distill_temperature).to(train_x.device)
         if teachers
         else None
     )
-    if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
-        train_x, train_y = train_x.to(device), train_y.to(device)
-        train_soft = None if train_soft is None else train_soft.to(device)
-        if train_masks is not None and has_mask is not None:
-            train_masks, has_mask = train_masks.to(device), has_mask.to(device)
 
     model = create_model(
         config.model.arch,
