@@ -4,7 +4,8 @@ Exported ONNX files hold the card as JSON in their metadata under `edgebc.card`.
 reads it with ONNX Runtime alone (no onnx, no torch) and never re-declares what it says:
 class names, the preprocessing card, input/output names and shape, temperature, the operating
 threshold and the sensitivity it was chosen for, evaluation metrics, the weights' sha256, the
-training data fingerprint, the edgebc version and the export date.
+training data fingerprint, the model's lineage (the pretrained file it started from and the
+teachers it was distilled from, each by weights hash), the edgebc version and the export date.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ModelCard:
     exported: str = ""
     source_checkpoint: str = ""
     quantization: dict[str, Any] | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:

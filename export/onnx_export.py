@@ -60,8 +60,18 @@ def card_from_checkpoint(
         metrics={k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))},
         weights_sha256=record.get("weights_sha256", ""), data_fingerprint=record.get("data_fingerprint", ""),
         edgebc_version=__version__, exported=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=source,
+        source_checkpoint=source, lineage=lineage_of(record),
     )  # fmt: skip
+
+
+def lineage_of(record: dict[str, Any]) -> dict[str, Any]:
+    """Where the weights came from, so an audit can trace a deployed model back to every model
+    whose knowledge it carries: the torchvision file it started from, the teachers it learned from."""
+    pretrained = record.get("pretrained") or {}
+    return {
+        "pretrained": pretrained.get("source"),
+        "distilled_from": [dict(teacher) for teacher in record.get("distilled_from") or []],
+    }
 
 
 def export_onnx(

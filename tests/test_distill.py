@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
 from edgebc.errors import EdgebcError
+from edgebc.export.onnx_export import card_from_checkpoint
 from edgebc.train import engine
 from edgebc.train.checkpoint import load_checkpoint, save_checkpoint, sha256_of_state
 from edgebc.train.dataset import SampleDataset, cache_tensors
@@ -109,6 +110,11 @@ def test_soft_targets_steer_the_student_and_the_checkpoint_names_its_teachers(
         {"path": str(teacher), "arch": "simple_cnn",
          "weights_sha256": load_checkpoint(teacher)["weights_sha256"]}
     ]  # fmt: skip
+    # ... and so does the model card its ONNX export will carry to the device.
+    assert card_from_checkpoint(record, "student", 8, "last.pt").lineage == {
+        "pretrained": None,
+        "distilled_from": record["distilled_from"],
+    }
     config = _config(tiny_split, tmp_path, "x")
     val = engine.select_samples(config, "val")
     images, labels = cache_tensors(SampleDataset(val, config.preprocess, record["class_names"]), 1)

@@ -96,6 +96,25 @@ def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatc
     ]
 
 
+def test_a_resumed_run_still_names_the_weights_it_started_from(tiny_split, tmp_path, monkeypatch):
+    from edgebc.export.onnx_export import card_from_checkpoint
+    from edgebc.train.models import create_model
+
+    imagenet = tmp_path / "mobilenet_v3_small-imagenet.pth"
+    torch.save(create_model("mobilenet_v3_small", 1000, 3).state_dict(), imagenet)
+    settings = ("model.arch=mobilenet_v3_small", f"model.pretrained={imagenet}")
+    _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
+    resumed = engine.train_model(
+        _config(tiny_split, tmp_path, "ignored"), resume=tmp_path / "crashed", show_progress=False
+    )
+    last = load_checkpoint(resumed.run_dir / "last.pt")  # rewritten after the resume
+    assert last["epoch"] == 1 and last["pretrained"]["source"] == str(imagenet)
+    assert card_from_checkpoint(last, "m", 8, "last.pt").lineage == {
+        "pretrained": str(imagenet),
+        "distilled_from": [],
+    }
+
+
 def test_bad_configuration_is_named(tiny_split, tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'lr_max' for OptimConfig"):
         _config(tiny_split, tmp_path, "x", "optim.lr_max=1")

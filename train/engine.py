@@ -193,7 +193,8 @@ def _train(
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.momentum = config.optim.bn_momentum
-    pretrained_report = None
+    # A resumed run starts from its own weights, but still descends from the pretrained file.
+    pretrained_report = state.get("pretrained") if state is not None else None
     if config.model.pretrained and not resume:
         pretrained_report = load_torchvision_weights(
             model, config.model.arch, config.model.pretrained
