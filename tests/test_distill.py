@@ -1,6 +1,8 @@
 """Distillation: the loss is the formula, the targets are the teachers' tempered average, a teacher
 that does not match the run is refused with its reason, and the soft targets really steer training."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,31 @@ def test_the_command_line_names_teachers_even_with_commas_and_spaces(
     assert load_checkpoint(tmp_path / "cli" / "best.pt")["distilled_from"][0]["path"] == str(
         teacher
     )
+
+
+def test_cross_validation_gives_each_fold_its_own_teacher_and_checks_all_first(tmp_path):
+    from edgebc.data.split import SplitPlan
+    from edgebc.train.crossval import cross_validate
+    from tests.test_training import _split_phantoms
+
+    manifest = _split_phantoms(
+        tmp_path / "ph", 8, 48, SplitPlan(val=0.0, test=0.2, folds=2, seed=0)
+    )
+    cross_validate(_config(manifest, tmp_path, "teachers", "optim.epochs=1"), show_progress=False)
+    per_fold = str(tmp_path / "teachers" / "fold{fold}" / "best.pt")
+    cross_validate(_config(manifest, tmp_path, "students", "optim.epochs=1",
+                           f"optim.distill_from={json.dumps([per_fold])}"), show_progress=False)  # fmt: skip
+    for fold in (0, 1):
+        record = load_checkpoint(tmp_path / "students" / f"fold{fold}" / "best.pt")
+        assert record["distilled_from"][0]["path"] == per_fold.format(fold=fold)
+
+    # One fixed teacher fits fold 0 only: refused before fold 0 trains, with the way out named.
+    fixed = per_fold.format(fold=0)
+    with pytest.raises(EdgebcError, match=r"data.fold 0 but this run uses 1.*\{fold\} in the path"):
+        cross_validate(_config(manifest, tmp_path, "wrong", "optim.epochs=1",
+                               f"optim.distill_from={json.dumps([fixed])}"), show_progress=False)  # fmt: skip
+    assert not (tmp_path / "wrong").exists()
+    # Outside cross-validation nothing fills the placeholder in.
+    with pytest.raises(EdgebcError, match=r"only --cross-validate fills in \{fold\}"):
+        engine.train_model(_config(manifest, tmp_path, "single", "data.fold=0",
+                                   f"optim.distill_from={json.dumps([per_fold])}"), show_progress=False)  # fmt: skip

@@ -17,7 +17,8 @@ from edgebc.atomic import atomic_write_text
 from edgebc.data import read_dataset
 from edgebc.errors import EdgebcError
 from edgebc.train.config import TrainConfig
-from edgebc.train.engine import train_model
+from edgebc.train.distill import FOLD_PLACEHOLDER
+from edgebc.train.engine import check_teachers, train_model
 
 SUMMARY_KEYS = (
     "val_auc_positive",
@@ -36,13 +37,11 @@ def cross_validate(config: TrainConfig, show_progress: bool = True) -> dict[str,
         raise EdgebcError(
             f"{config.data.manifest}: needs a fold column with at least 2 folds (edgebc data split --folds K --val 0)"
         )
+    fold_configs = [_fold_config(config, fold) for fold in folds]
+    for fold_config in fold_configs:  # every fold's teachers, before the first fold trains
+        check_teachers(fold_config)
     per_fold = []
-    for fold in folds:
-        fold_config = dataclasses.replace(
-            config,
-            name=f"{config.name}/fold{fold}",
-            data=dataclasses.replace(config.data, fold=fold),
-        )
+    for fold, fold_config in zip(folds, fold_configs, strict=True):
         result = train_model(fold_config, show_progress=show_progress)
         per_fold.append(
             {"fold": fold, **{k: result.best_metrics.get(k, float("nan")) for k in SUMMARY_KEYS}}
@@ -70,3 +69,14 @@ def cross_validate(config: TrainConfig, show_progress: bool = True) -> dict[str,
         )
     atomic_write_text(out / "cv_summary.md", "\n".join(lines) + "\n")
     return report
+
+
+def _fold_config(config: TrainConfig, fold: int) -> TrainConfig:
+    """The run for one fold: its own folder, that fold validating, that fold's teachers."""
+    teachers = tuple(p.replace(FOLD_PLACEHOLDER, str(fold)) for p in config.optim.distill_from)
+    return dataclasses.replace(
+        config,
+        name=f"{config.name}/fold{fold}",
+        data=dataclasses.replace(config.data, fold=fold),
+        optim=dataclasses.replace(config.optim, distill_from=teachers),
+    )

@@ -13,7 +13,8 @@ A teacher must have been trained on exactly the student's training and validatio
 checkpoints' data fingerprints agree): a teacher that saw validation or test frames would carry
 them into the student and make its validation and test numbers dishonest. It must also share the
 student's preprocessing card and class names, since its targets are computed on the student's
-input tensors and read in the student's class order.
+input tensors and read in the student's class order. Under k-fold cross-validation each fold's
+student needs the teacher trained on that fold: paths name it with `{fold}`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from edgebc.optional import require
 from edgebc.train.checkpoint import load_checkpoint
 
 torch = require("torch", "training")
+
+FOLD_PLACEHOLDER = "{fold}"  # in a teacher's path, replaced by the fold number under k-fold
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ def load_teachers(
     """
     teachers = []
     for path in map(Path, paths):
+        if FOLD_PLACEHOLDER in str(path):
+            raise EdgebcError(
+                f"teacher {path}: only --cross-validate fills in {FOLD_PLACEHOLDER} (with each "
+                "fold's number); name the teacher's checkpoint itself for a single run"
+            )
         record = load_checkpoint(path)
         if list(record["class_names"]) != list(class_names):
             raise EdgebcError(
@@ -84,7 +92,10 @@ def load_teachers(
             raise EdgebcError(
                 f"teacher {path} was trained with data.fold {teacher_fold} but this run uses "
                 f"{fold}: its training samples include this run's validation frames"
-            )
+                + (f" (under --cross-validate, give each fold its own teacher with "
+                   f"{FOLD_PLACEHOLDER} in the path, as in runs/cv/fold{FOLD_PLACEHOLDER}/best.pt)"
+                   if fold is not None else "")
+            )  # fmt: skip
         twin = next(
             (t for t in teachers if t.record["weights_sha256"] == record["weights_sha256"]), None
         )

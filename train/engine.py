@@ -44,7 +44,7 @@ from edgebc.train.checkpoint import (
 )
 from edgebc.train.config import TrainConfig, load_train_config
 from edgebc.train.dataset import SampleDataset, cache_masks, cache_tensors
-from edgebc.train.distill import distillation_loss, load_teachers, soft_targets
+from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
 from edgebc.train.lesion_mask import MaskSupervised, mask_loss
 from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
@@ -94,6 +94,22 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
         ]
     wanted = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[role]
     return [s for s in samples if s.split == wanted]
+
+
+def check_teachers(config: TrainConfig, fingerprint: str | None = None) -> list[Teacher]:
+    """The run's distillation teachers, each checked against its classes, card, data and fold.
+
+    Cross-validation calls it for every fold before training any, so a wrong teacher for the
+    last fold is named at once rather than after hours of training the first ones.
+    """
+    if fingerprint is None:
+        fingerprint = data_fingerprint(
+            select_samples(config, "train") + select_samples(config, "val")
+        )
+    return load_teachers(
+        config.optim.distill_from, config.data.classes, config.preprocess.to_dict(), fingerprint,
+        config.data.fold,
+    )  # fmt: skip
 
 
 def train_model(
@@ -162,9 +178,7 @@ def _train(
         SampleDataset(val_samples, card, classes), config.loader_workers, "cache val"
     )
     fingerprint = data_fingerprint(train_samples + val_samples)
-    teachers = load_teachers(
-        config.optim.distill_from, classes, card.to_dict(), fingerprint, config.data.fold
-    )
+    teachers = check_teachers(config, fingerprint)
     provenance = [t.provenance() for t in teachers]
     if state is not None and state.get("distilled_from", []) != provenance:
         raise EdgebcError(

@@ -46,8 +46,9 @@ def register_train(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="CHECKPOINT",
         help="also learn from these trained models' averaged soft predictions (knowledge "
-        "distillation; they must have been trained on the same train/val samples); shortcut for "
-        "--set optim.distill_from=[...]",
+        "distillation; they must have been trained on the same train/val samples); with "
+        "--cross-validate, {fold} in a path names each fold's own teacher "
+        "(runs/cv-mnv3/fold{fold}/best.pt); shortcut for --set optim.distill_from=[...]",
     )
     train.add_argument(
         "--device",
