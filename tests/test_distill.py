@@ -17,6 +17,7 @@ from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft
 from tests.test_training import (  # noqa: F401  (tiny_split is the fixture)
     _config,
     _crash_after_the_first_epoch,
+    _split_phantoms,
     tiny_split,
 )
 
@@ -185,7 +186,6 @@ def test_the_command_line_names_teachers_even_with_commas_and_spaces(
 def test_cross_validation_gives_each_fold_its_own_teacher_and_checks_all_first(tmp_path):
     from edgebc.data.split import SplitPlan
     from edgebc.train.crossval import cross_validate
-    from tests.test_training import _split_phantoms
 
     manifest = _split_phantoms(
         tmp_path / "ph", 8, 48, SplitPlan(val=0.0, test=0.2, folds=2, seed=0)
