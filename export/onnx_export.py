@@ -87,7 +87,7 @@ def export_onnx(
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
     from edgebc.train.checkpoint import load_checkpoint
-    from edgebc.train.engine import model_from_checkpoint
+    from edgebc.train.loop import model_from_checkpoint
 
     record = load_checkpoint(checkpoint)
     model = model_from_checkpoint(record)

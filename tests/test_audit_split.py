@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgebc.data import Sample, read_dataset
-from edgebc.data.audit import audit_samples, write_audit
+from edgebc.data.curation import audit_samples, write_audit
 from edgebc.data.split import SplitPlan, assign_splits, split_units
 from edgebc.synth import make_ultrasound_phantom
 from edgebc.synth.ultrasound import phantom_rng

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebc.batch import ClassifySettings
+from edgebc.archive import ClassifySettings
 from edgebc.cli import main
 from edgebc.config import load_config
 from edgebc.demo import DEMO_MODEL

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
 
 from edgebc.errors import EdgebcError
 from edgebc.export.onnx_export import card_from_checkpoint
-from edgebc.train import engine
+from edgebc.train import loop
 from edgebc.train.checkpoint import load_checkpoint, save_checkpoint, sha256_of_state
 from edgebc.train.dataset import SampleDataset, cache_tensors
 from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
@@ -45,7 +45,7 @@ def test_the_loss_is_the_weighted_tempered_kl_divergence():
 @pytest.fixture(scope="module")
 def teacher_run(tiny_split, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("teacher")
-    return engine.train_model(_config(tiny_split, out, "teacher"), show_progress=False)
+    return loop.train_model(_config(tiny_split, out, "teacher"), show_progress=False)
 
 
 def test_soft_targets_average_the_teachers_tempered_probabilities(teacher_run, tmp_path):
@@ -59,7 +59,7 @@ def test_soft_targets_average_the_teachers_tempered_probabilities(teacher_run, t
     expected = []
     for record in (first, second):
         with torch.no_grad():
-            logits = engine.model_from_checkpoint(record)(images)
+            logits = loop.model_from_checkpoint(record)(images)
         expected.append(torch.softmax(logits.double() / 3.0, dim=1))
     torch.testing.assert_close(targets, ((expected[0] + expected[1]) / 2).float())
     assert not torch.allclose(expected[0], expected[1])  # the two teachers really differ
@@ -105,7 +105,7 @@ def test_soft_targets_steer_the_student_and_the_checkpoint_names_its_teachers(
     settings = (f"optim.distill_from=[{teacher}]", "optim.distill_weight=1.0",
                 "optim.distill_temperature=1.0", "optim.epochs=6", "optim.lr=0.02",
                 "optim.ema_decay=0", "optim.early_stop_patience=0")  # fmt: skip
-    student = engine.train_model(
+    student = loop.train_model(
         _config(tiny_split, tmp_path, "student", *settings), show_progress=False
     )
     record = load_checkpoint(student.run_dir / "last.pt")
@@ -119,10 +119,10 @@ def test_soft_targets_steer_the_student_and_the_checkpoint_names_its_teachers(
         "distilled_from": record["distilled_from"],
     }
     config = _config(tiny_split, tmp_path, "x")
-    val = engine.select_samples(config, "val")
+    val = loop.select_samples(config, "val")
     images, labels = cache_tensors(SampleDataset(val, config.preprocess, record["class_names"]), 1)
     probabilities = torch.softmax(
-        torch.from_numpy(engine.predict_logits(engine.model_from_checkpoint(record), images,
+        torch.from_numpy(loop.predict_logits(loop.model_from_checkpoint(record), images,
                                                torch.device("cpu"))), dim=1)  # fmt: skip
     # With the hard labels weighted 0 the student learns the teacher's one opinion, although
     # two thirds of the validation frames are not normal.
@@ -139,7 +139,7 @@ def test_resuming_a_distilled_run_is_exact_and_refuses_a_changed_teacher(
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(teacher_run.best_checkpoint.read_bytes())
     settings = (f"optim.distill_from=[{teacher}]", "optim.epochs=3", "optim.ema_decay=0.9")
-    straight = engine.train_model(
+    straight = loop.train_model(
         _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
     )
     _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
@@ -147,14 +147,14 @@ def test_resuming_a_distilled_run_is_exact_and_refuses_a_changed_teacher(
     (tmp_path / "crashed-copy").mkdir()
     for name in ("last.pt", "config.yaml"):
         (tmp_path / "crashed-copy" / name).write_bytes((crashed / name).read_bytes())
-    resumed = engine.train_model(_config(tiny_split, tmp_path, "x"), resume=crashed,
+    resumed = loop.train_model(_config(tiny_split, tmp_path, "x"), resume=crashed,
                                  show_progress=False)  # fmt: skip
     a, b = (load_checkpoint(r.run_dir / "last.pt") for r in (straight, resumed))
     assert a["weights_sha256"] == b["weights_sha256"]
 
     _opinionated_teacher(teacher_run, teacher)  # the teacher file is replaced mid-run
     with pytest.raises(EdgebcError, match=r"teachers of .* changed since the run started"):
-        engine.train_model(_config(tiny_split, tmp_path, "x"), resume=tmp_path / "crashed-copy",
+        loop.train_model(_config(tiny_split, tmp_path, "x"), resume=tmp_path / "crashed-copy",
                            show_progress=False)  # fmt: skip
 
 
@@ -206,5 +206,5 @@ def test_cross_validation_gives_each_fold_its_own_teacher_and_checks_all_first(t
     assert not (tmp_path / "wrong").exists()
     # Outside cross-validation nothing fills the placeholder in.
     with pytest.raises(EdgebcError, match=r"only --cross-validate fills in \{fold\}"):
-        engine.train_model(_config(manifest, tmp_path, "single", "data.fold=0",
+        loop.train_model(_config(manifest, tmp_path, "single", "data.fold=0",
                                    f"optim.distill_from={json.dumps([per_fold])}"), show_progress=False)  # fmt: skip

@@ -13,7 +13,7 @@ from edgebc.data import read_manifest, write_manifest
 from edgebc.data.records import Sample
 from edgebc.errors import EdgebcError
 from edgebc.preprocess import PreprocessCard
-from edgebc.train import engine
+from edgebc.train import loop
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.checkpoint import load_checkpoint
 from edgebc.train.config import AugmentConfig
@@ -84,7 +84,7 @@ def test_mask_loss_is_coverage_cross_entropy_over_samples_that_have_a_mask():
 
 def test_training_with_the_mask_loss_keeps_the_head_out_of_the_model(tiny_split, tmp_path):  # noqa: F811
     config = _config(tiny_split, tmp_path, "masked", "optim.epochs=4", "optim.mask_loss_weight=1.0")
-    result = engine.train_model(config, show_progress=False)
+    result = loop.train_model(config, show_progress=False)
     losses = [row["train_mask_loss"] for row in result.history]
     assert all(0 < loss < 2 for loss in losses) and losses[-1] < 0.8 * losses[0]
     plain_keys = set(create_model("simple_cnn", 3, 1).state_dict())
@@ -98,7 +98,7 @@ def test_the_mask_loss_without_masks_is_refused_by_name(tiny_split, tmp_path):  
         [s.with_(masks=()) for s in read_manifest(tiny_split)], tmp_path / "bare.csv"
     )
     with pytest.raises(EdgebcError, match=r"none of the .* training samples .* has a lesion mask"):
-        engine.train_model(
+        loop.train_model(
             _config(bare, tmp_path, "x", "optim.mask_loss_weight=1.0"), show_progress=False
         )
     assert not (tmp_path / "x" / "last.pt").exists()

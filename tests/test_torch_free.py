@@ -31,7 +31,7 @@ def test_every_runtime_module_imports_without_torch():
         "edgebc.preprocess",
         "edgebc.decode",
         "edgebc.region",
-        "edgebc.data.audit",
+        "edgebc.data.curation",
         "edgebc.synth.ultrasound",
         "edgebc.cli",
     ):

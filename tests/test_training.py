@@ -13,7 +13,7 @@ from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.errors import ConfigError, EdgebcError
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
-from edgebc.train import engine
+from edgebc.train import loop
 from edgebc.train.checkpoint import load_checkpoint, sha256_of_state
 from edgebc.train.config import load_train_config
 
@@ -39,7 +39,7 @@ def _config(manifest, out, name, *extra):
 
 
 def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
-    result = engine.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
+    result = loop.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
     run = tmp_path / "run"
     for name in ("config.yaml", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json"):
         assert (run / name).is_file(), name
@@ -59,33 +59,33 @@ def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
     assert 0 <= metrics["val_auc_positive"] <= 1 and metrics["val_sensitivity_at_threshold"] >= 0.95
     assert load_train_config(run / "config.yaml") == _config(tiny_split, tmp_path, "run")
     with pytest.raises(EdgebcError, match="already holds a run"):
-        engine.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
+        loop.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
 
 
 def _crash_after_the_first_epoch(config, monkeypatch):
     """Train `config` until a simulated power cut just after the first epoch's last.pt is written."""
-    real_save = engine.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def crash_after_first_epoch(path, payload):
         real_save(path, payload)
         if path.name == "last.pt" and payload["epoch"] == 0:
             raise KeyboardInterrupt("simulated power cut")
 
-    monkeypatch.setattr(engine, "save_checkpoint", crash_after_first_epoch)
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        engine.train_model(config, show_progress=False)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+        loop.train_model(config, show_progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
 
 @pytest.mark.parametrize("mask_weight", [0.0, 0.5], ids=["plain", "mask-loss"])
 def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatch, mask_weight):
     settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true",
                 f"optim.mask_loss_weight={mask_weight}")  # fmt: skip
-    straight = engine.train_model(
+    straight = loop.train_model(
         _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
     )
     _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
-    resumed = engine.train_model(
+    resumed = loop.train_model(
         _config(tiny_split, tmp_path, "ignored"), resume=tmp_path / "crashed", show_progress=False
     )
     a = load_checkpoint(straight.run_dir / "last.pt")
@@ -104,7 +104,7 @@ def test_a_resumed_run_still_names_the_weights_it_started_from(tiny_split, tmp_p
     torch.save(create_model("mobilenet_v3_small", 1000, 3).state_dict(), imagenet)
     settings = ("model.arch=mobilenet_v3_small", f"model.pretrained={imagenet}")
     _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
-    resumed = engine.train_model(
+    resumed = loop.train_model(
         _config(tiny_split, tmp_path, "ignored"), resume=tmp_path / "crashed", show_progress=False
     )
     last = load_checkpoint(resumed.run_dir / "last.pt")  # rewritten after the resume
@@ -119,7 +119,7 @@ def test_bad_configuration_is_named(tiny_split, tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'lr_max' for OptimConfig"):
         _config(tiny_split, tmp_path, "x", "optim.lr_max=1")
     with pytest.raises(EdgebcError, match="no validation samples"):
-        engine.train_model(
+        loop.train_model(
             _config(tiny_split, tmp_path, "x", "data.val_split=nope"), show_progress=False
         )
 
@@ -127,7 +127,7 @@ def test_bad_configuration_is_named(tiny_split, tmp_path):
 def test_eval_report_has_intervals_operating_point_and_pictures(tiny_split, tmp_path):
     from edgebc.train.evaluate import evaluate_checkpoint
 
-    run = engine.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
+    run = loop.train_model(_config(tiny_split, tmp_path, "run"), show_progress=False)
     report = evaluate_checkpoint(
         run.best_checkpoint, tiny_split, tmp_path / "eval", "test", n_boot=200, gradcam_per_kind=2
     )
@@ -188,7 +188,7 @@ def test_phantoms_are_learnable_well_above_chance(tmp_path):
     manifest = _split_phantoms(tmp_path / "ph", 90, 128, SplitPlan(val=0.2, test=0.2, seed=0))
     config = _config(manifest, tmp_path, "learn", "preprocess.input_height=96", "preprocess.input_width=96",
                      "optim.epochs=10", "optim.batch_size=16", "optim.ema_decay=0", "augment.enabled=false")  # fmt: skip
-    result = engine.train_model(config, show_progress=False)
+    result = loop.train_model(config, show_progress=False)
     first = result.history[0]
     assert first["val_accuracy"] < 0.9  # not trivial: one epoch does not solve it
     assert result.best_metrics["val_auc_positive"] > 0.75

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
 from edgebc.preprocess import PreprocessCard
-from edgebc.train import engine
+from edgebc.train import loop
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.checkpoint import load_checkpoint
 from edgebc.train.config import AugmentConfig
@@ -40,14 +40,14 @@ def test_augmentation_on_the_gpu_draws_what_it_draws_on_the_cpu():
 def test_a_cuda_run_with_amp_writes_a_checkpoint_the_cpu_loads(tiny_split, tmp_path, amp):  # noqa: F811
     config = _config(tiny_split, tmp_path, f"cuda-{amp}", "device=cuda", f"amp={amp}",
                      "channels_last=true", "augment.enabled=true", "optim.epochs=3")  # fmt: skip
-    run = engine.train_model(config, show_progress=False)
+    run = loop.train_model(config, show_progress=False)
     record = load_checkpoint(run.best_checkpoint)
     assert all(t.device.type == "cpu" for t in record["state_dict"].values())
     assert record["config"]["device"] == "cuda" and record["config"]["amp"] == amp
-    val = engine.select_samples(config, "val")
+    val = loop.select_samples(config, "val")
     images, _ = cache_tensors(SampleDataset(val, config.preprocess, record["class_names"]), 1)
-    model = engine.model_from_checkpoint(record)
-    on_cpu = engine.predict_logits(model, images, torch.device("cpu"))
-    on_gpu = engine.predict_logits(model.cuda(), images, torch.device("cuda"))
+    model = loop.model_from_checkpoint(record)
+    on_cpu = loop.predict_logits(model, images, torch.device("cpu"))
+    on_gpu = loop.predict_logits(model.cuda(), images, torch.device("cuda"))
     assert on_cpu.shape == (len(val), 3) and (abs(on_cpu) < 1e4).all()
     assert abs(on_cpu - on_gpu).max() < 1e-2  # fp32 inference; TF32 may round the convolutions

@@ -18,7 +18,7 @@ from edgebc.export.onnx_export import export_onnx
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train.config import load_train_config
-from edgebc.train.engine import train_model
+from edgebc.train.loop import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "demo-model"

@@ -18,7 +18,7 @@ from edgebc.data import read_dataset
 from edgebc.errors import EdgebcError
 from edgebc.train.config import TrainConfig
 from edgebc.train.distill import FOLD_PLACEHOLDER
-from edgebc.train.engine import check_teachers, train_model
+from edgebc.train.loop import check_teachers, train_model
 
 SUMMARY_KEYS = (
     "val_auc_positive",

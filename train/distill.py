@@ -112,7 +112,7 @@ def soft_targets(
     teachers: Sequence[Teacher], images: torch.Tensor, temperature: float, batch_size: int = 64
 ) -> torch.Tensor:
     """(N, C) mean over teachers of softmax(logits / temperature) for each image, float32, CPU."""
-    from edgebc.train.engine import model_from_checkpoint, predict_logits
+    from edgebc.train.loop import model_from_checkpoint, predict_logits
 
     if not teachers:
         raise ValueError("soft_targets needs at least one teacher")

@@ -122,7 +122,7 @@ class _EvalModel:
 
     def _init_checkpoint(self, path: Path, device: str) -> None:
         from edgebc.train.checkpoint import load_checkpoint
-        from edgebc.train.engine import model_from_checkpoint
+        from edgebc.train.loop import model_from_checkpoint
 
         record = load_checkpoint(path)
         self.backend, self.arch = "pytorch", record["arch"]
@@ -140,7 +140,7 @@ class _EvalModel:
             return np.concatenate(
                 [self._runtime.run(images[i : i + step]) for i in range(0, len(images), step)]
             )
-        from edgebc.train.engine import predict_logits
+        from edgebc.train.loop import predict_logits
 
         torch = require("torch", "evaluating checkpoints")
         return predict_logits(

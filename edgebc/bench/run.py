@@ -103,7 +103,7 @@ def naive_pipeline(checkpoint: Path, size: int) -> Callable[[np.ndarray, Region]
     from PIL import Image
 
     from edgebc.train.checkpoint import load_checkpoint
-    from edgebc.train.engine import model_from_checkpoint
+    from edgebc.train.loop import model_from_checkpoint
 
     record = load_checkpoint(checkpoint)
     model = model_from_checkpoint(record).eval()

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from edgebc.commands import HelpFormatter
 
 if TYPE_CHECKING:  # for annotations only; the command imports its modules when it runs
+    from edgebc.archive import ClassifySettings
     from edgebc.backends import Backend
-    from edgebc.batch import ClassifySettings
     from edgebc.classifier import FrameClassifier
 
 
@@ -60,7 +60,7 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
 
 def classify_settings(args: argparse.Namespace) -> ClassifySettings:
     """The --config file (or defaults) with --set on top, then the command line's values."""
-    from edgebc.batch import ClassifySettings
+    from edgebc.archive import ClassifySettings
     from edgebc.config import load_config
 
     region = None
@@ -84,8 +84,8 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
 def run_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from edgebc.archive import classify_inputs
     from edgebc.backends import open_backend
-    from edgebc.batch import classify_inputs
     from edgebc.classifier import FrameClassifier
     from edgebc.region import Region
 
@@ -106,7 +106,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def auto_region_classifier(backend: Backend, inputs: Sequence[str]) -> FrameClassifier:
-    from edgebc.batch import expand_inputs, iter_frames
+    from edgebc.archive import expand_inputs, iter_frames
     from edgebc.classifier import FrameClassifier
     from edgebc.region import detect_imaging_region
 

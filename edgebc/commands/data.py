@@ -68,7 +68,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgebc.data import read_dataset
-    from edgebc.data.audit import audit_samples, write_audit
+    from edgebc.data.curation import audit_samples, write_audit
 
     samples = read_dataset(args.path)
     with tqdm(total=len(samples), desc="audit", unit="img", disable=None) as bar:
@@ -97,7 +97,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from edgebc.data import read_dataset, write_manifest
-    from edgebc.data.audit import audit_samples
+    from edgebc.data.curation import audit_samples
     from edgebc.data.split import SplitPlan, assign_splits, split_summary
 
     plan = SplitPlan(

@@ -92,7 +92,7 @@ def register_export(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from edgebc.export.pipeline import ExportOptions, run_export
+    from edgebc.export.bundle import ExportOptions, run_export
 
     def split(value):
         return None if value == "all" else value

@@ -74,7 +74,7 @@ def register_train(commands: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from edgebc.train.config import load_train_config
-    from edgebc.train.engine import train_model
+    from edgebc.train.loop import train_model
 
     if args.resume is not None:
         result = train_model(load_train_config(args.resume / "config.yaml"), resume=args.resume)

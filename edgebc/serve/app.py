@@ -26,7 +26,7 @@ from typing import Any
 from edgebc.decode import sniff_format
 from edgebc.errors import ImageDecodeError
 from edgebc.optional import require
-from edgebc.serve.metrics import metrics_text
+from edgebc.serve.prometheus import metrics_text
 from edgebc.serve.runtime import ServeRuntime
 from edgebc.serve.systemd import SystemdNotifier
 

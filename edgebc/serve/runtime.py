@@ -29,7 +29,7 @@ from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
-from edgebc.serve.pipeline import LivePipeline, LiveResult
+from edgebc.serve.live_loop import LivePipeline, LiveResult
 from edgebc.serve.settings import ServeSettings
 from edgebc.sources import FrameSource, open_source
 
