@@ -1,9 +1,7 @@
 """From a frame to a decision: crop, quality gate, shared preprocessing, inference, calibrated probabilities.
 
-Probabilities are softmax(logits / temperature) with the card's temperature. The decision uses the
-card's operating threshold: the positive class (malignant) whenever its probability reaches the
-threshold, which was chosen on validation for the target sensitivity; otherwise the most
-probable of the other classes. Without a threshold in the card, the most probable class. Every
+Probabilities are softmax(logits / temperature) with the card's temperature; the decision is the
+one decision rule (edgebc.decision) at the card's operating threshold or a site's override. Every
 stage is timed, for every frame.
 """
 
@@ -16,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgebc.backends import Backend
+from edgebc.decision import DecisionRule
 from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import QualityGate, QualityResult
@@ -113,15 +112,4 @@ class FrameClassifier:
         return to_channels(validated_image(crop), 1)
 
     def _decide(self, p: np.ndarray) -> str:
-        return decide(p, self.card.class_names, self.positive, self.threshold)
-
-
-def decide(p: np.ndarray, names: Sequence[str], positive: int, threshold: float | None) -> str:
-    """The positive class when its probability reaches `threshold`, else the most probable other
-    class; without a threshold, the most probable class."""
-    if threshold is not None:
-        if p[positive] >= threshold:
-            return names[positive]
-        others = [k for k in range(len(names)) if k != positive]
-        return names[max(others, key=lambda k: p[k])]
-    return names[int(np.argmax(p))]
+        return DecisionRule.of(self.card, self.threshold).decide(p)

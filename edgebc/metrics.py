@@ -12,8 +12,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from edgebc.decision import DecisionRule
+from edgebc.model_card import OperatingPoint
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -192,14 +196,6 @@ def fit_temperature(
     return float(np.exp((a + b) / 2))
 
 
-@dataclass(frozen=True)
-class OperatingPoint:
-    threshold: float
-    target_sensitivity: float
-    sensitivity: float
-    specificity: float
-
-
 def threshold_for_sensitivity(
     positive: np.ndarray, scores: np.ndarray, target: float = 0.95
 ) -> OperatingPoint:
@@ -210,15 +206,17 @@ def threshold_for_sensitivity(
     scores = np.asarray(scores, np.float64)
     if not positive.any():
         raise ValueError("cannot choose a threshold without positive cases")
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     candidates = np.sort(np.unique(scores[positive]))[::-1]
     for threshold in candidates:
         sens = float((scores[positive] >= threshold).mean())
         if sens >= target:
-            return OperatingPoint(
-                float(threshold), target, sens, specificity_at(positive, scores, float(threshold))
-            )
+            return OperatingPoint(float(threshold), target, sens,
+                                  specificity_at(positive, scores, float(threshold)), n_pos, n_neg)  # fmt: skip
     threshold = float(candidates[-1])
-    return OperatingPoint(threshold, target, 1.0, specificity_at(positive, scores, threshold))
+    return OperatingPoint(
+        threshold, target, 1.0, specificity_at(positive, scores, threshold), n_pos, n_neg
+    )
 
 
 def sensitivity_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> float:
@@ -235,6 +233,57 @@ def specificity_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -
     return (
         float((np.asarray(scores)[negative] < threshold).mean()) if negative.any() else float("nan")
     )
+
+
+def score_predictions(
+    probs: np.ndarray, y: np.ndarray, rule: DecisionRule, n_boot: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """Every headline number for class probabilities `probs` against class indices `y`, with the
+    decisions taken by `rule` — the device's own rule — so a report's accuracy, confusion matrix,
+    sensitivity and agreement are about the calls the cart shows. `n_boot` > 0 adds percentile
+    bootstrap intervals over cases."""
+    probs, y = np.asarray(probs, np.float64), np.asarray(y)
+    k, positive = len(rule.class_names), rule.positive
+    decided = rule.indices(probs)
+    matrix = confusion_matrix(y, decided, k)
+    stats = per_class_stats(matrix)
+    scores = probs[:, positive]
+
+    def macro(yy: np.ndarray, pp: np.ndarray) -> float:
+        aucs = [roc_auc(yy == c, pp[:, c]) for c in range(k)]
+        return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+
+    ece, table = expected_calibration_error(probs, y)
+    result: dict[str, Any] = {
+        "n": len(y), "positive_class": rule.positive_class, "threshold": rule.threshold,
+        "accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
+        "balanced_accuracy": float(np.nanmean([s.sensitivity for s in stats])),
+        "cohen_kappa": cohen_kappa(matrix), "confusion_matrix": matrix.tolist(),
+        "per_class": {c: s.__dict__ for c, s in zip(rule.class_names, stats, strict=True)},
+        "auc_positive": roc_auc(y == positive, scores), "macro_auc": macro(y, probs),
+        "average_precision_positive": average_precision(y == positive, scores),
+        "sensitivity": stats[positive].sensitivity, "specificity": stats[positive].specificity,
+        "ece": ece, "reliability": table,
+    }  # fmt: skip
+    if n_boot > 0:
+        result["auc_positive_ci"] = list(
+            bootstrap_ci(lambda yy, ss: roc_auc(yy == positive, ss), y, scores, n_boot, seed)
+        )
+        result["macro_auc_ci"] = list(bootstrap_ci(macro, y, probs, n_boot, seed))
+        result["sensitivity_ci"] = list(
+            bootstrap_ci(
+                lambda yy, dd: (
+                    float(np.mean(dd[yy == positive] == positive))
+                    if (yy == positive).any()
+                    else float("nan")
+                ),
+                y,
+                decided,
+                n_boot,
+                seed,
+            )
+        )
+    return result
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

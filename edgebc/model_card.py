@@ -1,43 +1,94 @@
-"""The model card: everything the device needs to run a model, carried inside the model file.
+"""The model card: the one typed record of a model, from training's finalisation to the device.
 
-Exported ONNX files hold the card as JSON in their metadata under `edgebc.card`. The runtime
-reads it with ONNX Runtime alone (no onnx, no torch) and never re-declares what it says:
-class names, the preprocessing card, input/output names and shape, temperature, the operating
-threshold and the sensitivity it was chosen for, evaluation metrics, the weights' sha256, the
-training data fingerprint, the model's lineage (the pretrained file it started from and the
-teachers it was distilled from, each by weights hash), the edgebc version and the export date.
+A checkpoint holds a card plus the training state; an exported ONNX file holds the card as JSON
+in its metadata under `edgebc.card`; the runtime, `eval`, calibration, the INT8 parity checks and
+the benchmarks read it through `ModelCard.from_dict` / `from_json`, never by picking keys out of a
+dict. It says what the device needs and nothing is re-declared elsewhere: the task (classes,
+positive class, how dataset labels map), every input (name, modality, view, its own
+preprocessing, whether it is optional, whether it changes per frame or once per case), every
+output (logits, and features for shift detection), the temperature, the operating point with the
+validation figures behind it, metrics, hashes, the training data fingerprint and the model's
+lineage (the pretrained file it started from and the teachers it was distilled from).
+
+Cards written before schema 2 (single input, flat `threshold`/`preprocess` fields) are migrated
+on reading, so existing exported models and the checkpoints users trained keep working.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgebc.config import from_mapping, to_mapping
 from edgebc.errors import EdgebcError
 from edgebc.preprocess import PreprocessCard
+from edgebc.task import Task, task_for
 
 CARD_KEY = "edgebc.card"
-CARD_SCHEMA = 1
+CARD_SCHEMA = 2
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input tensor: a modality (`us` ultrasound, `mg` mammography), a view where it has one
+    (`L-CC`, `R-MLO`, ...), its own preprocessing, and how often it changes: live ultrasound per
+    frame, a stored mammogram once per case (the runtime may cache what it computes from it)."""
+
+    name: str
+    preprocess: PreprocessCard
+    modality: Literal["us", "mg"] = "us"
+    view: str | None = None
+    optional: bool = False
+    changes: Literal["frame", "case"] = "frame"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.preprocess.input_shape
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One output tensor: `logits` (one per class) or `features` (an embedding, for shift checks)."""
+
+    name: str
+    kind: Literal["logits", "features"] = "logits"
+    size: int = 0  # classes for logits, the embedding width for features; 0 = not recorded
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The positive-class threshold and the validation evidence it rests on: a sensitivity
+    measured on `positives` cases says more, or less, than the bare number."""
+
+    threshold: float
+    target_sensitivity: float | None = None
+    sensitivity: float | None = None  # on validation, at the threshold
+    specificity: float | None = None
+    positives: int | None = None  # validation cases behind the figures
+    negatives: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
 
 
 @dataclass(frozen=True)
 class ModelCard:
     name: str
     arch: str
-    class_names: tuple[str, ...]
-    positive_class: str
-    preprocess: PreprocessCard
-    input_name: str
-    output_name: str
+    task: Task
+    inputs: tuple[ModelInput, ...]
+    outputs: tuple[ModelOutput, ...] = (ModelOutput("logits"),)
+    arch_options: dict[str, Any] = field(default_factory=dict)  # rebuild args (width, head, ...)
     temperature: float = 1.0
-    threshold: float | None = None
-    target_sensitivity: float | None = None
+    operating_point: OperatingPoint | None = None
     precision: str = "fp32"  # fp32 | fp16 | int8
     max_batch: int = 64
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     data_fingerprint: str = ""
     edgebc_version: str = ""
@@ -48,25 +99,94 @@ class ModelCard:
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:
-        if self.positive_class not in self.class_names:
-            raise ValueError(
-                f"positive_class {self.positive_class!r} is not among class_names {list(self.class_names)}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
         if self.schema != CARD_SCHEMA:
             raise ValueError(
                 f"model card schema {self.schema} is not supported (expected {CARD_SCHEMA}); upgrade edgebc"
             )
+        if not self.inputs:
+            raise ValueError("a model card needs at least one input")
+        names = [i.name for i in self.inputs] + [o.name for o in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input and output names must be distinct, got {names}")
+        if [o.kind for o in self.outputs].count("logits") != 1:
+            raise ValueError(f"a model card needs exactly one logits output, got {self.outputs}")
+        if all(i.optional for i in self.inputs):
+            raise ValueError("at least one input must be required (optional: false)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+    # -- the single-input model's view (most models; a fusion model names its inputs) ----------
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.task.classes
+
+    @property
+    def positive_class(self) -> str:
+        return self.task.positive_class
+
+    @property
+    def positive(self) -> int:
+        return self.task.positive
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.operating_point is None else self.operating_point.threshold
+
+    @property
+    def target_sensitivity(self) -> float | None:
+        return None if self.operating_point is None else self.operating_point.target_sensitivity
+
+    @property
+    def input(self) -> ModelInput:
+        """The only input; a model with several names them (`inputs`)."""
+        if len(self.inputs) != 1:
+            raise EdgebcError(
+                f"model {self.name} has {len(self.inputs)} inputs "
+                f"({', '.join(i.name for i in self.inputs)}): give each by name"
+            )
+        return self.inputs[0]
+
+    @property
+    def preprocess(self) -> PreprocessCard:
+        return self.input.preprocess
+
+    @property
+    def input_name(self) -> str:
+        return self.input.name
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return self.preprocess.input_shape
+        return self.input.shape
+
+    @property
+    def logits_output(self) -> ModelOutput:
+        return next(o for o in self.outputs if o.kind == "logits")
+
+    @property
+    def output_name(self) -> str:
+        return self.logits_output.name
+
+    # -- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_mapping(self)
 
     def to_json(self) -> str:
-        return json.dumps(to_mapping(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "model card") -> ModelCard:
+        """The one constructor from stored form; older schemas are migrated first."""
+        if not isinstance(data, Mapping):
+            raise EdgebcError(f"{source}: a model card is a mapping, got {type(data).__name__}")
+        schema = data.get("schema", 1)
+        if schema == 1:
+            data = migrate_schema1(data)
+        elif schema != CARD_SCHEMA:
+            raise EdgebcError(
+                f"{source}: model card schema {schema} is newer than this edgebc understands "
+                f"({CARD_SCHEMA}); upgrade edgebc"
+            )
+        return from_mapping(cls, data, source=source)
 
     @classmethod
     def from_json(cls, text: str, source: str = "model card") -> ModelCard:
@@ -74,7 +194,37 @@ class ModelCard:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EdgebcError(f"{source}: model card is not valid JSON: {exc}") from exc
-        return from_mapping(cls, data, source=source)
+        return cls.from_dict(data, source)
+
+
+def single_input(
+    preprocess: PreprocessCard, name: str = "input", modality: Literal["us", "mg"] = "us"
+) -> tuple[ModelInput, ...]:
+    """The inputs of an ordinary one-image model."""
+    return (ModelInput(name, preprocess, modality),)
+
+
+def migrate_schema1(old: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 card (one input, flat threshold fields) in schema-2 form, nothing lost."""
+    data = dict(old)
+    classes = data.pop("class_names")
+    positive = data.pop("positive_class")
+    threshold = data.pop("threshold", None)
+    target = data.pop("target_sensitivity", None)
+    preprocess = data.pop("preprocess")
+    input_name = data.pop("input_name", "input")
+    output_name = data.pop("output_name", "logits")
+    task = task_for(None, classes, positive)
+    data.update(
+        schema=CARD_SCHEMA,
+        task=to_mapping(task),
+        inputs=[{"name": input_name, "preprocess": preprocess}],
+        outputs=[{"name": output_name, "kind": "logits", "size": len(classes)}],
+        operating_point=None
+        if threshold is None
+        else {"threshold": threshold, "target_sensitivity": target},
+    )
+    return data
 
 
 def read_card(model_path: str | Path) -> ModelCard:

@@ -2,12 +2,10 @@
 
 Probabilities are averaged with an exponential moving average whose weight comes from the real
 time between frames (alpha = 1 - exp(-dt / time_constant)), so a dropped frame or a slower
-camera does not change how fast the display reacts. The displayed class has hysteresis: the
-positive class is shown as soon as its smoothed probability reaches the operating threshold
-(sensitivity is what the threshold was chosen for) and is left only once it falls below
-threshold x (1 - `margin`), a band relative to the threshold because high-sensitivity thresholds
-are often small (0.1): an absolute band would hold the class down to nothing. Between the other
-classes a challenger must lead by `margin`.
+camera does not change how fast the display reacts. The displayed class comes from the one
+decision rule (edgebc.decision) with its hysteresis option: the positive class is shown as soon as
+its smoothed probability reaches the operating threshold and left only once it falls below
+threshold x (1 - `margin`); between the other classes a challenger must lead by `margin`.
 A frame without a decision (quality gate) withdraws the display and restarts the average, as
 does a gap longer than `reset_after` seconds: an average must never span a different scene.
 """
@@ -19,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgebc.decision import DecisionRule
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class TemporalSmoother:
         config: SmoothingConfig | None = None,
     ) -> None:
         self.classes = list(class_names)
-        self.positive = self.classes.index(positive_class)
-        self.threshold = threshold
+        self.rule = DecisionRule(tuple(self.classes), self.classes.index(positive_class), threshold)
         self.config = config or SmoothingConfig()
         self.reset()
 
@@ -84,21 +83,4 @@ class TemporalSmoother:
         )
 
     def _choose(self, mean: np.ndarray) -> int:
-        margin = self.config.margin
-        if self.threshold is not None:
-            p_pos = mean[self.positive]
-            if p_pos >= self.threshold or (
-                self._shown == self.positive and p_pos >= self.threshold * (1.0 - margin)
-            ):
-                return self.positive
-            others = [k for k in range(len(mean)) if k != self.positive]
-        else:
-            others = list(range(len(mean)))
-        best = max(others, key=lambda k: mean[k])
-        if (
-            self._shown in others
-            and self._shown != best
-            and mean[best] - mean[self._shown] < margin
-        ):
-            return self._shown
-        return best
+        return self.rule.index(mean, self._shown, self.config.margin)

@@ -59,7 +59,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     )
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "card": json.loads(card.to_json()),
+        "card": card.to_dict(),
         "onnx": {"path": fp32_path.name, "parity_vs_torch": asdict(parity)},
     }
     artifacts = [fp32_path]
@@ -96,7 +96,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:
-        from edgebc.export.onnx_export import parity_of, run_onnx, verification_inputs
+        from edgebc.export.onnx_export import parity_of, run_onnx, verification_feeds
         from edgebc.export.tensorrt import build_engine, run_engine
 
         source = int8_path if options.tensorrt == "int8" else fp32_path
@@ -110,7 +110,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
             options.tensorrt,
             batch=(1, 1, min(8, options.max_batch)),
         )  # type: ignore[arg-type]
-        inputs = verification_inputs(card.preprocess, frames)[:8]
+        inputs = verification_feeds(card, frames)[card.input_name][:8]
         report["tensorrt"] = {
             "path": engine.name,
             "parity_vs_onnx_fp32": asdict(

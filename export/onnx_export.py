@@ -1,10 +1,12 @@
 """Checkpoint -> ONNX with the model card embedded, checked, and proven to agree with PyTorch.
 
-One self-contained file (no external data), a recent opset, a dynamic batch dimension. The
-exported graph is run by ONNX Runtime on fixed random inputs, synthetic phantom frames and (when
-given) real frames through the shared preprocessing, and compared with PyTorch; the export fails
-when the largest logit difference exceeds the tolerance. FP16 copies keep float32 inputs and
-outputs so callers need not change.
+One self-contained file (no external data), a recent opset, a dynamic batch dimension. The graph's
+inputs and outputs are the card's, by name and in order (one image for most models; one per
+modality or view, and a features output, for fusion models). The exported graph is run by ONNX
+Runtime on fixed random inputs, synthetic phantom frames and (when given) real frames through the
+shared preprocessing, and compared with PyTorch; the export fails when the largest logit
+difference exceeds the tolerance. FP16 copies keep float32 inputs and outputs so callers need not
+change.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import numpy as np
 from edgebc import __version__
 from edgebc.atomic import atomic_write_bytes
 from edgebc.errors import EdgebcError
-from edgebc.model_card import CARD_KEY, ModelCard
+from edgebc.model_card import CARD_KEY, ModelCard, ModelInput
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard, preprocess_batch
+from edgebc.preprocess import preprocess_batch
+from edgebc.synth.mammo import make_mammo_phantom
 from edgebc.synth.ultrasound import make_ultrasound_phantom, phantom_rng
 
 log = logging.getLogger(__name__)
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
+Feeds = dict[str, np.ndarray]  # input name -> (N, C, H, W) float32
 
 
 @dataclass(frozen=True)
@@ -48,30 +51,13 @@ class ParityResult:
         return self.max_abs_logit_diff <= self.tolerance
 
 
-def card_from_checkpoint(
-    record: dict[str, Any], name: str, max_batch: int, source: str
-) -> ModelCard:
-    point = record.get("operating_point") or {}
-    return ModelCard(
-        name=name, arch=record["arch"], class_names=tuple(record["class_names"]), positive_class=record["positive_class"],
-        preprocess=PreprocessCard.from_dict(record["preprocess"]), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-        temperature=float(record.get("temperature") or 1.0), threshold=point.get("threshold"),
-        target_sensitivity=point.get("target_sensitivity"), precision="fp32", max_batch=max_batch,
-        metrics={k: v for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))},
-        weights_sha256=record.get("weights_sha256", ""), data_fingerprint=record.get("data_fingerprint", ""),
-        edgebc_version=__version__, exported=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=source, lineage=lineage_of(record),
+def card_for_export(card: ModelCard, name: str, max_batch: int, source: str) -> ModelCard:
+    """The training card as the exported file carries it: named after the file, FP32, dated."""
+    return replace(
+        card, name=name, precision="fp32", max_batch=max_batch, edgebc_version=__version__,
+        exported=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source_checkpoint=source,
     )  # fmt: skip
-
-
-def lineage_of(record: dict[str, Any]) -> dict[str, Any]:
-    """Where the weights came from, so an audit can trace a deployed model back to every model
-    whose knowledge it carries: the torchvision file it started from, the teachers it learned from."""
-    pretrained = record.get("pretrained") or {}
-    return {
-        "pretrained": pretrained.get("source"),
-        "distilled_from": [dict(teacher) for teacher in record.get("distilled_from") or []],
-    }
 
 
 def export_onnx(
@@ -86,29 +72,30 @@ def export_onnx(
     """Export `checkpoint` to the ONNX file `out`; returns its path, card and PyTorch parity."""
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
-    from edgebc.train.checkpoint import load_checkpoint
-    from edgebc.train.loop import model_from_checkpoint
+    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    record = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(record)
+    loaded = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(loaded)
     out = Path(out)
-    card = card_from_checkpoint(record, out.stem, max_batch, str(checkpoint))
-    example = torch.zeros(2, *card.input_shape)
+    card = card_for_export(loaded.card, out.stem, max_batch, str(checkpoint))
+    examples = tuple(torch.zeros(2, *i.shape) for i in card.inputs)
+    inputs, outputs = [i.name for i in card.inputs], [o.name for o in card.outputs]
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "raw.onnx"
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=max_batch)
             with redirect_stdout(io.StringIO()):  # the exporter narrates every pass on stdout
-                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), external_data=False, verbose=False)  # fmt: skip
+                program = torch.onnx.export(model, examples, dynamo=True, opset_version=opset, input_names=inputs,
+                                            output_names=outputs, dynamic_shapes=tuple({0: batch} for _ in inputs),
+                                            external_data=False, verbose=False)  # fmt: skip
                 program.save(str(raw))
         elif exporter == "torchscript":
-            torch.onnx.export(model, (example,), str(raw), dynamo=False, opset_version=min(opset, 17), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})  # fmt: skip
+            torch.onnx.export(model, examples, str(raw), dynamo=False, opset_version=min(opset, 17), input_names=inputs,
+                              output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})  # fmt: skip
         else:
             raise EdgebcError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
         graph = onnx.load(str(raw))
-    _rename_io(graph)
+    _rename_io(graph, inputs, outputs)
     embed_card(graph, card)
     onnx.checker.check_model(graph, full_check=True)
     atomic_write_bytes(out, graph.SerializeToString())
@@ -138,8 +125,8 @@ def export_fp16(
     embed_card(graph, card)
     onnx.checker.check_model(graph)
     atomic_write_bytes(out, graph.SerializeToString())
-    inputs = verification_inputs(card.preprocess, reference_frames)
-    parity = compare_sessions(fp32_path, out, inputs, tolerance)
+    feeds = verification_feeds(card, reference_frames)
+    parity = compare_sessions(fp32_path, out, feeds, tolerance)
     if not parity.ok:
         Path(out).unlink()
         raise EdgebcError(
@@ -157,48 +144,74 @@ def embed_card(graph: Any, card: ModelCard) -> None:
     entry.key, entry.value = CARD_KEY, card.to_json()
     graph.producer_name, graph.producer_version = "edgebc", __version__
     graph.doc_string = (
-        f"{card.arch} breast-lesion classifier ({', '.join(card.class_names)}); research use only"
+        f"{card.arch} breast-lesion classifier ({', '.join(card.class_names)}) on "
+        f"{', '.join(f'{i.name} ({i.modality})' for i in card.inputs)}; research use only"
     )
 
 
-def verification_inputs(
-    card: PreprocessCard, frames: Sequence[np.ndarray] = (), n_random: int = 4
-) -> np.ndarray:
-    """Fixed random tensors, phantom frames of every class, and any given frames, preprocessed."""
+def verification_feeds(
+    card: ModelCard, frames: Sequence[np.ndarray] = (), n_random: int = 4
+) -> Feeds:
+    """Per input: fixed random tensors, phantom frames of every class for its modality, and (for
+    a one-input model) any given frames, all through the shared preprocessing."""
     rng = np.random.default_rng(1234)
-    random = rng.normal(0.0, 1.0, (n_random, *card.input_shape)).astype(np.float32)
-    phantoms = [
+    feeds: Feeds = {}
+    for model_input in card.inputs:
+        random = rng.normal(0.0, 1.0, (n_random, *model_input.shape)).astype(np.float32)
+        given = frames if len(card.inputs) == 1 else ()
+        feeds[model_input.name] = np.concatenate(
+            [random, preprocess_batch([*_phantoms(model_input), *given], model_input.preprocess)]
+        )
+    if len({len(v) for v in feeds.values()}) != 1:
+        raise EdgebcError("verification inputs of a multi-input model must all be equally many")
+    return feeds
+
+
+def _phantoms(model_input: ModelInput) -> list[np.ndarray]:
+    labels = ("normal", "benign", "malignant")
+    if model_input.modality == "mg":
+        return [
+            make_mammo_phantom(label, phantom_rng(98, k)).image for k, label in enumerate(labels)
+        ]
+    return [
         make_ultrasound_phantom(label, phantom_rng(99, k), 192, 224).image
-        for k, label in enumerate(("normal", "benign", "malignant"))
+        for k, label in enumerate(labels)
     ]
-    return np.concatenate([random, preprocess_batch([*phantoms, *frames], card)])
 
 
 def compare_with_torch(
     model: Any, onnx_path: Path, card: ModelCard, frames: Sequence[np.ndarray], tolerance: float
 ) -> ParityResult:
     torch = require("torch", "ONNX export")
-    inputs = verification_inputs(card.preprocess, frames)
+    feeds = verification_feeds(card, frames)
     with torch.inference_mode():
-        expected = model(torch.from_numpy(inputs)).numpy()
-    return parity_of(expected, run_onnx(onnx_path, inputs), tolerance)
+        produced = model(*(torch.from_numpy(feeds[i.name]) for i in card.inputs))
+    expected = (produced[0] if isinstance(produced, (tuple, list)) else produced).numpy()
+    return parity_of(expected, run_onnx(onnx_path, feeds, card.output_name), tolerance)
 
 
 def compare_sessions(
-    reference: str | Path, candidate: str | Path, inputs: np.ndarray, tolerance: float
+    reference: str | Path, candidate: str | Path, feeds: Feeds | np.ndarray, tolerance: float
 ) -> ParityResult:
-    return parity_of(run_onnx(reference, inputs), run_onnx(candidate, inputs), tolerance)
+    return parity_of(run_onnx(reference, feeds), run_onnx(candidate, feeds), tolerance)
 
 
-def run_onnx(path: str | Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Logits of an ONNX model for NCHW `inputs`, on ONNX Runtime's CPU provider, in batches."""
+def run_onnx(
+    path: str | Path, feeds: Feeds | np.ndarray, output: str | None = None, batch: int = 16
+) -> np.ndarray:
+    """One output (the first unless named) of an ONNX model on ONNX Runtime's CPU provider, in
+    batches; `feeds` maps input names to NCHW arrays, or is the one input's array."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)]
-    )
+    if isinstance(feeds, np.ndarray):
+        feeds = {session.get_inputs()[0].name: feeds}
+    n = len(next(iter(feeds.values())))
+    name = output or session.get_outputs()[0].name
+    return np.concatenate([
+        session.run([name], {k: v[i : i + batch] for k, v in feeds.items()})[0]
+        for i in range(0, n, batch)
+    ])  # fmt: skip
 
 
 def parity_of(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> ParityResult:
@@ -212,13 +225,17 @@ def parity_of(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> Par
     )  # fmt: skip
 
 
-def _rename_io(graph: Any) -> None:
-    """Both exporters honour input_names, but make sure the public names are the card's."""
-    old_in, old_out = graph.graph.input[0].name, graph.graph.output[0].name
-    for old, new in ((old_in, INPUT_NAME), (old_out, OUTPUT_NAME)):
+def _rename_io(graph: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Both exporters honour the names they are given, but make sure the public names are the card's."""
+    pairs = [
+        *zip(graph.graph.input, inputs, strict=True),
+        *zip(graph.graph.output, outputs, strict=True),
+    ]
+    for value, new in pairs:
+        old = value.name
         if old == new:
             continue
         for node in graph.graph.node:
             node.input[:] = [new if n == old else n for n in node.input]
             node.output[:] = [new if n == old else n for n in node.output]
-    graph.graph.input[0].name, graph.graph.output[0].name = INPUT_NAME, OUTPUT_NAME
+        value.name = new

@@ -2,7 +2,7 @@
 
 ONNX Runtime static quantization (QDQ, per-channel int8 weights) calibrated on real frames that
 went through the shared preprocessing, with MinMax, Entropy or Percentile calibration. Then a
-parity report on a labelled set: FP32 vs INT8 top-1 agreement, malignant-vs-rest AUC and
+parity report on a labelled set: FP32 vs INT8 agreement of the decisions the cart shows (the card's rule and threshold), malignant-vs-rest AUC and
 sensitivity at the card's threshold for both, probability differences, and per-node SQNR
 (signal-to-quantization-noise, dB) to find the nodes that lose most. When the accuracy budget
 is missed, the least accurate nodes stay in float and quantization is retried; what was
@@ -26,6 +26,7 @@ import numpy as np
 
 from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes
+from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
 from edgebc.export.onnx_export import run_onnx
 from edgebc.model_card import ModelCard, read_card
@@ -110,12 +111,7 @@ def quantize_int8(
         raise EdgebcError(
             "INT8 quantization needs calibration frames and labelled frames to check against"
         )
-    unknown = sorted(set(check_labels) - set(card.class_names))
-    if unknown:
-        raise EdgebcError(
-            f"labels {unknown} are not classes of this model ({list(card.class_names)})"
-        )
-    y = np.array([card.class_names.index(label) for label in check_labels])
+    y = card.task.encode(check_labels, "INT8 check labels")
     method = {
         "minmax": q.CalibrationMethod.MinMax,
         "entropy": q.CalibrationMethod.Entropy,
@@ -146,7 +142,7 @@ def quantize_int8(
                               calibrate_method=method, nodes_to_exclude=list(excluded), extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
             int8_logits = run_onnx(candidate, check)
             int8_stats = _clinical(int8_logits, y, card)
-            agreement = float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1)))
+            agreement = _decisions_agree(fp32_logits, int8_logits, card)
             met = _within_budget(fp32_stats, int8_stats, agreement, plan)
             attempts.append(
                 {
@@ -401,20 +397,22 @@ def node_sqnr(
 
 
 def _clinical(logits: np.ndarray, y: np.ndarray, card: ModelCard) -> dict[str, float]:
-    positive = card.class_names.index(card.positive_class)
-    probs = metrics.softmax(logits, card.temperature)
-    result = {
-        "accuracy": float(np.mean(probs.argmax(1) == y)),
-        "auc_positive": metrics.roc_auc(y == positive, probs[:, positive]),
-    }
+    """The INT8 budget's figures, scored with the card's own decision rule (what the cart shows)."""
+    scores = metrics.score_predictions(
+        metrics.softmax(logits, card.temperature), y, DecisionRule.of(card)
+    )
+    result = {"accuracy": scores["accuracy"], "auc_positive": scores["auc_positive"]}
     if card.threshold is not None:
-        result["sensitivity_at_threshold"] = metrics.sensitivity_at(
-            y == positive, probs[:, positive], card.threshold
-        )
-        result["specificity_at_threshold"] = metrics.specificity_at(
-            y == positive, probs[:, positive], card.threshold
-        )
+        result["sensitivity_at_threshold"] = scores["sensitivity"]
+        result["specificity_at_threshold"] = scores["specificity"]
     return result
+
+
+def _decisions_agree(reference: np.ndarray, candidate: np.ndarray, card: ModelCard) -> float:
+    """The share of frames the cart would decide the same with either model's logits."""
+    rule = DecisionRule.of(card)
+    decided = [rule.indices(metrics.softmax(x, card.temperature)) for x in (reference, candidate)]
+    return float(np.mean(decided[0] == decided[1]))
 
 
 def _within_budget(

@@ -8,10 +8,17 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
+from dataclasses import replace
+
 from edgebc.errors import EdgebcError
-from edgebc.export.onnx_export import card_from_checkpoint
+from edgebc.task import TASKS
 from edgebc.train import loop
-from edgebc.train.checkpoint import load_checkpoint, save_checkpoint, sha256_of_state
+from edgebc.train.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    sha256_of_state,
+)
 from edgebc.train.dataset import SampleDataset, cache_tensors
 from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
 from tests.test_training import (  # noqa: F401  (tiny_split is the fixture)
@@ -50,8 +57,8 @@ def teacher_run(tiny_split, tmp_path_factory):  # noqa: F811
 
 def test_soft_targets_average_the_teachers_tempered_probabilities(teacher_run, tmp_path):
     first = load_checkpoint(teacher_run.best_checkpoint)
-    second = dict(first, state_dict={k: v * 1.1 if v.is_floating_point() else v
-                                     for k, v in first["state_dict"].items()})  # fmt: skip
+    second = replace(first, state_dict={k: v * 1.1 if v.is_floating_point() else v
+                                        for k, v in first.state_dict.items()})  # fmt: skip
     images = torch.randn(5, 1, 32, 32)
     targets = soft_targets(
         [Teacher(tmp_path / "a.pt", first), Teacher(tmp_path / "b.pt", second)], images, 3.0
@@ -59,40 +66,42 @@ def test_soft_targets_average_the_teachers_tempered_probabilities(teacher_run, t
     expected = []
     for record in (first, second):
         with torch.no_grad():
-            logits = loop.model_from_checkpoint(record)(images)
+            logits = model_from_checkpoint(record)(images)
         expected.append(torch.softmax(logits.double() / 3.0, dim=1))
     torch.testing.assert_close(targets, ((expected[0] + expected[1]) / 2).float())
     assert not torch.allclose(expected[0], expected[1])  # the two teachers really differ
 
 
 def test_a_teacher_that_does_not_match_the_run_is_refused(teacher_run):
-    record = load_checkpoint(teacher_run.best_checkpoint)
-    path, classes = teacher_run.best_checkpoint, record["class_names"]
-    card, fingerprint = record["preprocess"], record["data_fingerprint"]
-    assert load_teachers([path], classes, card, fingerprint)[0].record["arch"] == "simple_cnn"
+    card = load_checkpoint(teacher_run.best_checkpoint).card
+    path, task = teacher_run.best_checkpoint, card.task
+    prep, fingerprint = card.preprocess, card.data_fingerprint
+    assert load_teachers([path], task, prep, fingerprint)[0].checkpoint.card.arch == "simple_cnn"
     with pytest.raises(EdgebcError, match=r"predicts classes .* wrong order"):
-        load_teachers([path], classes[::-1], card, fingerprint)
+        load_teachers([path], replace(task, classes=task.classes[::-1]), prep, fingerprint)
+    with pytest.raises(EdgebcError, match=r"predicts classes .* mean other classes"):
+        load_teachers([path], TASKS["normal_vs_abnormal"], prep, fingerprint)
     with pytest.raises(EdgebcError, match=r"another preprocessing card .* input_height"):
-        load_teachers([path], classes, dict(card, input_height=64), fingerprint)
+        load_teachers([path], task, replace(prep, input_height=64), fingerprint)
     with pytest.raises(EdgebcError, match=r"other samples .* leak them"):
-        load_teachers([path], classes, card, "0" * 64)
+        load_teachers([path], task, prep, "0" * 64)
     with pytest.raises(EdgebcError, match=r"same weights as .* double weight"):
-        load_teachers([path, path], classes, card, fingerprint)
+        load_teachers([path, path], task, prep, fingerprint)
     with pytest.raises(EdgebcError, match=r"data.fold None but this run uses 2: .* validation"):
-        load_teachers([path], classes, card, fingerprint, fold=2)
+        load_teachers([path], task, prep, fingerprint, fold=2)
 
 
 def _opinionated_teacher(run, path):
     """The teacher run's checkpoint rewired to say 'normal' for every frame, whatever it shows."""
     record = load_checkpoint(run.best_checkpoint)
-    state = dict(record["state_dict"])
+    state = dict(record.state_dict)
     weight_key = next(k for k in state if k.endswith("weight") and state[k].shape[0] == 3)
     bias_key = weight_key.replace("weight", "bias")
     state[weight_key] = torch.zeros_like(state[weight_key])
     state[bias_key] = torch.tensor([4.0, 0.0, 0.0])
-    keep = ("format", "format_version", "versions", "saved")
-    payload = {k: v for k, v in record.items() if k not in keep}
-    save_checkpoint(path, dict(payload, state_dict=state, weights_sha256=sha256_of_state(state)))
+    save_checkpoint(
+        path, replace(record, state_dict=state).with_card(weights_sha256=sha256_of_state(state))
+    )
     return path
 
 
@@ -109,20 +118,17 @@ def test_soft_targets_steer_the_student_and_the_checkpoint_names_its_teachers(
         _config(tiny_split, tmp_path, "student", *settings), show_progress=False
     )
     record = load_checkpoint(student.run_dir / "last.pt")
-    assert record["distilled_from"] == [
-        {"path": str(teacher), "arch": "simple_cnn",
-         "weights_sha256": load_checkpoint(teacher)["weights_sha256"]}
-    ]  # fmt: skip
-    # ... and so does the model card its ONNX export will carry to the device.
-    assert card_from_checkpoint(record, "student", 8, "last.pt").lineage == {
+    # The card (which its ONNX export carries to the device) names the teacher by weights hash.
+    assert record.card.lineage == {
         "pretrained": None,
-        "distilled_from": record["distilled_from"],
-    }
+        "distilled_from": [{"path": str(teacher), "arch": "simple_cnn",
+                            "weights_sha256": load_checkpoint(teacher).card.weights_sha256}],
+    }  # fmt: skip
     config = _config(tiny_split, tmp_path, "x")
     val = loop.select_samples(config, "val")
-    images, labels = cache_tensors(SampleDataset(val, config.preprocess, record["class_names"]), 1)
+    images, labels = cache_tensors(SampleDataset(val, config.preprocess, record.card.task), 1)
     probabilities = torch.softmax(
-        torch.from_numpy(loop.predict_logits(loop.model_from_checkpoint(record), images,
+        torch.from_numpy(loop.predict_logits(model_from_checkpoint(record), images,
                                                torch.device("cpu"))), dim=1)  # fmt: skip
     # With the hard labels weighted 0 the student learns the teacher's one opinion, although
     # two thirds of the validation frames are not normal.
@@ -150,7 +156,7 @@ def test_resuming_a_distilled_run_is_exact_and_refuses_a_changed_teacher(
     resumed = loop.train_model(_config(tiny_split, tmp_path, "x"), resume=crashed,
                                  show_progress=False)  # fmt: skip
     a, b = (load_checkpoint(r.run_dir / "last.pt") for r in (straight, resumed))
-    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a.card.weights_sha256 == b.card.weights_sha256
 
     _opinionated_teacher(teacher_run, teacher)  # the teacher file is replaced mid-run
     with pytest.raises(EdgebcError, match=r"teachers of .* changed since the run started"):
@@ -178,9 +184,8 @@ def test_the_command_line_names_teachers_even_with_commas_and_spaces(
     assert code == 0
     written = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert written["optim"]["distill_from"] == [str(teacher)]
-    assert load_checkpoint(tmp_path / "cli" / "best.pt")["distilled_from"][0]["path"] == str(
-        teacher
-    )
+    lineage = load_checkpoint(tmp_path / "cli" / "best.pt").card.lineage
+    assert lineage["distilled_from"][0]["path"] == str(teacher)
 
 
 def test_cross_validation_gives_each_fold_its_own_teacher_and_checks_all_first(tmp_path):
@@ -196,7 +201,7 @@ def test_cross_validation_gives_each_fold_its_own_teacher_and_checks_all_first(t
                            f"optim.distill_from={json.dumps([per_fold])}"), show_progress=False)  # fmt: skip
     for fold in (0, 1):
         record = load_checkpoint(tmp_path / "students" / f"fold{fold}" / "best.pt")
-        assert record["distilled_from"][0]["path"] == per_fold.format(fold=fold)
+        assert record.card.lineage["distilled_from"][0]["path"] == per_fold.format(fold=fold)
 
     # One fixed teacher fits fold 0 only: refused before fold 0 trains, with the way out named.
     fixed = per_fold.format(fold=0)

@@ -21,7 +21,7 @@ from edgebc.export.quantize import QuantPlan, quantize_int8, search_int8
 from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
-from edgebc.model_card import read_card
+from edgebc.model_card import ModelCard, read_card
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train.models import list_models
 from tests.helpers import make_checkpoint
@@ -173,7 +173,7 @@ def test_triton_config_matches_the_model(exported, tmp_path):
         assert declared[tensor.name] == ("TYPE_FP32", list(tensor.shape[1:]))
     assert f"max_batch_size: {card.max_batch}" in config and "dynamic_batching" in config
     card_json = json.loads(json.loads(re.search(r"string_value: (\".*\") }", config).group(1)))
-    assert card_json["class_names"] == ["normal", "benign", "malignant"]
+    assert ModelCard.from_dict(card_json).class_names == ("normal", "benign", "malignant")
 
 
 def test_eval_scores_an_onnx_model_without_torch(exported, phantoms, tmp_path):

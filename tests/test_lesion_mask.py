@@ -13,6 +13,7 @@ from edgebc.data import read_manifest, write_manifest
 from edgebc.data.records import Sample
 from edgebc.errors import EdgebcError
 from edgebc.preprocess import PreprocessCard
+from edgebc.task import TASKS
 from edgebc.train import loop
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.checkpoint import load_checkpoint
@@ -53,18 +54,24 @@ def test_a_mask_is_letterboxed_like_its_image_with_empty_bars(tmp_path):
     first[10:30, 20:30], second[10:30, 30:40] = 255, 255  # two lesion files: their union counts
     masks = (_png(tmp_path / "m0.png", first), _png(tmp_path / "m1.png", second))
     card = PreprocessCard(input_height=32, input_width=32, channels=1, pad_value=0.3)
-    dataset = SampleDataset([Sample(image, "benign", masks=masks)], card, ("benign",))
+    dataset = SampleDataset(
+        [Sample(image, "benign", masks=masks)], card, TASKS["benign_vs_malignant"]
+    )
     mask = dataset.mask(0).numpy()[0]
     # 80x40 fits 32x32 at scale 0.4 as 32x16, 8 rows of bars above: the lesion lands on rows
     # 12-19, columns 8-15, exactly (its edges fall on whole output pixels).
     expected = np.zeros((32, 32), np.float32)
     expected[12:20, 8:16] = 1.0
     np.testing.assert_allclose(mask, expected, atol=1e-6)
-    assert SampleDataset([Sample(image, "benign")], card, ("benign",)).mask(0) is None
+    assert (
+        SampleDataset([Sample(image, "benign")], card, TASKS["benign_vs_malignant"]).mask(0) is None
+    )
 
     wrong = _png(tmp_path / "small.png", np.zeros((20, 40), np.uint8))
     with pytest.raises(ValueError, match=r"mask is \(40, 20\) but its image .* is \(80, 40\)"):
-        SampleDataset([Sample(image, "benign", masks=(wrong,))], card, ("benign",)).mask(0)
+        SampleDataset(
+            [Sample(image, "benign", masks=(wrong,))], card, TASKS["benign_vs_malignant"]
+        ).mask(0)
 
 
 def test_mask_loss_is_coverage_cross_entropy_over_samples_that_have_a_mask():
@@ -88,8 +95,8 @@ def test_training_with_the_mask_loss_keeps_the_head_out_of_the_model(tiny_split,
     losses = [row["train_mask_loss"] for row in result.history]
     assert all(0 < loss < 2 for loss in losses) and losses[-1] < 0.8 * losses[0]
     plain_keys = set(create_model("simple_cnn", 3, 1).state_dict())
-    assert set(load_checkpoint(result.best_checkpoint)["state_dict"]) == plain_keys
-    head = load_checkpoint(result.run_dir / "last.pt")["mask_head_state"]
+    assert set(load_checkpoint(result.best_checkpoint).state_dict) == plain_keys
+    head = load_checkpoint(result.run_dir / "last.pt").training["mask_head_state"]
     assert head["weight"].shape[:2] == (1, 128) and head["weight"].shape[2:] == (1, 1)
 
 

@@ -9,6 +9,7 @@ from edgebc.decode import read_image
 from edgebc.preprocess import PreprocessCard, preprocess
 from edgebc.synth import make_ultrasound_phantom
 from edgebc.synth.ultrasound import phantom_rng
+from edgebc.task import TASKS
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
@@ -21,7 +22,7 @@ def test_training_dataset_tensor_equals_runtime_tensor(tmp_path, card):
 
     path = tmp_path / "frame.png"
     cv2.imwrite(str(path), make_ultrasound_phantom("malignant", phantom_rng(0, 0), 300, 420).image)
-    dataset = SampleDataset([Sample(path, "malignant")], card, ("normal", "benign", "malignant"))
+    dataset = SampleDataset([Sample(path, "malignant")], card, TASKS["three_class"])
     tensor, target = dataset[0]
     runtime = preprocess(read_image(path), card)[0]
     assert target == 2
@@ -32,7 +33,7 @@ def test_training_dataset_tensor_equals_runtime_tensor(tmp_path, card):
 def test_dataset_refuses_labels_outside_the_classes(tmp_path):
     from edgebc.train.dataset import SampleDataset
 
-    with pytest.raises(ValueError, match="not among the classes"):
+    with pytest.raises(ValueError, match="that task benign_vs_malignant does not take"):
         SampleDataset(
-            [Sample(tmp_path / "x.png", "cyst")], PreprocessCard(), ("benign", "malignant")
+            [Sample(tmp_path / "x.png", "normal")], PreprocessCard(), TASKS["benign_vs_malignant"]
         )

@@ -111,8 +111,8 @@ def test_model_health_and_readiness(served):
     client, _ = served
     model = client.get("/v1/model").json()
     assert model["sha256"] == sha256_file(DEMO_MODEL) and model["verified"] and model["demo"]
-    assert model["card"]["class_names"] == ["normal", "benign", "malignant"]
-    assert model["threshold"] == pytest.approx(model["card"]["threshold"])
+    assert model["card"]["task"]["classes"] == ["normal", "benign", "malignant"]
+    assert model["threshold"] == pytest.approx(model["card"]["operating_point"]["threshold"])
     assert client.get("/healthz").json() == {"alive": True}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True

@@ -44,17 +44,23 @@ def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
     for name in ("config.yaml", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json"):
         assert (run / name).is_file(), name
     assert len(result.history) == 2
-    record = load_checkpoint(run / "best.pt")
+    best = load_checkpoint(run / "best.pt")
+    card = best.card
     assert (
-        record["class_names"] == ["normal", "benign", "malignant"]
-        and record["positive_class"] == "malignant"
+        card.class_names == ("normal", "benign", "malignant") and card.positive_class == "malignant"
     )
-    assert record["preprocess"]["input_height"] == 32 and record["config"]["optim"]["epochs"] == 2
-    assert record["weights_sha256"] == sha256_of_state(record["state_dict"])
-    assert (
-        len(record["data_fingerprint"]) == 64 and record["versions"]["torch"] == torch.__version__
+    assert card.task.name == "three_class" and card.name == "run"
+    assert card.preprocess.input_height == 32 and best.config["optim"]["epochs"] == 2
+    assert card.weights_sha256 == sha256_of_state(best.state_dict)
+    assert len(card.data_fingerprint) == 64 and best.versions["torch"] == torch.__version__
+    assert 0.05 <= card.temperature <= 20 and 0 <= card.threshold <= 1
+    point = card.operating_point
+    assert point.target_sensitivity == 0.95 and point.sensitivity >= 0.95
+    val = [s.label for s in loop.select_samples(_config(tiny_split, tmp_path, "run"), "val")]
+    assert (point.positives, point.negatives) == (
+        val.count("malignant"),
+        len(val) - val.count("malignant"),
     )
-    assert 0.05 <= record["temperature"] <= 20 and 0 <= record["operating_point"]["threshold"] <= 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["val_auc_positive"] <= 1 and metrics["val_sensitivity_at_threshold"] >= 0.95
     assert load_train_config(run / "config.yaml") == _config(tiny_split, tmp_path, "run")
@@ -68,7 +74,7 @@ def _crash_after_the_first_epoch(config, monkeypatch):
 
     def crash_after_first_epoch(path, payload):
         real_save(path, payload)
-        if path.name == "last.pt" and payload["epoch"] == 0:
+        if path.name == "last.pt" and payload.training["epoch"] == 0:
             raise KeyboardInterrupt("simulated power cut")
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_first_epoch)
@@ -90,14 +96,13 @@ def test_resume_after_a_crash_continues_exactly(tiny_split, tmp_path, monkeypatc
     )
     a = load_checkpoint(straight.run_dir / "last.pt")
     b = load_checkpoint(resumed.run_dir / "last.pt")
-    assert a["weights_sha256"] == b["weights_sha256"]
-    assert [round(h["train_loss"], 6) for h in a["history"]] == [
-        round(h["train_loss"], 6) for h in b["history"]
+    assert a.card.weights_sha256 == b.card.weights_sha256
+    assert [round(h["train_loss"], 6) for h in a.training["history"]] == [
+        round(h["train_loss"], 6) for h in b.training["history"]
     ]
 
 
 def test_a_resumed_run_still_names_the_weights_it_started_from(tiny_split, tmp_path, monkeypatch):
-    from edgebc.export.onnx_export import card_from_checkpoint
     from edgebc.train.models import create_model
 
     imagenet = tmp_path / "mobilenet_v3_small-imagenet.pth"
@@ -108,8 +113,8 @@ def test_a_resumed_run_still_names_the_weights_it_started_from(tiny_split, tmp_p
         _config(tiny_split, tmp_path, "ignored"), resume=tmp_path / "crashed", show_progress=False
     )
     last = load_checkpoint(resumed.run_dir / "last.pt")  # rewritten after the resume
-    assert last["epoch"] == 1 and last["pretrained"]["source"] == str(imagenet)
-    assert card_from_checkpoint(last, "m", 8, "last.pt").lineage == {
+    assert last.training["epoch"] == 1 and last.training["pretrained"]["source"] == str(imagenet)
+    assert last.card.lineage == {
         "pretrained": str(imagenet),
         "distilled_from": [],
     }
@@ -136,7 +141,7 @@ def test_eval_report_has_intervals_operating_point_and_pictures(tiny_split, tmp_
     assert report["n"] == 6 and np.array(report["confusion_matrix"]).sum() == 6
     assert (
         report["operating_point"]["threshold"]
-        == load_checkpoint(run.best_checkpoint)["operating_point"]["threshold"]
+        == load_checkpoint(run.best_checkpoint).card.threshold
     )
     for name in (
         "report.md",

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
 from edgebc.preprocess import PreprocessCard
 from edgebc.train import loop
 from edgebc.train.augment import BatchAugmenter
-from edgebc.train.checkpoint import load_checkpoint
+from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 from edgebc.train.config import AugmentConfig
 from edgebc.train.dataset import SampleDataset, cache_tensors
 from tests.test_training import _config, tiny_split  # noqa: F401  (the fixture)
@@ -41,12 +41,12 @@ def test_a_cuda_run_with_amp_writes_a_checkpoint_the_cpu_loads(tiny_split, tmp_p
     config = _config(tiny_split, tmp_path, f"cuda-{amp}", "device=cuda", f"amp={amp}",
                      "channels_last=true", "augment.enabled=true", "optim.epochs=3")  # fmt: skip
     run = loop.train_model(config, show_progress=False)
-    record = load_checkpoint(run.best_checkpoint)
-    assert all(t.device.type == "cpu" for t in record["state_dict"].values())
-    assert record["config"]["device"] == "cuda" and record["config"]["amp"] == amp
+    best = load_checkpoint(run.best_checkpoint)
+    assert all(t.device.type == "cpu" for t in best.state_dict.values())
+    assert best.config["device"] == "cuda" and best.config["amp"] == amp
     val = loop.select_samples(config, "val")
-    images, _ = cache_tensors(SampleDataset(val, config.preprocess, record["class_names"]), 1)
-    model = loop.model_from_checkpoint(record)
+    images, _ = cache_tensors(SampleDataset(val, config.preprocess, best.card.task), 1)
+    model = model_from_checkpoint(best)
     on_cpu = loop.predict_logits(model, images, torch.device("cpu"))
     on_gpu = loop.predict_logits(model.cuda(), images, torch.device("cuda"))
     assert on_cpu.shape == (len(val), 3) and (abs(on_cpu) < 1e4).all()

@@ -1,6 +1,6 @@
 """Ultrasound augmentation on whole batches, on the training device (the GPU on CUDA).
 
-Preprocessed tensors are mapped back to [0, 1] intensities with the card's mean/std, then:
+Preprocessed tensors are mapped back to [0, 1] intensities with the preprocessing mean/std, then:
 horizontal flip (breast anatomy has no left-right convention in a frame), small rotation,
 scale and translation (probe angle and pressure), a smooth elastic warp (tissue compression),
 brightness, contrast and gamma (gain and dynamic-range knobs), and multiplicative speckle-like
@@ -24,10 +24,10 @@ F = torch.nn.functional
 
 
 class BatchAugmenter:
-    def __init__(self, config: AugmentConfig, card: PreprocessCard) -> None:
+    def __init__(self, config: AugmentConfig, prep: PreprocessCard) -> None:
         self.config = config
-        self.mean = torch.tensor(card.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(card.std).view(1, -1, 1, 1)
+        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.with_masks(batch, None, generator)[0]

@@ -13,17 +13,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgebc.config import load_config, to_mapping
-from edgebc.data.records import CLASS_NAMES
 from edgebc.preprocess import PreprocessCard
+from edgebc.task import Task, task_for
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the samples come from and which split each role uses."""
+    """Where the samples come from, what the model is asked (the task) and which split each role uses.
+
+    `task` names a task derived from the labels (three_class, malignant_vs_rest,
+    benign_vs_malignant, normal_vs_abnormal; see edgebc.task), so sets with different label sets
+    train and score together without rewritten manifests. Without a task, `classes` (default:
+    the three BUSI classes) and `positive_class` define a task of exactly those labels.
+    """
 
     manifest: str = ""
-    classes: tuple[str, ...] = CLASS_NAMES
-    positive_class: str = "malignant"
+    task: str | None = None
+    classes: tuple[str, ...] | None = None
+    positive_class: str | None = None
     modality: str | None = "us"
     train_split: str = "train"
     val_split: str = "val"
@@ -31,14 +38,10 @@ class DataConfig:
     fold: int | None = None  # with k-fold manifests: this fold validates, the others train
 
     def __post_init__(self) -> None:
-        if self.positive_class not in self.classes:
-            raise ValueError(
-                f"positive_class {self.positive_class!r} is not one of the classes {list(self.classes)}"
-            )
-        if len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
-            raise ValueError(
-                f"classes must be at least two distinct names, got {list(self.classes)}"
-            )
+        self.resolved_task()  # a task name, class list or positive class that cannot be is named now
+
+    def resolved_task(self) -> Task:
+        return task_for(self.task, self.classes, self.positive_class)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Training must see exactly the tensor the cart computes for the same frame, so nothing here
 resizes or normalises: frames are decoded by `edgebc.decode` and turned into tensors by
-`edgebc.preprocess.preprocess_chw` with the model's card. Augmentation then acts on batches of
+`edgebc.preprocess.preprocess_chw` with the model's preprocessing. Augmentation then acts on batches of
 those tensors on the training device (see augment.py). Small medical datasets fit in memory as
 preprocessed tensors (BUSI at 224x224 grey: 120 MB), so they are decoded once, not every epoch.
 Lesion masks (for the auxiliary mask loss) take the same letterbox geometry as their image.
@@ -22,6 +22,7 @@ from edgebc.data.records import Sample, load_mask
 from edgebc.decode import read_header, read_image
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw, resize_to_input
+from edgebc.task import Task
 
 torch = require("torch", "training")
 
@@ -29,33 +30,33 @@ torch = require("torch", "training")
 class SampleDataset(torch.utils.data.Dataset):
     """(tensor C x H x W float32, class index) for each sample, via the shared preprocessing."""
 
-    def __init__(
-        self, samples: Sequence[Sample], card: PreprocessCard, class_names: Sequence[str]
-    ) -> None:
-        unknown = sorted({s.label for s in samples} - set(class_names))
+    def __init__(self, samples: Sequence[Sample], prep: PreprocessCard, task: Task) -> None:
+        unknown = sorted({s.label for s in samples if not task.takes(s.label)})
         if unknown:
             raise ValueError(
-                f"samples carry labels {unknown} that are not among the classes {list(class_names)}"
+                f"samples carry labels {unknown} that task {task.name} does not take "
+                f"({', '.join(task.labels)})"
             )
         self.samples = list(samples)
-        self.card = card
-        self.class_names = tuple(class_names)
+        self.prep = prep
+        self.task = task
+        self._targets = task.encode(s.label for s in self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        tensor = torch.from_numpy(preprocess_chw(read_image(sample.path), self.card))
-        return tensor, self.class_names.index(sample.label)
+        tensor = torch.from_numpy(preprocess_chw(read_image(sample.path), self.prep))
+        return tensor, int(self._targets[index])
 
     def mask(self, index: int) -> torch.Tensor | None:
         """The sample's lesion mask on the model input's grid as (1, H, W), or None without one."""
-        mask = lesion_mask_on_input(self.samples[index], self.card)
+        mask = lesion_mask_on_input(self.samples[index], self.prep)
         return None if mask is None else torch.from_numpy(mask)[None]
 
     def targets(self) -> np.ndarray:
-        return np.array([self.class_names.index(s.label) for s in self.samples], np.int64)
+        return self._targets.copy()
 
 
 def cache_tensors(
@@ -64,7 +65,7 @@ def cache_tensors(
     """All of `dataset` as one (N, C, H, W) tensor and its (N,) targets, decoded in threads."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
-    images = torch.empty((len(dataset), *dataset.card.input_shape), dtype=torch.float32)
+    images = torch.empty((len(dataset), *dataset.prep.input_shape), dtype=torch.float32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         loads = pool.map(lambda i: (i, dataset[i][0]), range(len(dataset)))
         for index, tensor in tqdm(
@@ -74,7 +75,7 @@ def cache_tensors(
     return images, torch.from_numpy(dataset.targets())
 
 
-def lesion_mask_on_input(sample: Sample, card: PreprocessCard) -> np.ndarray | None:
+def lesion_mask_on_input(sample: Sample, prep: PreprocessCard) -> np.ndarray | None:
     """The sample's lesion mask as float32 coverage in [0, 1] on the model input's H x W grid
     (letterboxed like its image, bars empty), or None when the sample has no mask file."""
     mask = load_mask(sample)
@@ -87,7 +88,7 @@ def lesion_mask_on_input(sample: Sample, card: PreprocessCard) -> np.ndarray | N
             f"{sample.masks[0]}: mask is {mask.shape[::-1]} but its image {sample.path} is "
             f"{image_shape[::-1]}"
         )
-    resized = resize_to_input(mask * np.uint8(255), replace(card, pad_value=0.0))
+    resized = resize_to_input(mask * np.uint8(255), replace(prep, pad_value=0.0))
     return resized.astype(np.float32) / np.float32(255.0)
 
 
@@ -99,7 +100,7 @@ def cache_masks(
     Samples without a mask file get an empty mask and False: a loss on masks must skip them, not
     read "no lesion" into a missing annotation.
     """
-    height, width = dataset.card.input_height, dataset.card.input_width
+    height, width = dataset.prep.input_height, dataset.prep.input_width
     masks = torch.zeros((len(dataset), 1, height, width), dtype=torch.float32)
     present = torch.zeros(len(dataset), dtype=torch.bool)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -20,14 +20,15 @@ student needs the teacher trained on that fold: paths name it with `{fold}`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from edgebc import metrics
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
-from edgebc.train.checkpoint import load_checkpoint
+from edgebc.preprocess import PreprocessCard
+from edgebc.task import Task
+from edgebc.train.checkpoint import Checkpoint, load_checkpoint
 
 torch = require("torch", "training")
 
@@ -37,25 +38,22 @@ FOLD_PLACEHOLDER = "{fold}"  # in a teacher's path, replaced by the fold number 
 @dataclass(frozen=True)
 class Teacher:
     path: Path
-    record: dict[str, Any]
+    checkpoint: Checkpoint
 
     def provenance(self) -> dict[str, str]:
-        """What the student's checkpoint records about this teacher."""
-        return {
-            "path": str(self.path),
-            "arch": str(self.record["arch"]),
-            "weights_sha256": str(self.record["weights_sha256"]),
-        }
+        """What the student's card records about this teacher (its lineage)."""
+        card = self.checkpoint.card
+        return {"path": str(self.path), "arch": card.arch, "weights_sha256": card.weights_sha256}
 
 
 def load_teachers(
     paths: Sequence[str | Path],
-    class_names: Sequence[str],
-    card: dict[str, Any],
+    task: Task,
+    prep: PreprocessCard,
     data_fingerprint: str,
     fold: int | None = None,
 ) -> list[Teacher]:
-    """The teacher checkpoints, each checked against the student's classes, card and data.
+    """The teacher checkpoints, each checked against the student's task, preprocessing and data.
 
     With k-fold manifests every fold's run has the same fingerprint (training plus validation is
     the whole non-test data), so the fold must match too: a teacher from another fold trained on
@@ -68,26 +66,28 @@ def load_teachers(
                 f"teacher {path}: only --cross-validate fills in {FOLD_PLACEHOLDER} (with each "
                 "fold's number); name the teacher's checkpoint itself for a single run"
             )
-        record = load_checkpoint(path)
-        if list(record["class_names"]) != list(class_names):
+        checkpoint = load_checkpoint(path)
+        card = checkpoint.card
+        if card.task != task:
             raise EdgebcError(
-                f"teacher {path} predicts classes {record['class_names']} but the student is "
-                f"trained on {list(class_names)}: its soft targets would be read in the wrong order"
+                f"teacher {path} predicts classes {list(card.class_names)} (task {card.task.name}) "
+                f"but the student is trained on {list(task.classes)} (task {task.name}): its soft "
+                "targets would be read in the wrong order or mean other classes"
             )
-        differing = sorted(k for k in card.keys() | record["preprocess"].keys()
-                           if card.get(k) != record["preprocess"].get(k))  # fmt: skip
+        theirs, ours = asdict(card.preprocess), asdict(prep)
+        differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         if differing:
             raise EdgebcError(
                 f"teacher {path} was trained with another preprocessing card (differs in "
                 f"{', '.join(differing)}): its predictions on the student's inputs would be wrong"
             )
-        if record.get("data_fingerprint") != data_fingerprint:
+        if card.data_fingerprint != data_fingerprint:
             raise EdgebcError(
                 f"teacher {path} was trained on other samples than this run's training and "
                 "validation splits (data fingerprints differ): it may have seen validation or test "
                 "frames and would leak them into the student. Train teachers on the same manifest."
             )
-        teacher_fold = record.get("config", {}).get("data", {}).get("fold")
+        teacher_fold = checkpoint.config.get("data", {}).get("fold")
         if teacher_fold != fold:
             raise EdgebcError(
                 f"teacher {path} was trained with data.fold {teacher_fold} but this run uses "
@@ -97,14 +97,14 @@ def load_teachers(
                    if fold is not None else "")
             )  # fmt: skip
         twin = next(
-            (t for t in teachers if t.record["weights_sha256"] == record["weights_sha256"]), None
+            (t for t in teachers if t.checkpoint.card.weights_sha256 == card.weights_sha256), None
         )
         if twin is not None:
             raise EdgebcError(
                 f"teacher {path} has the same weights as {twin.path}: listing one model twice "
                 "would give it double weight in the soft targets"
             )
-        teachers.append(Teacher(path, record))
+        teachers.append(Teacher(path, checkpoint))
     return teachers
 
 
@@ -112,14 +112,17 @@ def soft_targets(
     teachers: Sequence[Teacher], images: torch.Tensor, temperature: float, batch_size: int = 64
 ) -> torch.Tensor:
     """(N, C) mean over teachers of softmax(logits / temperature) for each image, float32, CPU."""
-    from edgebc.train.loop import model_from_checkpoint, predict_logits
+    from edgebc.train.checkpoint import model_from_checkpoint
+    from edgebc.train.loop import predict_logits
 
     if not teachers:
         raise ValueError("soft_targets needs at least one teacher")
     device = images.device
     probabilities = [
         metrics.softmax(
-            predict_logits(model_from_checkpoint(t.record).to(device), images, device, batch_size),
+            predict_logits(
+                model_from_checkpoint(t.checkpoint).to(device), images, device, batch_size
+            ),
             temperature,
         )
         for t in teachers

@@ -7,7 +7,8 @@ stored at training; sensitivity and specificity at the stored operating threshol
 results where patient_id exists; a subgroup table for any manifest column; Grad-CAM overlays of
 right and wrong cases, and how much of their evidence lies on the lesion where the data has
 lesion masks (a check on the caliper shortcut); a Markdown and JSON report with ROC, PR,
-confusion and calibration PNGs.
+confusion and calibration PNGs. Every count (accuracy, confusion matrix, sensitivity, votes) is of
+the decisions the cart would show: the card's decision rule at its operating threshold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import csv
 import io
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ import numpy as np
 from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.data import read_dataset
-from edgebc.data.records import Sample
+from edgebc.data.records import CLASS_NAMES, Sample
+from edgebc.decision import DecisionRule
 from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
+from edgebc.model_card import ModelCard
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw
 from edgebc.train import plots
@@ -50,11 +53,12 @@ def evaluate_checkpoint(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Score a checkpoint (.pt) or an exported model (.onnx, through ONNX Runtime and its card)
-    on `data` (optionally one split of it); write the report into `out_dir`."""
+    """Score a checkpoint (.pt) or an exported model (.onnx, through ONNX Runtime) on `data`
+    (optionally one split of it), reading everything about the model from its card; write the
+    report into `out_dir`."""
     model = _load_for_eval(Path(checkpoint), device)
-    classes, card = model.classes, model.card
-    positive = classes.index(model.positive_class)
+    card = model.card
+    task, prep = card.task, card.preprocess
     samples = read_dataset(data)
     if split:
         if not any(s.split for s in samples):
@@ -62,77 +66,65 @@ def evaluate_checkpoint(
                 f"{data}: has no split column; pass --split all to evaluate every sample"
             )
         samples = [s for s in samples if s.split == split]
-    unknown = sorted({s.label for s in samples} - set(classes))
-    if unknown:
-        raise EdgebcError(f"{data}: labels {unknown} are not classes of this model ({classes})")
+    strays = sorted({s.label for s in samples if not task.takes(s.label)} - set(CLASS_NAMES))
+    if strays:
+        raise EdgebcError(
+            f"{data}: labels {strays} are not classes of this model ({list(task.labels)})"
+        )
+    # Labels the task leaves out (normal frames for benign-vs-malignant) are counted, not scored.
+    excluded = dict(Counter(s.label for s in samples if not task.takes(s.label)))
+    samples = [s for s in samples if task.takes(s.label)]
     if not samples:
-        raise EdgebcError(f"{data}: no samples{f' in split {split!r}' if split else ''}")
-    images = np.stack([preprocess_chw(read_image(s.path), card) for s in samples])
-    y = np.array([classes.index(s.label) for s in samples])
+        raise EdgebcError(
+            f"{data}: no samples{f' in split {split!r}' if split else ''} for task {task.name}"
+        )
+    images = np.stack([preprocess_chw(read_image(s.path), prep) for s in samples])
+    y = task.encode(s.label for s in samples)
     logits = model.logits(images)
-    probs = metrics.softmax(logits, model.temperature)
-    report = score(probs, y, classes, positive, model.operating_point, n_boot, seed)
+    probs = metrics.softmax(logits, card.temperature)
+    rule = DecisionRule.of(card)
+    report = score(probs, y, card, n_boot, seed)
     report["ece_uncalibrated"] = metrics.expected_calibration_error(metrics.softmax(logits), y)[0]
     report.update(
-        checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=model.temperature,
-        weights_sha256=model.weights_sha256, arch=model.arch, backend=model.backend,
-        patient_level=patient_level(samples, probs, y, positive),
-        subgroups=subgroup_table(samples, probs, y, positive, subgroups),
+        checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=card.temperature,
+        weights_sha256=card.weights_sha256, arch=card.arch, backend=model.backend, task=task.name,
+        excluded_labels=excluded, patient_level=patient_level(samples, probs, y, rule),
+        subgroups=subgroup_table(samples, probs, y, rule, subgroups),
     )  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.csv", samples, probs, classes)
-    _write_figures(out, report, probs, y, classes, positive)
-    report["gradcam"] = model.gradcams(out / "gradcam", images, probs, y, gradcam_per_kind, seed)
+    _write_predictions(out / "predictions.csv", samples, probs, rule)
+    _write_figures(out, report, probs, y, card.class_names, card.positive)
+    report["gradcam"] = model.gradcams(
+        out / "gradcam", images, probs, y, rule, gradcam_per_kind, seed
+    )
     report["lesion_attention"] = model.lesion_attention(samples, images, y)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
-    atomic_write_text(out / "report.md", render_markdown(report, classes))
+    atomic_write_text(out / "report.md", render_markdown(report, card.class_names))
     return report
 
 
 class _EvalModel:
-    """What evaluation needs from a model, whether a torch checkpoint or an exported ONNX file."""
+    """What evaluation needs from a model, whether a torch checkpoint or an exported ONNX file:
+    its card, logits, and (checkpoints only) Grad-CAM."""
 
     def __init__(self, path: Path, device: str) -> None:
         self.path = path
-        if path.suffix.lower() == ".onnx":
-            self._init_onnx(path)
-        else:
-            self._init_checkpoint(path, device)
-
-    def _init_onnx(self, path: Path) -> None:
-        from edgebc.backends import open_backend
-
-        # The runtime's own backend: it checks MANIFEST.sha256 and reads everything from the card.
-        self._runtime = open_backend(path, warmup=0)
-        card = self._runtime.card
-        self.backend, self.arch, self.card = (
-            f"onnxruntime ({card.precision})",
-            card.arch,
-            card.preprocess,
-        )
-        self.classes, self.positive_class = list(card.class_names), card.positive_class
-        self.temperature, self.weights_sha256 = card.temperature, card.weights_sha256
-        self.operating_point = (
-            None
-            if card.threshold is None
-            else {"threshold": card.threshold, "target_sensitivity": card.target_sensitivity}
-        )
-        self._torch_model = None
-
-    def _init_checkpoint(self, path: Path, device: str) -> None:
-        from edgebc.train.checkpoint import load_checkpoint
-        from edgebc.train.loop import model_from_checkpoint
-
-        record = load_checkpoint(path)
-        self.backend, self.arch = "pytorch", record["arch"]
-        self.card = PreprocessCard.from_dict(record["preprocess"], source=f"{path}: preprocess")
-        self.classes, self.positive_class = list(record["class_names"]), record["positive_class"]
-        self.temperature = float(record.get("temperature") or 1.0)
-        self.weights_sha256 = record.get("weights_sha256")
-        self.operating_point = record.get("operating_point")
         self._device = device
-        self._torch_model = model_from_checkpoint(record).to(device)
+        self._torch_model: Any = None
+        if path.suffix.lower() == ".onnx":
+            from edgebc.backends import open_backend
+
+            # The runtime's own backend: it checks MANIFEST.sha256 and reads the card.
+            self._runtime = open_backend(path, warmup=0)
+            self.card: ModelCard = self._runtime.card
+            self.backend = f"onnxruntime ({self.card.precision})"
+        else:
+            from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+            checkpoint = load_checkpoint(path)
+            self.card, self.backend = checkpoint.card, "pytorch"
+            self._torch_model = model_from_checkpoint(checkpoint).to(device)
 
     def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
         if self._torch_model is None:
@@ -147,33 +139,16 @@ class _EvalModel:
             self._torch_model, torch.from_numpy(images), torch.device(self._device), batch
         )
 
-    def gradcams(
-        self,
-        folder: Path,
-        images: np.ndarray,
-        probs: np.ndarray,
-        y: np.ndarray,
-        per_kind: int,
-        seed: int,
-    ) -> list[str] | str:
+    def gradcams(self, folder: Path, images: np.ndarray, probs: np.ndarray, y: np.ndarray,
+                 rule: DecisionRule, per_kind: int, seed: int) -> list[str] | str:  # fmt: skip
         if self._torch_model is None:
             return "not available for ONNX models: Grad-CAM needs gradients; evaluate the checkpoint for heat maps"
         from edgebc.train.models import model_spec
 
         torch = require("torch", "Grad-CAM")
-        layer = self._torch_model.get_submodule(model_spec(self.arch).cam_layer)
-        return _write_gradcams(
-            folder,
-            self._torch_model,
-            layer,
-            torch.from_numpy(images),
-            probs,
-            y,
-            self.card,
-            self.classes,
-            per_kind,
-            seed,
-        )
+        layer = self._torch_model.get_submodule(model_spec(self.card.arch).cam_layer)
+        return _write_gradcams(folder, self._torch_model, layer, torch.from_numpy(images), probs,
+                               y, self.card.preprocess, rule, per_kind, seed)  # fmt: skip
 
     def lesion_attention(
         self, samples: Sequence[Sample], images: np.ndarray, y: np.ndarray
@@ -188,8 +163,8 @@ class _EvalModel:
         from edgebc.train.models import model_spec
 
         torch = require("torch", "Grad-CAM")
-        layer = self._torch_model.get_submodule(model_spec(self.arch).cam_layer)
-        masks = [lesion_mask_on_input(s, self.card) for s in samples]
+        layer = self._torch_model.get_submodule(model_spec(self.card.arch).cam_layer)
+        masks = [lesion_mask_on_input(s, self.card.preprocess) for s in samples]
         return lesion_attention(self._torch_model, layer, torch.from_numpy(images), masks, y)
 
 
@@ -200,62 +175,28 @@ def _load_for_eval(path: Path, device: str) -> _EvalModel:
 
 
 def score(
-    probs: np.ndarray,
-    y: np.ndarray,
-    classes: Sequence[str],
-    positive: int,
-    operating: dict[str, float] | None,
-    n_boot: int,
-    seed: int,
+    probs: np.ndarray, y: np.ndarray, card: ModelCard, n_boot: int, seed: int
 ) -> dict[str, Any]:
-    """Every headline number for class probabilities `probs` against labels `y`."""
-    k = len(classes)
-    matrix = metrics.confusion_matrix(y, probs.argmax(1), k)
-    stats = metrics.per_class_stats(matrix)
-    pos_scores = probs[:, positive]
-    auc_positive = metrics.roc_auc(y == positive, pos_scores)
-    auc_ci = metrics.bootstrap_ci(
-        lambda yy, ss: metrics.roc_auc(yy == positive, ss), y, pos_scores, n_boot, seed
-    )
-
-    def macro(yy, pp):
-        return float(np.mean([metrics.roc_auc(yy == c, pp[:, c]) for c in range(k)]))
-
-    macro_ci = metrics.bootstrap_ci(macro, y, probs, n_boot, seed)
-    ece, table = metrics.expected_calibration_error(probs, y)
-    result: dict[str, Any] = {
-        "accuracy": float(np.trace(matrix) / matrix.sum()),
-        "balanced_accuracy": float(np.nanmean([s.sensitivity for s in stats])),
-        "cohen_kappa": metrics.cohen_kappa(matrix),
-        "confusion_matrix": matrix.tolist(),
-        "per_class": {c: s.__dict__ for c, s in zip(classes, stats, strict=True)},
-        "auc_positive": auc_positive, "auc_positive_ci": list(auc_ci),
-        "macro_auc": macro(y, probs), "macro_auc_ci": list(macro_ci),
-        "average_precision_positive": metrics.average_precision(y == positive, pos_scores),
-        "ece": ece, "reliability": table, "positive_class": classes[positive],
-    }  # fmt: skip
-    if operating:
-        threshold = float(operating["threshold"])
-        sens_ci = metrics.bootstrap_ci(
-            lambda yy, ss: metrics.sensitivity_at(yy == positive, ss, threshold),
-            y,
-            pos_scores,
-            n_boot,
-            seed,
-        )
+    """Every headline number, from the one scoring function with the card's decision rule, and
+    the operating point beside the validation figures it was chosen on."""
+    result = metrics.score_predictions(probs, y, DecisionRule.of(card), n_boot, seed)
+    point = card.operating_point
+    if point is not None:
         result["operating_point"] = {
-            "threshold": threshold, "target_sensitivity": operating["target_sensitivity"],
-            "validation_sensitivity": operating.get("sensitivity"), "validation_specificity": operating.get("specificity"),
-            "sensitivity": metrics.sensitivity_at(y == positive, pos_scores, threshold), "sensitivity_ci": list(sens_ci),
-            "specificity": metrics.specificity_at(y == positive, pos_scores, threshold),
+            "threshold": point.threshold, "target_sensitivity": point.target_sensitivity,
+            "validation_sensitivity": point.sensitivity, "validation_specificity": point.specificity,
+            "validation_positives": point.positives, "validation_negatives": point.negatives,
+            "sensitivity": result["sensitivity"], "sensitivity_ci": result.get("sensitivity_ci"),
+            "specificity": result["specificity"],
         }  # fmt: skip
     return result
 
 
 def patient_level(
-    samples: Sequence[Sample], probs: np.ndarray, y: np.ndarray, positive: int
+    samples: Sequence[Sample], probs: np.ndarray, y: np.ndarray, rule: DecisionRule
 ) -> dict[str, Any] | None:
-    """Per patient: mean probability (scored by AUC) and majority vote of predicted classes."""
+    """Per patient: mean probability (scored by AUC) and majority vote of the decided classes."""
+    positive = rule.positive
     by_patient: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
         if sample.patient_id:
@@ -269,7 +210,7 @@ def patient_level(
         )  # a patient with any malignant image is malignant
         labels.append(truth)
         mean_scores.append(float(probs[indices, positive].mean()))
-        votes = np.bincount(probs[indices].argmax(1), minlength=probs.shape[1])
+        votes = np.bincount(rule.indices(probs[indices]), minlength=probs.shape[1])
         votes_right += int(np.argmax(votes) == truth)
     labels_arr = np.array(labels)
     return {
@@ -285,9 +226,10 @@ def subgroup_table(
     samples: Sequence[Sample],
     probs: np.ndarray,
     y: np.ndarray,
-    positive: int,
+    rule: DecisionRule,
     columns: Sequence[str],
 ) -> dict[str, list[dict[str, Any]]]:
+    positive, decided = rule.positive, rule.indices(probs)
     table: dict[str, list[dict[str, Any]]] = {}
     for column in columns:
         values = [_column_value(s, column) for s in samples]
@@ -298,7 +240,7 @@ def subgroup_table(
             index = np.array([v == value for v in values])
             rows.append({
                 "value": value, "n": int(index.sum()),
-                "accuracy": float((probs[index].argmax(1) == y[index]).mean()),
+                "accuracy": float((decided[index] == y[index]).mean()),
                 "auc_positive": metrics.roc_auc(y[index] == positive, probs[index, positive]),
             })  # fmt: skip
         table[column] = rows
@@ -369,15 +311,13 @@ def _column_value(sample: Sample, column: str) -> str | None:
 
 
 def _write_predictions(
-    path: Path, samples: Sequence[Sample], probs: np.ndarray, classes: Sequence[str]
+    path: Path, samples: Sequence[Sample], probs: np.ndarray, rule: DecisionRule
 ) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes]])
-    for sample, row in zip(samples, probs, strict=True):
-        writer.writerow(
-            [str(sample.path), sample.label, classes[int(row.argmax())], *[f"{v:.6f}" for v in row]]
-        )
+    writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in rule.class_names]])
+    for sample, row, decided in zip(samples, probs, rule.labels(probs), strict=True):
+        writer.writerow([str(sample.path), sample.label, decided, *[f"{v:.6f}" for v in row]])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -401,11 +341,12 @@ def _write_figures(
 
 
 def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np.ndarray, y: np.ndarray,
-                    card: PreprocessCard, classes: Sequence[str], per_kind: int, seed: int) -> list[str]:  # fmt: skip
+                    prep: PreprocessCard, rule: DecisionRule, per_kind: int, seed: int) -> list[str]:  # fmt: skip
     from edgebc.train.gradcam import grad_cam, overlay
 
     rng = np.random.default_rng(seed)
-    predicted = probs.argmax(1)
+    classes = rule.class_names
+    predicted = rule.indices(probs)
     written = []
     for kind, chosen in (
         ("correct", np.nonzero(predicted == y)[0]),
@@ -414,7 +355,7 @@ def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np
         for index in rng.permutation(chosen)[:per_kind]:
             cam = grad_cam(model, layer, images[index], int(predicted[index]))
             caption = f"true {classes[y[index]]} / pred {classes[predicted[index]]} {probs[index].max():.2f}"
-            _ok, png = cv2.imencode(".png", overlay(images[index], cam, card, caption))
+            _ok, png = cv2.imencode(".png", overlay(images[index], cam, prep, caption))
             path = folder / f"{kind}_{int(index):04d}.png"
             atomic_write_bytes(path, png.tobytes())
             written.append(str(path))

@@ -77,10 +77,10 @@ def lesion_attention(
     }
 
 
-def overlay(image: torch.Tensor, cam: np.ndarray, card: PreprocessCard, caption: str) -> np.ndarray:
+def overlay(image: torch.Tensor, cam: np.ndarray, prep: PreprocessCard, caption: str) -> np.ndarray:
     """BGR picture: the model input in grey with the heat map blended over it and a caption."""
-    mean = np.asarray(card.mean, np.float32).reshape(-1, 1, 1)
-    std = np.asarray(card.std, np.float32).reshape(-1, 1, 1)
+    mean = np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
     grey = np.clip((image.cpu().numpy() * std + mean).mean(0), 0, 1)
     base = cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     heat = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)

@@ -23,10 +23,10 @@ nn, F = torch.nn, torch.nn.functional
 class MaskSupervised(nn.Module):
     """`model` plus a lesion-mask head on its `layer`; forward gives (class logits, mask logits)."""
 
-    def __init__(self, model: nn.Module, layer: str, card: PreprocessCard) -> None:
+    def __init__(self, model: nn.Module, layer: str, prep: PreprocessCard) -> None:
         super().__init__()
         self.model = model
-        self.head = nn.Conv2d(feature_channels(model, layer, card), 1, kernel_size=1)
+        self.head = nn.Conv2d(feature_channels(model, layer, prep), 1, kernel_size=1)
         self._features: torch.Tensor | None = None
         self._hook = model.get_submodule(layer).register_forward_hook(self._keep)
 
@@ -45,7 +45,7 @@ class MaskSupervised(nn.Module):
         self._hook.remove()
 
 
-def feature_channels(model: nn.Module, layer: str, card: PreprocessCard) -> int:
+def feature_channels(model: nn.Module, layer: str, prep: PreprocessCard) -> int:
     """How many channels `layer` puts out, found by one forward pass on a blank input."""
     seen: list[int] = []
     hook = model.get_submodule(layer).register_forward_hook(
@@ -55,7 +55,7 @@ def feature_channels(model: nn.Module, layer: str, card: PreprocessCard) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *card.input_shape)))
+            model(torch.zeros((1, *prep.input_shape)))
     finally:
         hook.remove()
         model.train(was_training)

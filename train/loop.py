@@ -6,22 +6,21 @@ class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 w
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
-trained teachers' soft predictions (distill.py). After the last epoch the best
-weights get a temperature fitted on validation and the malignant threshold that reaches the
-target sensitivity there, both stored in `best.pt`.
+trained teachers' soft predictions (distill.py). `_prepare` builds the run, `_fit` is the epoch
+loop; after the last epoch finalize.py fits the temperature and the operating point on
+validation and writes them into the card of `best.pt`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,16 @@ from edgebc import metrics
 from edgebc.atomic import atomic_write_text
 from edgebc.data import read_dataset
 from edgebc.data.records import Sample
+from edgebc.decision import DecisionRule
 from edgebc.errors import ConfigError, EdgebcError
+from edgebc.model_card import ModelCard, ModelOutput, single_input
 from edgebc.optional import require
+from edgebc.task import Task
 from edgebc.train.augment import BatchAugmenter
 from edgebc.train.checkpoint import (
+    Checkpoint,
     data_fingerprint,
+    lineage_of,
     load_checkpoint,
     save_checkpoint,
     sha256_of_state,
@@ -74,7 +78,7 @@ class Distributed:
 
 
 def select_samples(config: TrainConfig, role: str) -> list[Sample]:
-    """The samples for 'train' or 'val' (or 'test') under the config's split/fold rules."""
+    """The samples for 'train' or 'val' (or 'test') under the config's task and split/fold rules."""
     data = config.data
     if not data.manifest:
         raise ConfigError(
@@ -83,7 +87,8 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
     samples = read_dataset(data.manifest)
     if data.modality:
         samples = [s for s in samples if s.modality == data.modality]
-    samples = [s for s in samples if s.label in data.classes]
+    task = data.resolved_task()
+    samples = [s for s in samples if task.takes(s.label)]
     if data.fold is not None and role in ("train", "val"):
         if role == "val":
             return [s for s in samples if s.split == data.train_split and s.fold == data.fold]
@@ -97,7 +102,7 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
 
 
 def check_teachers(config: TrainConfig, fingerprint: str | None = None) -> list[Teacher]:
-    """The run's distillation teachers, each checked against its classes, card, data and fold.
+    """The run's distillation teachers, each checked against its task, preprocessing, data and fold.
 
     Cross-validation calls it for every fold before training any, so a wrong teacher for the
     last fold is named at once rather than after hours of training the first ones.
@@ -107,7 +112,7 @@ def check_teachers(config: TrainConfig, fingerprint: str | None = None) -> list[
             select_samples(config, "train") + select_samples(config, "val")
         )
     return load_teachers(
-        config.optim.distill_from, config.data.classes, config.preprocess.to_dict(), fingerprint,
+        config.optim.distill_from, config.data.resolved_task(), config.preprocess, fingerprint,
         config.data.fold,
     )  # fmt: skip
 
@@ -133,8 +138,64 @@ def train_model(
 def _train(
     config: TrainConfig, resume: Path | None, show_progress: bool, dist: Distributed
 ) -> RunResult:
+    run = _prepare(config, resume, dist)
+    _fit(run, show_progress, dist)
+    if run.supervised is not None:
+        run.supervised.release()
+    ddp_identical = _weights_identical_across_ranks(run.trained, dist)
+    best_metrics: dict[str, float] = {}
+    if dist.is_main:
+        from edgebc.train.finalize import finalize_run
+
+        best_metrics = finalize_run(run.run_dir, run.val_x, run.val_y, run.device, run.config,
+                                    run.history, dist.world_size, ddp_identical)  # fmt: skip
+    return RunResult(run.run_dir, run.run_dir / "best.pt", best_metrics, run.history)
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs (what `last.pt` saves, and more)."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    task: Task
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    train_masks: torch.Tensor | None
+    has_mask: torch.Tensor | None
+    train_soft: torch.Tensor | None
+    fingerprint: str
+    lineage: dict[str, Any]
+    pretrained_report: Any
+    model: torch.nn.Module
+    ema: Any
+    supervised: MaskSupervised | None
+    trained: torch.nn.Module
+    train_module: torch.nn.Module
+    loss_fn: torch.nn.CrossEntropyLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    augmenter: BatchAugmenter
+    generator: torch.Generator
+    sample_weights: torch.Tensor
+    memory_format: Any
+    amp_dtype: Any
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0
+    start_epoch: int = 0
+
+
+def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Run:
+    """Data cached as tensors, teachers checked, model, optimiser and schedule built, and on
+    `--resume` every piece of state restored from `last.pt`."""
     run_dir = Path(resume) if resume else Path(config.out_dir) / config.name
-    state: dict[str, Any] | None = None
+    state: Checkpoint | None = None
     if resume:
         state = load_checkpoint(run_dir / "last.pt")
         config = load_train_config(run_dir / "config.yaml")
@@ -146,15 +207,14 @@ def _train(
     if config.threads:
         torch.set_num_threads(config.threads)
     _seed_everything(config.seed + dist.rank)
-    classes = config.data.classes
-    positive = classes.index(config.data.positive_class)
+    task = config.data.resolved_task()
     train_samples, val_samples = select_samples(config, "train"), select_samples(config, "val")
     for role, chosen in (("training", train_samples), ("validation", val_samples)):
         if not chosen:
             raise EdgebcError(
                 f"no {role} samples in {config.data.manifest} for the configured split/fold"
             )
-    missing = sorted(set(classes) - {s.label for s in train_samples})
+    missing = sorted(set(task.classes) - {task.class_of(s.label) for s in train_samples})
     if missing:
         raise EdgebcError(f"the training split has no samples of class {', '.join(missing)}")
     if dist.is_main:
@@ -162,8 +222,8 @@ def _train(
         atomic_write_text(
             run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
-    card = config.preprocess
-    train_set = SampleDataset(train_samples, card, classes)
+    prep = config.preprocess
+    train_set = SampleDataset(train_samples, prep, task)
     train_x, train_y = cache_tensors(train_set, config.loader_workers, "cache train")
     train_masks = has_mask = None
     if config.optim.mask_loss_weight > 0:
@@ -175,15 +235,15 @@ def _train(
                 "(manifest column masks); set it to 0 for data without masks"
             )
     val_x, val_y = cache_tensors(
-        SampleDataset(val_samples, card, classes), config.loader_workers, "cache val"
+        SampleDataset(val_samples, prep, task), config.loader_workers, "cache val"
     )
     fingerprint = data_fingerprint(train_samples + val_samples)
     teachers = check_teachers(config, fingerprint)
     provenance = [t.provenance() for t in teachers]
-    if state is not None and state.get("distilled_from", []) != provenance:
+    if state is not None and state.card.lineage.get("distilled_from", []) != provenance:
         raise EdgebcError(
             f"the teachers of {run_dir} changed since the run started (recorded "
-            f"{state.get('distilled_from')}, now {provenance}): resuming would not continue exactly"
+            f"{state.card.lineage.get('distilled_from')}, now {provenance}): resuming would not continue exactly"
         )
     if device.type == "cuda":  # small datasets live on the GPU: no loader can starve it
         train_x, train_y = train_x.to(device), train_y.to(device)
@@ -195,20 +255,14 @@ def _train(
         else None
     )
 
-    model = create_model(
-        config.model.arch,
-        len(classes),
-        card.channels,
-        config.model.width_mult,
-        config.model.head,
-        config.model.dropout,
-    )
+    model = create_model(config.model.arch, len(task.classes), prep.channels,
+                         config.model.width_mult, config.model.head, config.model.dropout)  # fmt: skip
     if config.optim.bn_momentum > 0:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.momentum = config.optim.bn_momentum
     # A resumed run starts from its own weights, but still descends from the pretrained file.
-    pretrained_report = state.get("pretrained") if state is not None else None
+    pretrained_report = state.training.get("pretrained") if state is not None else None
     if config.model.pretrained and not resume:
         pretrained_report = load_torchvision_weights(
             model, config.model.arch, config.model.pretrained
@@ -228,7 +282,7 @@ def _train(
     # Created after the EMA copy, so the EMA model carries no hook. The mask head trains with the
     # model (and under DDP is synchronised with it) but is never part of the model's state_dict.
     supervised = (
-        MaskSupervised(model, model_spec(config.model.arch).cam_layer, card).to(device)
+        MaskSupervised(model, model_spec(config.model.arch).cam_layer, prep).to(device)
         if train_masks is not None
         else None
     )
@@ -240,11 +294,11 @@ def _train(
         )
 
     optim = config.optim
-    counts = torch.bincount(train_y.cpu(), minlength=len(classes)).float()
+    counts = torch.bincount(train_y.cpu(), minlength=len(task.classes)).float()
     weights = (
-        (counts.sum() / (len(classes) * counts.clamp(min=1)))
+        (counts.sum() / (len(task.classes) * counts.clamp(min=1)))
         if optim.class_weights and not optim.balanced_sampler
-        else torch.ones(len(classes))
+        else torch.ones(len(task.classes))
     )
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=weights.to(device), label_smoothing=optim.label_smoothing
@@ -256,38 +310,52 @@ def _train(
         optimizer, _lr_lambda(optim.warmup_epochs * steps_per_epoch, optim.epochs * steps_per_epoch)
     )
     amp_dtype = _amp_dtype(config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    augmenter = BatchAugmenter(config.augment, card)
-    generator = torch.Generator().manual_seed(config.seed)
-    sample_weights = (1.0 / counts.clamp(min=1))[train_y.cpu()]
-
-    history: list[dict[str, float]] = []
-    best_score, best_epoch, stale, start_epoch = -math.inf, -1, 0, 0
+    run = _Run(
+        config, run_dir, device, task, train_x, train_y, val_x, val_y, train_masks, has_mask,
+        train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
+        model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        BatchAugmenter(config.augment, prep), torch.Generator().manual_seed(config.seed),
+        (1.0 / counts.clamp(min=1))[train_y.cpu()], memory_format, amp_dtype,
+    )  # fmt: skip
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        if supervised is not None:
-            supervised.head.load_state_dict(state["mask_head_state"])
-        if ema is not None and state.get("ema_state") is not None:
-            ema.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["rng"]["generator"])
-        _restore_rng(state["rng"])
-        history = state["history"]
-        best_score, best_epoch, stale = state["best_score"], state["best_epoch"], state["stale"]
-        start_epoch = state["epoch"] + 1
-        log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
-    head = model.get_submodule(model_spec(config.model.arch).classifier)
+        _restore(run, state)
+        log.info("resuming %s at epoch %d", run_dir, run.start_epoch + 1)
+    return run
 
-    for epoch in range(start_epoch, optim.epochs):
-        train_module.train()
+
+def _restore(run: _Run, state: Checkpoint) -> None:
+    """Continue exactly where `last.pt` left off: weights, EMA, mask head, optimiser, schedule,
+    loss scaler, every random generator, history and the early-stopping counters."""
+    training = state.training
+    run.model.load_state_dict(state.state_dict)
+    if run.supervised is not None:
+        run.supervised.head.load_state_dict(training["mask_head_state"])
+    if run.ema is not None and training.get("ema_state") is not None:
+        run.ema.load_state_dict(training["ema_state"])
+    run.optimizer.load_state_dict(training["optimizer"])
+    run.scheduler.load_state_dict(training["scheduler"])
+    run.scaler.load_state_dict(training["scaler"])
+    run.generator.set_state(training["rng"]["generator"])
+    _restore_rng(training["rng"])
+    run.history = training["history"]
+    run.best_score, run.best_epoch = training["best_score"], training["best_epoch"]
+    run.stale, run.start_epoch = training["stale"], training["epoch"] + 1
+
+
+def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
+    """The epoch loop: train, validate, keep the best, save `last.pt`, stop early."""
+    config, optim, task = run.config, run.config.optim, run.task
+    device, model, ema = run.device, run.model, run.ema
+    head = model.get_submodule(model_spec(config.model.arch).classifier)
+    for epoch in range(run.start_epoch, optim.epochs):
+        run.train_module.train()
         if optim.balanced_sampler:
             order = torch.multinomial(
-                sample_weights, len(train_y), replacement=True, generator=generator
+                run.sample_weights, len(run.train_y), replacement=True, generator=run.generator
             )
         else:
-            order = torch.randperm(len(train_y), generator=generator)
+            order = torch.randperm(len(run.train_y), generator=run.generator)
         order = order[dist.rank :: dist.world_size]
         started, seen, loss_sum, mask_loss_sum = time.perf_counter(), 0, 0.0, 0.0
         batches = range(0, len(order), optim.batch_size)
@@ -299,48 +367,50 @@ def _train(
             leave=False,
         )
         for start in bar:
-            index = order[start : start + optim.batch_size].to(train_x.device)
-            images, masks = augmenter.with_masks(
-                train_x[index].to(device, non_blocking=True),
-                None if train_masks is None else train_masks[index].to(device),
-                generator,
+            index = order[start : start + optim.batch_size].to(run.train_x.device)
+            images, masks = run.augmenter.with_masks(
+                run.train_x[index].to(device, non_blocking=True),
+                None if run.train_masks is None else run.train_masks[index].to(device),
+                run.generator,
             )
-            images = images.contiguous(memory_format=memory_format)
-            targets = train_y[index].to(device)
+            images = images.contiguous(memory_format=run.memory_format)
+            targets = run.train_y[index].to(device)
             if isinstance(head, ArcFaceHead):
                 head.targets = targets
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ):
-                if supervised is None:
-                    logits = train_module(images)
+            with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32,
+                                enabled=run.amp_dtype is not None):  # fmt: skip
+                if run.supervised is None:
+                    logits = run.train_module(images)
                 else:
-                    logits, mask_logits = train_module(images)
-                loss = loss_fn(logits, targets)
-                if train_soft is not None:
+                    logits, mask_logits = run.train_module(images)
+                loss = run.loss_fn(logits, targets)
+                if run.train_soft is not None:
                     soft_loss = distillation_loss(
-                        logits, train_soft[index].to(device), optim.distill_temperature,
-                        loss_fn.weight[targets],
+                        logits, run.train_soft[index].to(device), optim.distill_temperature,
+                        run.loss_fn.weight[targets],
                     )  # fmt: skip
                     loss = (1 - optim.distill_weight) * loss + optim.distill_weight * soft_loss
-                if supervised is not None:
-                    assert has_mask is not None and masks is not None
-                    lesion_loss = mask_loss(mask_logits, masks, has_mask[index].to(device))
+                if run.supervised is not None:
+                    if run.has_mask is None or masks is None:
+                        raise RuntimeError("mask supervision without cached masks")
+                    lesion_loss = mask_loss(mask_logits, masks, run.has_mask[index].to(device))
                     loss = loss + optim.mask_loss_weight * lesion_loss
                     mask_loss_sum += float(lesion_loss.detach()) * len(index)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
             if optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trained.parameters(), optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.trained.parameters(), optim.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}"
+            )
         if isinstance(head, ArcFaceHead):
             head.targets = None
         if device.type == "cuda":
@@ -351,81 +421,57 @@ def _train(
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(1, seen),
             "images_per_s": seen * dist.world_size / elapsed,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
         }
-        if supervised is not None:
+        if run.supervised is not None:
             row["train_mask_loss"] = mask_loss_sum / max(1, seen)
         if dist.is_main:
-            logits = predict_logits(evaluated, val_x, device, optim.batch_size * 2, memory_format)
-            row.update(validation_metrics(logits, val_y.numpy(), positive, loss_fn, len(classes)))
-            history.append(row)
+            logits = predict_logits(
+                evaluated, run.val_x, device, optim.batch_size * 2, run.memory_format
+            )
+            row.update(validation_metrics(logits, run.val_y.numpy(), task, run.loss_fn))
+            run.history.append(row)
             score = (
                 -row["val_loss"]
                 if optim.early_stop_metric == "val_loss"
                 else row[optim.early_stop_metric]
             )
-            improved = score > best_score
+            improved = score > run.best_score
             if improved:
-                best_score, best_epoch, stale = score, epoch + 1, 0
-                save_checkpoint(
-                    run_dir / "best.pt",
-                    _describe(
-                        config, evaluated, row, fingerprint, epoch, pretrained_report, provenance
-                    ),
-                )
+                run.best_score, run.best_epoch, run.stale = score, epoch + 1, 0
+                save_checkpoint(run.run_dir / "best.pt", _checkpoint_of(run, evaluated, row, epoch))
             else:
-                stale += 1
-            _write_history(run_dir / "history.csv", history)
+                run.stale += 1
+            _write_history(run.run_dir / "history.csv", run.history)
             log.info(
                 "epoch %d: %s%s",
                 epoch + 1,
                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
                 " (best)" if improved else "",
             )
-            save_checkpoint(run_dir / "last.pt", {
-                **_describe(config, model, row, fingerprint, epoch, pretrained_report, provenance),
+            last = _checkpoint_of(run, model, row, epoch)
+            last.training.update({
                 "ema_state": ema.state_dict() if ema is not None else None,
-                "mask_head_state": supervised.head.state_dict() if supervised is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {**_rng_state(), "generator": generator.get_state()},
-                "history": history, "best_score": best_score, "best_epoch": best_epoch, "stale": stale,
+                "mask_head_state": run.supervised.head.state_dict() if run.supervised is not None else None,
+                "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(), "rng": {**_rng_state(), "generator": run.generator.get_state()},
+                "history": run.history, "best_score": run.best_score, "best_epoch": run.best_epoch, "stale": run.stale,
             })  # fmt: skip
-        stop = torch.tensor(
-            [
-                1
-                if (
-                    dist.is_main
-                    and optim.early_stop_patience
-                    and stale >= optim.early_stop_patience
-                )
-                else 0
-            ]
+            save_checkpoint(run.run_dir / "last.pt", last)
+        stopping = (
+            dist.is_main and optim.early_stop_patience and run.stale >= optim.early_stop_patience
         )
+        stop = torch.tensor([1 if stopping else 0])
         if dist.world_size > 1:
             torch.distributed.broadcast(stop, src=0)
         if int(stop):
             log.info(
                 "early stop: no improvement in %s for %d epochs (best at epoch %d)",
                 optim.early_stop_metric,
-                stale,
-                best_epoch,
+                run.stale,
+                run.best_epoch,
             )
             break
-
-    if supervised is not None:
-        supervised.release()
-    ddp_identical = _weights_identical_across_ranks(trained, dist)
-    best_metrics: dict[str, float] = {}
-    if dist.is_main:
-        best_metrics = finalize_best(run_dir / "best.pt", val_x, val_y, device, config, positive)
-        best_metrics["ddp_world_size"] = dist.world_size
-        if dist.world_size > 1:
-            best_metrics["ddp_weights_identical"] = float(ddp_identical)
-        atomic_write_text(run_dir / "metrics.json", json.dumps(best_metrics, indent=2) + "\n")
-        from edgebc.train.plots import training_curves
-
-        training_curves(history, run_dir / "curves.png", optim.early_stop_metric)
-    return RunResult(run_dir, run_dir / "best.pt", best_metrics, history)
 
 
 def predict_logits(
@@ -448,12 +494,13 @@ def predict_logits(
 
 
 def validation_metrics(
-    logits: np.ndarray, y: np.ndarray, positive: int, loss_fn: Any, num_classes: int
+    logits: np.ndarray, y: np.ndarray, task: Task, loss_fn: Any
 ) -> dict[str, float]:
-    probs = metrics.softmax(logits)
-    matrix = metrics.confusion_matrix(y, probs.argmax(1), num_classes)
-    recalls = [s.sensitivity for s in metrics.per_class_stats(matrix)]
-    aucs = [metrics.roc_auc(y == k, probs[:, k]) for k in range(num_classes)]
+    """The epoch's validation row, scored by the one scoring function (no threshold exists yet,
+    so the rule decides the most probable class)."""
+    scores = metrics.score_predictions(
+        metrics.softmax(logits), y, DecisionRule(task.classes, task.positive)
+    )
     loss = float(
         loss_fn(
             torch.from_numpy(logits).to(loss_fn.weight.device),
@@ -462,83 +509,34 @@ def validation_metrics(
     )
     return {
         "val_loss": loss,
-        "val_accuracy": float(np.trace(matrix) / matrix.sum()),
-        "val_balanced_accuracy": float(np.nanmean(recalls)),
-        "val_auc_positive": aucs[positive],
-        "val_macro_auc": float(np.nanmean(aucs)),
+        "val_accuracy": scores["accuracy"],
+        "val_balanced_accuracy": scores["balanced_accuracy"],
+        "val_auc_positive": scores["auc_positive"],
+        "val_macro_auc": scores["macro_auc"],
     }
 
 
-def finalize_best(
-    path: Path,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    device: torch.device,
-    config: TrainConfig,
-    positive: int,
-) -> dict[str, float]:
-    """Fit the temperature and the operating threshold on validation; store both in best.pt."""
-    record = load_checkpoint(path)
-    model = model_from_checkpoint(record).to(device)
-    logits = predict_logits(model, val_x, device)
-    y = val_y.numpy()
-    temperature = metrics.fit_temperature(logits, y)
-    probs = metrics.softmax(logits, temperature)
-    point = metrics.threshold_for_sensitivity(
-        y == positive, probs[:, positive], config.optim.target_sensitivity
-    )
-    ece_before, _ = metrics.expected_calibration_error(metrics.softmax(logits), y)
-    ece_after, _ = metrics.expected_calibration_error(probs, y)
-    record.update(
-        temperature=temperature,
-        operating_point=point.__dict__,
-        calibration={"val_ece_before": ece_before, "val_ece_after": ece_after},
-    )
-    save_checkpoint(
-        path,
-        {
-            k: v
-            for k, v in record.items()
-            if k not in ("format", "format_version", "versions", "saved")
-        },
-    )
-    return {**record["metrics"], "best_epoch": record["epoch"] + 1, "temperature": temperature, "val_ece_before": ece_before,
-            "val_ece_after": ece_after, "threshold": point.threshold, "val_sensitivity_at_threshold": point.sensitivity,
-            "val_specificity_at_threshold": point.specificity}  # fmt: skip
+def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float], fingerprint: str,
+                lineage: dict[str, Any]) -> ModelCard:  # fmt: skip
+    """The card of a model this run trained, before finalisation adds temperature and threshold."""
+    task = config.data.resolved_task()
+    model = config.model
+    return ModelCard(
+        name=config.name, arch=model.arch, task=task, inputs=single_input(config.preprocess),
+        outputs=(ModelOutput("logits", "logits", len(task.classes)),),
+        arch_options={"width_mult": model.width_mult, "head": model.head, "dropout": model.dropout},
+        metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,
+        data_fingerprint=fingerprint, lineage=lineage,
+    )  # fmt: skip
 
 
-def model_from_checkpoint(record: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
-    options = record["model"]
-    model = create_model(
-        options["arch"],
-        len(record["class_names"]),
-        record["preprocess"]["channels"],
-        options["width_mult"],
-        options["head"],
-        options["dropout"],
-    )
-    model.load_state_dict(record["state_dict"])
-    return model.eval()
-
-
-def _describe(
-    config: TrainConfig,
-    model: torch.nn.Module,
-    row: dict[str, float],
-    fingerprint: str,
-    epoch: int,
-    pretrained: Any,
-    distilled_from: list[dict[str, str]],
-) -> dict[str, Any]:
+def _checkpoint_of(
+    run: _Run, model: torch.nn.Module, row: dict[str, float], epoch: int
+) -> Checkpoint:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {
-        "arch": config.model.arch, "model": config.to_dict()["model"], "class_names": list(config.data.classes),
-        "positive_class": config.data.positive_class, "preprocess": config.preprocess.to_dict(), "config": config.to_dict(),
-        "state_dict": state, "weights_sha256": sha256_of_state(state), "metrics": dict(row), "epoch": epoch,
-        "data_fingerprint": fingerprint, "pretrained": pretrained, "distilled_from": distilled_from,
-        "temperature": 1.0, "operating_point": None,
-    }  # fmt: skip
+    card = card_of_run(run.config, sha256_of_state(state), row, run.fingerprint, run.lineage)
+    training = {"config": run.config.to_dict(), "epoch": epoch, "pretrained": run.pretrained_report}
+    return Checkpoint(card, state, training)
 
 
 def _warmup_ema(decay: float):  # type: ignore[no-untyped-def]

@@ -92,8 +92,7 @@ def _cuda() -> bool:
 
 
 def _torch_model(checkpoint: Path, device: str) -> Any:
-    from edgebc.train.checkpoint import load_checkpoint
-    from edgebc.train.loop import model_from_checkpoint
+    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(checkpoint)).to(device).eval()
 

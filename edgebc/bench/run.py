@@ -102,12 +102,11 @@ def naive_pipeline(checkpoint: Path, size: int) -> Callable[[np.ndarray, Region]
     import torch
     from PIL import Image
 
-    from edgebc.train.checkpoint import load_checkpoint
-    from edgebc.train.loop import model_from_checkpoint
+    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    record = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(record).eval()
-    mean, std = record["preprocess"]["mean"][0], record["preprocess"]["std"][0]
+    loaded = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(loaded).eval()
+    mean, std = loaded.card.preprocess.mean[0], loaded.card.preprocess.std[0]
 
     def run(frame: np.ndarray, region: Region) -> np.ndarray:
         image = Image.fromarray(frame[:, :, ::-1]).crop(

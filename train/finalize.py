@@ -1,0 +1,74 @@
+"""Finalising a trained model: the temperature and the operating point, fitted on validation, into its card.
+
+After the last epoch the best weights get a temperature that minimises validation NLL and the
+highest positive-class threshold whose validation sensitivity reaches the target, with the
+figures and the number of cases behind them. Both go into the card of `best.pt` — the one record
+export embeds and the device decides by — so they flow one way, from here to the cart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgebc import metrics
+from edgebc.atomic import atomic_write_text
+from edgebc.optional import require
+from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgebc.train.config import TrainConfig
+
+torch = require("torch", "training")
+
+
+def finalize_best(
+    path: Path, val_x: Any, val_y: Any, device: Any, config: TrainConfig
+) -> dict[str, float]:
+    """Fit the temperature and the operating threshold on validation; store both in the card."""
+    from edgebc.train.loop import predict_logits
+
+    checkpoint = load_checkpoint(path)
+    card = checkpoint.card
+    model = model_from_checkpoint(checkpoint).to(device)
+    logits = predict_logits(model, val_x, device)
+    y = val_y.numpy()
+    temperature = metrics.fit_temperature(logits, y)
+    probs = metrics.softmax(logits, temperature)
+    point = metrics.threshold_for_sensitivity(
+        y == card.positive, probs[:, card.positive], config.optim.target_sensitivity
+    )
+    ece_before, _ = metrics.expected_calibration_error(metrics.softmax(logits), y)
+    ece_after, _ = metrics.expected_calibration_error(probs, y)
+    calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after}
+    save_checkpoint(
+        path,
+        checkpoint.with_card(
+            temperature=temperature, operating_point=point, calibration=calibration
+        ),
+    )
+    return {**card.metrics, "best_epoch": checkpoint.training["epoch"] + 1, "temperature": temperature,
+            "val_ece_before": ece_before, "val_ece_after": ece_after, "threshold": point.threshold,
+            "val_sensitivity_at_threshold": point.sensitivity,
+            "val_specificity_at_threshold": point.specificity}  # fmt: skip
+
+
+def finalize_run(
+    run_dir: Path,
+    val_x: Any,
+    val_y: Any,
+    device: Any,
+    config: TrainConfig,
+    history: list[dict[str, float]],
+    world_size: int,
+    ddp_identical: bool,
+) -> dict[str, float]:
+    """Finalise `best.pt`, then write the run's metrics.json and training curves."""
+    best = finalize_best(run_dir / "best.pt", val_x, val_y, device, config)
+    best["ddp_world_size"] = world_size
+    if world_size > 1:
+        best["ddp_weights_identical"] = float(ddp_identical)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(best, indent=2) + "\n")
+    from edgebc.train.plots import training_curves
+
+    training_curves(history, run_dir / "curves.png", config.optim.early_stop_metric)
+    return best
