@@ -45,6 +45,7 @@ class FrameClassifier:
             raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.backend = backend
         self.card = backend.card
+        _ = self.card.input  # a frame classifier feeds one image: several inputs are refused here
         self.threshold = threshold if threshold is not None else self.card.threshold
         self.region = region
         self.gate = gate or QualityGate()

@@ -12,6 +12,7 @@ change.
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import io
 import logging
 import tempfile
@@ -85,8 +86,13 @@ def export_onnx(
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=max_batch)
             with redirect_stdout(io.StringIO()):  # the exporter narrates every pass on stdout
+                per_input = tuple({0: batch} for _ in inputs)
+                varargs = any(
+                    p.kind is p.VAR_POSITIONAL
+                    for p in inspect.signature(model.forward).parameters.values()
+                )
                 program = torch.onnx.export(model, examples, dynamo=True, opset_version=opset, input_names=inputs,
-                                            output_names=outputs, dynamic_shapes=tuple({0: batch} for _ in inputs),
+                                            output_names=outputs, dynamic_shapes=(per_input,) if varargs else per_input,
                                             external_data=False, verbose=False)  # fmt: skip
                 program.save(str(raw))
         elif exporter == "torchscript":

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 
-from edgebc.backends import validate_batch
+from edgebc.backends import validate_batch, validate_feeds
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.model_card import read_card
@@ -48,24 +48,35 @@ class OnnxRuntimeBackend:
             )
         except Exception as exc:
             raise EdgebcError(f"{path}: ONNX Runtime could not load the model: {exc}") from exc
-        model_input = self._session.get_inputs()[0]
-        if (
-            model_input.name != self.card.input_name
-            or tuple(model_input.shape[1:]) != self.card.input_shape
-        ):
+        graph = [(i.name, tuple(i.shape[1:])) for i in self._session.get_inputs()]
+        declared = [(i.name, i.shape) for i in self.card.inputs]
+        if graph != declared:
             raise EdgebcError(
-                f"{path}: the graph's input {model_input.name} {model_input.shape} disagrees with its card {self.card.input_shape}"
+                f"{path}: the graph's inputs {graph} disagree with its card {declared}"
+            )
+        outputs = {o.name for o in self._session.get_outputs()}
+        if any(o.name not in outputs for o in self.card.outputs):
+            raise EdgebcError(
+                f"{path}: the graph's outputs {sorted(outputs)} lack the card's "
+                f"{[o.name for o in self.card.outputs]}"
             )
         self.name = f"onnxruntime:{self._session.get_providers()[0]}"
-        zeros = np.zeros((1, *self.card.input_shape), np.float32)
+        zeros = {i.name: np.zeros((1, *i.shape), np.float32) for i in self.card.inputs}
         for _ in range(warmup):
-            self.run(zeros)
+            self.run_named(zeros)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self._session is None:
             raise EdgebcError("this backend was closed")
         feed = {self.card.input_name: validate_batch(batch, self.card)}
         return np.asarray(self._session.run([self.card.output_name], feed)[0], np.float32)
+
+    def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise EdgebcError("this backend was closed")
+        names = [o.name for o in self.card.outputs]
+        values = self._session.run(names, validate_feeds(feeds, self.card))
+        return {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
 
     def close(self) -> None:
         self._session = None

@@ -7,12 +7,13 @@ allocated once for the largest batch and reused for every frame.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgebc.backends import validate_batch
+from edgebc.backends import validate_batch, validate_feeds
 from edgebc.engine_sidecar import check_engine_compatible, gpu_identity, read_sidecar
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file, verify_artifact
@@ -34,6 +35,11 @@ class TensorRTBackend:
                 f"{path}: engine bytes differ from those its sidecar recorded; rebuild or recopy it"
             )
         self.card = ModelCard.from_json(sidecar["card"], source=f"{path}: sidecar card")
+        if len(self.card.inputs) != 1:
+            raise EdgebcError(
+                f"{path}: native TensorRT runs one-input models here; run this "
+                f"{len(self.card.inputs)}-input model's ONNX file with ONNX Runtime"
+            )
         self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             path.read_bytes()
         )
@@ -92,6 +98,11 @@ class TensorRTBackend:
         )
         self._check(cudart.cudaStreamSynchronize(self._stream)[0])
         return out
+
+    def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The one input by name (engines are built for one-input models here)."""
+        checked = validate_feeds(feeds, self.card)
+        return {self.card.output_name: self.run(checked[self.card.input_name])}
 
     def close(self) -> None:
         for pointer in (self._in_ptr, self._out_ptr):
