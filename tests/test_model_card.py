@@ -44,7 +44,7 @@ def test_tasks_map_dataset_labels_onto_their_classes():
     assert task_for(None, ("a", "b"), "b") == Task("custom", ("a", "b"), "b")
     with pytest.raises(ConfigError, match="Did you mean 'malignant_vs_rest'"):
         named_task("malignant_vs_res")
-    with pytest.raises(ValueError, match="drop data.classes or make them equal"):
+    with pytest.raises(ValueError, match=r"drop data\.classes or make them equal"):
         task_for("benign_vs_malignant", ("normal", "benign", "malignant"))
     with pytest.raises(ValueError, match="merge targets"):
         Task("broken", ("a", "b"), "b", {"c": "d"})

@@ -75,7 +75,7 @@ def test_a_format_1_checkpoint_loads_exports_and_evaluates(tmp_path, tiny_split)
     save_checkpoint(tmp_path / "new.pt", old)
     again = load_checkpoint(tmp_path / "new.pt")
     assert again.card == card and again.training == old.training
-    with pytest.raises(EdgebcError, match="format-1 checkpoint without 'class_names'.*retrain it"):
+    with pytest.raises(EdgebcError, match=r"format-1 checkpoint without 'class_names'.*retrain it"):
         load_checkpoint(_format1(tmp_path / "broken.pt", class_names=None))
 
 

@@ -258,6 +258,8 @@ def render_markdown(report: dict[str, Any], classes: Sequence[str]) -> str:
         f"- macro one-vs-rest AUC {report['macro_auc']:.3f} 95% CI {ci(report['macro_auc_ci'])}",
         f"- accuracy {report['accuracy']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, Cohen's kappa {report['cohen_kappa']:.3f}",
         f"- ECE {report['ece']:.3f} with temperature {report['temperature']:.3f} ({report['ece_uncalibrated']:.3f} without)",
+        f"- task {report['task']}; counts are of the decisions the device shows (the card's rule and threshold)"
+        + "".join(f"; left out: {n} {label}" for label, n in report["excluded_labels"].items()),
     ]
     op = report.get("operating_point")
     if op:

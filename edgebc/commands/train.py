@@ -159,5 +159,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(
             f"at threshold {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
         )
+    if report["excluded_labels"]:
+        left_out = ", ".join(f"{n} {label}" for label, n in report["excluded_labels"].items())
+        print(f"task {report['task']} leaves out {left_out} (not scored)")
     print(f"wrote {out / 'report.md'}")
     return 0
