@@ -1,0 +1,85 @@
+"""TensorRT engines from an exported ONNX: FP16, and INT8 from the QDQ model (explicit quantization).
+
+Follows the TensorRT 10 Python API. Implicit INT8 calibrators are deprecated in TensorRT 10, so
+INT8 engines are built from the Q/DQ graph `edgebc export --int8` writes: its scales are the
+ones whose accuracy was already checked. The build uses a workspace limit, a timing cache (reused
+across builds on the same device: minutes become seconds) and an optimisation profile over the
+batch range. The sidecar records TensorRT version, GPU, compute capability and the model card.
+It needs TensorRT and nothing of the training side, so a device builds its own engines. TensorRT
+is absent on CI; this is exercised by tests marked `tensorrt`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Literal
+
+from edgebc.atomic import atomic_write_bytes
+from edgebc.backends.tensorrt.sidecar import gpu_identity, write_sidecar
+from edgebc.errors import EdgebcError
+from edgebc.integrity import sha256_file
+from edgebc.model_card import read_card
+from edgebc.optional import require
+
+Precision = Literal["fp16", "int8"]
+
+
+def build_engine(
+    onnx_path: str | Path,
+    out: str | Path,
+    precision: Precision = "fp16",
+    workspace_mb: int = 1024,
+    batch: tuple[int, int, int] = (1, 1, 8),
+    timing_cache: str | Path | None = None,
+) -> Path:
+    """Build and write a serialized engine plus its sidecar; `batch` is (min, opt, max)."""
+    trt = require("tensorrt", "building TensorRT engines")
+    onnx_path, out = Path(onnx_path), Path(out)
+    card = read_card(onnx_path)
+    if precision == "int8" and card.precision != "int8":
+        raise EdgebcError(
+            f"{onnx_path}: INT8 engines are built from the QDQ model (edgebc export --int8), not from a {card.precision} one"
+        )
+    low, opt, high = batch
+    if not 1 <= low <= opt <= high:
+        raise EdgebcError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgebcError(f"{onnx_path}: TensorRT cannot parse this model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
+    cache_path = Path(timing_cache) if timing_cache else out.with_suffix(".timing.cache")
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    tensor = network.get_input(0)
+    channels, height, width = card.input_shape
+    profile = builder.create_optimization_profile()
+    profile.set_shape(
+        tensor.name,
+        (low, channels, height, width),
+        (opt, channels, height, width),
+        (high, channels, height, width),
+    )
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EdgebcError(
+            f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)"
+        )
+    atomic_write_bytes(out, bytes(serialized))
+    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_sidecar(out, {
+        "tensorrt": trt.__version__, "gpu": gpu_identity(), "precision": precision, "batch": list(batch),
+        "workspace_mb": workspace_mb, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
+        "engine_sha256": sha256_file(out), "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "card": card.to_json(),
+    })  # fmt: skip
+    return out
