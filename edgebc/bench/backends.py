@@ -128,4 +128,4 @@ class _OpenCvDnn:
         return np.asarray(self._net.forward(), np.float32)
 
     def close(self) -> None:
-        pass
+        """Nothing to free early: the network goes with this object."""
