@@ -33,7 +33,6 @@ from edgebc.errors import EdgebcError
 from edgebc.integrity import (
     MANIFEST_NAME,
     read_manifest,
-    sha256_file,
     verify_artifact,
     write_manifest,
 )
@@ -215,35 +214,6 @@ class ModelStore:
     def _describe(self, folder: Path, verify: bool) -> Release:
         return Release(folder.name, folder, _read_info(folder), folder.name == self.target("current"),
                        folder.name == self.target("previous"), _problem(folder) if verify else None)  # fmt: skip
-
-
-def cached_engine(
-    model: Path, cache: Path, precision: str = "fp16", max_batch: int = 8
-) -> tuple[Path, bool]:
-    """A TensorRT engine for `model` built on this device, reused while its sidecar still matches
-    the model's bytes, this GPU and this TensorRT; else rebuilt (minutes on a Jetson, once).
-    Returns (engine, built_now). Engines are not portable, which is why they are not installed."""
-    from edgebc.engine_sidecar import check_engine_compatible, gpu_identity, read_sidecar
-    from edgebc.optional import require
-
-    trt = require("tensorrt", "building TensorRT engines (on Jetson it comes with JetPack)")
-    sha = verify_artifact(model) or sha256_file(model)
-    engine = cache / f"{sha[:16]}-{precision}.engine"
-    if engine.is_file():
-        try:
-            sidecar = read_sidecar(engine)
-            check_engine_compatible(sidecar, trt.__version__, gpu_identity())
-            if sidecar.get("onnx_sha256") == sha and sidecar.get("engine_sha256") == sha256_file(
-                engine
-            ):
-                return engine, False
-        except EdgebcError:
-            pass  # another GPU, another TensorRT, or a damaged file: rebuild below
-    from edgebc.export.tensorrt import build_engine
-
-    cache.mkdir(parents=True, exist_ok=True)
-    build_engine(model, engine, precision, batch=(1, 1, max_batch))
-    return engine, True
 
 
 def smoke_test(model: Path) -> dict[str, Any]:

@@ -119,34 +119,34 @@ class LetterboxGeometry:
     width: int
 
 
-def preprocess(image: np.ndarray, card: PreprocessCard, region: Region | None = None) -> np.ndarray:
+def preprocess(image: np.ndarray, prep: PreprocessCard, region: Region | None = None) -> np.ndarray:
     """One frame (grey HxW or BGR HxWx3, uint8/uint16/float in [0, 1]) to a (1, C, H, W) float32 tensor."""
-    return preprocess_chw(image, card, region)[np.newaxis]
+    return preprocess_chw(image, prep, region)[np.newaxis]
 
 
 def preprocess_batch(
-    images: Sequence[np.ndarray], card: PreprocessCard, region: Region | None = None
+    images: Sequence[np.ndarray], prep: PreprocessCard, region: Region | None = None
 ) -> np.ndarray:
     """Several frames to one (N, C, H, W) float32 tensor."""
     if len(images) == 0:
         raise ValueError("preprocess_batch needs at least one image")
-    return np.stack([preprocess_chw(image, card, region) for image in images])
+    return np.stack([preprocess_chw(image, prep, region) for image in images])
 
 
 def preprocess_chw(
-    image: np.ndarray, card: PreprocessCard, region: Region | None = None
+    image: np.ndarray, prep: PreprocessCard, region: Region | None = None
 ) -> np.ndarray:
     """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
     image = validated_image(image)
     if region is not None:
         image = region.crop(image)
-    image = to_channels(image, card.channels)
-    image = resize_to_input(image, card)
+    image = to_channels(image, prep.channels)
+    image = resize_to_input(image, prep)
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
     if scaled.ndim == 2:
         scaled = scaled[:, :, np.newaxis]
-    mean = np.asarray(card.mean, np.float32)
-    inv_std = np.float32(1.0) / np.asarray(card.std, np.float32)
+    mean = np.asarray(prep.mean, np.float32)
+    inv_std = np.float32(1.0) / np.asarray(prep.std, np.float32)
     normalised = (scaled - mean) * inv_std
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
@@ -162,10 +162,10 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"channels must be 1 or 3, got {channels}")
 
 
-def letterbox_geometry(height: int, width: int, card: PreprocessCard) -> LetterboxGeometry:
-    """Placement of a height x width image inside the card's input, for either resize mode."""
-    out_h, out_w = card.input_height, card.input_width
-    if card.resize == "stretch":
+def letterbox_geometry(height: int, width: int, prep: PreprocessCard) -> LetterboxGeometry:
+    """Placement of a height x width image inside the model's input, for either resize mode."""
+    out_h, out_w = prep.input_height, prep.input_width
+    if prep.resize == "stretch":
         return LetterboxGeometry(out_h / height, out_w / width, 0, 0, out_h, out_w)
     scale = min(out_h / height, out_w / width)
     new_h = min(out_h, max(1, round(height * scale)))
@@ -174,16 +174,16 @@ def letterbox_geometry(height: int, width: int, card: PreprocessCard) -> Letterb
     return LetterboxGeometry(new_h / height, new_w / width, top, left, new_h, new_w)
 
 
-def resize_to_input(image: np.ndarray, card: PreprocessCard) -> np.ndarray:
+def resize_to_input(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
     """Resize (stretch) or fit inside with bars of pad_value (letterbox), keeping the dtype."""
-    geometry = letterbox_geometry(image.shape[0], image.shape[1], card)
-    interpolation = _INTERPOLATION[card.interpolation]
+    geometry = letterbox_geometry(image.shape[0], image.shape[1], prep)
+    interpolation = _INTERPOLATION[prep.interpolation]
     if image.shape[0] != geometry.height or image.shape[1] != geometry.width:
         image = cv2.resize(image, (geometry.width, geometry.height), interpolation=interpolation)
-    if card.resize == "stretch":
+    if prep.resize == "stretch":
         return image
-    canvas_shape = (card.input_height, card.input_width, *image.shape[2:])
-    pad = card.pad_value * _max_value(image.dtype)
+    canvas_shape = (prep.input_height, prep.input_width, *image.shape[2:])
+    pad = prep.pad_value * _max_value(image.dtype)
     fill = np.round(pad) if image.dtype != np.float32 else pad
     canvas = np.full(canvas_shape, fill, dtype=image.dtype)
     canvas[

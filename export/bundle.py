@@ -96,8 +96,8 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:
+        from edgebc.backends.tensorrt import build_engine, run_engine
         from edgebc.export.onnx_export import parity_of, run_onnx, verification_feeds
-        from edgebc.export.tensorrt import build_engine, run_engine
 
         source = int8_path if options.tensorrt == "int8" else fp32_path
         if source is None:

@@ -1,15 +1,29 @@
-"""The latency benchmark: its timing helpers measure what they claim, and a torch-free run on the
-demo model produces every section, the files and a working comparison."""
+"""The latency benchmark: its timing helpers measure what they claim, a torch-free run on the
+demo model produces every section, the files and a working comparison, and the development side
+(benchmarks/) adds PyTorch rows and the notebook pipeline that agree with the runtime's."""
 
+import importlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from edgebc.bench.backends import BenchModel, given_model
 from edgebc.bench.report import compare, to_csv, to_markdown, to_png
 from edgebc.bench.run import run
 from edgebc.bench.timing import realtime_headroom, time_call
 from edgebc.demo import DEMO_MODEL
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name):
+    """A script of benchmarks/ (the development side), imported as it imports its siblings."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def test_time_call_reports_the_sleep_it_timed():
@@ -46,7 +60,7 @@ def test_headroom_counts_late_and_dropped_frames():
 
 @pytest.fixture(scope="module")
 def report():
-    return run(quick=True, archs=[], batches=[1, 2], threads=[1], model=DEMO_MODEL, fps=30)
+    return run(quick=True, batches=[1, 2], threads=[1], models=[given_model(DEMO_MODEL)], fps=30)
 
 
 def test_a_torch_free_run_on_a_given_model_has_every_section(report):
@@ -56,6 +70,7 @@ def test_a_torch_free_run_on_a_given_model_has_every_section(report):
     ort = sections["backends"]["ort-cpu-fp32-t1"]["batches"]
     assert ort["b2"]["p50_ms"] > 0 and ort["b1"]["per_s"] > 0
     assert "opencv-dnn-cpu" in sections["backends"]  # numbers, or the reason it could not run
+    assert not any(name.startswith("torch") for name in sections["backends"])  # the device's own
     pipeline = sections["pipeline"]
     stages = pipeline["fp32_1920x1080"]["stages_p50_ms"]
     assert set(stages) == {"crop", "quality", "preprocess", "inference", "postprocess"}
@@ -78,6 +93,24 @@ def test_outputs_and_comparison(report, tmp_path):
     faster["models"]["demo-phantom"]["backends"]["ort-cpu-fp32-t1"]["batches"]["b1"]["p50_ms"] /= 2
     lines, regressed = compare(report, faster, 0.1)
     assert regressed and any("REGRESSION" in line and "ort-cpu-fp32-t1" in line for line in lines)
+
+
+def test_edgebc_bench_times_the_given_model_else_the_demo_model(capsys):
+    from edgebc.bench.cli import given_models
+    from edgebc.cli import build_parser
+    from edgebc.errors import EdgebcError
+
+    def parse(*args):
+        return build_parser().parse_args(["bench", "--quick", *args])
+
+    assert given_models(parse()) == [BenchModel("demo-phantom", DEMO_MODEL)]
+    assert "no --model: timing the embedded demo model" in capsys.readouterr().err
+    given = given_models(parse("--model", str(DEMO_MODEL), "--int8", str(DEMO_MODEL)))
+    assert given == [BenchModel("demo-phantom", DEMO_MODEL, DEMO_MODEL)]
+    with pytest.raises(EdgebcError, match="--int8 goes with --model"):
+        given_models(parse("--int8", str(DEMO_MODEL)))
+    with pytest.raises(SystemExit):  # the torch-side options are benchmarks/latency.py's
+        parse("--checkpoint", "m.pt")
 
 
 def test_gpu_lines_state_device_memory_and_speedup_over_eager_cuda():
@@ -103,23 +136,64 @@ def test_gpu_lines_state_device_memory_and_speedup_over_eager_cuda():
 def torch_models(tmp_path_factory):
     pytest.importorskip("torch", reason="the PyTorch backends need the [train] extra")
     pytest.importorskip("onnx", reason="exporting needs the [export] extra")
+    import torch
+
     from edgebc.export.onnx_export import export_onnx
     from tests.helpers import make_checkpoint
 
+    threads = torch.get_num_threads()  # the torch rows set the process's threads: restore them
     folder = tmp_path_factory.mktemp("bench-models")
     # ShuffleNet: depthwise convolutions and channel shuffles, and logits far from zero even
     # untrained (an untrained MobileNetV3's are ~1e-10, which any backend would "match")
     checkpoint = make_checkpoint(folder / "m.pt", "shufflenet_v2_x0_5", 64)
     fp32, _, _ = export_onnx(checkpoint, folder / "m.onnx")
-    return {"checkpoint": checkpoint, "fp32": fp32, "int8": None, "folder": folder}
+    latency = benchmark_script("latency")
+    model = latency.with_torch_rows(BenchModel("m", fp32), checkpoint, [1])
+    yield {"model": model, "checkpoint": checkpoint, "folder": folder}
+    torch.set_num_threads(threads)
+
+
+def test_torch_rows_and_the_notebook_pipeline_agree_with_the_runtime(torch_models):
+    """The development side's additions on the CPU: PyTorch eager gives the exported model's
+    logits, and the notebook pipeline runs beside the edgebc pipeline on the same frames."""
+    from edgebc.bench.run import model_section, pipeline_section, screens
+
+    model = torch_models["model"]
+    result = model_section(model, 64, [1, 4], [1], 1, 8, torch_models["folder"])
+    assert (
+        next(iter(result)) == "torch-eager-cpu-t1"
+    )  # first: the reference of benchmarks/accuracy.py
+    reference = result["ort-cpu-fp32-t1"]["logits_b1"]
+    assert max(map(abs, reference)) > 5e-3  # a comparison that can fail
+    assert result["torch-eager-cpu-t1"]["logits_b1"] == pytest.approx(reference, abs=1e-4)
+    assert result["torch-eager-cpu-t1"]["batches"]["b4"]["p50_ms"] > 0
+    pipeline = pipeline_section(model, screens(), 1, 5, 30, 0.2)
+    for tag in ("1920x1080", "640x480"):
+        assert pipeline[f"naive_pil_torch_{tag}"]["p50_ms"] > 0
+        assert pipeline[f"speedup_vs_naive_{tag}"] == pytest.approx(
+            pipeline[f"naive_pil_torch_{tag}"]["p50_ms"] / pipeline[f"fp32_{tag}"]["p50_ms"]
+        )
+
+
+def test_accuracy_takes_pytorch_on_the_checkpoint_as_its_reference(torch_models, tmp_path):
+    main = benchmark_script("accuracy").main
+    model = torch_models["model"]
+    arguments = ["--model", str(model.fp32), "--checkpoint", str(torch_models["checkpoint"])]
+    assert (
+        main([*arguments, "--per-class", "4", "--bootstrap", "20", "--out", str(tmp_path / "a")])
+        == 0
+    )
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["reference"] == "torch-eager-cpu-t1"
+    ort = report["backends"]["ort-cpu-fp32-t1"]
+    assert ort["agreement"] == 1.0 and ort["max_positive_prob_change"] < 1e-4
 
 
 @pytest.mark.gpu
 def test_cuda_backends_agree_with_the_cpu_and_report_device_memory(torch_models):
     from edgebc.bench.run import model_section
 
-    models = {k: v for k, v in torch_models.items() if k != "folder"}
-    result = model_section(models, 64, [1, 4], [1], 2, 20, torch_models["folder"])
+    result = model_section(torch_models["model"], 64, [1, 4], [1], 2, 20, torch_models["folder"])
     reference = result["ort-cpu-fp32-t1"]["logits_b1"]
     assert max(map(abs, reference)) > 5e-3  # a comparison that can fail
     for name in ("torch-eager-cuda", "torch-cuda-fp16-graphs"):
@@ -133,8 +207,7 @@ def test_cuda_backends_agree_with_the_cpu_and_report_device_memory(torch_models)
 def test_native_tensorrt_fp16_row_agrees_with_onnx_runtime(torch_models):
     from edgebc.bench.run import model_section
 
-    models = {k: v for k, v in torch_models.items() if k != "folder"}
-    result = model_section(models, 64, [1, 4], [1], 2, 20, torch_models["folder"])
+    result = model_section(torch_models["model"], 64, [1, 4], [1], 2, 20, torch_models["folder"])
     row = result["tensorrt-fp16"]
     assert "unavailable" not in row, row
     assert row["batches"]["b4"]["p50_ms"] > 0
@@ -144,10 +217,10 @@ def test_native_tensorrt_fp16_row_agrees_with_onnx_runtime(torch_models):
 def test_accuracy_per_backend_on_phantoms_and_a_class_folder(tmp_path, capsys):
     import cv2
 
-    from edgebc.bench.accuracy import main
     from edgebc.synth import make_ultrasound_phantom
     from edgebc.synth.ultrasound import phantom_rng
 
+    main = benchmark_script("accuracy").main
     make_int8 = ["--make-int8"] if _installed("onnx") else []
     assert (
         main(["--per-class", "20", "--bootstrap", "200", "--out", str(tmp_path / "a"), *make_int8])

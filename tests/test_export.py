@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
 
+from edgebc.backends.tensorrt.sidecar import check_engine_compatible
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
-from edgebc.engine_sidecar import check_engine_compatible
 from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
@@ -255,9 +255,9 @@ def test_every_architecture_exports_with_parity(arch, tmp_path):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_tensorrt_fp16_engine_builds_with_sidecar_and_parity(exported, tmp_path):
-    from edgebc.engine_sidecar import read_sidecar
+    from edgebc.backends.tensorrt import build_engine, run_engine
+    from edgebc.backends.tensorrt.sidecar import read_sidecar
     from edgebc.export.onnx_export import verification_inputs
-    from edgebc.export.tensorrt import build_engine, run_engine
 
     path, card, _ = exported
     engine = build_engine(path, tmp_path / "model.fp16.engine", "fp16", batch=(1, 2, 4))

@@ -167,7 +167,7 @@ def test_a_kill_at_any_stage_leaves_a_complete_current_model(exports, tmp_path, 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_engine_is_built_once_then_reused(exports, tmp_path):
-    from edgebc.model_store import cached_engine
+    from edgebc.backends.tensorrt import cached_engine
 
     store = ModelStore(tmp_path / "store")
     release = store.install(exports.a)

@@ -82,6 +82,33 @@ def test_backend_refuses_missing_providers_tampered_and_unknown_files(model, tmp
         open_backend(tmp_path / "model.pt")
 
 
+def test_torch_backend_matches_the_export_for_any_batch_size_and_checks_inputs(model):
+    """The training side's backend (the benchmark's torch rows, evaluation of checkpoints): the
+    card the export wrote, the exported model's logits, in chunks past max_batch."""
+    from edgebc.integrity import sha256_file
+    from edgebc.train.torch_backend import TorchBackend
+
+    checkpoint = model.parent / "c.pt"
+    backend, exported = TorchBackend(checkpoint), open_backend(model, warmup=0)
+    assert backend.name == "torch:cpu" and backend.model_sha256 == sha256_file(checkpoint)
+    for fact in ("class_names", "positive_class", "preprocess", "temperature", "threshold",
+                 "weights_sha256", "input_name", "output_name", "max_batch"):  # fmt: skip
+        assert getattr(backend.card, fact) == getattr(exported.card, fact), fact
+    batch = np.concatenate([preprocess(_phantom(k), backend.card.preprocess) for k in range(70)])
+    logits = backend.run(batch)  # 70 frames: chunks of 64 and 6
+    reference = np.concatenate([exported.run(batch[:64]), exported.run(batch[64:])])
+    assert logits.shape == (70, 3) and np.abs(reference).max() > 1e-3
+    np.testing.assert_allclose(logits, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="expected float32"):
+        backend.run(batch.astype(np.float64))
+    with pytest.raises(ValueError, match=r"batch size must be 1\.\.64, got 0"):
+        backend.run(batch[:0])
+    assert isinstance(backend.module, torch.nn.Module) and not backend.module.training
+    backend.close()
+    with pytest.raises(EdgebcError, match="closed"):
+        backend.run(batch[:1])
+
+
 def test_quality_gate_refuses_blank_dark_and_colour_frames_with_reasons():
     gate = QualityGate()
     assert gate.check(_phantom()).ok

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes, atomic_write_text
+from edgebc.backends import Backend, open_backend
 from edgebc.data import read_dataset
 from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.decision import DecisionRule
@@ -106,37 +107,29 @@ def evaluate_checkpoint(
 
 class _EvalModel:
     """What evaluation needs from a model, whether a torch checkpoint or an exported ONNX file:
-    its card, logits, and (checkpoints only) Grad-CAM."""
+    a backend behind the runtime's protocol (its card and logits) and, for checkpoints, the torch
+    module for Grad-CAM."""
 
     def __init__(self, path: Path, device: str) -> None:
         self.path = path
-        self._device = device
         self._torch_model: Any = None
+        self.runtime: Backend
         if path.suffix.lower() == ".onnx":
-            from edgebc.backends import open_backend
-
             # The runtime's own backend: it checks MANIFEST.sha256 and reads the card.
-            self._runtime = open_backend(path, warmup=0)
-            self.card: ModelCard = self._runtime.card
-            self.backend = f"onnxruntime ({self.card.precision})"
+            self.runtime = open_backend(path, warmup=0)
+            self.backend = f"onnxruntime ({self.runtime.card.precision})"
         else:
-            from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+            from edgebc.train.torch_backend import TorchBackend
 
-            checkpoint = load_checkpoint(path)
-            self.card, self.backend = checkpoint.card, "pytorch"
-            self._torch_model = model_from_checkpoint(checkpoint).to(device)
+            torch_backend = TorchBackend(path, device)
+            self.runtime, self.backend = torch_backend, "pytorch"
+            self._torch_model = torch_backend.module
+        self.card: ModelCard = self.runtime.card
 
     def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
-        if self._torch_model is None:
-            step = min(batch, self._runtime.card.max_batch)
-            return np.concatenate(
-                [self._runtime.run(images[i : i + step]) for i in range(0, len(images), step)]
-            )
-        from edgebc.train.loop import predict_logits
-
-        torch = require("torch", "evaluating checkpoints")
-        return predict_logits(
-            self._torch_model, torch.from_numpy(images), torch.device(self._device), batch
+        step = min(batch, self.card.max_batch)
+        return np.concatenate(
+            [self.runtime.run(images[i : i + step]) for i in range(0, len(images), step)]
         )
 
     def gradcams(self, folder: Path, images: np.ndarray, probs: np.ndarray, y: np.ndarray,

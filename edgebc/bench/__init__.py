@@ -1,3 +1,4 @@
-"""Latency benchmarks of every stage, backend and the full pipeline (`edgebc bench`,
-`python benchmarks/latency.py`). Torch and the exporters are imported only when models are made
-here; with `--model` it runs torch-free on a device."""
+"""The device's latency benchmark (`edgebc bench`): stages, backends, the full pipeline and
+real-time headroom on exported models, torch-free. benchmarks/latency.py and
+benchmarks/accuracy.py extend it on the development side with PyTorch rows, the notebook
+pipeline and models made from the registry."""

@@ -1,81 +1,91 @@
 """The inference backends a benchmark can time on one model, each only where it is available.
 
 Every runner takes the same float32 NCHW batch and returns logits, so the same input goes through
-PyTorch eager (CPU; CUDA with synchronisation), PyTorch CUDA FP16 replayed from CUDA graphs, ONNX
-Runtime FP32 and INT8 at each thread count, ONNX Runtime's CUDA / TensorRT providers, native
-TensorRT FP16 and INT8 engines built here, and OpenCV's DNN module. A backend that is missing or
-cannot load the model is reported with the reason instead of a number.
+ONNX Runtime FP32 and INT8 at each thread count, ONNX Runtime's CUDA / TensorRT providers, native
+TensorRT FP16 and INT8 engines built here, and OpenCV's DNN module; the development side
+(benchmarks/latency.py) adds PyTorch rows on the model's checkpoint before them. A backend that is
+missing or cannot load the model is reported with the reason instead of a number.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
+from edgebc.backends.tensorrt.build import Precision
 from edgebc.optional import is_installed
-
-Runner = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass
-class Loaded:
-    run: Runner
-    sync: Callable[[], object] | None = None  # waits for the device, so timings include the work
-    close: Callable[[], object] | None = None  # frees device memory before the next backend
+from edgebc.region import Region
 
 
-@dataclass
+class Runner(Protocol):
+    """What a benchmark times: a runtime Backend satisfies it. A runner on an asynchronous device
+    also has `sync()`, which waits for the device so a timing includes the work."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
 class Candidate:
     name: str
-    make: Callable[[], Loaded]
+    make: Callable[[], Runner]
     gpu: bool = False
 
 
+@dataclass(frozen=True)
+class BenchModel:
+    """One model to time: its exported files, and what the development side adds to a run
+    (benchmarks/latency.py: PyTorch on its checkpoint, the notebook pipeline); a device gives
+    only the files."""
+
+    name: str
+    fp32: Path
+    int8: Path | None = None
+    extra_backends: Sequence[Candidate] = ()  # timed before the runtime's own backends
+    # makes the notebook pipeline (frame, region -> probabilities) the full pipeline is compared with
+    notebook: Callable[[], Callable[[np.ndarray, Region], object]] | None = None
+
+
+def given_model(fp32: Path, int8: Path | None = None) -> BenchModel:
+    """An exported model (and its INT8 export), named by its card."""
+    from edgebc.model_card import read_card
+
+    return BenchModel(read_card(fp32).name, fp32, int8)
+
+
 def candidates(
-    fp32: Path,
-    int8: Path | None,
-    checkpoint: Path | None,
-    threads: list[int],
-    work: Path | None = None,
-    max_batch: int = 1,
+    model: BenchModel, threads: list[int], work: Path | None = None, max_batch: int = 1
 ) -> list[Candidate]:
     """`work` is where native TensorRT engines are built (they are device-specific, never shipped)."""
     cpu = ["CPUExecutionProvider"]
-    out: list[Candidate] = []
-    if checkpoint is not None and is_installed("torch"):
-        for t in threads:
-            out.append(Candidate(f"torch-eager-cpu-t{t}", partial(_torch, checkpoint, "cpu", t)))
-        if _cuda():
-            out.append(
-                Candidate("torch-eager-cuda", partial(_torch, checkpoint, "cuda", 0), gpu=True)
-            )
-            out.append(
-                Candidate(
-                    "torch-cuda-fp16-graphs", partial(_torch_cuda_graphs, checkpoint), gpu=True
-                )
-            )
+    out = list(model.extra_backends)
     for t in threads:
-        out.append(Candidate(f"ort-cpu-fp32-t{t}", partial(_ort, fp32, cpu, t)))
-        if int8 is not None:
-            out.append(Candidate(f"ort-cpu-int8-t{t}", partial(_ort, int8, cpu, t)))
+        out.append(Candidate(f"ort-cpu-fp32-t{t}", partial(_ort, model.fp32, cpu, t)))
+        if model.int8 is not None:
+            out.append(Candidate(f"ort-cpu-int8-t{t}", partial(_ort, model.int8, cpu, t)))
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
     for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         if provider in available:
             name = "ort-" + provider.removesuffix("ExecutionProvider").lower()
-            out.append(Candidate(name, partial(_ort, fp32, [provider, *cpu], 0), gpu=True))
+            out.append(Candidate(name, partial(_ort, model.fp32, [provider, *cpu], 0), gpu=True))
     if work is not None and is_installed("tensorrt") and is_installed("cuda"):
-        for precision, source in (("fp16", fp32), ("int8", int8)):
+        engines: tuple[tuple[Precision, Path | None], ...] = (
+            ("fp16", model.fp32),
+            ("int8", model.int8),
+        )
+        for precision, source in engines:
             if source is not None:
                 make = partial(_tensorrt, source, precision, work, max_batch)
                 out.append(Candidate(f"tensorrt-{precision}", make, gpu=True))
-    out.append(Candidate("opencv-dnn-cpu", partial(_opencv, fp32)))
+    out.append(Candidate("opencv-dnn-cpu", partial(_OpenCvDnn, model.fp32)))
     return out
 
 
@@ -85,91 +95,16 @@ def why_unavailable(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def _torch_model(checkpoint: Path, device: str) -> Any:
-    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    return model_from_checkpoint(load_checkpoint(checkpoint)).to(device).eval()
-
-
-def _torch(checkpoint: Path, device: str, threads: int) -> Loaded:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = _torch_model(checkpoint, device)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-
-    return Loaded(run, torch.cuda.synchronize if device == "cuda" else None, _release_torch_cuda)
-
-
-def _torch_cuda_graphs(checkpoint: Path) -> Loaded:
-    """FP16, channels-last, and one CUDA graph per batch shape, captured on first use: a replay
-    launches the whole network at once instead of one kernel launch per layer from Python."""
-    import torch
-
-    model = _torch_model(checkpoint, "cuda").half().to(memory_format=torch.channels_last)
-    graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}
-
-    def capture(shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
-        static_in = torch.zeros(shape, device="cuda", dtype=torch.float16).contiguous(
-            memory_format=torch.channels_last
-        )
-        side = torch.cuda.Stream()  # warm up on a side stream, as capture requires
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(3):
-                model(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            static_out = model(static_in)
-        return graph, static_in, static_out
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        if batch.shape not in graphs:
-            graphs[batch.shape] = capture(batch.shape)
-        graph, static_in, static_out = graphs[batch.shape]
-        static_in.copy_(torch.from_numpy(batch))  # host to device, to FP16, to channels-last
-        graph.replay()
-        return static_out.float().cpu().numpy()
-
-    def close() -> None:
-        graphs.clear()
-        _release_torch_cuda()
-
-    return Loaded(run, torch.cuda.synchronize, close)
-
-
-def _release_torch_cuda() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _ort(path: Path, providers: list[str], threads: int) -> Loaded:
+def _ort(path: Path, providers: list[str], threads: int) -> Runner:
     from edgebc.backends import open_backend
 
-    backend = open_backend(path, providers, threads, warmup=0)
-    return Loaded(backend.run)
+    return open_backend(path, providers, threads, warmup=0)
 
 
-def _tensorrt(source: Path, precision: str, work: Path, max_batch: int) -> Loaded:
-    """Build the engine on this GPU (from the QDQ model for INT8), then run it natively."""
-    from edgebc.backends.tensorrt import TensorRTBackend
-    from edgebc.export.tensorrt import build_engine
+def _tensorrt(source: Path, precision: Precision, work: Path, max_batch: int) -> Runner:
+    """Build the engine on this GPU (from the QDQ model for INT8), then run it natively; run()
+    synchronises its stream itself."""
+    from edgebc.backends.tensorrt import TensorRTBackend, build_engine
 
     engine = build_engine(
         source,
@@ -177,19 +112,20 @@ def _tensorrt(source: Path, precision: str, work: Path, max_batch: int) -> Loade
         precision,
         batch=(1, 1, max_batch),
     )
-    backend = TensorRTBackend(engine, warmup=3)
-    return Loaded(backend.run, None, backend.close)  # run() synchronises its stream itself
+    return TensorRTBackend(engine, warmup=3)
 
 
-def _opencv(path: Path) -> Loaded:
-    import cv2
+class _OpenCvDnn:
+    def __init__(self, path: Path) -> None:
+        import cv2
 
-    net = cv2.dnn.readNetFromONNX(str(path))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        self._net = cv2.dnn.readNetFromONNX(str(path))
+        self._net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        self._net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        net.setInput(batch)
-        return np.asarray(net.forward(), np.float32)
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self._net.setInput(batch)
+        return np.asarray(self._net.forward(), np.float32)
 
-    return Loaded(run)
+    def close(self) -> None:
+        """Nothing to free early: the network goes with this object."""

@@ -1,35 +1,32 @@
-"""Arguments and entry point shared by `python benchmarks/latency.py` and `edgebc bench`."""
+"""Arguments and entry point of `edgebc bench`, which `python benchmarks/latency.py` extends."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgebc.atomic import atomic_write_text
+from edgebc.bench.backends import BenchModel, given_model
+from edgebc.errors import EdgebcError
 
-DEFAULT_ARCHS = ["mobilenet_v3_small", "shufflenet_v2_x1_0", "mobilenet_v3_large"]
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, without_model: str = "the embedded demo model"
+) -> None:
+    """The options of `edgebc bench`; `without_model` says what runs when --model is not given."""
     parser.add_argument("--quick", action="store_true",
                         help="one model, batch 1, one thread, few iterations: a CI smoke run (under a minute)")  # fmt: skip
     parser.add_argument(
-        "--arch", action="append", default=None, help="registry architecture (repeatable)"
-    )
-    parser.add_argument(
-        "--model", type=Path, default=None, help="benchmark this exported .onnx instead"
-    )
-    parser.add_argument("--int8", type=Path, default=None, help="its INT8 .onnx, with --model")
-    parser.add_argument(
-        "--checkpoint",
+        "--model",
         type=Path,
         default=None,
-        help="its checkpoint for the torch rows, with --model",
+        help=f"exported .onnx to time (without it: {without_model})",
     )
-    parser.add_argument(
-        "--no-int8", action="store_true", help="skip INT8 quantization of made models"
-    )
+    parser.add_argument("--int8", type=Path, default=None, help="its INT8 .onnx, with --model")
     parser.add_argument(
         "--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 16)"
     )
@@ -38,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         action="append",
         default=None,
-        help="ONNX Runtime / torch threads (default 1..cores)",
+        help="ONNX Runtime threads, and torch's in benchmarks/latency.py (default 1..cores)",
     )
     parser.add_argument(
         "--fps", type=float, default=30.0, help="input frame rate for the real-time headroom run"
@@ -52,19 +49,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=0.15, help="slow-down beyond this fraction is a regression")  # fmt: skip
 
 
-def main_from_args(args: argparse.Namespace) -> int:
-    import os
+def batches_and_threads(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The batch sizes and thread counts to time: as given, else 1 (--quick) or 1 and 16 and
+    every thread count up to the cores."""
+    cores = os.cpu_count() or 1
+    batches = args.batch or ([1] if args.quick else [1, 16])
+    threads = args.threads or ([1] if args.quick else list(range(1, cores + 1)))
+    return batches, threads
 
+
+def given_models(args: argparse.Namespace) -> list[BenchModel]:
+    """--model (and --int8), or the embedded demo model: `edgebc bench` times exported files only."""
+    if args.model is not None:
+        return [given_model(args.model, args.int8)]
+    if args.int8 is not None:
+        raise EdgebcError("--int8 goes with --model: the INT8 export of that model")
+    from edgebc.demo import DEMO_MODEL
+
+    print(
+        "no --model: timing the embedded demo model (PyTorch rows and models made from the "
+        "registry: python benchmarks/latency.py, with the [train] and [export] extras)",
+        file=sys.stderr,
+    )
+    return [given_model(DEMO_MODEL)]
+
+
+def main_from_args(args: argparse.Namespace, models: Sequence[BenchModel] | None = None) -> int:
+    """Time `models` (default: those the arguments name), print the table, write and compare."""
     from edgebc.bench.report import compare, to_csv, to_markdown, to_png
     from edgebc.bench.run import run
 
-    cores = os.cpu_count() or 1
-    quick = args.quick
-    archs = args.arch or (DEFAULT_ARCHS[:1] if quick else DEFAULT_ARCHS)
-    batches = args.batch or ([1] if quick else [1, 16])
-    threads = args.threads or ([1] if quick else list(range(1, cores + 1)))
-    report = run(quick, archs, batches, threads, args.fps, args.model, args.int8, args.checkpoint,
-                 int8=not args.no_int8 and not quick)  # fmt: skip
+    batches, threads = batches_and_threads(args)
+    if models is None:
+        models = given_models(args)
+    report = run(args.quick, batches, threads, models, args.fps)
     markdown = to_markdown(report)
     print(markdown)
     if args.out:
@@ -82,10 +100,3 @@ def main_from_args(args: argparse.Namespace) -> int:
         print("\n".join(lines) if lines else "nothing in common to compare")
         return 1 if regressed else 0
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="edgebc latency benchmark: stages, backends, full pipeline, headroom",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))

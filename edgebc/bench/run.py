@@ -1,9 +1,9 @@
-"""What `python benchmarks/latency.py` and `edgebc bench` run: stages, backends, pipeline, headroom.
+"""What `edgebc bench` and `python benchmarks/latency.py` run: stages, backends, pipeline, headroom.
 
-Models are either given (`--model x.onnx [--int8 y.onnx] [--checkpoint z.pt]`, torch-free on a
-device) or made here from the registry with random weights (speed does not depend on the weights;
-needs the [train] and [export] extras): exported to ONNX FP32 and quantized to INT8 (static QDQ,
-calibrated on phantom frames). Every number comes from this process on this machine.
+The models are exported files (`BenchModel`); this runs torch-free, on a device as on a
+workstation. The development side (benchmarks/latency.py) makes models from the registry and adds
+PyTorch rows and the notebook pipeline to them. Every number comes from this process on this
+machine.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,10 @@ import cv2
 import numpy as np
 
 from edgebc import __version__, sysinfo
-from edgebc.bench.backends import candidates, why_unavailable
+from edgebc.bench.backends import BenchModel, candidates, why_unavailable
 from edgebc.bench.timing import peak_rss_mb, realtime_headroom, time_call
 from edgebc.decode import decode_image
-from edgebc.optional import is_installed
+from edgebc.model_card import read_card
 from edgebc.preprocess import PreprocessCard, preprocess, preprocess_chw
 from edgebc.region import Region, detect_imaging_region
 from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
@@ -74,54 +74,8 @@ def stage_timings(
     return results
 
 
-def make_models(arch: str, size: int, folder: Path, int8: bool) -> dict[str, Path | None]:
-    """Random-weight checkpoint -> ONNX FP32 -> INT8 QDQ (calibrated on phantoms)."""
-    from edgebc.export.onnx_export import export_onnx
-    from edgebc.export.quantize import QuantPlan, quantize_int8
-    from edgebc.train.checkpoint import save_untrained_checkpoint
-
-    checkpoint = save_untrained_checkpoint(folder / f"{arch}.pt", arch, size)
-    fp32, _, _ = export_onnx(checkpoint, folder / f"{arch}.onnx")
-    int8_path = None
-    if int8:
-        frames, labels = phantom_stills(24, seed=21)
-        quantize_int8(
-            fp32,
-            folder / f"{arch}-int8.onnx",
-            frames,
-            frames,
-            labels,
-            QuantPlan(calibration_size=24, max_excluded_nodes=0),
-        )
-        int8_path = folder / f"{arch}-int8.onnx"
-    return {"checkpoint": checkpoint, "fp32": fp32, "int8": int8_path}
-
-
-def naive_pipeline(checkpoint: Path, size: int) -> Callable[[np.ndarray, Region], np.ndarray]:
-    """The research-notebook pipeline: PIL crop/convert/resize, torch tensor maths, eager model."""
-    import torch
-    from PIL import Image
-
-    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    loaded = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(loaded).eval()
-    mean, std = loaded.card.preprocess.mean[0], loaded.card.preprocess.std[0]
-
-    def run(frame: np.ndarray, region: Region) -> np.ndarray:
-        image = Image.fromarray(frame[:, :, ::-1]).crop(
-            (region.x, region.y, region.x + region.w, region.y + region.h)
-        )
-        image = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)
-        tensor = torch.tensor(np.array(image), dtype=torch.float32).div(255.0).sub(mean).div(std)
-        with torch.no_grad():
-            return torch.softmax(model(tensor[None, None]), dim=1).numpy()
-
-    return run
-
-
 def model_section(
-    models: dict[str, Path | None],
+    model: BenchModel,
     size: int,
     batches: list[int],
     threads: list[int],
@@ -134,10 +88,8 @@ def model_section(
     frames, _ = phantom_stills(max(batches), seed=33)
     card = PreprocessCard(input_height=size, input_width=size)
     inputs = np.stack([preprocess_chw(f, card) for f in frames]).astype(np.float32)
-    fp32, int8, checkpoint = models["fp32"], models.get("int8"), models.get("checkpoint")
-    assert fp32 is not None
     out: dict[str, Any] = {}
-    for candidate in candidates(fp32, int8, checkpoint, threads, work, max(batches)):
+    for candidate in candidates(model, threads, work, max(batches)):
         try:
             loaded = candidate.make()
             reference = loaded.run(inputs[:1])
@@ -150,35 +102,32 @@ def model_section(
             try:
                 calls = max(20, iterations // batch)  # same number of frames per batch size
                 rows[f"b{batch}"] = time_call(
-                    partial(loaded.run, x), warmup, calls, loaded.sync, batch
+                    partial(loaded.run, x), warmup, calls, getattr(loaded, "sync", None), batch
                 )
             except Exception as exc:
                 rows[f"b{batch}"] = {"unavailable": why_unavailable(exc)}
         out[candidate.name] = {"batches": rows, "logits_b1": reference[0].tolist()}
         if candidate.gpu:
             out[candidate.name].update(gpu=True, device_memory_mb=sysinfo.process_gpu_memory_mb())
-        if loaded.close is not None:
-            loaded.close()
+        loaded.close()
     return out
 
 
 def pipeline_section(
-    models: dict[str, Path | None],
-    size: int,
+    model: BenchModel,
     frames: dict[str, tuple[np.ndarray, Region]],
     warmup: int,
     iterations: int,
     fps: float,
     seconds: float,
 ) -> dict[str, Any]:
-    """Raw frame to decision through FrameClassifier (one thread), its stages, the notebook
-    pipeline on the same frame, and the real-time headroom at `fps`."""
+    """Raw frame to decision through FrameClassifier (one thread), its stages, the real-time
+    headroom at `fps`, and the notebook pipeline on the same frame when the model brings one."""
     from edgebc.backends import open_backend
     from edgebc.classifier import FrameClassifier
 
     out: dict[str, Any] = {}
-    for precision in ("fp32", "int8"):
-        path = models.get(precision)
+    for precision, path in (("fp32", model.fp32), ("int8", model.int8)):
         if path is None:
             continue
         backend = open_backend(path, threads=1, spin_wait=False)
@@ -194,9 +143,8 @@ def pipeline_section(
             out["headroom_1920x1080_fp32"] = realtime_headroom(
                 partial(live.classify, screen), fps, seconds
             )
-    checkpoint = models.get("checkpoint")
-    if checkpoint is not None and is_installed("torch"):
-        naive = naive_pipeline(checkpoint, size)
+    if model.notebook is not None:
+        naive = model.notebook()
         for tag, (screen, region) in frames.items():
             out[f"naive_pil_torch_{tag}"] = time_call(
                 partial(naive, screen, region), warmup, max(5, iterations // 2)
@@ -214,14 +162,10 @@ def _classify_into(classifier: Any, screen: np.ndarray, stages: dict[str, list[f
 
 def run(
     quick: bool,
-    archs: list[str],
     batches: list[int],
     threads: list[int],
+    models: Sequence[BenchModel],
     fps: float = 30.0,
-    model: Path | None = None,
-    int8_model: Path | None = None,
-    checkpoint: Path | None = None,
-    int8: bool = True,
 ) -> dict[str, Any]:
     cv2.setNumThreads(1)
     warmup, iterations = (3, 30) if quick else (20, 300)
@@ -252,30 +196,14 @@ def run(
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="edgebc-bench-") as work:
-        jobs: list[tuple[str, dict[str, Path | None], int]] = []
-        if model is not None:
-            from edgebc.model_card import read_card
-
-            card = read_card(model)
-            jobs.append(
-                (
-                    card.name,
-                    {"fp32": model, "int8": int8_model, "checkpoint": checkpoint},
-                    card.input_shape[1],
-                )
-            )
-        else:
-            for arch in archs:
-                jobs.append((arch, make_models(arch, 224, Path(work), int8), 224))
-        for name, models, size in jobs:
-            report["models"][name] = {
+        for model in models:
+            size = read_card(model.fp32).input_shape[1]
+            report["models"][model.name] = {
                 "input": size,
                 "backends": model_section(
-                    models, size, batches, threads, warmup, iterations, Path(work)
+                    model, size, batches, threads, warmup, iterations, Path(work)
                 ),
-                "pipeline": pipeline_section(
-                    models, size, frames, warmup, iterations, fps, seconds
-                ),
+                "pipeline": pipeline_section(model, frames, warmup, iterations, fps, seconds),
             }
     report["peak_rss_mb"] = peak_rss_mb()
     report["seconds"] = time.monotonic() - started

@@ -1,4 +1,4 @@
-"""`edgebc bench`: the latency benchmark (also `python benchmarks/latency.py`)."""
+"""`edgebc bench`: the device's torch-free latency benchmark (benchmarks/latency.py extends it)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ def register_bench(commands: argparse._SubParsersAction) -> None:
         "bench",
         help="measure latency of every stage, backend and the full pipeline on this machine",
         description="Time decode, region detection and preprocessing on 1920x1080 and 640x480 frames; "
-        "every available backend (PyTorch eager, PyTorch CUDA FP16 with CUDA graphs, ONNX Runtime FP32/INT8 "
-        "per thread count, CUDA/TensorRT providers, native TensorRT FP16/INT8, OpenCV DNN) on the same "
-        "model and input at each batch size, with GPU memory; the full pipeline to a "
-        "decision with its stages; the PIL + torch notebook pipeline for comparison; and the share of a "
-        "core used at 30 fps. Without --model, models are made from the registry with random weights "
-        "(needs the [train] and [export] extras). Accuracy per backend: python benchmarks/accuracy.py.",
+        "every available backend (ONNX Runtime FP32/INT8 per thread count, CUDA/TensorRT providers, "
+        "native TensorRT FP16/INT8 engines built here, OpenCV DNN) on the same model and input at "
+        "each batch size, with GPU memory; the full pipeline to a decision with its stages; and the "
+        "share of a core used at 30 fps. It times an exported model (--model, and its INT8 export "
+        "with --int8; without --model, the embedded demo model) and needs no torch. PyTorch rows, "
+        "the PIL + torch notebook pipeline and models made from the registry with random weights: "
+        "python benchmarks/latency.py (the [train] and [export] extras). Accuracy per backend: "
+        "python benchmarks/accuracy.py.",
         formatter_class=HelpFormatter,
     )
     from edgebc.bench.cli import add_arguments

@@ -66,8 +66,8 @@ def run_model(args: argparse.Namespace) -> int:
         )
         return 0
     if args.action == "engine":
+        from edgebc.backends.tensorrt.cache import cached_engine
         from edgebc.errors import EdgebcError
-        from edgebc.model_store import cached_engine
 
         current = store.target("current")
         if current is None:

@@ -1,11 +1,12 @@
-"""TensorRT engines from the exported ONNX: FP16, and INT8 from the QDQ model (explicit quantization).
+"""TensorRT engines from an exported ONNX: FP16, and INT8 from the QDQ model (explicit quantization).
 
 Follows the TensorRT 10 Python API. Implicit INT8 calibrators are deprecated in TensorRT 10, so
 INT8 engines are built from the Q/DQ graph `edgebc export --int8` writes: its scales are the
 ones whose accuracy was already checked. The build uses a workspace limit, a timing cache (reused
 across builds on the same device: minutes become seconds) and an optimisation profile over the
 batch range. The sidecar records TensorRT version, GPU, compute capability and the model card.
-TensorRT is absent on CI; these functions are exercised by tests marked `tensorrt`.
+It needs TensorRT and nothing of the training side, so a device builds its own engines. TensorRT
+is absent on CI; this is exercised by tests marked `tensorrt`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import datetime as dt
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from edgebc.atomic import atomic_write_bytes
-from edgebc.engine_sidecar import gpu_identity, write_sidecar
+from edgebc.backends.tensorrt.sidecar import gpu_identity, write_sidecar
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file
 from edgebc.model_card import read_card
 from edgebc.optional import require
 
+Precision = Literal["fp16", "int8"]
+
 
 def build_engine(
     onnx_path: str | Path,
     out: str | Path,
-    precision: Literal["fp16", "int8"] = "fp16",
+    precision: Precision = "fp16",
     workspace_mb: int = 1024,
     batch: tuple[int, int, int] = (1, 1, 8),
     timing_cache: str | Path | None = None,
@@ -82,14 +83,3 @@ def build_engine(
         "card": card.to_json(),
     })  # fmt: skip
     return out
-
-
-def run_engine(engine_path: str | Path, inputs: np.ndarray) -> np.ndarray:
-    """Logits from an engine through the runtime's own TensorRT backend (one implementation)."""
-    from edgebc.backends.tensorrt import TensorRTBackend
-
-    backend = TensorRTBackend(Path(engine_path), warmup=1)
-    try:
-        return np.concatenate([backend.run(inputs[i : i + 1]) for i in range(len(inputs))])
-    finally:
-        backend.close()

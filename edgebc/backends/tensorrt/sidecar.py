@@ -58,7 +58,7 @@ def check_engine_compatible(
     sidecar: dict[str, Any], tensorrt_version: str, gpu: dict[str, str] | None
 ) -> None:
     """Refuse an engine built for another TensorRT version or GPU, saying how to fix it."""
-    rebuild = "engines are not portable: rebuild it on this device with `edgebc export CHECKPOINT --tensorrt`"
+    rebuild = "engines are not portable: rebuild it on this device with `edgebc model engine` (or `edgebc export CHECKPOINT --tensorrt`)"
     if sidecar.get("tensorrt") != tensorrt_version:
         raise EdgebcError(
             f"engine was built with TensorRT {sidecar.get('tensorrt')} but this device has {tensorrt_version}; {rebuild}"

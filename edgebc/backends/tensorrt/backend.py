@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgebc.backends import validate_batch, validate_feeds
-from edgebc.engine_sidecar import check_engine_compatible, gpu_identity, read_sidecar
+from edgebc.backends.tensorrt.sidecar import check_engine_compatible, gpu_identity, read_sidecar
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.model_card import ModelCard
@@ -117,3 +117,12 @@ class TensorRTBackend:
     def _check(self, err: Any) -> None:
         if err != self._cudart.cudaError_t.cudaSuccess:
             raise EdgebcError(f"CUDA error {err}")
+
+
+def run_engine(engine_path: str | Path, inputs: np.ndarray) -> np.ndarray:
+    """Logits from an engine, one frame at a time, through the backend above (export parity checks)."""
+    backend = TensorRTBackend(Path(engine_path), warmup=1)
+    try:
+        return np.concatenate([backend.run(inputs[i : i + 1]) for i in range(len(inputs))])
+    finally:
+        backend.close()
