@@ -30,6 +30,7 @@ from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
+from edgebc.serve.display import LocalDisplay
 from edgebc.serve.live_loop import LivePipeline, LiveResult, Sink
 from edgebc.serve.settings import ServeSettings
 from edgebc.serve.sinks import AuditSink, PageBroadcast
@@ -103,6 +104,7 @@ class ServeRuntime:
     broadcast: PageBroadcast
     token: str | None
     uploads: UploadQueue
+    display: LocalDisplay | None = None  # the cart's own screen, when display.enabled
     started: float = field(default_factory=time.time)
     _jpeg: tuple[int, bytes] | None = None
     _jpeg_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,6 +115,9 @@ class ServeRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Open the local display (if any; a failure stops the start), then run the live loop."""
+        if self.display is not None:
+            self.display.start(self.view, self.pipeline.latest)
         self.pipeline.start()
 
     def stop(self) -> None:
@@ -275,6 +280,7 @@ def build_runtime(
     """Load and check everything before the server listens: a bad model, source URI, region or
     log location fails here with one clear line, not on the first request."""
     token = settings.read_token()
+    display = LocalDisplay(settings.display) if settings.display.enabled else None
     classifier = build_classifier(settings)
     backend = classifier.backend
     check = check_model_manifest(settings.model_path, backend.model_sha256)
@@ -301,7 +307,7 @@ def build_runtime(
     # The screens first, so the audit trail's work (a PNG per frame, with store_pixels) never
     # delays what the clinician sees; the statistics come last, inside the pipeline.
     broadcast = PageBroadcast()
-    sinks: list[Sink] = [broadcast, AuditSink(audit)]
+    sinks: list[Sink] = [broadcast, *([display] if display else []), AuditSink(audit)]
     pipeline = LivePipeline(
         classifier, reader, sinks, settings.smoothing, settings.auto_region, settings.max_result_age
     )
@@ -324,4 +330,5 @@ def build_runtime(
         broadcast,
         token,
         UploadQueue(settings.max_pending_uploads),
+        display,
     )
