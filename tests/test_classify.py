@@ -104,36 +104,35 @@ DECIDED = Decision("benign", {"normal": 0.1234567, "benign": 0.6543219, "maligna
 REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (mean grey level 3)"), "cd" * 32)  # fmt: skip
 
 
-def previous_row(item, decision, classes):
-    """The archive row as edgebc wrote it before the one conversion (commit 141b6e5)."""
-    row = {"source": item.source, "frame": "" if item.frame is None else item.frame,
-           "decision": decision.label or "", "quality": str(decision.quality),
-           "positive_probability": "" if decision.positive_probability is None else round(decision.positive_probability, 6),
-           "threshold": "" if decision.threshold is None else decision.threshold}  # fmt: skip
-    for name in classes:
-        row[f"p_{name}"] = (
-            "" if decision.probabilities is None else round(decision.probabilities[name], 6)
-        )
-    row["model_sha256"] = decision.model_sha256
-    row["error"] = ""
-    return row
+# What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand.
+ROWS = {
+    "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
+                "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
+                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "error": ""},
+    "refused": {"source": "scan.png", "frame": 3, "decision": "",
+                "quality": "no decision: frame too dark (mean grey level 3)",
+                "positive_probability": "", "threshold": 0.3, "p_normal": "", "p_benign": "",
+                "p_malignant": "", "model_sha256": "cd" * 32, "error": ""},
+}  # fmt: skip
+ANSWERS = {
+    "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
+                "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
+                "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568}},
+    "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
+                "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
+                "model_sha256": "cd" * 32, "timings_ms": {}},
+}  # fmt: skip
+RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
+    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),
+    "refused": ("cd" * 32, "no decision: frame too dark (mean grey level 3)", None, None, 0.3),
+}
 
 
-def previous_answer(decision):
-    """The decision part of the API's answers before the one conversion (commit 141b6e5)."""
-    return {"label": decision.label, "probabilities": decision.probabilities,
-            "positive_probability": decision.positive_probability, "threshold": decision.threshold,
-            "quality": "ok" if decision.quality.ok else "no decision", "reason": decision.quality.reason,
-            "model_sha256": decision.model_sha256,
-            "timings_ms": {k: round(v, 3) for k, v in decision.timings_ms.items()}}  # fmt: skip
-
-
-@pytest.mark.parametrize("decision", [DECIDED, REFUSED], ids=["decided", "refused"])
-def test_rows_records_and_answers_keep_their_fields(decision):
-    item = FrameItem("scan.png", 3, None)
-    assert _row(item, decision.to_json(), CLASSES) == previous_row(item, decision, CLASSES)
-    assert decision.to_json() == previous_answer(decision)
-    record = record_of(decision.to_json(), source="upload")
+@pytest.mark.parametrize(("case", "decision"), [("decided", DECIDED), ("refused", REFUSED)])
+def test_rows_records_and_answers_keep_their_fields(case, decision):
+    fields = decision.to_json()
+    assert _row(FrameItem("scan.png", 3, None), fields, CLASSES) == ROWS[case]
+    assert fields == ANSWERS[case]
+    record = record_of(fields, source="upload")
     assert (record.model_sha256, record.quality, record.decision, record.probabilities,
-            record.threshold) == (decision.model_sha256, str(decision.quality), decision.label,
-                                  decision.probabilities, decision.threshold)  # fmt: skip
+            record.threshold) == RECORDS[case]  # fmt: skip

@@ -145,10 +145,9 @@ class LivePipeline:
             if frame is None:
                 continue
             try:
-                result = self._classify(frame, waited_ms)
-            except (
-                Exception
-            ):  # the loop must outlive any one frame; the error is counted and logged
+                decision = self._classify(frame)
+                result = self._smooth(frame, decision, waited_ms)
+            except Exception:  # the loop outlives any one frame: counted and logged
                 self.statistics.failed()
                 log.exception("frame %s from %s could not be processed", frame.index, frame.source)
                 continue
@@ -161,10 +160,16 @@ class LivePipeline:
             self.smoother.reset()  # a gap in the feed must not be averaged across
         return frame, (time.perf_counter() - waited) * 1000.0
 
-    def _classify(self, frame: Frame, waited_ms: float) -> LiveResult:
+    def _classify(self, frame: Frame) -> Decision:
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
-        decision = self._decide(frame.image)
+        try:
+            return self.classifier.classify(frame.image)
+        except ValueError as exc:  # the region no longer fits: capture resolution changed
+            return Decision(None, None, None, self.classifier.threshold,
+                            QualityResult(False, str(exc)), self.classifier.backend.model_sha256)  # fmt: skip
+
+    def _smooth(self, frame: Frame, decision: Decision, waited_ms: float) -> LiveResult:
         started = time.perf_counter()
         smoothed = self.smoother.update(decision.probabilities, frame.captured_monotonic)
         timings = {"capture_wait": waited_ms, "read": frame.read_ms, **decision.timings_ms,
@@ -174,13 +179,6 @@ class LivePipeline:
         timings["end_to_end"] = (finished - frame.captured_monotonic) * 1000.0
         self._sequence += 1
         return LiveResult(self._sequence, frame, decision, smoothed, digest, timings, finished)
-
-    def _decide(self, image: np.ndarray) -> Decision:
-        try:
-            return self.classifier.classify(image)
-        except ValueError as exc:  # the region no longer fits: capture resolution changed
-            return Decision(None, None, None, self.classifier.threshold,
-                            QualityResult(False, str(exc)), self.classifier.backend.model_sha256)  # fmt: skip
 
     def _hand_over(self, result: LiveResult) -> None:
         with self._lock:
