@@ -1,62 +1,58 @@
 """`edgebc classify`: files, folders, globs, videos and DICOM in; one CSV or JSON Lines row per frame out.
 
 Archive work, not live work: every frame of a video or DICOM cine is classified (or every Nth
-with a stride). An unreadable input gets a row with its error and one line on stderr, and the
-batch goes on; the exit status says whether anything failed. The output is written atomically.
+with a stride). The classifier is the one `edgebc serve` builds from the same settings (model,
+region, threshold, quality gate), and inputs are expanded by the rule its folder sources use. An
+unreadable input gets a row with its error and one line on stderr, and the batch goes on; the
+exit status says whether anything failed. The output is written atomically.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgebc.atomic import atomic_write_text
-from edgebc.classifier import Decision, FrameClassifier
-from edgebc.data.readers import IMAGE_SUFFIXES
+from edgebc.classifier import FrameClassifier, quality_text
+from edgebc.classifier_settings import ClassifierSettings
 from edgebc.decode import decode_dicom_frames, read_header, read_image, sniff_format
 from edgebc.errors import EdgebcError
-from edgebc.sources import VIDEO_SUFFIXES, open_source
+from edgebc.region import Region, detect_imaging_region
+from edgebc.sources import VIDEO_SUFFIXES, expand_inputs, open_source
 
 
 @dataclass(frozen=True)
-class ClassifySettings:
+class ClassifySettings(ClassifierSettings):
     """An archive job for `edgebc classify --config` (deploy/configs/archive-batch.yaml); the
     command line's arguments and flags override the file's keys."""
 
-    model: str = ""
     inputs: tuple[str, ...] = ()
     out: str = "results.csv"
-    region: tuple[int, int, int, int] | None = None
-    auto_region: bool = False
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    threads: int = 0
     batch: int = 16
     stride: int = 1
+    spin_wait: bool = True  # a batch job keeps its cores busy anyway: ONNX Runtime's default
 
     def __post_init__(self) -> None:
+        if self.region is not None and self.auto_region:  # said in the words of the flags
+            raise ValueError("give either a region or auto_region, not both")
+        super().__post_init__()
         if not self.model:
             raise ValueError("no model: give MODEL on the command line or model: in --config")
         if not self.inputs:
             raise ValueError("no inputs: give INPUTS on the command line or inputs: in --config")
-        if self.region is not None and self.auto_region:
-            raise ValueError("give either a region or auto_region, not both")
         if self.batch < 1 or self.stride < 1:
             raise ValueError(
                 f"batch and stride must be at least 1, got {self.batch} and {self.stride}"
             )
         if Path(self.out).suffix.lower() not in (".csv", ".jsonl"):
             raise ValueError(f"out must end in .csv or .jsonl, got {self.out!r}")
-        if self.threads < 0:
-            raise ValueError(
-                f"threads must be 0 (ONNX Runtime's choice) or more, got {self.threads}"
-            )
 
 
 @dataclass(frozen=True)
@@ -65,28 +61,6 @@ class FrameItem:
     frame: int | None
     image: np.ndarray | None
     error: str | None = None
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given, folders recursively (images and videos, masks excluded), glob patterns expanded."""
-    paths: list[Path] = []
-    for item in inputs:
-        if any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise EdgebcError(f"{item}: the pattern matches no file")
-            paths += [Path(m) for m in matches]
-        elif Path(item).is_dir():
-            paths += sorted(
-                p
-                for p in Path(item).rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)
-                and "_mask" not in p.stem
-            )
-        else:
-            paths.append(Path(item))
-    return paths
 
 
 def iter_frames(paths: Sequence[Path], stride: int = 1) -> Iterator[FrameItem]:
@@ -115,11 +89,18 @@ def classify_inputs(
     stride: int = 1,
     on_error: Callable[[str], None] = lambda _m: None,
     progress: Callable[[int], None] = lambda _n: None,
+    auto_region: bool = False,
 ) -> tuple[int, int]:
-    """Classify everything in `inputs` into `out` (.csv or .jsonl); returns (frames written, errors)."""
+    """Classify everything in `inputs` into `out` (.csv or .jsonl); returns (frames written, errors).
+
+    With `auto_region` the imaging region is detected on the first frame of each input and used
+    for all its frames (the live service does the same per stream); an input where none is found
+    is reported as an error rather than classified whole."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise EdgebcError(f"{out}: output must end in .csv or .jsonl")
+    if auto_region and classifier.region is not None:
+        raise ValueError("give either a region or auto_region, not both")
     classes = list(classifier.card.class_names)
     rows: list[dict[str, object]] = []
     pending: list[tuple[FrameItem, np.ndarray]] = []
@@ -130,11 +111,12 @@ def classify_inputs(
             return
         decisions = classifier.classify_batch([image for _, image in pending])
         for (item, _), decision in zip(pending, decisions, strict=True):
-            rows.append(_row(item, decision, classes))
+            rows.append(_row(item, decision.to_json(), classes))
         progress(len(pending))
         pending.clear()
 
-    for item in iter_frames(expand_inputs(inputs), stride):
+    frames = iter_frames(expand_inputs(inputs), stride)
+    for item in _regions_detected(frames) if auto_region else frames:
         if item.error is not None or item.image is None:
             errors += 1
             message = item.error or "no image"
@@ -149,20 +131,46 @@ def classify_inputs(
     return sum(1 for r in rows if not r.get("error")), errors
 
 
-def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, object]:
+def _regions_detected(items: Iterator[FrameItem]) -> Iterator[FrameItem]:
+    """Each input's frames cropped to the region detected on its first frame; an input without
+    one gives a single error item and none of its frames."""
+    source: str | None = None
+    region: Region | None = None
+    for item in items:
+        if item.image is None:
+            yield item
+            continue
+        if item.source != source:
+            source, region = item.source, detect_imaging_region(item.image)
+            if region is None:
+                yield replace(item, image=None, error=f"{item.source}: no imaging region found on "
+                              "its first frame; give --region X,Y,W,H")  # fmt: skip
+        if region is None:
+            continue
+        try:
+            yield replace(item, image=region.crop(item.image))
+        except ValueError as exc:  # a frame of another size than the input's first
+            yield replace(item, image=None, error=f"{item.source}: {exc}")
+
+
+def _row(item: FrameItem, fields: dict[str, Any], classes: list[str]) -> dict[str, object]:
+    """One table row of a decision's JSON: flat, blank where there is no value."""
+    probabilities = fields["probabilities"] or {}
     row: dict[str, object] = {
         "source": item.source, "frame": "" if item.frame is None else item.frame,
-        "decision": decision.label or "", "quality": str(decision.quality),
-        "positive_probability": "" if decision.positive_probability is None else round(decision.positive_probability, 6),
-        "threshold": "" if decision.threshold is None else decision.threshold,
+        "decision": fields["label"] or "", "quality": quality_text(fields),
+        "positive_probability": _rounded(fields["positive_probability"]),
+        "threshold": "" if fields["threshold"] is None else fields["threshold"],
     }  # fmt: skip
     for name in classes:
-        row[f"p_{name}"] = (
-            "" if decision.probabilities is None else round(decision.probabilities[name], 6)
-        )
-    row["model_sha256"] = decision.model_sha256
+        row[f"p_{name}"] = _rounded(probabilities.get(name))
+    row["model_sha256"] = fields["model_sha256"]
     row["error"] = ""
     return row
+
+
+def _rounded(probability: float | None) -> object:
+    return "" if probability is None else round(probability, 6)
 
 
 def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,36 @@ class Decision:
     quality: QualityResult
     model_sha256: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The decision as JSON: the one form that the API answers, archive rows and audit records
+        are made from. `quality` is "ok" or "no decision", with the reason beside it."""
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "positive_probability": self.positive_probability,
+            "threshold": self.threshold,
+            "quality": "ok" if self.quality.ok else "no decision",
+            "reason": self.quality.reason,
+            "model_sha256": self.model_sha256,
+            "timings_ms": rounded_ms(self.timings_ms),
+        }
+
+
+def quality_text(fields: dict[str, Any]) -> str:
+    """A decision's JSON quality as one text column (archive rows, the audit trail): "ok", or
+    "no decision: <reason>"."""
+    return (
+        fields["quality"]
+        if fields["reason"] is None
+        else f"{fields['quality']}: {fields['reason']}"
+    )
+
+
+def rounded_ms(timings: dict[str, float]) -> dict[str, float]:
+    """Stage timings as reported: milliseconds to the microsecond."""
+    # dict() copies in one step under the GIL: the live loop may be adding a sink's time meanwhile
+    return {stage: round(ms, 3) for stage, ms in dict(timings).items()}
 
 
 class FrameClassifier:

@@ -23,6 +23,7 @@ INSTALL_HINTS: dict[str, str] = {
     "fastapi": "pip install 'edgebc[serve]'",
     "uvicorn": "pip install 'edgebc[serve]'",
     "prometheus_client": "pip install 'edgebc[serve]'",
+    "pygame": "pip install 'edgebc[display]' (pygame-ce)",
 }
 
 

@@ -1,6 +1,6 @@
 """Frame sources, chosen by a URI-like string: one protocol, numpy BGR or grey frames out.
 
-    scans/  or  "scans/*.png"  or  frame.png   image files (sorted), read once
+    scans/  or  "scans/**/*.png"  or  frame.png   image, video and DICOM files (sorted), read once
     clip.avi                                   a video file
     cine.dcm                                   DICOM, single frame or multi-frame cine (needs pydicom)
     /dev/video0, v4l2:0, 0                     a V4L2 capture card (OpenCV)
@@ -9,6 +9,7 @@
     picamera2:0                                a Raspberry Pi camera (picamera2)
     phantom:malignant?fps=30&seed=0            the synthetic phantom cine, looping, paced like a scanner
 
+Folders and glob patterns are expanded by `expand_inputs`, the one rule `edgebc classify` uses too.
 Every frame carries its capture time (wall clock and monotonic) and a sequence number, so a
 result can say how old its frame was. Live sources are read through `edgebc.live`, which keeps
 only the newest frame and watches the feed.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import glob as globbing
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ from edgebc.optional import require
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".webm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm",)
+INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES, *DICOM_SUFFIXES)
 
 
 class SourceError(EdgebcError):
@@ -77,25 +80,27 @@ class _Counter:
         return frame
 
 
-class ImageFilesSource:
+class ImageFileSource:
+    """One image file: one frame."""
+
     live = False
 
-    def __init__(self, paths: list[Path], name: str) -> None:
-        if not paths:
-            raise EdgebcError(f"{name}: no PNG or JPEG images found")
-        self.paths, self.name = paths, name
-        self._iter: Iterator[Path] = iter(())
-        self._counter = _Counter(name)
+    def __init__(self, path: Path) -> None:
+        self.path, self.name = path, str(path)
+        self._pending = False
+        self._counter = _Counter(self.name)
 
     def open(self) -> None:
-        self._iter = iter(self.paths)
+        self._pending = True
 
     def read(self) -> Frame | None:
-        path = next(self._iter, None)
-        return None if path is None else self._counter.stamp(read_image(path))
+        if not self._pending:
+            return None
+        self._pending = False
+        return self._counter.stamp(read_image(self.path))
 
     def close(self) -> None:
-        self._iter = iter(())
+        self._pending = False
 
 
 class DicomSource:
@@ -263,6 +268,85 @@ class PhantomCineSource:
         self._clip = []
 
 
+class FilesSource:
+    """Image, video and DICOM files played one after another as one finite source (a folder or a
+    glob pattern); its frames are numbered on, across the files."""
+
+    live = False
+
+    def __init__(self, paths: Sequence[Path], name: str) -> None:
+        if not paths:
+            raise EdgebcError(f"{name}: no image, video or DICOM files found")
+        self.paths, self.name = list(paths), name
+        self._files: Iterator[Path] = iter(())
+        self._current: FrameSource | None = None
+        self._counter = _Counter(name)
+
+    def open(self) -> None:
+        self.close()
+        self._files = iter(self.paths)
+
+    def read(self) -> Frame | None:
+        while True:
+            if self._current is None:
+                path = next(self._files, None)
+                if path is None:
+                    return None
+                self._current = open_file(path)
+                self._current.open()
+            frame = self._current.read()
+            if frame is not None:
+                return self._counter.stamp(frame.image)
+            self._current.close()
+            self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        self._files = iter(())
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """The files that `items` name, for `edgebc classify` and for folder and pattern sources.
+
+    A file is taken as named, whatever it is (an unreadable one is reported when read). A folder
+    stands for the image, video and DICOM files anywhere below it, and a glob pattern for those it
+    matches (`**` crosses folders); segmentation masks (`*_mask*`) are left out of both. A pattern
+    that matches no such file is an error; a folder may be empty (a night without studies).
+    """
+    paths: list[Path] = []
+    for item in items:
+        if _is_pattern(item):
+            found = [Path(m) for m in sorted(globbing.glob(item, recursive=True))]
+            found = [p for p in found if _is_input_file(p)]
+            if not found:
+                raise EdgebcError(f"{item}: the pattern matches no image, video or DICOM file")
+            paths += found
+        elif Path(item).is_dir():
+            paths += sorted(p for p in Path(item).rglob("*") if _is_input_file(p))
+        else:
+            paths.append(Path(item))
+    return paths
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _is_input_file(path: Path) -> bool:
+    return path.suffix.lower() in INPUT_SUFFIXES and "_mask" not in path.stem and path.is_file()
+
+
+def open_file(path: Path) -> FrameSource:
+    """The source for one file, by its suffix: a video, a DICOM file (one frame or a cine), an image."""
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return OpenCVSource(str(path), str(path), live=False)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return DicomSource(path)
+    return ImageFileSource(path)
+
+
 def open_source(uri: str) -> FrameSource:
     """The source named by `uri` (see the module docstring); not yet opened."""
     text = uri.strip()
@@ -289,30 +373,12 @@ def open_source(uri: str) -> FrameSource:
         device = text.removeprefix("v4l2:")
         target: str | int = int(device) if device.isdigit() else device
         return OpenCVSource(target, f"v4l2:{device}", live=True, api=cv2.CAP_V4L2)
-    if any(ch in text for ch in "*?["):
-        return ImageFilesSource(
-            sorted(
-                Path(p) for p in globbing.glob(text) if Path(p).suffix.lower() in IMAGE_SUFFIXES
-            ),
-            text,
-        )
     path = Path(text)
-    if path.is_dir():
-        return ImageFilesSource(
-            sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem
-            ),
-            text,
-        )
+    if _is_pattern(text) or path.is_dir():
+        return FilesSource(expand_inputs([text]), text)
     if not path.exists():
         raise EdgebcError(
             f"{uri}: no such file, folder or device (sources: a folder, glob, image, video, .dcm, "
             "/dev/videoN, rtsp://..., gst:PIPELINE, picamera2:N or phantom:CLASS)"
         )
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        return OpenCVSource(str(path), str(path), live=False)
-    if path.suffix.lower() == ".dcm":
-        return DicomSource(path)
-    return ImageFilesSource([path], str(path))
+    return open_file(path)

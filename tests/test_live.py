@@ -159,11 +159,44 @@ def test_video_file_and_image_folder_sources(tmp_path):
     assert read[0].image.shape == (64, 80, 3)
     import cv2
 
+    # a folder of its own: a folder stands for its videos too (see the next test)
+    (tmp_path / "scans").mkdir()
     for k, frame in enumerate(frames[:3]):
-        cv2.imwrite(str(tmp_path / f"f{k}.png"), frame)
-    folder = open_source(str(tmp_path))
+        cv2.imwrite(str(tmp_path / "scans" / f"f{k}.png"), frame)
+    folder = open_source(str(tmp_path / "scans"))
     folder.open()
-    assert [folder.read().source for _ in range(3)] == [str(tmp_path)] * 3 and folder.read() is None
+    assert [folder.read().source for _ in range(3)] == [str(tmp_path / "scans")] * 3
+    assert folder.read() is None
+
+
+def test_folders_and_patterns_play_images_videos_and_dicom_as_classify_expands_them(tmp_path):
+    """One expansion for `edgebc classify` and the serve sources: folders recursively, `**`
+    patterns across folders, videos and DICOM included, masks left out."""
+    import cv2
+
+    from edgebc.sources import expand_inputs
+
+    frames = [make_ultrasound_phantom("benign", phantom_rng(1, k), 48, 64).image for k in range(4)]
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    write_video(frames, tmp_path / "a" / "clip.avi")
+    cv2.imwrite(str(tmp_path / "a" / "deep" / "one.png"), frames[0])
+    cv2.imwrite(str(tmp_path / "a" / "deep" / "one_mask.png"), (frames[0] > 100).astype(np.uint8))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    expected = [tmp_path / "a" / "clip.avi", tmp_path / "a" / "deep" / "one.png"]
+    assert expand_inputs([str(tmp_path / "a")]) == expected
+    assert expand_inputs([str(tmp_path / "**" / "*.*")]) == expected
+    assert expand_inputs([str(tmp_path / "a" / "notes.txt")]) == [tmp_path / "a" / "notes.txt"]
+    with pytest.raises(EdgebcError, match="matches no image, video or DICOM file"):
+        expand_inputs([str(tmp_path / "*.txt")])
+    source = open_source(str(tmp_path / "a"))
+    source.open()
+    played = []
+    while (frame := source.read()) is not None:
+        played.append(frame)
+    source.close()
+    assert [f.index for f in played] == [0, 1, 2, 3, 4]  # four video frames, then the image
+    assert played[0].image.shape == (48, 64, 3) and played[0].source == str(tmp_path / "a")
+    assert np.array_equal(played[4].image, frames[0])  # the PNG, read back as written
 
 
 def test_phantom_stream_is_paced_like_a_scanner():

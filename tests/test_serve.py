@@ -391,3 +391,45 @@ def test_cli_flags_override_the_config_file(tmp_path):
     )
     assert (settings.smoothing.time_constant, settings.smoothing.margin) == (0.8, 0.2)
     assert settings.audit.path == str(tmp_path / "x.sqlite")
+
+
+def test_the_upload_schema_is_the_decisions_json(served):
+    """POST /v1/classify documents ClassifyResult; its fields are exactly the keys the runtime
+    answers with (Decision.to_json() and the upload's facts), so neither can drift alone."""
+    from edgebc.serve.routes import ClassifyResult
+
+    _, runtime = served
+    answer = runtime.classify_upload(phantom_png(), None)
+    assert list(ClassifyResult.model_fields) == list(answer)
+    decision_keys = set(runtime.pipeline.latest().decision.to_json())
+    assert decision_keys <= set(answer)
+    assert set(answer) - decision_keys == {"input_sha256", "width", "height", "region"}
+
+
+def test_latency_percentiles_are_computed_once_per_frame_however_many_pages_watch(
+    served, monkeypatch
+):
+    from edgebc.serve.sinks import STAGES, RollingStats
+
+    client, runtime = served
+    computed = []
+    original = RollingStats.percentiles
+    monkeypatch.setattr(RollingStats, "percentiles",
+                        lambda self, stage, *a: computed.append(stage) or original(self, stage, *a))  # fmt: skip
+    frames_before = runtime.pipeline.counts["frames"]
+    sockets = [client.websocket_connect("/v1/live") for _ in range(3)]
+    views = 0
+    try:
+        for socket in sockets:
+            socket.__enter__().send_json({"token": ""})
+        while views < 60:
+            for socket in sockets:
+                message = socket.receive()
+                views += bool(message.get("text"))
+    finally:
+        for socket in sockets:
+            socket.__exit__(None, None, None)
+    frames = runtime.pipeline.counts["frames"] - frames_before
+    assert views >= 60 and len(computed) % len(STAGES) == 0
+    # Once per new result at most (plus the one in flight), not once per page and view.
+    assert len(computed) // len(STAGES) <= frames + 1 < views, (len(computed), frames, views)

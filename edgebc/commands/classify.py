@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +12,6 @@ from edgebc.commands import HelpFormatter
 
 if TYPE_CHECKING:  # for annotations only; the command imports its modules when it runs
     from edgebc.archive import ClassifySettings
-    from edgebc.backends import Backend
-    from edgebc.classifier import FrameClassifier
 
 
 def register_classify(commands: argparse._SubParsersAction) -> None:
@@ -23,7 +20,12 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         help="classify image files, folders, videos or DICOM with an exported model; CSV or JSON Lines out",
         description="Classify every frame of the inputs with an exported model (.onnx, or a TensorRT .engine) "
         "through the shared preprocessing, the quality gate and the model card's temperature and "
-        "threshold. Unreadable inputs are reported and skipped; the exit status is 1 when any failed.",
+        "threshold. The classifier's keys are those of `edgebc serve` (model, region or auto_region, "
+        "threshold, quality: the gate's limits, providers, threads), so a site's validated threshold "
+        "and gate apply to archive runs too: --set threshold=0.2 --set quality.min_std=8. Folders are searched "
+        "recursively for images, videos and DICOM files (masks left out), as are glob patterns "
+        "(quote them; ** crosses folders). Unreadable inputs are reported and skipped; the exit "
+        "status is 1 when any failed.",
         formatter_class=HelpFormatter,
     )
     classify.add_argument("model", nargs="?", default=None,
@@ -46,6 +48,8 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="detect the imaging region on each input's first frame",
     )
+    classify.add_argument("--threshold", type=float, default=None,
+                          help="override the card's operating threshold (a site's validated choice)")  # fmt: skip
     classify.add_argument("--providers", default=None,
                           help="ONNX Runtime providers, comma-separated, in order of preference (default CPU)")  # fmt: skip
     classify.add_argument("--threads", type=int, default=None,
@@ -71,7 +75,7 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
             raise ValueError(f"--region expects X,Y,W,H in pixels, got {args.region!r}") from exc
         region = (x, y, w, h)
     given = {"model": args.model, "inputs": tuple(args.inputs) or None, "out": args.out,
-             "region": region, "auto_region": args.auto_region, "threads": args.threads,
+             "region": region, "auto_region": args.auto_region, "threshold": args.threshold, "threads": args.threads,
              "providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
              "batch": args.batch, "stride": args.stride}  # fmt: skip
     overrides = [
@@ -85,41 +89,17 @@ def run_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgebc.archive import classify_inputs
-    from edgebc.backends import open_backend
-    from edgebc.classifier import FrameClassifier
-    from edgebc.region import Region
+    from edgebc.classifier_settings import build_classifier
 
     settings = classify_settings(args)
-    region = Region(*settings.region) if settings.region else None
-    backend = open_backend(settings.model, providers=settings.providers, threads=settings.threads)
-    classifier = FrameClassifier(backend, region)
-    if settings.auto_region:
-        classifier = auto_region_classifier(backend, settings.inputs)
+    classifier = build_classifier(settings)
     out = Path(settings.out)
     with tqdm(desc="classify", unit="frame", disable=None) as bar:
         written, errors = classify_inputs(classifier, settings.inputs, out, settings.batch, settings.stride,
-                                          on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update)  # fmt: skip
+                                          on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr),
+                                          progress=bar.update, auto_region=settings.auto_region)  # fmt: skip
     print(
-        f"wrote {out}: {written} frames classified with {backend.name}, {errors} inputs unreadable"
+        f"wrote {out}: {written} frames classified with {classifier.backend.name}, "
+        f"{errors} inputs unreadable"
     )
     return 1 if errors else 0
-
-
-def auto_region_classifier(backend: Backend, inputs: Sequence[str]) -> FrameClassifier:
-    from edgebc.archive import expand_inputs, iter_frames
-    from edgebc.classifier import FrameClassifier
-    from edgebc.region import detect_imaging_region
-
-    first = next(
-        (item for item in iter_frames(expand_inputs(inputs)) if item.image is not None), None
-    )
-    if first is None or first.image is None:
-        raise ValueError("no readable frame to detect the imaging region on")
-    region = detect_imaging_region(first.image)
-    if region is None:
-        raise ValueError(f"{first.source}: no imaging region found; give --region X,Y,W,H")
-    print(
-        f"imaging region from {first.source}: x={region.x} y={region.y} w={region.w} h={region.h}",
-        file=sys.stderr,
-    )
-    return FrameClassifier(backend, region)

@@ -24,7 +24,8 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
         help="classify a live source in real time and show it on the cart's screen (web page + API)",
         description="Run the live service: read the newest frame from the source, classify it (region, "
         "quality gate, shared preprocessing, model, smoothing), keep an audit trail, and serve the cart's "
-        "page at http://HOST:PORT/ with the API under /v1 (OpenAPI at /docs).\n\n"
+        "page at http://HOST:PORT/ with the API under /v1 (OpenAPI at /docs); with --display, show the "
+        "same screen in a local window too.\n\n"
         "With no arguments it runs the embedded DEMO: a small model trained on synthetic phantoms watching "
         "the phantom tour, on 127.0.0.1:8000. Settings come from --config (see deploy/configs/) with the "
         "flags below and --set KEY=VALUE on top. Binding to any other address than loopback needs a bearer "
@@ -76,6 +77,12 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
         "--token-file", default=None, help="file holding the bearer token (or set $EDGEBC_TOKEN)"
     )
     serve.add_argument(
+        "--display",
+        action="store_true",
+        help="also show the cart's screen in a full-screen local window, for a cart without a "
+        "browser (display.enabled; needs the [display] extra)",
+    )
+    serve.add_argument(
         "--check",
         action="store_true",
         help="validate the settings (keys, values, token rule) and say what would be served; "
@@ -98,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         "token_file": args.token_file,
         "region": f"[{args.region}]" if args.region else None,
         "auto_region": "true" if args.auto_region else None,
+        "display.enabled": "true" if args.display else None,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
     return load_serve_settings(args.config, overrides)
@@ -143,6 +151,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def check_settings(settings: ServeSettings) -> int:
     """Settings that loaded passed the schema; here the token rule and what is not there yet."""
     token = settings.read_token()
+    if settings.display.enabled:
+        from edgebc.optional import require
+
+        require("pygame", "the local display (display.enabled)")
     print(f"settings ok: source {settings.source}, model {settings.model or 'the demo model'}, "
           f"http://{settings.host}:{settings.port}, token {'set' if token else 'none (loopback only)'}, "
           f"audit log {settings.audit.path}")  # fmt: skip

@@ -1,12 +1,12 @@
-"""The live loop of the cart: newest frame -> decision -> smoothed display -> audit trail.
+"""The live loop of the cart: read the newest frame -> classify -> smooth -> hand the result to each sink.
 
 One thread takes the newest frame from a `LiveReader` (never a stale or repeated one), classifies
-it (region crop, quality gate, shared preprocessing, inference, calibrated probabilities),
-folds it into the temporal smoother and queues an audit record. `view()` is what the screen
-may show *now*: a decision is withdrawn, with the reason in words, whenever the feed is not
-delivering (stalled, frozen, garbage, reopening), the frame failed the quality gate, or the
-newest result is older than `max_result_age`. Nothing here imports a web framework, so the
-same loop can drive another display.
+it (region crop, quality gate, shared preprocessing, inference, calibrated probabilities), folds
+it into the temporal smoother and hands the `LiveResult` to each `Sink`: the page broadcast, a
+local display, the audit trail, the statistics (edgebc/serve/sinks.py). `display()` is what a
+screen may show *now*: a decision is withdrawn, with the reason in words, whenever the feed is not
+delivering (stalled, frozen, garbage, reopening), the frame failed the quality gate, or the newest
+result is older than `max_result_age`. Nothing here imports a web framework.
 """
 
 from __future__ import annotations
@@ -15,40 +15,29 @@ import hashlib
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from edgebc.audit_trail import AuditTrail, record_of
-from edgebc.classifier import Decision, FrameClassifier
+from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.live import FeedState, LiveReader
 from edgebc.quality import QualityResult
 from edgebc.region import Region, detect_imaging_region
+from edgebc.serve.sinks import LiveStatistics
 from edgebc.smoothing import Smoothed, SmoothingConfig, TemporalSmoother
 from edgebc.sources import Frame
 
 log = logging.getLogger(__name__)
 
-STAGES = (
-    "capture_wait",
-    "read",
-    "crop",
-    "quality",
-    "preprocess",
-    "inference",
-    "postprocess",
-    "smoothing",
-    "audit",
-    "end_to_end",
-)
-
 
 @dataclass(frozen=True)
 class LiveResult:
-    """One classified frame: the per-frame decision, the smoothed one, and where the time went."""
+    """One classified frame: the per-frame decision, the smoothed one, and where the time went.
+
+    `timings_ms` gains each sink's hand-off time (under the sink's name) as the result passes
+    them; the statistics, the last sink, see them all."""
 
     sequence: int
     frame: Frame
@@ -58,38 +47,34 @@ class LiveResult:
     timings_ms: dict[str, float]
     finished_monotonic: float
 
-
-class RollingStats:
-    """Frame rate and latency percentiles over the last `window` results (seconds and ms)."""
-
-    def __init__(self, window: int = 600) -> None:
-        self._results: deque[tuple[float, dict[str, float]]] = deque(maxlen=window)
-        self._lock = threading.Lock()
-
-    def add(self, finished: float, timings_ms: dict[str, float]) -> None:
-        with self._lock:
-            self._results.append((finished, timings_ms))
-
-    def fps(self, now: float, span: float = 2.0) -> float:
-        with self._lock:
-            times = [t for t, _ in self._results if now - t <= span]
-        if len(times) < 2:
-            return 0.0
-        return (len(times) - 1) / max(times[-1] - times[0], 1e-9)
-
-    def percentiles(
-        self, stage: str, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)
-    ) -> dict[str, float] | None:
-        with self._lock:
-            values = sorted(t[stage] for _, t in self._results if stage in t)
-        if not values:
-            return None
-        out = {
-            f"p{round(q * 100)}": values[min(len(values) - 1, int(q * len(values)))]
-            for q in quantiles
+    def to_json(self) -> dict[str, Any]:
+        """The decision's JSON (`Decision.to_json()`) with the loop's timings, the smoothed
+        decision and the frame it was made on."""
+        height, width = self.frame.image.shape[:2]
+        frame = {"sequence": self.sequence, "index": self.frame.index, "captured_at": self.frame.captured,
+                 "width": width, "height": height, "sha256": self.frame_sha256, "source": self.frame.source}  # fmt: skip
+        return {
+            **self.decision.to_json(),
+            "timings_ms": rounded_ms(self.timings_ms),
+            "smoothed": {
+                "label": self.smoothed.label,
+                "probabilities": self.smoothed.probabilities,
+            },
+            "frame": frame,
         }
-        out["max"] = values[-1]
-        return out
+
+
+class Sink(Protocol):
+    """Where results go: the audit trail, the page broadcast, the statistics, a local display.
+
+    `handle` runs on the loop's thread for every result, so it must be quick (queue, wake, count);
+    `close` runs once when the service stops."""
+
+    name: str  # the stage its hand-off time is reported under
+
+    def handle(self, result: LiveResult) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,14 +92,14 @@ class LivePipeline:
         self,
         classifier: FrameClassifier,
         reader: LiveReader,
-        audit: AuditTrail | None = None,
+        sinks: Sequence[Sink] = (),
         smoothing: SmoothingConfig | None = None,
         auto_region: bool = False,
         max_result_age: float = 1.0,
     ) -> None:
+        """Results go to `sinks` in order, then to the pipeline's own statistics."""
         self.classifier = classifier
         self.reader = reader
-        self.audit = audit
         self.auto_region = auto_region
         self.region_note = "configured" if classifier.region else "whole frame"
         self.max_result_age = max_result_age
@@ -122,13 +107,11 @@ class LivePipeline:
         self.smoother = TemporalSmoother(
             card.class_names, card.positive_class, classifier.threshold, smoothing
         )
-        self.stats = RollingStats()
-        self.counts: dict[str, int] = {"frames": 0, "decided": 0, "no_decision": 0, "errors": 0}
-        self.label_counts: dict[str, int] = dict.fromkeys(card.class_names, 0)
+        self.statistics = LiveStatistics(card.class_names)
+        self.sinks: list[Sink] = [*sinks, self.statistics]
         self._latest: LiveResult | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._listeners: list[Callable[[], object]] = []
         self._thread = threading.Thread(target=self._run, name="edgebc-live-pipeline", daemon=True)
         self._sequence = 0
         self.last_beat = time.monotonic()  # each turn of the loop; the systemd watchdog reads it
@@ -140,24 +123,88 @@ class LivePipeline:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop, release the source, and commit every queued audit record."""
+        """Stop the loop, release the source, and close every sink (the audit trail commits)."""
         self._stop.set()
         self._thread.join(timeout)
         self.reader.stop()
-        if self.audit is not None:
-            self.audit.close(timeout)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:  # one sink failing to close must not keep the audit trail open
+                log.exception("closing the %s sink failed", sink.name)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def add_listener(self, callback: Callable[[], object]) -> None:
-        """Call `callback` (from the pipeline thread; keep it cheap) after every new result."""
-        self._listeners.append(callback)
+    # -- the loop --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last_beat = time.monotonic()
+            frame, waited_ms = self._read_newest()
+            if frame is None:
+                continue
+            try:
+                decision = self._classify(frame)
+                result = self._smooth(frame, decision, waited_ms)
+            except Exception:  # the loop outlives any one frame: counted and logged
+                self.statistics.failed()
+                log.exception("frame %s from %s could not be processed", frame.index, frame.source)
+                continue
+            self._hand_over(result)
 
-    def remove_listener(self, callback: Callable[[], object]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
+    def _read_newest(self) -> tuple[Frame | None, float]:
+        waited = time.perf_counter()
+        frame = self.reader.latest(timeout=0.1)
+        if frame is None and not self.reader.state().ok:
+            self.smoother.reset()  # a gap in the feed must not be averaged across
+        return frame, (time.perf_counter() - waited) * 1000.0
+
+    def _classify(self, frame: Frame) -> Decision:
+        if self.auto_region and self.classifier.region is None:
+            self._detect_region(frame.image)
+        try:
+            return self.classifier.classify(frame.image)
+        except ValueError as exc:  # the region no longer fits: capture resolution changed
+            return Decision(None, None, None, self.classifier.threshold,
+                            QualityResult(False, str(exc)), self.classifier.backend.model_sha256)  # fmt: skip
+
+    def _smooth(self, frame: Frame, decision: Decision, waited_ms: float) -> LiveResult:
+        started = time.perf_counter()
+        smoothed = self.smoother.update(decision.probabilities, frame.captured_monotonic)
+        timings = {"capture_wait": waited_ms, "read": frame.read_ms, **decision.timings_ms,
+                   "smoothing": (time.perf_counter() - started) * 1000.0}  # fmt: skip
+        digest = hashlib.sha256(np.ascontiguousarray(frame.image).data).hexdigest()
+        finished = time.monotonic()
+        timings["end_to_end"] = (finished - frame.captured_monotonic) * 1000.0
+        self._sequence += 1
+        return LiveResult(self._sequence, frame, decision, smoothed, digest, timings, finished)
+
+    def _hand_over(self, result: LiveResult) -> None:
+        with self._lock:
+            self._latest = result
+        for sink in self.sinks:
+            started = time.perf_counter()
+            try:
+                sink.handle(result)
+            except Exception:  # one sink failing must not keep the result from the others
+                self.statistics.failed()
+                log.exception("the %s sink failed on frame %s", sink.name, result.frame.index)
+            result.timings_ms[sink.name] = (time.perf_counter() - started) * 1000.0
+
+    def _detect_region(self, image: np.ndarray) -> None:
+        """Detect the imaging region once, on the first frame; fall back to the whole frame, loudly."""
+        self.auto_region = False
+        region: Region | None = detect_imaging_region(image)
+        if region is None:
+            self.region_note = "auto-detection found no imaging region; using the whole frame"
+            log.warning("imaging region: %s", self.region_note)
+            return
+        self.classifier.region = region
+        self.region_note = "detected on the first frame"
+        log.info(
+            "imaging region detected: x=%d y=%d w=%d h=%d", region.x, region.y, region.w, region.h
+        )
 
     # -- what the screen may show ----------------------------------------------------------------
     def latest(self) -> LiveResult | None:
@@ -187,99 +234,10 @@ class LivePipeline:
             return Display(None, None, result.decision.quality.reason or "no decision", result)
         return Display(result.smoothed.label, result.smoothed.probabilities, None, result)
 
-    # -- the loop --------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.last_beat = time.monotonic()
-            waited = time.perf_counter()
-            frame = self.reader.latest(timeout=0.1)
-            if frame is None:
-                if not self.reader.state().ok:
-                    self.smoother.reset()  # a gap in the feed must not be averaged across
-                continue
-            try:
-                self._process(frame, (time.perf_counter() - waited) * 1000.0)
-            except (
-                Exception
-            ):  # the loop must outlive any one frame; the error is counted and logged
-                self.counts["errors"] += 1
-                log.exception("frame %s from %s could not be processed", frame.index, frame.source)
-
-    def _process(self, frame: Frame, waited_ms: float) -> None:
-        if self.auto_region and self.classifier.region is None:
-            self._detect_region(frame.image)
-        try:
-            decision = self.classifier.classify(frame.image)
-        except ValueError as exc:  # the region no longer fits: capture resolution changed
-            decision = Decision(
-                None,
-                None,
-                None,
-                self.classifier.threshold,
-                QualityResult(False, str(exc)),
-                self.classifier.backend.model_sha256,
-            )
-        clock = time.perf_counter()
-        smoothed = self.smoother.update(decision.probabilities, frame.captured_monotonic)
-        smoothed_at = time.perf_counter()
-        digest = hashlib.sha256(np.ascontiguousarray(frame.image).data).hexdigest()
-        timings = {
-            "capture_wait": waited_ms,
-            "read": frame.read_ms,
-            **decision.timings_ms,
-            "smoothing": (smoothed_at - clock) * 1000.0,
-        }
-        if self.audit is not None:
-            self.audit.record(
-                record_of(
-                    decision,
-                    smoothed_decision=smoothed.label,
-                    captured_at=frame.captured,
-                    source=frame.source,
-                    frame_index=frame.index,
-                    frame_sha256=digest,
-                    latencies_ms=timings,
-                    pixels=frame.image if self.audit.store_pixels else None,
-                )
-            )
-        finished = time.monotonic()
-        timings["audit"] = (time.perf_counter() - smoothed_at) * 1000.0
-        timings["end_to_end"] = (finished - frame.captured_monotonic) * 1000.0
-        self.stats.add(finished, timings)
-        self.counts["frames"] += 1
-        if decision.label is None:
-            self.counts["no_decision"] += 1
-        else:
-            self.counts["decided"] += 1
-            self.label_counts[decision.label] += 1
-        with self._lock:
-            self._sequence += 1
-            self._latest = LiveResult(
-                self._sequence, frame, decision, smoothed, digest, timings, finished
-            )
-        for callback in list(self._listeners):
-            callback()
-
-    def _detect_region(self, image: np.ndarray) -> None:
-        """Detect the imaging region once, on the first frame; fall back to the whole frame, loudly."""
-        self.auto_region = False
-        region: Region | None = detect_imaging_region(image)
-        if region is None:
-            self.region_note = "auto-detection found no imaging region; using the whole frame"
-            log.warning("imaging region: %s", self.region_note)
-            return
-        self.classifier.region = region
-        self.region_note = "detected on the first frame"
-        log.info(
-            "imaging region detected: x=%d y=%d w=%d h=%d", region.x, region.y, region.w, region.h
-        )
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.statistics.counts
 
     def summary(self) -> dict[str, Any]:
         """Counts and rates, for /v1/status and /metrics."""
-        now = time.monotonic()
-        return {
-            "fps": round(self.stats.fps(now), 2),
-            "latency_ms": {stage: self.stats.percentiles(stage) for stage in STAGES},
-            "counts": dict(self.counts),
-            "decisions_by_class": dict(self.label_counts),
-        }
+        return self.statistics.summary()

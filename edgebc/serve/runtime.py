@@ -1,4 +1,4 @@
-"""Everything one `edgebc serve` process holds: model, live pipeline, audit trail, upload queue.
+"""Everything one `edgebc serve` process holds: model, live pipeline and its sinks, upload queue.
 
 Kept apart from the HTTP layer so that readiness, the status view and upload classification are
 plain functions the tests can call, and so the web framework stays a thin shell. Built by
@@ -21,16 +21,19 @@ import cv2
 import numpy as np
 
 from edgebc.audit_trail import AuditTrail, record_of
-from edgebc.backends import Backend, open_backend
-from edgebc.classifier import Decision, FrameClassifier
+from edgebc.backends import Backend
+from edgebc.classifier import FrameClassifier
+from edgebc.classifier_settings import build_classifier
 from edgebc.decode import decode_image
-from edgebc.demo import DEMO_BANNER, DEMO_MODEL
+from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
-from edgebc.serve.live_loop import LivePipeline, LiveResult
+from edgebc.serve.display import LocalDisplay
+from edgebc.serve.live_loop import LivePipeline, LiveResult, Sink
 from edgebc.serve.settings import ServeSettings
+from edgebc.serve.sinks import AuditSink, PageBroadcast
 from edgebc.sources import FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,10 @@ class ServeRuntime:
     model_check: ModelCheck
     pipeline: LivePipeline
     audit: AuditTrail
+    broadcast: PageBroadcast
     token: str | None
     uploads: UploadQueue
+    display: LocalDisplay | None = None  # the cart's own screen, when display.enabled
     started: float = field(default_factory=time.time)
     _jpeg: tuple[int, bytes] | None = None
     _jpeg_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,10 +115,13 @@ class ServeRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Open the local display (if any; a failure stops the start), then run the live loop."""
+        if self.display is not None:
+            self.display.start(self.view, self.pipeline.latest)
         self.pipeline.start()
 
     def stop(self) -> None:
-        """Release the source and commit the audit trail (the pipeline does both)."""
+        """Release the source, commit the audit trail, close the display (the pipeline does all)."""
         self.pipeline.stop()
         self.backend.close()
 
@@ -172,18 +180,9 @@ class ServeRuntime:
         frame: dict[str, Any] | None = None
         per_frame: dict[str, Any] | None = None
         if result is not None:
-            h, w = result.frame.image.shape[:2]
-            frame = {
-                "sequence": result.sequence,
-                "index": result.frame.index,
-                "captured_at": result.frame.captured,
-                "age_ms": round((time.monotonic() - result.frame.captured_monotonic) * 1000.0, 1),
-                "width": w,
-                "height": h,
-                "sha256": result.frame_sha256,
-            }
-            per_frame = _decision_json(result.decision)
-            per_frame["timings_ms"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+            per_frame = result.to_json()
+            age = (time.monotonic() - result.frame.captured_monotonic) * 1000.0
+            frame = {**per_frame.pop("frame"), "age_ms": round(age, 1)}
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
         info = self.model_info()  # once per view: the page asks for a view with every frame
         model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class")}
@@ -238,10 +237,11 @@ class ServeRuntime:
             self.backend, crop, self.pipeline.classifier.gate, self.pipeline.classifier.threshold
         )
         decision = self.uploads.run(lambda: classifier.classify(image))
+        fields = decision.to_json()
         digest = hashlib.sha256(data).hexdigest()
         self.audit.record(
             record_of(
-                decision,
+                fields,
                 captured_at=time.time(),
                 source="upload",
                 frame_sha256=digest,
@@ -249,27 +249,10 @@ class ServeRuntime:
                 pixels=image if self.audit.store_pixels else None,
             )
         )
-        out = _decision_json(decision)
-        out.update(
-            input_sha256=digest,
-            width=int(image.shape[1]),
-            height=int(image.shape[0]),
-            region=None if crop is None else asdict(crop),
-            model_sha256=decision.model_sha256,
-            timings_ms={k: round(v, 3) for k, v in decision.timings_ms.items()},
-        )
-        return out
-
-
-def _decision_json(decision: Decision) -> dict[str, Any]:
-    return {
-        "label": decision.label,
-        "probabilities": decision.probabilities,
-        "positive_probability": decision.positive_probability,
-        "threshold": decision.threshold,
-        "quality": "ok" if decision.quality.ok else "no decision",
-        "reason": decision.quality.reason,
-    }
+        height, width = image.shape[:2]
+        cropped = None if crop is None else asdict(crop)
+        return {**fields, "input_sha256": digest, "width": width, "height": height,
+                "region": cropped}  # fmt: skip
 
 
 def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
@@ -297,13 +280,10 @@ def build_runtime(
     """Load and check everything before the server listens: a bad model, source URI, region or
     log location fails here with one clear line, not on the first request."""
     token = settings.read_token()
-    model_path = Path(settings.model) if settings.model else DEMO_MODEL
-    backend = open_backend(
-        model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
-    )
-    check = check_model_manifest(model_path, backend.model_sha256)
-    region = Region(*settings.region) if settings.region else None
-    classifier = FrameClassifier(backend, region, settings.quality, settings.threshold)
+    display = LocalDisplay(settings.display) if settings.display.enabled else None
+    classifier = build_classifier(settings)
+    backend = classifier.backend
+    check = check_model_manifest(settings.model_path, backend.model_sha256)
     if source_factory is None:
         open_source(settings.source)  # validate the URI now (raises with the list of kinds)
         uri = settings.source
@@ -324,8 +304,12 @@ def build_runtime(
     except Exception as exc:
         backend.close()
         raise EdgebcError(f"audit log {settings.audit.path}: cannot open it: {exc}") from exc
+    # The screens first, so the audit trail's work (a PNG per frame, with store_pixels) never
+    # delays what the clinician sees; the statistics come last, inside the pipeline.
+    broadcast = PageBroadcast()
+    sinks: list[Sink] = [broadcast, *([display] if display else []), AuditSink(audit)]
     pipeline = LivePipeline(
-        classifier, reader, audit, settings.smoothing, settings.auto_region, settings.max_result_age
+        classifier, reader, sinks, settings.smoothing, settings.auto_region, settings.max_result_age
     )
     log.info(
         "model %s (%s, sha256 %s…, %s); source %s; audit log %s",
@@ -339,10 +323,12 @@ def build_runtime(
     return ServeRuntime(
         settings,
         backend,
-        model_path,
+        settings.model_path,
         check,
         pipeline,
         audit,
+        broadcast,
         token,
         UploadQueue(settings.max_pending_uploads),
+        display,
     )

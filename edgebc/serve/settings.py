@@ -1,7 +1,9 @@
 """What `edgebc serve` runs with: one frozen dataclass, filled from deploy/configs/*.yaml and flags.
 
-Every key has a default that makes `edgebc serve` with no configuration run the embedded demo
-(the phantom model watching the phantom tour) on 127.0.0.1. Unknown keys are refused by name.
+The classifier's keys (model, region, threshold, quality gate, providers, threads) are
+`ClassifierSettings`, shared with `edgebc classify`; the rest is the service's. Every key has a
+default that makes `edgebc serve` with no configuration run the embedded demo (the phantom model
+watching the phantom tour) on 127.0.0.1. Unknown keys are refused by name.
 The bearer token is never written in the YAML file (configs get copied around): it comes from
 `token_file` or the EDGEBC_TOKEN environment variable, and a server bound to anything but the
 loopback interface refuses to start without one.
@@ -15,10 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgebc.classifier_settings import ClassifierSettings
 from edgebc.config import load_config
 from edgebc.errors import ConfigError
-from edgebc.quality import QualityGate
-from edgebc.region import Region
 from edgebc.smoothing import SmoothingConfig
 
 TOKEN_ENV = "EDGEBC_TOKEN"
@@ -45,15 +46,21 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
-class ServeSettings:
+class DisplaySettings:
+    """The local display: a window on the cart's own screen, for carts without a browser."""
+
+    enabled: bool = False  # needs the [display] extra (pygame-ce)
+    fullscreen: bool = True
+    size: tuple[int, int] = (1280, 720)  # width, height of the window when not full screen
+
+    def __post_init__(self) -> None:
+        if min(self.size) < 320:
+            raise ValueError(f"display size must be at least 320x320 pixels, got {self.size}")
+
+
+@dataclass(frozen=True)
+class ServeSettings(ClassifierSettings):
     source: str = DEMO_SOURCE
-    model: str | None = None  # None: the embedded demo model
-    region: tuple[int, int, int, int] | None = None  # x, y, w, h of the imaging region
-    auto_region: bool = False  # detect the region once on the first frame instead
-    threshold: float | None = None  # overrides the model card's operating threshold
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    threads: int = 0
-    spin_wait: bool = False  # ONNX Runtime threads spin between frames: lower latency, a core burnt
     require_verified_model: bool = True  # not ready unless a MANIFEST.sha256 lists the model
     host: str = "127.0.0.1"
     port: int = 8000
@@ -63,27 +70,18 @@ class ServeSettings:
     max_result_age: float = 1.0  # seconds; an older result is withdrawn from the screen
     stream_width: int = 960  # frames sent to the page are scaled down to this width
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
-    quality: QualityGate = field(default_factory=QualityGate)
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    display: DisplaySettings = field(default_factory=DisplaySettings)
 
     def __post_init__(self) -> None:
-        if self.region is not None:
-            Region(*self.region)  # raises with a plain message
-        if self.region is not None and self.auto_region:
-            raise ValueError("give either region or auto_region, not both")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        super().__post_init__()
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_upload_bytes < 1024 or self.max_pending_uploads < 1:
             raise ValueError("max_upload_bytes must be >= 1024 and max_pending_uploads >= 1")
-        if self.max_result_age <= 0 or self.stream_width < 64 or self.threads < 0:
-            raise ValueError("max_result_age must be positive, stream_width >= 64, threads >= 0")
-
-    @property
-    def demo(self) -> bool:
-        return self.model is None
+        if self.max_result_age <= 0 or self.stream_width < 64:
+            raise ValueError("max_result_age must be positive and stream_width >= 64")
 
     @property
     def loopback(self) -> bool:

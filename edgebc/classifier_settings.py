@@ -1,0 +1,60 @@
+"""What a frame classifier is made of, the same for `edgebc classify` and `edgebc serve`.
+
+A site validates its model, threshold and quality gate once; an archive run and the cart must then
+decide with the same ones. Both commands' settings extend `ClassifierSettings`, so its keys sit at
+the top level of either YAML file (`model:`, `threshold:`, `quality: {min_std: ...}`) and reach a
+`FrameClassifier` through `build_classifier` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgebc.backends import open_backend
+from edgebc.classifier import FrameClassifier
+from edgebc.demo import DEMO_MODEL
+from edgebc.quality import QualityGate
+from edgebc.region import Region
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    model: str | None = None  # exported .onnx or .engine; None: the embedded demo model
+    region: tuple[int, int, int, int] | None = None  # x, y, w, h of the imaging region
+    auto_region: bool = False  # detect the region on the first frame of each stream instead
+    threshold: float | None = None  # overrides the model card's operating threshold
+    quality: QualityGate = field(default_factory=QualityGate)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 0  # 0: ONNX Runtime's choice
+    spin_wait: bool = False  # ONNX Runtime threads spin between runs: lower latency, a core burnt
+
+    def __post_init__(self) -> None:
+        if self.region is not None:
+            Region(*self.region)  # raises with a plain message
+        if self.region is not None and self.auto_region:
+            raise ValueError("give either region or auto_region, not both")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        if self.threads < 0:
+            raise ValueError(
+                f"threads must be 0 (ONNX Runtime's choice) or more, got {self.threads}"
+            )
+
+    @property
+    def demo(self) -> bool:
+        return self.model is None
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model) if self.model else DEMO_MODEL
+
+
+def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
+    """Open the model and put region, quality gate and threshold around it. With `auto_region`
+    the region starts empty: whoever reads the stream detects it on its first frame."""
+    backend = open_backend(
+        settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
+    )
+    region = Region(*settings.region) if settings.region else None
+    return FrameClassifier(backend, region, settings.quality, settings.threshold)

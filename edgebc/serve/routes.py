@@ -1,0 +1,297 @@
+"""The HTTP routes of `edgebc serve` and the schemas that document them, as module-level routers.
+
+`create_app` (edgebc/serve/app.py) puts the `ServeRuntime` on `app.state.runtime` and includes
+`pages` (the cart's page and the probes: open), `api` (behind the bearer token when one is set)
+and `live` (the WebSocket, which checks the token in its first message).
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from edgebc.decode import sniff_format
+from edgebc.errors import ImageDecodeError
+from edgebc.serve.prometheus import metrics_text
+from edgebc.serve.runtime import ServeRuntime
+
+DECLARED_FORMAT = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
+UPLOAD_TYPES = (*DECLARED_FORMAT, "application/octet-stream")  # octet-stream: the bytes tell
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class ClassifyResult(BaseModel):
+    """POST /v1/classify's answer: `Decision.to_json()` and the upload's own facts (a test holds
+    these fields to the keys `ServeRuntime.classify_upload` returns)."""
+
+    label: str | None
+    probabilities: dict[str, float] | None
+    positive_probability: float | None
+    threshold: float | None
+    quality: str
+    reason: str | None
+    model_sha256: str
+    timings_ms: dict[str, float]
+    input_sha256: str
+    width: int
+    height: int
+    region: dict[str, int] | None
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Check]
+
+
+def runtime_of(request: Request) -> ServeRuntime:
+    runtime: ServeRuntime = request.app.state.runtime
+    return runtime
+
+
+Runtime = Annotated[ServeRuntime, Depends(runtime_of)]
+
+
+def authorised(runtime: Runtime, request: Request) -> None:
+    if runtime.token is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), runtime.token):
+        raise HTTPException(
+            401,
+            "a bearer token is required: Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# -- the page and the probes: open, so that a kiosk browser and systemd/Kubernetes reach them ----
+pages = APIRouter()
+
+
+@pages.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> str:
+    return resources.files("edgebc.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+@pages.get("/healthz", summary="liveness: the process and its live loop run")
+def healthz(runtime: Runtime) -> JSONResponse:
+    alive = runtime.pipeline.alive
+    return JSONResponse({"alive": alive}, status_code=200 if alive else 503)
+
+
+@pages.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready"}},
+    summary="readiness: model verified, source delivering, audit log writable",
+)
+def readyz(runtime: Runtime) -> JSONResponse:
+    checks = runtime.readiness()
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+# -- the API: behind the bearer token when one is configured ------------------------------------
+api = APIRouter(
+    dependencies=[Depends(authorised)],
+    responses={401: {"model": Problem, "description": "missing or wrong bearer token"}},
+)
+
+
+@api.get("/v1/model", summary="the model card, its sha256 and whether a manifest verified it")
+def model(runtime: Runtime) -> dict[str, Any]:
+    return {**runtime.model_info(), "card": json.loads(runtime.backend.card.to_json())}
+
+
+@api.get(
+    "/v1/status",
+    summary="source state, displayed decision, frame rate, latency percentiles, audit state",
+)
+def status(runtime: Runtime) -> dict[str, Any]:
+    return runtime.view()
+
+
+@api.get(
+    "/v1/frame.jpg",
+    summary="the newest classified frame (JPEG)",
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": Problem}},
+)
+def frame(runtime: Runtime) -> Response:
+    result = runtime.pipeline.latest()
+    if result is None:
+        raise HTTPException(404, "no frame has been classified yet")
+    return Response(
+        runtime.frame_jpeg(result),
+        media_type="image/jpeg",
+        headers={"Cache-Control": "no-store", "X-Frame-Sequence": str(result.sequence)},
+    )
+
+
+@api.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(runtime: Runtime) -> Response:
+    body, content_type = metrics_text(runtime)
+    return Response(body, media_type=content_type)
+
+
+UPLOAD_BODY = {
+    "required": True,
+    "description": "the image file's bytes as the request body (not a form); at most the "
+    "server's max_upload_bytes (see the API description)",
+    "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in UPLOAD_TYPES},
+}
+
+
+@api.post(
+    "/v1/classify",
+    response_model=ClassifyResult,
+    summary="classify one uploaded image (PNG, JPEG or single-frame DICOM)",
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses={
+        411: {"model": Problem, "description": "no body"},
+        413: {"model": Problem, "description": "body larger than max_upload_bytes"},
+        415: {"model": Problem, "description": "Content-Type is not an accepted image type"},
+        422: {
+            "model": Problem,
+            "description": "the body is not a readable image, or the region is invalid",
+        },
+        503: {
+            "model": Problem,
+            "description": "upload queue full; retry after the Retry-After seconds",
+        },
+    },
+)
+async def classify(
+    runtime: Runtime,
+    request: Request,
+    region: str | None = Query(None, description="none (default), auto, or X,Y,W,H in pixels"),
+) -> Any:
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared not in UPLOAD_TYPES:
+        runtime.uploads.count("unsupported_type")
+        raise HTTPException(
+            415,
+            f"Content-Type {declared or '(none)'} is not accepted; send the image "
+            f"bytes as the body with one of {', '.join(UPLOAD_TYPES)} "
+            "(e.g. curl --data-binary @scan.png -H 'Content-Type: image/png')",
+        )
+    limit = runtime.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPException(400, f"Content-Length {length!r} is not a number")
+        if int(length) > limit:
+            runtime.uploads.count("too_large")
+            raise HTTPException(
+                413, f"the upload is {int(length)} bytes; the limit is {limit} bytes"
+            )
+    if not runtime.uploads.try_enter():
+        runtime.uploads.count("overloaded")
+        raise HTTPException(
+            503,
+            f"{runtime.uploads.capacity} uploads are already waiting; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        body = await _read_body(request, limit, runtime)
+        found = sniff_format(bytes(body[:132]))
+        expected = DECLARED_FORMAT.get(declared)
+        if expected and found and found != expected:
+            runtime.uploads.count("unreadable")
+            raise HTTPException(
+                422, f"Content-Type says {declared} but the body is {found.upper()} data"
+            )
+        try:
+            result = await run_in_threadpool(runtime.classify_upload, bytes(body), region)
+        except (ImageDecodeError, ValueError) as exc:
+            runtime.uploads.count("unreadable")
+            raise HTTPException(422, str(exc)) from exc
+        runtime.uploads.count("classified")
+        return result
+    finally:
+        runtime.uploads.leave()
+
+
+async def _read_body(request: Request, limit: int, runtime: ServeRuntime) -> bytearray:
+    """The body, counted while streamed (a client may send no Content-Length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            runtime.uploads.count("too_large")
+            raise HTTPException(413, f"the upload exceeds the limit of {limit} bytes")
+    if not body:
+        raise HTTPException(411, "the request has no body: send the image bytes")
+    return body
+
+
+# -- the page's live feed: a JSON view per result, then the frame as JPEG bytes -----------------
+live = APIRouter()
+
+
+@live.websocket("/v1/live")
+async def live_feed(socket: WebSocket) -> None:
+    runtime: ServeRuntime = socket.app.state.runtime
+    await socket.accept()
+    if runtime.token is not None and not await _token_given(socket, runtime.token):
+        await socket.close(code=1008, reason="bearer token required")
+        return
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    notify = lambda: loop.call_soon_threadsafe(wake.set)  # noqa: E731 - called from the pipeline thread
+    runtime.broadcast.subscribe(notify)
+    gone = asyncio.Event()
+
+    async def listen() -> None:
+        """Keep reading: the protocol answers the page's keep-alive pings only while someone
+        receives, and this is how a closed page is noticed."""
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            while (await socket.receive())["type"] != "websocket.disconnect":
+                pass
+        gone.set()
+        wake.set()
+
+    listener = asyncio.create_task(listen())
+    sent = -1
+    try:
+        while not gone.is_set():
+            with contextlib.suppress(TimeoutError):  # the state refreshes even when frames stop
+                await asyncio.wait_for(wake.wait(), 0.25)
+            wake.clear()
+            if gone.is_set():
+                break
+            await socket.send_json(runtime.view())
+            result = runtime.pipeline.latest()
+            if result is not None and result.sequence != sent:
+                jpeg = await run_in_threadpool(runtime.frame_jpeg, result)
+                await socket.send_bytes(jpeg)
+                sent = result.sequence
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the page went away
+    finally:
+        runtime.broadcast.unsubscribe(notify)
+        listener.cancel()
+
+
+async def _token_given(socket: WebSocket, token: str) -> bool:
+    """Browsers cannot set headers on WebSockets: the token comes as {"token": ...} first."""
+    try:
+        hello = await asyncio.wait_for(socket.receive_json(), 5.0)
+    except (TimeoutError, ValueError, WebSocketDisconnect):
+        hello = {}
+    given = hello.get("token", "") if isinstance(hello, dict) else ""
+    return isinstance(given, str) and hmac.compare_digest(given, token)

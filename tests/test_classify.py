@@ -1,0 +1,138 @@
+"""`edgebc classify` with the classifier settings `edgebc serve` uses (threshold, quality gate,
+auto region per input), and one conversion of a decision into rows, records and answers."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edgebc.archive import ClassifySettings, FrameItem, _row
+from edgebc.audit_trail import record_of
+from edgebc.classifier import Decision
+from edgebc.classifier_settings import ClassifierSettings, build_classifier
+from edgebc.cli import main
+from edgebc.config import load_config
+from edgebc.demo import DEMO_MODEL
+from edgebc.quality import QualityResult
+from edgebc.region import detect_imaging_region
+from edgebc.serve.settings import ServeSettings
+from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
+from edgebc.synth.ultrasound import phantom_rng
+
+CLASSES = ["normal", "benign", "malignant"]
+
+
+def phantoms(folder, n=3, size=128):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        image = make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(40, k), size, size).image
+        cv2.imwrite(str(folder / f"{k}.png"), image)
+    return folder
+
+
+def rows_of(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_classify_and_serve_read_the_same_classifier_keys(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("model: m.onnx\nthreshold: 0.2\nquality: {min_std: 9.5, max_flat_fraction: 0.2}\n"
+                      "providers: [CPUExecutionProvider]\nthreads: 2\n")  # fmt: skip
+    archive = load_config(ClassifySettings, config, ["inputs=[scans]"])
+    cart = load_config(ServeSettings, config, ["source=/dev/video0"])
+    shared = [f.name for f in ClassifierSettings.__dataclass_fields__.values()]
+    assert {k: getattr(archive, k) for k in shared if k != "spin_wait"} == {
+        k: getattr(cart, k) for k in shared if k != "spin_wait"
+    }
+    assert archive.quality.min_std == 9.5 and archive.threshold == 0.2
+    # a batch job spins its threads (ONNX Runtime's default); the live loop does not
+    assert archive.spin_wait and not cart.spin_wait
+
+
+def test_the_threshold_and_the_quality_gate_apply_to_archive_runs(tmp_path, capsys):
+    scans = phantoms(tmp_path / "scans")
+    base = ["classify", str(DEMO_MODEL), str(scans)]
+    assert main([*base, "--out", str(tmp_path / "card.csv")]) == 0
+    card = rows_of(tmp_path / "card.csv")
+    assert {r["threshold"] for r in card} == {str(build_classifier(ClassifierSettings()).threshold)}
+    # threshold 0: every decided frame is the positive class, whatever its probability
+    assert main([*base, "--threshold", "0", "--out", str(tmp_path / "zero.csv")]) == 0
+    zero = rows_of(tmp_path / "zero.csv")
+    assert [r["decision"] for r in zero] == ["malignant"] * 3 and zero[0]["threshold"] == "0.0"
+    assert [r["p_malignant"] for r in zero] == [r["p_malignant"] for r in card]
+    # a stricter gate than the default refuses them all, with the gate's reason
+    assert main([*base, "--set", "quality.min_std=250", "--out", str(tmp_path / "gate.csv")]) == 0
+    gated = rows_of(tmp_path / "gate.csv")
+    assert all(r["decision"] == "" and r["quality"].startswith("no decision: blank or uniform")
+               for r in gated)  # fmt: skip
+    assert main([*base, "--threshold", "1.5"]) != 0
+    assert "threshold is a probability in [0, 1]" in capsys.readouterr().err
+
+
+def test_auto_region_is_detected_on_each_inputs_first_frame(tmp_path, capsys):
+    screens = tmp_path / "screens"
+    screens.mkdir()
+    truths = []
+    for k, (height, width) in enumerate(((480, 640), (600, 800))):  # two scanners' screens
+        phantom = make_ultrasound_phantom("malignant", phantom_rng(50, k), 240, 260).image
+        screen, truth = render_scanner_screen(phantom, phantom_rng(51, k), height, width)
+        cv2.imwrite(str(screens / f"{k}.png"), screen)
+        truths.append(truth)
+    cv2.imwrite(str(screens / "2.png"), np.zeros((480, 640), np.uint8))  # a blank screen
+    out = tmp_path / "r.jsonl"
+    assert (
+        main(["classify", str(DEMO_MODEL), str(screens), "--auto-region", "--out", str(out)]) == 1
+    )
+    rows = {Path(r["source"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "2.png: no imaging region found on its first frame" in rows["2.png"]["error"]
+    assert "no imaging region found" in capsys.readouterr().err
+    for k in range(2):
+        screen = cv2.imread(str(screens / f"{k}.png"), cv2.IMREAD_UNCHANGED)
+        region = detect_imaging_region(screen)
+        assert region.iou(truths[k]) > 0.9  # each screen its own region
+        expected = build_classifier(ClassifierSettings(region=tuple(vars(region).values())))
+        p = expected.classify(screen).probabilities["malignant"]
+        assert rows[f"{k}.png"]["p_malignant"] == pytest.approx(p, abs=1e-6)
+
+
+DECIDED = Decision("benign", {"normal": 0.1234567, "benign": 0.6543219, "malignant": 0.2222214},
+                   0.2222214, 0.3, QualityResult(True), "ab" * 32, {"crop": 0.12345, "inference": 4.56789})  # fmt: skip
+REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (mean grey level 3)"), "cd" * 32)  # fmt: skip
+
+
+# What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand.
+ROWS = {
+    "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
+                "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
+                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "error": ""},
+    "refused": {"source": "scan.png", "frame": 3, "decision": "",
+                "quality": "no decision: frame too dark (mean grey level 3)",
+                "positive_probability": "", "threshold": 0.3, "p_normal": "", "p_benign": "",
+                "p_malignant": "", "model_sha256": "cd" * 32, "error": ""},
+}  # fmt: skip
+ANSWERS = {
+    "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
+                "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
+                "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568}},
+    "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
+                "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
+                "model_sha256": "cd" * 32, "timings_ms": {}},
+}  # fmt: skip
+RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
+    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),
+    "refused": ("cd" * 32, "no decision: frame too dark (mean grey level 3)", None, None, 0.3),
+}
+
+
+@pytest.mark.parametrize(("case", "decision"), [("decided", DECIDED), ("refused", REFUSED)])
+def test_rows_records_and_answers_keep_their_fields(case, decision):
+    fields = decision.to_json()
+    assert _row(FrameItem("scan.png", 3, None), fields, CLASSES) == ROWS[case]
+    assert fields == ANSWERS[case]
+    record = record_of(fields, source="upload")
+    assert (record.model_sha256, record.quality, record.decision, record.probabilities,
+            record.threshold) == RECORDS[case]  # fmt: skip
