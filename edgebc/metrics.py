@@ -10,7 +10,8 @@ missed cancer costs more than a recall.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,9 +198,21 @@ def fit_temperature(
 
 
 def threshold_for_sensitivity(
-    positive: np.ndarray, scores: np.ndarray, target: float = 0.95
+    positive: np.ndarray,
+    scores: np.ndarray,
+    target: float = 0.95,
+    confidence: float = 0.95,
+    unit: str = "frame",
 ) -> OperatingPoint:
-    """The highest threshold t with sensitivity(score >= t) >= target, and what it achieves."""
+    """The highest threshold t with sensitivity(score >= t) >= target, what it achieves, and a
+    one-sided lower confidence bound on the sensitivity it gives on new cases.
+
+    The bound holds although t is chosen from these scores: t is the k-th smallest positive score,
+    so the share of the positive population scoring below it is Beta(k, n - k + 1) distributed
+    whatever the score distribution (order statistics), which is exactly the Clopper-Pearson
+    bound for n - k + 1 detections of n. Each element should be one independent unit (a patient):
+    frames of one lesion are not independent, and counting them separately overstates the bound.
+    """
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     positive = np.asarray(positive, bool)
@@ -208,15 +221,70 @@ def threshold_for_sensitivity(
         raise ValueError("cannot choose a threshold without positive cases")
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     candidates = np.sort(np.unique(scores[positive]))[::-1]
-    for threshold in candidates:
-        sens = float((scores[positive] >= threshold).mean())
-        if sens >= target:
-            return OperatingPoint(float(threshold), target, sens,
-                                  specificity_at(positive, scores, float(threshold)), n_pos, n_neg)  # fmt: skip
     threshold = float(candidates[-1])
+    for candidate in candidates:
+        if float((scores[positive] >= candidate).mean()) >= target:
+            threshold = float(candidate)
+            break
+    detected = int((scores[positive] >= threshold).sum())
     return OperatingPoint(
-        threshold, target, 1.0, specificity_at(positive, scores, threshold), n_pos, n_neg
+        threshold, target, detected / n_pos, specificity_at(positive, scores, threshold), n_pos,
+        n_neg, sensitivity_lower_bound(detected, n_pos, confidence), confidence, unit,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def sensitivity_lower_bound(detected: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson lower bound on a proportion: the p at which `detected` or more
+    of `n` would happen with probability 1 - confidence (0 when nothing was detected)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not 0 <= detected <= n or n < 1:
+        raise ValueError(f"need 0 <= detected <= n and n >= 1, got {detected} of {n}")
+    if detected == 0:
+        return 0.0
+    alpha = 1.0 - confidence
+    low, high = 0.0, 1.0
+    for _ in range(60):  # P(X >= detected | p) rises with p: bisect for the p where it is alpha
+        middle = (low + high) / 2
+        if binomial_tail(detected, n, middle) < alpha:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (stable for n in the thousands)."""
+    if k <= 0:
+        return 1.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    j = np.arange(k, n + 1)
+    log_terms = (
+        np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in j])
+        + j * math.log(p) + (n - j) * math.log1p(-p)
+    )  # fmt: skip
+    top = log_terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_terms - top).sum()))
+
+
+def unit_scores(
+    units: Sequence[str], y: np.ndarray, probs: np.ndarray, positive: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One row per unit (patient): its mean probabilities and its class — the positive class when
+    any of its frames is positive (a patient with a malignant frame is a malignant patient), else
+    the highest class index among its frames."""
+    order: dict[str, list[int]] = {}
+    for index, unit in enumerate(units):
+        order.setdefault(unit, []).append(index)
+    names = list(order)
+    mean = np.stack([np.asarray(probs)[order[u]].mean(axis=0) for u in names])
+    labels = np.array(
+        [int(max(np.asarray(y)[order[u]], key=lambda c: (c == positive, c))) for u in names]
     )
+    return names, labels, mean
 
 
 def sensitivity_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> float:

@@ -60,19 +60,26 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The positive-class threshold and the validation evidence it rests on: a sensitivity
-    measured on `positives` cases says more, or less, than the bare number."""
+    """The positive-class threshold and the evidence it rests on: a sensitivity measured on
+    `positives` cases says more, or less, than the bare number, and `sensitivity_bound` says how
+    low the sensitivity on new cases may be with probability `confidence` (a one-sided
+    Clopper-Pearson bound over `unit`s: patients where the data names them, else frames)."""
 
     threshold: float
     target_sensitivity: float | None = None
-    sensitivity: float | None = None  # on validation, at the threshold
+    sensitivity: float | None = None  # where the threshold was chosen, at the threshold
     specificity: float | None = None
-    positives: int | None = None  # validation cases behind the figures
+    positives: int | None = None  # positive units behind the figures
     negatives: int | None = None
+    sensitivity_bound: float | None = None
+    confidence: float | None = None
+    unit: Literal["patient", "frame"] = "frame"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        if self.sensitivity_bound is not None and not 0.0 <= self.sensitivity_bound <= 1.0:
+            raise ValueError(f"sensitivity_bound is in [0, 1], got {self.sensitivity_bound}")
 
 
 @dataclass(frozen=True)

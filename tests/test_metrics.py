@@ -84,3 +84,38 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
     assert low < metrics.roc_auc(y, scores) < high
     assert (low, high) == metrics.bootstrap_ci(metrics.roc_auc, y, scores, n_boot=300, seed=3)
     assert 0.05 < high - low < 0.25
+
+
+def test_the_sensitivity_bound_is_clopper_pearson():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for detected, n in ((19, 20), (57, 60), (5, 5), (1, 10), (190, 200)):
+        expected = scipy_stats.beta.ppf(0.05, detected, n - detected + 1)
+        assert metrics.sensitivity_lower_bound(detected, n, 0.95) == pytest.approx(
+            expected, abs=1e-9
+        )
+    assert metrics.sensitivity_lower_bound(0, 7) == 0.0
+    # 19 of 20 malignant patients found: 95 % sure of at least 0.78 on new patients, not 0.95
+    point = metrics.threshold_for_sensitivity(
+        np.array([1] * 20 + [0] * 5, bool), np.r_[np.linspace(0.4, 0.99, 20), np.full(5, 0.1)], 0.95
+    )
+    assert (point.positives, point.negatives, point.sensitivity) == (20, 5, 0.95)
+    assert point.sensitivity_bound == pytest.approx(0.78389, abs=1e-5) and point.confidence == 0.95
+
+
+def test_the_bound_covers_the_true_sensitivity_as_often_as_it_claims():
+    """Resampling: draw validation sets from a known population, choose the threshold on each
+    the way training does, and count how often the population's sensitivity at that threshold is
+    at least the stated bound. The threshold is chosen on the very scores the bound is computed
+    from; the empirical sensitivity there, taken as a bound, would cover far less often."""
+    rng = np.random.default_rng(7)
+    population = rng.beta(5, 2, 400_000)  # malignant patients' scores
+    confidence, draws, n = 0.9, 800, 40
+    covered = naive = 0
+    for _ in range(draws):
+        scores = rng.choice(population, n)
+        point = metrics.threshold_for_sensitivity(np.ones(n, bool), scores, 0.9, confidence)
+        truth = float((population >= point.threshold).mean())
+        covered += truth >= point.sensitivity_bound
+        naive += truth >= point.sensitivity
+    assert abs(covered / draws - confidence) < 0.035  # exact up to resampling noise (sd 0.011)
+    assert naive / draws < 0.6

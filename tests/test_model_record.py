@@ -182,3 +182,21 @@ def test_a_two_input_model_is_trained_exported_loaded_and_decided(tmp_path):
     with pytest.raises(EdgebcError, match="has 2 inputs"):  # a frame classifier needs one input
         FrameClassifier(backend)
     assert dt.date.fromisoformat(exported.exported[:10]) <= dt.date.today()
+
+
+def test_the_operating_point_counts_patients_not_frames():
+    from edgebc.train.finalize import operating_point
+
+    # three malignant patients with two panels each, two benign patients: 3 positive units
+    units = ["patient:a", "patient:a", "patient:b", "patient:b", "patient:c", "patient:c",
+             "patient:d", "patient:e"]  # fmt: skip
+    y = np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    p_malignant = np.array([0.9, 0.7, 0.6, 0.2, 0.8, 0.8, 0.3, 0.1])
+    probs = np.stack([1 - p_malignant, p_malignant], axis=1)
+    point = operating_point(probs, y, units, 1, target=1.0, confidence=0.95)
+    # patient means 0.8, 0.4, 0.8: the threshold keeps all three (0.4), the bound rests on 3
+    assert point.unit == "patient" and (point.positives, point.negatives) == (3, 2)
+    assert point.threshold == pytest.approx(0.4) and point.sensitivity == 1.0
+    assert point.sensitivity_bound == pytest.approx(0.05 ** (1 / 3))  # 3 of 3: 1 - bound^3 = 0.95
+    frames = operating_point(probs, y, [f"frame:{k}" for k in range(8)], 1, 1.0, 0.95)
+    assert frames.unit == "frame" and frames.positives == 6

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.errors import ConfigError, EdgebcError
+from edgebc.metrics import sensitivity_lower_bound
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train import loop
 from edgebc.train.checkpoint import load_checkpoint, sha256_of_state
@@ -60,6 +61,10 @@ def test_a_run_writes_everything_a_user_needs(tiny_split, tmp_path):
     assert (point.positives, point.negatives) == (
         val.count("malignant"),
         len(val) - val.count("malignant"),
+    )
+    detected = round(point.sensitivity * point.positives)  # phantoms have no patients: frames
+    assert point.unit == "frame" and point.sensitivity_bound == pytest.approx(
+        sensitivity_lower_bound(detected, point.positives, 0.95)
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["val_auc_positive"] <= 1 and metrics["val_sensitivity_at_threshold"] >= 0.95

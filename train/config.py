@@ -86,6 +86,8 @@ class OptimConfig:
         "val_auc_positive", "val_macro_auc", "val_balanced_accuracy", "val_loss"
     ] = "val_auc_positive"
     target_sensitivity: float = 0.95
+    # Confidence of the one-sided lower bound on the sensitivity the threshold gives on new cases.
+    sensitivity_confidence: float = 0.95
     # BatchNorm running-statistics momentum while training. torchvision's MobileNetV3 uses 0.01,
     # tuned for ImageNet's many thousand steps; on a few hundred images the running statistics
     # then stay near their initial values and evaluation outputs are uniform. 0 keeps the model's.
@@ -115,6 +117,10 @@ class OptimConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 < self.sensitivity_confidence < 1:
+            raise ValueError(
+                f"sensitivity_confidence must be in (0, 1), got {self.sensitivity_confidence}"
+            )
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
 

@@ -84,7 +84,7 @@ def evaluate_checkpoint(
     logits = model.logits(images)
     probs = metrics.softmax(logits, card.temperature)
     rule = DecisionRule.of(card)
-    report = score(probs, y, card, n_boot, seed)
+    report = score(probs, y, card, n_boot, seed, [s.unit for s in samples])
     report["ece_uncalibrated"] = metrics.expected_calibration_error(metrics.softmax(logits), y)[0]
     report.update(
         checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=card.temperature,
@@ -167,21 +167,33 @@ def _load_for_eval(path: Path, device: str) -> _EvalModel:
     return _EvalModel(path, device)
 
 
-def score(
-    probs: np.ndarray, y: np.ndarray, card: ModelCard, n_boot: int, seed: int
-) -> dict[str, Any]:
+def score(probs: np.ndarray, y: np.ndarray, card: ModelCard, n_boot: int, seed: int,
+          units: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every headline number, from the one scoring function with the card's decision rule, and
-    the operating point beside the validation figures it was chosen on."""
+    the operating point: the sensitivity realised here — per frame, and per independent case
+    (patient) where `units` name them, the way the bound was stated — against the validation
+    figures it was chosen on and the card's lower bound."""
     result = metrics.score_predictions(probs, y, DecisionRule.of(card), n_boot, seed)
     point = card.operating_point
     if point is not None:
-        result["operating_point"] = {
+        op: dict[str, Any] = {
             "threshold": point.threshold, "target_sensitivity": point.target_sensitivity,
             "validation_sensitivity": point.sensitivity, "validation_specificity": point.specificity,
             "validation_positives": point.positives, "validation_negatives": point.negatives,
+            "sensitivity_bound": point.sensitivity_bound, "confidence": point.confidence, "unit": point.unit,
             "sensitivity": result["sensitivity"], "sensitivity_ci": result.get("sensitivity_ci"),
             "specificity": result["specificity"],
         }  # fmt: skip
+        if units is not None and point.unit == "patient":
+            _, unit_y, unit_p = metrics.unit_scores(units, y, probs, card.positive)
+            called = unit_p[:, card.positive] >= point.threshold
+            positives = unit_y == card.positive
+            op["patient_sensitivity"] = float(called[positives].mean()) if positives.any() else None
+            op["patients_positive"] = int(positives.sum())
+        realised = op.get("patient_sensitivity", op["sensitivity"])
+        if point.sensitivity_bound is not None and realised is not None and np.isfinite(realised):
+            op["bound_held"] = bool(realised >= point.sensitivity_bound)
+        result["operating_point"] = op
     return result
 
 
@@ -260,6 +272,17 @@ def render_markdown(report: dict[str, Any], classes: Sequence[str]) -> str:
             f"- at threshold {op['threshold']:.3f} (chosen for sensitivity {op['target_sensitivity']:.2f} on validation): "
             f"sensitivity **{op['sensitivity']:.3f}** {ci(op['sensitivity_ci'])}, specificity **{op['specificity']:.3f}**"
         )
+        if op.get("sensitivity_bound") is not None:
+            realised = op.get("patient_sensitivity", op["sensitivity"])
+            lines.append(
+                f"- the card bounds the sensitivity at >= {op['sensitivity_bound']:.3f} ({op['confidence']:.0%} "
+                f"confidence, {op['validation_positives']} positive {op['unit']}s); realised here per {op['unit']}: "
+                + (
+                    "n/a"
+                    if realised is None
+                    else f"{realised:.3f} ({'held' if op.get('bound_held') else 'NOT held'})"
+                )
+            )
     attention = report.get("lesion_attention")
     if isinstance(attention, dict) and attention["frames"]:
         lines.append(

@@ -1,19 +1,28 @@
 """Finalising a trained model: the temperature and the operating point, fitted on validation, into its card.
 
 After the last epoch the best weights get a temperature that minimises validation NLL and the
-highest positive-class threshold whose validation sensitivity reaches the target, with the
-figures and the number of cases behind them. Both go into the card of `best.pt` — the one record
+highest positive-class threshold whose validation sensitivity reaches the target, chosen over
+independent cases — patients where the manifest names them (a patient's frames count once, by
+their mean probability), near-duplicate groups otherwise — with the figures, the number of
+malignant cases behind them and a one-sided lower confidence bound on the sensitivity it gives on
+new cases (metrics.threshold_for_sensitivity says why the bound holds for a threshold chosen on
+the same data). The bound is about the model that ships: it is these weights' own validation
+predictions, not out-of-fold models', that choose the threshold. Both go into the card of `best.pt` — the one record
 export embeds and the device decides by — so they flow one way, from here to the cart.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgebc import metrics
 from edgebc.atomic import atomic_write_text
+from edgebc.model_card import OperatingPoint
 from edgebc.optional import require
 from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgebc.train.config import TrainConfig
@@ -22,7 +31,7 @@ torch = require("torch", "training")
 
 
 def finalize_best(
-    path: Path, val_x: Any, val_y: Any, device: Any, config: TrainConfig
+    path: Path, val_x: Any, val_y: Any, val_units: Sequence[str], device: Any, config: TrainConfig
 ) -> dict[str, float]:
     """Fit the temperature and the operating threshold on validation; store both in the card."""
     from edgebc.train.loop import predict_logits
@@ -34,9 +43,8 @@ def finalize_best(
     y = val_y.numpy()
     temperature = metrics.fit_temperature(logits, y)
     probs = metrics.softmax(logits, temperature)
-    point = metrics.threshold_for_sensitivity(
-        y == card.positive, probs[:, card.positive], config.optim.target_sensitivity
-    )
+    point = operating_point(probs, y, val_units, card.positive, config.optim.target_sensitivity,
+                            config.optim.sensitivity_confidence)  # fmt: skip
     ece_before, _ = metrics.expected_calibration_error(metrics.softmax(logits), y)
     ece_after, _ = metrics.expected_calibration_error(probs, y)
     calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after}
@@ -49,13 +57,26 @@ def finalize_best(
     return {**card.metrics, "best_epoch": checkpoint.training["epoch"] + 1, "temperature": temperature,
             "val_ece_before": ece_before, "val_ece_after": ece_after, "threshold": point.threshold,
             "val_sensitivity_at_threshold": point.sensitivity,
-            "val_specificity_at_threshold": point.specificity}  # fmt: skip
+            "val_specificity_at_threshold": point.specificity,
+            "val_sensitivity_bound": point.sensitivity_bound,
+            "val_positive_units": point.positives}  # fmt: skip
+
+
+def operating_point(probs: np.ndarray, y: np.ndarray, units: Sequence[str], positive: int,
+                    target: float, confidence: float) -> OperatingPoint:  # fmt: skip
+    """The threshold for `target` sensitivity over independent cases, with its bound."""
+    kind = "patient" if any(not u.startswith("frame:") for u in units) else "frame"
+    _, unit_y, unit_p = metrics.unit_scores(units, y, probs, positive)
+    return metrics.threshold_for_sensitivity(
+        unit_y == positive, unit_p[:, positive], target, confidence, kind
+    )
 
 
 def finalize_run(
     run_dir: Path,
     val_x: Any,
     val_y: Any,
+    val_units: Sequence[str],
     device: Any,
     config: TrainConfig,
     history: list[dict[str, float]],
@@ -63,7 +84,7 @@ def finalize_run(
     ddp_identical: bool,
 ) -> dict[str, float]:
     """Finalise `best.pt`, then write the run's metrics.json and training curves."""
-    best = finalize_best(run_dir / "best.pt", val_x, val_y, device, config)
+    best = finalize_best(run_dir / "best.pt", val_x, val_y, val_units, device, config)
     best["ddp_world_size"] = world_size
     if world_size > 1:
         best["ddp_weights_identical"] = float(ddp_identical)

@@ -147,7 +147,7 @@ def _train(
     if dist.is_main:
         from edgebc.train.finalize import finalize_run
 
-        best_metrics = finalize_run(run.run_dir, run.val_x, run.val_y, run.device, run.config,
+        best_metrics = finalize_run(run.run_dir, run.val_x, run.val_y, run.val_units, run.device, run.config,
                                     run.history, dist.world_size, ddp_identical)  # fmt: skip
     return RunResult(run.run_dir, run.run_dir / "best.pt", best_metrics, run.history)
 
@@ -164,6 +164,7 @@ class _Run:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    val_units: list[str]
     train_masks: torch.Tensor | None
     has_mask: torch.Tensor | None
     train_soft: torch.Tensor | None
@@ -311,7 +312,8 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     )
     amp_dtype = _amp_dtype(config, device)
     run = _Run(
-        config, run_dir, device, task, train_x, train_y, val_x, val_y, train_masks, has_mask,
+        config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_samples],
+        train_masks, has_mask,
         train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

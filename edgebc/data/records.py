@@ -48,6 +48,16 @@ class Sample:
     findings: tuple[Finding, ...] = ()
     extra: tuple[tuple[str, str], ...] = field(default=())
 
+    @property
+    def unit(self) -> str:
+        """What an independent case is: the patient where the data names one, else the
+        near-duplicate group, else the frame (two panels of one lesion are one case)."""
+        if self.patient_id:
+            return f"patient:{self.patient_id}"
+        if self.group:
+            return f"group:{self.group}"
+        return f"frame:{self.path}"
+
     def with_(self, **changes: object) -> Sample:
         """A copy with some fields changed (samples are immutable)."""
         return replace(self, **changes)  # type: ignore[arg-type]
