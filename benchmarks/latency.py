@@ -66,15 +66,15 @@ def notebook_pipeline(checkpoint: Path) -> Callable[[np.ndarray, Region], np.nda
     from edgebc.train.torch_backend import TorchBackend
 
     backend = TorchBackend(checkpoint)
-    model, card = backend.module, backend.card.preprocess
-    mean, std = card.mean[0], card.std[0]
+    model, prep = backend.module, backend.card.preprocess
+    mean, std = prep.mean[0], prep.std[0]
 
     def run(frame: np.ndarray, region: Region) -> np.ndarray:
         image = Image.fromarray(frame[:, :, ::-1]).crop(
             (region.x, region.y, region.x + region.w, region.y + region.h)
         )
         image = image.convert("L").resize(
-            (card.input_width, card.input_height), Image.Resampling.BILINEAR
+            (prep.input_width, prep.input_height), Image.Resampling.BILINEAR
         )
         tensor = torch.tensor(np.array(image), dtype=torch.float32).div(255.0).sub(mean).div(std)
         with torch.no_grad():

@@ -25,14 +25,14 @@ from edgebc.train.models import create_model
 def measure(
     arch: str, size: int, batch: int, device: torch.device, steps: int, warmup: int, amp: bool
 ) -> dict[str, float]:
-    card = PreprocessCard(input_height=size, input_width=size)
+    prep = PreprocessCard(input_height=size, input_width=size)
     data = torch.randn(batch * 4, 1, size, size, device=device) * 0.25
     targets = torch.randint(0, 3, (batch * 4,), device=device)
     model = create_model(arch, 3, 1).to(device).train()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    augmenter = BatchAugmenter(AugmentConfig(), card)
+    augmenter = BatchAugmenter(AugmentConfig(), prep)
     generator = torch.Generator().manual_seed(0)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     data_time = model_time = 0.0

@@ -15,7 +15,6 @@ must lead the shown one by `margin`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,9 +67,6 @@ class DecisionRule:
         """Decided class indices for (N, classes) probabilities (no hysteresis)."""
         return np.array([self.index(row) for row in np.asarray(probs)], np.int64)
 
-    def labels(self, probs: np.ndarray) -> list[str]:
+    def decided_names(self, probs: np.ndarray) -> list[str]:
+        """The decided class names for (N, classes) probabilities."""
         return [self.class_names[k] for k in self.indices(probs)]
-
-
-def rule_for(names: Sequence[str], positive_class: str, threshold: float | None) -> DecisionRule:
-    return DecisionRule(tuple(names), list(names).index(positive_class), threshold)

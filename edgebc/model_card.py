@@ -84,6 +84,12 @@ class OperatingPoint:
 
 @dataclass(frozen=True)
 class ModelCard:
+    """Everything the device needs to turn pixels into a decision, and where the model came from.
+
+    The logits output comes first among `outputs` (the exporters name graph outputs in the
+    model's return order); further outputs are features.
+    """
+
     name: str
     arch: str
     task: Task
@@ -115,8 +121,15 @@ class ModelCard:
         names = [i.name for i in self.inputs] + [o.name for o in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"input and output names must be distinct, got {names}")
-        if [o.kind for o in self.outputs].count("logits") != 1:
-            raise ValueError(f"a model card needs exactly one logits output, got {self.outputs}")
+        if [o.kind for o in self.outputs].count("logits") != 1 or self.outputs[0].kind != "logits":
+            raise ValueError(
+                f"a model card needs exactly one logits output, listed first; got {self.outputs}"
+            )
+        if self.outputs[0].size not in (0, len(self.task.classes)):
+            raise ValueError(
+                f"the logits output has {self.outputs[0].size} values but the task has "
+                f"{len(self.task.classes)} classes"
+            )
         if all(i.optional for i in self.inputs):
             raise ValueError("at least one input must be required (optional: false)")
         if self.temperature <= 0:
@@ -187,7 +200,13 @@ class ModelCard:
             raise EdgebcError(f"{source}: a model card is a mapping, got {type(data).__name__}")
         schema = data.get("schema", 1)
         if schema == 1:
-            data = migrate_schema1(data)
+            try:
+                data = migrate_schema1(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EdgebcError(
+                    f"{source}: a schema-1 model card without {exc} (damaged, or not an edgebc "
+                    "card): re-export the model with `edgebc export`"
+                ) from exc
         elif schema != CARD_SCHEMA:
             raise EdgebcError(
                 f"{source}: model card schema {schema} is newer than this edgebc understands "

@@ -9,12 +9,14 @@ training, evaluation, calibration and the device map a label the same way.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgebc.config import look_up_option
+from edgebc.data.records import CLASS_NAMES
 from edgebc.errors import EdgebcError
 
 
@@ -61,6 +63,20 @@ class Task:
 
     def takes(self, label: str) -> bool:
         return self.class_of(label) is not None
+
+    def partition(
+        self, labels: Sequence[str], source: str = "labels"
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Which of `labels` the task scores (a boolean mask) and how many of each label it leaves
+        out. Leaving out is for the project's own labels (normal frames under
+        benign_vs_malignant); any other label is a mistake in the data and is refused."""
+        strays = sorted({label for label in labels if not self.takes(label)} - set(CLASS_NAMES))
+        if strays:
+            raise EdgebcError(
+                f"{source}: labels {strays} are not classes of this model ({list(self.labels)})"
+            )
+        keep = np.array([self.takes(label) for label in labels], bool)
+        return keep, dict(Counter(label for label in labels if not self.takes(label)))
 
     def encode(self, labels: Iterable[str], source: str = "labels") -> np.ndarray:
         """Class indices of `labels`, all of which must belong to the task."""

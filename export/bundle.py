@@ -114,7 +114,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         report["tensorrt"] = {
             "path": engine.name,
             "parity_vs_onnx_fp32": asdict(
-                parity_of(run_onnx(fp32_path, inputs), run_engine(engine, inputs), 0.05)
+                parity_of(run_onnx(fp32_path, inputs), run_engine(engine, inputs), 0.05, card)
             ),
         }
         artifacts.append(engine)
@@ -139,12 +139,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     p = report["onnx"]["parity_vs_torch"]
     lines.append(
-        f"| {report['onnx']['path']} | ONNX Runtime vs PyTorch, {p['n']} inputs | max abs logit diff {p['max_abs_logit_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f} |"
+        f"| {report['onnx']['path']} | ONNX Runtime vs PyTorch, {p['n']} inputs | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
     )
     if "fp16" in report:
         p = report["fp16"]["parity_vs_fp32"]
         lines.append(
-            f"| {report['fp16']['path']} | FP16 vs FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f} |"
+            f"| {report['fp16']['path']} | FP16 vs FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
         )
     if "int8" in report:
         q = report["int8"]

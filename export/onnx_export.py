@@ -43,7 +43,7 @@ class ParityResult:
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
     max_abs_prob_diff: float
-    top1_agreement: float
+    decision_agreement: float  # the share of inputs the card's rule decides the same
     n: int
     tolerance: float
 
@@ -193,13 +193,16 @@ def compare_with_torch(
     with torch.inference_mode():
         produced = model(*(torch.from_numpy(feeds[i.name]) for i in card.inputs))
     expected = (produced[0] if isinstance(produced, (tuple, list)) else produced).numpy()
-    return parity_of(expected, run_onnx(onnx_path, feeds, card.output_name), tolerance)
+    return parity_of(expected, run_onnx(onnx_path, feeds, card.output_name), tolerance, card)
 
 
 def compare_sessions(
     reference: str | Path, candidate: str | Path, feeds: Feeds | np.ndarray, tolerance: float
 ) -> ParityResult:
-    return parity_of(run_onnx(reference, feeds), run_onnx(candidate, feeds), tolerance)
+    from edgebc.model_card import read_card
+
+    card = read_card(reference)
+    return parity_of(run_onnx(reference, feeds), run_onnx(candidate, feeds), tolerance, card)
 
 
 def run_onnx(
@@ -220,14 +223,21 @@ def run_onnx(
     ])  # fmt: skip
 
 
-def parity_of(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> ParityResult:
+def parity_of(
+    expected: np.ndarray, actual: np.ndarray, tolerance: float, card: ModelCard
+) -> ParityResult:
+    """How far two backends' logits are apart, and how often the card's rule decides the same."""
+    from edgebc.decision import DecisionRule
     from edgebc.metrics import softmax
 
     diff = np.abs(expected.astype(np.float64) - actual)
+    rule = DecisionRule.of(card)
+    probs = [softmax(x, card.temperature) for x in (expected, actual)]
     return ParityResult(
         max_abs_logit_diff=float(diff.max()), mean_abs_logit_diff=float(diff.mean()),
-        max_abs_prob_diff=float(np.abs(softmax(expected) - softmax(actual)).max()),
-        top1_agreement=float(np.mean(expected.argmax(1) == actual.argmax(1))), n=len(expected), tolerance=tolerance,
+        max_abs_prob_diff=float(np.abs(probs[0] - probs[1]).max()),
+        decision_agreement=float(np.mean(rule.indices(probs[0]) == rule.indices(probs[1]))),
+        n=len(expected), tolerance=tolerance,
     )  # fmt: skip
 
 

@@ -65,6 +65,8 @@ class QuantReport:
     sensitive_nodes: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)
     recommendation: str = ""
+    check_frames: int = 0
+    check_labels_left_out: dict[str, int] = field(default_factory=dict)
 
 
 class _Reader:
@@ -105,13 +107,16 @@ def quantize_int8(
     from onnxruntime import quantization as q
 
     card = read_card(fp32_path)
-    calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
-    check = np.stack([preprocess(f, card.preprocess)[0] for f in check_frames])
-    if len(calib) == 0 or len(check) == 0:
+    # The check set is scored on the model's task: labels it leaves out are counted, not scored.
+    keep, left_out = card.task.partition(list(check_labels), "INT8 check labels")
+    kept_frames = [f for f, kept in zip(check_frames, keep, strict=True) if kept]
+    if len(calibration) == 0 or not kept_frames:
         raise EdgebcError(
-            "INT8 quantization needs calibration frames and labelled frames to check against"
+            "INT8 quantization needs calibration frames and labelled frames of the model's task to check against"
         )
-    y = card.task.encode(check_labels, "INT8 check labels")
+    calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
+    check = np.stack([preprocess(f, card.preprocess)[0] for f in kept_frames])
+    y = card.task.encode([label for label, kept in zip(check_labels, keep, strict=True) if kept])
     method = {
         "minmax": q.CalibrationMethod.MinMax,
         "entropy": q.CalibrationMethod.Entropy,
@@ -200,6 +205,7 @@ def quantize_int8(
         plan=asdict(plan), calibration_frames=len(calib), fp32=fp32_stats, int8=int8_stats, agreement=attempts[-1]["agreement"],
         max_prob_diff=float(diff.max()), mean_prob_diff=float(diff.mean()), budget_met=attempts[-1]["budget_met"],
         excluded_nodes=excluded, attempts=attempts, sensitive_nodes=sensitive[:10],
+        check_frames=len(check), check_labels_left_out=left_out,
     )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
 
 def test_onnx_carries_its_card_and_agrees_with_torch(exported):
     path, card, parity = exported
-    assert parity.ok and parity.max_abs_logit_diff < 1e-4 and parity.top1_agreement == 1.0
+    assert parity.ok and parity.max_abs_logit_diff < 1e-4 and parity.decision_agreement == 1.0
     read = read_card(path)
     assert read == card
     assert (read.temperature, read.threshold, read.target_sensitivity) == (1.5, 0.3, 0.95)
@@ -75,7 +75,7 @@ def test_dynamic_batch_gives_the_same_answer_per_frame(exported):
 def test_fp16_copy_keeps_float32_io_and_agrees(exported, tmp_path):
     path, _, _ = exported
     fp16, card, parity = export_fp16(path, tmp_path / "model.fp16.onnx")
-    assert card.precision == "fp16" and parity.ok and parity.top1_agreement == 1.0
+    assert card.precision == "fp16" and parity.ok and parity.decision_agreement == 1.0
     assert (
         onnxruntime.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
         .get_inputs()[0]
@@ -248,7 +248,7 @@ def test_every_architecture_exports_with_parity(arch, tmp_path):
     _, card, parity = export_onnx(
         make_checkpoint(tmp_path / "c.pt", arch, 64), tmp_path / f"{arch}.onnx"
     )
-    assert parity.ok and parity.top1_agreement == 1.0, parity
+    assert parity.ok and parity.decision_agreement == 1.0, parity
     assert card.arch == arch
 
 
@@ -257,13 +257,13 @@ def test_every_architecture_exports_with_parity(arch, tmp_path):
 def test_tensorrt_fp16_engine_builds_with_sidecar_and_parity(exported, tmp_path):
     from edgebc.backends.tensorrt import build_engine, run_engine
     from edgebc.backends.tensorrt.sidecar import read_sidecar
-    from edgebc.export.onnx_export import verification_inputs
+    from edgebc.export.onnx_export import verification_feeds
 
     path, card, _ = exported
     engine = build_engine(path, tmp_path / "model.fp16.engine", "fp16", batch=(1, 2, 4))
     sidecar = read_sidecar(engine)
     assert sidecar["precision"] == "fp16" and sidecar["gpu"]["compute_capability"]
-    inputs = verification_inputs(card.preprocess)[:4]
+    inputs = verification_feeds(card)[card.input_name][:4]
     reference = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"input": inputs}
     )[0]

@@ -95,4 +95,7 @@ def test_the_decision_rule_and_its_hysteresis():
     # between the others a challenger must lead the shown class by the margin
     assert rule.index(np.array([0.44, 0.5, 0.06]), shown=0, margin=0.1) == 0
     assert rule.index(np.array([0.39, 0.55, 0.06]), shown=0, margin=0.1) == 1
-    assert rule.labels(np.array([[0.1, 0.55, 0.35], [0.5, 0.3, 0.2]])) == ["malignant", "normal"]
+    assert rule.decided_names(np.array([[0.1, 0.55, 0.35], [0.5, 0.3, 0.2]])) == [
+        "malignant",
+        "normal",
+    ]

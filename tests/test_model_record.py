@@ -177,7 +177,9 @@ def test_a_two_input_model_is_trained_exported_loaded_and_decided(tmp_path):
         rule.indices(softmax(outputs["logits"])).tolist()
         == rule.indices(softmax(torch_logits.numpy())).tolist()
     )
-    with pytest.raises(ValueError, match="takes the inputs us, mg_cc; missing mg_cc"):
+    with pytest.raises(
+        ValueError, match=r"takes the inputs us, mg_cc; missing mg_cc \(mg_cc optional in the card"
+    ):
         backend.run_named({"us": test_us.numpy()})
     with pytest.raises(EdgebcError, match="has 2 inputs"):  # a frame classifier needs one input
         FrameClassifier(backend)
@@ -200,3 +202,80 @@ def test_the_operating_point_counts_patients_not_frames():
     assert point.sensitivity_bound == pytest.approx(0.05 ** (1 / 3))  # 3 of 3: 1 - bound^3 = 0.95
     frames = operating_point(probs, y, [f"frame:{k}" for k in range(8)], 1, 1.0, 0.95)
     assert frames.unit == "frame" and frames.positives == 6
+
+
+def _as_format1(path):
+    """Rewrite a checkpoint the way edgebc wrote it before the card became the record."""
+    new = load_checkpoint(path)
+    card = new.card
+    point = card.operating_point
+    record = {
+        "format": FORMAT, "format_version": 1, "versions": new.versions, "saved": new.saved,
+        "arch": card.arch, "model": {"arch": card.arch, **card.arch_options}, "class_names": list(card.class_names),
+        "positive_class": card.positive_class, "preprocess": card.preprocess.to_dict(), "state_dict": new.state_dict,
+        "temperature": card.temperature, "metrics": dict(card.metrics), "weights_sha256": card.weights_sha256,
+        "data_fingerprint": card.data_fingerprint, "distilled_from": card.lineage["distilled_from"],
+        "operating_point": None if point is None else {"threshold": point.threshold, "target_sensitivity": point.target_sensitivity,
+                                                       "sensitivity": point.sensitivity, "specificity": point.specificity},
+        **new.training,
+    }  # fmt: skip
+    torch.save(record, path)
+
+
+def test_a_run_crashed_under_format_1_resumes_exactly(tmp_path, tiny_split, monkeypatch):  # noqa: F811
+    from tests.test_training import _crash_after_the_first_epoch
+
+    settings = ("optim.epochs=3", "optim.ema_decay=0.9", "augment.enabled=true")
+    straight = loop.train_model(
+        _config(tiny_split, tmp_path, "straight", *settings), show_progress=False
+    )
+    _crash_after_the_first_epoch(_config(tiny_split, tmp_path, "crashed", *settings), monkeypatch)
+    _as_format1(tmp_path / "crashed" / "last.pt")  # as an older edgebc left it
+    assert torch.load(tmp_path / "crashed" / "last.pt", weights_only=False)["format_version"] == 1
+    resumed = loop.train_model(_config(tiny_split, tmp_path, "x"), resume=tmp_path / "crashed",
+                               show_progress=False)  # fmt: skip
+    a, b = (load_checkpoint(r.run_dir / "last.pt") for r in (straight, resumed))
+    assert a.card.weights_sha256 == b.card.weights_sha256
+    assert [h["val_loss"] for h in a.training["history"]] == [
+        h["val_loss"] for h in b.training["history"]
+    ]
+
+
+def test_int8_and_the_accuracy_benchmark_score_a_task_that_leaves_labels_out(tmp_path, tiny_split):  # noqa: F811
+    pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
+    from edgebc.bench.accuracy import LabelledSet, evaluate
+    from edgebc.bench.backends import BenchModel
+    from edgebc.decode import read_image
+    from edgebc.export.quantize import QuantPlan, quantize_int8
+
+    run = loop.train_model(_config(tiny_split, tmp_path, "bvm", "data.task=benign_vs_malignant"),
+                           show_progress=False)  # fmt: skip
+    fp32, _, _ = export_onnx(run.best_checkpoint, tmp_path / "bvm.onnx")
+    samples = read_manifest(tiny_split)
+    frames, labels = [read_image(s.path) for s in samples], [s.label for s in samples]
+    report = quantize_int8(fp32, tmp_path / "bvm.int8.onnx", frames, frames, labels,
+                           QuantPlan(calibration_size=len(frames), max_excluded_nodes=0))  # fmt: skip
+    assert report.check_labels_left_out == {"normal": labels.count("normal")}
+    assert report.check_frames == len(labels) - labels.count("normal")
+    accuracy = evaluate(
+        BenchModel("bvm", fp32), LabelledSet("phantoms", frames, labels), tmp_path, 50
+    )
+    assert accuracy["task"] == "benign_vs_malignant" and accuracy["labels_left_out"] == {
+        "normal": 10
+    }
+    assert accuracy["class_counts"] == {"benign": 10, "malignant": 10}
+    with pytest.raises(EdgebcError, match=r"labels \['cyst'\] are not classes of this model"):
+        evaluate(BenchModel("bvm", fp32), LabelledSet("x", frames[:1], ["cyst"]), tmp_path, 50)
+
+
+def test_the_torch_backend_runs_named_inputs_like_the_runtime(tmp_path):
+    from edgebc.train.checkpoint import save_untrained_checkpoint
+    from edgebc.train.torch_backend import TorchBackend
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "m.pt", size=32)
+    path, _, _ = export_onnx(checkpoint, tmp_path / "m.onnx")
+    batch = np.random.default_rng(0).normal(0, 1, (3, 1, 32, 32)).astype(np.float32)
+    torch_out = TorchBackend(checkpoint).run_named({"input": batch})
+    onnx_out = open_backend(path).run_named({"input": batch})
+    assert torch_out.keys() == onnx_out.keys() == {"logits"}
+    np.testing.assert_allclose(torch_out["logits"], onnx_out["logits"], atol=1e-4)

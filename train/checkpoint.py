@@ -149,8 +149,9 @@ def migrate_format1(record: dict[str, Any], path: Path | str = "checkpoint") -> 
             "export it with the edgebc version that wrote it"
         ) from exc
     moved = {"arch", "model", "class_names", "positive_class", "preprocess", "state_dict",
-             "temperature", "operating_point", "metrics", "calibration", "weights_sha256",
+             "temperature", "operating_point", "calibration", "weights_sha256",
              "data_fingerprint", "distilled_from", *_RECORD_KEYS}  # fmt: skip
+    # Everything else stays, as training state (metrics too: the card keeps their numbers only).
     training = {k: v for k, v in record.items() if k not in moved}
     return {**{k: record.get(k) for k in _RECORD_KEYS}, "card": card.to_dict(),
             "state_dict": record["state_dict"], "training": training}  # fmt: skip

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from edgebc import metrics
 from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.backends import Backend, open_backend
 from edgebc.data import read_dataset
-from edgebc.data.records import CLASS_NAMES, Sample
+from edgebc.data.records import Sample
 from edgebc.decision import DecisionRule
 from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
@@ -67,14 +67,9 @@ def evaluate_checkpoint(
                 f"{data}: has no split column; pass --split all to evaluate every sample"
             )
         samples = [s for s in samples if s.split == split]
-    strays = sorted({s.label for s in samples if not task.takes(s.label)} - set(CLASS_NAMES))
-    if strays:
-        raise EdgebcError(
-            f"{data}: labels {strays} are not classes of this model ({list(task.labels)})"
-        )
     # Labels the task leaves out (normal frames for benign-vs-malignant) are counted, not scored.
-    excluded = dict(Counter(s.label for s in samples if not task.takes(s.label)))
-    samples = [s for s in samples if task.takes(s.label)]
+    keep, excluded = task.partition([s.label for s in samples], str(data))
+    samples = [s for s, kept in zip(samples, keep, strict=True) if kept]
     if not samples:
         raise EdgebcError(
             f"{data}: no samples{f' in split {split!r}' if split else ''} for task {task.name}"
@@ -334,7 +329,7 @@ def _write_predictions(
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in rule.class_names]])
-    for sample, row, decided in zip(samples, probs, rule.labels(probs), strict=True):
+    for sample, row, decided in zip(samples, probs, rule.decided_names(probs), strict=True):
         writer.writerow([str(sample.path), sample.label, decided, *[f"{v:.6f}" for v in row]])
     atomic_write_text(path, buffer.getvalue())
 

@@ -72,10 +72,13 @@ def validate_feeds(feeds: Mapping[str, object], card: ModelCard) -> dict[str, np
     missing = [n for n in names if n not in feeds]
     unknown = [n for n in feeds if n not in names]
     if missing or unknown:
+        optional = [n for n in missing if next(i for i in card.inputs if i.name == n).optional]
         raise ValueError(
             f"model {card.name} takes the inputs {', '.join(names)}; "
             + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
-        )
+            + (f" ({', '.join(optional)} optional in the card, but no runtime answers without an "
+               "input yet: models trained to do so come with multimodal fusion)" if optional else "")
+        )  # fmt: skip
     checked = {i.name: validate_input(feeds[i.name], i, card.max_batch) for i in card.inputs}
     if len({len(v) for v in checked.values()}) != 1:
         sizes = {name: len(v) for name, v in checked.items()}

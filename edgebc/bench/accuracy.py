@@ -67,11 +67,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Every available backend on the same preprocessed frames; metrics and agreement per backend."""
     card = read_card(model.fp32)
-    unknown = sorted(set(labelled.labels) - set(card.class_names))
-    if unknown:
-        raise EdgebcError(f"labels {unknown} are not classes of this model ({card.class_names})")
-    tensors = np.stack([preprocess_chw(f, card.preprocess) for f in labelled.frames])
-    y = np.array([card.class_names.index(label) for label in labelled.labels])
+    # Scored on the model's task: labels it leaves out (normal frames under benign_vs_malignant)
+    # are counted in the report, not scored.
+    keep, left_out = card.task.partition(labelled.labels)
+    frames = [f for f, kept in zip(labelled.frames, keep, strict=True) if kept]
+    if not frames:
+        raise EdgebcError(f"none of the frames has a label of task {card.task.name}")
+    tensors = np.stack([preprocess_chw(f, card.preprocess) for f in frames])
+    y = card.task.encode([label for label, kept in zip(labelled.labels, keep, strict=True) if kept])
     backends: dict[str, Any] = {}
     reference: dict[str, Any] | None = None
     for candidate in candidates(model, [1], work, BATCH):
@@ -104,6 +107,8 @@ def evaluate(
         "threshold": card.threshold,
         "data": labelled.description,
         "class_counts": {n: int(np.sum(y == k)) for k, n in enumerate(card.class_names)},
+        "task": card.task.name,
+        "labels_left_out": left_out,
         "reference": reference["name"],
         "backends": backends,
     }
@@ -120,7 +125,7 @@ def _scores(logits: np.ndarray, y: np.ndarray, card: ModelCard, n_boot: int) -> 
         "accuracy": scores["accuracy"],
         "sensitivity": scores["sensitivity"],
         "specificity": scores["specificity"],
-        "decisions": rule.labels(probs),
+        "decisions": rule.decided_names(probs),
         "positive_probs": probs[:, rule.positive].tolist(),
     }
 

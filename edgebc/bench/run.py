@@ -44,17 +44,17 @@ def screens() -> dict[str, tuple[np.ndarray, Region]]:
     return out
 
 
-def naive_preprocess(frame: np.ndarray, card: PreprocessCard) -> np.ndarray:
+def naive_preprocess(frame: np.ndarray, prep: PreprocessCard) -> np.ndarray:
     """The notebook way: float64 first, then resize and normalise (the same maths, slower order)."""
     grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float64) / 255.0
-    resized = cv2.resize(grey, (card.input_width, card.input_height), interpolation=cv2.INTER_AREA)
-    return ((resized - card.mean[0]) / card.std[0])[None, None].astype(np.float32)
+    resized = cv2.resize(grey, (prep.input_width, prep.input_height), interpolation=cv2.INTER_AREA)
+    return ((resized - prep.mean[0]) / prep.std[0])[None, None].astype(np.float32)
 
 
 def stage_timings(
     frames: dict[str, tuple[np.ndarray, Region]], warmup: int, iterations: int
 ) -> dict[str, Any]:
-    card = PreprocessCard(resize="stretch")
+    prep = PreprocessCard(resize="stretch")  # the stage timings' own fixed preprocessing
     few = max(5, iterations // 5)
     results: dict[str, Any] = {}
     for tag, (screen, region) in frames.items():
@@ -66,10 +66,10 @@ def stage_timings(
             partial(detect_imaging_region, screen), warmup, few
         )
         results[f"crop_preprocess_{tag}"] = time_call(
-            partial(preprocess, screen, card, region), warmup, iterations
+            partial(preprocess, screen, prep, region), warmup, iterations
         )
         results[f"baseline_naive_preprocess_{tag}"] = time_call(
-            partial(naive_preprocess, region.crop(screen), card), warmup, iterations
+            partial(naive_preprocess, region.crop(screen), prep), warmup, iterations
         )
     return results
 
@@ -86,8 +86,8 @@ def model_section(
     """Every available backend on the same preprocessed phantom frames, at each batch size; for
     GPU backends also the device memory this process held while it ran."""
     frames, _ = phantom_stills(max(batches), seed=33)
-    card = PreprocessCard(input_height=size, input_width=size)
-    inputs = np.stack([preprocess_chw(f, card) for f in frames]).astype(np.float32)
+    prep = read_card(model.fp32).preprocess  # the model's own preprocessing, whatever its input
+    inputs = np.stack([preprocess_chw(f, prep) for f in frames]).astype(np.float32)
     out: dict[str, Any] = {}
     for candidate in candidates(model, threads, work, max(batches)):
         try:
