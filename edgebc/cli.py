@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register_data(commands)
     train.register_train(commands)
     train.register_eval(commands)
+    train.register_cross_site(commands)
     export.register_export(commands)
     classify.register_classify(commands)
     serve.register_serve(commands)

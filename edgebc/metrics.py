@@ -99,6 +99,35 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def cluster_bootstrap_ci(
+    metric: Callable[..., float],
+    clusters: Sequence[str],
+    *arrays: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of metric(*arrays) resampling whole clusters (patients): a
+    patient's frames are drawn together, so two views of one lesion do not count as two cases
+    and the interval is as wide as the number of patients warrants. NaN draws are skipped."""
+    members: dict[str, list[int]] = {}
+    for position, cluster in enumerate(clusters):
+        members.setdefault(cluster, []).append(position)
+    groups = [np.array(m) for m in members.values()]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        index = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
+        value = metric(*(np.asarray(a)[index] for a in arrays))
+        if np.isfinite(value):
+            values.append(value)
+    if len(values) < n_boot // 2:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are the true class, columns the predicted class."""
     matrix = np.zeros((num_classes, num_classes), np.int64)

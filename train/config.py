@@ -32,6 +32,9 @@ class DataConfig:
     classes: tuple[str, ...] | None = None
     positive_class: str | None = None
     modality: str | None = "us"
+    sources: tuple[
+        str, ...
+    ] = ()  # train on these sites of a multi-site manifest (its source column); () = all
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

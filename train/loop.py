@@ -87,6 +87,13 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
     samples = read_dataset(data.manifest)
     if data.modality:
         samples = [s for s in samples if s.modality == data.modality]
+    if data.sources:
+        unknown = sorted(set(data.sources) - {s.source for s in samples})
+        if unknown:
+            raise ConfigError(
+                f"data.sources names {unknown}, which {data.manifest} does not have in its source column"
+            )
+        samples = [s for s in samples if s.source in data.sources]
     task = data.resolved_task()
     samples = [s for s in samples if task.takes(s.label)]
     if data.fold is not None and role in ("train", "val"):

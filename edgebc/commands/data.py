@@ -1,4 +1,4 @@
-"""`edgebc data audit|split`: dataset audits and group-aware splits."""
+"""`edgebc data audit|split|merge`: dataset audits, group-aware splits, multi-site manifests."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def register_data(commands: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="random seed; the same seed gives the same split"
     )
     split.set_defaults(handler=run_split)
+    merge = actions.add_parser(
+        "merge",
+        help="one manifest over several sites (a source column), each site split on its own first",
+        description="Concatenate the manifests of several sites into one, naming each sample's site "
+        "in the source column (the manifest's own source, or SITE=PATH). Split each site first "
+        "(edgebc data split), so that every site keeps its own train/val/test by patient or group. "
+        "Refuses a file listed twice and a patient id found at two sites.",
+        formatter_class=HelpFormatter,
+    )
+    merge.add_argument("manifests", nargs="+", metavar="[SITE=]PATH",
+                       help="a site's manifest .csv or folder; SITE= names the site when the manifest has no source column")  # fmt: skip
+    merge.add_argument("--out", type=Path, required=True, help="manifest to write")
+    merge.set_defaults(handler=run_merge)
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -113,5 +126,37 @@ def run_split(args: argparse.Namespace) -> int:
     write_manifest(result, args.out)
     for side, counts in split_summary(result).items():
         print(f"  {side:6s} " + "  ".join(f"{label}={n}" for label, n in counts.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from edgebc.data import read_dataset, write_manifest
+    from edgebc.data.manifest import merge_sites
+    from edgebc.errors import DataLayoutError
+
+    sites = []
+    for item in args.manifests:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = "", item
+        samples = read_dataset(Path(path))
+        sources = {s.source for s in samples if s.source}
+        if not name:
+            if len(sources) != 1:
+                raise DataLayoutError(
+                    f"{path}: name its site as SITE={path} (its source column has {sorted(sources) or 'nothing'})"
+                )
+            name = sources.pop()
+        sites.append((name, samples))
+    merged = merge_sites(sites)
+    write_manifest(merged, args.out)
+    for site, count in Counter(s.source for s in merged).items():
+        splits = Counter(s.split or "-" for s in merged if s.source == site)
+        print(
+            f"  {site}: {count} images ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))})"
+        )
     print(f"wrote {args.out}")
     return 0

@@ -90,6 +90,42 @@ def write_manifest(samples: Iterable[Sample], path: str | Path) -> Path:
     return path
 
 
+def merge_sites(sites: Iterable[tuple[str, Iterable[Sample]]]) -> list[Sample]:
+    """One manifest over several sites: every sample named by its site (the `source` column),
+    near-duplicate groups kept apart per site (each audit numbers its groups from g0000), and
+    refused when a file is listed twice or a patient id appears at two sites (ids are a site's
+    own; two women must not become one case)."""
+    merged: list[Sample] = []
+    seen_paths: dict[Path, str] = {}
+    patients: dict[str, str] = {}
+    for site, samples in sites:
+        for sample in samples:
+            if sample.source and sample.source != site:
+                raise DataLayoutError(
+                    f"{sample.path}: its source column says {sample.source!r} but it is merged as site {site!r}"
+                )
+            key = sample.path.resolve()
+            if key in seen_paths:
+                raise DataLayoutError(
+                    f"{sample.path}: listed by site {seen_paths[key]!r} and by {site!r}"
+                )
+            seen_paths[key] = site
+            if sample.patient_id:
+                other = patients.setdefault(sample.patient_id, site)
+                if other != site:
+                    raise DataLayoutError(
+                        f"patient id {sample.patient_id!r} appears at site {other!r} and at {site!r}: "
+                        "prefix each site's ids so that they cannot collide"
+                    )
+            group = (
+                f"{site}:{sample.group}"
+                if sample.group and ":" not in sample.group
+                else sample.group
+            )
+            merged.append(sample.with_(source=site, group=group))
+    return merged
+
+
 def _sample_from_row(row: dict[str, str | None], root: Path, where: str) -> Sample:
     def text(key: str) -> str | None:
         value = (row.get(key) or "").strip()

@@ -1,0 +1,131 @@
+"""The cross-site report on two phantom sites: every arm trained, every site scored the right way,
+intervals resampled by patient, the reference reader beside the model, finished arms reused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgebc import metrics
+from edgebc.data import read_manifest, write_manifest
+from edgebc.data.manifest import merge_sites
+from edgebc.data.split import SplitPlan, assign_splits
+from edgebc.errors import DataLayoutError
+from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+
+
+def test_a_cluster_bootstrap_counts_patients_not_frames():
+    rng = np.random.default_rng(0)
+    truth = rng.random(40) < 0.4
+    score = truth * 0.3 + rng.random(40)
+    # every patient imaged twice, identically: resampling patients gives the interval of the
+    # patients themselves; resampling frames would pretend to twice as many cases
+    twice = np.repeat(np.arange(40), 2)
+    clustered = metrics.cluster_bootstrap_ci(
+        metrics.roc_auc, [f"p{k}" for k in twice], truth[twice], score[twice], n_boot=300, seed=1
+    )
+    single = metrics.cluster_bootstrap_ci(
+        metrics.roc_auc, [f"p{k}" for k in range(40)], truth, score, n_boot=300, seed=1
+    )
+    assert clustered == pytest.approx(single)
+    naive = metrics.bootstrap_ci(metrics.roc_auc, truth[twice], score[twice], n_boot=300, seed=1)
+    assert naive[1] - naive[0] < 0.85 * (clustered[1] - clustered[0])
+
+
+def test_merging_sites_keeps_them_apart_and_refuses_collisions(tmp_path):
+    a = [s.with_(group="g0000") for s in read_manifest(_site(tmp_path, "a", 1))[:4]]
+    b = [s.with_(group="g0000") for s in read_manifest(_site(tmp_path, "b", 2))[:4]]
+    merged = merge_sites([("a", a), ("b", b)])
+    assert {s.source for s in merged} == {"a", "b"}
+    assert {s.group for s in merged} == {"a:g0000", "b:g0000"}  # two groups, not one
+    with pytest.raises(DataLayoutError, match="listed by site 'a' and by 'b'"):
+        merge_sites([("a", a), ("b", [s.with_(source=None) for s in a])])
+    with pytest.raises(DataLayoutError, match="its source column says 'a' but it is merged as site 'b'"):
+        merge_sites([("b", a)])
+    twin = [b[0].with_(patient_id=a[0].patient_id)]
+    with pytest.raises(DataLayoutError, match="appears at site 'a' and at 'b'"):
+        merge_sites([("a", a), ("b", twin)])
+
+
+def _site(root, name, seed, n_per_class=12):
+    """A phantom site: patients with two frames each, a scanner per patient, a BI-RADS per frame."""
+    folder = root / name
+    manifest = write_phantom_dataset(folder, SynthPlan(n_per_class=n_per_class, size=48, seed=seed))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for label in ("normal", "benign", "malignant"):
+        of_label = [s for s in read_manifest(manifest) if s.label == label]
+        for k, sample in enumerate(of_label):
+            patient = f"{name}-{label}-{k // 2}"
+            grade = {
+                "normal": "2",
+                "benign": rng.choice(["2", "3", "4"]),
+                "malignant": rng.choice(["4", "5", "3"]),
+            }[label]
+            extra = (("device", f"{name}-scanner-{k % 2}"), ("birads", str(grade)))
+            samples.append(sample.with_(patient_id=patient, source=name, extra=extra))
+    return write_manifest(
+        assign_splits(samples, SplitPlan(val=0.25, test=0.25, seed=seed)), folder / "split.csv"
+    )
+
+
+@pytest.mark.slow
+def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
+    pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    import yaml
+
+    from edgebc.cli import main
+
+    sites = {
+        name: read_manifest(_site(tmp_path, name, seed))
+        for name, seed in (("north", 3), ("south", 4))
+    }
+    manifest = write_manifest(merge_sites(sites.items()), tmp_path / "sites.csv")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"arch": "simple_cnn"}, "preprocess": {"input_height": 32, "input_width": 32},
+        "data": {"task": "benign_vs_malignant"}, "loader_workers": 1,
+        "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "ema_decay": 0, "early_stop_patience": 0},
+    }))  # fmt: skip
+    config = tmp_path / "cross.yaml"
+    config.write_text(yaml.safe_dump({"train_config": str(recipe), "manifest": str(manifest),
+                                      "out_dir": str(tmp_path / "out"), "bootstrap": 200}))  # fmt: skip
+    assert main(["cross-site", "--config", str(config)]) == 0
+    report = json.loads((tmp_path / "out" / "cross_site.json").read_text())
+    rows = {(r["arm"], r["site"]): r for r in report["rows"]}
+    assert set(rows) == {
+        (arm, site) for arm in ("north-only", "south-only", "pooled") for site in ("north", "south")
+    }
+    lesions = {site: [s for s in samples if s.label != "normal"] for site, samples in sites.items()}
+    # a site the arm never saw: every one of its (benign/malignant) frames; a site it trained on: its test split
+    assert rows[("north-only", "south")]["frames"] == len(lesions["south"])
+    assert rows[("north-only", "south")]["scored_on"] == "every shared patient"
+    assert rows[("north-only", "north")]["frames"] == sum(
+        s.split == "test" for s in lesions["north"]
+    )
+    assert rows[("pooled", "south")]["labels_left_out"] == {
+        "normal": sum(s.split == "test" and s.label == "normal" for s in sites["south"])
+    }
+    row = rows[("north-only", "south")]
+    assert row["units"] == len(
+        {s.patient_id for s in lesions["south"]}
+    )  # patients, two frames each
+    low, high = row["auc"]["ci95"]
+    assert low <= row["auc"]["value"] <= high
+    assert {d["value"] for d in row["by_device"]} == {"south-scanner-0", "south-scanner-1"}
+    assert sum(d["frames"] for d in row["by_device"]) == row["frames"]
+    reader = row["reference_reader"]
+    assert (
+        0.5 < reader["reader_auc"]["value"] <= 1
+    )  # the phantom BI-RADS leans malignant for malignant
+    assert reader["model_minus_reader"]["value"] == pytest.approx(
+        reader["model_auc"]["value"] - reader["reader_auc"]["value"]
+    )
+    assert "bound" in row and row["bound"]["confidence"] == 0.95
+    markdown = (tmp_path / "out" / "cross_site.md").read_text()
+    assert "| north | south (every shared patient) |" in markdown and "## By scanner" in markdown
+    # a second run reuses the finished arms instead of training them again
+    best = tmp_path / "out" / "north-only" / "best.pt"
+    before = best.stat().st_mtime_ns
+    assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]"]) == 0
+    assert best.stat().st_mtime_ns == before

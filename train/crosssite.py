@@ -1,0 +1,320 @@
+"""The cross-site report: does a model hold at a clinic whose scanner it never saw?
+
+One command trains the same recipe once per site (leave the other sites out) and once on every
+site pooled, then scores every model on every site: a site the arm trained on is scored on its
+test split, a site it never saw on all of that site's patients. Each score is per frame and per
+patient with **patient-clustered** bootstrap intervals (the two panels of one BUS-BRA lesion are one
+case, and near-duplicate BUSI frames one group), at the card's operating point against its stated
+bound, with calibration (ECE with the card's temperature and without), and split by scanner and by
+BI-RADS category; where the radiologists' BI-RADS is on the same images it is scored as a reference
+reader and the model is compared with it, paired on the same patients. This report, not a test
+split, is where remedies for cross-site failure are chosen; each site's test patients are read
+once, at the end.
+
+Arms whose run folder already holds a finished run are reused, an interrupted one is resumed, so
+the report can be rerun (or extended with a site) without retraining what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebc import metrics
+from edgebc.atomic import atomic_write_text
+from edgebc.config import load_config
+from edgebc.data import read_dataset
+from edgebc.data.records import Sample
+from edgebc.decision import DecisionRule
+from edgebc.decode import read_image
+from edgebc.errors import EdgebcError
+from edgebc.model_card import ModelCard
+from edgebc.preprocess import preprocess_chw
+
+log = logging.getLogger(__name__)
+
+BIRADS_SCORES = ("2", "3", "4", "4a", "4b", "4c", "5")  # the reference reader's ordinal scale
+
+
+@dataclass(frozen=True)
+class CrossSiteConfig:
+    """What `edgebc cross-site --config` reads: the recipe every arm trains with, the manifest of
+    every site (a `source` column, each site split by patient or near-duplicate group), and how
+    the report is computed."""
+
+    train_config: str = ""
+    manifest: str = ""
+    out_dir: str = "runs/cross-site"
+    sites: tuple[str, ...] = ()  # default: every source in the manifest
+    pooled: bool = True
+    arms: tuple[str, ...] = ()  # only these arms (e.g. to train two side by side); () = all
+    overrides: tuple[str, ...] = ()  # `--set`s applied to every arm, e.g. threads=1
+    bootstrap: int = 1000
+    seed: int = 0
+    device_column: str = "device"
+    reference_column: str = "birads"
+
+    def __post_init__(self) -> None:
+        if not self.train_config or not self.manifest:
+            raise ValueError("train_config (the recipe) and manifest (every site) are both needed")
+        if self.bootstrap < 100:
+            raise ValueError(f"bootstrap needs at least 100 resamples, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    sites: tuple[str, ...]  # what it trains on
+
+
+def arms_of(config: CrossSiteConfig, sites: Sequence[str]) -> list[Arm]:
+    arms = [Arm(f"{site}-only", (site,)) for site in sites]
+    arms += [Arm("pooled", tuple(sites))] if config.pooled and len(sites) > 1 else []
+    unknown = sorted(set(config.arms) - {a.name for a in arms})
+    if unknown:
+        raise EdgebcError(f"arms {unknown} are not among {[a.name for a in arms]}")
+    return [a for a in arms if not config.arms or a.name in config.arms]
+
+
+def run_cross_site(config: CrossSiteConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse) every arm, score it on every site, write cross_site.{json,md}."""
+    samples = read_dataset(config.manifest)
+    present = sorted({s.source for s in samples if s.source})
+    sites = list(config.sites) or present
+    missing = sorted(set(sites) - set(present))
+    if missing or len(sites) < 2:
+        raise EdgebcError(
+            f"{config.manifest}: the report needs two sites or more in its source column; "
+            f"asked for {sites}, the manifest has {present}"
+        )
+    out = Path(config.out_dir)
+    rows = []
+    for arm in arms_of(config, sites):
+        checkpoint = _trained(config, arm, out, show_progress)
+        from edgebc.train.torch_backend import TorchBackend
+
+        backend = TorchBackend(checkpoint)
+        card = backend.card
+        for site in sites:
+            seen = site in arm.sites
+            chosen = [s for s in samples if s.source == site and (not seen or s.split == "test")]
+            keep, left_out = card.task.partition([s.label for s in chosen], f"site {site}")
+            chosen = [s for s, kept in zip(chosen, keep, strict=True) if kept]
+            if not chosen:
+                raise EdgebcError(
+                    f"site {site}: no {'test ' if seen else ''}samples for task {card.task.name}"
+                )
+            probs = _probabilities(backend.run, chosen, card)
+            row = site_statistics(chosen, probs, card, config)
+            row.update(arm=arm.name, trained_on=list(arm.sites), site=site,
+                       scored_on="test split" if seen else "every shared patient", labels_left_out=left_out)  # fmt: skip
+            rows.append(row)
+            log.info("%s on %s: AUC %.3f", arm.name, site, row["auc"]["value"])
+        backend.close()
+    report = {"manifest": config.manifest, "train_config": config.train_config, "sites": sites,
+              "bootstrap": config.bootstrap, "rows": rows}  # fmt: skip
+    atomic_write_text(out / "cross_site.json", json.dumps(report, indent=2, default=float) + "\n")
+    atomic_write_text(out / "cross_site.md", render_markdown(report))
+    return report
+
+
+def load_cross_site_config(
+    path: str | Path | None, overrides: Sequence[str] = ()
+) -> CrossSiteConfig:
+    return load_config(CrossSiteConfig, path, overrides)
+
+
+def _trained(config: CrossSiteConfig, arm: Arm, out: Path, show_progress: bool) -> Path:
+    """The arm's best.pt: reused when its run finished, resumed when interrupted, else trained."""
+    from edgebc.train.config import load_train_config
+    from edgebc.train.loop import train_model
+
+    run_dir = out / arm.name
+    if (run_dir / "metrics.json").is_file() and (run_dir / "best.pt").is_file():
+        log.info("%s: reusing the finished run in %s", arm.name, run_dir)
+        return run_dir / "best.pt"
+    train = load_train_config(config.train_config, [
+        *config.overrides, f"data.manifest={config.manifest}", f"data.sources={json.dumps(list(arm.sites))}",
+        f"name={arm.name}", f"out_dir={out}",
+    ])  # fmt: skip
+    resume = run_dir if (run_dir / "last.pt").is_file() else None
+    return train_model(train, resume=resume, show_progress=show_progress).best_checkpoint
+
+
+def _probabilities(
+    run: Callable[[np.ndarray], np.ndarray], samples: Sequence[Sample], card: ModelCard
+) -> np.ndarray:
+    """Calibrated probabilities for `samples` through the shared preprocessing, in batches."""
+    out = []
+    for start in range(0, len(samples), 32):
+        batch = np.stack(
+            [
+                preprocess_chw(read_image(s.path), card.preprocess)
+                for s in samples[start : start + 32]
+            ]
+        )
+        out.append(run(batch))
+    return metrics.softmax(np.concatenate(out), card.temperature)
+
+
+def site_statistics(
+    samples: Sequence[Sample], probs: np.ndarray, card: ModelCard, config: CrossSiteConfig
+) -> dict[str, Any]:
+    """Everything the report says about one model on one site's frames."""
+    y = card.task.encode(s.label for s in samples)
+    units = [s.unit for s in samples]
+    positive = card.positive
+    truth = y == positive
+    score = probs[:, positive]
+    rule = DecisionRule.of(card)
+    called = rule.indices(probs) == positive
+    boot = config.bootstrap, config.seed
+
+    def interval(metric: Callable[..., float], *arrays: np.ndarray) -> dict[str, Any]:
+        low, high = metrics.cluster_bootstrap_ci(
+            metric, units, *arrays, n_boot=boot[0], seed=boot[1]
+        )
+        return {"value": metric(*arrays), "ci95": [low, high]}
+
+    names, unit_y, unit_p = metrics.unit_scores(units, y, probs, positive)
+    row: dict[str, Any] = {
+        "frames": len(samples), "units": len(names), "positive_units": int((unit_y == positive).sum()),
+        "auc": interval(metrics.roc_auc, truth, score),
+        "unit_auc": {"value": metrics.roc_auc(unit_y == positive, unit_p[:, positive])},
+        "sensitivity": interval(_rate, called, truth), "specificity": interval(_rate, ~called, ~truth),
+        "ece": interval(_ece, probs, y),
+        "ece_without_temperature": interval(_ece, _untempered(probs, card.temperature), y),
+    }  # fmt: skip
+    point = card.operating_point
+    if point is not None and point.sensitivity_bound is not None:
+        unit_called = unit_p[:, positive] >= point.threshold
+        realised = (
+            float(unit_called[unit_y == positive].mean()) if (unit_y == positive).any() else None
+        )
+        row["bound"] = {"threshold": point.threshold, "sensitivity_bound": point.sensitivity_bound,
+                        "confidence": point.confidence, "unit_sensitivity": realised,
+                        "held": None if realised is None else realised >= point.sensitivity_bound}  # fmt: skip
+    row["by_device"] = _by(samples, config.device_column, truth, score, called)
+    row["by_reference"] = _by(samples, config.reference_column, truth, score, called)
+    row["reference_reader"] = _reference_reader(
+        samples, config.reference_column, truth, score, units, boot
+    )
+    return row
+
+
+def _ece(probs: np.ndarray, y: np.ndarray) -> float:
+    return metrics.expected_calibration_error(probs, y)[0]
+
+
+def _rate(hit: np.ndarray, among: np.ndarray) -> float:
+    """The share of `among` that is `hit` (NaN when there is none)."""
+    return float(hit[among].mean()) if among.any() else float("nan")
+
+
+def _untempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(z) from softmax(z / T): the probabilities before temperature scaling."""
+    log_p = np.log(np.clip(probs, 1e-300, 1.0)) * temperature
+    return metrics.softmax(log_p - log_p.max(axis=1, keepdims=True))
+
+
+def _column(sample: Sample, column: str) -> str | None:
+    value = dict(sample.extra).get(column) or getattr(sample, column, None)
+    if not value and column == "device":
+        return sample.source  # a one-scanner site names no device: the site is the scanner
+    return None if value in (None, "") else str(value)
+
+
+def _by(samples: Sequence[Sample], column: str, truth: np.ndarray, score: np.ndarray,
+        called: np.ndarray) -> list[dict[str, Any]]:  # fmt: skip
+    values = [_column(s, column) for s in samples]
+    rows = []
+    for value in sorted({v for v in values if v is not None}):
+        index = np.array([v == value for v in values])
+        rows.append({
+            "value": value, "frames": int(index.sum()), "positives": int(truth[index].sum()),
+            "auc": metrics.roc_auc(truth[index], score[index]),
+            "sensitivity": _rate(called[index], truth[index]), "specificity": _rate(~called[index], ~truth[index]),
+        })  # fmt: skip
+    return rows
+
+
+def _reference_reader(samples: Sequence[Sample], column: str, truth: np.ndarray, score: np.ndarray,
+                      units: Sequence[str], boot: tuple[int, int]) -> dict[str, Any] | None:  # fmt: skip
+    """The radiologists' BI-RADS (2-5) scored as a reader on the frames that carry it, beside the
+    model on the same frames, and their paired difference over resampled patients."""
+    grades = [_column(s, column) for s in samples]
+    index = np.array([g is not None and g.lower() in BIRADS_SCORES for g in grades])
+    if index.sum() < 2 or len(set(truth[index])) < 2:
+        return None
+    reader = np.array(
+        [BIRADS_SCORES.index(g.lower()) for g in np.array(grades, object)[index]], float
+    )
+    t, s = truth[index], score[index]
+    chosen_units = [u for u, kept in zip(units, index, strict=True) if kept]
+
+    def difference(tt: np.ndarray, ss: np.ndarray, rr: np.ndarray) -> float:
+        return metrics.roc_auc(tt, ss) - metrics.roc_auc(tt, rr)
+
+    result = {}
+    for name, metric, arrays in (
+        ("reader_auc", metrics.roc_auc, (t, reader)),
+        ("model_auc", metrics.roc_auc, (t, s)),
+        ("model_minus_reader", difference, (t, s, reader)),
+    ):
+        low, high = metrics.cluster_bootstrap_ci(
+            metric, chosen_units, *arrays, n_boot=boot[0], seed=boot[1]
+        )
+        result[name] = {"value": metric(*arrays), "ci95": [low, high]}
+    result["frames"] = int(index.sum())
+    return result
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    def ci(entry: dict[str, Any]) -> str:
+        low, high = entry["ci95"]
+        return f"{entry['value']:.3f} ({low:.3f}–{high:.3f})"
+
+    lines = [
+        f"# Cross-site report: {report['train_config']} on {report['manifest']}",
+        "",
+        f"Intervals: 95 % patient-clustered bootstrap ({report['bootstrap']} resamples). A site the arm "
+        "trained on is scored on its test split; any other site on all its shared patients.",
+        "",
+        "| trained on | scored on | frames / patients | AUC | sensitivity | specificity | ECE | bound held |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        bound = row.get("bound")
+        held = "—" if not bound else (
+            f"{'yes' if bound['held'] else 'NO'} ({bound['unit_sensitivity']:.3f} vs ≥ {bound['sensitivity_bound']:.3f})"
+            if bound["unit_sensitivity"] is not None else "n/a")  # fmt: skip
+        lines.append(
+            f"| {'+'.join(row['trained_on'])} | {row['site']} ({row['scored_on']}) | {row['frames']} / {row['units']} | "
+            f"{ci(row['auc'])} | {ci(row['sensitivity'])} | {ci(row['specificity'])} | {ci(row['ece'])} | {held} |"
+        )
+    for key, title in (("by_device", "scanner"), ("by_reference", "BI-RADS")):
+        lines += ["", f"## By {title}", "", f"| trained on | site | {title} | frames | malignant | AUC | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in report["rows"]:
+            for sub in row[key]:
+                lines.append(
+                    f"| {'+'.join(row['trained_on'])} | {row['site']} | {sub['value']} | {sub['frames']} | {sub['positives']} | "
+                    f"{sub['auc']:.3f} | {sub['sensitivity']:.3f} | {sub['specificity']:.3f} |"
+                )
+    readers = [row for row in report["rows"] if row["reference_reader"]]
+    if readers:
+        lines += ["", "## The radiologists' BI-RADS as a reference reader (same frames, paired)", "",
+                  "| trained on | site | frames | BI-RADS AUC | model AUC | model − BI-RADS |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in readers:
+            r = row["reference_reader"]
+            lines.append(
+                f"| {'+'.join(row['trained_on'])} | {row['site']} | {r['frames']} | {ci(r['reader_auc'])} | "
+                f"{ci(r['model_auc'])} | {ci(r['model_minus_reader'])} |"
+            )
+    return "\n".join(lines) + "\n"
