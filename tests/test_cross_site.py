@@ -40,7 +40,9 @@ def test_merging_sites_keeps_them_apart_and_refuses_collisions(tmp_path):
     assert {s.group for s in merged} == {"a:g0000", "b:g0000"}  # two groups, not one
     with pytest.raises(DataLayoutError, match="listed by site 'a' and by 'b'"):
         merge_sites([("a", a), ("b", [s.with_(source=None) for s in a])])
-    with pytest.raises(DataLayoutError, match="its source column says 'a' but it is merged as site 'b'"):
+    with pytest.raises(
+        DataLayoutError, match="its source column says 'a' but it is merged as site 'b'"
+    ):
         merge_sites([("b", a)])
     twin = [b[0].with_(patient_id=a[0].patient_id)]
     with pytest.raises(DataLayoutError, match="appears at site 'a' and at 'b'"):
