@@ -17,6 +17,7 @@ from edgebc.data import (
     read_mias,
     write_manifest,
 )
+from edgebc.decode import read_header
 from edgebc.errors import DataLayoutError
 
 
@@ -131,3 +132,29 @@ def test_real_busi_and_mias_are_read_in_full(data_dir):
         counts["malignant"] > 0 and counts["benign"] > 0 and counts["normal"] > counts["malignant"]
     )
     assert all(s.modality == "mammo" and s.patient_id for s in mias)
+
+
+def test_a_lesion_box_is_read_or_refused(tmp_path):
+    sample = Sample(tmp_path / "x.png", "benign", extra=(("bbox", "[91,24,103,79]"),))
+    assert sample.lesion_box == (91, 24, 103, 79)
+    assert Sample(tmp_path / "x.png", "benign").lesion_box is None
+    for bad in ("[1,2,3]", "[1,2,0,4]", "[a,b,c,d]"):
+        with pytest.raises(ValueError, match="bbox"):
+            _ = Sample(tmp_path / "x.png", "benign", extra=(("bbox", bad),)).lesion_box
+
+
+@pytest.mark.data
+def test_bus_bra_reads_with_patients_scanners_bi_rads_and_boxes(data_dir):
+    samples = read_dataset(data_dir / "busbra" / "manifest.csv")
+    assert len(samples) == 1132 and Counter(s.label for s in samples) == {
+        "benign": 766,
+        "malignant": 366,
+    }
+    assert len({s.patient_id for s in samples}) == 638 and {s.source for s in samples} == {"busbra"}
+    devices = Counter(dict(s.extra)["device"] for s in samples)
+    assert len(devices) == 4 and sum(devices.values()) == 1132
+    assert {dict(s.extra)["birads"] for s in samples} <= {"2", "3", "4", "5"}
+    for sample in samples[:50]:  # every box lies inside its image
+        x, y, w, h = sample.lesion_box
+        header = read_header(sample.path.read_bytes(), str(sample.path))
+        assert x + w <= header.width and y + h <= header.height

@@ -49,6 +49,21 @@ class Sample:
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     @property
+    def lesion_box(self) -> tuple[int, int, int, int] | None:
+        """The lesion's bounding box (x, y, w, h) in image pixels, from a `bbox` column such as
+        BUS-BRA's `[91,24,103,79]`; None without one. A malformed box is an error, not a guess."""
+        text = dict(self.extra).get("bbox")
+        if not text:
+            return None
+        try:
+            values = [int(v) for v in str(text).strip().strip("[]()").split(",")]
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: bbox {text!r} is not four integers x,y,w,h") from exc
+        if len(values) != 4 or values[2] <= 0 or values[3] <= 0 or min(values[:2]) < 0:
+            raise ValueError(f"{self.path}: bbox {text!r} is not x,y,w,h with a positive size")
+        return values[0], values[1], values[2], values[3]
+
+    @property
     def unit(self) -> str:
         """What an independent case is: the patient where the data names one, else the
         near-duplicate group, else the frame (two panels of one lesion are one case)."""
