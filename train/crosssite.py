@@ -286,8 +286,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Intervals: 95 % patient-clustered bootstrap ({report['bootstrap']} resamples). A site the arm "
         "trained on is scored on its test split; any other site on all its shared patients.",
         "",
-        "| trained on | scored on | frames / patients | AUC | sensitivity | specificity | ECE | bound held |",
-        "|---|---|---|---|---|---|---|---|",
+        "| trained on | scored on | frames / patients | AUC | sensitivity | specificity | ECE | ECE without T | bound held |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         bound = row.get("bound")
@@ -296,7 +296,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             if bound["unit_sensitivity"] is not None else "n/a")  # fmt: skip
         lines.append(
             f"| {'+'.join(row['trained_on'])} | {row['site']} ({row['scored_on']}) | {row['frames']} / {row['units']} | "
-            f"{ci(row['auc'])} | {ci(row['sensitivity'])} | {ci(row['specificity'])} | {ci(row['ece'])} | {held} |"
+            f"{ci(row['auc'])} | {ci(row['sensitivity'])} | {ci(row['specificity'])} | {ci(row['ece'])} | "
+            f"{ci(row['ece_without_temperature'])} | {held} |"
         )
     for key, title in (("by_device", "scanner"), ("by_reference", "BI-RADS")):
         lines += ["", f"## By {title}", "", f"| trained on | site | {title} | frames | malignant | AUC | sensitivity | specificity |",
