@@ -32,9 +32,13 @@ from edgebc.decode import to_grey_uint8
 class QualityResult:
     ok: bool
     reason: str | None = None
+    check: str | None = None  # the test that refused: one of CHECKS, for counting refusals by kind
 
     def __str__(self) -> str:
         return "ok" if self.ok else f"no decision: {self.reason}"
+
+
+CHECKS = ("uniform", "dark", "bright", "colour", "flat", "speckle")
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,18 @@ class QualityGate:
         std, mean = float(grey8.std()), float(grey8.mean())
         if std < self.min_std:
             return QualityResult(
-                False, f"blank or uniform frame (grey-level spread {std:.1f} < {self.min_std})"
+                False,
+                f"blank or uniform frame (grey-level spread {std:.1f} < {self.min_std})",
+                "uniform",
             )
         if mean < self.min_mean:
-            return QualityResult(False, f"frame too dark (mean grey level {mean:.0f})")
+            return QualityResult(False, f"frame too dark (mean grey level {mean:.0f})", "dark")
         if mean > self.max_mean:
-            return QualityResult(False, f"frame washed out (mean grey level {mean:.0f})")
+            return QualityResult(False, f"frame washed out (mean grey level {mean:.0f})", "bright")
         colour = colour_fraction(subsample(frame, 128))
         if colour > self.max_colour_fraction:
             return QualityResult(
-                False, f"colour overlay covers {colour:.0%} of the image (Doppler?)"
+                False, f"colour overlay covers {colour:.0%} of the image (Doppler?)", "colour"
             )
         flat, contrast = speckle_statistics(grey8)
         if flat > self.max_flat_fraction:
@@ -75,11 +81,13 @@ class QualityGate:
                 False,
                 f"does not look like B-mode ultrasound: {flat:.0%} of the image is flat "
                 "(a screen, document or graphic? check the imaging region)",
+                "flat",
             )
         if contrast < self.min_speckle_contrast:
             return QualityResult(
                 False,
                 f"does not look like B-mode ultrasound: no speckle texture (contrast {contrast:.3f})",
+                "speckle",
             )
         return QualityResult(True)
 
