@@ -2,9 +2,10 @@
 
 A classifier answers something for any input; a cart must not. Before inference each cropped
 frame is checked for what a person at the screen would see at once: a blank or uniform picture
-(probe in the air, frozen black screen), a frame too dark or washed out to read, colour
-covering much of the image (Doppler overlays change what the model sees), and pictures that are
-not B-mode ultrasound. Frozen feeds are the stream's job (it compares consecutive frames).
+(a frozen black screen; a probe in the air, unless the scanner shows its noise floor, which looks
+like speckle), a frame too dark or washed out to read, colour covering much of the image (Doppler
+overlays change what the model sees), and pictures that are not B-mode ultrasound. Frozen feeds
+are the stream's job (it compares consecutive frames).
 
 "Not ultrasound" rests on speckle, which every B-mode image of tissue has and screens, documents,
 graphics and film mammograms lack. On the frame scaled to 256 px (so the test does not depend on
