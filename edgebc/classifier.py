@@ -59,8 +59,7 @@ def quality_text(fields: dict[str, Any]) -> str:
 
 def rounded_ms(timings: dict[str, float]) -> dict[str, float]:
     """Stage timings as reported: milliseconds to the microsecond."""
-    # dict() copies in one step under the GIL: the live loop may be adding a sink's time meanwhile
-    return {stage: round(ms, 3) for stage, ms in dict(timings).items()}
+    return {stage: round(ms, 3) for stage, ms in timings.items()}
 
 
 class FrameClassifier:
