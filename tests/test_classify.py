@@ -136,3 +136,38 @@ def test_rows_records_and_answers_keep_their_fields(case, decision):
     record = record_of(fields, source="upload")
     assert (record.model_sha256, record.quality, record.decision, record.probabilities,
             record.threshold) == RECORDS[case]  # fmt: skip
+
+
+def test_the_classifier_builds_its_decision_rule_once(monkeypatch):
+    from edgebc import classifier as classifier_module
+
+    built = []
+    of = classifier_module.DecisionRule.of
+    monkeypatch.setattr(classifier_module.DecisionRule, "of",
+                        lambda card, threshold=None: built.append(threshold) or of(card, threshold))  # fmt: skip
+    classifier = build_classifier(ClassifierSettings(threshold=0.25))
+    frames = [make_ultrasound_phantom(c, phantom_rng(60, k), 96, 96).image
+              for k, c in enumerate(CLASSES * 2)]  # fmt: skip
+    decisions = classifier.classify_batch(frames)
+    assert built == [0.25]  # in __init__, with the site's threshold; not once per frame
+    assert classifier.rule.threshold == classifier.threshold == 0.25
+    for decision in decisions:
+        p = np.array([decision.probabilities[c] for c in CLASSES])
+        assert decision.label == classifier.rule.decide(p)
+        assert (decision.label == "malignant") == (decision.positive_probability >= 0.25)
+
+
+def test_a_model_with_several_inputs_is_refused_naming_them():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from edgebc.classifier import FrameClassifier
+    from edgebc.errors import EdgebcError
+
+    card = build_classifier(ClassifierSettings()).card
+    us = card.inputs[0]
+    two = replace(card, inputs=(replace(us, name="us"), replace(us, name="mg_cc", optional=True)))
+    with pytest.raises(
+        EdgebcError, match=r"has 2 inputs \(us, mg_cc\); a frame classifier feeds one image"
+    ):
+        FrameClassifier(SimpleNamespace(card=two, model_sha256="ab" * 32))
