@@ -48,16 +48,6 @@ class Decision:
         }
 
 
-def quality_text(fields: dict[str, Any]) -> str:
-    """A decision's JSON quality as one text column (archive rows, the audit trail): "ok", or
-    "no decision: <reason>"."""
-    return (
-        fields["quality"]
-        if fields["reason"] is None
-        else f"{fields['quality']}: {fields['reason']}"
-    )
-
-
 def rounded_ms(timings: dict[str, float]) -> dict[str, float]:
     """Stage timings as reported: milliseconds to the microsecond."""
     return {stage: round(ms, 3) for stage, ms in timings.items()}

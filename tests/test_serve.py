@@ -329,7 +329,7 @@ def test_settings_refuse_unknown_keys_and_bad_values(tmp_path):
         load_serve_settings(None, ["sorce=phantom:tour"])
     with pytest.raises(ConfigError, match="threshold"):
         load_serve_settings(None, ["threshold=1.5"])
-    with pytest.raises(ConfigError, match="either region or auto_region"):
+    with pytest.raises(ConfigError, match="either a region or auto_region"):
         load_serve_settings(None, ["region=[0,0,10,10]", "auto_region=true"])
     with pytest.raises(Exception, match="no such file, folder or device"):
         build_runtime(settings_for(tmp_path, source=str(tmp_path / "missing.avi")))

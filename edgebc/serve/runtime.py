@@ -255,7 +255,7 @@ class ServeRuntime:
         digest = hashlib.sha256(data).hexdigest()
         self.audit.record(
             record_of(
-                fields,
+                decision,
                 captured_at=time.time(),
                 source="upload",
                 frame_sha256=digest,

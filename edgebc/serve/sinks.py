@@ -46,7 +46,7 @@ class AuditSink:
         frame = result.frame
         self.trail.record(
             record_of(
-                result.decision.to_json(),
+                result.decision,
                 smoothed_decision=result.smoothed.label,
                 captured_at=frame.captured,
                 source=frame.source,
