@@ -474,3 +474,15 @@ def test_only_a_result_the_audit_trail_accepted_is_ever_shown(tmp_path):
     finally:
         runtime.stop()
     assert shown and all(ok for _, ok in shown), [s for s in shown if not s[1]][:3]
+
+
+def test_the_readmes_layout_names_every_serve_module():
+    from pathlib import Path
+
+    import edgebc.serve
+
+    folder = Path(edgebc.serve.__file__).parent
+    row = next(line for line in (folder.parents[1] / "README.md").read_text().splitlines()
+               if line.startswith("| `edgebc/serve/` |"))  # fmt: skip
+    modules = sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if f"`{m}`" not in row] == []
