@@ -2,7 +2,8 @@
 
 Archive work, not live work: every frame of a video or DICOM cine is classified (or every Nth
 with a stride). The classifier is the one `edgebc serve` builds from the same settings (model,
-region, threshold, quality gate), and inputs are expanded by the rule its folder sources use. An
+region, threshold, quality gate), inputs are expanded by the rule its folder sources use, and each
+file's frames are read by the source `edgebc serve` would play it with (`sources.open_file`). An
 unreadable input gets a row with its error and one line on stderr, and the batch goes on; the
 exit status says whether anything failed. The output is written atomically.
 """
@@ -11,21 +12,20 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgebc.atomic import atomic_write_text
-from edgebc.classifier import FrameClassifier, quality_text
+from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
-from edgebc.decode import decode_dicom_frames, read_header, read_image, sniff_format
 from edgebc.errors import EdgebcError
 from edgebc.region import Region, detect_imaging_region
-from edgebc.sources import VIDEO_SUFFIXES, expand_inputs, open_source
+from edgebc.sources import OpenCVSource, expand_inputs, open_file
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,6 @@ class ClassifySettings(ClassifierSettings):
     spin_wait: bool = True  # a batch job keeps its cores busy anyway: ONNX Runtime's default
 
     def __post_init__(self) -> None:
-        if self.region is not None and self.auto_region:  # said in the words of the flags
-            raise ValueError("give either a region or auto_region, not both")
         super().__post_init__()
         if not self.model:
             raise ValueError("no model: give MODEL on the command line or model: in --config")
@@ -67,18 +65,29 @@ def iter_frames(paths: Sequence[Path], stride: int = 1) -> Iterator[FrameItem]:
     """Every frame to classify, with errors as items rather than exceptions."""
     for path in paths:
         try:
-            if path.suffix.lower() in VIDEO_SUFFIXES:
-                yield from _video_frames(path, stride)
-                continue
-            data = path.read_bytes()
-            if sniff_format(data) == "dicom" and read_header(data, str(path)).frames > 1:
-                for index, frame in enumerate(decode_dicom_frames(data, str(path))):
-                    if index % stride == 0:
-                        yield FrameItem(str(path), index, frame)
-                continue
-            yield FrameItem(str(path), None, read_image(path))
+            yield from _file_frames(path, stride)
         except (EdgebcError, OSError, ValueError) as exc:
             yield FrameItem(str(path), None, None, str(exc))
+
+
+def _file_frames(path: Path, stride: int) -> Iterator[FrameItem]:
+    """A file's frames as `edgebc serve` plays it: a single picture (an image, a one-frame DICOM)
+    without a frame number, and every `stride`-th frame of a video or cine, numbered."""
+    source = open_file(path)
+    source.open()
+    try:
+        frames = iter(source.read, None)
+        first, second = next(frames, None), next(frames, None)
+        if first is None:
+            raise EdgebcError(f"{path}: holds no readable frame")
+        if second is None and not isinstance(source, OpenCVSource):  # a video is numbered always
+            yield FrameItem(str(path), None, first.image)
+            return
+        for frame in itertools.chain([first], [] if second is None else [second], frames):
+            if frame.index % stride == 0:
+                yield FrameItem(str(path), frame.index, frame.image)
+    finally:
+        source.close()
 
 
 def classify_inputs(
@@ -93,14 +102,13 @@ def classify_inputs(
 ) -> tuple[int, int]:
     """Classify everything in `inputs` into `out` (.csv or .jsonl); returns (frames written, errors).
 
-    With `auto_region` the imaging region is detected on the first frame of each input and used
-    for all its frames (the live service does the same per stream); an input where none is found
-    is reported as an error rather than classified whole."""
+    With `auto_region` and a classifier without a region (the settings allow one or the other)
+    the imaging region is detected on the first frame of each input and used for all its frames
+    (the live service does the same per stream); an input where none is found is reported as an
+    error rather than classified whole."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise EdgebcError(f"{out}: output must end in .csv or .jsonl")
-    if auto_region and classifier.region is not None:
-        raise ValueError("give either a region or auto_region, not both")
     classes = list(classifier.card.class_names)
     rows: list[dict[str, object]] = []
     pending: list[tuple[FrameItem, np.ndarray]] = []
@@ -111,12 +119,13 @@ def classify_inputs(
             return
         decisions = classifier.classify_batch([image for _, image in pending])
         for (item, _), decision in zip(pending, decisions, strict=True):
-            rows.append(_row(item, decision.to_json(), classes))
+            rows.append(_row(item, decision, classes))
         progress(len(pending))
         pending.clear()
 
     frames = iter_frames(expand_inputs(inputs), stride)
-    for item in _regions_detected(frames) if auto_region else frames:
+    detect = auto_region and classifier.region is None
+    for item in _regions_detected(frames) if detect else frames:
         if item.error is not None or item.image is None:
             errors += 1
             message = item.error or "no image"
@@ -153,12 +162,13 @@ def _regions_detected(items: Iterator[FrameItem]) -> Iterator[FrameItem]:
             yield replace(item, image=None, error=f"{item.source}: {exc}")
 
 
-def _row(item: FrameItem, fields: dict[str, Any], classes: list[str]) -> dict[str, object]:
+def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, object]:
     """One table row of a decision's JSON: flat, blank where there is no value."""
+    fields = decision.to_json()
     probabilities = fields["probabilities"] or {}
     row: dict[str, object] = {
         "source": item.source, "frame": "" if item.frame is None else item.frame,
-        "decision": fields["label"] or "", "quality": quality_text(fields),
+        "decision": fields["label"] or "", "quality": str(decision.quality),
         "positive_probability": _rounded(fields["positive_probability"]),
         "threshold": "" if fields["threshold"] is None else fields["threshold"],
     }  # fmt: skip
@@ -192,19 +202,3 @@ def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> s
     writer.writeheader()
     writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
     return buffer.getvalue()
-
-
-def _video_frames(path: Path, stride: int) -> Iterator[FrameItem]:
-    """Every `stride`-th frame of a video file, read through the runtime's own video source."""
-    video = open_source(str(path))
-    video.open()
-    count = 0
-    try:
-        while (frame := video.read()) is not None:
-            if frame.index % stride == 0:
-                yield FrameItem(str(path), frame.index, frame.image)
-            count += 1
-    finally:
-        video.close()
-    if count == 0:
-        raise EdgebcError(f"{path}: the video holds no readable frame")

@@ -22,12 +22,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from edgebc.classifier import quality_text
+if TYPE_CHECKING:
+    from edgebc.classifier import Decision
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,15 @@ class AuditRecord:
     patient_id: str | None = None  # stored only with store_patient_ids=True
 
 
-def record_of(fields: dict[str, Any], **context: Any) -> AuditRecord:
-    """The audit record of one decision, from its JSON (`Decision.to_json()`); `context` adds where
-    and when the frame came from."""
+def record_of(decision: Decision, **context: Any) -> AuditRecord:
+    """The audit record of one decision, its quality as one text ("ok" or "no decision: <reason>",
+    `QualityResult`'s own); `context` adds where and when the frame came from."""
     return AuditRecord(
-        model_sha256=fields["model_sha256"],
-        quality=quality_text(fields),
-        decision=fields["label"],
-        probabilities=fields["probabilities"],
-        threshold=fields["threshold"],
+        model_sha256=decision.model_sha256,
+        quality=str(decision.quality),
+        decision=decision.label,
+        probabilities=decision.probabilities,
+        threshold=decision.threshold,
         **context,
     )
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgebc.backends import Backend
 from edgebc.decision import DecisionRule
+from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import QualityGate, QualityResult
@@ -47,20 +48,9 @@ class Decision:
         }
 
 
-def quality_text(fields: dict[str, Any]) -> str:
-    """A decision's JSON quality as one text column (archive rows, the audit trail): "ok", or
-    "no decision: <reason>"."""
-    return (
-        fields["quality"]
-        if fields["reason"] is None
-        else f"{fields['quality']}: {fields['reason']}"
-    )
-
-
 def rounded_ms(timings: dict[str, float]) -> dict[str, float]:
     """Stage timings as reported: milliseconds to the microsecond."""
-    # dict() copies in one step under the GIL: the live loop may be adding a sink's time meanwhile
-    return {stage: round(ms, 3) for stage, ms in dict(timings).items()}
+    return {stage: round(ms, 3) for stage, ms in timings.items()}
 
 
 class FrameClassifier:
@@ -76,11 +66,14 @@ class FrameClassifier:
             raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.backend = backend
         self.card = backend.card
-        _ = self.card.input  # a frame classifier feeds one image: several inputs are refused here
-        self.threshold = threshold if threshold is not None else self.card.threshold
+        if len(self.card.inputs) != 1:
+            names = ", ".join(i.name for i in self.card.inputs)
+            raise EdgebcError(f"model {self.card.name} has {len(self.card.inputs)} inputs ({names}); "
+                              "a frame classifier feeds one image")  # fmt: skip
+        self.rule = DecisionRule.of(self.card, threshold)
+        self.threshold = self.rule.threshold
         self.region = region
         self.gate = gate or QualityGate()
-        self.positive = self.card.class_names.index(self.card.positive_class)
 
     def classify(self, frame: np.ndarray) -> Decision:
         return self.classify_batch([frame])[0]
@@ -120,8 +113,8 @@ class FrameClassifier:
                 )
                 continue
             p = probs[row[index]]
-            decisions.append(Decision(self._decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
-                                      float(p[self.positive]), self.threshold, verdict, self.backend.model_sha256))  # fmt: skip
+            decisions.append(Decision(self.rule.decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
+                                      float(p[self.rule.positive]), self.threshold, verdict, self.backend.model_sha256))  # fmt: skip
         done = clock()
         per_frame = 1000.0 / max(1, len(frames))
         timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,
@@ -142,6 +135,3 @@ class FrameClassifier:
 
     def _grey(self, crop: np.ndarray) -> np.ndarray:
         return to_channels(validated_image(crop), 1)
-
-    def _decide(self, p: np.ndarray) -> str:
-        return DecisionRule.of(self.card, self.threshold).decide(p)

@@ -33,7 +33,7 @@ class ClassifierSettings:
         if self.region is not None:
             Region(*self.region)  # raises with a plain message
         if self.region is not None and self.auto_region:
-            raise ValueError("give either region or auto_region, not both")
+            raise ValueError("give either a region or auto_region, not both")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
         if self.threads < 0:

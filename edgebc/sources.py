@@ -28,13 +28,13 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from edgebc.decode import decode_dicom_frames, read_image
+from edgebc.decode import decode_dicom_frames, read_image, sniff_format
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".webm")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DICOM_SUFFIXES = (".dcm",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # picture files, one frame each (not DICOM)
+DICOM_SUFFIXES = (".dcm",)  # one frame or a cine; DICOM kept without a suffix is found by content
 INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES, *DICOM_SUFFIXES)
 
 
@@ -141,7 +141,12 @@ class OpenCVSource:
     def open(self) -> None:
         capture = cv2.VideoCapture(self.target, self.api)
         if not capture.isOpened():
-            raise SourceError(f"{self.name}: cannot open (device absent, busy or no permission?)")
+            why = (
+                "device absent, busy or no permission?"
+                if self.live
+                else "no such file, or not a video OpenCV reads?"
+            )
+            raise SourceError(f"{self.name}: cannot open ({why})")
         if (
             self.live
         ):  # ask the driver for as little buffering as it allows; the reader drops the rest
@@ -339,12 +344,23 @@ def _is_input_file(path: Path) -> bool:
 
 
 def open_file(path: Path) -> FrameSource:
-    """The source for one file, by its suffix: a video, a DICOM file (one frame or a cine), an image."""
-    if path.suffix.lower() in VIDEO_SUFFIXES:
+    """The source for one file: a video (by its suffix), a DICOM file, one frame or a cine (by its
+    suffix, or its first bytes: archives often keep DICOM without one), else an image. The one
+    reader of a file's frames, for `edgebc serve` and `edgebc classify` alike."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
         return OpenCVSource(str(path), str(path), live=False)
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if suffix in DICOM_SUFFIXES or _holds_dicom(path):
         return DicomSource(path)
     return ImageFileSource(path)
+
+
+def _holds_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return sniff_format(handle.read(132)) == "dicom"
+    except OSError:
+        return False  # not readable: reading it as an image says why
 
 
 def open_source(uri: str) -> FrameSource:

@@ -131,8 +131,128 @@ RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the 
 @pytest.mark.parametrize(("case", "decision"), [("decided", DECIDED), ("refused", REFUSED)])
 def test_rows_records_and_answers_keep_their_fields(case, decision):
     fields = decision.to_json()
-    assert _row(FrameItem("scan.png", 3, None), fields, CLASSES) == ROWS[case]
+    assert _row(FrameItem("scan.png", 3, None), decision, CLASSES) == ROWS[case]
     assert fields == ANSWERS[case]
-    record = record_of(fields, source="upload")
+    record = record_of(decision, source="upload")
     assert (record.model_sha256, record.quality, record.decision, record.probabilities,
             record.threshold) == RECORDS[case]  # fmt: skip
+
+
+def test_the_classifier_builds_its_decision_rule_once(monkeypatch):
+    from edgebc import classifier as classifier_module
+
+    built = []
+    of = classifier_module.DecisionRule.of
+    monkeypatch.setattr(classifier_module.DecisionRule, "of",
+                        lambda card, threshold=None: built.append(threshold) or of(card, threshold))  # fmt: skip
+    classifier = build_classifier(ClassifierSettings(threshold=0.25))
+    frames = [make_ultrasound_phantom(c, phantom_rng(60, k), 96, 96).image
+              for k, c in enumerate(CLASSES * 2)]  # fmt: skip
+    decisions = classifier.classify_batch(frames)
+    assert built == [0.25]  # in __init__, with the site's threshold; not once per frame
+    assert classifier.rule.threshold == classifier.threshold == 0.25
+    for decision in decisions:
+        p = np.array([decision.probabilities[c] for c in CLASSES])
+        assert decision.label == classifier.rule.decide(p)
+        assert (decision.label == "malignant") == (decision.positive_probability >= 0.25)
+
+
+def test_a_model_with_several_inputs_is_refused_naming_them():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from edgebc.classifier import FrameClassifier
+    from edgebc.errors import EdgebcError
+
+    card = build_classifier(ClassifierSettings()).card
+    us = card.inputs[0]
+    two = replace(card, inputs=(replace(us, name="us"), replace(us, name="mg_cc", optional=True)))
+    with pytest.raises(
+        EdgebcError, match=r"has 2 inputs \(us, mg_cc\); a frame classifier feeds one image"
+    ):
+        FrameClassifier(SimpleNamespace(card=two, model_sha256="ab" * 32))
+
+
+def archive_of(folder):
+    """A PNG, a one-frame DICOM, a three-frame DICOM cine with and without its .dcm suffix, a
+    four-frame video, a broken PNG and a missing file."""
+    from edgebc.synth.cine import write_video
+    from tests.test_decode import _dicom_bytes
+
+    folder.mkdir()
+    frames = [make_ultrasound_phantom(c, phantom_rng(70, k), 64, 80).image
+              for k, c in enumerate(CLASSES * 2)]  # fmt: skip
+    cv2.imwrite(str(folder / "still.png"), frames[0])
+    (folder / "one.dcm").write_bytes(_dicom_bytes(frames[1]))
+    cine = _dicom_bytes(np.stack(frames[2:5]), frames=3)
+    (folder / "cine.dcm").write_bytes(cine)
+    (folder / "IM0001").write_bytes(cine)  # DICOM as archives keep it: no suffix
+    write_video(frames[:4], folder / "clip.avi")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    names = ["still.png", "one.dcm", "cine.dcm", "IM0001", "clip.avi", "broken.png", "gone.png"]
+    return [folder / name for name in names]
+
+
+def test_classify_and_serve_read_each_files_frames_the_same_way(tmp_path):
+    """One reader of a file's frames: what `edgebc classify` classifies of a file is what
+    `edgebc serve --source FILE` plays; single pictures have no frame number, cines and videos
+    are numbered (every Nth with a stride), and an unreadable file is an error row."""
+    from edgebc.archive import iter_frames
+    from edgebc.sources import open_source
+
+    paths = archive_of(tmp_path / "archive")
+    items = list(iter_frames(paths))
+    for path in paths[:5]:
+        source = open_source(str(path))
+        source.open()
+        played = list(iter(source.read, None))
+        source.close()
+        read = [item for item in items if item.source == str(path)]
+        assert len(read) == len(played) and all(
+            np.array_equal(item.image, frame.image)
+            for item, frame in zip(read, played, strict=True)
+        ), path.name
+    numbered = [(Path(i.source).name, i.frame) for i in items if i.error is None]
+    assert numbered == [("still.png", None), ("one.dcm", None), *(("cine.dcm", k) for k in range(3)),
+                        *(("IM0001", k) for k in range(3)), *(("clip.avi", k) for k in range(4))]  # fmt: skip
+    errors = {Path(i.source).name: i.error for i in items if i.error is not None}
+    assert set(errors) == {"broken.png", "gone.png"} and "truncated" in errors["broken.png"]
+    strided = [(Path(i.source).name, i.frame) for i in iter_frames(paths[2:5], stride=2)]
+    assert strided == [("cine.dcm", 0), ("cine.dcm", 2), ("IM0001", 0), ("IM0001", 2),
+                       ("clip.avi", 0), ("clip.avi", 2)]  # fmt: skip
+    out = tmp_path / "rows.csv"
+    assert main(["classify", str(DEMO_MODEL), *map(str, paths), "--out", str(out)]) == 1
+    rows = rows_of(out)  # the batch went on past the unreadable inputs
+    assert [r["frame"] for r in rows if not r["error"]] == ["", "", "0", "1", "2", "0", "1", "2",
+                                                            "0", "1", "2", "3"]  # fmt: skip
+    assert sum(1 for r in rows if r["error"]) == 2
+
+
+def test_the_quality_text_of_rows_and_records_is_the_quality_results_own():
+    import edgebc.classifier
+
+    assert not hasattr(edgebc.classifier, "quality_text")  # one text: QualityResult.__str__
+    for decision in (DECIDED, REFUSED):
+        assert record_of(decision).quality == str(decision.quality)
+        assert _row(FrameItem("x.png", None, None), decision, CLASSES)["quality"] == str(
+            decision.quality
+        )
+
+
+def test_region_and_auto_region_are_refused_once_in_the_same_words():
+    both = {"region": (0, 0, 10, 10), "auto_region": True}
+    words = "^give either a region or auto_region, not both$"
+    for settings in (ClassifierSettings, ServeSettings):
+        with pytest.raises(ValueError, match=words):
+            settings(**both)
+    with pytest.raises(ValueError, match=words):
+        ClassifySettings(model="m.onnx", inputs=("scans",), **both)
+
+
+def test_image_suffixes_mean_one_set():
+    from edgebc import sources
+    from edgebc.data import readers
+
+    meanings = {m.IMAGE_SUFFIXES for m in (sources, readers) if hasattr(m, "IMAGE_SUFFIXES")}
+    assert meanings == {(".png", ".jpg", ".jpeg")}  # picture files; DICOM is named apart
+    assert set(readers.SAMPLE_SUFFIXES) == {*sources.IMAGE_SUFFIXES, *sources.DICOM_SUFFIXES}

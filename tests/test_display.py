@@ -191,3 +191,225 @@ def test_display_is_off_by_default_and_a_flag_turns_it_on():
     args = build_parser().parse_args(["serve", "--display"])
     settings = settings_from_args(args)
     assert settings.display.enabled and settings.display.fullscreen
+
+
+@pytest.mark.parametrize("driver", ["fallback", "x11"])
+def test_a_cart_without_a_screen_fails_to_start_with_one_line_and_closes_what_it_opened(
+    tmp_path, monkeypatch, driver
+):
+    """Without a screen SDL either fails (x11 without an X server) or falls back to a driver that
+    draws nowhere: both are refused in build_runtime, before the server starts, and the audit
+    trail and the model it opened are closed again."""
+    pytest.importorskip("pygame", reason="the local display needs the [display] extra")
+    from edgebc.errors import EdgebcError
+    from edgebc.serve import runtime as runtime_module
+    from tests.test_serve import settings_for
+
+    closed = []
+
+    class Trail(runtime_module.AuditTrail):
+        def close(self, timeout=5.0):
+            closed.append("audit trail")
+            super().close(timeout)
+
+    build_classifier = runtime_module.build_classifier
+
+    def classifier_of(settings):
+        classifier = build_classifier(settings)
+        close = classifier.backend.close
+        classifier.backend.close = lambda: closed.append("model") or close()
+        return classifier
+
+    monkeypatch.setattr(runtime_module, "AuditTrail", Trail)
+    monkeypatch.setattr(runtime_module, "build_classifier", classifier_of)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    if driver == "fallback":  # what SDL picks where it finds no screen (offscreen, as here)
+        monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
+        monkeypatch.setattr("pygame.display.get_driver", lambda: "offscreen")
+    else:
+        monkeypatch.setenv("SDL_VIDEODRIVER", driver)
+    with pytest.raises(EdgebcError, match="the local display cannot open a window") as error:
+        runtime_module.build_runtime(settings_for(tmp_path, display={"enabled": True}))
+    assert "SDL_VIDEODRIVER=kmsdrm" in str(error.value) and "\n" not in str(error.value)
+    assert sorted(closed) == ["audit trail", "model"]
+
+
+def test_serve_with_a_display_on_a_headless_machine_exits_with_one_line(tmp_path):
+    pytest.importorskip("pygame", reason="the local display needs the [display] extra")
+    pytest.importorskip("uvicorn", reason="needs the [serve] extra")
+    import os
+    import socket
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")}  # fmt: skip
+    with socket.socket() as probe:  # a free port: the service must fail before it would listen
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "edgebc", "serve", "--display", "--port", str(port),
+         "--audit-log", str(tmp_path / "audit.sqlite")],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edgebc: error:")]
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "the local display cannot open a window" in errors[0], done.stderr
+    assert "SDL_VIDEODRIVER=kmsdrm" in errors[0] and "turn the display off" in errors[0]
+
+
+def decided_pixels(screen, size, colour):
+    """How many pixels of the decision's box are in `colour` (the label's type)."""
+    box = screen_layout(size, 2, 3).decision
+    words = screen[box.y : box.y + box.h, box.x : box.x + box.w]
+    return int(np.count_nonzero(np.all(words == colour, axis=-1)))
+
+
+def test_each_redraw_takes_frame_region_and_decision_from_one_result(pygame_dummy, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """Results alternate between a dark frame decided malignant with its region on the left and a
+    bright one decided benign with its region on the right, one new result per look: whatever
+    the display draws, its frame, outline and label belong together."""
+    import time
+
+    from edgebc.classifier import Decision
+    from edgebc.live import FeedState
+    from edgebc.quality import QualityResult
+    from edgebc.region import Region
+    from edgebc.serve.display import TEXT, Window
+    from edgebc.serve.live_loop import LiveResult
+    from edgebc.serve.runtime import build_runtime
+    from edgebc.smoothing import Smoothed
+    from edgebc.sources import Frame
+    from tests.test_serve import settings_for
+
+    size = (640, 400)
+    runtime = build_runtime(settings_for(tmp_path, display={"enabled": True, "fullscreen": False,
+                                                            "size": list(size)}))  # fmt: skip
+    kinds = {60: ("malignant", Region(4, 4, 40, 80)), 180: ("benign", Region(110, 4, 40, 80))}
+    looks = iter(range(10**6))
+
+    def alternating():
+        grey = (60, 180)[next(looks) % 2]
+        label, region = kinds[grey]
+        p = {"normal": 0.1, "benign": 0.6, "malignant": 0.3} if label == "benign" else \
+            {"normal": 0.1, "benign": 0.2, "malignant": 0.7}  # fmt: skip
+        frame = Frame(np.full((90, 160), grey, np.uint8), grey, time.time(), time.monotonic(), "t")
+        decision = Decision(label, p, p["malignant"], 0.3, QualityResult(True), "ab" * 32)
+        return LiveResult(grey, frame, decision, Smoothed(label, p), "0" * 64, {}, time.monotonic(),
+                          region)  # fmt: skip
+
+    shown = []
+    show = Window.show
+    monkeypatch.setattr(
+        Window, "show", lambda self, screen: shown.append(screen) or show(self, screen)
+    )
+    pipeline = runtime.pipeline
+    monkeypatch.setattr(pipeline, "latest", alternating)
+    monkeypatch.setattr(pipeline.reader, "state", lambda: FeedState("ok", "", 1, 0, 0, 0.0))
+    runtime.start()
+    try:
+        wait = time.monotonic() + 10
+        while len(shown) < 12 and time.monotonic() < wait:
+            runtime.display.handle(None)
+            time.sleep(0.02)
+    finally:
+        runtime.stop()
+    box = screen_layout(size, 2, 3).frame
+    x, y, scale = fit((90, 160), box)
+    checked = 0
+    for screen in shown[2:]:  # the first ones may predate the alternating results
+        grey = int(screen[y + round(45 * scale), x + round(80 * scale), 0])
+        if grey not in kinds:
+            continue
+        label, region = kinds[grey]
+        outline = screen[y + round((region.y + 40) * scale), x + round(region.x * scale)]
+        assert (outline == REGION).all(), grey  # the outline of this frame's own region
+        malignant = decided_pixels(screen, size, POSITIVE_FILL)
+        assert (malignant > 50) if label == "malignant" else (malignant == 0), (grey, malignant)
+        assert (decided_pixels(screen, size, TEXT) == 0) == (label == "malignant"), grey
+        checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize("how", ["closed", "failed"])
+def test_a_display_that_stops_turns_readiness_false(pygame_dummy, tmp_path, monkeypatch, how):
+    pytest.importorskip("fastapi", reason="needs the [serve] extra")
+    from fastapi.testclient import TestClient
+
+    from edgebc.serve import display as display_module
+    from edgebc.serve.app import create_app
+    from edgebc.serve.runtime import build_runtime
+    from tests.test_serve import settings_for, wait_until
+
+    runtime = build_runtime(settings_for(tmp_path, display={"enabled": True, "fullscreen": False,
+                                                            "size": [640, 400]}))  # fmt: skip
+    with TestClient(create_app(runtime)) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, what="ready")
+        checks = client.get("/readyz").json()["checks"]
+        assert set(checks) == {"model", "source", "audit_log", "display"}
+        assert checks["display"] == {"ok": True, "detail": "showing the screen at 640x400"}
+        if how == "closed":  # the window manager's close button, or a stray key on a kiosk
+            monkeypatch.setattr(display_module.Window, "close_requested", lambda self: True)
+        else:
+            monkeypatch.setattr(display_module, "render_screen", lambda *a: 1 / 0)
+        ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 503 and r,
+                           what="readiness to fall")  # fmt: skip
+        display = ready.json()["checks"]["display"]
+        assert not display["ok"] and display["detail"].startswith("the local display stopped: ")
+        assert ("window was closed" if how == "closed" else "division by zero") in display["detail"]
+        assert all(c["ok"] for name, c in ready.json()["checks"].items() if name != "display")
+        assert runtime.status_line().endswith("; not ready: display")
+        assert client.get("/healthz").status_code == 200  # serving goes on without it
+
+
+@pytest.mark.parametrize("mode", ["frozen", "stalled"])
+def test_a_frozen_or_stalled_feed_withdraws_the_decision_on_the_local_screen(
+    pygame_dummy, tmp_path, monkeypatch, mode
+):
+    """Not only the page: the cart's own screen drops the label and the bars and says why."""
+    pytest.importorskip("fastapi", reason="needs the [serve] extra")
+    from fastapi.testclient import TestClient
+
+    from edgebc.serve import display as display_module
+    from edgebc.serve.app import create_app
+    from edgebc.serve.display import TEXT
+    from edgebc.serve.runtime import build_runtime
+    from tests.test_serve import SwitchableSource, settings_for, wait_until
+
+    drawn = []
+    render = display_module.render_screen
+    monkeypatch.setattr(display_module, "render_screen",
+                        lambda view, image, size: drawn.append((view, render(view, image, size)))
+                        or drawn[-1][1])  # fmt: skip
+    size = (640, 400)
+    source = SwitchableSource()
+    runtime = build_runtime(settings_for(tmp_path, display={"enabled": True, "fullscreen": False,
+                                                            "size": list(size)}),
+                            source_factory=lambda: source)  # fmt: skip
+    try:
+        with TestClient(create_app(runtime)):
+            wait_until(lambda: drawn and drawn[-1][0]["display"]["label"], what="a decision shown")
+            _, decided = drawn[-1]
+            assert (
+                decided_pixels(decided, size, TEXT) + decided_pixels(decided, size, POSITIVE_FILL)
+                > 50
+            )
+            source.mode = mode
+            reason = f"no decision: {mode} feed"
+            wait_until(lambda: (drawn[-1][0]["display"]["reason"] or "").startswith(reason),
+                       timeout=5.0, what=f"the {mode} feed withdrawn on the screen")  # fmt: skip
+            view, screen = drawn[-1]
+            source.mode = "live"
+    finally:
+        source.mode = "live"
+    assert view["display"]["label"] is None and view["display"]["probabilities"] is None
+    layout = screen_layout(size, 2, 0)
+    assert decided_pixels(screen, size, WARNING) > 50  # "no decision" in amber, where the label was
+    assert decided_pixels(screen, size, TEXT) == decided_pixels(screen, size, POSITIVE_FILL) == 0
+    reason_box = screen[layout.reason.y : layout.reason.y + layout.reason.h,
+                        layout.reason.x : layout.reason.x + layout.reason.w]  # fmt: skip
+    assert np.count_nonzero(np.all(reason_box == WARNING, axis=-1)) > 50  # the reason, in words
+    for track in screen_layout(size, 2, 3).tracks:  # where the bars were: no bar, no fill
+        row = screen[track.y + track.h // 2, track.x : track.x + track.w]
+        assert max([0, *runs(row, TRACK), *runs(row, FILL), *runs(row, POSITIVE_FILL)]) < 8

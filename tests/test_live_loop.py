@@ -52,11 +52,13 @@ def test_every_result_reaches_every_sink_in_order_and_a_failing_sink_harms_none(
     reader = LiveReader(lambda: PhantomCineSource("benign", fps=60, size=128, frames=8))
     first, broken, last = Recording(), Failing(), Recording()
     trail = AuditTrail(tmp_path / "audit.sqlite")
-    pipeline = LivePipeline(classifier, reader, [first, broken, AuditSink(trail), last]).start()
+    audit = AuditSink(trail)
+    pipeline = LivePipeline(classifier, reader, [first, broken, last], audit=audit).start()
     try:
         wait_until(lambda: len(last.results) >= 12)
     finally:
         pipeline.stop()
+    assert pipeline.sinks[0] is audit  # the audit trail first: nothing is shown before it is logged
     assert pipeline.sinks[-1] is pipeline.statistics  # the statistics come last and see it all
     handled = [r.sequence for r in last.results]
     assert [r.sequence for r in first.results] == handled == list(range(1, len(handled) + 1))
@@ -64,7 +66,9 @@ def test_every_result_reaches_every_sink_in_order_and_a_failing_sink_harms_none(
     assert pipeline.counts["errors"] == len(handled)  # the broken sink, counted once per result
     assert first.closed == last.closed == broken.closed == 1
     timings = last.results[0].timings_ms
-    assert {"recording", "failing", "audit", "end_to_end", "inference"} <= set(timings)
+    assert {"audit", "end_to_end", "inference"} <= set(timings)  # the result, as published
+    handoff = pipeline.handoff_ms(pipeline.latest().sequence)  # the later sinks' times, apart
+    assert set(handoff) == {"recording", "failing", "statistics"}
     rows = read_trail(tmp_path / "audit.sqlite")  # committed by the audit sink's close
     assert [row["frame_index"] for row in rows] == [r.frame.index for r in last.results]
     assert json.loads(rows[0]["latencies_ms"])["inference"] == pytest.approx(timings["inference"])
@@ -118,3 +122,26 @@ def test_a_live_results_json_is_its_decisions_json_with_the_frame_and_smoothing(
     assert fields["frame"] == {"sequence": 7, "index": 7, "captured_at": live.frame.captured,
                                "width": 4, "height": 4, "sha256": "0" * 64, "source": "test"}  # fmt: skip
     assert fields["timings_ms"]["inference"] == 5.0
+
+
+class Snapshot(Recording):
+    """Keeps each result with a copy of its timings as they were when handed over."""
+
+    name = "snapshot"
+
+    def handle(self, result):
+        self.results.append((result, dict(result.timings_ms)))
+
+
+def test_a_published_result_never_changes_afterwards():
+    classifier = build_classifier(ClassifierSettings())
+    reader = LiveReader(lambda: PhantomCineSource("benign", fps=60, size=128, frames=8))
+    early, late = Snapshot(), Recording()
+    pipeline = LivePipeline(classifier, reader, [early, late]).start()
+    try:
+        wait_until(lambda: len(late.results) >= 8)
+    finally:
+        pipeline.stop()
+    for result, seen in early.results:  # the later sinks' hand-offs left the result as it was
+        assert result.timings_ms == seen
+        assert {"inference", "smoothing", "end_to_end"} <= set(seen)

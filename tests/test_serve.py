@@ -27,7 +27,7 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 
 
 class SwitchableSource:
-    """Phantom frames at ~60 fps that freeze on cue (mode: live | frozen)."""
+    """Phantom frames at ~60 fps that freeze or stall on cue (mode: live | frozen | stalled)."""
 
     live = True
 
@@ -40,6 +40,8 @@ class SwitchableSource:
 
     def read(self):
         time.sleep(1 / 60)
+        while self.mode == "stalled":  # a read that blocks, as a hung capture card's does
+            time.sleep(0.01)
         if self.mode == "live":
             self._last = self._phantom.read().image
         return self._stamp(self._last)
@@ -327,7 +329,7 @@ def test_settings_refuse_unknown_keys_and_bad_values(tmp_path):
         load_serve_settings(None, ["sorce=phantom:tour"])
     with pytest.raises(ConfigError, match="threshold"):
         load_serve_settings(None, ["threshold=1.5"])
-    with pytest.raises(ConfigError, match="either region or auto_region"):
+    with pytest.raises(ConfigError, match="either a region or auto_region"):
         load_serve_settings(None, ["region=[0,0,10,10]", "auto_region=true"])
     with pytest.raises(Exception, match="no such file, folder or device"):
         build_runtime(settings_for(tmp_path, source=str(tmp_path / "missing.avi")))
@@ -433,3 +435,54 @@ def test_latency_percentiles_are_computed_once_per_frame_however_many_pages_watc
     assert views >= 60 and len(computed) % len(STAGES) == 0
     # Once per new result at most (plus the one in flight), not once per page and view.
     assert len(computed) // len(STAGES) <= frames + 1 < views, (len(computed), frames, views)
+
+
+def test_only_a_result_the_audit_trail_accepted_is_ever_shown(tmp_path):
+    """The audit trail comes first: a result it refused is withdrawn, never on a screen."""
+    runtime = build_runtime(settings_for(tmp_path))
+    accepted: set[int] = set()
+    refusing = threading.Event()
+    record = runtime.audit.record
+
+    def audited(entry):
+        if refusing.is_set():
+            raise OSError("the audit disk went away")
+        record(entry)
+        accepted.add(entry.frame_index)
+
+    runtime.audit.record = audited
+    shown: list[tuple[int, bool]] = []  # (frame, accepted by the trail) when a page is woken
+
+    def woken():
+        latest = runtime.pipeline.latest()
+        shown.append((latest.frame.index, latest.frame.index in accepted))
+
+    runtime.broadcast.subscribe(woken)
+    runtime.start()
+    try:
+        wait_until(lambda: len(shown) >= 5, what="results on the pages")
+        refusing.set()
+        view = wait_until(lambda: (v := runtime.view())["display"]["label"] is None and v,
+                          what="the decision withdrawn")  # fmt: skip
+        assert "audit trail" in view["display"]["reason"]
+        errors = runtime.pipeline.counts["errors"]
+        wait_until(lambda: runtime.pipeline.counts["errors"] > errors + 5, what="refusals")
+        assert runtime.pipeline.latest().frame.index in accepted
+        assert runtime.view()["display"]["label"] is None  # still withdrawn, not the old one
+        refusing.clear()
+        wait_until(lambda: runtime.view()["display"]["label"], what="the decision back")
+    finally:
+        runtime.stop()
+    assert shown and all(ok for _, ok in shown), [s for s in shown if not s[1]][:3]
+
+
+def test_the_readmes_layout_names_every_serve_module():
+    from pathlib import Path
+
+    import edgebc.serve
+
+    folder = Path(edgebc.serve.__file__).parent
+    row = next(line for line in (folder.parents[1] / "README.md").read_text().splitlines()
+               if line.startswith("| `edgebc/serve/` |"))  # fmt: skip
+    modules = sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if f"`{m}`" not in row] == []

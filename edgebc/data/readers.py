@@ -19,10 +19,11 @@ from edgebc.data.manifest import read_manifest
 from edgebc.data.records import Finding, Sample
 from edgebc.decode import read_header
 from edgebc.errors import DataLayoutError, ImageDecodeError
+from edgebc.sources import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+SAMPLE_SUFFIXES = (*IMAGE_SUFFIXES, *DICOM_SUFFIXES)  # a data set's image files: pictures, DICOM
 _MASK_NAME = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
 _BUSI_NAME = re.compile(r"^(?P<cls>benign|malignant|normal) \((?P<n>\d+)\)$", re.IGNORECASE)
 _BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -45,7 +46,7 @@ def read_class_folders(
         for path in sorted(class_dir.rglob("*")):
             if (
                 not path.is_file()
-                or path.suffix.lower() not in IMAGE_SUFFIXES
+                or path.suffix.lower() not in SAMPLE_SUFFIXES
                 or path.name.startswith(".")
             ):
                 continue

@@ -7,9 +7,11 @@ Three parts, so that what is drawn is tested without a screen:
   permanent research banner (and the DEMO banner for the demo model). numpy and OpenCV only.
 - `Window` puts such images on the screen through pygame-ce (the [display] extra; the runtime's
   OpenCV is the headless build, which has no windows). Its SDL2 runs under X11 or Wayland, and on
-  a console without a desktop straight on KMS/DRM (SDL_VIDEODRIVER=kmsdrm).
+  a console without a desktop straight on KMS/DRM (SDL_VIDEODRIVER=kmsdrm). Where SDL finds no
+  screen it falls back to drivers that draw nowhere; those are refused unless asked for by name.
 - `LocalDisplay` is the sink: a thread that redraws on every result and at least four times a
-  second, so a withdrawn decision leaves the screen even when frames stop coming.
+  second, so a withdrawn decision leaves the screen even when frames stop coming. Each redraw
+  takes the view and its frame from one result (`ServeRuntime.screen`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from edgebc.serve.live_loop import LiveResult
     from edgebc.serve.settings import DisplaySettings
 
+# A view (`ServeRuntime.view()`) and the frame it describes, taken together from one result.
+Screen = Callable[[], tuple[dict[str, Any], np.ndarray | None]]
+
 log = logging.getLogger(__name__)
 
 # BGR, the page's colours (edgebc/serve/page.html)
@@ -46,6 +51,10 @@ WARNING = (41, 180, 240)  # #f0b429: "no decision"
 MUTED = (187, 187, 187)
 WITHDRAWN_DIM = 0.35  # a frame without a decision is shown dimmed, as on the page
 FONT = cv2.FONT_HERSHEY_DUPLEX
+# SDL's fallbacks where it finds no screen: they draw nowhere, so they are taken only when asked for
+HEADLESS_DRIVERS = ("offscreen", "dummy")
+NO_SCREEN = ("with no display server, set SDL_VIDEODRIVER=kmsdrm on a console without a desktop, "
+             "run under X11 or Wayland, or turn the display off (no --display; display.enabled: false)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -228,14 +237,18 @@ class Window:
     def __init__(self, fullscreen: bool = True, size: tuple[int, int] = (1280, 720)) -> None:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # no greeting on the service log
         self._pygame = pygame = require("pygame", "the local display (display.enabled)")
-        pygame.display.init()
         try:
+            pygame.display.init()
+            driver = pygame.display.get_driver()
+            if driver in HEADLESS_DRIVERS and os.environ.get("SDL_VIDEODRIVER") != driver:
+                raise pygame.error(f"no screen found (SDL fell back to its {driver} driver, "
+                                   "which shows nothing)")  # fmt: skip
             flags = pygame.FULLSCREEN if fullscreen else 0
             self.surface = pygame.display.set_mode((0, 0) if fullscreen else size, flags)
         except pygame.error as exc:
             pygame.display.quit()
-            raise EdgebcError(f"the local display cannot open a window: {exc} (no screen? set "
-                              "SDL_VIDEODRIVER=kmsdrm on a console without a desktop)") from exc  # fmt: skip
+            message = f"the local display cannot open a window: {exc}; {NO_SCREEN}"
+            raise EdgebcError(message) from exc
         pygame.display.set_caption("edgebc — research use only")
         pygame.mouse.set_visible(not fullscreen)
         self.size: tuple[int, int] = self.surface.get_size()
@@ -268,26 +281,37 @@ class LocalDisplay:
         self.settings = settings
         self.refresh_seconds = refresh_seconds
         self.frames_shown = 0
+        self.stopped: str | None = None  # why the window went away, once it has
+        self._size: tuple[int, int] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._opened = threading.Event()
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, view: Callable[[], dict[str, Any]], latest: Callable[[], LiveResult | None],
-              timeout: float = 10.0) -> None:  # fmt: skip
-        """Open the window on the display's own thread (SDL wants one thread) and wait for it."""
-        self._thread = threading.Thread(target=self._run, args=(view, latest),
+    def start(self, screen: Screen, timeout: float = 10.0) -> None:
+        """Open the window on the display's own thread (SDL wants one thread), wait for it, and
+        from then on draw `screen()`: the view and its frame, from one result."""
+        self._thread = threading.Thread(target=self._run, args=(screen,),
                                         name="edgebc-local-display", daemon=True)  # fmt: skip
         self._thread.start()
         if not self._opened.wait(timeout):
-            raise EdgebcError(f"the local display did not open its window within {timeout:.0f} s")
+            self._stop.set()
+            raise EdgebcError(f"the local display did not open its window within {timeout:.0f} s; "
+                              f"{NO_SCREEN}")  # fmt: skip
         if self._failure is not None:
             raise self._failure
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> tuple[bool, str]:
+        """Whether the window is up and redrawing, and in words (readiness, the status line)."""
+        stopped = self.stopped
+        if self.alive and stopped is None and self._size is not None:
+            return True, f"showing the screen at {self._size[0]}x{self._size[1]}"
+        return False, f"the local display stopped: {stopped or 'not open'}"
 
     def handle(self, result: LiveResult) -> None:
         self._wake.set()
@@ -298,28 +322,30 @@ class LocalDisplay:
         if self._thread is not None:
             self._thread.join(5.0)
 
-    def _run(
-        self, view: Callable[[], dict[str, Any]], latest: Callable[[], LiveResult | None]
-    ) -> None:
+    def _run(self, screen: Screen) -> None:
         try:
             window = Window(self.settings.fullscreen, self.settings.size)
         except BaseException as exc:  # handed to start(), which raises it on the caller's thread
             self._failure = exc
             self._opened.set()
             return
+        self._size = window.size
         self._opened.set()
         try:
             while not self._stop.is_set():
                 if window.close_requested():
+                    self.stopped = "its window was closed"
                     log.warning("the local display was closed from its window; serving goes on")
                     break
-                result = latest()
-                image = None if result is None else result.frame.image
-                window.show(render_screen(view(), image, window.size))
+                view, image = screen()
+                window.show(render_screen(view, image, window.size))
                 self.frames_shown += 1
                 self._wake.wait(self.refresh_seconds)
                 self._wake.clear()
-        except Exception:
+            else:
+                self.stopped = "the service is stopping"
+        except Exception as exc:
+            self.stopped = f"it failed ({exc})"
             log.exception("the local display failed; serving goes on without it")
         finally:
             window.close()

@@ -2,11 +2,13 @@
 
 One thread takes the newest frame from a `LiveReader` (never a stale or repeated one), classifies
 it (region crop, quality gate, shared preprocessing, inference, calibrated probabilities), folds
-it into the temporal smoother and hands the `LiveResult` to each `Sink`: the page broadcast, a
-local display, the audit trail, the statistics (edgebc/serve/sinks.py). `display()` is what a
-screen may show *now*: a decision is withdrawn, with the reason in words, whenever the feed is not
-delivering (stalled, frozen, garbage, reopening), the frame failed the quality gate, or the newest
-result is older than `max_result_age`. Nothing here imports a web framework.
+it into the temporal smoother and hands the `LiveResult` to each `Sink` (edgebc/serve/sinks.py):
+the audit trail first, and only a result it accepted is published, to `latest()`, the page
+broadcast, a local display and the statistics. `display()` is what a screen may show *now*: a
+decision is withdrawn, with the reason in words, whenever the feed is not delivering (stalled,
+frozen, garbage, reopening), the audit trail refused the newest result, the frame failed the
+quality gate, or the newest result is older than `max_result_age`. Nothing here imports a web
+framework.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,10 +36,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LiveResult:
-    """One classified frame: the per-frame decision, the smoothed one, and where the time went.
-
-    `timings_ms` gains each sink's hand-off time (under the sink's name) as the result passes
-    them; the statistics, the last sink, see them all."""
+    """One classified frame: the per-frame decision, the smoothed one, the imaging region it was
+    cropped to, and where the time went. Never changed once built: the audit trail records it
+    with the stages up to smoothing, and the result published after it carries the audit's time
+    and the end-to-end latency too (the later sinks' hand-off times are `LivePipeline.handoff_ms`)."""
 
     sequence: int
     frame: Frame
@@ -46,6 +48,7 @@ class LiveResult:
     frame_sha256: str
     timings_ms: dict[str, float]
     finished_monotonic: float
+    region: Region | None = None  # None: the whole frame
 
     def to_json(self) -> dict[str, Any]:
         """The decision's JSON (`Decision.to_json()`) with the loop's timings, the smoothed
@@ -68,7 +71,8 @@ class Sink(Protocol):
     """Where results go: the audit trail, the page broadcast, the statistics, a local display.
 
     `handle` runs on the loop's thread for every result, so it must be quick (queue, wake, count);
-    `close` runs once when the service stops."""
+    `close` runs once when the service stops. An exception from the audit sink withdraws the
+    result; from any other sink it is counted and logged, and the others still get the result."""
 
     name: str  # the stage its hand-off time is reported under
 
@@ -96,8 +100,10 @@ class LivePipeline:
         smoothing: SmoothingConfig | None = None,
         auto_region: bool = False,
         max_result_age: float = 1.0,
+        audit: Sink | None = None,
     ) -> None:
-        """Results go to `sinks` in order, then to the pipeline's own statistics."""
+        """Each result goes to `audit` first (the audit trail: what it refuses is never shown),
+        then, published, to `sinks` in order and to the pipeline's own statistics."""
         self.classifier = classifier
         self.reader = reader
         self.auto_region = auto_region
@@ -108,8 +114,13 @@ class LivePipeline:
             card.class_names, card.positive_class, classifier.threshold, smoothing
         )
         self.statistics = LiveStatistics(card.class_names)
-        self.sinks: list[Sink] = [*sinks, self.statistics]
+        self.audit = audit
+        self.screens: list[Sink] = list(sinks)
+        # in hand-over order: the audit trail, then the screens, then the statistics
+        self.sinks: list[Sink] = [*([audit] if audit else []), *self.screens, self.statistics]
         self._latest: LiveResult | None = None
+        self._refused: str | None = None  # why the newest result was withdrawn by the audit trail
+        self._handoff: tuple[int, dict[str, float]] = (0, {})  # the latest's sinks' hand-off times
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgebc-live-pipeline", daemon=True)
@@ -175,22 +186,50 @@ class LivePipeline:
         timings = {"capture_wait": waited_ms, "read": frame.read_ms, **decision.timings_ms,
                    "smoothing": (time.perf_counter() - started) * 1000.0}  # fmt: skip
         digest = hashlib.sha256(np.ascontiguousarray(frame.image).data).hexdigest()
-        finished = time.monotonic()
-        timings["end_to_end"] = (finished - frame.captured_monotonic) * 1000.0
         self._sequence += 1
-        return LiveResult(self._sequence, frame, decision, smoothed, digest, timings, finished)
+        return LiveResult(self._sequence, frame, decision, smoothed, digest, timings,
+                          time.monotonic(), self.classifier.region)  # fmt: skip
 
     def _hand_over(self, result: LiveResult) -> None:
+        """The audit trail first; a result it accepted (queued, or counted as lost by the trail's
+        own rules when its backlog is full) is published, one it refused is withdrawn."""
+        published = self._audited(result)
+        if published is None:
+            return
         with self._lock:
-            self._latest = result
-        for sink in self.sinks:
+            self._latest, self._refused = published, None
+        handoff: dict[str, float] = {}  # this result's own: the published result is never changed
+        for sink in (*self.screens, self.statistics):
             started = time.perf_counter()
             try:
-                sink.handle(result)
+                sink.handle(published)
             except Exception:  # one sink failing must not keep the result from the others
                 self.statistics.failed()
                 log.exception("the %s sink failed on frame %s", sink.name, result.frame.index)
-            result.timings_ms[sink.name] = (time.perf_counter() - started) * 1000.0
+            handoff[sink.name] = (time.perf_counter() - started) * 1000.0
+        with self._lock:
+            self._handoff = (published.sequence, handoff)
+
+    def _audited(self, result: LiveResult) -> LiveResult | None:
+        """The result to publish, with the audit's time and the end-to-end latency; None when the
+        audit trail refused it (counted, logged, and the screens withdraw the decision)."""
+        timings: dict[str, float] = {}
+        if self.audit is not None:
+            started = time.perf_counter()
+            try:
+                self.audit.handle(result)
+            except Exception as exc:  # never show a decision that was not logged
+                self.statistics.failed()
+                log.exception("the audit trail refused frame %s; its decision is not shown",
+                              result.frame.index)  # fmt: skip
+                with self._lock:
+                    self._refused = f"the audit trail could not record the newest result ({exc})"
+                return None
+            timings[self.audit.name] = (time.perf_counter() - started) * 1000.0
+        finished = time.monotonic()
+        timings["end_to_end"] = (finished - result.frame.captured_monotonic) * 1000.0
+        return replace(result, timings_ms={**result.timings_ms, **timings},
+                       finished_monotonic=finished)  # fmt: skip
 
     def _detect_region(self, image: np.ndarray) -> None:
         """Detect the imaging region once, on the first frame; fall back to the whole frame, loudly."""
@@ -208,15 +247,26 @@ class LivePipeline:
 
     # -- what the screen may show ----------------------------------------------------------------
     def latest(self) -> LiveResult | None:
+        """The newest result the audit trail accepted."""
         with self._lock:
             return self._latest
+
+    def handoff_ms(self, sequence: int) -> dict[str, float]:
+        """How long each sink after the audit trail took with result `sequence` (the screens'
+        and the statistics' hand-off times); empty until they all had it, or once it is old."""
+        with self._lock:
+            handed, times = self._handoff
+            return dict(times) if handed == sequence else {}
 
     def feed(self) -> FeedState:
         return self.reader.state()
 
     def display(self) -> Display:
+        """What a screen may show now; the frame, region and decision it describes are all from
+        `Display.result`, one result."""
         feed = self.reader.state()
         result = self.latest()
+        refused = self._refused  # read after it: a result published since has cleared it
         if not feed.ok:
             detail = f" ({feed.detail})" if feed.detail else ""
             reason = (
@@ -227,6 +277,8 @@ class LivePipeline:
             return Display(None, None, reason, result)
         if result is None:
             return Display(None, None, "waiting for the first frame", None)
+        if refused is not None:
+            return Display(None, None, refused, result)
         age = time.monotonic() - result.frame.captured_monotonic
         if age > self.max_result_age:
             return Display(None, None, f"newest result is {age:.1f} s old", result)

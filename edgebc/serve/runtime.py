@@ -2,8 +2,10 @@
 
 Kept apart from the HTTP layer so that readiness, the status view and upload classification are
 plain functions the tests can call, and so the web framework stays a thin shell. Built by
-`build_runtime(settings)`; the HTTP app starts it on startup and stops it on shutdown (which
-releases the source and commits the audit trail).
+`build_runtime(settings)`, which also opens the local display's window when there is one (before
+the server starts, so that a cart without a screen fails with one line); the HTTP app starts the
+live loop on startup and stops it on shutdown (which releases the source, commits the audit trail
+and closes the window).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from edgebc.audit_trail import AuditTrail, record_of
 from edgebc.backends import Backend
-from edgebc.classifier import FrameClassifier
+from edgebc.classifier import FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.decode import decode_image
 from edgebc.demo import DEMO_BANNER
@@ -31,7 +33,7 @@ from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
 from edgebc.serve.display import LocalDisplay
-from edgebc.serve.live_loop import LivePipeline, LiveResult, Sink
+from edgebc.serve.live_loop import Display, LivePipeline, LiveResult
 from edgebc.serve.settings import ServeSettings
 from edgebc.serve.sinks import AuditSink, PageBroadcast
 from edgebc.sources import FrameSource, open_source
@@ -115,9 +117,7 @@ class ServeRuntime:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the local display (if any; a failure stops the start), then run the live loop."""
-        if self.display is not None:
-            self.display.start(self.view, self.pipeline.latest)
+        """Run the live loop (the local display, if any, is already open: build_runtime)."""
         self.pipeline.start()
 
     def stop(self) -> None:
@@ -138,7 +138,7 @@ class ServeRuntime:
         feed = self.pipeline.feed()
         trail = self.audit.status()
         model_ok = self.model_check.verified or not self.settings.require_verified_model
-        return {
+        checks = {
             "model": {"ok": model_ok, "detail": self.model_check.detail},
             "source": {
                 "ok": feed.ok and self.pipeline.alive,
@@ -149,6 +149,10 @@ class ServeRuntime:
                 "detail": trail.problem or f"writable ({self.audit.path})",
             },
         }
+        if self.display is not None:  # a cart that relies on its own screen is not ready without it
+            showing, detail = self.display.health()
+            checks["display"] = {"ok": showing, "detail": detail}
+        return checks
 
     # -- the screen's view -----------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -172,15 +176,25 @@ class ServeRuntime:
 
     def view(self) -> dict[str, Any]:
         """The state the cart's page and GET /v1/status show."""
+        return self._view(self.pipeline.display())
+
+    def screen(self) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The view and the frame it describes, both from one result: what the local display
+        draws (frame, region outline and decision can never come from two different frames)."""
         display = self.pipeline.display()
+        return self._view(display), None if display.result is None else display.result.frame.image
+
+    def _view(self, display: Display) -> dict[str, Any]:
         feed = self.pipeline.feed()
         result = display.result
         trail = self.audit.status()
-        region = self.pipeline.classifier.region
+        region = self.pipeline.classifier.region if result is None else result.region
         frame: dict[str, Any] | None = None
         per_frame: dict[str, Any] | None = None
         if result is not None:
             per_frame = result.to_json()
+            handoff = rounded_ms(self.pipeline.handoff_ms(result.sequence))
+            per_frame["timings_ms"] = {**per_frame["timings_ms"], **handoff}
             age = (time.monotonic() - result.frame.captured_monotonic) * 1000.0
             frame = {**per_frame.pop("frame"), "age_ms": round(age, 1)}
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
@@ -241,7 +255,7 @@ class ServeRuntime:
         digest = hashlib.sha256(data).hexdigest()
         self.audit.record(
             record_of(
-                fields,
+                decision,
                 captured_at=time.time(),
                 source="upload",
                 frame_sha256=digest,
@@ -277,8 +291,8 @@ def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
 def build_runtime(
     settings: ServeSettings, source_factory: Callable[[], FrameSource] | None = None
 ) -> ServeRuntime:
-    """Load and check everything before the server listens: a bad model, source URI, region or
-    log location fails here with one clear line, not on the first request."""
+    """Load and check everything before the server listens: a bad model, source URI, region, log
+    location or local display fails here with one clear line, not on the first request."""
     token = settings.read_token()
     display = LocalDisplay(settings.display) if settings.display.enabled else None
     classifier = build_classifier(settings)
@@ -304,13 +318,22 @@ def build_runtime(
     except Exception as exc:
         backend.close()
         raise EdgebcError(f"audit log {settings.audit.path}: cannot open it: {exc}") from exc
-    # The screens first, so the audit trail's work (a PNG per frame, with store_pixels) never
-    # delays what the clinician sees; the statistics come last, inside the pipeline.
+    # The audit trail first: a decision reaches the screens only once it is logged (queued, or
+    # counted as lost by the trail's own rules); the statistics come last, inside the pipeline.
     broadcast = PageBroadcast()
-    sinks: list[Sink] = [broadcast, *([display] if display else []), AuditSink(audit)]
-    pipeline = LivePipeline(
-        classifier, reader, sinks, settings.smoothing, settings.auto_region, settings.max_result_age
-    )
+    pipeline = LivePipeline(classifier, reader, [broadcast, *([display] if display else [])],
+                            settings.smoothing, settings.auto_region, settings.max_result_age,
+                            audit=AuditSink(audit))  # fmt: skip
+    runtime = ServeRuntime(settings, backend, settings.model_path, check, pipeline, audit,
+                           broadcast, token, UploadQueue(settings.max_pending_uploads), display)  # fmt: skip
+    if display is not None:
+        try:  # before the server starts: no screen is one clear line, not a failed start-up
+            display.start(runtime.screen)
+        except BaseException:
+            display.close()
+            audit.close()
+            backend.close()
+            raise
     log.info(
         "model %s (%s, sha256 %s…, %s); source %s; audit log %s",
         backend.card.name,
@@ -320,15 +343,4 @@ def build_runtime(
         settings.source,
         settings.audit.path,
     )
-    return ServeRuntime(
-        settings,
-        backend,
-        settings.model_path,
-        check,
-        pipeline,
-        audit,
-        broadcast,
-        token,
-        UploadQueue(settings.max_pending_uploads),
-        display,
-    )
+    return runtime

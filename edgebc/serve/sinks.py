@@ -1,8 +1,9 @@
 """Where the live loop's results go: the audit trail, the page broadcast and the statistics.
 
 Each is a `Sink` (edgebc/serve/live_loop.py): `handle(result)` on the loop's thread for every
-result, quick (queue a record, wake the pages, count), and `close()` once at shutdown. The local
-display (edgebc/serve/display.py) is another.
+result, quick (queue a record, wake the pages, count), and `close()` once at shutdown. The audit
+sink is handed each result first, and an exception from it withdraws the result; the local
+display (edgebc/serve/display.py) is another sink.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class AuditSink:
         frame = result.frame
         self.trail.record(
             record_of(
-                result.decision.to_json(),
+                result.decision,
                 smoothed_decision=result.smoothed.label,
                 captured_at=frame.captured,
                 source=frame.source,
@@ -141,8 +142,7 @@ class LiveStatistics:
         self._lock = threading.Lock()
 
     def handle(self, result: LiveResult) -> None:
-        # the result's own timings, not a copy: the hand-off time of this sink lands there too
-        self.rolling.add(result.finished_monotonic, result.timings_ms)
+        self.rolling.add(result.finished_monotonic, result.timings_ms)  # never changed: no copy
         self.counts["frames"] += 1
         label = result.decision.label
         if label is None:
