@@ -352,3 +352,31 @@ def test_the_tensorrt_cache_gives_a_reused_engine_the_release_card(site, tmp_pat
     path, built = cache.cached_engine(model, tmp_path)
     assert (path, built) == (engine, False)
     assert ModelCard.from_json(read_sidecar(engine)["card"]) == site.card
+
+
+@pytest.mark.browser
+def test_edgebc_serve_runs_the_release_and_its_page_shows_the_bound(site, tmp_path):
+    """`edgebc serve --model RELEASE/model.onnx` as a real process, the page in Chromium."""
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian's chromium (apt install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright")
+    from tests.serve_process import ServerProcess
+    from tests.test_serve_browser import FLAGS
+
+    statement = bound_statement(site.card)
+    with ServerProcess(tmp_path, "--model", str(site.release / "model.onnx")) as server:
+        server.wait_ready()
+        assert server.get("/v1/model").json()["sensitivity_bound"] == statement
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=shutil.which("chromium"), args=FLAGS
+            )
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.wait_for_function("document.querySelector('#bound').textContent.length > 0",
+                                       timeout=15000)  # fmt: skip
+                assert page.inner_text("#bound") == statement
+                assert "demo-phantom-site" in page.inner_text("#model")
+            finally:
+                browser.close()
