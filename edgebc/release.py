@@ -96,7 +96,7 @@ def check_site_card(site: ModelCard, embedded: ModelCard, source: str | Path = C
         if key == "lineage":
             mine = {k: v for k, v in (mine or {}).items() if k != SITE_ENTRY}
             model = {k: v for k, v in (model or {}).items() if k != SITE_ENTRY}
-        if mine != model:
+        if _canonical(mine) != _canonical(model):  # as JSON: a NaN metric equals itself
             raise EdgebcError(
                 f"{source}: field {key!r} differs from the card embedded in the model "
                 f"({_short(mine)} vs {_short(model)}); a site card may change only "
@@ -124,7 +124,7 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
         write_manifest(building, [MODEL_FILE, CARD_FILE])
         if read_manifest(building)[MODEL_FILE] != source_sha:
             raise EdgebcError(f"{model}: the copy differs from the original (disk error?)")
-        if card_for_model(building / MODEL_FILE) != card:  # verified, checked, read back
+        if card_for_model(building / MODEL_FILE).to_json() != card.to_json():  # read back
             raise EdgebcError(f"{building / CARD_FILE}: does not read back as written")
         if out.exists():
             out.rmdir()  # the empty folder the caller may have made
@@ -136,6 +136,10 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
     return out
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = _canonical(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -245,6 +245,8 @@ def test_check_site_card_names_the_field_and_ignores_calibration():
     calibrated = replace(demo, name="x", temperature=2.0, calibration={"a": 1},
                          lineage={"site_calibration": {"cases": 3}})  # fmt: skip
     check_site_card(calibrated, demo)  # only calibration differs: accepted
+    with_nan = replace(demo, metrics={**demo.metrics, "val_auc_positive": float("nan")})
+    check_site_card(ModelCard.from_json(with_nan.to_json()), with_nan)  # NaN read back is NaN
     with pytest.raises(EdgebcError, match=r"field 'precision' differs"):
         check_site_card(replace(demo, precision="fp16"), demo)
     with pytest.raises(EdgebcError, match=r"field 'lineage' differs"):
