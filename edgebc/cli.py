@@ -16,6 +16,7 @@ from edgebc import __version__
 from edgebc.commands import (
     HelpFormatter,
     bench,
+    calibrate,
     classify,
     data,
     export,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register_eval(commands)
     train.register_cross_site(commands)
     export.register_export(commands)
+    calibrate.register_calibrate(commands)
     classify.register_classify(commands)
     serve.register_serve(commands)
     bench.register_bench(commands)

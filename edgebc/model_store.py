@@ -2,7 +2,8 @@
 
 A store (default /var/lib/edgebc/models, or $EDGEBC_MODEL_STORE) holds:
 
-    releases/<name>-<sha12>/  one folder per installed model: model.onnx, MANIFEST.sha256, release.json
+    releases/<name>-<sha12>/  one folder per installed model: model.onnx, MANIFEST.sha256, release.json,
+                              and card.json for a site-calibrated release (<name>-<sha12>-<card sha8>)
     current  -> releases/...  what `edgebc serve` loads (config: model: <store>/current/model.onnx)
     previous -> releases/...  what `edgebc model rollback` returns to
     .incoming-*/              an install in progress; never loaded, removed by the next install
@@ -29,13 +30,16 @@ from typing import Any
 import numpy as np
 
 from edgebc.atomic import atomic_write_text, fsync_directory
+from edgebc.calibration import bound_statement
 from edgebc.errors import EdgebcError
 from edgebc.integrity import (
     MANIFEST_NAME,
     read_manifest,
+    sha256_file,
     verify_artifact,
     write_manifest,
 )
+from edgebc.release import CARD_FILE, card_for_model, site_card_path, verify_release_card
 
 DEFAULT_STORE = Path("/var/lib/edgebc/models")
 MODEL_FILE = "model.onnx"
@@ -89,10 +93,9 @@ class ModelStore:
     # -- changing --------------------------------------------------------------------------------
 
     def install(self, source: str | Path, progress: Progress = lambda stage: None) -> Release:
-        """Verify `source` (an exported .onnx listed in the MANIFEST.sha256 beside it), copy it in,
-        smoke-test it, then make it current and the old current previous. Returns the release."""
-        from edgebc.model_card import read_card
-
+        """Verify `source` (an exported .onnx listed in the MANIFEST.sha256 beside it, with the
+        release's card.json where `edgebc calibrate` wrote one), copy it in, smoke-test it, then
+        make it current and the old current previous. Returns the release."""
         source = Path(source)
         if source.suffix.lower() != ".onnx":
             raise EdgebcError(
@@ -105,9 +108,12 @@ class ModelStore:
                 f"{source}: no {MANIFEST_NAME} beside it lists this file, so its bytes cannot be "
                 "checked; install the folder `edgebc export` wrote, manifest included"
             )
-        card = read_card(source)
+        card = card_for_model(source)  # a site card.json is verified and checked here
+        site_card = site_card_path(source) if site_card_path(source).exists() else None
         progress("verified")
         release_id = f"{_safe(card.name)}-{sha[:12]}"
+        if site_card is not None:  # the same model file with another site's card is another release
+            release_id += f"-{sha256_file(site_card)[:8]}"
         self._prepare()
         final = self.releases / release_id
         if final.is_dir() and _problem(final) is None:
@@ -120,8 +126,15 @@ class ModelStore:
             incoming.chmod(0o755)  # mkdtemp makes it 0700: the service user must read the release
             try:
                 _copy_synced(source, incoming / MODEL_FILE, progress)
-                write_manifest(incoming, [MODEL_FILE])
-                if read_manifest(incoming)[MODEL_FILE] != sha:
+                files = [MODEL_FILE]
+                if site_card is not None:
+                    _copy_synced(site_card, incoming / CARD_FILE, progress)
+                    files.append(CARD_FILE)
+                write_manifest(incoming, files)
+                wanted = {MODEL_FILE: sha}
+                if site_card is not None:
+                    wanted[CARD_FILE] = read_manifest(source.parent)[CARD_FILE]
+                if read_manifest(incoming) != wanted:
                     raise EdgebcError(f"{source}: the copy differs from the original (disk error?)")
                 progress("copied")
                 smoke = smoke_test(incoming / MODEL_FILE)
@@ -130,6 +143,8 @@ class ModelStore:
                         "name": card.name, "arch": card.arch, "precision": card.precision,
                         "input": list(card.input_shape), "classes": list(card.class_names),
                         "threshold": card.threshold, "exported": card.exported,
+                        "site_calibration": card.lineage.get("site_calibration") is not None,
+                        "sensitivity_bound": bound_statement(card),
                         "installed": _now(), "smoke_test": smoke}  # fmt: skip
                 atomic_write_text(incoming / RELEASE_FILE, json.dumps(info, indent=2) + "\n")
                 os.rename(incoming, final)
@@ -251,6 +266,8 @@ def _problem(folder: Path) -> str | None:
     try:
         if verify_artifact(model) is None:
             return f"{MANIFEST_NAME} is missing or does not list {MODEL_FILE}"
+        if (folder / CARD_FILE).exists():
+            verify_release_card(model)
     except EdgebcError as exc:
         return str(exc)
     return None

@@ -187,7 +187,7 @@ def test_a_two_input_model_is_trained_exported_loaded_and_decided(tmp_path):
 
 
 def test_the_operating_point_counts_patients_not_frames():
-    from edgebc.train.finalize import operating_point
+    from edgebc.calibration import operating_point
 
     # three malignant patients with two panels each, two benign patients: 3 positive units
     units = ["patient:a", "patient:a", "patient:b", "patient:b", "patient:c", "patient:c",

@@ -1,5 +1,6 @@
 """The on-device runtime is torch-free: at import time, on the paths a device runs (`edgebc bench`,
-`edgebc model install|engine`) with torch blocked, and in its source, lazily or not."""
+`edgebc model install|engine`, `edgebc calibrate`) with torch blocked, and in its source, lazily
+or not."""
 
 import ast
 import json
@@ -154,6 +155,20 @@ def test_model_engine_reaches_the_tensorrt_build_without_torch(store, tmp_path):
     )
     assert code == 1 and attempts == []
     assert "stand-in TensorRT: the build used trt.Logger" in err
+
+
+def test_calibrate_writes_a_site_release_with_torch_blocked(tmp_path):
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+
+    samples = read_manifest(write_phantom_dataset(tmp_path / "ph", SynthPlan(12, 96, seed=5)))
+    site = write_manifest([s.with_(patient_id=f"{s.label}-{k // 2}") for k, s in enumerate(samples)],
+                          tmp_path / "site.csv")  # fmt: skip
+    code, out, err, attempts = run_blocked("calibrate", DEMO_MODEL, "--data", site, "--out",
+                                           tmp_path / "release", "--min-positives", "6")  # fmt: skip
+    assert code == 0, err
+    assert attempts == []
+    assert "6 malignant patients" in out and (tmp_path / "release" / "card.json").is_file()
 
 
 # -- the runtime's source ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgebc import __version__
 from edgebc.atomic import atomic_open
-from edgebc.data.records import Sample
+from edgebc.data.fingerprint import data_fingerprint as data_fingerprint  # training's name for it
 from edgebc.errors import EdgebcError
 from edgebc.model_card import ModelCard, OperatingPoint, single_input
 from edgebc.optional import require
@@ -54,17 +54,6 @@ class Checkpoint:
 
     def with_card(self, **changes: Any) -> Checkpoint:
         return replace(self, card=replace(self.card, **changes))
-
-
-def data_fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 over (file name, label, split, fold, size) of every sample: what a model was trained on."""
-    digest = hashlib.sha256()
-    for sample in sorted(samples, key=lambda s: (s.path.name, s.label)):
-        size = sample.path.stat().st_size if sample.path.exists() else -1
-        digest.update(
-            f"{sample.path.name}|{sample.label}|{sample.split}|{sample.fold}|{size}\n".encode()
-        )
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -8,7 +8,8 @@ malignant cases behind them and a one-sided lower confidence bound on the sensit
 new cases (metrics.threshold_for_sensitivity says why the bound holds for a threshold chosen on
 the same data). The bound is about the model that ships: it is these weights' own validation
 predictions, not out-of-fold models', that choose the threshold. Both go into the card of `best.pt` — the one record
-export embeds and the device decides by — so they flow one way, from here to the cart.
+export embeds and the device decides by — so they flow one way, from here to the cart. The fit is
+edgebc.calibration's, the one `edgebc calibrate` refits at a site with.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edgebc import metrics
 from edgebc.atomic import atomic_write_text
-from edgebc.model_card import OperatingPoint
+from edgebc.calibration import fit_calibration
 from edgebc.optional import require
 from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgebc.train.config import TrainConfig
@@ -40,13 +38,10 @@ def finalize_best(
     card = checkpoint.card
     model = model_from_checkpoint(checkpoint).to(device)
     logits = predict_logits(model, val_x, device)
-    y = val_y.numpy()
-    temperature = metrics.fit_temperature(logits, y)
-    probs = metrics.softmax(logits, temperature)
-    point = operating_point(probs, y, val_units, card.positive, config.optim.target_sensitivity,
-                            config.optim.sensitivity_confidence)  # fmt: skip
-    ece_before, _ = metrics.expected_calibration_error(metrics.softmax(logits), y)
-    ece_after, _ = metrics.expected_calibration_error(probs, y)
+    fit = fit_calibration(logits, val_y.numpy(), val_units, card.positive,
+                          config.optim.target_sensitivity, config.optim.sensitivity_confidence)  # fmt: skip
+    temperature, point = fit.temperature, fit.operating_point
+    ece_before, ece_after = fit.ece_before, fit.ece_after
     calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after}
     save_checkpoint(
         path,
@@ -60,16 +55,6 @@ def finalize_best(
             "val_specificity_at_threshold": point.specificity,
             "val_sensitivity_bound": point.sensitivity_bound,
             "val_positive_units": point.positives}  # fmt: skip
-
-
-def operating_point(probs: np.ndarray, y: np.ndarray, units: Sequence[str], positive: int,
-                    target: float, confidence: float) -> OperatingPoint:  # fmt: skip
-    """The threshold for `target` sensitivity over independent cases, with its bound."""
-    kind = "patient" if any(not u.startswith("frame:") for u in units) else "frame"
-    _, unit_y, unit_p = metrics.unit_scores(units, y, probs, positive)
-    return metrics.threshold_for_sensitivity(
-        unit_y == positive, unit_p[:, positive], target, confidence, kind
-    )
 
 
 def finalize_run(

@@ -6,8 +6,9 @@ whose card has several inputs (one per modality or view) and returns every outpu
 
 `open_backend(path)` picks by file type: `.onnx` runs on ONNX Runtime (CPU, or CUDA / TensorRT
 execution providers when present), `.engine` on native TensorRT (its sidecar checked first).
-Both verify the file against `MANIFEST.sha256` when one lists it, read the card from the model,
-and validate every input against the model's declared shape before inference.
+Both verify the file against `MANIFEST.sha256` when one lists it, read the card from the model
+(or a release's verified `card.json` beside it: edgebc.release), and validate every input against
+the model's declared shape before inference.
 """
 
 from __future__ import annotations

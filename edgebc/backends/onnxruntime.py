@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: provider choice, thread settings, warm-up, integrity and shape checks."""
+"""ONNX Runtime backend: provider choice, thread settings, warm-up, integrity and shape checks,
+and the card a release gives the model (edgebc.release)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import onnxruntime
 from edgebc.backends import validate_batch, validate_feeds
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file, verify_artifact
-from edgebc.model_card import read_card
+from edgebc.release import card_for_model
 
 
 class OnnxRuntimeBackend:
@@ -33,7 +34,7 @@ class OnnxRuntimeBackend:
                 "CUDA and TensorRT providers come with the onnxruntime-gpu package"
             )
         self.model_sha256 = verify_artifact(path) or sha256_file(path)
-        self.card = read_card(path)
+        self.card = card_for_model(path)  # a release's site card.json, else the embedded one
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not spin_wait:

@@ -1,4 +1,5 @@
-"""Per-image fingerprints for the audit: content hash, perceptual hash, thumbnail, colour and marks.
+"""Fingerprints: per image for the audit (content hash, perceptual hash, thumbnail, colour and
+marks), and per data set for a model's record (what it was trained or site-calibrated on).
 
 pHash (DCT of a 32x32 thumbnail, 64 sign bits around the median) finds candidates that look
 alike; a correlation of zero-mean 64x64 thumbnails then confirms them, because two unrelated
@@ -8,12 +9,14 @@ ultrasound frames that are mostly dark background share most pHash bits.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from edgebc.data.records import Sample
 from edgebc.decode import decode_image, to_grey_uint8
 
 THUMB_SIZE = 64
@@ -111,3 +114,15 @@ def count_annotation_marks(grey: np.ndarray) -> int:
     _, _, stats, _ = cv2.connectedComponentsWithStats(marks, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     return int(np.sum((areas >= 2) & (areas <= 60)))
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 over (file name, label, split, fold, size) of every sample: what a model was trained
+    (or site-calibrated) on, without reading the images."""
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: (s.path.name, s.label)):
+        size = sample.path.stat().st_size if sample.path.exists() else -1
+        digest.update(
+            f"{sample.path.name}|{sample.label}|{sample.split}|{sample.fold}|{size}\n".encode()
+        )
+    return digest.hexdigest()

@@ -24,8 +24,10 @@ import numpy as np
 
 from edgebc.audit_trail import AuditTrail, record_of
 from edgebc.backends import Backend
+from edgebc.calibration import bound_statement
 from edgebc.classifier import FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
+from edgebc.config import to_mapping
 from edgebc.decode import decode_image
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
@@ -157,6 +159,8 @@ class ServeRuntime:
     # -- the screen's view -----------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
         card = self.backend.card
+        threshold = self.pipeline.classifier.threshold
+        point = card.operating_point
         return {
             "name": card.name,
             "arch": card.arch,
@@ -166,9 +170,13 @@ class ServeRuntime:
             "precision": card.precision,
             "class_names": list(card.class_names),
             "positive_class": card.positive_class,
-            "threshold": self.pipeline.classifier.threshold,
+            "threshold": threshold,
             "card_threshold": card.threshold,
             "temperature": card.temperature,
+            # the bound beside the decision: only while the cart decides at the card's threshold
+            "sensitivity_bound": bound_statement(card, threshold),
+            "operating_point": None if point is None else to_mapping(point),
+            "site_calibration": card.lineage.get("site_calibration"),
             "verified": self.model_check.verified,
             "verification": self.model_check.detail,
             "demo": self.demo,
@@ -199,7 +207,8 @@ class ServeRuntime:
             frame = {**per_frame.pop("frame"), "age_ms": round(age, 1)}
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
         info = self.model_info()  # once per view: the page asks for a view with every frame
-        model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class")}
+        model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class",
+                                      "sensitivity_bound")}  # fmt: skip
         return {
             "banners": banners,
             "demo": self.demo,

@@ -19,8 +19,8 @@ from edgebc.atomic import atomic_write_bytes
 from edgebc.backends.tensorrt.sidecar import gpu_identity, write_sidecar
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file
-from edgebc.model_card import read_card
 from edgebc.optional import require
+from edgebc.release import card_for_model
 
 Precision = Literal["fp16", "int8"]
 
@@ -36,7 +36,7 @@ def build_engine(
     """Build and write a serialized engine plus its sidecar; `batch` is (min, opt, max)."""
     trt = require("tensorrt", "building TensorRT engines")
     onnx_path, out = Path(onnx_path), Path(out)
-    card = read_card(onnx_path)
+    card = card_for_model(onnx_path)  # a release's site card.json, else the embedded one
     if precision == "int8" and card.precision != "int8":
         raise EdgebcError(
             f"{onnx_path}: INT8 engines are built from the QDQ model (edgebc export --int8), not from a {card.precision} one"
