@@ -156,8 +156,15 @@ def run_eval(args: argparse.Namespace) -> int:
           f"macro AUC {report['macro_auc']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, ECE {report['ece']:.3f}")  # fmt: skip
     if report.get("operating_point"):
         op = report["operating_point"]
+        bound = ""
+        if op.get("sensitivity_bound") is not None:
+            realised = op.get("patient_sensitivity", op["sensitivity"])
+            held = "n/a" if realised is None else ("yes" if op.get("bound_held") else "NO")
+            bound = (
+                f" (stated bound >= {op['sensitivity_bound']:.3f} per {op['unit']}, held: {held})"
+            )
         print(
-            f"at threshold {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+            f"at threshold {op['threshold']:.3f}: sensitivity {op['sensitivity']:.3f}, specificity {op['specificity']:.3f}{bound}"
         )
     if report["excluded_labels"]:
         left_out = ", ".join(f"{n} {label}" for label, n in report["excluded_labels"].items())
