@@ -8,6 +8,7 @@ import pytest
 
 from edgebc.serve.display import (
     BACKGROUND,
+    Box,
     BANNER_COLOURS,
     FILL,
     POSITIVE_FILL,
@@ -413,3 +414,23 @@ def test_a_frozen_or_stalled_feed_withdraws_the_decision_on_the_local_screen(
     for track in screen_layout(size, 2, 3).tracks:  # where the bars were: no bar, no fill
         row = screen[track.y + track.h // 2, track.x : track.x + track.w]
         assert max([0, *runs(row, TRACK), *runs(row, FILL), *runs(row, POSITIVE_FILL)]) < 8
+
+
+def test_the_stated_bound_is_shown_beside_a_decision_and_not_without_one():
+    bound = "sensitivity ≥ 0.85 at 95 % confidence, 40 malignant patients"
+    layout = screen_layout(SIZE, 2, 3)
+    line_h = max(16, layout.status.h // 6)
+    fourth = Box(layout.status.x, layout.status.y + 3 * line_h, layout.status.w, line_h)
+
+    def ink(v):
+        screen = render_screen(v, None, SIZE)
+        patch = screen[fourth.y : fourth.y + fourth.h, fourth.x : fourth.x + fourth.w]
+        return int(np.any(patch != BACKGROUND, axis=-1).sum())
+
+    with_bound = view()
+    with_bound["model"]["sensitivity_bound"] = bound
+    assert ink(with_bound) > 50  # four status lines: the bound first
+    assert ink(view()) == 0  # three lines: nothing in the fourth
+    withdrawn = view(label=None, reason="no decision: frozen feed")
+    withdrawn["model"]["sensitivity_bound"] = bound
+    assert ink(withdrawn) == 0  # no decision, no claim about it

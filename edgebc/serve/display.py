@@ -140,6 +140,8 @@ def render_screen(
         f"source {view['feed']['source']}: {view['feed']['status']}",
         f"model {model['name']} {model['sha256'][:12]}",
     ]
+    if decided and model.get("sensitivity_bound"):
+        lines.insert(0, model["sensitivity_bound"])  # the evidence behind the call, beside it
     if not view["audit"]["healthy"]:
         lines.append(f"Audit log problem: {view['audit']['problem']}")
     line_h = max(16, layout.status.h // 6)
