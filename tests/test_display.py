@@ -8,7 +8,6 @@ import pytest
 
 from edgebc.serve.display import (
     BACKGROUND,
-    Box,
     BANNER_COLOURS,
     FILL,
     POSITIVE_FILL,
@@ -16,6 +15,7 @@ from edgebc.serve.display import (
     TICK,
     TRACK,
     WARNING,
+    Box,
     fit,
     render_screen,
     screen_layout,
