@@ -279,3 +279,40 @@ def test_the_torch_backend_runs_named_inputs_like_the_runtime(tmp_path):
     onnx_out = open_backend(path).run_named({"input": batch})
     assert torch_out.keys() == onnx_out.keys() == {"logits"}
     np.testing.assert_allclose(torch_out["logits"], onnx_out["logits"], atol=1e-4)
+
+
+def test_a_calibration_split_fits_the_operating_point_on_cases_early_stopping_never_saw(tmp_path):
+    from edgebc.data.split import SplitPlan, assign_splits
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+
+    phantoms = read_manifest(
+        write_phantom_dataset(tmp_path / "ph", SynthPlan(n_per_class=16, size=48, seed=5))
+    )
+    plan = SplitPlan(val=0.2, test=0.2, calibration=0.25, seed=0)
+    manifest = write_manifest(assign_splits(phantoms, plan), tmp_path / "split.csv")
+    split = read_manifest(manifest)
+    calibration = [s for s in split if s.split == "calibration"]
+    assert calibration and not {s.path for s in calibration} & {
+        s.path for s in split if s.split == "val"
+    }
+    run = loop.train_model(_config(manifest, tmp_path, "cal"), show_progress=False)
+    card = load_checkpoint(run.best_checkpoint).card
+    assert card.calibration["fitted_on"] == "calibration split"
+    point = card.operating_point
+    malignant = sum(s.label == "malignant" for s in calibration)
+    assert (point.positives, point.negatives) == (malignant, len(calibration) - malignant)
+    # without a calibration side the validation split is used, and the card says so
+    plain = loop.train_model(
+        _config(tiny_split_of(tmp_path, phantoms), tmp_path, "val"), show_progress=False
+    )
+    assert (
+        load_checkpoint(plain.best_checkpoint).card.calibration["fitted_on"] == "validation split"
+    )
+
+
+def tiny_split_of(tmp_path, phantoms):
+    from edgebc.data.split import SplitPlan, assign_splits
+
+    return write_manifest(
+        assign_splits(phantoms, SplitPlan(val=0.2, test=0.2, seed=0)), tmp_path / "plain.csv"
+    )

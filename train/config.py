@@ -38,6 +38,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # where temperature and operating point are fitted when the manifest has it (edgebc data split
+    # --calibration); without it, on the validation split, which also chose the epoch (optimistic)
+    calibration_split: str = "calibration"
     fold: int | None = None  # with k-fold manifests: this fold validates, the others train
 
     def __post_init__(self) -> None:

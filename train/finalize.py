@@ -15,6 +15,7 @@ edgebc.calibration's, the one `edgebc calibrate` refits at a site with.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,21 @@ from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint, save
 from edgebc.train.config import TrainConfig
 
 torch = require("torch", "training")
+log = logging.getLogger(__name__)
 
 
 def finalize_best(
-    path: Path, val_x: Any, val_y: Any, val_units: Sequence[str], device: Any, config: TrainConfig
-) -> dict[str, float]:
-    """Fit the temperature and the operating threshold on validation; store both in the card."""
+    path: Path, val_x: Any, val_y: Any, val_units: Sequence[str], device: Any, config: TrainConfig,
+    fitted_on: str = "validation split",
+) -> dict[str, Any]:  # fmt: skip
+    """Fit the temperature and the operating threshold on `fitted_on` (the calibration split when
+    the manifest has one, else validation); store both in the card, saying where they came from."""
+    if fitted_on == "validation split":
+        log.warning(
+            "the operating point is fitted on the validation split, which also chose the epoch: "
+            "its sensitivity bound is optimistic; give the split a calibration side "
+            "(edgebc data split --calibration 0.15)"
+        )
     from edgebc.train.loop import predict_logits
 
     checkpoint = load_checkpoint(path)
@@ -42,7 +52,7 @@ def finalize_best(
                           config.optim.target_sensitivity, config.optim.sensitivity_confidence)  # fmt: skip
     temperature, point = fit.temperature, fit.operating_point
     ece_before, ece_after = fit.ece_before, fit.ece_after
-    calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after}
+    calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after, "fitted_on": fitted_on}
     save_checkpoint(
         path,
         checkpoint.with_card(
@@ -54,7 +64,7 @@ def finalize_best(
             "val_sensitivity_at_threshold": point.sensitivity,
             "val_specificity_at_threshold": point.specificity,
             "val_sensitivity_bound": point.sensitivity_bound,
-            "val_positive_units": point.positives}  # fmt: skip
+            "val_positive_units": point.positives, "fitted_on": fitted_on}  # fmt: skip
 
 
 def finalize_run(
@@ -62,14 +72,15 @@ def finalize_run(
     val_x: Any,
     val_y: Any,
     val_units: Sequence[str],
+    fitted_on: str,
     device: Any,
     config: TrainConfig,
     history: list[dict[str, float]],
     world_size: int,
     ddp_identical: bool,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Finalise `best.pt`, then write the run's metrics.json and training curves."""
-    best = finalize_best(run_dir / "best.pt", val_x, val_y, val_units, device, config)
+    best = finalize_best(run_dir / "best.pt", val_x, val_y, val_units, device, config, fitted_on)
     best["ddp_world_size"] = world_size
     if world_size > 1:
         best["ddp_weights_identical"] = float(ddp_identical)

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     best_checkpoint: Path
-    best_metrics: dict[str, float]
+    best_metrics: dict[str, Any]
     history: list[dict[str, float]]
 
 
@@ -104,7 +104,8 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
             for s in samples
             if s.split == data.train_split and s.fold is not None and s.fold != data.fold
         ]
-    wanted = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[role]
+    wanted = {"train": data.train_split, "val": data.val_split, "test": data.test_split,
+              "calibration": data.calibration_split}[role]  # fmt: skip
     return [s for s in samples if s.split == wanted]
 
 
@@ -150,11 +151,17 @@ def _train(
     if run.supervised is not None:
         run.supervised.release()
     ddp_identical = _weights_identical_across_ranks(run.trained, dist)
-    best_metrics: dict[str, float] = {}
+    best_metrics: dict[str, Any] = {}
     if dist.is_main:
         from edgebc.train.finalize import finalize_run
 
-        best_metrics = finalize_run(run.run_dir, run.val_x, run.val_y, run.val_units, run.device, run.config,
+        fit_x, fit_y, fit_units, fitted_on = run.calibration or (
+            run.val_x,
+            run.val_y,
+            run.val_units,
+            "validation split",
+        )
+        best_metrics = finalize_run(run.run_dir, fit_x, fit_y, fit_units, fitted_on, run.device, run.config,
                                     run.history, dist.world_size, ddp_identical)  # fmt: skip
     return RunResult(run.run_dir, run.run_dir / "best.pt", best_metrics, run.history)
 
@@ -172,6 +179,8 @@ class _Run:
     val_x: torch.Tensor
     val_y: torch.Tensor
     val_units: list[str]
+    # (images, targets, units, "calibration split") when the manifest has a calibration side
+    calibration: tuple[torch.Tensor, torch.Tensor, list[str], str] | None
     train_masks: torch.Tensor | None
     has_mask: torch.Tensor | None
     train_soft: torch.Tensor | None
@@ -245,7 +254,16 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     val_x, val_y = cache_tensors(
         SampleDataset(val_samples, prep, task), config.loader_workers, "cache val"
     )
-    fingerprint = data_fingerprint(train_samples + val_samples)
+    calibration_samples = select_samples(config, "calibration")
+    calibration = None
+    if calibration_samples:
+        cal_x, cal_y = cache_tensors(
+            SampleDataset(calibration_samples, prep, task),
+            config.loader_workers,
+            "cache calibration",
+        )
+        calibration = (cal_x, cal_y, [s.unit for s in calibration_samples], "calibration split")
+    fingerprint = data_fingerprint(train_samples + val_samples + calibration_samples)
     teachers = check_teachers(config, fingerprint)
     provenance = [t.provenance() for t in teachers]
     if state is not None and state.card.lineage.get("distilled_from", []) != provenance:
@@ -319,7 +337,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     )
     amp_dtype = _amp_dtype(config, device)
     run = _Run(
-        config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_samples],
+        config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_samples], calibration,
         train_masks, has_mask,
         train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,

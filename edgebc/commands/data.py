@@ -59,6 +59,13 @@ def register_data(commands: argparse._SubParsersAction) -> None:
         "--folds", type=int, default=0, help="k folds over the non-test data (0: none)"
     )
     split.add_argument(
+        "--calibration",
+        type=float,
+        default=0.0,
+        help="fraction held out as a calibration side: the temperature and the operating point "
+        "(with its sensitivity bound) are fitted there, on cases early stopping never saw",
+    )
+    split.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives the same split"
     )
     split.set_defaults(handler=run_split)
@@ -114,8 +121,9 @@ def run_split(args: argparse.Namespace) -> int:
     from edgebc.data.split import SplitPlan, assign_splits, split_summary
 
     plan = SplitPlan(
-        val=0.0 if args.folds else args.val, test=args.test, folds=args.folds, seed=args.seed
-    )
+        val=0.0 if args.folds else args.val, test=args.test, folds=args.folds, seed=args.seed,
+        calibration=args.calibration,
+    )  # fmt: skip
     samples = read_dataset(args.path)
     if not any(s.group for s in samples):
         log.info(

@@ -26,11 +26,21 @@ class SplitPlan:
     test: float = 0.15
     folds: int = 0
     seed: int = 0
+    # A side that neither training nor early stopping sees, on which the temperature and the
+    # operating point are fitted: a bound stated on the split that also chose the epoch is optimistic.
+    calibration: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.val < 1.0 and 0.0 <= self.test < 1.0 and self.val + self.test < 1.0):
+        total = self.val + self.test + self.calibration
+        if not (
+            0.0 <= self.val < 1.0
+            and 0.0 <= self.test < 1.0
+            and 0.0 <= self.calibration < 1.0
+            and total < 1.0
+        ):
             raise ValueError(
-                f"val and test must be fractions in [0, 1) summing below 1, got {self.val}, {self.test}"
+                f"val, test and calibration must be fractions in [0, 1) summing below 1, got "
+                f"{self.val}, {self.test}, {self.calibration}"
             )
         if self.folds < 0 or self.folds == 1:
             raise ValueError(f"folds must be 0 (no folds) or at least 2, got {self.folds}")
@@ -72,12 +82,17 @@ def assign_splits(samples: Sequence[Sample], plan: SplitPlan) -> list[Sample]:
     rng = np.random.default_rng(plan.seed)
     units = split_units(samples)
     if plan.folds:
-        sides = ["test", *(f"fold{k}" for k in range(plan.folds))]
-        share = (1.0 - plan.test) / plan.folds
-        fractions = [plan.test, *([share] * plan.folds)]
+        sides = ["test", "calibration", *(f"fold{k}" for k in range(plan.folds))]
+        share = (1.0 - plan.test - plan.calibration) / plan.folds
+        fractions = [plan.test, plan.calibration, *([share] * plan.folds)]
     else:
-        sides = ["train", "val", "test"]
-        fractions = [1.0 - plan.val - plan.test, plan.val, plan.test]
+        sides = ["train", "val", "test", "calibration"]
+        fractions = [
+            1.0 - plan.val - plan.test - plan.calibration,
+            plan.val,
+            plan.test,
+            plan.calibration,
+        ]
     by_stratum: dict[str, list[list[int]]] = defaultdict(list)
     for unit in units:
         by_stratum[_unit_label(samples, unit)].append(unit)
