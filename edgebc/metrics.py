@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,17 +86,8 @@ def bootstrap_ci(
     """Percentile bootstrap interval of metric(y, scores) over resampled cases; NaN draws are skipped."""
     rng = np.random.default_rng(seed)
     n = len(y)
-    values = []
-    for _ in range(n_boot):
-        index = rng.integers(0, n, n)
-        value = metric(y[index], scores[index])
-        if np.isfinite(value):
-            values.append(value)
-    if len(values) < n_boot // 2:
-        return float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    draws = (rng.integers(0, n, n) for _ in range(n_boot))
+    return _percentile_interval((metric(y[i], scores[i]) for i in draws), n_boot, level)
 
 
 def cluster_bootstrap_ci(
@@ -115,16 +106,21 @@ def cluster_bootstrap_ci(
         members.setdefault(cluster, []).append(position)
     groups = [np.array(m) for m in members.values()]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        index = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
-        value = metric(*(np.asarray(a)[index] for a in arrays))
-        if np.isfinite(value):
-            values.append(value)
-    if len(values) < n_boot // 2:
+    draws = (
+        np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
+        for _ in range(n_boot)
+    )
+    values = (metric(*(np.asarray(a)[i] for a in arrays)) for i in draws)
+    return _percentile_interval(values, n_boot, level)
+
+
+def _percentile_interval(values: Iterable[float], n_boot: int, level: float) -> tuple[float, float]:
+    """The percentile interval of the finite bootstrap values; NaN when fewer than half are."""
+    finite = [v for v in values if np.isfinite(v)]
+    if len(finite) < n_boot // 2:
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
+    low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
 
 
