@@ -53,11 +53,17 @@ class ParityResult:
 
 
 def card_for_export(card: ModelCard, name: str, max_batch: int, source: str) -> ModelCard:
-    """The training card as the exported file carries it: named after the file, FP32, dated."""
+    """The training card as the exported file carries it: named after the file, FP32, dated.
+
+    The checkpoint is named by its run folder and file (`busi-mnv3/best.pt`), never by an absolute
+    path: a shipped model must not carry the build machine's folders, and the weights' sha256 in
+    the card is what identifies the checkpoint anyway."""
+    path = Path(source)
+    named = str(path) if not path.is_absolute() else str(Path(*path.parts[-2:]))
     return replace(
         card, name=name, precision="fp32", max_batch=max_batch, edgebc_version=__version__,
         exported=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=source,
+        source_checkpoint=named,
     )  # fmt: skip
 
 
@@ -102,6 +108,7 @@ def export_onnx(
             raise EdgebcError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
         graph = onnx.load(str(raw))
     _rename_io(graph, inputs, outputs)
+    _drop_stack_traces(graph)
     embed_card(graph, card)
     onnx.checker.check_model(graph, full_check=True)
     atomic_write_bytes(out, graph.SerializeToString())
@@ -239,6 +246,15 @@ def parity_of(
         decision_agreement=float(np.mean(rule.indices(probs[0]) == rule.indices(probs[1]))),
         n=len(expected), tolerance=tolerance,
     )  # fmt: skip
+
+
+def _drop_stack_traces(graph: Any) -> None:
+    """torch's exporter stores each node's Python stack trace, with the build machine's file paths;
+    a shipped model carries no such paths (the name scopes, which say which layer, stay)."""
+    for node in graph.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def _rename_io(graph: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:

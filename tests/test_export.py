@@ -50,6 +50,10 @@ def test_onnx_carries_its_card_and_agrees_with_torch(exported):
     read = read_card(path)
     assert read == card
     assert (read.temperature, read.threshold, read.target_sensitivity) == (1.5, 0.3, 0.95)
+    # the checkpoint (an absolute tmp path here) is named by its folder and file, no machine path
+    assert read.source_checkpoint == f"{path.parent.name}/ckpt.pt"
+    assert str(path.parent) not in path.read_bytes().decode("latin-1")  # nor anywhere in the file
+    assert "/site-packages/" not in path.read_bytes().decode("latin-1")  # torch's stack traces
     assert read.preprocess.input_shape == (1, 48, 48) and read.class_names == (
         "normal",
         "benign",
