@@ -146,6 +146,14 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_convert(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_hint, value_hint = args or (str, Any)
+        return {
+            _convert(k, key_hint, where): _convert(v, value_hint, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")

@@ -1,7 +1,8 @@
 """The one preprocessing shared by training, evaluation, INT8 calibration and the device.
 
-A frame goes: imaging-region crop -> the model's channels -> resize (stretch or letterbox) ->
-scale to [0, 1] -> (x - mean) / std -> NCHW float32. Every number that defines this lives in
+A frame goes: imaging-region crop -> the model's channels -> appearance normalisation (none,
+or a per-frame intensity transfer curve that undoes scanner gain and dynamic range) -> resize
+(stretch or letterbox) -> scale to [0, 1] -> (x - mean) / std -> NCHW float32. Every number that defines this lives in
 `PreprocessCard`, which is saved in checkpoints and embedded in exported models, so the device
 reads it from the model instead of re-declaring it (the way torchvision binds `transforms` to
 each weights entry). Any change here changes every model's input: keep it in this one module.
@@ -23,6 +24,11 @@ from edgebc.region import Region
 CARD_VERSION = 1
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+APPEARANCES = ("none", "stretch", "equalise")
+# Levels at or below this share of full scale are the black surround, not tissue: left out of the
+# statistics and kept black, so the letterbox bars and the sector's outside stay what they were.
+SURROUND_LEVEL = 0.02
+STRETCH_PERCENTILES = (0.01, 0.99)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,11 @@ class PreprocessCard:
 
     pad_value is the intensity in [0, 1] of the letterbox bars, before normalisation (0 = black,
     what the scanner shows outside the image).
+
+    appearance normalises each frame's intensities over its imaging pixels (those above the
+    black surround): "stretch" maps the 1st..99th percentile to the full range (undoes overall
+    gain and contrast), "equalise" maps each level to its rank (undoes any monotone transfer
+    curve: gain, gamma, log compression, dynamic range). "none" is the old behaviour.
     """
 
     input_height: int = 224
@@ -41,6 +52,7 @@ class PreprocessCard:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
     pad_value: float = 0.0
+    appearance: Literal["none", "stretch", "equalise"] = "none"
     version: int = CARD_VERSION
 
     def __post_init__(self) -> None:
@@ -66,6 +78,10 @@ class PreprocessCard:
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(
                 f"interpolation must be 'area' or 'linear', got {self.interpolation!r}"
+            )
+        if self.appearance not in APPEARANCES:
+            raise ValueError(
+                f"appearance must be one of {list(APPEARANCES)}, got {self.appearance!r}"
             )
         if self.version != CARD_VERSION:
             raise ValueError(
@@ -141,6 +157,7 @@ def preprocess_chw(
     if region is not None:
         image = region.crop(image)
     image = to_channels(image, prep.channels)
+    image = normalise_appearance(image, prep.appearance)
     image = resize_to_input(image, prep)
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
     if scaled.ndim == 2:
@@ -160,6 +177,36 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
             return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def normalise_appearance(image: np.ndarray, mode: str) -> np.ndarray:
+    """One intensity transfer curve per frame, from the grey levels of its imaging pixels, applied
+    to every channel; same dtype out. See PreprocessCard.appearance."""
+    if mode == "none":
+        return image
+    if mode not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {list(APPEARANCES)}, got {mode!r}")
+    is_float = image.dtype == np.float32
+    levels = image if not is_float else np.round(image * 65535.0).astype(np.uint16)
+    grey = levels if levels.ndim == 2 else cv2.cvtColor(levels, cv2.COLOR_BGR2GRAY)
+    top = int(_max_value(levels.dtype))
+    histogram = np.bincount(grey.ravel(), minlength=top + 1).astype(np.float64)
+    surround = int(SURROUND_LEVEL * top)
+    histogram[: surround + 1] = 0
+    tissue = histogram.sum()
+    if tissue == 0:  # an all-black frame: nothing to normalise (the quality gate refuses it)
+        return image
+    cdf = np.cumsum(histogram) / tissue
+    if mode == "equalise":
+        curve = cdf
+    else:
+        low, high = (int(np.searchsorted(cdf, q)) for q in STRETCH_PERCENTILES)
+        span = max(high - low, 1)
+        curve = np.clip((np.arange(top + 1, dtype=np.float64) - low) / span, 0.0, 1.0)
+    curve[: surround + 1] = 0.0
+    lut = np.round(curve * top).astype(levels.dtype)
+    mapped = lut[levels]
+    return mapped.astype(np.float32) / np.float32(65535.0) if is_float else mapped
 
 
 def letterbox_geometry(height: int, width: int, prep: PreprocessCard) -> LetterboxGeometry:

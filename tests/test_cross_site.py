@@ -131,3 +131,64 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
     before = best.stat().st_mtime_ns
     assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]"]) == 0
     assert best.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_remedies_train_leave_one_site_out_and_compare_paired_against_the_baseline(tmp_path):
+    pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    import yaml
+
+    from edgebc.cli import main
+
+    sites = {name: read_manifest(_site(tmp_path, name, seed, n_per_class=8))
+             for name, seed in (("east", 5), ("west", 6), ("north", 7))}  # fmt: skip
+    manifest = write_manifest(merge_sites(sites.items()), tmp_path / "sites.csv")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"arch": "simple_cnn"}, "preprocess": {"input_height": 32, "input_width": 32},
+        "data": {"task": "benign_vs_malignant"}, "loader_workers": 1,
+        "optim": {"epochs": 1, "batch_size": 8, "warmup_epochs": 1, "ema_decay": 0, "early_stop_patience": 0},
+    }))  # fmt: skip
+    out = tmp_path / "remedies"
+    config = tmp_path / "remedies.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_config": str(recipe), "manifest": str(manifest), "out_dir": str(out), "bootstrap": 200,
+        "pooled": False, "leave_one_out": True, "own_split": "val",
+        "variants": {"baseline": [], "equalise": ["preprocess.appearance=equalise"], "untrained": ["seed=9"]},
+    }))  # fmt: skip
+    for variant in ("baseline", "equalise"):
+        assert main(["cross-site", "--config", str(config), "--set", f"variant={variant}"]) == 0
+    report = json.loads((out / "equalise" / "cross_site.json").read_text())
+    rows = {(r["arm"], r["site"]): r for r in report["rows"]}
+    assert set(rows) == {(f"without-{a}", s) for a in sites for s in sites}
+    assert rows[("without-east", "west")]["trained_on"] == ["north", "west"]
+    lesions = {site: [s for s in samples if s.label != "normal"] for site, samples in sites.items()}
+    # the left-out site on all its frames, a site the arm trained on on its validation split only
+    assert rows[("without-east", "east")]["frames"] == len(lesions["east"])
+    assert rows[("without-east", "west")]["scored_on"] == "val split"
+    assert rows[("without-east", "west")]["frames"] == sum(
+        s.split == "val" for s in lesions["west"]
+    )
+    trained = yaml.safe_load((out / "equalise" / "without-east" / "config.yaml").read_text())
+    assert trained["preprocess"]["appearance"] == "equalise"
+
+    before = (out / "baseline" / "without-east" / "best.pt").stat().st_mtime_ns
+    assert main(["cross-site", "--config", str(config), "--compare"]) == 0
+    assert (out / "baseline" / "without-east" / "best.pt").stat().st_mtime_ns == before
+    assert not (out / "untrained").exists()  # --compare trains nothing
+    table = json.loads((out / "remedies.json").read_text())
+    assert table["skipped"] and table["skipped"][0].startswith("untrained:")
+    by = {(r["variant"], r["arm"], r["site"]): r for r in table["rows"]}
+    assert by[("baseline", "without-east", "east")]["delta_auc"] is None
+    delta = by[("equalise", "without-east", "east")]["delta_auc"]
+    expected = (
+        by[("equalise", "without-east", "east")]["auc"]["value"]
+        - by[("baseline", "without-east", "east")]["auc"]["value"]
+    )
+    assert delta["value"] == pytest.approx(expected)
+    assert delta["frames"] == len(lesions["east"])
+    assert delta["ci95"][0] <= delta["value"] <= delta["ci95"][1]
+    assert (
+        "| equalise | north+west | east (every shared patient) |"
+        in (out / "remedies.md").read_text()
+    )

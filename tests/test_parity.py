@@ -15,7 +15,13 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
 
 
 @pytest.mark.parametrize(
-    "card", [PreprocessCard(), PreprocessCard.imagenet_rgb(160, 192, resize="stretch")]
+    "card",
+    [
+        PreprocessCard(),
+        PreprocessCard.imagenet_rgb(160, 192, resize="stretch"),
+        PreprocessCard(appearance="equalise"),
+        PreprocessCard.imagenet_rgb(appearance="stretch"),
+    ],
 )
 def test_training_dataset_tensor_equals_runtime_tensor(tmp_path, card):
     from edgebc.train.dataset import SampleDataset

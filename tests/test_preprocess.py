@@ -168,3 +168,77 @@ def test_property_shape_dtype_range_and_finiteness(frame, channels, resize, side
     assert np.all(np.isfinite(out))
     low, high = (0.0 - 0.4) / 0.3, (1.0 - 0.4) / 0.3
     assert out.min() >= low - 1e-4 and out.max() <= high + 1e-4
+
+
+def _phantom(seed=0):
+    from edgebc.synth import make_ultrasound_phantom
+    from edgebc.synth.ultrasound import phantom_rng
+
+    image = make_ultrasound_phantom("benign", phantom_rng(seed, 0), 200, 240).image
+    image[:, :30] = 0  # the black surround beside the sector
+    return image
+
+
+def _changed(image, curve):
+    """The frame as another scanner preset would show it: a monotone curve on the tissue."""
+    out = np.round(255 * curve(image.astype(np.float64) / 255)).clip(0, 255).astype(np.uint8)
+    out[image == 0] = 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "curve",
+    [lambda x: x**0.6, lambda x: np.log1p(8 * x) / np.log(9), lambda x: 0.8 * x],
+    ids=["gamma", "log-compression", "gain"],
+)
+def test_equalising_undoes_any_monotone_transfer_curve(curve):
+    from edgebc.preprocess import normalise_appearance
+
+    image = _phantom()
+    original = normalise_appearance(image, "equalise").astype(int)
+    other = normalise_appearance(_changed(image, curve), "equalise").astype(int)
+    raw_gap = np.abs(image.astype(int) - _changed(image, curve).astype(int)).mean()
+    assert raw_gap > 5  # the presets really differ
+    assert np.abs(original - other).mean() < 2.0  # and equalised they agree to quantisation
+    assert (original[:, :30] == 0).all()  # the surround stays black
+
+
+def test_stretching_undoes_gain_and_maps_the_tissue_percentiles_to_the_full_range():
+    from edgebc.preprocess import normalise_appearance
+
+    image = _phantom(1)
+    dimmer = _changed(image, lambda x: 0.7 * x)
+    a, b = normalise_appearance(image, "stretch"), normalise_appearance(dimmer, "stretch")
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.5
+    tissue = a[image > 5]
+    assert np.percentile(tissue, 99.5) == 255 and np.percentile(tissue, 0.5) == 0
+
+
+def test_appearance_works_on_16_bit_float_and_colour_frames_and_none_is_the_identity():
+    from edgebc.preprocess import normalise_appearance
+
+    image = _phantom(2)
+    assert normalise_appearance(image, "none") is image
+    wide = image.astype(np.uint16) * 257
+    np.testing.assert_allclose(
+        normalise_appearance(wide, "equalise") / 65535.0,
+        normalise_appearance(image, "equalise") / 255.0,
+        atol=0.01,
+    )
+    as_float = normalise_appearance(image.astype(np.float32) / 255, "stretch")
+    assert as_float.dtype == np.float32 and as_float.min() >= 0.0 and as_float.max() <= 1.0
+    colour = normalise_appearance(np.dstack([image] * 3), "equalise")
+    np.testing.assert_array_equal(colour[:, :, 1], normalise_appearance(image, "equalise"))
+    black = np.zeros((20, 20), np.uint8)
+    np.testing.assert_array_equal(normalise_appearance(black, "equalise"), black)
+    with pytest.raises(ValueError, match="appearance must be one of"):
+        PreprocessCard(appearance="histogram")  # type: ignore[arg-type]
+
+
+def test_the_card_carries_appearance_and_older_cards_read_as_none():
+    card = PreprocessCard(appearance="equalise")
+    assert PreprocessCard.from_json(card.to_json()) == card
+    older = {k: v for k, v in PreprocessCard().to_dict().items() if k != "appearance"}
+    assert PreprocessCard.from_dict(older).appearance == "none"
+    frame = _phantom(3)
+    assert not np.array_equal(preprocess(frame, card), preprocess(frame, PreprocessCard()))

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,38 @@ def test_phantoms_are_learnable_well_above_chance(tmp_path):
     first = result.history[0]
     assert first["val_accuracy"] < 0.9  # not trivial: one epoch does not solve it
     assert result.best_metrics["val_auc_positive"] > 0.75
+
+
+def test_domain_balanced_sampling_gives_domains_the_shares_asked_for():
+    import torch
+
+    from edgebc.data import Sample
+    from edgebc.train.config import OptimConfig
+    from edgebc.train.loop import sampling_weights
+
+    samples = (
+        [Sample(Path(f"a{k}.png"), "benign", source="busi") for k in range(90)]
+        + [Sample(Path(f"b{k}.png"), "benign", source="busbra", extra=(("device", "logiq 7"),)) for k in range(9)]
+        + [Sample(Path(f"c{k}.png"), "malignant", source="busbra", extra=(("device", "aplio"),)) for k in range(1)]
+    )  # fmt: skip
+    targets = torch.tensor([0] * 99 + [1])
+
+    def shares(**optim):
+        w = sampling_weights(samples, targets, OptimConfig(**optim)).double()
+        return [
+            float(w[:90].sum() / w.sum()),
+            float(w[90:99].sum() / w.sum()),
+            float(w[99:].sum() / w.sum()),
+        ]
+
+    assert shares() == pytest.approx([0.9, 0.09, 0.01])  # off: natural shares
+    assert shares(domain_balance=1.0, domain_column="device") == pytest.approx([1 / 3] * 3)
+    sqrt = np.sqrt([90, 9, 1])
+    assert shares(domain_balance=0.5, domain_column="device") == pytest.approx(sqrt / sqrt.sum())
+    # by site, BUS-BRA's two scanners are one domain
+    assert shares(domain_balance=1.0)[0] == pytest.approx(0.5)
+    # with the class-balanced sampler too: the one malignant frame weighs as much as 99 benign
+    both = sampling_weights(samples, targets, OptimConfig(balanced_sampler=True))
+    assert float(both[99] / both[:99].sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="domain_balance must be in"):
+        OptimConfig(domain_balance=1.5)

@@ -4,7 +4,9 @@ Preprocessed tensors are mapped back to [0, 1] intensities with the preprocessin
 horizontal flip (breast anatomy has no left-right convention in a frame), small rotation,
 scale and translation (probe angle and pressure), a smooth elastic warp (tissue compression),
 brightness, contrast and gamma (gain and dynamic-range knobs), and multiplicative speckle-like
-noise; then normalised again. Areas moved in from outside the image are black, like the bars of
+noise; then, where the recipe asks, another scanner's look (overall and depth-dependent gain, a
+log-compression transfer curve, coarser resolution, blur, electronic noise, speckle grain); then
+normalised again. Areas moved in from outside the image are black, like the bars of
 a letterboxed frame. Vertical flips are not used: depth runs down and shadows fall downward.
 
 Every random draw comes from the `generator` passed in (seeded, and saved in checkpoints), so
@@ -14,6 +16,7 @@ a resumed run continues with exactly the augmentations it would have seen.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard
@@ -86,9 +89,65 @@ class BatchAugmenter:
         centre = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - centre) * contrast + centre + brightness).clamp(0, 1) ** gamma
         if c.speckle > 0:
+            grain = c.speckle_grain[0]
+            if len(c.speckle_grain) > 1:
+                pick = torch.randint(len(c.speckle_grain), (1,), generator=generator)
+                grain = c.speckle_grain[int(pick)]
             noise = torch.randn(x.shape, generator=generator).to(device)
-            noise = (
-                F.avg_pool2d(noise, 3, stride=1, padding=1) * 3
-            )  # correlated over ~3 px, unit-ish std
+            # correlated over `grain` px; times grain keeps the std near one
+            noise = F.avg_pool2d(noise, grain, stride=1, padding=grain // 2) * grain
             x = x * (1 + c.speckle * noise)
+        x = self._scanner(x.clamp(0, 1), uniform, generator)
         return (x.clamp(0, 1) - mean) / std, masks
+
+    def _scanner(self, x: torch.Tensor, uniform: Any, generator: torch.Generator) -> torch.Tensor:
+        """Another scanner's look: overall and depth gain, transfer curve, resolution, blur, noise.
+
+        Each draws random numbers only when enabled, so a recipe without them is unchanged.
+        """
+        c = self.config
+        n, _, height, _ = x.shape
+        view = (n, 1, 1, 1)
+        if c.gain > 0:
+            x = x * torch.exp(uniform(-c.gain, c.gain)).view(view)
+        if c.tgc > 0:  # a smooth gain curve down the rows (depth), from five control points
+            knots = uniform(-c.tgc, c.tgc, n, 1, 5)
+            curve = F.interpolate(knots, size=height, mode="linear", align_corners=True)
+            x = x * torch.exp(curve).view(n, 1, height, 1)
+        if c.dynamic_range > 0:
+            a = uniform(-c.dynamic_range, c.dynamic_range).view(view)
+            a = torch.where(a.abs() < 1e-3, torch.full_like(a, 1e-3), a)
+            x = torch.expm1(a * x.clamp(0, 1)) / torch.expm1(a)
+        if c.resolution > 1:
+            factors = uniform(1.0, c.resolution).tolist()
+            x = torch.cat([_resampled(x[i : i + 1], f) for i, f in enumerate(factors)])
+        if c.blur > 0:
+            x = _gaussian_blur(x, uniform(0.0, c.blur))
+        if c.noise > 0:
+            x = x + c.noise * torch.randn(x.shape, generator=generator).to(x.device)
+        return x
+
+
+def _resampled(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Down by `factor` (antialiased) and back up: the detail a coarser scanner would resolve."""
+    if factor < 1.05:
+        return image
+    size = image.shape[-2:]
+    small = [max(4, round(s / factor)) for s in size]
+    down = F.interpolate(image, size=small, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(down, size=size, mode="bilinear", align_corners=False)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image (a grouped convolution)."""
+    n, channels, _, _ = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = sigma.clamp(min=1e-3).view(n, 1)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / s) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)
+    flat = x.reshape(1, n * channels, *x.shape[-2:])
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * channels, 1, 1, -1), groups=n * channels)
+    flat = F.conv2d(flat, kernel.view(n * channels, 1, -1, 1), groups=n * channels)
+    return flat.view_as(x)

@@ -73,6 +73,28 @@ class AugmentConfig:
     contrast: float = 0.2
     gamma: tuple[float, float] = (0.8, 1.25)
     speckle: float = 0.15  # std of multiplicative noise
+    # Scanner and preset appearance (0 = off, the default, so older recipes draw what they drew).
+    # What differs between scanners is mostly the transfer curve, the depth gain and the
+    # resolution/speckle grain; these span it on top of the knobs above.
+    gain: float = 0.0  # overall gain: intensities times exp(U(-gain, gain))
+    tgc: float = 0.0  # depth-dependent gain: a smooth curve down the rows, exp(+-tgc) at most
+    dynamic_range: float = 0.0  # log-compression curve (e^(a x) - 1) / (e^a - 1), a in +-this
+    blur: float = 0.0  # Gaussian blur sigma up to this, in input pixels (resolution, focus)
+    resolution: float = 1.0  # downsample by up to this factor and back (lateral/axial resolution)
+    speckle_grain: tuple[int, ...] = (3,)  # speckle correlation sizes in pixels, drawn per batch
+    noise: float = 0.0  # std of additive electronic noise
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1 or self.blur < 0 or self.noise < 0 or self.gain < 0 or self.tgc < 0:
+            raise ValueError(
+                "augment: resolution must be >= 1 and gain, tgc, blur, noise >= 0, got "
+                f"resolution={self.resolution} gain={self.gain} tgc={self.tgc} blur={self.blur} "
+                f"noise={self.noise}"
+            )
+        if not self.speckle_grain or any(k < 1 or k % 2 == 0 for k in self.speckle_grain):
+            raise ValueError(
+                f"augment.speckle_grain needs odd sizes >= 1, got {list(self.speckle_grain)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,13 @@ class OptimConfig:
     label_smoothing: float = 0.05
     class_weights: bool = True
     balanced_sampler: bool = False
+    # Domain-balanced sampling: each epoch draws a domain's frames in proportion to its size to the
+    # power (1 - domain_balance): 0 is off (natural shares), 1 gives every domain an equal share,
+    # 0.5 the square root (a 15-frame scanner is not repeated 40 times). A domain is the value of
+    # `domain_column` ("source": one site each; "device": one scanner, a blank falling back to
+    # the source). Class weights in the loss stay on.
+    domain_balance: float = 0.0
+    domain_column: str = "source"
     ema_decay: float = 0.998  # 0 disables the weight EMA
     grad_clip: float = 2.0  # 0 disables clipping
     early_stop_patience: int = 12  # epochs without improvement; 0 disables
@@ -127,6 +156,8 @@ class OptimConfig:
             raise ValueError(
                 f"sensitivity_confidence must be in (0, 1), got {self.sensitivity_confidence}"
             )
+        if not 0 <= self.domain_balance <= 1:
+            raise ValueError(f"domain_balance must be in [0, 1], got {self.domain_balance}")
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
 

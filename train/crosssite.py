@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -59,10 +59,32 @@ class CrossSiteConfig:
     seed: int = 0
     device_column: str = "device"
     reference_column: str = "birads"
+    # Arms trained on every site but one ("without-X", the leave-one-site-out design) instead of
+    # on one site each; with two sites the two designs train the same arms.
+    leave_one_out: bool = False
+    # Where a site an arm trained on is scored: its test split for the report of record, its
+    # validation split while remedies are being chosen (test patients are read once, at the end).
+    own_split: Literal["test", "val"] = "test"
+    # Named remedies, each a list of `--set`s added to `overrides`; `variant` picks the one this
+    # run trains and scores (in out_dir/<variant>), `--compare` tables them against `baseline`.
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    variant: str = ""
+    baseline: str = "baseline"
 
     def __post_init__(self) -> None:
         if not self.train_config or not self.manifest:
             raise ValueError("train_config (the recipe) and manifest (every site) are both needed")
+        if self.variant and self.variant not in self.variants:
+            raise ValueError(f"variant {self.variant!r} is not among {sorted(self.variants)}")
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this variant's arms and report live."""
+        return Path(self.out_dir) / self.variant if self.variant else Path(self.out_dir)
+
+    @property
+    def arm_overrides(self) -> tuple[str, ...]:
+        return (*self.overrides, *self.variants.get(self.variant, ()))
         if self.bootstrap < 100:
             raise ValueError(f"bootstrap needs at least 100 resamples, got {self.bootstrap}")
 
@@ -74,7 +96,10 @@ class Arm:
 
 
 def arms_of(config: CrossSiteConfig, sites: Sequence[str]) -> list[Arm]:
-    arms = [Arm(f"{site}-only", (site,)) for site in sites]
+    if config.leave_one_out and len(sites) > 2:
+        arms = [Arm(f"without-{site}", tuple(s for s in sites if s != site)) for site in sites]
+    else:
+        arms = [Arm(f"{site}-only", (site,)) for site in sites]
     arms += [Arm("pooled", tuple(sites))] if config.pooled and len(sites) > 1 else []
     unknown = sorted(set(config.arms) - {a.name for a in arms})
     if unknown:
@@ -82,8 +107,13 @@ def arms_of(config: CrossSiteConfig, sites: Sequence[str]) -> list[Arm]:
     return [a for a in arms if not config.arms or a.name in config.arms]
 
 
-def run_cross_site(config: CrossSiteConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) every arm, score it on every site, write cross_site.{json,md}."""
+def run_cross_site(
+    config: CrossSiteConfig, show_progress: bool = True, train: bool = True
+) -> dict[str, Any]:
+    """Train (or reuse) every arm, score it on every site, write cross_site.{json,md}.
+
+    With train=False an arm without a finished run is an error instead of a training run.
+    """
     samples = read_dataset(config.manifest)
     present = sorted({s.source for s in samples if s.source})
     sites = list(config.sites) or present
@@ -93,9 +123,11 @@ def run_cross_site(config: CrossSiteConfig, show_progress: bool = True) -> dict[
             f"{config.manifest}: the report needs two sites or more in its source column; "
             f"asked for {sites}, the manifest has {present}"
         )
-    out = Path(config.out_dir)
+    out = config.run_dir
     rows = []
     for arm in arms_of(config, sites):
+        if not train and not _finished(out / arm.name):
+            raise EdgebcError(f"{out / arm.name} holds no finished run: train it first")
         checkpoint = _trained(config, arm, out, show_progress)
         from edgebc.train.torch_backend import TorchBackend
 
@@ -103,21 +135,26 @@ def run_cross_site(config: CrossSiteConfig, show_progress: bool = True) -> dict[
         card = backend.card
         for site in sites:
             seen = site in arm.sites
-            chosen = [s for s in samples if s.source == site and (not seen or s.split == "test")]
+            chosen = [
+                s for s in samples if s.source == site and (not seen or s.split == config.own_split)
+            ]
             keep, left_out = card.task.partition([s.label for s in chosen], f"site {site}")
             chosen = [s for s, kept in zip(chosen, keep, strict=True) if kept]
             if not chosen:
                 raise EdgebcError(
-                    f"site {site}: no {'test ' if seen else ''}samples for task {card.task.name}"
+                    f"site {site}: no {config.own_split + ' ' if seen else ''}samples for task "
+                    f"{card.task.name}"
                 )
             probs = _probabilities(backend.run, chosen, card)
             row = site_statistics(chosen, probs, card, config)
             row.update(arm=arm.name, trained_on=list(arm.sites), site=site,
-                       scored_on="test split" if seen else "every shared patient", labels_left_out=left_out)  # fmt: skip
+                       scored_on=f"{config.own_split} split" if seen else "every shared patient", labels_left_out=left_out,
+                       scores=_scores(chosen, probs, card))  # fmt: skip
             rows.append(row)
             log.info("%s on %s: AUC %.3f", arm.name, site, row["auc"]["value"])
         backend.close()
     report = {"manifest": config.manifest, "train_config": config.train_config, "sites": sites,
+              "variant": config.variant, "own_split": config.own_split, "overrides": list(config.arm_overrides),
               "bootstrap": config.bootstrap, "rows": rows}  # fmt: skip
     atomic_write_text(out / "cross_site.json", json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(out / "cross_site.md", render_markdown(report))
@@ -136,15 +173,116 @@ def _trained(config: CrossSiteConfig, arm: Arm, out: Path, show_progress: bool) 
     from edgebc.train.loop import train_model
 
     run_dir = out / arm.name
-    if (run_dir / "metrics.json").is_file() and (run_dir / "best.pt").is_file():
+    if _finished(run_dir):
         log.info("%s: reusing the finished run in %s", arm.name, run_dir)
         return run_dir / "best.pt"
     train = load_train_config(config.train_config, [
-        *config.overrides, f"data.manifest={config.manifest}", f"data.sources={json.dumps(list(arm.sites))}",
+        *config.arm_overrides, f"data.manifest={config.manifest}", f"data.sources={json.dumps(list(arm.sites))}",
         f"name={arm.name}", f"out_dir={out}",
     ])  # fmt: skip
     resume = run_dir if (run_dir / "last.pt").is_file() else None
     return train_model(train, resume=resume, show_progress=show_progress).best_checkpoint
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "best.pt").is_file()
+
+
+def _scores(samples: Sequence[Sample], probs: np.ndarray, card: ModelCard) -> dict[str, list[Any]]:
+    """Per frame: path, case, truth and the positive probability, so that reports of two remedies
+    can be compared paired, frame by frame."""
+    truth = card.task.encode(s.label for s in samples) == card.positive
+    return {"path": [str(s.path) for s in samples], "unit": [s.unit for s in samples],
+            "truth": [int(t) for t in truth], "score": [round(float(p), 6) for p in probs[:, card.positive]]}  # fmt: skip
+
+
+def compare_variants(config: CrossSiteConfig) -> dict[str, Any]:
+    """The remedies table: every variant whose arms have all finished, scored (nothing trained),
+    each row against the baseline variant on the same frames (paired, patient-clustered)."""
+    if config.baseline not in config.variants:
+        raise EdgebcError(
+            f"the baseline variant {config.baseline!r} is not among {sorted(config.variants)}"
+        )
+    reports, skipped = {}, []
+    for name in config.variants:
+        try:
+            reports[name] = run_cross_site(
+                replace(config, variant=name, arms=()), show_progress=False, train=False
+            )
+        except EdgebcError as exc:
+            skipped.append(f"{name}: {exc}")
+    if config.baseline not in reports:
+        raise EdgebcError(f"the baseline has no finished report to compare with: {skipped}")
+    base = {(r["arm"], r["site"]): r for r in reports[config.baseline]["rows"]}
+    rows = []
+    for name, report in reports.items():
+        for row in report["rows"]:
+            reference = base.get((row["arm"], row["site"]))
+            entry = {"variant": name, "arm": row["arm"], "trained_on": row["trained_on"], "site": row["site"],
+                     "scored_on": row["scored_on"], "frames": row["frames"], "units": row["units"],
+                     "auc": row["auc"], "ece": row["ece"], "sensitivity": row["sensitivity"],
+                     "specificity": row["specificity"],
+                     "delta_auc": None if name == config.baseline or reference is None
+                     else _paired_delta(row["scores"], reference["scores"], config)}  # fmt: skip
+            rows.append(entry)
+    table = {"manifest": config.manifest, "train_config": config.train_config, "baseline": config.baseline,
+             "variants": {k: list(v) for k, v in config.variants.items()}, "skipped": skipped, "rows": rows}  # fmt: skip
+    out = Path(config.out_dir)
+    atomic_write_text(out / "remedies.json", json.dumps(table, indent=2, default=float) + "\n")
+    atomic_write_text(out / "remedies.md", render_remedies(table))
+    return table
+
+
+def _paired_delta(scores: dict[str, list[Any]], reference: dict[str, list[Any]],
+                  config: CrossSiteConfig) -> dict[str, Any]:  # fmt: skip
+    """AUC(variant) - AUC(baseline) on the frames both scored, resampling patients together."""
+    where = {path: i for i, path in enumerate(reference["path"])}
+    shared = [i for i, path in enumerate(scores["path"]) if path in where]
+    back = [where[scores["path"][i]] for i in shared]
+    truth = np.asarray(scores["truth"], bool)[shared]
+    ours = np.asarray(scores["score"], float)[shared]
+    theirs = np.asarray(reference["score"], float)[back]
+    units = [scores["unit"][i] for i in shared]
+
+    def delta(t: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        return metrics.roc_auc(t, a) - metrics.roc_auc(t, b)
+
+    low, high = metrics.cluster_bootstrap_ci(
+        delta, units, truth, ours, theirs, n_boot=config.bootstrap, seed=config.seed
+    )
+    return {"value": delta(truth, ours, theirs), "ci95": [low, high], "frames": len(shared)}
+
+
+def render_remedies(table: dict[str, Any]) -> str:
+    def ci(entry: dict[str, Any] | None) -> str:
+        if entry is None:
+            return "—"
+        low, high = entry["ci95"]
+        return f"{entry['value']:.3f} ({low:.3f} to {high:.3f})"
+
+    lines = [
+        f"# Remedies: {table['train_config']} on {table['manifest']}", "",
+        f"Each variant's arms against `{table['baseline']}` on the same frames; intervals are 95 % "
+        "patient-clustered bootstraps (training randomness is not in them: one seed each).", "",
+        "| variant | trained on | scored on | frames / patients | AUC | Δ AUC vs baseline | ECE | sensitivity | specificity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    order = {name: i for i, name in enumerate(table["variants"])}
+    for row in sorted(
+        table["rows"], key=lambda r: (r["site"], r["scored_on"], order[r["variant"]])
+    ):
+        lines.append(
+            f"| {row['variant']} | {'+'.join(row['trained_on'])} | {row['site']} ({row['scored_on']}) | "
+            f"{row['frames']} / {row['units']} | {ci(row['auc'])} | {ci(row['delta_auc'])} | {ci(row['ece'])} | "
+            f"{ci(row['sensitivity'])} | {ci(row['specificity'])} |"
+        )  # fmt: skip
+    lines += ["", "Variants (each a list of `--set`s on top of the shared overrides):", ""]
+    lines += [
+        f"- `{name}`: {', '.join(f'`{s}`' for s in sets) or 'nothing added'}"
+        for name, sets in table["variants"].items()
+    ]
+    lines += [f"- not compared: {s}" for s in table["skipped"]]
+    return "\n".join(lines) + "\n"
 
 
 def _probabilities(
@@ -284,7 +422,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Cross-site report: {report['train_config']} on {report['manifest']}",
         "",
         f"Intervals: 95 % patient-clustered bootstrap ({report['bootstrap']} resamples). A site the arm "
-        "trained on is scored on its test split; any other site on all its shared patients.",
+        f"trained on is scored on its {report.get('own_split', 'test')} split; any other site on all "
+        "its shared patients.",
         "",
         "| trained on | scored on | frames / patients | AUC | sensitivity | specificity | ECE | ECE without T | bound held |",
         "|---|---|---|---|---|---|---|---|---|",

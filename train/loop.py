@@ -20,6 +20,8 @@ import math
 import os
 import random
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from edgebc.train.checkpoint import (
     save_checkpoint,
     sha256_of_state,
 )
-from edgebc.train.config import TrainConfig, load_train_config
+from edgebc.train.config import OptimConfig, TrainConfig, load_train_config
 from edgebc.train.dataset import SampleDataset, cache_masks, cache_tensors
 from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
 from edgebc.train.lesion_mask import MaskSupervised, mask_loss
@@ -343,7 +345,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         BatchAugmenter(config.augment, prep), torch.Generator().manual_seed(config.seed),
-        (1.0 / counts.clamp(min=1))[train_y.cpu()], memory_format, amp_dtype,
+        sampling_weights(train_samples, train_y.cpu(), optim), memory_format, amp_dtype,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
@@ -377,7 +379,7 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
     head = model.get_submodule(model_spec(config.model.arch).classifier)
     for epoch in range(run.start_epoch, optim.epochs):
         run.train_module.train()
-        if optim.balanced_sampler:
+        if optim.balanced_sampler or optim.domain_balance > 0:
             order = torch.multinomial(
                 run.sample_weights, len(run.train_y), replacement=True, generator=run.generator
             )
@@ -499,6 +501,35 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
                 run.best_epoch,
             )
             break
+
+
+def sampling_weights(
+    samples: Sequence[Sample], targets: torch.Tensor, optim: OptimConfig
+) -> torch.Tensor:
+    """Each training frame's draw weight: 1 / its class's count with the balanced sampler, times
+    1 / its domain's count ** domain_balance (see OptimConfig.domain_balance)."""
+    weights = torch.ones(len(samples), dtype=torch.float64)
+    if optim.balanced_sampler:
+        counts = torch.bincount(targets, minlength=int(targets.max()) + 1).double()
+        weights = weights / counts.clamp(min=1)[targets]
+    if optim.domain_balance > 0:
+        domains = [domain_of(s, optim.domain_column) for s in samples]
+        sizes = Counter(domains)
+        weights = weights * torch.tensor(
+            [sizes[d] ** -optim.domain_balance for d in domains], dtype=torch.float64
+        )
+    return weights.float()
+
+
+def domain_of(sample: Sample, column: str) -> str:
+    """The domain a frame comes from: its `column` value, falling back to its site (a one-scanner
+    site such as BUSI names no device), then to "unknown"."""
+    value = (
+        getattr(sample, column, None)
+        if column in ("source", "modality", "view")
+        else dict(sample.extra).get(column)
+    )
+    return str(value or sample.source or "unknown")
 
 
 def predict_logits(

@@ -188,12 +188,24 @@ def register_cross_site(commands: argparse._SubParsersAction) -> None:
                        help="YAML with train_config, manifest and the report's settings (configs/cross_site.yaml)")  # fmt: skip
     cross.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of --config (repeatable), e.g. --set 'overrides=[threads=1]'")  # fmt: skip
+    cross.add_argument("--compare", action="store_true",
+                       help="train nothing: score every variant whose arms have finished against the baseline "
+                       "variant, paired on the same frames; writes remedies.md and remedies.json in out_dir")  # fmt: skip
     cross.set_defaults(handler=run_cross_site_command)
 
 
 def run_cross_site_command(args: argparse.Namespace) -> int:
-    from edgebc.train.crosssite import load_cross_site_config, render_markdown, run_cross_site
+    from edgebc.train.crosssite import (
+        compare_variants,
+        load_cross_site_config,
+        render_markdown,
+        render_remedies,
+        run_cross_site,
+    )
 
-    report = run_cross_site(load_cross_site_config(args.config, args.set))
-    print(render_markdown(report))
+    config = load_cross_site_config(args.config, args.set)
+    if args.compare:
+        print(render_remedies(compare_variants(config)))
+    else:
+        print(render_markdown(run_cross_site(config)))
     return 0
