@@ -192,3 +192,29 @@ def test_remedies_train_leave_one_site_out_and_compare_paired_against_the_baseli
         "| equalise | north+west | east (every shared patient) |"
         in (out / "remedies.md").read_text()
     )
+
+
+def test_sites_can_be_scanners_for_leave_one_scanner_out(tmp_path):
+    pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    from edgebc.train.config import load_train_config
+    from edgebc.train.crosssite import CrossSiteConfig, arms_of
+    from edgebc.train.loop import select_samples
+
+    sites = {
+        name: read_manifest(_site(tmp_path, name, seed, n_per_class=4))
+        for name, seed in (("a", 1), ("b", 2))
+    }
+    merged = merge_sites(sites.items())
+    merged = [s.with_(extra=()) if s.source == "b" else s for s in merged]  # b names no scanner
+    manifest = write_manifest(merged, tmp_path / "sites.csv")
+    assert {s.site("device") for s in merged} == {"a-scanner-0", "a-scanner-1", "b"}
+    config = load_train_config(None, [f"data.manifest={manifest}", "data.site_column=device",
+                                      "data.sources=[a-scanner-1, b]", "data.task=benign_vs_malignant"])  # fmt: skip
+    chosen = select_samples(config, "train")
+    assert chosen and {s.site("device") for s in chosen} == {"a-scanner-1", "b"}
+    cross = CrossSiteConfig(
+        train_config="x.yaml", manifest=str(manifest), leave_one_out=True, site_column="device"
+    )
+    arms = arms_of(cross, ["GE Logiq 5 @10-12MHz", "b", "c"])
+    assert [a.name for a in arms] == ["without-GE-Logiq-5-10-12MHz", "without-b", "without-c"]
+    assert arms[0].sites == ("b", "c")

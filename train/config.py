@@ -32,9 +32,10 @@ class DataConfig:
     classes: tuple[str, ...] | None = None
     positive_class: str | None = None
     modality: str | None = "us"
-    sources: tuple[
-        str, ...
-    ] = ()  # train on these sites of a multi-site manifest (its source column); () = all
+    # train on these sites of a multi-site manifest; () = all. A site is the value of
+    # site_column: "source" (the site), or "device" (one scanner; BUSI's blank device is its site)
+    sources: tuple[str, ...] = ()
+    site_column: str = "source"
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,6 +60,9 @@ class CrossSiteConfig:
     seed: int = 0
     device_column: str = "device"
     reference_column: str = "birads"
+    # What a site is: "source" (a hospital), or "device" (a scanner; a one-scanner site such as
+    # BUSI names none and stands for its own), for leave-one-scanner-out.
+    site_column: str = "source"
     # Arms trained on every site but one ("without-X", the leave-one-site-out design) instead of
     # on one site each; with two sites the two designs train the same arms.
     leave_one_out: bool = False
@@ -97,14 +101,21 @@ class Arm:
 
 def arms_of(config: CrossSiteConfig, sites: Sequence[str]) -> list[Arm]:
     if config.leave_one_out and len(sites) > 2:
-        arms = [Arm(f"without-{site}", tuple(s for s in sites if s != site)) for site in sites]
+        arms = [
+            Arm(f"without-{_slug(site)}", tuple(s for s in sites if s != site)) for site in sites
+        ]
     else:
-        arms = [Arm(f"{site}-only", (site,)) for site in sites]
+        arms = [Arm(f"{_slug(site)}-only", (site,)) for site in sites]
     arms += [Arm("pooled", tuple(sites))] if config.pooled and len(sites) > 1 else []
     unknown = sorted(set(config.arms) - {a.name for a in arms})
     if unknown:
         raise EdgebcError(f"arms {unknown} are not among {[a.name for a in arms]}")
     return [a for a in arms if not config.arms or a.name in config.arms]
+
+
+def _slug(site: str) -> str:
+    """A site's name as a run-folder name ("GE Logiq 5 @10-12MHz" -> "GE-Logiq-5-10-12MHz")."""
+    return re.sub(r"[^A-Za-z0-9._+]+", "-", site).strip("-") or "site"
 
 
 def run_cross_site(
@@ -115,12 +126,12 @@ def run_cross_site(
     With train=False an arm without a finished run is an error instead of a training run.
     """
     samples = read_dataset(config.manifest)
-    present = sorted({s.source for s in samples if s.source})
+    present = sorted({site for s in samples if (site := s.site(config.site_column))})
     sites = list(config.sites) or present
     missing = sorted(set(sites) - set(present))
     if missing or len(sites) < 2:
         raise EdgebcError(
-            f"{config.manifest}: the report needs two sites or more in its source column; "
+            f"{config.manifest}: the report needs two sites or more in its {config.site_column} column; "
             f"asked for {sites}, the manifest has {present}"
         )
     out = config.run_dir
@@ -136,7 +147,9 @@ def run_cross_site(
         for site in sites:
             seen = site in arm.sites
             chosen = [
-                s for s in samples if s.source == site and (not seen or s.split == config.own_split)
+                s
+                for s in samples
+                if s.site(config.site_column) == site and (not seen or s.split == config.own_split)
             ]
             keep, left_out = card.task.partition([s.label for s in chosen], f"site {site}")
             chosen = [s for s, kept in zip(chosen, keep, strict=True) if kept]
@@ -178,7 +191,7 @@ def _trained(config: CrossSiteConfig, arm: Arm, out: Path, show_progress: bool) 
         return run_dir / "best.pt"
     train = load_train_config(config.train_config, [
         *config.arm_overrides, f"data.manifest={config.manifest}", f"data.sources={json.dumps(list(arm.sites))}",
-        f"name={arm.name}", f"out_dir={out}",
+        f"data.site_column={config.site_column}", f"name={arm.name}", f"out_dir={out}",
     ])  # fmt: skip
     resume = run_dir if (run_dir / "last.pt").is_file() else None
     return train_model(train, resume=resume, show_progress=show_progress).best_checkpoint
@@ -362,10 +375,7 @@ def _untempered(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def _column(sample: Sample, column: str) -> str | None:
-    value = dict(sample.extra).get(column) or getattr(sample, column, None)
-    if not value and column == "device":
-        return sample.source  # a one-scanner site names no device: the site is the scanner
-    return None if value in (None, "") else str(value)
+    return sample.site(column)
 
 
 def _by(samples: Sequence[Sample], column: str, truth: np.ndarray, score: np.ndarray,

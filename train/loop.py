@@ -90,12 +90,13 @@ def select_samples(config: TrainConfig, role: str) -> list[Sample]:
     if data.modality:
         samples = [s for s in samples if s.modality == data.modality]
     if data.sources:
-        unknown = sorted(set(data.sources) - {s.source for s in samples})
+        unknown = sorted(set(data.sources) - {s.site(data.site_column) for s in samples})
         if unknown:
             raise ConfigError(
-                f"data.sources names {unknown}, which {data.manifest} does not have in its source column"
+                f"data.sources names {unknown}, which {data.manifest} does not have in its "
+                f"{data.site_column} column"
             )
-        samples = [s for s in samples if s.source in data.sources]
+        samples = [s for s in samples if s.site(data.site_column) in data.sources]
     task = data.resolved_task()
     samples = [s for s in samples if task.takes(s.label)]
     if data.fold is not None and role in ("train", "val"):
@@ -513,23 +514,12 @@ def sampling_weights(
         counts = torch.bincount(targets, minlength=int(targets.max()) + 1).double()
         weights = weights / counts.clamp(min=1)[targets]
     if optim.domain_balance > 0:
-        domains = [domain_of(s, optim.domain_column) for s in samples]
+        domains = [s.site(optim.domain_column) or "unknown" for s in samples]
         sizes = Counter(domains)
         weights = weights * torch.tensor(
             [sizes[d] ** -optim.domain_balance for d in domains], dtype=torch.float64
         )
     return weights.float()
-
-
-def domain_of(sample: Sample, column: str) -> str:
-    """The domain a frame comes from: its `column` value, falling back to its site (a one-scanner
-    site such as BUSI names no device), then to "unknown"."""
-    value = (
-        getattr(sample, column, None)
-        if column in ("source", "modality", "view")
-        else dict(sample.extra).get(column)
-    )
-    return str(value or sample.source or "unknown")
 
 
 def predict_logits(

@@ -73,6 +73,16 @@ class Sample:
             return f"group:{self.group}"
         return f"frame:{self.path}"
 
+    def site(self, column: str = "source") -> str | None:
+        """Where the frame was acquired, at the grain of `column`: "source" (the site), "device"
+        (the scanner; a one-scanner site such as BUSI names none, so its site stands for it), or
+        any other manifest column. None when nothing names it."""
+        value = getattr(self, column) if column in ("source", "modality", "view") else None
+        value = value or dict(self.extra).get(column)
+        if not value and column == "device":
+            value = self.source
+        return None if value in (None, "") else str(value)
+
     def with_(self, **changes: object) -> Sample:
         """A copy with some fields changed (samples are immutable)."""
         return replace(self, **changes)  # type: ignore[arg-type]
