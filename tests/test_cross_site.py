@@ -213,7 +213,11 @@ def test_sites_can_be_scanners_for_leave_one_scanner_out(tmp_path):
     chosen = select_samples(config, "train")
     assert chosen and {s.site("device") for s in chosen} == {"a-scanner-1", "b"}
     cross = CrossSiteConfig(
-        train_config="x.yaml", manifest=str(manifest), leave_one_out=True, site_column="device"
+        train_config="x.yaml",
+        manifest=str(manifest),
+        leave_one_out=True,
+        site_column="device",
+        pooled=False,
     )
     arms = arms_of(cross, ["GE Logiq 5 @10-12MHz", "b", "c"])
     assert [a.name for a in arms] == ["without-GE-Logiq-5-10-12MHz", "without-b", "without-c"]
