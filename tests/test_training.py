@@ -238,3 +238,16 @@ def test_domain_balanced_sampling_gives_domains_the_shares_asked_for():
     assert float(both[99] / both[:99].sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="domain_balance must be in"):
         OptimConfig(domain_balance=1.5)
+
+
+def test_early_stopping_waits_for_the_minimum_number_of_epochs(tiny_split, tmp_path):
+    common = ("optim.epochs=5", "optim.early_stop_patience=1", "optim.early_stop_metric=val_loss",
+              "optim.lr=0", "optim.ema_decay=0", "augment.enabled=false")  # fmt: skip
+    # with a zero learning rate nothing improves after the first epoch: patience 1 stops at 2
+    early = loop.train_model(_config(tiny_split, tmp_path, "early", *common), show_progress=False)
+    assert len(early.history) == 2
+    late = loop.train_model(
+        _config(tiny_split, tmp_path, "late", *common, "optim.early_stop_min_epochs=4"),
+        show_progress=False,
+    )
+    assert len(late.history) == 4

@@ -118,6 +118,9 @@ class OptimConfig:
     ema_decay: float = 0.998  # 0 disables the weight EMA
     grad_clip: float = 2.0  # 0 disables clipping
     early_stop_patience: int = 12  # epochs without improvement; 0 disables
+    # never stop before this many epochs: a model learning from scratch under heavy augmentation
+    # can sit at chance for its first epochs, longer than the patience
+    early_stop_min_epochs: int = 0
     early_stop_metric: Literal[
         "val_auc_positive", "val_macro_auc", "val_balanced_accuracy", "val_loss"
     ] = "val_auc_positive"

@@ -489,7 +489,10 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             })  # fmt: skip
             save_checkpoint(run.run_dir / "last.pt", last)
         stopping = (
-            dist.is_main and optim.early_stop_patience and run.stale >= optim.early_stop_patience
+            dist.is_main
+            and optim.early_stop_patience
+            and run.stale >= optim.early_stop_patience
+            and epoch + 1 >= optim.early_stop_min_epochs
         )
         stop = torch.tensor([1 if stopping else 0])
         if dist.world_size > 1:
