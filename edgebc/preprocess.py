@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from edgebc.config import from_mapping, to_mapping
+from edgebc.marks import remove_marks
 from edgebc.region import Region
 
 CARD_VERSION = 1
@@ -31,6 +32,10 @@ class PreprocessCard:
 
     pad_value is the intensity in [0, 1] of the letterbox bars, before normalisation (0 = black,
     what the scanner shows outside the image).
+
+    marks: "inpaint" paints burned-in calipers, dotted lines, text and coloured overlays out of
+    the cropped frame at its native resolution (edgebc.marks) before anything else; "keep" (the
+    default, and what every model before it was trained with) leaves them.
     """
 
     input_height: int = 224
@@ -41,6 +46,7 @@ class PreprocessCard:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
     pad_value: float = 0.0
+    marks: Literal["keep", "inpaint"] = "keep"
     version: int = CARD_VERSION
 
     def __post_init__(self) -> None:
@@ -67,6 +73,8 @@ class PreprocessCard:
             raise ValueError(
                 f"interpolation must be 'area' or 'linear', got {self.interpolation!r}"
             )
+        if self.marks not in ("keep", "inpaint"):
+            raise ValueError(f"marks must be 'keep' or 'inpaint', got {self.marks!r}")
         if self.version != CARD_VERSION:
             raise ValueError(
                 f"preprocessing card version {self.version} is not supported by this edgebc "
@@ -140,6 +148,8 @@ def preprocess_chw(
     image = validated_image(image)
     if region is not None:
         image = region.crop(image)
+    if prep.marks == "inpaint":
+        image = remove_marks(image)
     image = to_channels(image, prep.channels)
     image = resize_to_input(image, prep)
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
