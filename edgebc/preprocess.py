@@ -1,8 +1,9 @@
 """The one preprocessing shared by training, evaluation, INT8 calibration and the device.
 
-A frame goes: imaging-region crop -> the model's channels -> appearance normalisation (none,
-or a per-frame intensity transfer curve that undoes scanner gain and dynamic range) -> resize
-(stretch or letterbox) -> scale to [0, 1] -> (x - mean) / std -> NCHW float32. Every number that defines this lives in
+A frame goes: imaging-region crop -> burned-in marks painted out (optional) -> the model's
+channels -> appearance normalisation (optional: a per-frame intensity transfer curve that undoes
+scanner gain and dynamic range) -> resize (stretch or letterbox) -> scale to [0, 1] ->
+(x - mean) / std -> NCHW float32. Every number that defines this lives in
 `PreprocessCard`, which is saved in checkpoints and embedded in exported models, so the device
 reads it from the model instead of re-declaring it (the way torchvision binds `transforms` to
 each weights entry). Any change here changes every model's input: keep it in this one module.
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 
 from edgebc.config import from_mapping, to_mapping
+from edgebc.marks import remove_marks
 from edgebc.region import Region
 
 CARD_VERSION = 1
@@ -38,6 +40,10 @@ class PreprocessCard:
     pad_value is the intensity in [0, 1] of the letterbox bars, before normalisation (0 = black,
     what the scanner shows outside the image).
 
+    marks: "inpaint" paints burned-in calipers, dotted lines, text and coloured overlays out of
+    the cropped frame at its native resolution (edgebc.marks) before anything else; "keep" (the
+    default, and what every model before it was trained with) leaves them.
+
     appearance normalises each frame's intensities over its imaging pixels (those above the
     black surround): "stretch" maps the 1st..99th percentile to the full range (undoes overall
     gain and contrast), "equalise" maps each level to its rank (undoes any monotone transfer
@@ -52,6 +58,7 @@ class PreprocessCard:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
     pad_value: float = 0.0
+    marks: Literal["keep", "inpaint"] = "keep"
     appearance: Literal["none", "stretch", "equalise"] = "none"
     version: int = CARD_VERSION
 
@@ -79,6 +86,9 @@ class PreprocessCard:
             raise ValueError(
                 f"interpolation must be 'area' or 'linear', got {self.interpolation!r}"
             )
+        if self.marks not in ("keep", "inpaint"):
+            raise ValueError(f"marks must be 'keep' or 'inpaint', got {self.marks!r}")
+
         if self.appearance not in APPEARANCES:
             raise ValueError(
                 f"appearance must be one of {list(APPEARANCES)}, got {self.appearance!r}"
@@ -156,6 +166,8 @@ def preprocess_chw(
     image = validated_image(image)
     if region is not None:
         image = region.crop(image)
+    if prep.marks == "inpaint":
+        image = remove_marks(image)
     image = to_channels(image, prep.channels)
     image = normalise_appearance(image, prep.appearance)
     image = resize_to_input(image, prep)
