@@ -228,6 +228,7 @@ def test_measure_tool_counts_marks_and_scores_models_on_annotated_and_clean_fram
     out = tmp_path / "models.json"
     args = ["models", "--data", str(manifest), "--before", str(tmp_path / "before"),
             "--after", str(tmp_path / "after"), "--arms", "arm", "--boot", "50",
+            "--detector-sites", "b", "--min-marks", "2",
             "--json", str(out)]  # fmt: skip
     assert tool.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
