@@ -172,3 +172,75 @@ def test_training_dataset_and_runtime_remove_marks_alike(tmp_path):
     runtime = preprocess(read_image(path), card)[0]
     np.testing.assert_array_equal(tensor.numpy(), runtime)
     assert np.abs(runtime - preprocess(read_image(path), PreprocessCard(128, 128))[0]).max() > 1.0
+
+
+def _measure_tool():
+    """tools/measure_marks.py, imported as a module (it is a script beside the package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        return importlib.import_module("measure_marks")
+    finally:
+        sys.path.pop(0)
+
+
+def _phantom_manifest(tmp_path):
+    """Two sites of phantom frames, half with marks; site 'a' has the audit flag and lesion
+    masks, site 'b' a bbox and no flag (split by the detector)."""
+    lines = ["path,label,source,split,annotations,bbox,masks"]
+    for site in ("a", "b"):
+        for k in range(8):
+            label = ("benign", "malignant")[k % 2]
+            phantom = make_ultrasound_phantom(label, phantom_rng(k, 3), HEIGHT, WIDTH)
+            frame = _draw_marks(phantom.image) if k < 4 else phantom.image
+            path = tmp_path / f"{site}{k}.png"
+            cv2.imwrite(str(path), frame)
+            flag, bbox, mask = ("yes" if k < 4 else "no"), "", ""
+            if site == "a":
+                cv2.imwrite(str(tmp_path / f"{site}{k}_mask.png"), phantom.mask * 255)
+                mask = str(tmp_path / f"{site}{k}_mask.png")
+            else:
+                flag, bbox = "", '"[150,100,160,120]"'
+            lines.append(f"{path},{label},{site},test,{flag},{bbox},{mask}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_measure_tool_counts_marks_and_scores_models_on_annotated_and_clean_frames(tmp_path):
+    pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    import json
+
+    from tests.helpers import make_checkpoint
+
+    tool = _measure_tool()
+    manifest = _phantom_manifest(tmp_path)
+    out = tmp_path / "prevalence.json"
+    assert tool.main(["prevalence", "--data", str(manifest), "--json", str(out)]) == 0
+    prevalence = json.loads(out.read_text())
+    assert prevalence["a"]["with_marks"] == 4 and prevalence["a"]["audit_yes_found"] == 4
+    assert 0.002 < prevalence["a"]["mean_fraction_marked"] < 0.05
+    for when in ("before", "after"):
+        make_checkpoint(tmp_path / when / "arm" / "best.pt")
+    out = tmp_path / "models.json"
+    args = ["models", "--data", str(manifest), "--before", str(tmp_path / "before"),
+            "--after", str(tmp_path / "after"), "--arms", "arm", "--boot", "50",
+            "--detector-sites", "b", "--min-marks", "2",
+            "--json", str(out)]  # fmt: skip
+    assert tool.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["when"], r["site"]) for r in rows] == [
+        ("before", "a"),
+        ("before", "b"),
+        ("after", "a"),
+        ("after", "b"),
+    ]
+    for row in rows:
+        assert row["annotated"]["n"] == 4 and row["clean"]["n"] == 4
+        assert 0.0 <= row["annotated"]["auc"] <= 1.0
+        assert row["lesion_share"]["frames"] + row["lesion_share"]["blank_maps"] > 0
+    with pytest.raises(SystemExit, match="outside"):
+        tool.main(["montage", "--data", str(manifest), "--out", "docs/marks"])
