@@ -1,8 +1,9 @@
 """Checkpoint -> ONNX with the model card embedded, checked, and proven to agree with PyTorch.
 
 One self-contained file (no external data), a recent opset, a dynamic batch dimension. The graph's
-inputs and outputs are the card's, by name and in order (one image for most models; one per
-modality or view, and a features output, for fusion models). The exported graph is run by ONNX
+inputs and outputs are the card's, by name and in order: one image for most models, one per
+modality or view for fusion models; the logits, then the penultimate features (which shift
+detection on the device compares with the training distribution). The exported graph is run by ONNX
 Runtime on fixed random inputs, synthetic phantom frames and (when given) real frames through the
 shared preprocessing, and compared with PyTorch; the export fails when the largest logit
 difference exceeds the tolerance. FP16 copies keep float32 inputs and outputs so callers need not
@@ -80,11 +81,16 @@ def export_onnx(
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgebc.train.models.features import card_with_features, model_for_card
 
     loaded = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(loaded)
+    classifier = model_from_checkpoint(loaded)
     out = Path(out)
-    card = card_for_export(loaded.card, out.stem, max_batch, str(checkpoint))
+    # every one-input model exports its penultimate features too (shift detection on the cart)
+    card = card_for_export(
+        card_with_features(loaded.card, classifier), out.stem, max_batch, str(checkpoint)
+    )
+    model = model_for_card(classifier, card)
     examples = tuple(torch.zeros(2, *i.shape) for i in card.inputs)
     inputs, outputs = [i.name for i in card.inputs], [o.name for o in card.outputs]
     with tempfile.TemporaryDirectory() as scratch:
