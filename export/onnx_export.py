@@ -114,6 +114,7 @@ def export_onnx(
             raise EdgebcError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
         graph = onnx.load(str(raw))
     _rename_io(graph, inputs, outputs)
+    _separate_outputs(graph)
     _drop_stack_traces(graph)
     embed_card(graph, card)
     onnx.checker.check_model(graph, full_check=True)
@@ -261,6 +262,22 @@ def _drop_stack_traces(graph: Any) -> None:
         kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
+
+
+def _separate_outputs(graph: Any) -> None:
+    """An output that other nodes also read (the features, which feed the final layer) gets its
+    own Identity node: the FP16 converter casts graph outputs back to float32 and would otherwise
+    feed the cast tensor's type to those nodes too."""
+    onnx = require("onnx", "ONNX export")
+    read = {name for node in graph.graph.node for name in node.input}
+    for output in graph.graph.output:
+        if output.name not in read:
+            continue
+        inner = f"{output.name}_inner"
+        for node in graph.graph.node:
+            node.input[:] = [inner if n == output.name else n for n in node.input]
+            node.output[:] = [inner if n == output.name else n for n in node.output]
+        graph.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name]))
 
 
 def _rename_io(graph: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:
