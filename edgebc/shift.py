@@ -345,10 +345,10 @@ def shift_check_for(card: Any, mode: ShiftMode, window: int, outputs: Sequence[s
     stats = card.training_statistics
     if stats is None:
         return None, ("off: the model card has no training-distribution statistics "
-                      "(add them with `edgebc-train shift-stats`, or retrain)")  # fmt: skip
+                      "(add them with `python -m edgebc.train.shift_stats`, or retrain)")  # fmt: skip
     if len(card.inputs) != 1:
         return None, "off: shift detection covers one-input models"
     if stats.features.output not in outputs:
-        return None, (f"off: the model gives no {stats.features.output!r} output "
-                      "(re-export it with this edgebc to add it)")  # fmt: skip
+        return None, (f"off: the model or its backend gives no {stats.features.output!r} "
+                      "output (native TensorRT engines give logits only; run the ONNX file)")  # fmt: skip
     return ShiftCheck(stats, window), f"on ({mode}; window {window} frames)"
