@@ -175,6 +175,10 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     for name in classes:
         row[f"p_{name}"] = _rounded(probabilities.get(name))
     row["model_sha256"] = fields["model_sha256"]
+    shift = decision.shift
+    if shift is not None:  # blank: not checked (check off, or the frame failed the gate)
+        row["shift"] = f"out ({decision.shift_action})" if shift.flagged else "in"
+        row["shift_score"] = round(shift.score, 3)
     row["error"] = ""
     return row
 
@@ -192,6 +196,8 @@ def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> s
         *(f"p_{c}" for c in classes),
         "positive_probability",
         "threshold",
+        "shift",
+        "shift_score",
         "model_sha256",
         "error",
     ]

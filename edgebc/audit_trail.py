@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     quality TEXT NOT NULL,
     latencies_ms TEXT,
     pixels BLOB,
-    patient_id TEXT
+    patient_id TEXT,
+    shift TEXT
 );
 CREATE TRIGGER IF NOT EXISTS decisions_no_update BEFORE UPDATE ON decisions
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
@@ -56,7 +57,7 @@ CREATE TRIGGER IF NOT EXISTS decisions_no_delete BEFORE DELETE ON decisions
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
 _COLUMNS = ("logged_at", "captured_at", "source", "frame_index", "frame_sha256", "model_sha256", "probabilities",
-            "decision", "smoothed_decision", "threshold", "quality", "latencies_ms", "pixels", "patient_id")  # fmt: skip
+            "decision", "smoothed_decision", "threshold", "quality", "latencies_ms", "pixels", "patient_id", "shift")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class AuditRecord:
     latencies_ms: dict[str, float] = field(default_factory=dict)
     pixels: np.ndarray | None = None  # stored only with store_pixels=True
     patient_id: str | None = None  # stored only with store_patient_ids=True
+    shift: dict[str, Any] | None = None  # the shift check's verdict (None: not checked)
 
 
 def record_of(decision: Decision, **context: Any) -> AuditRecord:
@@ -85,6 +87,7 @@ def record_of(decision: Decision, **context: Any) -> AuditRecord:
         decision=decision.label,
         probabilities=decision.probabilities,
         threshold=decision.threshold,
+        shift=decision.to_json()["shift"],
         **context,
     )
 
@@ -111,6 +114,7 @@ class AuditTrail:
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=FULL")
         self._connection.executescript(SCHEMA)
+        self._add_missing_columns()
         self._db_lock = (
             threading.Lock()
         )  # one connection, two threads (writer, and set_max_bytes callers)
@@ -123,6 +127,14 @@ class AuditTrail:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgebc-audit-writer", daemon=True)
         self._thread.start()
+
+    def _add_missing_columns(self) -> None:
+        """A log written by an older edgebc lacks the newer columns (shift): added, the rows kept
+        (ALTER TABLE ADD COLUMN changes no row, so the append-only triggers allow it)."""
+        present = {row[1] for row in self._connection.execute("PRAGMA table_info(decisions)")}
+        for column in ("shift",):
+            if column not in present:
+                self._connection.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
 
     def set_max_bytes(self, max_bytes: int | None) -> None:
         """Cap the log's size (small SD cards); None removes the cap. Reaching it acts like a full disk."""
@@ -180,6 +192,7 @@ class AuditTrail:
             None if entry.probabilities is None else json.dumps(entry.probabilities), entry.decision, entry.smoothed_decision,
             entry.threshold, entry.quality, json.dumps(entry.latencies_ms), pixels,
             entry.patient_id if self.store_patient_ids else None,
+            None if entry.shift is None else json.dumps(entry.shift),
         )  # fmt: skip
 
     def _run(self) -> None:

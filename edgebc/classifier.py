@@ -1,15 +1,20 @@
-"""From a frame to a decision: crop, quality gate, shared preprocessing, inference, calibrated probabilities.
+"""From a frame to a decision: crop, quality gate, shared preprocessing, inference, calibrated
+probabilities, shift check.
 
 Probabilities are softmax(logits / temperature) with the card's temperature; the decision is the
-one decision rule (edgebc.decision) at the card's operating threshold or a site's override. Every
-stage is timed, for every frame.
+one decision rule (edgebc.decision) at the card's operating threshold or a site's override. Where
+the card carries its training distribution's statistics and the backend gives the features, each
+frame, and the window of frames the classifier has seen, is compared with them (edgebc.shift): an
+out-of-distribution decision is withdrawn (`shift="withdraw"`, a no-decision like a failed
+quality gate) or kept and marked unreliable (`"mark"`). Every stage is timed, for every frame.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +26,9 @@ from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import QualityGate, QualityResult
 from edgebc.region import Region
+from edgebc.shift import SHIFT_MODES, FrameShift, ShiftMode, shift_check_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,13 @@ class Decision:
     quality: QualityResult
     model_sha256: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    shift: FrameShift | None = None  # None: not checked (check off, or the frame failed the gate)
+    shift_action: str | None = None  # "withdrawn" or "marked" when the frame or stream is out
+
+    @property
+    def unreliable(self) -> str | None:
+        """Why a decision shown is marked unreliable (shift: mark), or None."""
+        return self.shift.reason() if self.shift_action == "marked" and self.shift else None
 
     def to_json(self) -> dict[str, Any]:
         """The decision as JSON: the one form that the API answers, archive rows and audit records
@@ -45,6 +60,9 @@ class Decision:
             "reason": self.quality.reason,
             "model_sha256": self.model_sha256,
             "timings_ms": rounded_ms(self.timings_ms),
+            "shift": None
+            if self.shift is None
+            else {**self.shift.to_json(), "action": self.shift_action},
         }
 
 
@@ -60,8 +78,14 @@ class FrameClassifier:
         region: Region | None = None,
         gate: QualityGate | None = None,
         threshold: float | None = None,
+        shift: ShiftMode = "off",
+        shift_window: int = 30,
     ) -> None:
-        """`threshold` overrides the card's operating threshold (a site's own validated choice)."""
+        """`threshold` overrides the card's operating threshold (a site's own validated choice);
+        `shift` says what an out-of-distribution frame does (withdraw, mark, or off: no check)
+        and `shift_window` how many frames the stream verdict averages."""
+        if shift not in SHIFT_MODES:
+            raise ValueError(f"shift must be one of {', '.join(SHIFT_MODES)}, got {shift!r}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.backend = backend
@@ -74,6 +98,15 @@ class FrameClassifier:
         self.threshold = self.rule.threshold
         self.region = region
         self.gate = gate or QualityGate()
+        self.shift_mode: ShiftMode = shift
+        outputs = getattr(backend, "outputs", tuple(o.name for o in self.card.outputs))
+        self.shift, self.shift_note = shift_check_for(self.card, shift, shift_window, outputs)
+        log.debug("shift check: %s", self.shift_note)
+
+    def reset_stream(self) -> None:
+        """A new stream begins (a gap in the feed): the shift window starts empty."""
+        if self.shift is not None:
+            self.shift.reset()
 
     def classify(self, frame: np.ndarray) -> Decision:
         return self.classify_batch([frame])[0]
@@ -97,12 +130,19 @@ class FrameClassifier:
             else None
         )
         preprocessed = clock()
-        logits = (
-            self.backend.run(tensors)
-            if tensors is not None
-            else np.empty((0, len(self.card.class_names)))
-        )
+        shifts: list[FrameShift | None] = [None] * len(passing)
+        if tensors is None:
+            logits = np.empty((0, len(self.card.class_names)))
+        elif self.shift is None:
+            logits = self.backend.run(tensors)
+        else:
+            outputs = self.backend.run_named({self.card.input_name: tensors})
+            logits = outputs[self.card.output_name]
+            features = outputs[self.shift.output]
         inferred = clock()
+        if tensors is not None and self.shift is not None:
+            shifts = list(self.shift.judge(tensors, features, self.card.preprocess))
+        checked = clock()
         probs = softmax(logits, self.card.temperature) if len(logits) else logits
         decisions: list[Decision] = []
         row = {index: k for k, index in enumerate(passing)}
@@ -112,26 +152,24 @@ class FrameClassifier:
                     Decision(None, None, None, self.threshold, verdict, self.backend.model_sha256)
                 )
                 continue
-            p = probs[row[index]]
+            p, shift = probs[row[index]], shifts[row[index]]
+            if shift is not None and shift.flagged and self.shift_mode == "withdraw":
+                refused = QualityResult(False, shift.reason(), "shift")
+                decisions.append(Decision(None, None, None, self.threshold, refused,
+                                          self.backend.model_sha256, {}, shift, "withdrawn"))  # fmt: skip
+                continue
+            action = "marked" if shift is not None and shift.flagged else None
             decisions.append(Decision(self.rule.decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
-                                      float(p[self.rule.positive]), self.threshold, verdict, self.backend.model_sha256))  # fmt: skip
+                                      float(p[self.rule.positive]), self.threshold, verdict, self.backend.model_sha256,
+                                      {}, shift, action))  # fmt: skip
         done = clock()
         per_frame = 1000.0 / max(1, len(frames))
         timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,
                    "preprocess": (preprocessed - gated) * per_frame, "inference": (inferred - preprocessed) * per_frame,
-                   "postprocess": (done - inferred) * per_frame}  # fmt: skip
-        return [
-            Decision(
-                d.label,
-                d.probabilities,
-                d.positive_probability,
-                d.threshold,
-                d.quality,
-                d.model_sha256,
-                dict(timings),
-            )
-            for d in decisions
-        ]
+                   "postprocess": (done - checked) * per_frame}  # fmt: skip
+        if self.shift is not None:
+            timings["shift"] = (checked - inferred) * per_frame
+        return [replace(d, timings_ms=dict(timings)) for d in decisions]
 
     def _grey(self, crop: np.ndarray) -> np.ndarray:
         return to_channels(validated_image(crop), 1)

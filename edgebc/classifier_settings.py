@@ -8,6 +8,7 @@ the top level of either YAML file (`model:`, `threshold:`, `quality: {min_std: .
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_MODEL
 from edgebc.quality import QualityGate
 from edgebc.region import Region
+from edgebc.shift import SHIFT_MODES, ShiftMode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,12 @@ class ClassifierSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0  # 0: ONNX Runtime's choice
     spin_wait: bool = False  # ONNX Runtime threads spin between runs: lower latency, a core burnt
+    # An out-of-distribution frame or stream (a scanner or preset the model was not trained on):
+    # withdraw its decision (the default: the project answers nothing rather than something
+    # wrong, and the BUSI-only model fell to chance on the scanner it never saw), mark it
+    # unreliable, or do not check. Models whose card has no training statistics are not checked.
+    shift: ShiftMode = "withdraw"
+    shift_window: int = 30  # frames whose mean score is the stream's verdict
 
     def __post_init__(self) -> None:
         if self.region is not None:
@@ -36,6 +46,12 @@ class ClassifierSettings:
             raise ValueError("give either a region or auto_region, not both")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        if self.shift not in SHIFT_MODES:
+            raise ValueError(f"shift must be one of {', '.join(SHIFT_MODES)}, got {self.shift!r}")
+        if self.shift_window < 1:
+            raise ValueError(
+                f"shift_window is a number of frames, at least 1, got {self.shift_window}"
+            )
         if self.threads < 0:
             raise ValueError(
                 f"threads must be 0 (ONNX Runtime's choice) or more, got {self.threads}"
@@ -57,4 +73,7 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
         settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
     )
     region = Region(*settings.region) if settings.region else None
-    return FrameClassifier(backend, region, settings.quality, settings.threshold)
+    classifier = FrameClassifier(backend, region, settings.quality, settings.threshold,
+                                 settings.shift, settings.shift_window)  # fmt: skip
+    log.info("shift check: %s", classifier.shift_note)  # once, where the classifier is built
+    return classifier

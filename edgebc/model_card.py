@@ -7,8 +7,9 @@ dict. It says what the device needs and nothing is re-declared elsewhere: the ta
 positive class, how dataset labels map), every input (name, modality, view, its own
 preprocessing, whether it is optional, whether it changes per frame or once per case), every
 output (logits, and features for shift detection), the temperature, the operating point with the
-validation figures behind it, metrics, hashes, the training data fingerprint and the model's
-lineage (the pretrained file it started from and the teachers it was distilled from).
+validation figures behind it, metrics, hashes, the training data fingerprint, the model's
+lineage (the pretrained file it started from and the teachers it was distilled from) and, where
+training stored them, the statistics of its training distribution (edgebc.shift).
 
 Cards written before schema 2 (single input, flat `threshold`/`preprocess` fields) are migrated
 on reading, so existing exported models and the checkpoints users trained keep working.
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from edgebc.config import from_mapping, to_mapping
 from edgebc.errors import EdgebcError
 from edgebc.preprocess import PreprocessCard
+from edgebc.shift import TrainingStatistics
 from edgebc.task import Task, task_for
 
 CARD_KEY = "edgebc.card"
@@ -109,6 +111,8 @@ class ModelCard:
     source_checkpoint: str = ""
     quantization: dict[str, Any] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    # what the model saw, for shift detection on the cart (edgebc.shift); None on older cards
+    training_statistics: TrainingStatistics | None = None
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:
@@ -134,6 +138,14 @@ class ModelCard:
             raise ValueError("at least one input must be required (optional: false)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        stats = self.training_statistics
+        if stats is not None and stats.features.output not in {
+            o.name for o in self.outputs if o.kind == "features"
+        }:
+            raise ValueError(
+                f"the training statistics describe the output {stats.features.output!r}, "
+                f"which is not among the card's features outputs {[o.name for o in self.outputs]}"
+            )  # fmt: skip
 
     # -- the single-input model's view (most models; a fusion model names its inputs) ----------
     @property
@@ -188,7 +200,10 @@ class ModelCard:
 
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return to_mapping(self)
+        data = to_mapping(self)
+        if data["training_statistics"] is None:  # absent, as on cards written before it existed
+            del data["training_statistics"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,8 +1,9 @@
 """Checkpoint -> ONNX with the model card embedded, checked, and proven to agree with PyTorch.
 
 One self-contained file (no external data), a recent opset, a dynamic batch dimension. The graph's
-inputs and outputs are the card's, by name and in order (one image for most models; one per
-modality or view, and a features output, for fusion models). The exported graph is run by ONNX
+inputs and outputs are the card's, by name and in order: one image for most models, one per
+modality or view for fusion models; the logits, then the penultimate features (which shift
+detection on the device compares with the training distribution). The exported graph is run by ONNX
 Runtime on fixed random inputs, synthetic phantom frames and (when given) real frames through the
 shared preprocessing, and compared with PyTorch; the export fails when the largest logit
 difference exceeds the tolerance. FP16 copies keep float32 inputs and outputs so callers need not
@@ -80,11 +81,16 @@ def export_onnx(
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgebc.train.models.features import card_with_features, model_for_card
 
     loaded = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(loaded)
+    classifier = model_from_checkpoint(loaded)
     out = Path(out)
-    card = card_for_export(loaded.card, out.stem, max_batch, str(checkpoint))
+    # every one-input model exports its penultimate features too (shift detection on the cart)
+    card = card_for_export(
+        card_with_features(loaded.card, classifier), out.stem, max_batch, str(checkpoint)
+    )
+    model = model_for_card(classifier, card)
     examples = tuple(torch.zeros(2, *i.shape) for i in card.inputs)
     inputs, outputs = [i.name for i in card.inputs], [o.name for o in card.outputs]
     with tempfile.TemporaryDirectory() as scratch:
@@ -108,6 +114,7 @@ def export_onnx(
             raise EdgebcError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
         graph = onnx.load(str(raw))
     _rename_io(graph, inputs, outputs)
+    _separate_outputs(graph)
     _drop_stack_traces(graph)
     embed_card(graph, card)
     onnx.checker.check_model(graph, full_check=True)
@@ -255,6 +262,22 @@ def _drop_stack_traces(graph: Any) -> None:
         kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
+
+
+def _separate_outputs(graph: Any) -> None:
+    """An output that other nodes also read (the features, which feed the final layer) gets its
+    own Identity node: the FP16 converter casts graph outputs back to float32 and would otherwise
+    feed the cast tensor's type to those nodes too."""
+    onnx = require("onnx", "ONNX export")
+    read = {name for node in graph.graph.node for name in node.input}
+    for output in graph.graph.output:
+        if output.name not in read:
+            continue
+        inner = f"{output.name}_inner"
+        for node in graph.graph.node:
+            node.input[:] = [inner if n == output.name else n for n in node.input]
+            node.output[:] = [inner if n == output.name else n for n in node.output]
+        graph.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name]))
 
 
 def _rename_io(graph: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:

@@ -117,10 +117,11 @@ ROWS = {
 ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
-                "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568}},
+                "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
+                "shift": None},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
-                "model_sha256": "cd" * 32, "timings_ms": {}},
+                "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None},
 }  # fmt: skip
 RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
     "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),

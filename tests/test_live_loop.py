@@ -108,7 +108,8 @@ def test_statistics_compute_the_percentiles_once_per_result_and_count_decisions(
     summary = statistics.summary()
     assert len(calls) == 2 * len(STAGES)  # a new result: computed again
     assert summary["latency_ms"]["inference"]["max"] == 8.0
-    assert summary["counts"] == {"frames": 2, "decided": 1, "no_decision": 1, "errors": 0}
+    assert summary["counts"] == {"frames": 2, "decided": 1, "no_decision": 1, "errors": 0,
+                                 "out_of_distribution": 0}  # fmt: skip
     assert summary["decisions_by_class"] == {"normal": 0, "benign": 1, "malignant": 0}
 
 

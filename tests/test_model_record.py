@@ -90,7 +90,15 @@ def test_a_task_from_config_trains_and_scores_sets_with_different_labels(tmp_pat
                            show_progress=False)  # fmt: skip
     card = load_checkpoint(run.best_checkpoint).card
     assert card.task == TASKS["benign_vs_malignant"] and card.class_names == ("benign", "malignant")
-    assert card.outputs == (ModelOutput("logits", "logits", 2),)
+    # training stores what the model saw (edgebc.shift) and the features output it describes
+    assert card.outputs == (
+        ModelOutput("logits", "logits", 2),
+        ModelOutput("features", "features", 128),
+    )
+    assert (
+        card.training_statistics is not None
+        and card.training_statistics.features.output == "features"
+    )
     report = evaluate_checkpoint(run.best_checkpoint, mixed, tmp_path / "ev", "test", n_boot=50,
                                  gradcam_per_kind=0)  # fmt: skip
     test = [s for s in read_manifest(mixed) if s.split == "test"]
@@ -277,8 +285,9 @@ def test_the_torch_backend_runs_named_inputs_like_the_runtime(tmp_path):
     batch = np.random.default_rng(0).normal(0, 1, (3, 1, 32, 32)).astype(np.float32)
     torch_out = TorchBackend(checkpoint).run_named({"input": batch})
     onnx_out = open_backend(path).run_named({"input": batch})
-    assert torch_out.keys() == onnx_out.keys() == {"logits"}
+    assert torch_out.keys() == onnx_out.keys() == {"logits", "features"}  # features: edgebc.shift
     np.testing.assert_allclose(torch_out["logits"], onnx_out["logits"], atol=1e-4)
+    np.testing.assert_allclose(torch_out["features"], onnx_out["features"], atol=1e-4)
 
 
 def test_a_calibration_split_fits_the_operating_point_on_cases_early_stopping_never_saw(tmp_path):

@@ -9,7 +9,9 @@ new cases (metrics.threshold_for_sensitivity says why the bound holds for a thre
 the same data). The bound is about the model that ships: it is these weights' own validation
 predictions, not out-of-fold models', that choose the threshold. Both go into the card of `best.pt` — the one record
 export embeds and the device decides by — so they flow one way, from here to the cart. The fit is
-edgebc.calibration's, the one `edgebc calibrate` refits at a site with.
+edgebc.calibration's, the one `edgebc calibrate` refits at a site with. The card also gets the
+training distribution's statistics and their out-of-distribution thresholds, fitted on the same
+held-out frames (train/shift_stats.py), for shift detection on the device.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgebc.atomic import atomic_write_text
 from edgebc.calibration import fit_calibration
 from edgebc.optional import require
-from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgebc.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from edgebc.train.config import TrainConfig
 
 torch = require("torch", "training")
@@ -53,11 +62,11 @@ def finalize_best(
     temperature, point = fit.temperature, fit.operating_point
     ece_before, ece_after = fit.ece_before, fit.ece_after
     calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after, "fitted_on": fitted_on}
+    finalized = checkpoint.with_card(
+        temperature=temperature, operating_point=point, calibration=calibration
+    )
     save_checkpoint(
-        path,
-        checkpoint.with_card(
-            temperature=temperature, operating_point=point, calibration=calibration
-        ),
+        path, with_shift_statistics(finalized, val_x, val_units, fitted_on, device, config)
     )
     return {**card.metrics, "best_epoch": checkpoint.training["epoch"] + 1, "temperature": temperature,
             "val_ece_before": ece_before, "val_ece_after": ece_after, "threshold": point.threshold,
@@ -65,6 +74,29 @@ def finalize_best(
             "val_specificity_at_threshold": point.specificity,
             "val_sensitivity_bound": point.sensitivity_bound,
             "val_positive_units": point.positives, "fitted_on": fitted_on}  # fmt: skip
+
+
+def with_shift_statistics(
+    checkpoint: Checkpoint, held_x: Any, held_units: Sequence[str], fitted_on: str, device: Any,
+    config: TrainConfig,
+) -> Checkpoint:  # fmt: skip
+    """The card with what the model saw (edgebc.shift): its training frames, read again through
+    the shared preprocessing (the loop keeps them augmented on the device), and thresholds from the
+    held-out frames the operating point was fitted on. A failure here costs the statistics, never
+    the run: the card then says nothing and the device's shift check stays off."""
+    from edgebc.train.shift_stats import cached_split, with_training_statistics
+
+    try:
+        train_x, _ = cached_split(config, "train")
+        if train_x is None:
+            return checkpoint
+        return with_training_statistics(checkpoint, train_x, held_x.cpu(), held_units, fitted_on,
+                                        device)  # fmt: skip
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        log.warning(
+            "no training-distribution statistics in the card (shift detection off): %s", exc
+        )
+        return checkpoint
 
 
 def finalize_run(

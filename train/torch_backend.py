@@ -33,6 +33,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.card, model = _card_and_model(checkpoint)
         self._module: Any = model.to(self.device).eval()
+        self._named: Any = None  # the module returning every card output, built when first asked
         self.model_sha256 = sha256_file(checkpoint)
         self.name = f"torch:{device}"
 
@@ -56,9 +57,13 @@ class TorchBackend:
 
     def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output by name for one batch per card input (several-input models too)."""
+        from edgebc.train.models.features import model_for_card
+
         checked = validate_feeds(feeds, self.card)
+        if self._named is None:
+            self._named = model_for_card(self.module, self.card)
         with torch.inference_mode():
-            produced = self.module(
+            produced = self._named(
                 *(torch.from_numpy(checked[i.name]).to(self.device) for i in self.card.inputs)
             )
         values = produced if isinstance(produced, (tuple, list)) else (produced,)
@@ -74,7 +79,7 @@ class TorchBackend:
 
     def close(self) -> None:
         """Drop the model and give its device memory back before the next backend loads."""
-        self._module = None
+        self._module = self._named = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -129,7 +134,10 @@ def _card_and_model(checkpoint: Path) -> tuple[ModelCard, Any]:
     module reads a checkpoint, so a change of the checkpoint's format changes only this."""
     from edgebc.export.onnx_export import card_for_export
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgebc.train.models.features import card_with_features
 
     loaded = load_checkpoint(checkpoint)
-    card = card_for_export(loaded.card, name=checkpoint.stem, max_batch=64, source=str(checkpoint))
-    return card, model_from_checkpoint(loaded)
+    model = model_from_checkpoint(loaded)
+    card = card_for_export(card_with_features(loaded.card, model), name=checkpoint.stem,
+                           max_batch=64, source=str(checkpoint))  # fmt: skip
+    return card, model

@@ -21,8 +21,8 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         description="Classify every frame of the inputs with an exported model (.onnx, or a TensorRT .engine) "
         "through the shared preprocessing, the quality gate and the model card's temperature and "
         "threshold. The classifier's keys are those of `edgebc serve` (model, region or auto_region, "
-        "threshold, quality: the gate's limits, providers, threads), so a site's validated threshold "
-        "and gate apply to archive runs too: --set threshold=0.2 --set quality.min_std=8. Folders are searched "
+        "threshold, quality: the gate's limits, shift: withdraw|mark|off, shift_window, providers, "
+        "threads), so a site's validated threshold and gate apply to archive runs too: --set threshold=0.2 --set quality.min_std=8. Folders are searched "
         "recursively for images, videos and DICOM files (masks left out), as are glob patterns "
         "(quote them; ** crosses folders). Unreadable inputs are reported and skipped; the exit "
         "status is 1 when any failed.",
@@ -100,6 +100,6 @@ def run_classify(args: argparse.Namespace) -> int:
                                           progress=bar.update, auto_region=settings.auto_region)  # fmt: skip
     print(
         f"wrote {out}: {written} frames classified with {classifier.backend.name}, "
-        f"{errors} inputs unreadable"
+        f"{errors} inputs unreadable; shift check {classifier.shift_note}"
     )
     return 1 if errors else 0

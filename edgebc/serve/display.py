@@ -131,6 +131,8 @@ def render_screen(
         for box, (name, p) in zip(layout.tracks, probabilities.items(), strict=True):
             positive = name == model["positive_class"]
             _bar(screen, box, name, p, model["threshold"] if positive else None, positive)
+        if shown.get("warning"):  # shown, but marked unreliable (shift: mark)
+            _wrapped(screen, shown["warning"], layout.reason)
     else:
         _text(screen, "no decision", layout.decision, WARNING, height_share=0.5)
         _wrapped(screen, (shown["reason"] or "").removeprefix("no decision: "), layout.reason)

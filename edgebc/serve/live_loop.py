@@ -7,7 +7,8 @@ the audit trail first, and only a result it accepted is published, to `latest()`
 broadcast, a local display and the statistics. `display()` is what a screen may show *now*: a
 decision is withdrawn, with the reason in words, whenever the feed is not delivering (stalled,
 frozen, garbage, reopening), the audit trail refused the newest result, the frame failed the
-quality gate, or the newest result is older than `max_result_age`. Nothing here imports a web
+quality gate or was out of distribution (with `shift: withdraw`; with `mark` the decision is shown
+with a warning), or the newest result is older than `max_result_age`. Nothing here imports a web
 framework.
 """
 
@@ -89,6 +90,7 @@ class Display:
     probabilities: dict[str, float] | None
     reason: str | None
     result: LiveResult | None
+    warning: str | None = None  # a decision shown but marked unreliable (shift: mark)
 
 
 class LivePipeline:
@@ -169,6 +171,7 @@ class LivePipeline:
         frame = self.reader.latest(timeout=0.1)
         if frame is None and not self.reader.state().ok:
             self.smoother.reset()  # a gap in the feed must not be averaged across
+            self.classifier.reset_stream()  # nor judged as one stream
         return frame, (time.perf_counter() - waited) * 1000.0
 
     def _classify(self, frame: Frame) -> Decision:
@@ -284,7 +287,8 @@ class LivePipeline:
             return Display(None, None, f"newest result is {age:.1f} s old", result)
         if result.smoothed.label is None:
             return Display(None, None, result.decision.quality.reason or "no decision", result)
-        return Display(result.smoothed.label, result.smoothed.probabilities, None, result)
+        return Display(result.smoothed.label, result.smoothed.probabilities, None, result,
+                       result.decision.unreliable)  # fmt: skip
 
     @property
     def counts(self) -> dict[str, int]:

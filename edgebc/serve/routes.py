@@ -43,6 +43,7 @@ class ClassifyResult(BaseModel):
     reason: str | None
     model_sha256: str
     timings_ms: dict[str, float]
+    shift: dict[str, Any] | None
     input_sha256: str
     width: int
     height: int
@@ -57,6 +58,7 @@ class Check(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Check]
+    out_of_distribution: bool  # the newest frame or stream; the details are behind the token
 
 
 def runtime_of(request: Request) -> ServeRuntime:
@@ -98,12 +100,14 @@ def healthz(runtime: Runtime) -> JSONResponse:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "not ready"}},
-    summary="readiness: model verified, source delivering, audit log writable",
+    summary="readiness: model verified, source delivering, audit log writable; whether the "
+    "newest frame is out of the training distribution (a boolean: not a readiness check)",
 )
 def readyz(runtime: Runtime) -> JSONResponse:
     checks = runtime.readiness()
     ready = all(c["ok"] for c in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    body = {"ready": ready, "checks": checks, "out_of_distribution": runtime.out_of_distribution()}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 # -- the API: behind the bearer token when one is configured ------------------------------------

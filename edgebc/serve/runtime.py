@@ -136,6 +136,22 @@ class ServeRuntime:
                 + (f"; not ready: {', '.join(failing)}" if failing else ""))  # fmt: skip
 
     # -- readiness -------------------------------------------------------------------------------
+    def out_of_distribution(self) -> bool:
+        """Whether the newest result's frame or stream is out of the training distribution (the
+        one fact /readyz gives about it, without details)."""
+        result = self.pipeline.latest()
+        return bool(result is not None and result.decision.shift and result.decision.shift.flagged)
+
+    def shift_view(self) -> dict[str, Any]:
+        """The shift check's state for /v1/status and the page: on or off (and why), and the
+        newest frame's verdict."""
+        classifier = self.pipeline.classifier
+        result = self.pipeline.latest()
+        shift = None if result is None else result.decision.shift
+        return {"check": classifier.shift_note, "mode": classifier.shift_mode,
+                "out_of_distribution": self.out_of_distribution(),
+                "latest": None if shift is None else shift.to_json()}  # fmt: skip
+
     def readiness(self) -> dict[str, dict[str, Any]]:
         feed = self.pipeline.feed()
         trail = self.audit.status()
@@ -216,7 +232,9 @@ class ServeRuntime:
                 "label": display.label,
                 "probabilities": display.probabilities,
                 "reason": None if display.reason is None else f"no decision: {display.reason}",
+                "warning": None if display.warning is None else f"unreliable: {display.warning}",
             },
+            "shift": self.shift_view(),
             "per_frame": per_frame,
             "frame": frame,
             "region": None if region is None else asdict(region),
@@ -256,9 +274,9 @@ class ServeRuntime:
         Raises ImageDecodeError / ValueError with a message for the client (422)."""
         image = decode_image(data, "upload", max_pixels=40_000_000)
         crop = _upload_region(image, region)
-        classifier = FrameClassifier(
-            self.backend, crop, self.pipeline.classifier.gate, self.pipeline.classifier.threshold
-        )
+        live = self.pipeline.classifier
+        # one upload is one frame: its own verdict, a window of one that the live stream never sees
+        classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
         decision = self.uploads.run(lambda: classifier.classify(image))
         fields = decision.to_json()
         digest = hashlib.sha256(data).hexdigest()

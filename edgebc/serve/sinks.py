@@ -27,6 +27,7 @@ STAGES = (
     "quality",
     "preprocess",
     "inference",
+    "shift",
     "postprocess",
     "smoothing",
     "audit",
@@ -135,7 +136,8 @@ class LiveStatistics:
 
     def __init__(self, class_names: Sequence[str], window: int = 600) -> None:
         self.rolling = RollingStats(window)
-        self.counts: dict[str, int] = {"frames": 0, "decided": 0, "no_decision": 0, "errors": 0}
+        self.counts: dict[str, int] = {"frames": 0, "decided": 0, "no_decision": 0, "errors": 0,
+                                       "out_of_distribution": 0}  # fmt: skip
         self.label_counts: dict[str, int] = dict.fromkeys(class_names, 0)
         self._sequence = 0
         self._latency: tuple[int, dict[str, dict[str, float] | None]] | None = None
@@ -145,6 +147,10 @@ class LiveStatistics:
         self.rolling.add(result.finished_monotonic, result.timings_ms)  # never changed: no copy
         self.counts["frames"] += 1
         label = result.decision.label
+        if (
+            result.decision.shift_action is not None
+        ):  # withdrawn or marked: the frame or stream was out
+            self.counts["out_of_distribution"] += 1
         if label is None:
             self.counts["no_decision"] += 1
         else:

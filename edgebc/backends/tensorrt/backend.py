@@ -60,6 +60,9 @@ class TensorRTBackend:
         err, self._stream = self._cudart.cudaStreamCreate()
         self._check(err)
         self.name = f"tensorrt:{sidecar.get('precision')}"
+        # the engine's first output only (the logits): a features output goes unread, and the
+        # classifier's shift check says it is off for want of it
+        self.outputs = (self.card.output_name,)
         zeros = np.zeros((1, *self.card.input_shape), np.float32)
         for _ in range(warmup):
             self.run(zeros)
