@@ -253,3 +253,23 @@ def test_the_audit_trail_adds_the_shift_column_to_an_older_log(tmp_path):
     AuditTrail(path).close()
     rows = read_trail(path)
     assert len(rows) == 1 and rows[0]["shift"] is None and rows[0]["quality"] == "ok"
+
+
+def test_the_score_averages_the_parts_the_card_chose_and_older_cards_all_three(shift_model):
+    from dataclasses import replace
+
+    from edgebc.shift import PARTS, SCORE_PARTS, ShiftScorer, TrainingStatistics
+
+    stats = ModelCard.from_json(read_card(shift_model[0]).to_json()).training_statistics
+    assert stats.parts == SCORE_PARTS == ("image",)  # what training fits now
+    parts = np.array([[4.0, 1.0, 7.0], [0.5, 9.0, 2.0]])
+    assert ShiftScorer(stats).combine(parts).tolist() == [4.0, 0.5]
+    every = replace(stats, parts=PARTS)
+    assert ShiftScorer(every).combine(parts).tolist() == pytest.approx([4.0, 3.8333333])
+    older = {k: v for k, v in every.__dict__.items()}
+    older.pop("parts")
+    assert TrainingStatistics(**older).parts == PARTS  # cards written before the choice
+    with pytest.raises(ValueError, match="non-empty set of"):
+        replace(stats, parts=("image", "colour"))
+    with pytest.raises(ValueError, match="non-empty set of"):
+        replace(stats, parts=())

@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--before", required=True, type=Path)
             p.add_argument("--after", required=True, type=Path)
             p.add_argument("--arms", default="busi-only,busbra-only")
-            p.add_argument("--split", default="test")
+            p.add_argument("--split", default="test",
+                           help="the split scored, or 'unseen': every frame of the sites an arm X-only never saw")  # fmt: skip
             # BUS-BRA's audit flag misses most of its (dimmer) calipers: split it by the detector.
             p.add_argument("--detector-sites", default="busbra")
             p.add_argument("--min-marks", type=int, default=4)
@@ -84,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"written": [str(p) for p in write_montages(by_site, args.out)]}
         print("\n".join(result["written"]))
     else:
-        samples = [s for s in samples if s.split == args.split]
+        if args.split != "unseen":
+            samples = [s for s in samples if s.split == args.split]
         result = measure_models(samples, args.before, args.after, args.arms.split(","),
-                                args.detector_sites.split(","), args.min_marks, args.boot)  # fmt: skip
+                                args.detector_sites.split(","), args.min_marks, args.boot,
+                                unseen_only=args.split == "unseen")  # fmt: skip
         print(render_models(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -213,7 +216,7 @@ def lesion_mask(sample: Sample, prep: Any) -> np.ndarray | None:
 
 def measure_models(samples: Sequence[Sample], before: Path, after: Path, arms: Sequence[str],
                    detector_sites: Sequence[str], min_marks: int,
-                   n_boot: int) -> dict[str, Any]:  # fmt: skip
+                   n_boot: int, unseen_only: bool = False) -> dict[str, Any]:  # fmt: skip
     from edgebc.optional import require
     from edgebc.preprocess import preprocess_chw
     from edgebc.train.gradcam import lesion_attention
@@ -238,7 +241,10 @@ def measure_models(samples: Sequence[Sample], before: Path, after: Path, arms: S
             backend = TorchBackend(checkpoint, "cpu", threads=1)
             card, prep = backend.card, backend.card.preprocess
             layer = backend.module.get_submodule(model_spec(card.arch).cam_layer)
-            for site in sorted({s.source or "unknown" for s in samples}):
+            sites = sorted({s.source or "unknown" for s in samples})
+            if unseen_only:  # leave-one-site-out: an arm "X-only" is scored on the other sites only
+                sites = [site for site in sites if arm != f"{site}-only"]
+            for site in sites:
                 keep, _ = card.task.partition([s.label for s in samples if s.source == site], site)
                 chosen = [s for s, k in zip([s for s in samples if s.source == site], keep, strict=True) if k]  # fmt: skip
                 images = np.stack([preprocess_chw(read_image(s.path), prep) for s in chosen])
