@@ -255,7 +255,8 @@ def measure_models(samples: Sequence[Sample], before: Path, after: Path, arms: S
                 row: dict[str, Any] = {"arm": arm, "when": when, "marks": prep.marks, "site": site}
                 for group, want in (("annotated", True), ("clean", False)):
                     pick = np.array([marked[s.path] == want for s in chosen])
-                    row[group] = _auc_row(positive[pick], scores[pick], n_boot)
+                    units = [s.unit for s, p in zip(chosen, pick, strict=True) if p]
+                    row[group] = _auc_row(positive[pick], scores[pick], units, n_boot)
                 masks = [lesion_mask(s, prep) for s in chosen]
                 row["lesion_share"] = lesion_attention(
                     backend.module, layer, torch.from_numpy(images), masks, y
@@ -264,12 +265,17 @@ def measure_models(samples: Sequence[Sample], before: Path, after: Path, arms: S
     return result
 
 
-def _auc_row(positive: np.ndarray, scores: np.ndarray, n_boot: int) -> dict[str, Any]:
+def _auc_row(
+    positive: np.ndarray, scores: np.ndarray, units: Sequence[str], n_boot: int
+) -> dict[str, Any]:
+    """AUC with a 95 % interval that resamples cases (a patient's frames together)."""
     n, n_pos = len(positive), int(positive.sum())
     if n_pos == 0 or n_pos == n:
         return {"n": n, "positives": n_pos, "auc": float("nan"), "ci": [float("nan")] * 2}
     auc = metrics.roc_auc(positive, scores)
-    low, high = metrics.bootstrap_ci(metrics.roc_auc, positive, scores, n_boot)
+    low, high = metrics.cluster_bootstrap_ci(
+        metrics.roc_auc, list(units), positive, scores, n_boot=n_boot
+    )
     return {"n": n, "positives": n_pos, "auc": auc, "ci": [low, high]}
 
 
