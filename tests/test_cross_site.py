@@ -222,3 +222,7 @@ def test_sites_can_be_scanners_for_leave_one_scanner_out(tmp_path):
     arms = arms_of(cross, ["GE Logiq 5 @10-12MHz", "b", "c"])
     assert [a.name for a in arms] == ["without-GE-Logiq-5-10-12MHz", "without-b", "without-c"]
     assert arms[0].sites == ("b", "c")
+    named = CrossSiteConfig(
+        train_config="x.yaml", manifest=str(manifest), pooled_name="recommended"
+    )
+    assert [a.name for a in arms_of(named, ["a", "b"])] == ["a-only", "b-only", "recommended"]

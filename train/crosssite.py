@@ -54,6 +54,8 @@ class CrossSiteConfig:
     out_dir: str = "runs/cross-site"
     sites: tuple[str, ...] = ()  # default: every source in the manifest
     pooled: bool = True
+    pooled_name: str = "pooled"  # the pooled arm's run folder (a recipe's own run can be the arm)
+    report_name: str = "cross_site"  # the report's file names in out_dir (.md and .json)
     arms: tuple[str, ...] = ()  # only these arms (e.g. to train two side by side); () = all
     overrides: tuple[str, ...] = ()  # `--set`s applied to every arm, e.g. threads=1
     bootstrap: int = 1000
@@ -106,7 +108,7 @@ def arms_of(config: CrossSiteConfig, sites: Sequence[str]) -> list[Arm]:
         ]
     else:
         arms = [Arm(f"{_slug(site)}-only", (site,)) for site in sites]
-    arms += [Arm("pooled", tuple(sites))] if config.pooled and len(sites) > 1 else []
+    arms += [Arm(config.pooled_name, tuple(sites))] if config.pooled and len(sites) > 1 else []
     unknown = sorted(set(config.arms) - {a.name for a in arms})
     if unknown:
         raise EdgebcError(f"arms {unknown} are not among {[a.name for a in arms]}")
@@ -169,8 +171,10 @@ def run_cross_site(
     report = {"manifest": config.manifest, "train_config": config.train_config, "sites": sites,
               "variant": config.variant, "own_split": config.own_split, "overrides": list(config.arm_overrides),
               "bootstrap": config.bootstrap, "rows": rows}  # fmt: skip
-    atomic_write_text(out / "cross_site.json", json.dumps(report, indent=2, default=float) + "\n")
-    atomic_write_text(out / "cross_site.md", render_markdown(report))
+    atomic_write_text(
+        out / f"{config.report_name}.json", json.dumps(report, indent=2, default=float) + "\n"
+    )
+    atomic_write_text(out / f"{config.report_name}.md", render_markdown(report))
     return report
 
 
