@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edgebc.decode import to_grey_uint8
+
 #: A pixel whose channels spread more than this (of 255) is coloured, not grey stored as RGB.
 CHROMA_THRESHOLD = 40
 #: The local tissue level: a median this wide removes strokes up to 4 px and specks up to ~7 px.
@@ -82,7 +84,7 @@ class Marks:
 
 def find_marks(image: np.ndarray) -> Marks:
     """The burned-in marks of one frame (grey HxW or BGR HxWx3; uint8, uint16 or float in [0, 1])."""
-    grey = _grey_uint8(image)
+    grey = to_grey_uint8(image)
     above = grey.astype(np.int16) - cv2.medianBlur(grey, MEDIAN_SIZE)
     candidates = ((above >= MIN_CONTRAST) & (grey >= MIN_BRIGHTNESS)).astype(np.uint8)
     strokes, stroke_count = _strokes(candidates, above)
@@ -123,20 +125,6 @@ def remove_marks(image: np.ndarray, marks: Marks | None = None) -> np.ndarray:
         for c in range(image.shape[2])
     ]
     return np.stack(channels, axis=2)
-
-
-def _grey_uint8(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 3:
-        image = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_BGR2GRAY)
-    if image.ndim != 2:
-        raise ValueError(f"expected a grey (HxW) or BGR (HxWx3) frame, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.uint16:
-        return (image >> 8).astype(np.uint8)
-    if image.dtype in (np.float32, np.float64):
-        return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-    raise ValueError(f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float")
 
 
 def _with_fringe(mask: np.ndarray, grey: np.ndarray) -> np.ndarray:
