@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from edgebc import __version__
 from edgebc.commands import (
     HelpFormatter,
+    audit,
     bench,
     calibrate,
     classify,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register_bench(commands)
     model.register_model(commands)
     region.register_region(commands)
+    audit.register_audit(commands)
     return parser
 
 

@@ -107,3 +107,166 @@ def test_a_full_disk_turns_unhealthy_keeps_records_and_recovers(tmp_path):
     assert status.healthy and status.written == 600 and status.lost == 0
     trail.close()
     assert [r["frame_index"] for r in read_trail(db)] == list(range(600))
+
+
+def test_the_held_count_is_every_record_waiting_not_one_batch(tmp_path):
+    """Issue 18: readiness said "1 records held in memory" while 1,862 were held."""
+    trail = AuditTrail(tmp_path / "audit.db", flush_interval=0.02, max_bytes=48 * 1024)
+    for k in range(600):
+        trail.record(record(k))
+    deadline, problem, pending = time.monotonic() + 5, "", -1
+    while time.monotonic() < deadline:  # the message is rewritten at every failed retry
+        status = trail.status()
+        problem, pending = status.problem or "", status.pending
+        if f"; {pending} records held in memory" in problem:
+            break
+        time.sleep(0.05)
+    assert pending > 256 and f"; {pending} records held in memory" in problem, (pending, problem)
+    trail.set_max_bytes(None)
+    trail.close()
+
+
+# -- the hash chain (issue 18: append-only was only a trigger) ---------------------------------
+
+
+def chained(tmp_path, n=30):
+    """A closed trail of `n` records with its key and anchor file outside the trail's directory."""
+    db, key, anchors = tmp_path / "trail" / "audit.db", tmp_path / "keys" / "audit.key", tmp_path / "keys" / "anchors"  # fmt: skip
+    trail = AuditTrail(db, key_path=key, anchor_path=anchors)
+    for k in range(n):
+        trail.record(record(k))
+    assert trail.flush(5.0)
+    head = trail.status()
+    trail.close()
+    return db, key, anchors, head
+
+
+def tamper(db, *statements):
+    """What someone holding the audit file can do: drop the triggers and edit rows."""
+    connection = sqlite3.connect(db, isolation_level=None)
+    connection.execute("DROP TRIGGER decisions_no_update")
+    connection.execute("DROP TRIGGER decisions_no_delete")
+    for statement in statements:
+        connection.execute(statement)
+    connection.close()
+
+
+def verify(db, key=None, anchors=None):
+    from edgebc.audit_chain import read_key, verify_trail
+
+    return verify_trail(db, key=None if key is None else read_key(key), anchor_path=anchors)
+
+
+def test_a_clean_trail_verifies_and_the_head_is_reported(tmp_path, capsys):
+    from edgebc.cli import main
+
+    db, key, anchors, status = chained(tmp_path)
+    verdict = verify(db, key, anchors)
+    assert verdict.ok and verdict.records == 30 and verdict.head_id == 30, verdict
+    assert (status.head_id, status.head) == (30, verdict.head)  # what /v1/status shows
+    assert any("covers records 1..30" in note for note in verdict.notes)
+    assert main(["audit", "verify", str(db), "--key", str(key), "--anchor", str(anchors)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{db}: OK: 30 records") and "\n" not in line
+
+
+def test_an_update_after_drop_trigger_is_named(tmp_path, capsys):
+    from edgebc.cli import main
+
+    db, key, _, _ = chained(tmp_path)
+    tamper(db, "UPDATE decisions SET decision = 'malignant' WHERE id = 7")
+    verdict = verify(db)
+    assert not verdict.ok and "record 7 was changed" in verdict.problem, verdict
+    assert main(["audit", "verify", str(db), "--key", str(key)]) == 1
+    assert "BROKEN: first broken record: record 7 was changed" in capsys.readouterr().out
+
+
+def test_a_recomputed_chain_fails_on_the_key_and_the_anchor(tmp_path):
+    from edgebc.audit_chain import CHAINED_COLUMNS, GENESIS, record_hash
+
+    db, key, anchors, _ = chained(tmp_path)
+    connection = sqlite3.connect(db, isolation_level=None)
+    connection.execute("DROP TRIGGER decisions_no_update")
+    connection.execute("UPDATE decisions SET decision = 'malignant' WHERE id = 7")
+    previous = GENESIS
+    rows = connection.execute(f"SELECT id, {', '.join(CHAINED_COLUMNS)} FROM decisions ORDER BY id")
+    for record_id, *fields in rows.fetchall():  # the attacker rewrites every hash after the change
+        previous = record_hash(previous, fields)
+        connection.execute("UPDATE decisions SET chain = ? WHERE id = ?", (previous, record_id))
+    connection.close()
+    assert verify(db).ok  # the chain alone cannot tell ...
+    by_key = verify(db, key=key)  # ... the MAC under a key the attacker lacks can
+    assert not by_key.ok and "record 7: its MAC does not match" in by_key.problem, by_key
+    by_anchor = verify(db, anchors=anchors)  # and so can the exported head
+    assert not by_anchor.ok and "differs from the anchor" in by_anchor.problem, by_anchor
+
+
+def test_a_deleted_row_is_named(tmp_path):
+    db, key, anchors, _ = chained(tmp_path)
+    tamper(db, "DELETE FROM decisions WHERE id = 12")
+    verdict = verify(db, key, anchors)
+    assert not verdict.ok and "record 12 deleted" in verdict.problem, verdict
+
+
+def test_swapped_rows_are_named(tmp_path):
+    db, key, anchors, _ = chained(tmp_path)
+    tamper(db, "UPDATE decisions SET id = -5 WHERE id = 5", "UPDATE decisions SET id = 5 WHERE id = 6",
+           "UPDATE decisions SET id = 6 WHERE id = -5")  # fmt: skip
+    verdict = verify(db, key, anchors)
+    assert not verdict.ok and "record 5 is out of order" in verdict.problem, verdict
+
+
+def test_a_truncated_tail_shows_against_the_anchor(tmp_path):
+    db, key, anchors, _ = chained(tmp_path)
+    tamper(db, "DELETE FROM decisions WHERE id > 25")
+    assert verify(db, key).ok  # what is left is a whole chain: only an anchor can tell
+    verdict = verify(db, key, anchors)
+    assert not verdict.ok and "records 26..30 are missing (truncated tail" in verdict.problem, (
+        verdict
+    )
+
+
+OLD_SCHEMA = """
+CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, logged_at TEXT NOT NULL, captured_at TEXT,
+    source TEXT, frame_index INTEGER, frame_sha256 TEXT, model_sha256 TEXT NOT NULL, probabilities TEXT,
+    decision TEXT, smoothed_decision TEXT, threshold REAL, quality TEXT NOT NULL, latencies_ms TEXT,
+    pixels BLOB, patient_id TEXT);
+CREATE TRIGGER decisions_no_update BEFORE UPDATE ON decisions
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER decisions_no_delete BEFORE DELETE ON decisions
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+"""
+
+
+def test_an_older_log_gets_its_chain_and_verifies(tmp_path):
+    db, key = tmp_path / "trail" / "old.db", tmp_path / "keys" / "audit.key"
+    db.parent.mkdir()
+    connection = sqlite3.connect(db)
+    connection.executescript(OLD_SCHEMA)
+    for k in range(3):
+        connection.execute("INSERT INTO decisions (logged_at, model_sha256, quality, frame_index, threshold, "
+                           "pixels) VALUES ('2024-01-01T00:00:00.000+00:00', 'ab', 'ok', ?, 0.3, ?)", (k, b"\x89PNG"))  # fmt: skip
+    connection.commit()
+    connection.close()
+    trail = AuditTrail(db, key_path=key)
+    trail.record(record(3))
+    trail.close()
+    verdict = verify(db, key)
+    assert verdict.ok and verdict.records == 4, verdict
+    assert any(
+        "records 1..3 were written before the chain and chained on" in n for n in verdict.notes
+    )
+    assert [r["frame_index"] for r in read_trail(db)] == [0, 1, 2, 3]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # the trigger is back
+        sqlite3.connect(db).execute("UPDATE decisions SET decision = 'normal'")
+
+
+def test_the_key_file_is_created_private_and_never_beside_the_trail(tmp_path):
+    key = tmp_path / "keys" / "audit.key"
+    AuditTrail(tmp_path / "trail" / "audit.db", key_path=key).close()
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = key.read_text()
+    AuditTrail(tmp_path / "trail" / "audit.db", key_path=key).close()
+    assert key.read_text() == first  # kept, not replaced
+    with pytest.raises(ValueError, match="own directory"):
+        AuditTrail(tmp_path / "trail" / "audit.db", key_path=tmp_path / "trail" / "audit.key")

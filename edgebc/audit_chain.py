@@ -1,0 +1,226 @@
+"""The audit trail's hash chain: what makes a changed, deleted, reordered or cut-off record show.
+
+Each record's `chain` is sha256 over the previous record's chain and a canonical form of the
+record's own fields (the first record follows `GENESIS`), so changing, removing or moving one
+record breaks every hash after it. Whoever can drop the append-only triggers can recompute those
+hashes, so the chain is anchored outside the database: each record also carries `chain_mac`,
+an HMAC of its chain under a key kept in a file outside the trail's directory, and the chain head
+is appended at intervals (and at shutdown) to an anchor file and the log, which is how a cut-off
+tail shows. `verify_trail` checks all of it and names the first broken record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+KEY_BYTES = 32
+# Rows the chain covers, in the order hashed: every column but the id (moving a record is caught
+# by the chain itself) and the chain's own two columns.
+CHAINED_COLUMNS = ("logged_at", "captured_at", "source", "frame_index", "frame_sha256", "model_sha256", "probabilities",
+                   "decision", "smoothed_decision", "threshold", "quality", "latencies_ms", "pixels", "patient_id", "shift")  # fmt: skip
+
+
+def canonical(row: Sequence[Any]) -> bytes:
+    """One byte form per record: JSON of the values in column order, a BLOB as its sha256."""
+    values = [{"sha256": hashlib.sha256(v).hexdigest()} if isinstance(v, bytes) else v for v in row]
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_hash(previous: str, row: Sequence[Any]) -> str:
+    return hashlib.sha256(previous.encode() + b"\n" + canonical(row)).hexdigest()
+
+
+def record_mac(key: bytes, chain: str) -> str:
+    return hmac.new(key, chain.encode(), hashlib.sha256).hexdigest()
+
+
+def default_key_path() -> Path:
+    """Where the service keeps its audit key unless told otherwise: systemd's StateDirectory when
+    it sets one, else the user's state folder (never beside the trail)."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / "audit.key"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgebc" / "audit.key"
+
+
+def load_or_create_key(key_path: str | Path, trail_path: str | Path) -> bytes:
+    """The key in `key_path`, created (random, mode 0600) when absent. A key in the trail's own
+    directory is refused: whoever may edit the trail could then recompute every MAC."""
+    key_file, trail = Path(key_path).expanduser(), Path(trail_path)
+    if key_file.parent.resolve() == trail.parent.resolve():
+        raise ValueError(
+            f"audit key {key_file}: it is in the audit trail's own directory; keep it elsewhere "
+            "(readable by the service, not by whoever holds the audit file)"
+        )
+    try:
+        return read_key(key_file)
+    except FileNotFoundError:
+        pass
+    key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return read_key(key_file)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return read_key(key_file)
+
+
+def read_key(key_path: str | Path) -> bytes:
+    text = Path(key_path).expanduser().read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise ValueError(f"audit key {key_path}: expected at least 32 hex digits")
+    return key
+
+
+def append_anchor(anchor_path: str | Path, trail_path: str | Path, head_id: int, head: str,
+                  key: bytes | None) -> dict[str, Any]:  # fmt: skip
+    """Append one line saying the trail's chain reached `head` at record `head_id` (fsynced)."""
+    anchor: dict[str, Any] = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "trail": str(Path(trail_path).resolve()),
+        "id": head_id,
+        "head": head,
+    }
+    if key is not None:
+        anchor["mac"] = record_mac(key, f"{head_id}:{head}")
+    path = Path(anchor_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(anchor) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return anchor
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    records: int
+    head_id: int | None
+    head: str | None
+    problem: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the anchors cover, migrations
+
+    def line(self) -> str:
+        head = "empty" if self.head is None else f"head record {self.head_id} {self.head[:16]}"
+        if not self.ok:
+            return f"BROKEN: {self.problem}"
+        return f"OK: {self.records} records, chain intact ({head}); " + "; ".join(self.notes)
+
+
+def verify_trail(path: str | Path, key: bytes | None = None,
+                 anchor_path: str | Path | None = None) -> Verdict:  # fmt: skip
+    """Walk the whole chain; the first record that breaks it is named in `problem`."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        check = connection.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            return Verdict(False, 0, None, None, f"{path}: SQLite integrity check failed: {check}")
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(decisions)")}
+        if "chain" not in columns:
+            return Verdict(False, 0, None, None, f"{path}: no hash chain (written by an older "
+                           "edgebc and not opened since; opening it with edgebc adds the chain)")  # fmt: skip
+        rows = connection.execute(
+            f"SELECT id, {', '.join(CHAINED_COLUMNS)}, chain, chain_mac FROM decisions ORDER BY id"
+        ).fetchall()
+        events = connection.execute(
+            "SELECT at, first_id, last_id FROM chain_events ORDER BY first_id"
+        ).fetchall()
+    finally:
+        connection.close()
+    verdict = _walk(rows, key)
+    if not verdict.ok:
+        return verdict
+    for at, first, last in events:
+        verdict.notes.append(f"records {first}..{last} were written before the chain and chained on {at}")  # fmt: skip
+    if key is None:
+        verdict.notes.append("MACs not checked (no --key): a rewritten chain would pass")
+    else:
+        verdict.notes.append("every MAC matches the key")
+    if anchor_path is not None:
+        _check_anchors(verdict, rows, Path(anchor_path), key)
+    return verdict
+
+
+def _walk(rows: list[tuple[Any, ...]], key: bytes | None) -> Verdict:
+    previous, previous_id = GENESIS, 0
+    chains = [row[-2] for row in rows]
+    for position, row in enumerate(rows):
+        record_id, fields, chain, mac = row[0], row[1:-2], row[-2], row[-1]
+        if record_id != previous_id + 1:
+            missing = (f"record {previous_id + 1}" if record_id == previous_id + 2
+                       else f"records {previous_id + 1}..{record_id - 1}")  # fmt: skip
+            return _broken(rows, position, f"{missing} deleted (ids jump from {previous_id} to {record_id})")  # fmt: skip
+        if chain is None:
+            return _broken(rows, position, f"record {record_id} has no hash (added outside edgebc)")
+        if record_hash(previous, fields) != chain:
+            # A record intact but in another place verifies after some other record's chain.
+            nearby = chains[max(0, position - 64) : position + 64]
+            if any(record_hash(other, fields) == chain for other in [GENESIS, *nearby]):
+                why = f"record {record_id} is out of order (reordered)"
+            else:
+                why = f"record {record_id} was changed (its hash does not match its fields and the record before it)"  # fmt: skip
+            return _broken(rows, position, why)
+        if key is not None and (
+            mac is None or not hmac.compare_digest(record_mac(key, chain), mac)
+        ):
+            why = (f"record {record_id}: its MAC does not match the key (the chain was rewritten "
+                   "from here on, or this is not the trail's key)")  # fmt: skip
+            return _broken(rows, position, why)
+        previous, previous_id = chain, record_id
+    head_id = rows[-1][0] if rows else None
+    return Verdict(True, len(rows), head_id, previous if rows else None)
+
+
+def _broken(rows: list[tuple[Any, ...]], position: int, why: str) -> Verdict:
+    return Verdict(False, len(rows), rows[-1][0], rows[-1][-2], f"first broken record: {why}")
+
+
+def _check_anchors(verdict: Verdict, rows: list[tuple[Any, ...]], anchor_path: Path,
+                   key: bytes | None) -> None:  # fmt: skip
+    """Every anchor must match the chain at its record; the newest says how far the trail reached."""
+    by_id = {row[0]: row[-2] for row in rows}
+    anchors = [json.loads(line) for line in anchor_path.read_text().splitlines() if line.strip()]
+    if not anchors:
+        verdict.notes.append(f"{anchor_path}: no anchors")
+        return
+    for anchor in anchors:
+        head_id, head = int(anchor["id"]), str(anchor["head"])
+        if key is not None and not hmac.compare_digest(str(anchor.get("mac", "")),
+                                                       record_mac(key, f"{head_id}:{head}")):  # fmt: skip
+            verdict.ok, verdict.problem = False, f"anchor of {anchor['at']} (record {head_id}) has a wrong MAC: the anchor file was edited"  # fmt: skip
+            return
+        if head_id not in by_id:
+            last = rows[-1][0] if rows else 0
+            verdict.ok = False
+            verdict.problem = (f"first broken record: records {last + 1}..{head_id} are missing "
+                               f"(truncated tail: the anchor of {anchor['at']} covered records 1..{head_id})")  # fmt: skip
+            return
+        if by_id[head_id] != head:
+            verdict.ok = False
+            verdict.problem = (f"the chain up to record {head_id} differs from the anchor of "
+                               f"{anchor['at']}: records 1..{head_id} were rewritten")  # fmt: skip
+            return
+    newest = max(anchors, key=lambda a: int(a["id"]))
+    covered, total = int(newest["id"]), verdict.head_id or 0
+    tail = f"; records {covered + 1}..{total} not yet anchored" if total > covered else ""
+    verdict.notes.append(f"the anchor of {newest['at']} covers records 1..{covered}{tail}")
