@@ -144,7 +144,12 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda number, _frame: received.append(signal.Signals(number).name))
     uvicorn.Server(config).run()
     how = f" on {received[0]}" if received else ""
-    log.info("stopped%s: source released, audit log committed (%s)", how, settings.audit.path)
+    trail = runtime.audit.status()
+    log.info(
+        "stopped%s: source released, audit log committed (%s): %d written, %d held, %d lost; "
+        "chain head record %s",
+        how, settings.audit.path, trail.written, trail.pending, trail.lost, trail.head_id,
+    )  # fmt: skip
     return 0
 
 

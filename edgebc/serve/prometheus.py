@@ -90,6 +90,11 @@ class _Collector:
         yield GaugeMetricFamily(
             "edgebc_audit_healthy", "1 while the audit log is writable", value=int(trail.healthy)
         )
+        yield GaugeMetricFamily(
+            "edgebc_audit_chain_head_record",
+            "Id of the newest record in the audit trail's hash chain (0: none yet)",
+            value=trail.head_id or 0,
+        )
         uploads = CounterMetricFamily(
             "edgebc_uploads", "POST /v1/classify requests by outcome", labels=["outcome"]
         )

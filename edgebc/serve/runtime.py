@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edgebc.audit_chain import default_key_path
 from edgebc.audit_trail import AuditTrail, record_of
 from edgebc.backends import Backend
 from edgebc.calibration import bound_statement
@@ -336,11 +337,16 @@ def build_runtime(
         hang_seconds=settings.watchdog.hang_seconds,
     )
     try:
+        key_path = Path(settings.audit.key_path or default_key_path()).expanduser()
+        anchor_path = settings.audit.anchor_path or key_path.with_name("audit.anchors")
         audit = AuditTrail(
             settings.audit.path,
             store_pixels=settings.audit.store_pixels,
             store_patient_ids=settings.audit.store_patient_ids,
             max_bytes=settings.audit.max_bytes,
+            key_path=key_path,
+            anchor_path=anchor_path,
+            anchor_interval=settings.audit.anchor_interval,
         )
     except Exception as exc:
         backend.close()

@@ -43,6 +43,13 @@ class AuditSettings:
     max_bytes: int | None = None  # cap for small SD cards; reaching it acts like a full disk
     store_pixels: bool = False  # opt-in: frames as PNG in the log
     store_patient_ids: bool = False  # opt-in
+    # The trail's hash chain is keyed (HMAC) with a key kept outside the trail's folder, and its
+    # head is anchored in a file beside the key every anchor_interval seconds and at close
+    # (edgebc.audit_chain; `edgebc audit verify`). None: systemd's StateDirectory, else
+    # $XDG_STATE_HOME/edgebc (~/.local/state/edgebc); the anchor file: audit.anchors beside the key.
+    key_path: str | None = None
+    anchor_path: str | None = None
+    anchor_interval: float = 60.0
 
 
 @dataclass(frozen=True)
