@@ -358,9 +358,11 @@ def _check_dicom_display(ds: object, photometric: str, samples: int, name: str) 
                 f"{name}: DICOM WindowWidth is {width}; it must be at least 1 to be displayed"
             )
     if photometric == "PALETTE COLOR":
+        has_lut = hasattr(ds, "RedPaletteColorLookupTableData")
         raise ImageDecodeError(
-            f"{name}: DICOM PALETTE COLOR images are not supported (their lookup table would be "
-            "needed to display them); export the frames as RGB"
+            f"{name}: DICOM is PALETTE COLOR "
+            + ("" if has_lut else "without its lookup table (RedPaletteColorLookupTableData); ")
+            + "palette images are not supported: export the frames as RGB"
         )
     if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageDecodeError(
@@ -525,8 +527,15 @@ def _dicom_header(data: bytes, name: str) -> ImageHeader:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1))
+        bits = int(getattr(ds, "BitsAllocated", 8))
     except AttributeError:
         raise ImageDecodeError(f"{name}: DICOM has no image (Rows/Columns missing)") from None
     except Exception as exc:
         raise ImageDecodeError(f"{name}: DICOM header could not be read: {exc}") from exc
-    return ImageHeader("dicom", columns, rows, frames)
+    if frames < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError(
+            f"{name}: DICOM declares {frames} frames of {samples} samples at {bits} bits "
+            "allocated, which cannot be decoded"
+        )
+    return ImageHeader("dicom", columns, rows, frames, samples, max(1, bits // 8))

@@ -103,7 +103,9 @@ def test_read_image_reports_missing_file_and_directory(tmp_path):
         read_image(tmp_path)
 
 
-def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1) -> bytes:
+def _dicom_bytes(
+    pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1, **extra: object
+) -> bytes:
     pydicom = pytest.importorskip("pydicom")
     import io
 
@@ -126,6 +128,8 @@ def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: i
     if frames > 1:
         ds.NumberOfFrames = frames
     ds.PixelData = pixels.astype(np.uint8).tobytes()
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -373,3 +377,30 @@ def test_complete_jpeg_decodes_exactly_as_opencv_does(rng, params):
         np.testing.assert_array_equal(decode_image(data), expected)
         # trailing bytes after EOI (some cameras append metadata) change nothing
         np.testing.assert_array_equal(decode_image(data + b"\0trailer"), expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"WindowCenter": 100, "WindowWidth": 0}, "WindowWidth is 0"),
+        ({"RescaleSlope": 0, "RescaleIntercept": 0}, "RescaleSlope is 0"),
+        ({"PhotometricInterpretation": "PALETTE COLOR"}, "PALETTE COLOR without its lookup table"),
+    ],
+    ids=["window-width-0", "rescale-slope-0", "palette-without-lut"],
+)
+def test_dicom_that_cannot_be_displayed_correctly_is_refused_naming_the_field(extra, message):
+    data = _dicom_bytes(np.array([[0, 50], [100, 200]], np.uint8), **extra)
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, "scan.dcm")
+
+
+def test_dicom_window_is_applied_and_cine_bytes_count_every_frame():
+    from edgebc.decode import decode_dicom_frames
+
+    pixels = np.array([[0, 50], [100, 200]], np.uint8)
+    windowed = decode_image(_dicom_bytes(pixels, WindowCenter=75, WindowWidth=50))
+    assert windowed[0, 0] == 0 and windowed[1, 1] == 255  # outside the window: clipped
+    cine = _dicom_bytes(np.zeros((3, 4, 4), np.uint8), frames=3)
+    assert read_header(cine).decoded_bytes == 3 * 4 * 4
+    with pytest.raises(ImageDecodeError, match=r"x 3 frames = 48 decoded bytes, over the limit"):
+        decode_dicom_frames(cine, max_bytes=47)
