@@ -157,13 +157,17 @@ def sniff_format(data: bytes) -> ImageFormat | None:
     return None
 
 
-def read_header(data: bytes, name: str = "<buffer>") -> ImageHeader:
-    """Identify the format and read the declared size; raise ImageDecodeError for anything else."""
+def read_header(data: bytes, name: str = "<buffer>", whole_file: bool = False) -> ImageHeader:
+    """Identify the format and read the declared size; raise ImageDecodeError for anything else.
+
+    `data` may be the first bytes of a file (what is there must be consistent); with `whole_file`
+    the whole structure is checked too (every PNG chunk to IEND, every JPEG scan to EOI), as the
+    decoders do before decoding."""
     kind = sniff_format(data)
     if kind == "png":
-        return _png_header(data, name)
+        return _png_header(data, name, whole_file)
     if kind == "jpeg":
-        return _jpeg_header(data, name)
+        return _walk_jpeg(data, name, whole_file)[0]
     if kind == "dicom":
         return _dicom_header(data, name)
     head = data[:8].hex(" ") if data else "an empty file"
@@ -184,7 +188,7 @@ def decode_image(
     decode holds its decoded bytes of `budget` (None: no shared budget) while it runs.
     A multi-frame DICOM is refused here: use `decode_dicom_frames` for cine loops.
     """
-    header = read_header(data, name)
+    header = read_header(data, name, whole_file=True)
     _check_size(header, name, max_pixels, max_decoded_bytes)
     if header.format == "dicom":
         if header.frames != 1:
@@ -244,7 +248,7 @@ def decode_dicom_frames(
     and converts YBR colour to BGR, so a DICOM frame and a screen grab of the same scan look alike.
     `max_bytes` caps the decoded bytes of all frames together.
     """
-    header = read_header(data, name)
+    header = read_header(data, name, whole_file=True)
     if header.format != "dicom":
         raise ImageDecodeError(f"{name}: not a DICOM file (found {header.format.upper()})")
     _check_size(header, name, max_pixels, max_bytes)
@@ -392,7 +396,7 @@ def _check_jpeg_scan(data: bytes, name: str) -> None:
         )
 
 
-def _png_header(data: bytes, name: str) -> ImageHeader:
+def _png_header(data: bytes, name: str, whole_file: bool) -> ImageHeader:
     """Walk every chunk against the bytes present; IHDR first, legal and intact; IEND reached."""
     if len(data) < 8 + 25 or data[12:16] != b"IHDR":
         raise ImageDecodeError(f"{name}: PNG header is missing or truncated")
@@ -400,6 +404,8 @@ def _png_header(data: bytes, name: str) -> ImageHeader:
         raise ImageDecodeError(f"{name}: PNG IHDR chunk is {data[8:12].hex()} bytes long, not 13")
     pos, size, seen = 8, len(data), []
     while True:
+        if pos + 8 > size and not whole_file:
+            break
         if pos + 8 > size:
             raise ImageDecodeError(f"{name}: PNG is truncated (no IEND chunk at the end)")
         (length,) = struct.unpack(">I", data[pos : pos + 4])
@@ -408,6 +414,8 @@ def _png_header(data: bytes, name: str) -> ImageHeader:
             raise ImageDecodeError(
                 f"{name}: PNG chunk at byte {pos} has an invalid type {kind!r}; the file is corrupt"
             )
+        if not whole_file and length <= _MAX_PNG_CHUNK and pos + 12 + length > size:
+            break  # the prefix ends inside this chunk
         if length > _MAX_PNG_CHUNK or pos + 12 + length > size:
             raise ImageDecodeError(
                 f"{name}: PNG is truncated or corrupt: chunk {kind.decode('latin-1')} at byte {pos} "
@@ -426,7 +434,7 @@ def _png_header(data: bytes, name: str) -> ImageHeader:
         pos += 12 + length
         if kind == b"IEND":
             break
-    if b"IDAT" not in seen:
+    if whole_file and b"IDAT" not in seen:
         raise ImageDecodeError(f"{name}: PNG has no image data (IDAT chunk)")
     ihdr = data[16:29]
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(
@@ -444,7 +452,7 @@ def _png_header(data: bytes, name: str) -> ImageHeader:
             f"{name}: PNG IHDR declares compression {compression}, filter {filtering}, "
             f"interlace {interlace}; only 0, 0 and 0/1 exist"
         )
-    if colour == 3 and b"PLTE" not in seen:
+    if whole_file and colour == 3 and b"PLTE" not in seen:
         raise ImageDecodeError(f"{name}: palette PNG has no palette (PLTE chunk)")
     channels = _PNG_COLOUR_TYPES[colour][0]
     if colour == 0 and b"tRNS" in seen:
@@ -454,11 +462,7 @@ def _png_header(data: bytes, name: str) -> ImageHeader:
     return ImageHeader("png", width, height, 1, channels, 2 if depth == 16 else 1)
 
 
-def _jpeg_header(data: bytes, name: str) -> ImageHeader:
-    return _walk_jpeg(data, name)[0]
-
-
-def _walk_jpeg(data: bytes, name: str) -> tuple[ImageHeader, int]:
+def _walk_jpeg(data: bytes, name: str, whole_file: bool = True) -> tuple[ImageHeader, int]:
     """Walk the marker structure: segment lengths within the bytes, a sane SOF before the first
     scan, every scan's data ending at a marker, and an end-of-image marker reached.
 
@@ -489,6 +493,8 @@ def _walk_jpeg(data: bytes, name: str) -> tuple[ImageHeader, int]:
             )
         if marker in _JPEG_SOF:
             header = _jpeg_frame(data[pos + 4 : pos + 2 + length], pos, name)
+            if not whole_file:
+                return header, -1
         if marker == 0xDA:
             if header is None:
                 break

@@ -404,3 +404,11 @@ def test_dicom_window_is_applied_and_cine_bytes_count_every_frame():
     assert read_header(cine).decoded_bytes == 3 * 4 * 4
     with pytest.raises(ImageDecodeError, match=r"x 3 frames = 48 decoded bytes, over the limit"):
         decode_dicom_frames(cine, max_bytes=47)
+
+
+def test_header_of_a_file_prefix_is_read_and_the_decoders_need_the_whole_file(rng):
+    png = _png(rng.integers(0, 256, (300, 200), dtype=np.uint8))
+    assert len(png) > 4096
+    assert (read_header(png[:4096]).width, read_header(png[:4096]).height) == (200, 300)
+    with pytest.raises(ImageDecodeError, match="PNG is truncated"):
+        read_header(png[:4096], whole_file=True)
