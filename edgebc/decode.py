@@ -1,16 +1,25 @@
 """Safe decoding of PNG, JPEG and DICOM into OpenCV-convention arrays (grey HxW or BGR HxWx3).
 
 Files come from capture cards, USB sticks and uploads, so nothing is trusted: the format is
-identified by its magic bytes (never by the file name), the image size is read from the header
-and an oversized image is refused *before* any pixel is decoded (a 100k x 100k PNG is a few KB
-that would ask for tens of GB), and a truncated file is refused rather than decoded into a
+identified by its magic bytes (never by the file name); the PNG chunk and JPEG marker structure is
+walked and checked against the bytes present before any decoder sees them (a 45-byte PNG whose
+chunk length no file of its size can hold made libpng allocate 4 GB); the decoded size (width x
+height x channels x bytes per sample, x frames for DICOM) is read from the header and refused
+*before* any pixel is decoded, per image and across every thread of the process (a 311 KB PNG can
+declare 320 MB of pixels); and a truncated or lying file is refused rather than decoded into a
 partly grey picture, which libjpeg does without complaint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,20 +27,106 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from edgebc.errors import ImageDecodeError
+from edgebc.errors import EdgebcError, ImageDecodeError
 from edgebc.optional import require
 
 ImageFormat = Literal["png", "jpeg", "dicom"]
 
 #: Default ceiling on width*height; 8K UHD is 33 Mpx, a 4K x 4K full-field mammogram 16 Mpx.
 DEFAULT_MAX_PIXELS = 40_000_000
-#: DICOM cines multiply pixels by frames; cap the total decoded size instead.
-DEFAULT_MAX_DICOM_BYTES = 2 * 1024**3
+#: Default ceiling on one image's decoded bytes: admits a 4K capture frame (3840x2160x3 = 24 MB)
+#: and a 16-bit full-field mammogram (4096x3328x2 = 27 MB) with room to spare; refuses the 320 MB
+#: that a 311 KB PNG can declare.
+DEFAULT_MAX_DECODED_BYTES = 64 * 1024**2
+#: DICOM cines multiply pixels by frames; cap a whole file's decoded bytes (all frames) instead.
+DEFAULT_MAX_DICOM_BYTES = 512 * 1024**2
+#: Decoded bytes in flight across all threads of the process (uploads, sources, classify workers).
+DEFAULT_SHARED_DECODE_BYTES = 512 * 1024**2
+#: How long a decode waits for the shared budget before it is refused as busy.
+DEFAULT_BUDGET_WAIT_S = 5.0
+
+_MAX_PNG_CHUNK = 2**31 - 1  # the PNG spec's limit on a chunk length
+#: PNG colour type -> (channels OpenCV decodes it to, legal bit depths).
+_PNG_COLOUR_TYPES = {
+    0: (1, {1, 2, 4, 8, 16}),  # grey
+    2: (3, {8, 16}),  # RGB
+    3: (4, {1, 2, 4, 8}),  # palette (counted as 4: a tRNS chunk makes it BGRA)
+    4: (4, {8, 16}),  # grey + alpha (OpenCV expands it to BGRA)
+    6: (4, {8, 16}),  # RGBA
+}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"IEND\xaeB`\x82"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+#: The next marker inside entropy-coded data: 0xFF not followed by a stuffed 0x00, a restart
+#: marker (0xD0-0xD7) or another fill 0xFF.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: Scan data inserted before EOI to test whether the scan was complete (see _check_jpeg_scan).
+_JPEG_PROBE = bytes(np.random.default_rng(18).integers(0, 255, 4096, dtype=np.uint8))
+
+
+class DecodeBusyError(EdgebcError):
+    """The process-wide decoded-bytes budget stayed full for longer than the caller would wait.
+
+    Not a fault of the file (not a ValueError): a server answers it 503 with Retry-After."""
+
+
+class DecodeBudget:
+    """A thread-safe count of decoded bytes in flight, shared by every decode in the process.
+
+    A decode reserves its header-declared size before decoding and returns it after; one that
+    does not fit waits (up to `wait_s`) for others to finish, then is refused as busy. One bigger
+    than the whole budget is refused at once, since waiting cannot help it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self.set_capacity(capacity)
+
+    def set_capacity(self, capacity: int) -> None:
+        """Change the budget (a setting); reservations already held stay valid."""
+        if capacity <= 0:
+            raise ValueError(f"decode budget must be a positive number of bytes, got {capacity}")
+        with self._cond:
+            self.capacity = capacity
+            self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes reserved right now."""
+        with self._cond:
+            return self._in_flight
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, name: str, wait_s: float) -> Iterator[None]:
+        """Hold `nbytes` of the budget for the duration of the block."""
+        with self._cond:
+            if nbytes > self.capacity:
+                raise ImageDecodeError(
+                    f"{name}: decoding needs {nbytes} bytes, over the process-wide decode budget "
+                    f"of {self.capacity} bytes"
+                )
+            deadline = time.monotonic() + wait_s
+            while self._in_flight + nbytes > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DecodeBusyError(
+                        f"{name}: the decode budget is busy ({self._in_flight} of {self.capacity} "
+                        f"bytes in flight, {nbytes} more needed for {wait_s:g} s); retry later"
+                    )
+                self._cond.wait(left)
+            self._in_flight += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= nbytes
+                self._cond.notify_all()
+
+
+#: The one budget that uploads, frame sources and classify workers share by default.
+SHARED_DECODE_BUDGET = DecodeBudget(DEFAULT_SHARED_DECODE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -42,6 +137,13 @@ class ImageHeader:
     width: int
     height: int
     frames: int = 1
+    channels: int = 1  # as the decoder allocates them (palette PNG: 4, grey+alpha PNG: 4)
+    bytes_per_sample: int = 1
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What decoding allocates for the pixels: width x height x channels x bytes x frames."""
+        return self.width * self.height * self.channels * self.bytes_per_sample * self.frames
 
 
 def sniff_format(data: bytes) -> ImageFormat | None:
@@ -55,13 +157,17 @@ def sniff_format(data: bytes) -> ImageFormat | None:
     return None
 
 
-def read_header(data: bytes, name: str = "<buffer>") -> ImageHeader:
-    """Identify the format and read the declared size; raise ImageDecodeError for anything else."""
+def read_header(data: bytes, name: str = "<buffer>", whole_file: bool = False) -> ImageHeader:
+    """Identify the format and read the declared size; raise ImageDecodeError for anything else.
+
+    `data` may be the first bytes of a file (what is there must be consistent); with `whole_file`
+    the whole structure is checked too (every PNG chunk to IEND, every JPEG scan to EOI), as the
+    decoders do before decoding."""
     kind = sniff_format(data)
     if kind == "png":
-        return _png_header(data, name)
+        return _png_header(data, name, whole_file)
     if kind == "jpeg":
-        return _jpeg_header(data, name)
+        return _walk_jpeg(data, name, whole_file)[0]
     if kind == "dicom":
         return _dicom_header(data, name)
     head = data[:8].hex(" ") if data else "an empty file"
@@ -69,37 +175,52 @@ def read_header(data: bytes, name: str = "<buffer>") -> ImageHeader:
 
 
 def decode_image(
-    data: bytes, name: str = "<buffer>", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str = "<buffer>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    budget: DecodeBudget | None = SHARED_DECODE_BUDGET,
+    wait_s: float = DEFAULT_BUDGET_WAIT_S,
 ) -> np.ndarray:
     """Decode one image to uint8/uint16 grey (HxW) or uint8 BGR (HxWx3); alpha is dropped.
 
+    The header is checked (structure, pixels, decoded bytes) before any pixel is decoded, and the
+    decode holds its decoded bytes of `budget` (None: no shared budget) while it runs.
     A multi-frame DICOM is refused here: use `decode_dicom_frames` for cine loops.
     """
-    header = read_header(data, name)
-    _check_size(header, name, max_pixels)
+    header = read_header(data, name, whole_file=True)
+    _check_size(header, name, max_pixels, max_decoded_bytes)
     if header.format == "dicom":
-        frames = decode_dicom_frames(data, name, max_pixels=max_pixels)
-        if len(frames) != 1:
+        if header.frames != 1:
             raise ImageDecodeError(
-                f"{name}: DICOM has {len(frames)} frames; read it as a cine (decode_dicom_frames) "
-                "or pick one frame"
+                f"{name}: DICOM has {header.frames} frames; read it as a cine "
+                "(decode_dicom_frames) or pick one frame"
             )
+        frames = decode_dicom_frames(
+            data, name, max_pixels, max_decoded_bytes, budget=budget, wait_s=wait_s
+        )
         return frames[0]
-    _check_complete(data, header.format, name)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageDecodeError(
-            f"{name}: {header.format.upper()} data is corrupt and could not be decoded"
-        )
-    if image.shape[0] != header.height or image.shape[1] != header.width:
-        raise ImageDecodeError(
-            f"{name}: decoded {image.shape[1]}x{image.shape[0]} but the header declares "
-            f"{header.width}x{header.height}"
-        )
-    return _drop_alpha(image)
+    with _reserved(budget, header, name, wait_s):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageDecodeError(
+                f"{name}: {header.format.upper()} data is corrupt and could not be decoded"
+            )
+        if image.shape[0] != header.height or image.shape[1] != header.width:
+            raise ImageDecodeError(
+                f"{name}: decoded {image.shape[1]}x{image.shape[0]} but the header declares "
+                f"{header.width}x{header.height}"
+            )
+        if header.format == "jpeg":
+            _check_jpeg_scan(data, name)
+        return _drop_alpha(image)
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> np.ndarray:
     """Read and safely decode the image file at `path` (see `decode_image`)."""
     path = Path(path)
     try:
@@ -110,7 +231,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageDecodeError(f"{path}: is a directory, not an image file") from None
     except OSError as exc:
         raise ImageDecodeError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return decode_image(data, str(path), max_pixels=max_pixels)
+    return decode_image(data, str(path), max_pixels, max_decoded_bytes)
 
 
 def decode_dicom_frames(
@@ -118,44 +239,51 @@ def decode_dicom_frames(
     name: str = "<buffer>",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_DICOM_BYTES,
+    budget: DecodeBudget | None = SHARED_DECODE_BUDGET,
+    wait_s: float = DEFAULT_BUDGET_WAIT_S,
 ) -> list[np.ndarray]:
     """Decode every frame of a DICOM file to uint8 grey or BGR, display-ready.
 
     Applies the modality LUT and the VOI window (what the scanner showed), inverts MONOCHROME1,
     and converts YBR colour to BGR, so a DICOM frame and a screen grab of the same scan look alike.
+    `max_bytes` caps the decoded bytes of all frames together.
     """
-    header = read_header(data, name)
+    header = read_header(data, name, whole_file=True)
     if header.format != "dicom":
         raise ImageDecodeError(f"{name}: not a DICOM file (found {header.format.upper()})")
-    _check_size(header, name, max_pixels)
-    if header.width * header.height * header.frames * 3 > max_bytes:
-        raise ImageDecodeError(
-            f"{name}: DICOM declares {header.frames} frames of {header.width}x{header.height}, "
-            f"over the {max_bytes} byte limit"
-        )
+    _check_size(header, name, max_pixels, max_bytes)
     pydicom = require("pydicom", "reading DICOM files")
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
-        raise ImageDecodeError(f"{name}: DICOM pixel data could not be decoded: {exc}") from exc
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    samples = int(getattr(ds, "SamplesPerPixel", 1))
-    frames = pixels if header.frames > 1 else pixels[np.newaxis]
-    out = []
-    for frame in frames:
-        if samples == 1:
-            values = apply_voi_lut(apply_modality_lut(frame, ds), ds).astype(np.float64)
-            out.append(_to_uint8_grey(values, invert=photometric == "MONOCHROME1"))
-        else:
-            if photometric.startswith("YBR"):
-                frame = convert_color_space(frame, photometric, "RGB")
-            elif photometric != "RGB":
-                raise ImageDecodeError(f"{name}: unsupported DICOM colour model {photometric!r}")
-            out.append(cv2.cvtColor(np.ascontiguousarray(frame, np.uint8), cv2.COLOR_RGB2BGR))
-    return out
+    with _reserved(budget, header, name, wait_s):
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
+            raise ImageDecodeError(f"{name}: DICOM pixel data could not be decoded: {exc}") from exc
+        photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+        samples = int(getattr(ds, "SamplesPerPixel", 1))
+        _check_dicom_display(ds, photometric, samples, name)
+        frames = pixels if header.frames > 1 else pixels[np.newaxis]
+        out = []
+        for frame in frames:
+            if samples == 1:
+                try:
+                    values = apply_voi_lut(apply_modality_lut(frame, ds), ds).astype(np.float64)
+                except (ValueError, ZeroDivisionError) as exc:
+                    raise ImageDecodeError(
+                        f"{name}: DICOM display values could not be applied: {exc}"
+                    ) from exc
+                out.append(_to_uint8_grey(values, invert=photometric == "MONOCHROME1"))
+            else:
+                if photometric.startswith("YBR"):
+                    frame = convert_color_space(frame, photometric, "RGB")
+                elif photometric != "RGB":
+                    raise ImageDecodeError(
+                        f"{name}: unsupported DICOM colour model {photometric!r}"
+                    )
+                out.append(cv2.cvtColor(np.ascontiguousarray(frame, np.uint8), cv2.COLOR_RGB2BGR))
+        return out
 
 
 def to_grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -190,7 +318,17 @@ def _drop_alpha(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _check_size(header: ImageHeader, name: str, max_pixels: int) -> None:
+def _reserved(
+    budget: DecodeBudget | None, header: ImageHeader, name: str, wait_s: float
+) -> contextlib.AbstractContextManager[None]:
+    return (
+        contextlib.nullcontext()
+        if budget is None
+        else budget.reserve(header.decoded_bytes, name, wait_s)
+    )
+
+
+def _check_size(header: ImageHeader, name: str, max_pixels: int, max_bytes: int) -> None:
     if header.width <= 0 or header.height <= 0:
         raise ImageDecodeError(
             f"{name}: header declares an empty image ({header.width}x{header.height})"
@@ -200,53 +338,193 @@ def _check_size(header: ImageHeader, name: str, max_pixels: int) -> None:
             f"{name}: image is {header.width}x{header.height} = {header.width * header.height} "
             f"pixels, over the limit of {max_pixels}; refused before decoding"
         )
+    if header.decoded_bytes > max_bytes:
+        frames = f" x {header.frames} frames" if header.frames != 1 else ""
+        raise ImageDecodeError(
+            f"{name}: image is {header.width}x{header.height} x {header.channels} channels x "
+            f"{header.bytes_per_sample} bytes{frames} = {header.decoded_bytes} decoded bytes, "
+            f"over the limit of {max_bytes}; refused before decoding"
+        )
 
 
-def _check_complete(data: bytes, kind: ImageFormat, name: str) -> None:
-    if kind == "png" and _PNG_IEND not in data[-64:]:
-        raise ImageDecodeError(f"{name}: PNG is truncated (no IEND chunk at the end)")
-    if kind == "jpeg":
-        start_of_scan = data.find(b"\xff\xda")
-        if start_of_scan < 0 or data.rfind(b"\xff\xd9") < start_of_scan:
+def _check_dicom_display(ds: object, photometric: str, samples: int, name: str) -> None:
+    """Refuse what pydicom would display wrongly without complaint (or fail on with a raw error)."""
+    slope = getattr(ds, "RescaleSlope", None)
+    if slope is not None and float(slope) == 0:
+        raise ImageDecodeError(
+            f"{name}: DICOM RescaleSlope is 0, which maps every pixel to one value; refused"
+        )
+    width = getattr(ds, "WindowWidth", None)
+    if width is not None:
+        widths = list(width) if isinstance(width, Sequence) and not isinstance(width, str) else [width]  # fmt: skip
+        if any(float(w) < 1 for w in widths):
             raise ImageDecodeError(
-                f"{name}: JPEG is truncated (no end-of-image marker after the scan)"
+                f"{name}: DICOM WindowWidth is {width}; it must be at least 1 to be displayed"
             )
+    if photometric == "PALETTE COLOR":
+        has_lut = hasattr(ds, "RedPaletteColorLookupTableData")
+        raise ImageDecodeError(
+            f"{name}: DICOM is PALETTE COLOR "
+            + ("" if has_lut else "without its lookup table (RedPaletteColorLookupTableData); ")
+            + "palette images are not supported: export the frames as RGB"
+        )
+    if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(
+            f"{name}: DICOM has one sample per pixel but colour model {photometric!r}"
+        )
 
 
-def _png_header(data: bytes, name: str) -> ImageHeader:
-    if len(data) < 33 or data[12:16] != b"IHDR":
+def _check_jpeg_scan(data: bytes, name: str) -> None:
+    """Refuse a JPEG whose scan data ends before it has filled the image.
+
+    libjpeg fills the missing blocks with mid-grey and only prints a warning ("Corrupt JPEG data:
+    premature end of data segment") that OpenCV does not pass on. The test is libjpeg's own:
+    the same file with extra scan data inserted before its end-of-image marker decodes to the
+    same pixels if the scan was complete (libjpeg skips bytes after the last block), and to
+    different ones if it was not (the extra data fills the missing blocks). Both decodes are at
+    1/8 scale, which still reads every coefficient but allocates 1/64 of the pixels.
+    """
+    end = _walk_jpeg(data, name)[1]
+    probe = data[:end] + _JPEG_PROBE + data[end:]
+    flags = cv2.IMREAD_REDUCED_COLOR_8
+    plain = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    probed = cv2.imdecode(np.frombuffer(probe, np.uint8), flags)
+    if plain is None or probed is None or not np.array_equal(plain, probed):
+        raise ImageDecodeError(
+            f"{name}: JPEG scan data ends before the image is complete (truncated, or the "
+            "header declares more image than the data holds); refused rather than decoded grey"
+        )
+
+
+def _png_header(data: bytes, name: str, whole_file: bool) -> ImageHeader:
+    """Walk every chunk against the bytes present; IHDR first, legal and intact; IEND reached."""
+    if len(data) < 8 + 25 or data[12:16] != b"IHDR":
         raise ImageDecodeError(f"{name}: PNG header is missing or truncated")
-    width, height = struct.unpack(">II", data[16:24])
-    return ImageHeader("png", width, height)
+    if data[8:12] != b"\0\0\0\x0d":
+        raise ImageDecodeError(f"{name}: PNG IHDR chunk is {data[8:12].hex()} bytes long, not 13")
+    pos, size, seen = 8, len(data), []
+    while True:
+        if pos + 8 > size and not whole_file:
+            break
+        if pos + 8 > size:
+            raise ImageDecodeError(f"{name}: PNG is truncated (no IEND chunk at the end)")
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if not kind.isalpha():
+            raise ImageDecodeError(
+                f"{name}: PNG chunk at byte {pos} has an invalid type {kind!r}; the file is corrupt"
+            )
+        if not whole_file and length <= _MAX_PNG_CHUNK and pos + 12 + length > size:
+            break  # the prefix ends inside this chunk
+        if length > _MAX_PNG_CHUNK or pos + 12 + length > size:
+            raise ImageDecodeError(
+                f"{name}: PNG is truncated or corrupt: chunk {kind.decode('latin-1')} at byte {pos} "
+                f"declares {length} bytes "
+                f"but the file has only {max(size - pos - 12, 0)} left; refused before decoding"
+            )
+        body = data[pos + 8 : pos + 8 + length]
+        if kind[0] & 0x20 == 0:  # critical chunk: libpng refuses a bad CRC too, later and vaguer
+            (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+            if zlib.crc32(kind + body) != crc:
+                raise ImageDecodeError(
+                    f"{name}: PNG chunk {kind.decode('latin-1')} at byte {pos} fails its CRC; "
+                    "the file is corrupt"
+                )
+        seen.append(kind)
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    if whole_file and b"IDAT" not in seen:
+        raise ImageDecodeError(f"{name}: PNG has no image data (IDAT chunk)")
+    ihdr = data[16:29]
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(
+        ">IIBBBBB", ihdr
+    )
+    if width == 0 or height == 0 or width > _MAX_PNG_CHUNK or height > _MAX_PNG_CHUNK:
+        raise ImageDecodeError(f"{name}: PNG IHDR declares an illegal size {width}x{height}")
+    if colour not in _PNG_COLOUR_TYPES or depth not in _PNG_COLOUR_TYPES[colour][1]:
+        raise ImageDecodeError(
+            f"{name}: PNG IHDR declares bit depth {depth} with colour type {colour}, "
+            "which the PNG specification does not allow"
+        )
+    if compression != 0 or filtering != 0 or interlace not in (0, 1):
+        raise ImageDecodeError(
+            f"{name}: PNG IHDR declares compression {compression}, filter {filtering}, "
+            f"interlace {interlace}; only 0, 0 and 0/1 exist"
+        )
+    if whole_file and colour == 3 and b"PLTE" not in seen:
+        raise ImageDecodeError(f"{name}: palette PNG has no palette (PLTE chunk)")
+    channels = _PNG_COLOUR_TYPES[colour][0]
+    if colour == 0 and b"tRNS" in seen:
+        channels = 4  # a transparent grey value makes OpenCV decode BGRA
+    if colour == 3 and b"tRNS" not in seen:
+        channels = 3
+    return ImageHeader("png", width, height, 1, channels, 2 if depth == 16 else 1)
 
 
-def _jpeg_header(data: bytes, name: str) -> ImageHeader:
-    pos = 2
-    size = len(data)
-    while pos + 4 <= size:
+def _walk_jpeg(data: bytes, name: str, whole_file: bool = True) -> tuple[ImageHeader, int]:
+    """Walk the marker structure: segment lengths within the bytes, a sane SOF before the first
+    scan, every scan's data ending at a marker, and an end-of-image marker reached.
+
+    Returns the frame header and the byte offset of the end-of-image marker."""
+    pos, size = 2, len(data)
+    header: ImageHeader | None = None
+    while pos + 2 <= size:
         if data[pos] != 0xFF:
             raise ImageDecodeError(f"{name}: JPEG marker structure is corrupt at byte {pos}")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
+        if marker == 0xD9:
+            if header is None:
+                break
+            return header, pos
         if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
             pos += 2
             continue
+        if pos + 4 > size:
+            break
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
+        if length < 2 or pos + 2 + length > size:
+            left = "too few" if length < 2 else f"but the file has only {size - pos - 2} left"
             raise ImageDecodeError(
-                f"{name}: JPEG segment at byte {pos} has invalid length {length}"
+                f"{name}: JPEG segment {marker:#04x} at byte {pos} declares {length} bytes, {left}"
             )
         if marker in _JPEG_SOF:
-            if pos + 9 > size:
+            header = _jpeg_frame(data[pos + 4 : pos + 2 + length], pos, name)
+            if not whole_file:
+                return header, -1
+        if marker == 0xDA:
+            if header is None:
                 break
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return ImageHeader("jpeg", width, height)
-        if marker in (0xDA, 0xD9):
-            break
+            found = _JPEG_NEXT_MARKER.search(data, pos + 2 + length)
+            if found is None:
+                break
+            pos = found.start()
+            continue
         pos += 2 + length
-    raise ImageDecodeError(f"{name}: JPEG has no frame header (SOF) before its image data")
+    if header is None:
+        raise ImageDecodeError(f"{name}: JPEG has no frame header (SOF) before its image data")
+    raise ImageDecodeError(f"{name}: JPEG is truncated (no end-of-image marker after the scan)")
+
+
+def _jpeg_frame(body: bytes, pos: int, name: str) -> ImageHeader:
+    if len(body) < 6:
+        raise ImageDecodeError(f"{name}: JPEG frame header at byte {pos} is truncated")
+    precision, height, width, components = struct.unpack(">BHHB", body[:6])
+    if len(body) != 6 + 3 * components or components not in (1, 3, 4):
+        raise ImageDecodeError(
+            f"{name}: JPEG frame header at byte {pos} declares {components} components in "
+            f"{len(body) + 2} bytes; the file is corrupt"
+        )
+    if precision not in (8, 12, 16) or width == 0 or height == 0:
+        raise ImageDecodeError(
+            f"{name}: JPEG frame header declares {width}x{height} at {precision} bits, "
+            "which cannot be decoded"
+        )
+    channels = 1 if components == 1 else 3
+    return ImageHeader("jpeg", width, height, 1, channels, 1 if precision == 8 else 2)
 
 
 def _dicom_header(data: bytes, name: str) -> ImageHeader:
@@ -255,8 +533,15 @@ def _dicom_header(data: bytes, name: str) -> ImageHeader:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1))
+        bits = int(getattr(ds, "BitsAllocated", 8))
     except AttributeError:
         raise ImageDecodeError(f"{name}: DICOM has no image (Rows/Columns missing)") from None
     except Exception as exc:
         raise ImageDecodeError(f"{name}: DICOM header could not be read: {exc}") from exc
-    return ImageHeader("dicom", columns, rows, frames)
+    if frames < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError(
+            f"{name}: DICOM declares {frames} frames of {samples} samples at {bits} bits "
+            "allocated, which cannot be decoded"
+        )
+    return ImageHeader("dicom", columns, rows, frames, samples, max(1, bits // 8))

@@ -103,7 +103,9 @@ def test_read_image_reports_missing_file_and_directory(tmp_path):
         read_image(tmp_path)
 
 
-def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1) -> bytes:
+def _dicom_bytes(
+    pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int = 1, **extra: object
+) -> bytes:
     pydicom = pytest.importorskip("pydicom")
     import io
 
@@ -126,6 +128,8 @@ def _dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: i
     if frames > 1:
         ds.NumberOfFrames = frames
     ds.PixelData = pixels.astype(np.uint8).tobytes()
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -172,3 +176,239 @@ def test_atomic_writes_get_ordinary_permissions_and_keep_existing_ones(tmp_path)
     assert not [
         p for p in tmp_path.iterdir() if p.name.startswith(".")
     ]  # no temporary file left behind
+
+
+# -- hostile files (issue 18) -------------------------------------------------------------------
+
+#: Found by coverage-guided fuzzing: a second chunk claiming 4.28 GB made libpng allocate 4.2 GB.
+FUZZ_PNG_4GB = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000be0000014f49b2a4891130b33d6eff6d0d0049454e44ae426082"
+)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_with_ihdr(ihdr: bytes, idat: bytes = zlib.compress(b"\0" * 64)) -> bytes:
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
+
+
+def test_fuzzed_45_byte_png_is_refused_without_a_big_allocation():
+    import subprocess
+    import sys
+
+    with pytest.raises(
+        ImageDecodeError, match=r"fuzz\.png: PNG chunk IHDR at byte 8 fails its CRC"
+    ):
+        decode_image(FUZZ_PNG_4GB, "fuzz.png")
+    # the same file with an intact, legal IHDR is still refused: for the chunk length it claims
+    repaired = FUZZ_PNG_4GB[:8] + _chunk(b"IHDR", struct.pack(">IIBBBBB", 190, 335, 8, 0, 0, 0, 0))
+    with pytest.raises(ImageDecodeError, match="chunk IEND at byte 33 declares 4285336832 bytes"):
+        decode_image(repaired + FUZZ_PNG_4GB[33:], "fuzz.png")
+    # Peak memory in a fresh process: the refusal costs nothing like the 4.2 GB it used to.
+    script = (
+        "import resource, sys\n"
+        "from edgebc.decode import decode_image\n"
+        "from edgebc.errors import ImageDecodeError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"data = bytes.fromhex({FUZZ_PNG_4GB.hex()!r})\n"
+        "try:\n    decode_image(data)\nexcept ImageDecodeError:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                  timeout=120, check=True).stdout)  # fmt: skip
+    assert grown_kb < 50_000
+
+
+@pytest.mark.parametrize(
+    ("ihdr", "message"),
+    [
+        (struct.pack(">IIBBBBB", 0, 10, 8, 0, 0, 0, 0), "illegal size 0x10"),
+        (struct.pack(">IIBBBBB", 10, 10, 16, 3, 0, 0, 0), "bit depth 16 with colour type 3"),
+        (struct.pack(">IIBBBBB", 10, 10, 4, 2, 0, 0, 0), "bit depth 4 with colour type 2"),
+        (struct.pack(">IIBBBBB", 10, 10, 8, 5, 0, 0, 0), "bit depth 8 with colour type 5"),
+        (struct.pack(">IIBBBBB", 10, 10, 8, 0, 1, 0, 0), "compression 1"),
+        (struct.pack(">IIBBBBB", 10, 10, 8, 0, 0, 0, 2), "interlace 2"),
+    ],
+    ids=["zero-width", "16-bit-palette", "4-bit-rgb", "colour-5", "compression", "interlace"],
+)
+def test_png_header_fields_must_be_legal(ihdr, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(_png_with_ihdr(ihdr))
+
+
+def test_png_chunk_structure_is_checked_before_decoding(rng):
+    good = _png(rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    bad_crc = bytearray(good)
+    bad_crc[29] ^= 1  # the IHDR CRC
+    with pytest.raises(ImageDecodeError, match="chunk IHDR at byte 8 fails its CRC"):
+        decode_image(bytes(bad_crc))
+    with pytest.raises(ImageDecodeError, match="PNG is truncated"):
+        decode_image(good[: good.index(b"IEND") - 4])  # cut cleanly before IEND
+    no_idat = b"\x89PNG\r\n\x1a\n" + good[8:33] + _chunk(b"IEND", b"")
+    with pytest.raises(ImageDecodeError, match="no image data"):
+        decode_image(no_idat)
+    palette = _png_with_ihdr(struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0))
+    with pytest.raises(ImageDecodeError, match="no palette"):
+        decode_image(palette)
+
+
+def _png_16bit_rgba_zeros(side: int) -> bytes:
+    """A decompression bomb: side x side RGBA at 16 bits of zeros, compressed row by row."""
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + side * 8)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return _png_with_ihdr(struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0), idat)
+
+
+def test_decoded_bytes_budget_refuses_a_bomb_inside_the_pixel_limit():
+    bomb = _png_16bit_rgba_zeros(6324)
+    assert len(bomb) < 400_000  # ~311 KB declaring 6324 x 6324 x 4 x 2 = 320 MB
+    header = read_header(bomb)
+    assert header.decoded_bytes == 6324 * 6324 * 4 * 2 and header.width * header.height < 40e6
+    with pytest.raises(ImageDecodeError, match=r"= 319943808 decoded bytes, over the limit"):
+        decode_image(bomb, "bomb.png")
+
+
+def test_decoded_bytes_budget_admits_a_4k_frame_and_a_16_bit_mammogram():
+    frame = np.zeros((2160, 3840, 3), np.uint8)
+    frame[::7, ::5] = 200
+    np.testing.assert_array_equal(decode_image(_png(frame)), frame)
+    mammogram = np.zeros((4096, 3328), np.uint16)
+    mammogram[1000:3000, 500:2500] = 40000
+    decoded = decode_image(_png(mammogram))
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, mammogram)
+
+
+def test_shared_budget_bounds_bytes_in_flight_across_parallel_decodes(monkeypatch):
+    import threading
+
+    from edgebc import decode
+
+    image = np.full((100, 100, 3), 9, np.uint8)
+    data, one = _png(image), 100 * 100 * 3
+    budget = decode.DecodeBudget(2 * one)
+    seen, started = [], threading.Barrier(6)
+    real_imdecode = cv2.imdecode
+
+    def slow_imdecode(buffer, flags):
+        seen.append(budget.in_flight)
+        threading.Event().wait(0.05)
+        return real_imdecode(buffer, flags)
+
+    monkeypatch.setattr(decode.cv2, "imdecode", slow_imdecode)
+    results: list[object] = []
+
+    def upload(wait_s):
+        started.wait()
+        try:
+            results.append(decode_image(data, budget=budget, wait_s=wait_s).shape)
+        except decode.DecodeBusyError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(10.0,)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # all six waited their turn and decoded; never more than two images' bytes at once
+    assert results == [(100, 100, 3)] * 6
+    assert max(seen) == 2 * one and budget.in_flight == 0
+
+    results.clear()
+    threads = [threading.Thread(target=upload, args=(0.0,)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    busy = [r for r in results if isinstance(r, decode.DecodeBusyError)]
+    assert 1 <= len(busy) <= 4 and "decode budget is busy" in str(busy[0])
+    with pytest.raises(ImageDecodeError, match="over the process-wide decode budget"):
+        decode_image(_png(np.zeros((100, 300, 3), np.uint8)), budget=budget)
+
+
+def _textured(rng, shape) -> np.ndarray:
+    return cv2.GaussianBlur(rng.integers(0, 256, shape, dtype=np.uint8), (5, 5), 0)
+
+
+def test_jpeg_marker_structure_is_checked(rng):
+    data = _jpeg(_textured(rng, (32, 32)))
+    sof = data.index(b"\xff\xc0")
+    with pytest.raises(ImageDecodeError, match="declares 65535 bytes, but the file has only"):
+        decode_image(data[: sof + 2] + b"\xff\xff" + data[sof + 4 :])
+    sos = data.index(b"\xff\xda")
+    no_sof = data[:sof] + data[sos:]
+    with pytest.raises(ImageDecodeError, match="no frame header"):
+        decode_image(no_sof)
+    with pytest.raises(ImageDecodeError, match="declares 32x0 at 8 bits"):
+        decode_image(data[: sof + 5] + b"\0\0" + data[sof + 7 :])
+
+
+def test_jpeg_with_incomplete_scan_is_refused_even_with_eoi_appended(rng):
+    data = _jpeg(_textured(rng, (240, 320, 3)))
+    truncated = data[: len(data) // 2] + b"\xff\xd9"
+    with pytest.raises(ImageDecodeError, match="scan data ends before the image is complete"):
+        decode_image(truncated, "cut.jpg")
+
+
+def test_jpeg_whose_header_lies_about_its_size_is_refused(rng):
+    data = _jpeg(_textured(rng, (335, 190, 3)))
+    sof = data.index(b"\xff\xc0")
+    liar = data[: sof + 5] + struct.pack(">HH", 6000, 6000) + data[sof + 9 :]
+    assert read_header(liar).height == 6000
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        decode_image(liar)  # the budget refuses 108 MB before decoding
+    with pytest.raises(ImageDecodeError, match="scan data ends before the image is complete"):
+        decode_image(liar, max_decoded_bytes=200_000_000)  # and so does the scan check
+
+
+@pytest.mark.parametrize(
+    "params",
+    [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 4]],
+    ids=["baseline", "progressive", "restart-markers"],
+)
+def test_complete_jpeg_decodes_exactly_as_opencv_does(rng, params):
+    for shape in [(240, 320, 3), (61, 83)]:
+        data = cv2.imencode(".jpg", _textured(rng, shape), params)[1].tobytes()
+        expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(decode_image(data), expected)
+        # trailing bytes after EOI (some cameras append metadata) change nothing
+        np.testing.assert_array_equal(decode_image(data + b"\0trailer"), expected)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"WindowCenter": 100, "WindowWidth": 0}, "WindowWidth is 0"),
+        ({"RescaleSlope": 0, "RescaleIntercept": 0}, "RescaleSlope is 0"),
+        ({"PhotometricInterpretation": "PALETTE COLOR"}, "PALETTE COLOR without its lookup table"),
+    ],
+    ids=["window-width-0", "rescale-slope-0", "palette-without-lut"],
+)
+def test_dicom_that_cannot_be_displayed_correctly_is_refused_naming_the_field(extra, message):
+    data = _dicom_bytes(np.array([[0, 50], [100, 200]], np.uint8), **extra)
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, "scan.dcm")
+
+
+def test_dicom_window_is_applied_and_cine_bytes_count_every_frame():
+    from edgebc.decode import decode_dicom_frames
+
+    pixels = np.array([[0, 50], [100, 200]], np.uint8)
+    windowed = decode_image(_dicom_bytes(pixels, WindowCenter=75, WindowWidth=50))
+    assert windowed[0, 0] == 0 and windowed[1, 1] == 255  # outside the window: clipped
+    cine = _dicom_bytes(np.zeros((3, 4, 4), np.uint8), frames=3)
+    assert read_header(cine).decoded_bytes == 3 * 4 * 4
+    with pytest.raises(ImageDecodeError, match=r"x 3 frames = 48 decoded bytes, over the limit"):
+        decode_dicom_frames(cine, max_bytes=47)
+
+
+def test_header_of_a_file_prefix_is_read_and_the_decoders_need_the_whole_file(rng):
+    png = _png(rng.integers(0, 256, (300, 200), dtype=np.uint8))
+    assert len(png) > 4096
+    assert (read_header(png[:4096]).width, read_header(png[:4096]).height) == (200, 300)
+    with pytest.raises(ImageDecodeError, match="PNG is truncated"):
+        read_header(png[:4096], whole_file=True)
