@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -486,3 +487,26 @@ def test_the_readmes_layout_names_every_serve_module():
                if line.startswith("| `edgebc/serve/` |"))  # fmt: skip
     modules = sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py")
     assert [m for m in modules if f"`{m}`" not in row] == []
+
+
+def test_an_upload_over_the_decoded_bytes_limit_is_refused_and_a_full_shared_budget_is_a_503(
+    served, monkeypatch
+):
+    from edgebc import decode
+
+    client, runtime = served
+    # 3000 x 3000 RGB 8-bit declares 27 MB: over a 16 MiB setting, refused before decoding
+    big = png_bytes(np.zeros((3000, 3000, 3), np.uint8))
+    monkeypatch.setattr(
+        runtime, "settings", replace(runtime.settings, max_decoded_bytes=16 * 1024**2)
+    )
+    response = client.post("/v1/classify", content=big, headers={"Content-Type": "image/png"})
+    assert response.status_code == 422 and "decoded" in response.text, response.text
+    # the process's shared budget held by others: not the file's fault, so 503 with Retry-After
+    shared = decode.SHARED_DECODE_BUDGET
+    monkeypatch.setattr(runtime, "settings", replace(runtime.settings, decode_wait_s=0.2))
+    with shared.reserve(shared.capacity - shared.in_flight - 10, "others", 0.0):
+        response = client.post(
+            "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+        )
+    assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text

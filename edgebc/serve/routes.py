@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from edgebc.decode import sniff_format
+from edgebc.decode import DecodeBusyError, sniff_format
 from edgebc.errors import ImageDecodeError
 from edgebc.serve.prometheus import metrics_text
 from edgebc.serve.runtime import ServeRuntime
@@ -221,6 +221,9 @@ async def classify(
             )
         try:
             result = await run_in_threadpool(runtime.classify_upload, bytes(body), region)
+        except DecodeBusyError as exc:  # not the file's fault: the process is decoding its fill
+            runtime.uploads.count("overloaded")
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
         except (ImageDecodeError, ValueError) as exc:
             runtime.uploads.count("unreadable")
             raise HTTPException(422, str(exc)) from exc

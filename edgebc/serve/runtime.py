@@ -272,8 +272,11 @@ class ServeRuntime:
     def classify_upload(self, data: bytes, region: str | None) -> dict[str, Any]:
         """Decode, crop (none, `auto`, or X,Y,W,H), classify and audit one uploaded image.
 
-        Raises ImageDecodeError / ValueError with a message for the client (422)."""
-        image = decode_image(data, "upload", max_pixels=40_000_000)
+        Raises ImageDecodeError / ValueError with a message for the client (422), DecodeBusyError
+        when the process's shared decode budget stays full (503)."""
+        image = decode_image(data, "upload", max_pixels=40_000_000,
+                             max_decoded_bytes=self.settings.max_decoded_bytes,
+                             wait_s=self.settings.decode_wait_s)  # fmt: skip
         crop = _upload_region(image, region)
         live = self.pipeline.classifier
         # one upload is one frame: its own verdict, a window of one that the live stream never sees

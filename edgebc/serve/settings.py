@@ -74,6 +74,11 @@ class ServeSettings(ClassifierSettings):
     token_file: str | None = None
     max_upload_bytes: int = 16 * 1024 * 1024
     max_pending_uploads: int = 4  # beyond this, POST /v1/classify answers 503 with Retry-After
+    # An upload whose header declares more decoded bytes (width x height x channels x bytes per
+    # sample) is refused before decoding; 64 MiB admits a 4K frame and a 16-bit 4096x3328
+    # mammogram. Every decode in the process shares one budget (edgebc.decode.SHARED_DECODE_BUDGET).
+    max_decoded_bytes: int = 64 * 1024**2
+    decode_wait_s: float = 2.0  # an upload that cannot start decoding by then gets 503
     max_result_age: float = 1.0  # seconds; an older result is withdrawn from the screen
     stream_width: int = 960  # frames sent to the page are scaled down to this width
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
@@ -85,6 +90,8 @@ class ServeSettings(ClassifierSettings):
         super().__post_init__()
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
+        if self.max_decoded_bytes < 1024**2:
+            raise ValueError(f"max_decoded_bytes must be >= 1 MiB, got {self.max_decoded_bytes}")
         if self.max_upload_bytes < 1024 or self.max_pending_uploads < 1:
             raise ValueError("max_upload_bytes must be >= 1024 and max_pending_uploads >= 1")
         if self.max_result_age <= 0 or self.stream_width < 64:
