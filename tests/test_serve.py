@@ -306,6 +306,21 @@ def test_bearer_token_guards_everything_but_the_page_and_probes(tmp_path, monkey
             == 401
         )
         assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+        # an unauthenticated caller learns liveness and readiness, not the model, hash or paths
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 401, path
+        assert (
+            client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+            == 200
+        )
+        ready = client.get("/readyz")
+        assert set(ready.json()["checks"]["audit_log"]) == {"ok"}
+        assert "demo-phantom" not in ready.text and str(tmp_path) not in ready.text
+        detailed = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert (
+            "detail" in detailed["checks"]["audit_log"]
+            and str(tmp_path) in detailed["checks"]["audit_log"]["detail"]
+        )
         with client.websocket_connect("/v1/live") as socket:
             socket.send_json({"token": "nope"})
             assert socket.receive()["code"] == 1008

@@ -11,7 +11,8 @@
     GET  /metrics        Prometheus text format
 
 With a bearer token configured, everything but the page, /healthz and /readyz needs
-`Authorization: Bearer <token>` (the WebSocket sends {"token": ...} as its first message, since
+`Authorization: Bearer <token>` (the API documentation /docs, /redoc and /openapi.json too, and
+/readyz then says which check fails but not why) (the WebSocket sends {"token": ...} as its first message, since
 browsers cannot set headers on WebSockets). Uploads are refused by their declared length before
 the body is read, and counted while streamed for bodies without one. The routes live in
 edgebc/serve/routes.py; `create_app` wires them to one runtime.
@@ -64,7 +65,26 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     app.state.runtime = runtime
     for router in (routes.pages, routes.api, routes.live):
         app.include_router(router)
+    if runtime.token is not None:
+        _guard_the_schema(app, runtime.token)
     return app
+
+
+def _guard_the_schema(app: Any, token: str) -> None:
+    """With a token configured an unauthenticated caller learns liveness and readiness only: the
+    API's documentation names the model, its hash and the settings, so it is behind the token."""
+    from fastapi.responses import JSONResponse
+
+    from edgebc.serve.routes import TOKEN_REQUIRED, token_given
+
+    guarded = {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+
+    @app.middleware("http")
+    async def schema_needs_the_token(request: Any, call_next: Any) -> Any:
+        if request.url.path in guarded and not token_given(request, token):
+            return JSONResponse({"detail": TOKEN_REQUIRED}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return await call_next(request)
 
 
 def _version() -> str:

@@ -52,7 +52,7 @@ class ClassifyResult(BaseModel):
 
 class Check(BaseModel):
     ok: bool
-    detail: str
+    detail: str | None = None  # behind the token when one is configured
 
 
 class Readiness(BaseModel):
@@ -69,16 +69,20 @@ def runtime_of(request: Request) -> ServeRuntime:
 Runtime = Annotated[ServeRuntime, Depends(runtime_of)]
 
 
-def authorised(runtime: Runtime, request: Request) -> None:
-    if runtime.token is None:
-        return
+TOKEN_REQUIRED = "a bearer token is required: Authorization: Bearer <token>"
+
+
+def token_given(request: Request, token: str | None) -> bool:
+    """Whether the request may see what is behind the token (always, when none is configured)."""
+    if token is None:
+        return True
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), runtime.token):
-        raise HTTPException(
-            401,
-            "a bearer token is required: Authorization: Bearer <token>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
+
+
+def authorised(runtime: Runtime, request: Request) -> None:
+    if not token_given(request, runtime.token):
+        raise HTTPException(401, TOKEN_REQUIRED, headers={"WWW-Authenticate": "Bearer"})
 
 
 # -- the page and the probes: open, so that a kiosk browser and systemd/Kubernetes reach them ----
@@ -101,11 +105,16 @@ def healthz(runtime: Runtime) -> JSONResponse:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "not ready"}},
     summary="readiness: model verified, source delivering, audit log writable; whether the "
-    "newest frame is out of the training distribution (a boolean: not a readiness check)",
+    "newest frame is out of the training distribution (a boolean: not a readiness check); "
+    "each check's detail only with the bearer token when one is configured",
 )
-def readyz(runtime: Runtime) -> JSONResponse:
+def readyz(runtime: Runtime, request: Request) -> JSONResponse:
     checks = runtime.readiness()
     ready = all(c["ok"] for c in checks.values())
+    if not token_given(request, runtime.token):  # a probe learns which check failed, not why:
+        checks = {
+            name: {"ok": c["ok"]} for name, c in checks.items()
+        }  # details name the model and paths
     body = {"ready": ready, "checks": checks, "out_of_distribution": runtime.out_of_distribution()}
     return JSONResponse(body, status_code=200 if ready else 503)
 
