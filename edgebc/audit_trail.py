@@ -17,6 +17,7 @@ when the queue itself overflows are records lost, and then they are counted, nev
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import queue
@@ -100,6 +101,19 @@ class AuditRecord:
     pixels: np.ndarray | None = None  # stored only with store_pixels=True
     patient_id: str | None = None  # stored only with store_patient_ids=True
     shift: dict[str, Any] | None = None  # the shift check's verdict (None: not checked)
+
+
+def described_source(source: str | None, how: str) -> str | None:
+    """What is kept of a frame's source: the name ("name"), a short sha256 of it ("hash": the
+    same file gives the same value, so records still group by file, but a name such as
+    'MRN-12345 Doe.png' is not stored), or nothing ("none")."""
+    if source is None or how == "none":
+        return None
+    if how == "hash":
+        return "sha256:" + hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+    if how == "name":
+        return source
+    raise ValueError(f"source names are kept as 'name', 'hash' or 'none', not {how!r}")
 
 
 def record_of(decision: Decision, **context: Any) -> AuditRecord:

@@ -525,3 +525,31 @@ def test_an_upload_over_the_decoded_bytes_limit_is_refused_and_a_full_shared_bud
             "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
         )
     assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+
+
+@pytest.mark.parametrize("source_names", ["hash", "none", "name"])
+def test_a_file_named_after_a_patient_stays_out_of_the_trail_and_the_status(tmp_path, source_names):
+    canary = "MRN-48213 Doe Jane"
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / f"{canary}.png").write_bytes(phantom_png())
+    settings = settings_for(tmp_path, source=str(folder / f"{canary}.png"),
+                            audit={"path": str(tmp_path / "audit.sqlite"), "source_names": source_names})  # fmt: skip
+    if source_names == "hash":
+        assert settings.audit.source_names == load_serve_settings(None, []).audit.source_names
+    runtime = build_runtime(settings)
+    with TestClient(create_app(runtime)) as client:
+        wait_until(lambda: client.get("/v1/status").json()["frame"], what="a frame")
+        status = client.get("/v1/status").json()
+    rows = read_trail(tmp_path / "audit.sqlite")
+    assert rows
+    stored = {row["source"] for row in rows}
+    if source_names == "name":  # a site may opt in to names
+        assert any(canary in (s or "") for s in stored) and canary in status["frame"]["source"]
+    else:
+        assert not any(canary in (s or "") for s in stored)
+        assert canary not in json.dumps(status)  # neither the frame's source nor the feed's
+        expected = None if source_names == "none" else status["frame"]["source"]
+        assert stored == {expected}
+        if source_names == "hash":
+            assert expected.startswith("sha256:") and len(expected) == 7 + 16

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from edgebc.audit_chain import default_key_path
-from edgebc.audit_trail import AuditTrail, record_of
+from edgebc.audit_trail import AuditTrail, described_source, record_of
 from edgebc.backends import Backend
 from edgebc.calibration import bound_statement
 from edgebc.classifier import FrameClassifier, rounded_ms
@@ -222,6 +222,7 @@ class ServeRuntime:
             per_frame["timings_ms"] = {**per_frame["timings_ms"], **handoff}
             age = (time.monotonic() - result.frame.captured_monotonic) * 1000.0
             frame = {**per_frame.pop("frame"), "age_ms": round(age, 1)}
+            frame["source"] = described_source(frame["source"], self.settings.audit.source_names)
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
         info = self.model_info()  # once per view: the page asks for a view with every frame
         model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class",
@@ -240,7 +241,11 @@ class ServeRuntime:
             "frame": frame,
             "region": None if region is None else asdict(region),
             "region_note": self.pipeline.region_note,
-            "feed": {"source": self.settings.source, **asdict(feed), "ok": feed.ok},
+            "feed": {
+                "source": described_source(self.settings.source, self.settings.audit.source_names),
+                **asdict(feed),
+                "ok": feed.ok,
+            },
             "audit": asdict(trail),
             **self.pipeline.summary(),
             "model": model,
@@ -359,7 +364,7 @@ def build_runtime(
     broadcast = PageBroadcast()
     pipeline = LivePipeline(classifier, reader, [broadcast, *([display] if display else [])],
                             settings.smoothing, settings.auto_region, settings.max_result_age,
-                            audit=AuditSink(audit))  # fmt: skip
+                            audit=AuditSink(audit, settings.audit.source_names))  # fmt: skip
     runtime = ServeRuntime(settings, backend, settings.model_path, check, pipeline, audit,
                            broadcast, token, UploadQueue(settings.max_pending_uploads), display)  # fmt: skip
     if display is not None:

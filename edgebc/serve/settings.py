@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from edgebc.classifier_settings import ClassifierSettings
 from edgebc.config import load_config
@@ -43,6 +44,9 @@ class AuditSettings:
     max_bytes: int | None = None  # cap for small SD cards; reaching it acts like a full disk
     store_pixels: bool = False  # opt-in: frames as PNG in the log
     store_patient_ids: bool = False  # opt-in
+    # What the trail and /v1/status keep of the file or stream a frame came from: its name as is,
+    # a hash of it (the default: files named after patients must not leak), or nothing.
+    source_names: Literal["name", "hash", "none"] = "hash"
     # The trail's hash chain is keyed (HMAC) with a key kept outside the trail's folder, and its
     # head is anchored in a file beside the key every anchor_interval seconds and at close
     # (edgebc.audit_chain; `edgebc audit verify`). None: systemd's StateDirectory, else

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from edgebc.audit_trail import AuditTrail, record_of
+from edgebc.audit_trail import AuditTrail, described_source, record_of
 
 if TYPE_CHECKING:
     from edgebc.serve.live_loop import LiveResult
@@ -40,8 +40,9 @@ class AuditSink:
 
     name = "audit"
 
-    def __init__(self, trail: AuditTrail) -> None:
+    def __init__(self, trail: AuditTrail, source_names: str = "hash") -> None:
         self.trail = trail
+        self.source_names = source_names
 
     def handle(self, result: LiveResult) -> None:
         frame = result.frame
@@ -50,7 +51,7 @@ class AuditSink:
                 result.decision,
                 smoothed_decision=result.smoothed.label,
                 captured_at=frame.captured,
-                source=frame.source,
+                source=described_source(frame.source, self.source_names),
                 frame_index=frame.index,
                 frame_sha256=result.frame_sha256,
                 latencies_ms=dict(result.timings_ms),
