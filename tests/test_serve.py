@@ -553,3 +553,17 @@ def test_a_file_named_after_a_patient_stays_out_of_the_trail_and_the_status(tmp_
         assert stored == {expected}
         if source_names == "hash":
             assert expected.startswith("sha256:") and len(expected) == 7 + 16
+
+
+def test_the_shared_decode_budget_is_a_setting(tmp_path):
+    from edgebc import decode
+
+    try:
+        runtime = build_runtime(settings_for(tmp_path, decode_budget_bytes=128 * 1024**2))
+        assert decode.SHARED_DECODE_BUDGET.capacity == 128 * 1024**2
+        runtime.audit.close()
+        runtime.backend.close()
+    finally:
+        decode.SHARED_DECODE_BUDGET.set_capacity(decode.DEFAULT_SHARED_DECODE_BYTES)
+    with pytest.raises(ConfigError, match="must hold at least one image"):
+        settings_for(tmp_path, decode_budget_bytes=1024**2)

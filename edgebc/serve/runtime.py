@@ -29,7 +29,7 @@ from edgebc.calibration import bound_statement
 from edgebc.classifier import FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.config import to_mapping
-from edgebc.decode import decode_image
+from edgebc.decode import SHARED_DECODE_BUDGET, decode_image
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest
@@ -344,6 +344,7 @@ def build_runtime(
         freeze_seconds=settings.watchdog.freeze_seconds,
         hang_seconds=settings.watchdog.hang_seconds,
     )
+    SHARED_DECODE_BUDGET.set_capacity(settings.decode_budget_bytes)  # uploads, sources, alike
     try:
         key_path = Path(settings.audit.key_path or default_key_path()).expanduser()
         anchor_path = settings.audit.anchor_path or key_path.with_name("audit.anchors")

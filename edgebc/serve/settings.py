@@ -83,6 +83,7 @@ class ServeSettings(ClassifierSettings):
     # mammogram. Every decode in the process shares one budget (edgebc.decode.SHARED_DECODE_BUDGET).
     max_decoded_bytes: int = 64 * 1024**2
     decode_wait_s: float = 2.0  # an upload that cannot start decoding by then gets 503
+    decode_budget_bytes: int = 512 * 1024**2  # decoded bytes in flight across the whole process
     max_result_age: float = 1.0  # seconds; an older result is withdrawn from the screen
     stream_width: int = 960  # frames sent to the page are scaled down to this width
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
@@ -96,6 +97,11 @@ class ServeSettings(ClassifierSettings):
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.max_decoded_bytes < 1024**2:
             raise ValueError(f"max_decoded_bytes must be >= 1 MiB, got {self.max_decoded_bytes}")
+        if self.decode_budget_bytes < self.max_decoded_bytes:
+            raise ValueError(
+                f"decode_budget_bytes ({self.decode_budget_bytes}) must hold at least one image of "
+                f"max_decoded_bytes ({self.max_decoded_bytes})"
+            )
         if self.max_upload_bytes < 1024 or self.max_pending_uploads < 1:
             raise ValueError("max_upload_bytes must be >= 1024 and max_pending_uploads >= 1")
         if self.max_result_age <= 0 or self.stream_width < 64:
