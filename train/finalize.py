@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def finalize_best(
     path: Path, val_x: Any, val_y: Any, val_units: Sequence[str], device: Any, config: TrainConfig,
-    fitted_on: str = "validation split",
+    fitted_on: str = "validation split", train_x: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fit the temperature and the operating threshold on `fitted_on` (the calibration split when
     the manifest has one, else validation); store both in the card, saying where they came from."""
@@ -66,7 +66,7 @@ def finalize_best(
         temperature=temperature, operating_point=point, calibration=calibration
     )
     save_checkpoint(
-        path, with_shift_statistics(finalized, val_x, val_units, fitted_on, device, config)
+        path, with_shift_statistics(finalized, train_x, val_x, val_units, fitted_on, device, config)
     )
     return {**card.metrics, "best_epoch": checkpoint.training["epoch"] + 1, "temperature": temperature,
             "val_ece_before": ece_before, "val_ece_after": ece_after, "threshold": point.threshold,
@@ -77,19 +77,22 @@ def finalize_best(
 
 
 def with_shift_statistics(
-    checkpoint: Checkpoint, held_x: Any, held_units: Sequence[str], fitted_on: str, device: Any,
-    config: TrainConfig,
+    checkpoint: Checkpoint, train_x: Any, held_x: Any, held_units: Sequence[str], fitted_on: str,
+    device: Any, config: TrainConfig,
 ) -> Checkpoint:  # fmt: skip
-    """The card with what the model saw (edgebc.shift): its training frames, read again through
-    the shared preprocessing (the loop keeps them augmented on the device), and thresholds from the
-    held-out frames the operating point was fitted on. A failure here costs the statistics, never
-    the run: the card then says nothing and the device's shift check stays off."""
+    """The card with what the model saw (edgebc.shift): its training frames as the loop cached them
+    through the shared preprocessing (un-augmented: augmentation works on copies of each batch;
+    None reads them again), and thresholds from the held-out frames the operating point was
+    fitted on. A failure here costs the statistics, never the run: the card then says nothing and
+    the device's shift check stays off."""
     from edgebc.train.shift_stats import cached_split, with_training_statistics
 
     try:
-        train_x, _ = cached_split(config, "train")
+        if train_x is None:
+            train_x, _ = cached_split(config, "train")
         if train_x is None:
             return checkpoint
+        train_x = train_x.cpu()
         return with_training_statistics(checkpoint, train_x, held_x.cpu(), held_units, fitted_on,
                                         device)  # fmt: skip
     except (ValueError, np.linalg.LinAlgError) as exc:
@@ -110,9 +113,11 @@ def finalize_run(
     history: list[dict[str, float]],
     world_size: int,
     ddp_identical: bool,
+    train_x: Any = None,
 ) -> dict[str, Any]:
     """Finalise `best.pt`, then write the run's metrics.json and training curves."""
-    best = finalize_best(run_dir / "best.pt", val_x, val_y, val_units, device, config, fitted_on)
+    best = finalize_best(run_dir / "best.pt", val_x, val_y, val_units, device, config, fitted_on,
+                         train_x)  # fmt: skip
     best["ddp_world_size"] = world_size
     if world_size > 1:
         best["ddp_weights_identical"] = float(ddp_identical)

@@ -165,7 +165,7 @@ def _train(
             "validation split",
         )
         best_metrics = finalize_run(run.run_dir, fit_x, fit_y, fit_units, fitted_on, run.device, run.config,
-                                    run.history, dist.world_size, ddp_identical)  # fmt: skip
+                                    run.history, dist.world_size, ddp_identical, run.train_x)  # fmt: skip
     return RunResult(run.run_dir, run.run_dir / "best.pt", best_metrics, run.history)
 
 
