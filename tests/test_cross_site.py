@@ -71,6 +71,19 @@ def _site(root, name, seed, n_per_class=12):
     )
 
 
+def _recipe(tmp_path, epochs):
+    """A tiny training recipe for the phantom sites (a few seconds an arm)."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"arch": "simple_cnn"}, "preprocess": {"input_height": 32, "input_width": 32},
+        "data": {"task": "benign_vs_malignant"}, "loader_workers": 1,
+        "optim": {"epochs": epochs, "batch_size": 8, "warmup_epochs": 1, "ema_decay": 0, "early_stop_patience": 0},
+    }))  # fmt: skip
+    return recipe
+
+
 @pytest.mark.slow
 def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
     pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
@@ -83,12 +96,7 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
         for name, seed in (("north", 3), ("south", 4))
     }
     manifest = write_manifest(merge_sites(sites.items()), tmp_path / "sites.csv")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"arch": "simple_cnn"}, "preprocess": {"input_height": 32, "input_width": 32},
-        "data": {"task": "benign_vs_malignant"}, "loader_workers": 1,
-        "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "ema_decay": 0, "early_stop_patience": 0},
-    }))  # fmt: skip
+    recipe = _recipe(tmp_path, epochs=2)
     config = tmp_path / "cross.yaml"
     config.write_text(yaml.safe_dump({"train_config": str(recipe), "manifest": str(manifest),
                                       "out_dir": str(tmp_path / "out"), "bootstrap": 200}))  # fmt: skip
@@ -143,12 +151,7 @@ def test_remedies_train_leave_one_site_out_and_compare_paired_against_the_baseli
     sites = {name: read_manifest(_site(tmp_path, name, seed, n_per_class=8))
              for name, seed in (("east", 5), ("west", 6), ("north", 7))}  # fmt: skip
     manifest = write_manifest(merge_sites(sites.items()), tmp_path / "sites.csv")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"arch": "simple_cnn"}, "preprocess": {"input_height": 32, "input_width": 32},
-        "data": {"task": "benign_vs_malignant"}, "loader_workers": 1,
-        "optim": {"epochs": 1, "batch_size": 8, "warmup_epochs": 1, "ema_decay": 0, "early_stop_patience": 0},
-    }))  # fmt: skip
+    recipe = _recipe(tmp_path, epochs=1)
     out = tmp_path / "remedies"
     config = tmp_path / "remedies.yaml"
     config.write_text(yaml.safe_dump({

@@ -378,13 +378,9 @@ def _untempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     return metrics.softmax(log_p - log_p.max(axis=1, keepdims=True))
 
 
-def _column(sample: Sample, column: str) -> str | None:
-    return sample.site(column)
-
-
 def _by(samples: Sequence[Sample], column: str, truth: np.ndarray, score: np.ndarray,
         called: np.ndarray) -> list[dict[str, Any]]:  # fmt: skip
-    values = [_column(s, column) for s in samples]
+    values = [s.site(column) for s in samples]
     rows = []
     for value in sorted({v for v in values if v is not None}):
         index = np.array([v == value for v in values])
@@ -400,7 +396,7 @@ def _reference_reader(samples: Sequence[Sample], column: str, truth: np.ndarray,
                       units: Sequence[str], boot: tuple[int, int]) -> dict[str, Any] | None:  # fmt: skip
     """The radiologists' BI-RADS (2-5) scored as a reader on the frames that carry it, beside the
     model on the same frames, and their paired difference over resampled patients."""
-    grades = [_column(s, column) for s in samples]
+    grades = [s.site(column) for s in samples]
     index = np.array([g is not None and g.lower() in BIRADS_SCORES for g in grades])
     if index.sum() < 2 or len(set(truth[index])) < 2:
         return None
