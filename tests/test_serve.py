@@ -18,6 +18,7 @@ from edgebc.demo import DEMO_MODEL
 from edgebc.errors import ConfigError
 from edgebc.integrity import sha256_file
 from edgebc.serve.app import create_app
+from edgebc.serve.routes import REGION_PATTERN
 from edgebc.serve.runtime import build_runtime
 from edgebc.serve.settings import ServeSettings, load_serve_settings
 from edgebc.sources import Frame, PhantomCineSource
@@ -194,7 +195,8 @@ def test_a_uniform_upload_gets_no_decision_with_a_reason(served):
         (b"", "image/png", 411, "no body"),
         ("truncated", "image/png", 422, "truncated"),
         ("jpeg-as-png", "image/png", 422, "says image/png but the body is JPEG"),
-        ("png", "image/png", 422, "region must be"),
+        ("png", "image/png", 422, "query parameter region: String should match pattern"),
+        ("png-region-outside", "image/png", 422, "does not fit in the 128x128 image"),
     ],
 )
 def test_upload_errors_are_clear(served, body, content_type, status, words):
@@ -206,6 +208,8 @@ def test_upload_errors_are_clear(served, body, content_type, status, words):
         body = cv2.imencode(".jpg", np.full((32, 32), 90, np.uint8))[1].tobytes()
     elif body == "png":
         body, url = phantom_png(), "/v1/classify?region=1,2,three,4"
+    elif body == "png-region-outside":
+        body, url = phantom_png(), "/v1/classify?region=100,100,64,64"
     response = client.post(url, content=body, headers={"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
@@ -367,8 +371,17 @@ def test_openapi_schema_documents_the_upload_and_its_errors(served):
     assert {"image/png", "image/jpeg", "application/dicom"} <= set(
         classify["requestBody"]["content"]
     )
-    assert {"200", "401", "411", "413", "415", "422", "503"} <= set(classify["responses"])
-    assert classify["parameters"][0]["name"] == "region"
+    assert {"200", "400", "401", "411", "413", "415", "422", "503"} <= set(classify["responses"])
+    problem = {"$ref": "#/components/schemas/Problem"}
+    assert classify["responses"]["422"]["content"]["application/json"]["schema"] == problem
+    region = classify["parameters"][0]
+    assert region["name"] == "region" and region["schema"]["anyOf"][0]["pattern"] == REGION_PATTERN
+    assert classify["requestBody"]["description"].endswith(
+        f": {16 * 1024 * 1024} bytes on this server (413 above)"
+    )
+    assert all(
+        body["schema"]["minLength"] == 1 for body in classify["requestBody"]["content"].values()
+    )
     assert "ClassifyResult" in schema["components"]["schemas"]
 
 

@@ -65,6 +65,8 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     app.state.runtime = runtime
     for router in (routes.pages, routes.api, routes.live):
         app.include_router(router)
+    _answer_invalid_requests_in_one_line(app)
+    _declare_the_upload_limit(app, runtime.settings.max_upload_bytes)
     if runtime.token is not None:
         _guard_the_schema(app, runtime.token)
     return app
@@ -85,6 +87,46 @@ def _guard_the_schema(app: Any, token: str) -> None:
             return JSONResponse({"detail": TOKEN_REQUIRED}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         return await call_next(request)
+
+
+def _declare_the_upload_limit(app: Any, limit: int) -> None:
+    """The schema's upload body states this server's size limit. As text, not `maxLength`: a JSON
+    Schema length counts characters, not the bytes of a binary body (and schema fuzzers then
+    "violate" it with bodies they cannot make that long)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                                 description=app.description, routes=app.routes)  # fmt: skip
+            body = schema["paths"]["/v1/classify"]["post"]["requestBody"]
+            body["description"] += f": {limit} bytes on this server (413 above)"
+            app.openapi_schema = schema
+        return dict(app.openapi_schema)
+
+    app.openapi = openapi
+
+
+def _answer_invalid_requests_in_one_line(app: Any) -> None:
+    """A request FastAPI refuses (a query parameter outside its declared form) gets the same
+    `{"detail": "<one line>"}` as every other error, as the schema's 422 declares."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line(_: Any, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": invalid_request_detail(exc.errors())}, status_code=422)
+
+
+def invalid_request_detail(errors: Any) -> str:
+    """'query parameter region: String should match pattern ... (got 'x')' for each error."""
+    parts = []
+    for error in errors:
+        where = [str(part) for part in error.get("loc", ())]
+        place = f"{where[0]} parameter {'.'.join(where[1:])}" if len(where) > 1 else "request"
+        given = f" (got {error['input']!r})" if "input" in error else ""
+        parts.append(f"{place}: {error.get('msg', 'invalid')}{given}")
+    return "; ".join(parts) or "the request is invalid"
 
 
 def _version() -> str:

@@ -161,11 +161,18 @@ def metrics(runtime: Runtime) -> Response:
     return Response(body, media_type=content_type)
 
 
+# The forms `_upload_region` (edgebc/serve/runtime.py) accepts, so the schema says what the code
+# does: whole pixel numbers of at most six digits (no frame is a million pixels wide).
+REGION_PATTERN = r"^(none|auto|[0-9]{1,6},[0-9]{1,6},[1-9][0-9]{0,5},[1-9][0-9]{0,5})$"
+
 UPLOAD_BODY = {
     "required": True,
     "description": "the image file's bytes as the request body (not a form); at most the "
-    "server's max_upload_bytes (see the API description)",
-    "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in UPLOAD_TYPES},
+    "server's max_upload_bytes",
+    "content": {
+        kind: {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+        for kind in UPLOAD_TYPES
+    },  # create_app adds the server's max_upload_bytes to the description
 }
 
 
@@ -175,12 +182,14 @@ UPLOAD_BODY = {
     summary="classify one uploaded image (PNG, JPEG or single-frame DICOM)",
     openapi_extra={"requestBody": UPLOAD_BODY},
     responses={
+        400: {"model": Problem, "description": "Content-Length is not a number"},
         411: {"model": Problem, "description": "no body"},
         413: {"model": Problem, "description": "body larger than max_upload_bytes"},
         415: {"model": Problem, "description": "Content-Type is not an accepted image type"},
         422: {
             "model": Problem,
-            "description": "the body is not a readable image, or the region is invalid",
+            "description": "the body is not a readable image, or the region is malformed or "
+            "does not fit in the image",
         },
         503: {
             "model": Problem,
@@ -191,7 +200,9 @@ UPLOAD_BODY = {
 async def classify(
     runtime: Runtime,
     request: Request,
-    region: str | None = Query(None, description="none (default), auto, or X,Y,W,H in pixels"),
+    region: str | None = Query(
+        None, pattern=REGION_PATTERN, description="none (default), auto, or X,Y,W,H in pixels"
+    ),
 ) -> Any:
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if declared not in UPLOAD_TYPES:
