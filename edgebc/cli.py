@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from edgebc import __version__
 from edgebc.commands import (
     HelpFormatter,
+    Parser,
     audit,
     bench,
     calibrate,
@@ -31,7 +32,7 @@ from edgebc.commands import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgebc",
         description="Breast-lesion classification for point-of-care ultrasound (research use only, "
         "not a medical device).",

@@ -99,8 +99,12 @@ def apply_overrides(
     return merged
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
-    """Fill `cls` from the YAML file at `path` (defaults when None), then dotted `overrides` on top."""
+def load_config(
+    cls: type[T], path: str | Path | None, overrides: Sequence[str] = (), flags: str = "--set"
+) -> T:
+    """Fill `cls` from the YAML file at `path` (defaults when None), then dotted `overrides` on top.
+
+    An error names where the wrong value came from: the file, or `flags` (the overrides)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -117,7 +121,85 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
             raise ConfigError(
                 f"{path}: expected a mapping at the top level, got {type(data).__name__}"
             )
-    return from_mapping(cls, apply_overrides(data, overrides), source=source)
+    for item in overrides:
+        check_override_key(cls, item.partition("=")[0], item, flags)
+    merged = apply_overrides(data, overrides)
+    try:
+        return from_mapping(cls, merged, source=source)
+    except ConfigError:
+        if not overrides or (path is not None and not _valid(cls, data)):
+            raise  # the file (or the defaults) alone is already wrong: its name is right
+    return from_mapping(cls, merged, source=flags)  # raises again, blaming the flags
+
+
+def _valid(cls: type, data: Mapping[str, Any]) -> bool:
+    try:
+        from_mapping(cls, data)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_override_key(cls: type, key: str, item: str, flags: str = "--set") -> None:
+    """Refuse a `--set` key that `cls` does not have, blaming the flag (not the YAML file), and
+    suggest the full dotted key: `--set epochs=3` finds `optim.epochs`."""
+    node: Any = cls
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        held = node
+        node = _dataclass_of(held)
+        if node is None:
+            if typing.get_origin(held) is dict or held is Any:
+                return  # a mapping of free keys: from_mapping checks what lies below
+            above = ".".join(parts[:depth])
+            raise ConfigError(
+                f"{flags} {item}: {above!r} is a single value, not a group of settings"
+            )
+        fields = {f.name: f for f in dataclasses.fields(node) if f.init}
+        if part not in fields:
+            break
+        node = typing.get_type_hints(node)[part]
+        if depth == key.count("."):
+            return
+    else:  # pragma: no cover - the loop returns or breaks
+        return
+    paths = dotted_keys(cls)
+    parent, _, leaf = key.rpartition(".")
+    siblings = [p for p in paths if p.rpartition(".")[0] == parent]
+    same_leaf = [path for path in paths if path.rpartition(".")[2] == leaf]
+    near = difflib.get_close_matches(leaf, [p.rpartition(".")[2] for p in siblings], 1, 0.6)
+    close = same_leaf or [f"{parent}.{near[0]}" if parent else near[0] for _ in near[:1]]
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"{flags} {item}: {cls.__name__} has no setting {key!r}.{hint} "
+        f"Valid keys{f' under {parent}' if parent else ''}: {', '.join(siblings)}."
+    )
+
+
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of `cls` in `--set` form: `optim.epochs`, `preprocess.size`, ..."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        path = f"{prefix}{field.name}"
+        keys.append(path)
+        nested = _dataclass_of(hints[field.name])
+        if nested is not None:
+            keys.extend(dotted_keys(nested, path + "."))
+    return keys
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (also through `X | None`), else None."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [_dataclass_of(arg) for arg in typing.get_args(hint)]
+        classes = [c for c in found if c is not None]
+        return classes[0] if len(classes) == 1 else None
+    return None
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

@@ -318,8 +318,12 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
     A file is taken as named, whatever it is (an unreadable one is reported when read). A folder
     stands for the image, video and DICOM files anywhere below it, and a glob pattern for those it
     matches (`**` crosses folders); segmentation masks (`*_mask*`) are left out of both. A pattern
-    that matches no such file is an error; a folder may be empty (a night without studies).
+    that matches no such file is an error, and so is a named path that does not exist (a typo:
+    refused before anything is read or written); a folder may be empty (a night without studies).
     """
+    missing = [item for item in items if not _is_pattern(item) and not Path(item).exists()]
+    if missing:
+        raise EdgebcError(f"no such file or folder: {', '.join(missing)}")
     paths: list[Path] = []
     for item in items:
         if _is_pattern(item):

@@ -194,7 +194,7 @@ def archive_of(folder):
     return [folder / name for name in names]
 
 
-def test_classify_and_serve_read_each_files_frames_the_same_way(tmp_path):
+def test_classify_and_serve_read_each_files_frames_the_same_way(tmp_path, capsys):
     """One reader of a file's frames: what `edgebc classify` classifies of a file is what
     `edgebc serve --source FILE` plays; single pictures have no frame number, cines and videos
     are numbered (every Nth with a stride), and an unreadable file is an error row."""
@@ -221,12 +221,15 @@ def test_classify_and_serve_read_each_files_frames_the_same_way(tmp_path):
     strided = [(Path(i.source).name, i.frame) for i in iter_frames(paths[2:5], stride=2)]
     assert strided == [("cine.dcm", 0), ("cine.dcm", 2), ("IM0001", 0), ("IM0001", 2),
                        ("clip.avi", 0), ("clip.avi", 2)]  # fmt: skip
-    out = tmp_path / "rows.csv"
+    out = tmp_path / "rows.csv"  # a named file that does not exist is a typo: nothing is written
     assert main(["classify", str(DEMO_MODEL), *map(str, paths), "--out", str(out)]) == 1
-    rows = rows_of(out)  # the batch went on past the unreadable inputs
+    assert not out.exists()
+    assert "no such file or folder: " + str(paths[-1]) in capsys.readouterr().err
+    assert main(["classify", str(DEMO_MODEL), *map(str, paths[:-1]), "--out", str(out)]) == 1
+    rows = rows_of(out)  # the batch went on past the unreadable input
     assert [r["frame"] for r in rows if not r["error"]] == ["", "", "0", "1", "2", "0", "1", "2",
                                                             "0", "1", "2", "3"]  # fmt: skip
-    assert sum(1 for r in rows if r["error"]) == 2
+    assert [Path(r["source"]).name for r in rows if r["error"]] == ["broken.png"]
 
 
 def test_the_quality_text_of_rows_and_records_is_the_quality_results_own():

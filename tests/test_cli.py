@@ -77,3 +77,72 @@ def test_synth_then_audit_then_split_end_to_end(tmp_path, capsys):
 
 def test_usage_errors_exit_2():
     assert run("synth", "--n-per-class", "x", "out").returncode == 2
+
+
+def every_parser(parser=None, path=()):
+    """(command words, parser) for `edgebc` and each of its subcommands, nested ones too."""
+    import argparse
+
+    parser = parser or build_parser()
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_parser(sub, (*path, name))
+
+
+def test_every_option_shows_one_default_the_true_one():
+    """argparse's "(default: None)" after a help text that names the settings file's default was
+    two defaults, one of them false; an empty list or None is no default to show."""
+    import re
+
+    checked = 0
+    for words, parser in every_parser():
+        text = re.sub(r"\s+", " ", parser.format_help())
+        for entry in re.split(r" (?=-{1,2}[a-z])", text):
+            assert entry.lower().count("default") <= 1, (words, entry)
+            assert "(default: None)" not in entry and "(default: [])" not in entry, (words, entry)
+            checked += 1
+    assert checked > 150  # every subcommand's options were looked at
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["serv"], "invalid choice: 'serv' (choose from 'info',"),
+        (["serv"], "did you mean 'serve'? see edgebc --help"),
+        (["data", "audt"], "did you mean 'audit'? see edgebc data --help"),
+        (["frobnicate"], "'audit'); see edgebc --help"),
+    ],
+)
+def test_a_mistyped_command_gets_a_suggestion(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["train", "--set", "epochs=3"],
+         "--set epochs=3: TrainConfig has no setting 'epochs'. Did you mean 'optim.epochs'?"),
+        (["train", "--set", "optim.epoch=3"], "Did you mean 'optim.epochs'? Valid keys under optim: optim.epochs,"),
+        (["train", "--set", "optim.epochs.x=3"], "'optim.epochs' is a single value, not a group"),
+        (["train", "--set", "optim.epochs=abc"], "--set: TrainConfig.optim: OptimConfig.epochs: expected an integer"),
+        (["serve", "--check", "--set", "toke_file=x"], "has no setting 'toke_file'. Did you mean 'token_file'?"),
+    ],
+)  # fmt: skip
+def test_set_mistakes_blame_the_flag_and_find_the_dotted_key(argv, words, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert words in err and "defaults:" not in err
+
+
+def test_a_mistake_in_the_file_still_names_the_file(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("optim:\n  epochs: many\n")
+    assert main(["train", "--config", str(config), "--set", "optim.lr=0.1"]) == 1
+    assert (
+        f"{config}: TrainConfig.optim: OptimConfig.epochs: expected an integer"
+        in capsys.readouterr().err
+    )

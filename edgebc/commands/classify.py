@@ -82,7 +82,7 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
         *args.overrides,
         *(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None),
     ]
-    return load_config(ClassifySettings, args.config, overrides)
+    return load_config(ClassifySettings, args.config, overrides, flags="the command line")
 
 
 def run_classify(args: argparse.Namespace) -> int:
