@@ -34,7 +34,7 @@ class ClassifySettings(ClassifierSettings):
     command line's arguments and flags override the file's keys."""
 
     inputs: tuple[str, ...] = ()
-    out: str = "results.csv"
+    out: str = "runs/results.csv"
     batch: int = 16
     stride: int = 1
     spin_wait: bool = True  # a batch job keeps its cores busy anyway: ONNX Runtime's default

@@ -37,7 +37,7 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
     classify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a key of --config (repeatable)")  # fmt: skip
     classify.add_argument(
-        "--out", default=None, help="results file: .csv or .jsonl (default results.csv)"
+        "--out", default=None, help="results file: .csv or .jsonl (default runs/results.csv)"
     )
     classify.add_argument(
         "--region", default=None, metavar="X,Y,W,H", help="imaging region to crop from every frame"

@@ -29,7 +29,7 @@ def register_data(commands: argparse._SubParsersAction) -> None:
     )
     audit.add_argument("path", type=Path, help="dataset folder or manifest .csv")
     audit.add_argument(
-        "--out", type=Path, default=Path("audit"), help="folder for the report and cleaned manifest"
+        "--out", type=Path, default=Path("runs/audit"), help="folder for the report and cleaned manifest"
     )
     audit.add_argument(
         "--conflicts",
@@ -49,7 +49,7 @@ def register_data(commands: argparse._SubParsersAction) -> None:
     )
     split.add_argument("path", type=Path, help="dataset folder or manifest .csv")
     split.add_argument(
-        "--out", type=Path, default=Path("manifest.split.csv"), help="manifest to write"
+        "--out", type=Path, default=Path("runs/split.csv"), help="manifest to write"
     )
     split.add_argument(
         "--val", type=float, default=0.15, help="validation fraction (0 with --folds)"
