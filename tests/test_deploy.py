@@ -172,7 +172,10 @@ def test_serve_check_validates_a_config_without_starting(capsys, monkeypatch):
     assert "settings ok: source /dev/edgebc-capture" in out and "token set" in out
     assert f"{STORE_MODEL} does not exist yet" in out
     assert main(["serve", "--config", cart, "--set", "sorce=x", "--check"]) != 0
-    assert "unknown key 'sorce'" in capsys.readouterr().err
+    assert (
+        "--set sorce=x: ServeSettings has no setting 'sorce'. Did you mean 'source'?"
+        in capsys.readouterr().err
+    )
 
 
 def test_the_archive_job_runs_from_its_config(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_a_resumed_run_still_names_the_weights_it_started_from(tiny_split, tmp_p
 
 
 def test_bad_configuration_is_named(tiny_split, tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'lr_max' for OptimConfig"):
+    with pytest.raises(ConfigError, match=r"TrainConfig has no setting 'optim\.lr_max'"):
         _config(tiny_split, tmp_path, "x", "optim.lr_max=1")
     with pytest.raises(EdgebcError, match="no validation samples"):
         loop.train_model(
@@ -251,3 +251,33 @@ def test_early_stopping_waits_for_the_minimum_number_of_epochs(tiny_split, tmp_p
         show_progress=False,
     )
     assert len(late.history) == 4
+
+
+def test_the_smoke_config_makes_its_phantoms_and_split_on_first_use(tmp_path, capsys):
+    """A new user's first training is one command on a fresh clone: the phantom run's data are
+    made when its manifest is missing; a real dataset's missing manifest stays an error."""
+    from edgebc.cli import main
+    from edgebc.train.phantom_manifest import ensure_phantom_manifest
+
+    config = load_train_config(Path("configs/smoke_phantoms.yaml"))
+    assert config.data.phantoms is not None and config.data.manifest == "runs/phantoms-split.csv"
+    recipe = {"folder": str(tmp_path / "phantoms"), "n_per_class": 6, "size": 64, "seed": 1}
+    manifest = tmp_path / "split.csv"
+    tiny = load_train_config(Path("configs/smoke_phantoms.yaml"),
+                             [f"data.manifest={manifest}", f"data.phantoms={json.dumps(recipe)}"])  # fmt: skip
+    assert ensure_phantom_manifest(tiny.data) is True
+    samples = read_manifest(manifest)
+    assert len(samples) == 18 and {s.split for s in samples} == {
+        "train",
+        "val",
+        "test",
+        "calibration",
+    }
+    assert all(Path(s.path).is_file() for s in samples)
+    before = manifest.read_bytes()
+    assert ensure_phantom_manifest(tiny.data) is False and manifest.read_bytes() == before
+
+    missing = tmp_path / "real-split.csv"  # no phantoms: nothing is made up
+    code = main(["train", "--config", "configs/smoke_phantoms.yaml", "--set", "data.phantoms=null",
+                 "--set", f"data.manifest={missing}", "--set", "optim.epochs=1"])  # fmt: skip
+    assert code == 1 and not missing.exists() and "real-split.csv" in capsys.readouterr().err

@@ -18,6 +18,23 @@ from edgebc.task import Task, task_for
 
 
 @dataclass(frozen=True)
+class PhantomRecipe:
+    """Phantoms to make when the manifest is missing (the smoke run's first use on a fresh clone):
+    `edgebc synth` with these values into `folder`, then `edgebc data split` into the manifest."""
+
+    folder: str = "runs/phantoms"
+    n_per_class: int = 150
+    size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_per_class < 4:
+            raise ValueError(
+                f"phantoms.n_per_class must be at least 4 to split, got {self.n_per_class}"
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the samples come from, what the model is asked (the task) and which split each role uses.
 
@@ -43,6 +60,9 @@ class DataConfig:
     # --calibration); without it, on the validation split, which also chose the epoch (optimistic)
     calibration_split: str = "calibration"
     fold: int | None = None  # with k-fold manifests: this fold validates, the others train
+    # only for phantom runs: make the phantoms and the split when the manifest is missing (real
+    # data is never made up: without this a missing manifest is an error)
+    phantoms: PhantomRecipe | None = None
 
     def __post_init__(self) -> None:
         self.resolved_task()  # a task name, class list or positive class that cannot be is named now

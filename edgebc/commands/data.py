@@ -29,7 +29,10 @@ def register_data(commands: argparse._SubParsersAction) -> None:
     )
     audit.add_argument("path", type=Path, help="dataset folder or manifest .csv")
     audit.add_argument(
-        "--out", type=Path, default=Path("runs/audit"), help="folder for the report and cleaned manifest"
+        "--out",
+        type=Path,
+        default=Path("runs/audit"),
+        help="folder for the report and cleaned manifest",
     )
     audit.add_argument(
         "--conflicts",
@@ -48,9 +51,7 @@ def register_data(commands: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     split.add_argument("path", type=Path, help="dataset folder or manifest .csv")
-    split.add_argument(
-        "--out", type=Path, default=Path("runs/split.csv"), help="manifest to write"
-    )
+    split.add_argument("--out", type=Path, default=Path("runs/split.csv"), help="manifest to write")
     split.add_argument(
         "--val", type=float, default=0.15, help="validation fraction (0 with --folds)"
     )
@@ -116,21 +117,14 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from edgebc.data import read_dataset, write_manifest
-    from edgebc.data.curation import audit_samples
-    from edgebc.data.split import SplitPlan, assign_splits, split_summary
+    from edgebc.data import write_manifest
+    from edgebc.data.split import SplitPlan, split_dataset, split_summary
 
     plan = SplitPlan(
         val=0.0 if args.folds else args.val, test=args.test, folds=args.folds, seed=args.seed,
         calibration=args.calibration,
     )  # fmt: skip
-    samples = read_dataset(args.path)
-    if not any(s.group for s in samples):
-        log.info(
-            "no `group` column: finding near-duplicates first (run `edgebc data audit` to review them)"
-        )
-        samples = audit_samples(samples, str(args.path), conflicts="keep").cleaned
-    result = assign_splits(samples, plan)
+    result = split_dataset(args.path, plan)
     write_manifest(result, args.out)
     for side, counts in split_summary(result).items():
         print(f"  {side:6s} " + "  ".join(f"{label}={n}" for label, n in counts.items()))

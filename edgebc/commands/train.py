@@ -85,6 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
             shortcuts["optim.distill_from"] = json.dumps(args.distill_from)
         overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
         config = load_train_config(args.config, overrides)
+        from edgebc.train.phantom_manifest import ensure_phantom_manifest
+
+        ensure_phantom_manifest(config.data)  # a phantom run's data, made on first use
         if args.cross_validate:
             from edgebc.train.crossval import cross_validate
 

@@ -9,13 +9,17 @@ straddles two sides. Deterministic for a given seed and sample list.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from edgebc.data.records import Sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,21 @@ def split_units(samples: Sequence[Sample]) -> list[list[int]]:
     for index in range(len(samples)):
         units[find(index)].append(index)
     return sorted(units.values())
+
+
+def split_dataset(path: str | Path, plan: SplitPlan) -> list[Sample]:
+    """The dataset at `path` split by `plan` (`edgebc data split`). Without a `group` column the
+    near-duplicates are found first, so that none straddles two sides."""
+    from edgebc.data import read_dataset
+    from edgebc.data.curation import audit_samples
+
+    samples = read_dataset(path)
+    if not any(s.group for s in samples):
+        log.info(
+            "no `group` column: finding near-duplicates first (run `edgebc data audit` to review them)"
+        )
+        samples = audit_samples(samples, str(path), conflicts="keep").cleaned
+    return assign_splits(samples, plan)
 
 
 def assign_splits(samples: Sequence[Sample], plan: SplitPlan) -> list[Sample]:
