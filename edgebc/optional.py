@@ -14,7 +14,9 @@ from types import ModuleType
 from edgebc.errors import MissingDependencyError
 
 INSTALL_HINTS: dict[str, str] = {
-    "torch": "pip install 'edgebc[train]' (pins torch==2.13.0)",
+    "torch": "pip install 'edgebc[train]' (torch==2.13.0: PyPI's is the CUDA build; on a machine "
+    "without an NVIDIA GPU first pip install torch==2.13.0 --index-url "
+    "https://download.pytorch.org/whl/cpu, see the README's Training install)",
     "onnx": "pip install 'edgebc[export]'",
     "tensorrt": "on Jetson it comes with JetPack; elsewhere pip install 'edgebc[tensorrt]'",
     "picamera2": "on Raspberry Pi OS: sudo apt install python3-picamera2 "
@@ -22,6 +24,7 @@ INSTALL_HINTS: dict[str, str] = {
     "pydicom": "pip install 'edgebc[dicom]'",
     "fastapi": "pip install 'edgebc[serve]'",
     "uvicorn": "pip install 'edgebc[serve]'",
+    "fastapi_offline": "pip install 'edgebc[serve]'",
     "prometheus_client": "pip install 'edgebc[serve]'",
     "pygame": "pip install 'edgebc[display]' (pygame-ce)",
 }

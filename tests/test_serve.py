@@ -580,3 +580,21 @@ def test_the_shared_decode_budget_is_a_setting(tmp_path):
         decode.SHARED_DECODE_BUDGET.set_capacity(decode.DEFAULT_SHARED_DECODE_BYTES)
     with pytest.raises(ConfigError, match="must hold at least one image"):
         settings_for(tmp_path, decode_budget_bytes=1024**2)
+
+
+def test_the_api_documentation_works_offline(served):
+    """Carts in field clinics are offline: /docs and /redoc load Swagger UI and ReDoc from the
+    package, not from a CDN, and every asset they name is served."""
+    import re
+
+    client, _ = served
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html.text)
+        assets = [u for u in urls if u.endswith((".js", ".css", ".png"))]
+        assert assets and not [u for u in urls if "://" in u], (page, urls)
+        for asset in assets:
+            answer = client.get(asset)
+            assert answer.status_code == 200 and len(answer.content) > 100, asset
+    assert client.get("/docs").text.count("/docs-assets/swagger-ui-bundle.js") == 1

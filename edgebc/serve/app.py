@@ -27,11 +27,14 @@ from edgebc.optional import require
 from edgebc.serve.runtime import ServeRuntime
 from edgebc.serve.systemd import SystemdNotifier
 
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's scripts, styles and icon
+
 
 def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     """The ASGI app. With `manage_runtime`, app startup starts the live loop and shutdown stops it."""
     require("fastapi", "edgebc serve")  # a missing [serve] extra says how to install it
-    from fastapi import FastAPI
+    require("fastapi_offline", "edgebc serve")
+    from fastapi_offline import FastAPIOffline
     from starlette.concurrency import run_in_threadpool
 
     from edgebc.serve import routes
@@ -53,7 +56,8 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
             if manage_runtime:
                 await run_in_threadpool(runtime.stop)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from the package's own assets: carts are offline
+        static_url=DOCS_ASSETS,
         title="edgebc serve",
         version=_version(),
         summary="Breast-lesion classification on the ultrasound cart (research use only, not a medical device).",
@@ -79,7 +83,7 @@ def _guard_the_schema(app: Any, token: str) -> None:
 
     from edgebc.serve.routes import TOKEN_REQUIRED, token_given
 
-    guarded = {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+    guarded = {"/docs", "/redoc", app.openapi_url, app.swagger_ui_oauth2_redirect_url}
 
     @app.middleware("http")
     async def schema_needs_the_token(request: Any, call_next: Any) -> Any:
