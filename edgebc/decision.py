@@ -60,6 +60,22 @@ class DecisionRule:
             return shown
         return best
 
+    def describe(self, target_sensitivity: float | None = None) -> str:
+        """The rule in words, for the screen beside the decision and its bars: a high-sensitivity
+        threshold shows "malignant" while the bars read 14 % malignant, and that is by design."""
+        if self.threshold is None:
+            return "the most probable class"
+        positive = self.positive_class
+        why = (
+            f", the operating point for {100 * target_sensitivity:.0f} % sensitivity"
+            if target_sensitivity is not None
+            else ""
+        )
+        return (
+            f"{positive} when p({positive}) ≥ {self.threshold:.2f}{why}; "
+            "otherwise the most probable other class"
+        )
+
     def decide(self, p: np.ndarray) -> str:
         return self.class_names[self.index(p)]
 

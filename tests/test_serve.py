@@ -108,6 +108,11 @@ def test_status_shows_a_smoothed_decision_with_timings_and_the_demo_banner(serve
         "DEMO — synthetic phantom model",
     ]
     assert view["model"]["sha256"] == sha256_file(DEMO_MODEL)
+    point = client.get("/v1/model").json()["card"]["operating_point"]
+    assert view["model"]["rule"] == (  # the rule the page shows beside the bars
+        f"malignant when p(malignant) ≥ {point['threshold']:.2f}, the operating point for "
+        f"{100 * point['target_sensitivity']:.0f} % sensitivity; otherwise the most probable other class"
+    )
     wait_until(lambda: client.get("/v1/status").json()["fps"] > 20, what="the frame rate")
 
 

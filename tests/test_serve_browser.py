@@ -48,6 +48,10 @@ def test_the_page_shows_live_frames_and_a_decision_that_updates_then_withdraws(t
         assert page.inner_text("#demo-banner") == "DEMO — synthetic phantom model"
         assert "demo-phantom" in page.inner_text("#model") and "sha256" in page.inner_text("#model")
         assert page.locator(".bar").count() == 3
+        threshold = server.get("/v1/status").json()["model"]["threshold"]
+        assert page.inner_text("#rule").startswith(
+            f"decision: malignant when p(malignant) ≥ {threshold:.2f}"
+        )  # the rule beside the bars: "malignant" under a 14 % bar is the operating point's doing
 
         # Keeps up with the 30 fps source, without a backlog: frames advance at the source's rate
         # and the frame shown is the server's newest, not one from a queue.
@@ -73,3 +77,5 @@ def test_the_page_shows_live_frames_and_a_decision_that_updates_then_withdraws(t
             "document.querySelector('#decision').textContent === 'no decision'", timeout=5000
         )
         assert "cart service" in page.inner_text("#reason")
+        assert page.inner_text("#stats") == "— fps · latency —"  # nothing it last heard stays up
+        assert page.inner_text("#feed") == "source: unknown (no contact with the cart service)"

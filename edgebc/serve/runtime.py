@@ -192,6 +192,11 @@ class ServeRuntime:
             "temperature": card.temperature,
             # the bound beside the decision: only while the cart decides at the card's threshold
             "sensitivity_bound": bound_statement(card, threshold),
+            "rule": self.pipeline.classifier.rule.describe(
+                point.target_sensitivity
+                if point is not None and threshold == point.threshold
+                else None
+            ),
             "operating_point": None if point is None else to_mapping(point),
             "site_calibration": card.lineage.get("site_calibration"),
             "verified": self.model_check.verified,
@@ -226,7 +231,7 @@ class ServeRuntime:
         banners = [RESEARCH_BANNER] + ([DEMO_BANNER] if self.demo else [])
         info = self.model_info()  # once per view: the page asks for a view with every frame
         model = {k: info[k] for k in ("name", "sha256", "precision", "threshold", "positive_class",
-                                      "sensitivity_bound")}  # fmt: skip
+                                      "sensitivity_bound", "rule")}  # fmt: skip
         return {
             "banners": banners,
             "demo": self.demo,
