@@ -291,3 +291,49 @@ def read_card(model_path: str | Path) -> ModelCard:
             f"{path}: has no edgebc model card; export it with `edgebc export` so the device knows its preprocessing"
         )
     return ModelCard.from_json(metadata[CARD_KEY], source=f"{path}: {CARD_KEY}")
+
+
+def without_machine_paths(card: ModelCard) -> ModelCard:
+    """The card as a shipped file may carry it: every path in it (the source checkpoint, the
+    teachers, the pretrained file, a site's data, at any depth of the lineage) cut to its last
+    folder and file, since a model leaves the machine it was built on and must not name that
+    machine's folders (a user's home, a clinic's share). Hashes identify the files anyway."""
+    from dataclasses import replace
+
+    return replace(card, source_checkpoint=_shared_path(card.source_checkpoint),
+                   lineage=_without_paths(card.lineage))  # fmt: skip
+
+
+def machine_paths(value: Any) -> list[str]:
+    """Every string in `value` (a card's dict, at any depth) that names a folder of a machine."""
+    if isinstance(value, Mapping):
+        return [found for item in value.values() for found in machine_paths(item)]
+    if isinstance(value, (list, tuple)):
+        return [found for item in value for found in machine_paths(item)]
+    return [value] if isinstance(value, str) and _is_machine_path(value) else []
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_paths(item) for item in value]
+    return _shared_path(value) if isinstance(value, str) else value
+
+
+def _shared_path(text: str) -> str:
+    if not _is_machine_path(text):
+        return text
+    return "/".join(Path(text.replace("\\", "/")).parts[-2:])
+
+
+def _is_machine_path(text: str) -> bool:
+    """Absolute (POSIX or Windows), home-relative, or climbing out of its folder with `..`."""
+    if "\n" in text or len(text) > 4096:
+        return False
+    posix = text.replace("\\", "/")
+    return (
+        posix.startswith(("/", "~"))
+        or (len(posix) > 2 and posix[1] == ":" and posix[2] == "/")
+        or ".." in posix.split("/")
+    )

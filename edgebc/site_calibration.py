@@ -29,7 +29,7 @@ from edgebc.data.records import Sample
 from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.integrity import MANIFEST_NAME, verify_artifact
-from edgebc.model_card import ModelCard, OperatingPoint, read_card
+from edgebc.model_card import ModelCard, OperatingPoint, read_card, without_machine_paths
 from edgebc.preprocess import preprocess_chw
 from edgebc.release import SITE_ENTRY, write_release
 from edgebc.task import Task
@@ -196,11 +196,11 @@ def calibrate_site(
         "temperature_before": card.temperature, "frames": len(site.samples),
         "shipped_threshold": card.threshold, **{f"shipped_{k}": v for k, v in shipped.items()},
     }  # fmt: skip
-    site_card = replace(
+    site_card = without_machine_paths(replace(
         card, name=name or f"{embedded.name}-site", temperature=fit.temperature,
         operating_point=fit.operating_point, calibration=calibration,
         lineage={**card.lineage, SITE_ENTRY: entry},
-    )  # fmt: skip
+    ))  # fmt: skip
     release = write_release(out, model, site_card)
     return SiteCalibration(site_card, card, fit, len(site.samples), shipped, release)
 

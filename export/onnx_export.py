@@ -28,7 +28,7 @@ import numpy as np
 from edgebc import __version__
 from edgebc.atomic import atomic_write_bytes
 from edgebc.errors import EdgebcError
-from edgebc.model_card import CARD_KEY, ModelCard, ModelInput
+from edgebc.model_card import CARD_KEY, ModelCard, ModelInput, without_machine_paths
 from edgebc.optional import require
 from edgebc.preprocess import preprocess_batch
 from edgebc.synth.mammo import make_mammo_phantom
@@ -57,15 +57,14 @@ def card_for_export(card: ModelCard, name: str, max_batch: int, source: str) -> 
     """The training card as the exported file carries it: named after the file, FP32, dated.
 
     The checkpoint is named by its run folder and file (`busi-mnv3/best.pt`), never by an absolute
-    path: a shipped model must not carry the build machine's folders, and the weights' sha256 in
-    the card is what identifies the checkpoint anyway."""
-    path = Path(source)
-    named = str(path) if not path.is_absolute() else str(Path(*path.parts[-2:]))
-    return replace(
+    path, and so is every path in the lineage (teachers, pretrained file): a shipped model must not
+    carry the build machine's folders, and the weights' sha256 identify the files anyway."""
+    exported = replace(
         card, name=name, precision="fp32", max_batch=max_batch, edgebc_version=__version__,
         exported=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        source_checkpoint=named,
+        source_checkpoint=str(source),
     )  # fmt: skip
+    return without_machine_paths(exported)
 
 
 def export_onnx(

@@ -23,7 +23,7 @@ from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest as read_sha_manifest
 from edgebc.integrity import sha256_file
 from edgebc.integrity import write_manifest as write_sha_manifest
-from edgebc.model_card import ModelCard, read_card
+from edgebc.model_card import ModelCard, machine_paths, read_card
 from edgebc.model_store import ModelStore
 from edgebc.preprocess import preprocess_chw
 from edgebc.release import CARD_FILE, card_for_model, check_site_card, write_release
@@ -112,6 +112,7 @@ def test_the_release_verifies_and_differs_only_in_its_calibration(site):
         MALIGNANT_PATIENTS,
     )
     assert entry["date"][:4].isdigit() and entry["split"] == "all"
+    assert machine_paths(card) == [] and entry["data"].count("/") <= 1  # the site's folders stay
     assert not list(site.root.glob(".release.*"))  # nothing half-written left beside it
 
 

@@ -1,6 +1,7 @@
 """The model card as the one record: tasks, several inputs and outputs, migration of older files."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,3 +100,31 @@ def test_the_decision_rule_and_its_hysteresis():
         "malignant",
         "normal",
     ]
+
+
+def test_a_shipped_card_names_no_folder_of_the_machine_it_was_built_on():
+    """Every path a card can carry (source checkpoint, teachers, pretrained file, a site's data, at
+    any depth) is cut to its folder and file; the demo model shipped in the package is clean."""
+    from edgebc.model_card import machine_paths, without_machine_paths
+
+    demo = read_card(DEMO_MODEL)
+    assert machine_paths(demo.to_dict()) == []
+    lineage = {
+        "pretrained": "/home/ana/.cache/torch/mobilenet_v3_small.pth",
+        "distilled_from": [{"path": "C:\\Users\\ana\\runs\\t0\\best.pt", "arch": "resnet18"},
+                           {"path": "../../scratch/t1/best.pt", "arch": "resnet18"}],
+        "site_calibration": {"data": "~/clinic/site-cases.csv", "previous": {"data": "/srv/a/b.csv"}},
+        "note": "runs/t2/best.pt",  # relative inside a run folder: kept as it is
+    }  # fmt: skip
+    built = replace(demo, source_checkpoint="/home/ana/runs/demo/best.pt", lineage=lineage)
+    assert len(machine_paths(built.to_dict())) == 6
+    shipped = without_machine_paths(built)
+    assert machine_paths(shipped.to_dict()) == []
+    assert shipped.source_checkpoint == "demo/best.pt"
+    assert shipped.lineage == {
+        "pretrained": "torch/mobilenet_v3_small.pth",
+        "distilled_from": [{"path": "t0/best.pt", "arch": "resnet18"},
+                           {"path": "t1/best.pt", "arch": "resnet18"}],
+        "site_calibration": {"data": "clinic/site-cases.csv", "previous": {"data": "a/b.csv"}},
+        "note": "runs/t2/best.pt",
+    }  # fmt: skip
