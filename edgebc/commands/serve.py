@@ -121,6 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
     require("fastapi", "edgebc serve")
     check_port_free(settings.host, settings.port)
     from edgebc.serve.app import create_app
+    from edgebc.serve.head_deadline import head_deadline_protocol
     from edgebc.serve.runtime import build_runtime
 
     runtime = build_runtime(settings)
@@ -135,6 +136,9 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=3,
         access_log=False,
+        # h11 with a deadline for each request head: a slowloris client is cut off (the body's
+        # deadline is the upload route's)
+        http=head_deadline_protocol(settings.header_timeout_s),
     )
     received: list[str] = []
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler
