@@ -219,13 +219,14 @@ async def classify(
             raise HTTPException(
                 413, f"the upload is {int(length)} bytes; the limit is {limit} bytes"
             )
-    if not runtime.uploads.try_enter():
+    busy = None
+    if runtime.uploads.saturated:  # refused before its body is read: overload costs little
+        busy = "an upload is already waiting for the classifier; retry shortly"
+    elif not runtime.uploads.try_enter():
+        busy = f"{runtime.uploads.capacity} uploads are already in progress; retry shortly"
+    if busy is not None:
         runtime.uploads.count("overloaded")
-        raise HTTPException(
-            503,
-            f"{runtime.uploads.capacity} uploads are already in progress; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise HTTPException(503, busy, headers={"Retry-After": "1"})
     try:
         body = await _read_body(request, limit, runtime)
         found = sniff_format(bytes(body[:132]))

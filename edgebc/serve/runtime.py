@@ -63,6 +63,9 @@ def check_model_manifest(path: Path, sha256: str) -> ModelCheck:
     return ModelCheck(expected == sha256, f"sha256 matches {manifest.name}")
 
 
+WORKER_QUEUE = 2  # the running upload and one waiting for it: a third would wait two uploads' time
+
+
 class UploadsBusy(EdgebcError):
     """An upload that could not start within its wait bound: 503 with Retry-After, not a backlog."""
 
@@ -107,6 +110,13 @@ class UploadQueue:
         with self._lock:
             return self._admitted
 
+    @property
+    def saturated(self) -> bool:
+        """Whether an upload arriving now would be refused by `run` (checked before its body is
+        read, so that under overload a refusal costs the cart almost nothing)."""
+        with self._lock:
+            return self._admitted >= WORKER_QUEUE
+
     def count(self, outcome: str) -> None:
         with self._lock:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -122,7 +132,7 @@ class UploadQueue:
         """`work()` on the worker, or UploadsBusy when another upload already waits for it or the
         worker does not come free within the wait bound."""
         with self._lock:
-            if self._admitted >= 2:  # the running upload and one waiting: a third would wait two
+            if self._admitted >= WORKER_QUEUE:
                 raise UploadsBusy("an upload is already waiting for the classifier; retry shortly")
             self._admitted += 1
         try:
