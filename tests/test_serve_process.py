@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,19 @@ def test_a_slow_body_gets_408_and_frees_its_upload_slot(tmp_path):
                         headers={"Content-Type": "image/png"}, timeout=5)  # fmt: skip
         assert ok.status_code == 200, ok.text
         assert 'edgebc_uploads_total{outcome="too_slow"} 1.0' in server.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_the_overload_benchmark_runs_as_a_smoke_test(tmp_path):
+    """benchmarks/overload.py --quick against a real server: every answer a decision or a 503
+    with Retry-After, no connection errors (its numbers are the benchmark's, not asserted here)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overload.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "overload.json").read_text())["rows"]
+    assert [row["clients"] for row in rows] == [1, 4, 16]
+    assert rows[0]["refused_share"] == 0 and rows[0]["p99_ratio"] == 1.0
+    for row in rows:
+        assert row["accepted"] > 0 and row["other_statuses"] == 0 and row["errors"] == 0, row
+        assert set(row["retry_after"]) <= {"1"}
