@@ -603,3 +603,54 @@ def test_the_api_documentation_works_offline(served):
             answer = client.get(asset)
             assert answer.status_code == 200 and len(answer.content) > 100, asset
     assert client.get("/docs").text.count("/docs-assets/swagger-ui-bundle.js") == 1
+
+
+def test_an_upload_that_cannot_start_within_the_admission_wait_gets_503(tmp_path):
+    runtime = build_runtime(settings_for(tmp_path, admission_wait_s=0.3))
+    with TestClient(create_app(runtime)) as client:
+        with runtime.uploads.worker:  # the classifier busy with another upload for now
+            busy = client.post(
+                "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+            )
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1", busy.text
+        assert "stayed busy" in busy.json()["detail"]
+        assert runtime.uploads.outcomes["overloaded"] == 1
+        assert runtime.uploads.admitted == 0 and runtime.uploads.pending == 0
+        ok = client.post(
+            "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+        )
+        assert ok.status_code == 200, ok.text
+
+
+def test_one_upload_waits_for_the_worker_and_a_second_is_refused_at_once():
+    from edgebc.serve.runtime import UploadQueue, UploadsBusy
+
+    queue = UploadQueue(capacity=8, max_wait_s=30.0)
+    release = threading.Event()
+    results = []
+    running = threading.Thread(target=lambda: results.append(queue.run(lambda: release.wait(10))))
+    waiting = threading.Thread(target=lambda: results.append(queue.run(lambda: "second")))
+    running.start()
+    wait_until(lambda: queue.worker.locked() and queue.admitted == 1, what="the first to run")
+    waiting.start()
+    wait_until(lambda: queue.admitted == 2, what="the second to wait")
+    with pytest.raises(UploadsBusy, match="already waiting"):
+        queue.run(lambda: "third")
+    release.set()
+    running.join(5)
+    waiting.join(5)
+    assert results == [True, "second"] and queue.admitted == 0
+    # the wait is bounded by twice the measured work, never more than max_wait_s
+    assert 0 < queue.wait_bound() < 10.0
+    assert UploadQueue(capacity=8, max_wait_s=0.5).wait_bound() == 0.5
+
+
+def test_read_deadlines_and_the_admission_wait_are_validated(tmp_path):
+    for key, value, words in [
+        ("header_timeout_s", 0, "must be positive"),
+        ("body_grace_s", 90, "at most body_timeout_s"),
+        ("min_body_rate", 0, "min_body_rate >= 1"),
+        ("admission_wait_s", -1, "admission_wait_s must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            settings_for(tmp_path, **{key: value})

@@ -2,10 +2,12 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,83 @@ def test_soak_60_seconds_at_30_fps_without_growth(tmp_path):
     assert status["counts"]["frames"] >= 0.9 * 30 * 60
     assert received["frames"] >= 0.8 * 30 * 60  # the page kept up
     assert status["counts"]["errors"] == 0
+
+
+def _closed_within(connection: socket.socket, seconds: float, trickle: bytes) -> float | None:
+    """Seconds until the server closed `connection` while `trickle` was sent every 0.25 s (None:
+    still open after `seconds`); anything the server answered is read and dropped."""
+    started = time.monotonic()
+    connection.settimeout(0.25)
+    while time.monotonic() - started < seconds:
+        try:
+            connection.sendall(trickle)
+            if connection.recv(4096) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:  # reset: closed too
+            return time.monotonic() - started
+    return None
+
+
+def test_a_slowloris_connection_is_closed_at_the_header_deadline(tmp_path):
+    """One header line every 0.25 s never completes the head: cut off after header_timeout_s,
+    while a normal request on another connection is answered."""
+    with ServerProcess(tmp_path, "--set", "header_timeout_s=1") as server:
+        server.wait_ready()
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: cart\r\n")
+            assert server.get("/healthz").status_code == 200
+            closed = _closed_within(slow, 6.0, b"X-Slow: 1\r\n")
+        assert closed is not None and closed < 3.0, closed
+
+
+def test_a_slow_body_gets_408_and_frees_its_upload_slot(tmp_path):
+    """A body sent at ~40 bytes/s holds the only upload slot for about body_grace_s, then gets
+    408 and the connection is closed; the next upload is classified."""
+    from tests.test_serve import phantom_png
+
+    with ServerProcess(tmp_path, "--set", "max_pending_uploads=1",
+                       "--set", "body_grace_s=1") as server:  # fmt: skip
+        server.wait_ready()
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: cart\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+            time.sleep(0.3)
+            busy = httpx.post(server.url + "/v1/classify", content=phantom_png(),
+                              headers={"Content-Type": "image/png"}, timeout=5)  # fmt: skip
+            assert busy.status_code == 503  # the slot is the slow client's for now
+            answer = b""
+            started = time.monotonic()
+            slow.settimeout(0.25)
+            while time.monotonic() - started < 6 and b"\r\n\r\n" not in answer:
+                try:
+                    slow.sendall(b"0123456789")
+                    answer += slow.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:  # closed after the answer
+                    break
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"connection: close" in answer.lower()
+            assert time.monotonic() - started < 3.0
+        ok = httpx.post(server.url + "/v1/classify", content=phantom_png(),
+                        headers={"Content-Type": "image/png"}, timeout=5)  # fmt: skip
+        assert ok.status_code == 200, ok.text
+        assert 'edgebc_uploads_total{outcome="too_slow"} 1.0' in server.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_the_overload_benchmark_runs_as_a_smoke_test(tmp_path):
+    """benchmarks/overload.py --quick against a real server: every answer a decision or a 503
+    with Retry-After, no connection errors (its numbers are the benchmark's, not asserted here)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overload.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "overload.json").read_text())["rows"]
+    assert [row["clients"] for row in rows] == [1, 4, 16]
+    assert rows[0]["refused_share"] == 0 and rows[0]["p99_ratio"] == 1.0
+    for row in rows:
+        assert row["accepted"] > 0 and row["other_statuses"] == 0 and row["errors"] == 0, row
+        assert set(row["retry_after"]) <= {"1"}

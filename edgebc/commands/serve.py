@@ -135,6 +135,9 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=3,
         access_log=False,
+        # h11 with a deadline for each request head: a slowloris client is cut off (the body's
+        # deadline is the upload route's)
+        http=head_deadline_protocol(settings.header_timeout_s),
     )
     received: list[str] = []
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler
@@ -151,6 +154,60 @@ def run_serve(args: argparse.Namespace) -> int:
         how, settings.audit.path, trail.written, trail.pending, trail.lost, trail.head_id,
     )  # fmt: skip
     return 0
+
+
+def head_deadline_protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request head, so a slowloris client is cut off.
+
+    uvicorn's keep-alive timer only watches a connection that sends nothing: one header line every
+    few seconds keeps a connection open for ever. Here every request head (request line and
+    headers) gets `header_timeout_s` from the moment the connection is ready for it (when it is
+    made, and after each answer on a kept-alive one), and the connection is closed when the head
+    is not complete by then. The body's deadline is the upload route's (edgebc/serve/routes.py)."""
+    import asyncio
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()  # the next request on this connection gets its own
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the head is in (or the connection over)
+                self._disarm_head_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_deadline()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            self._disarm_head_deadline()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_overdue)
+
+        def _disarm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_overdue(self) -> None:
+            self._head_timer = None
+            # still waiting for a request head: a slow or silent client (nothing of it is running)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.debug("closing a connection from %s: no complete request head within %g s",
+                          self.client, header_timeout_s)  # fmt: skip
+                self.transport.close()
+
+    return HeadDeadlineProtocol
 
 
 def check_settings(settings: ServeSettings) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from importlib import resources
 from typing import Annotated, Any
 
@@ -21,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect
 from edgebc.decode import DecodeBusyError, sniff_format
 from edgebc.errors import ImageDecodeError
 from edgebc.serve.prometheus import metrics_text
-from edgebc.serve.runtime import ServeRuntime
+from edgebc.serve.runtime import ServeRuntime, UploadsBusy
 
 DECLARED_FORMAT = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
 UPLOAD_TYPES = (*DECLARED_FORMAT, "application/octet-stream")  # octet-stream: the bytes tell
@@ -183,6 +184,10 @@ UPLOAD_BODY = {
     openapi_extra={"requestBody": UPLOAD_BODY},
     responses={
         400: {"model": Problem, "description": "Content-Length is not a number"},
+        408: {
+            "model": Problem,
+            "description": "the body arrived too slowly (body_timeout_s, min_body_rate)",
+        },
         411: {"model": Problem, "description": "no body"},
         413: {"model": Problem, "description": "body larger than max_upload_bytes"},
         415: {"model": Problem, "description": "Content-Type is not an accepted image type"},
@@ -193,7 +198,9 @@ UPLOAD_BODY = {
         },
         503: {
             "model": Problem,
-            "description": "upload queue full; retry after the Retry-After seconds",
+            "description": "the cart is busy with other uploads (max_pending_uploads in "
+            "progress, or this one could not start within the admission wait); retry after the "
+            "Retry-After seconds",
         },
     },
 )
@@ -223,13 +230,14 @@ async def classify(
             raise HTTPException(
                 413, f"the upload is {int(length)} bytes; the limit is {limit} bytes"
             )
-    if not runtime.uploads.try_enter():
+    busy = None
+    if runtime.uploads.saturated:  # refused before its body is read: overload costs little
+        busy = "an upload is already waiting for the classifier; retry shortly"
+    elif not runtime.uploads.try_enter():
+        busy = f"{runtime.uploads.capacity} uploads are already in progress; retry shortly"
+    if busy is not None:
         runtime.uploads.count("overloaded")
-        raise HTTPException(
-            503,
-            f"{runtime.uploads.capacity} uploads are already waiting; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise HTTPException(503, busy, headers={"Retry-After": "1"})
     try:
         body = await _read_body(request, limit, runtime)
         found = sniff_format(bytes(body[:132]))
@@ -241,7 +249,7 @@ async def classify(
             )
         try:
             result = await run_in_threadpool(runtime.classify_upload, bytes(body), region)
-        except DecodeBusyError as exc:  # not the file's fault: the process is decoding its fill
+        except (DecodeBusyError, UploadsBusy) as exc:  # not the file's fault: the cart is busy
             runtime.uploads.count("overloaded")
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
         except (ImageDecodeError, ValueError) as exc:
@@ -254,9 +262,31 @@ async def classify(
 
 
 async def _read_body(request: Request, limit: int, runtime: ServeRuntime) -> bytearray:
-    """The body, counted while streamed (a client may send no Content-Length)."""
+    """The body, counted while streamed (a client may send no Content-Length), within its deadline:
+    all of it by body_timeout_s, and after body_grace_s at least min_body_rate bytes/s on average,
+    else 408 (and the connection closed), so that a slow sender gives up its slot."""
+    settings = runtime.settings
+    started = time.monotonic()
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        # the next bytes are due before the body's deadline and before the rate falls behind
+        due = min(
+            settings.body_timeout_s, settings.body_grace_s + len(body) / settings.min_body_rate
+        )
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), started + due - time.monotonic())
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            runtime.uploads.count("too_slow")
+            raise HTTPException(
+                408,
+                f"the body arrived too slowly ({len(body)} bytes in "
+                f"{time.monotonic() - started:.1f} s): send it within {settings.body_timeout_s:g} s "
+                f"at {settings.min_body_rate} bytes/s or more",
+                headers={"Connection": "close"},
+            ) from None
         body += chunk
         if len(body) > limit:
             runtime.uploads.count("too_large")

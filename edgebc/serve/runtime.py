@@ -26,7 +26,7 @@ from edgebc.audit_chain import default_key_path
 from edgebc.audit_trail import AuditTrail, described_source, record_of
 from edgebc.backends import Backend
 from edgebc.calibration import bound_statement
-from edgebc.classifier import FrameClassifier, rounded_ms
+from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.config import to_mapping
 from edgebc.decode import SHARED_DECODE_BUDGET, decode_image
@@ -63,14 +63,29 @@ def check_model_manifest(path: Path, sha256: str) -> ModelCheck:
     return ModelCheck(expected == sha256, f"sha256 matches {manifest.name}")
 
 
-class UploadQueue:
-    """A bounded queue for POST /v1/classify: a slot or an immediate refusal, never a backlog."""
+WORKER_QUEUE = 2  # the running upload and one waiting for it: a third would wait two uploads' time
 
-    def __init__(self, capacity: int) -> None:
+
+class UploadsBusy(EdgebcError):
+    """An upload that could not start within its wait bound: 503 with Retry-After, not a backlog."""
+
+
+class UploadQueue:
+    """Admission for POST /v1/classify: a slot or an immediate refusal, and a bounded wait.
+
+    At most `capacity` uploads are in the server at once (their bodies are what it bounds). The
+    work (decode, classify) runs one upload at a time beside the live loop; one more may wait for
+    it, for at most twice the measured time an upload takes (never longer than `max_wait_s`), so an
+    accepted upload waits about one upload's time and the rest are refused at once."""
+
+    def __init__(self, capacity: int, max_wait_s: float) -> None:
         self.capacity = capacity
+        self.max_wait_s = max_wait_s
         self._pending = 0
+        self._admitted = 0  # running or waiting for the worker
+        self._service_s: float | None = None  # smoothed duration of one upload's work
         self._lock = threading.Lock()
-        self._worker = threading.Lock()  # one upload inference at a time beside the live loop
+        self.worker = threading.Lock()  # one upload's work at a time beside the live loop
         self.outcomes: dict[str, int] = {}
 
     def try_enter(self) -> bool:
@@ -89,13 +104,54 @@ class UploadQueue:
         with self._lock:
             return self._pending
 
+    @property
+    def admitted(self) -> int:
+        """Uploads running on the worker or waiting for it."""
+        with self._lock:
+            return self._admitted
+
+    @property
+    def saturated(self) -> bool:
+        """Whether an upload arriving now would be refused by `run` (checked before its body is
+        read, so that under overload a refusal costs the cart almost nothing)."""
+        with self._lock:
+            return self._admitted >= WORKER_QUEUE
+
     def count(self, outcome: str) -> None:
         with self._lock:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
+    def wait_bound(self) -> float:
+        """How long an upload may wait for the worker: twice the typical upload's work (until one
+        is measured, max_wait_s), at most max_wait_s."""
+        with self._lock:
+            typical = self.max_wait_s if self._service_s is None else 2 * self._service_s
+        return min(self.max_wait_s, typical)
+
     def run(self, work: Callable[[], Any]) -> Any:
-        with self._worker:
-            return work()
+        """`work()` on the worker, or UploadsBusy when another upload already waits for it or the
+        worker does not come free within the wait bound."""
+        with self._lock:
+            if self._admitted >= WORKER_QUEUE:
+                raise UploadsBusy("an upload is already waiting for the classifier; retry shortly")
+            self._admitted += 1
+        try:
+            if not self.worker.acquire(timeout=self.wait_bound()):
+                raise UploadsBusy("the classifier stayed busy with other uploads; retry shortly")
+            started = time.monotonic()
+            try:
+                return work()
+            finally:
+                self._measured(time.monotonic() - started)
+                self.worker.release()
+        finally:
+            with self._lock:
+                self._admitted -= 1
+
+    def _measured(self, seconds: float) -> None:
+        with self._lock:  # an exponential average: follows the model and the load, forgets spikes
+            previous = self._service_s
+            self._service_s = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
 
 @dataclass
@@ -283,15 +339,21 @@ class ServeRuntime:
         """Decode, crop (none, `auto`, or X,Y,W,H), classify and audit one uploaded image.
 
         Raises ImageDecodeError / ValueError with a message for the client (422), DecodeBusyError
-        when the process's shared decode budget stays full (503)."""
-        image = decode_image(data, "upload", max_pixels=40_000_000,
-                             max_decoded_bytes=self.settings.max_decoded_bytes,
-                             wait_s=self.settings.decode_wait_s)  # fmt: skip
-        crop = _upload_region(image, region)
-        live = self.pipeline.classifier
-        # one upload is one frame: its own verdict, a window of one that the live stream never sees
-        classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
-        decision = self.uploads.run(lambda: classifier.classify(image))
+        when the process's shared decode budget stays full and UploadsBusy when the upload cannot
+        start within its wait bound (503). Decoding runs on the upload worker too: one upload's
+        CPU work at a time, beside the live loop."""
+
+        def work() -> tuple[np.ndarray, Region | None, Decision]:
+            image = decode_image(data, "upload", max_pixels=40_000_000,
+                                 max_decoded_bytes=self.settings.max_decoded_bytes,
+                                 wait_s=self.settings.decode_wait_s)  # fmt: skip
+            crop = _upload_region(image, region)
+            live = self.pipeline.classifier
+            # one upload is one frame: its own verdict, a window of one the live stream never sees
+            classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
+            return image, crop, classifier.classify(image)
+
+        image, crop, decision = self.uploads.run(work)
         fields = decision.to_json()
         digest = hashlib.sha256(data).hexdigest()
         self.audit.record(
@@ -372,7 +434,7 @@ def build_runtime(
                             settings.smoothing, settings.auto_region, settings.max_result_age,
                             audit=AuditSink(audit, settings.audit.source_names))  # fmt: skip
     runtime = ServeRuntime(settings, backend, settings.model_path, check, pipeline, audit,
-                           broadcast, token, UploadQueue(settings.max_pending_uploads), display)  # fmt: skip
+                           broadcast, token, UploadQueue(settings.max_pending_uploads, settings.admission_wait_s), display)  # fmt: skip
     if display is not None:
         try:  # before the server starts: no screen is one clear line, not a failed start-up
             display.start(runtime.screen)

@@ -77,7 +77,21 @@ class ServeSettings(ClassifierSettings):
     port: int = 8000
     token_file: str | None = None
     max_upload_bytes: int = 16 * 1024 * 1024
-    max_pending_uploads: int = 4  # beyond this, POST /v1/classify answers 503 with Retry-After
+    # Uploads in the server at once (bodies being received, waiting or being classified): beyond
+    # this POST /v1/classify answers 503 with Retry-After; it bounds the memory bodies hold.
+    max_pending_uploads: int = 8
+    # A slow client costs itself, not the cart: the request head (line and headers) must arrive
+    # within header_timeout_s of the connection (or of the previous answer on a kept-alive one),
+    # else the connection is closed; the body within body_timeout_s, and after its first
+    # body_grace_s at min_body_rate bytes/s on average, else 408 and its slot is freed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    body_grace_s: float = 2.0
+    min_body_rate: int = 64 * 1024
+    # Uploads are decoded and classified one at a time beside the live loop; one more may wait,
+    # for at most twice the measured time one takes and never longer than admission_wait_s.
+    # An upload that cannot start by then gets 503 with Retry-After instead of a growing wait.
+    admission_wait_s: float = 1.0
     # An upload whose header declares more decoded bytes (width x height x channels x bytes per
     # sample) is refused before decoding; 64 MiB admits a 4K frame and a 16-bit 4096x3328
     # mammogram. Every decode in the process shares one budget (edgebc.decode.SHARED_DECODE_BUDGET).
@@ -104,6 +118,18 @@ class ServeSettings(ClassifierSettings):
             )
         if self.max_upload_bytes < 1024 or self.max_pending_uploads < 1:
             raise ValueError("max_upload_bytes must be >= 1024 and max_pending_uploads >= 1")
+        if min(self.header_timeout_s, self.body_timeout_s, self.body_grace_s) <= 0:
+            raise ValueError(
+                "header_timeout_s, body_timeout_s and body_grace_s must be positive, got "
+                f"{self.header_timeout_s}, {self.body_timeout_s}, {self.body_grace_s}"
+            )
+        if self.body_grace_s > self.body_timeout_s or self.min_body_rate < 1:
+            raise ValueError(
+                f"body_grace_s ({self.body_grace_s}) must be at most body_timeout_s "
+                f"({self.body_timeout_s}) and min_body_rate >= 1 byte/s, got {self.min_body_rate}"
+            )
+        if self.admission_wait_s <= 0:
+            raise ValueError(f"admission_wait_s must be positive, got {self.admission_wait_s}")
         if self.max_result_age <= 0 or self.stream_width < 64:
             raise ValueError("max_result_age must be positive and stream_width >= 64")
 
