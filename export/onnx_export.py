@@ -12,12 +12,14 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import io
 import logging
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +69,30 @@ def card_for_export(card: ModelCard, name: str, max_batch: int, source: str) -> 
     return without_machine_paths(exported)
 
 
+@contextlib.contextmanager
+def _without_torchs_own_noise() -> Iterator[None]:
+    """Silence what torch's exporters say about torch itself, which no user can act on and which
+    reads as alarming in a normal run: the LeafSpec deprecation raised inside torch.export's own
+    tree specs, the legacy exporter's deprecation (it runs only when asked for, and says so in our
+    log), and "torchvision is not installed. Skipping torchvision::nms" (this project has no
+    torchvision and exports none of its operators). Everything else still reaches the user."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        registration.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            registration.setLevel(level)
+
+
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path,
@@ -92,7 +118,7 @@ def export_onnx(
     model = model_for_card(classifier, card)
     examples = tuple(torch.zeros(2, *i.shape) for i in card.inputs)
     inputs, outputs = [i.name for i in card.inputs], [o.name for o in card.outputs]
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _without_torchs_own_noise():
         raw = Path(scratch) / "raw.onnx"
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=max_batch)
@@ -107,6 +133,8 @@ def export_onnx(
                                             external_data=False, verbose=False)  # fmt: skip
                 program.save(str(raw))
         elif exporter == "torchscript":
+            log.info("exporting with the legacy TorchScript exporter, as asked (torch deprecates it; "
+                     "dynamo is the default)")  # fmt: skip
             torch.onnx.export(model, examples, str(raw), dynamo=False, opset_version=min(opset, 17), input_names=inputs,
                               output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})  # fmt: skip
         else:

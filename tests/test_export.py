@@ -272,3 +272,26 @@ def test_tensorrt_fp16_engine_builds_with_sidecar_and_parity(exported, tmp_path)
         None, {"input": inputs}
     )[0]
     np.testing.assert_allclose(run_engine(engine, inputs), reference, atol=0.05)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_normal_export_says_nothing_alarming(tmp_path, exporter):
+    """torch's exporters warn about torch itself (LeafSpec, the legacy exporter, "torchvision is
+    not installed. Skipping torchvision::nms"); a fresh process exporting once shows none of it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings; warnings.simplefilter('default')\n"
+        "from tests.helpers import make_checkpoint\n"
+        "from edgebc.export.onnx_export import export_onnx\n"
+        f"export_onnx(make_checkpoint({str(tmp_path / 'c.pt')!r}), {str(tmp_path / 'm.onnx')!r}, "
+        f"exporter={exporter!r})\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    noise = [line for line in run.stderr.splitlines()
+             if re.search(r"Warning|torchvision is not installed|deprecated", line)]  # fmt: skip
+    assert noise == [], noise

@@ -121,7 +121,7 @@ class _OpenCvDnn:
 
         self._net = cv2.dnn.readNetFromONNX(str(path))
         self._net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-        self._net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        # the CPU is the target already; OpenCV 5's graph engine warns on any setPreferableTarget
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         self._net.setInput(batch)
