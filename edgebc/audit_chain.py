@@ -145,6 +145,9 @@ def verify_trail(path: str | Path, key: bytes | None = None,
         events = connection.execute(
             "SELECT at, first_id, last_id FROM chain_events ORDER BY first_id"
         ).fetchall()
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
+        replays = [] if "journal_replays" not in tables else connection.execute(
+            "SELECT at, first_id, last_id FROM journal_replays ORDER BY first_id").fetchall()  # fmt: skip
     finally:
         connection.close()
     verdict = _walk(rows, key)
@@ -152,6 +155,9 @@ def verify_trail(path: str | Path, key: bytes | None = None,
         return verdict
     for at, first, last in events:
         verdict.notes.append(f"records {first}..{last} were written before the chain and chained on {at}")  # fmt: skip
+    for at, first, last in replays:
+        verdict.notes.append(f"records {first}..{last} were replayed from the fallback journal on {at} "
+                             "(the trail could not be written when they were made)")  # fmt: skip
     if key is None:
         verdict.notes.append("MACs not checked (no --key): a rewritten chain would pass")
     else:

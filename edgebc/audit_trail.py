@@ -8,10 +8,15 @@ directory, and the chain head is anchored at intervals in a file and the log
 (edgebc/audit_chain.py; `edgebc audit verify` checks it). No pixels and no patient identifiers are
 stored unless the site opts in.
 
-When the disk is full (or the optional `max_bytes` cap is reached) the failed transaction rolls
-back, the records stay queued in memory (bounded), `status()` turns unhealthy with a plain
-message so readiness can report it, and writing resumes on its own once space returns. Only
-when the queue itself overflows are records lost, and then they are counted, never silently.
+When the trail cannot be written (a full disk, the optional `max_bytes` cap, any write error) the
+failed transaction rolls back and its records go, fsynced, to the fallback journal on another
+path (edgebc/audit_journal.py), as does every later record until the journal has been replayed
+into the trail, in order and exactly once: when the trail can be written again, or at the next
+start. `status()` is unhealthy meanwhile, with a plain message. When the journal cannot be written
+either, records are held in memory, at most `max_held` of them; beyond that `record()` raises
+`AuditUnavailableError`, so the decision is withheld (never shown, an upload gets 503), and a kill
+loses at most `max_held` records. Written, journalled, held, lost (at a stop with nowhere to write
+them) and withheld are counted exactly (`status()`, `summary()`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -39,6 +45,8 @@ from edgebc.audit_chain import (
     record_hash,
     record_mac,
 )
+from edgebc.audit_journal import FallbackJournal, JournalDamagedError
+from edgebc.errors import EdgebcError
 
 if TYPE_CHECKING:
     from edgebc.classifier import Decision
@@ -71,6 +79,16 @@ CREATE TABLE IF NOT EXISTS chain_events (
     first_id INTEGER NOT NULL,
     last_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS journal_replays (
+    journal_id TEXT PRIMARY KEY,
+    at TEXT NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS journal_replays_no_update BEFORE UPDATE ON journal_replays
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS journal_replays_no_delete BEFORE DELETE ON journal_replays
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS decisions_no_update BEFORE UPDATE ON decisions
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS decisions_no_delete BEFORE DELETE ON decisions
@@ -130,33 +148,59 @@ def record_of(decision: Decision, **context: Any) -> AuditRecord:
     )
 
 
+class AuditUnavailableError(EdgebcError):
+    """Neither the trail nor its fallback journal can take the record, and `max_held` are already
+    held in memory: the decision must not be shown (an upload gets 503)."""
+
+
 @dataclass(frozen=True)
 class TrailStatus:
     healthy: bool
     problem: str | None
-    written: int
-    pending: int
-    lost: int
+    written: int  # committed to the trail by this process (journal replays included)
+    pending: int  # held in memory: queued, being written, or waiting for the trail or the journal
+    lost: int  # could be written nowhere by the time the trail closed
     head_id: int | None  # the newest committed record, and its chain hash: compare with verify
     head: str | None
+    journalled: int = 0  # in the fallback journal now, waiting to be replayed into the trail
+    withheld: int = 0  # decisions refused (never shown) because they could not be recorded
+
+    @property
+    def all_committed(self) -> bool:
+        """Every record this process accepted is in the trail: none journalled, held or lost."""
+        return self.pending == 0 and self.journalled == 0 and self.lost == 0
 
 
 class AuditTrail:
     """The append-only, hash-chained log. `key_path`: the HMAC key file (created 0600 if absent;
     None: records are chained but not MACed); `anchor_path`: the file the chain head is appended
-    to every `anchor_interval` seconds while records arrive, and at close (None: the log only)."""
+    to every `anchor_interval` seconds while records arrive, and at close (None: the log only);
+    `journal_path`: the fallback journal (None: none, records wait in memory); `max_held`: the
+    most records held in memory, not yet in the trail or the journal (what a kill can lose)."""
 
     def __init__(self, path: str | Path, store_pixels: bool = False, store_patient_ids: bool = False,
-                 flush_interval: float = 0.2, max_backlog: int = 20000, max_bytes: int | None = None,
+                 flush_interval: float = 0.2, max_held: int = 256, max_bytes: int | None = None,
                  key_path: str | Path | None = None, anchor_path: str | Path | None = None,
-                 anchor_interval: float = 60.0) -> None:  # fmt: skip
+                 anchor_interval: float = 60.0, journal_path: str | Path | None = None) -> None:  # fmt: skip
+        if max_held < 1:
+            raise ValueError(f"max_held must be at least 1, got {max_held}")
         self.path = Path(path)
+        if (
+            journal_path is not None
+            and Path(journal_path).expanduser().resolve().parent == self.path.resolve().parent
+        ):
+            raise ValueError(f"audit fallback journal {journal_path}: it is in the audit trail's own directory; "
+                             "keep it on another path, best another filesystem, so a full disk does not fill both")  # fmt: skip
         self._key = None if key_path is None else load_or_create_key(key_path, self.path)
         self.anchor_path = None if anchor_path is None else Path(anchor_path)
         self.anchor_interval = anchor_interval
         self.store_pixels, self.store_patient_ids = store_pixels, store_patient_ids
         self.flush_interval = flush_interval
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A clean close checkpoints and removes the write-ahead log: one left with frames in it
+        # means the last process to write the trail was killed or crashed.
+        wal = self.path.with_name(self.path.name + "-wal")
+        self.unclean_start = wal.exists() and wal.stat().st_size > 0
         self._connection = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None
         )
@@ -172,12 +216,24 @@ class AuditTrail:
             threading.Lock()
         )  # one connection, two threads (writer, and set_max_bytes callers)
         self.set_max_bytes(max_bytes)
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_backlog)
-        self._retry: list[tuple[Any, ...]] = []
+        self.max_held = max_held
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()  # bounded by record()
+        self._held: list[tuple[Any, ...]] = []  # the batch neither the trail nor the journal took
         self._lock = threading.Lock()
-        self._problem: str | None = None
-        self._written = self._lost = 0
+        self._trail_error: str | None = None  # why the trail cannot be written now
+        self._journal_error: str | None = None  # why the journal cannot be written now
+        self._written = self._lost = self._withheld = 0
+        self._backoff, self._next_try = flush_interval, 0.0  # retrying a failed trail
         self._stop = threading.Event()
+        self.journal = (
+            None if journal_path is None else FallbackJournal(journal_path, self._key, self.path)
+        )
+        if self.journal is not None:
+            self._open_journal()
+        if self.unclean_start:
+            log.warning("audit trail %s was not closed by the process that last wrote it (killed or "
+                        "crashed): what it committed is in the trail, what it journalled was replayed or waits "
+                        "in the journal, and what it held in memory (at most audit.max_held) was lost", self.path)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="edgebc-audit-writer", daemon=True)
         self._thread.start()
 
@@ -234,49 +290,116 @@ class AuditTrail:
             pages = (max_bytes // page_size) if max_bytes else 1073741823
             self._connection.execute(f"PRAGMA max_page_count = {int(pages)}")
 
-    def record(self, entry: AuditRecord) -> None:
-        """Queue one decision for writing; never blocks the caller (the live loop)."""
-        row = self._row(entry)
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+    def _open_journal(self) -> None:
+        """Replay what a previous run left in the journal (the trail is single-writer: nothing is
+        queued yet); if the trail cannot take it now, it stays there and the writer retries."""
+        journal = self.journal
+        if journal is None:
+            return
+        if _same_filesystem(journal.path, self.path):
+            log.warning("audit journal %s is on the same filesystem as the trail %s: a full disk "
+                        "fills both (set audit.fallback_path to another filesystem)", journal.path, self.path)  # fmt: skip
+        if journal.torn:
             with self._lock:
-                self._lost += 1
-                self._problem = f"audit backlog full: {self._lost} records could not be kept"
-            log.error("audit trail backlog full; a record was lost")
+                self._lost += journal.torn
+        if journal.count or journal.path.exists():
+            left = journal.count
+            try:
+                replayed = self._replay()
+            except (sqlite3.Error, OSError) as exc:
+                self._trail_failed(exc)
+                log.error("audit trail %s: %d records from the fallback journal %s wait for it: %s",
+                          self.path, left, journal.path, exc)  # fmt: skip
+                return
+            log.warning("audit trail %s: %d records replayed from the fallback journal %s "
+                        "(a previous run could not write them to the trail)", self.path, replayed, journal.path)  # fmt: skip
+
+    def record(self, entry: AuditRecord) -> None:
+        """Queue one decision for writing; never blocks the caller (the live loop). Raises
+        AuditUnavailableError when `max_held` records already wait in memory with nowhere to go:
+        the caller must not show the decision."""
+        row = self._row(entry)
+        with self._lock:
+            held = self._queue.unfinished_tasks
+            if held >= self.max_held:
+                self._withheld += 1
+                raise AuditUnavailableError(
+                    f"the audit trail cannot record this decision ({self._problem_text(held)}); "
+                    f"{held} records already held in memory (audit.max_held)"
+                )
+            self._queue.put_nowait(row)
 
     def status(self) -> TrailStatus:
         with self._lock:
+            held = self._queue.unfinished_tasks  # queued, being written, or held for a retry
+            problem = self._problem_text(held)
             return TrailStatus(
-                self._problem is None,
-                self._problem,
+                problem is None,
+                problem,
                 self._written,
-                self._queue.unfinished_tasks,  # queued, being written, or held for a retry
+                held,
                 self._lost,
                 None if self._head is None else self._head[0],
                 None if self._head is None else self._head[1],
+                0 if self.journal is None else self.journal.count,
+                self._withheld,
             )
 
+    def _problem_text(self, held: int) -> str | None:
+        """What is wrong, with the counts of this moment (called under `_lock`)."""
+        journalled = 0 if self.journal is None else self.journal.count
+        if self._trail_error is None and not journalled:
+            return None
+        parts = []
+        if self._trail_error is not None:
+            parts.append(f"audit trail cannot be written ({self._trail_error})")
+        if journalled:
+            parts.append(f"{journalled} records in the fallback journal {self.journal.path} "  # type: ignore[union-attr]
+                         "until the trail can be written")  # fmt: skip
+        if self._journal_error is not None:
+            parts.append(f"the fallback journal cannot be written either ({self._journal_error})")
+        if held and (self._trail_error is not None or self._journal_error is not None):
+            parts.append(f"{held} records held in memory")
+            if held >= self.max_held:
+                parts.append(f"new decisions withheld beyond {self.max_held} held ({self._withheld} so far)")  # fmt: skip
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One line of exact counts (the shutdown line): written, journalled, held, lost, withheld."""
+        status = self.status()
+        committed = status.all_committed
+        where = ("" if not status.journalled or self.journal is None
+                 else f" in {self.journal.path}, replayed into the trail when it can be written (at the next start at the latest)")  # fmt: skip
+        return (f"audit log {'committed' if committed else 'NOT fully committed'} ({self.path}): "
+                f"{status.written} written, {status.journalled} journalled{where}, {status.pending} held, "
+                f"{status.lost} lost, {status.withheld} withheld; chain head record {status.head_id}")  # fmt: skip
+
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued is committed (True) or `timeout` passes (False)."""
+        """Wait until everything recorded is committed to the trail (True; the journal replayed
+        too) or `timeout` passes (False)."""
+        return self._wait(lambda status: status.pending == 0 and status.healthy, timeout)
+
+    def _wait(self, done: Any, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            status = self.status()
-            if status.pending == 0 and status.healthy:
+            if done(self.status()):
                 return True
             time.sleep(0.02)
         return False
 
     def close(self, timeout: float = 5.0) -> None:
-        """Commit what is queued (up to `timeout`), stop the writer, close the database."""
-        self.flush(timeout)
+        """Make every record durable, in the trail or else the journal (up to `timeout`), stop the
+        writer, close the database. What could be written nowhere is counted as lost, and said."""
+        self._wait(lambda status: status.pending == 0, timeout)
         self._stop.set()
         self._thread.join(timeout)
         self._connection.close()
         self._anchor(force=True)
-        status = self.status()
-        log.info("audit trail %s closed: %d records written, %d held, %d lost; chain head %s",
-                 self.path, status.written, status.pending, status.lost, _describe(self._head))  # fmt: skip
+        line = self.summary() + f" ({_describe(self._head)})"
+        if self.status().healthy:
+            log.info("closed: %s", line)
+        else:
+            log.error("closed: %s", line)
 
     def _anchor(self, force: bool = False) -> None:
         """Export the chain head (anchor file and log) when it moved and the interval has passed."""
@@ -309,74 +432,180 @@ class AuditTrail:
         )  # fmt: skip
 
     def _run(self) -> None:
-        backoff = self.flush_interval
-        while not (self._stop.is_set() and self._queue.empty() and not self._retry):
-            batch = self._retry or self._drain()
+        while not self._stop.is_set():
+            batch = self._held or self._drain()
+            if self._step(batch):
+                self._done(batch)
+            else:  # nowhere to put it: wait for the next try at the trail (or a stop)
+                self._held = batch
+                self._stop.wait(max(0.02, self._next_try - time.monotonic()))
+            self._anchor()
+        # Stopping: one last try for everything held and queued, at the trail, else the journal.
+        self._next_try = 0.0
+        while batch := self._held or self._drain(wait=False):
+            if not self._step(batch):
+                break
+            self._done(batch)
+        left = self._held + self._drain(wait=False, limit=None)
+        if left:
+            with self._lock:
+                self._lost += len(left)
+            log.error("audit trail %s: %d records could be written neither to the trail nor to "
+                      "the fallback journal before the stop; they are lost", self.path, len(left))  # fmt: skip
+            self._done(left)
+            self._held = []
+
+    def _done(self, batch: list[tuple[Any, ...]]) -> None:
+        """Only now are they done: flush() and close() must not return while a batch is in flight."""
+        self._held = []
+        for _ in batch:
+            self._queue.task_done()
+
+    def _step(self, batch: list[tuple[Any, ...]]) -> bool:
+        """Make `batch` durable: into the trail when it can be written and the journal is empty
+        (replayed first, so that order holds), else into the journal. False: neither took it."""
+        journal = self.journal
+        trail_due = time.monotonic() >= self._next_try
+        if trail_due and (journal is None or not journal.count or self._try_replay()):
             if not batch:
-                continue
+                return True
             try:
                 self._write(batch)
-            except sqlite3.Error as exc:
-                with self._lock:  # held: this batch, and everything queued behind it
-                    held = self._queue.unfinished_tasks
-                    self._problem = (
-                        f"audit trail cannot be written ({exc}); {held} records held in memory"
-                    )
-                log.error("audit trail write failed: %s", exc)
-                self._retry = batch
-                if self._stop.wait(backoff):
-                    break
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = self.flush_interval
-            self._retry = []
-            for _ in (
-                batch
-            ):  # only now are they done: flush() must not return while a batch is in flight
-                self._queue.task_done()
+            except (sqlite3.Error, OSError) as exc:
+                self._trail_failed(exc)
+            else:
+                self._trail_recovered(len(batch))
+                return True
+        if not batch:
+            return True
+        if journal is None:
+            return False
+        try:
+            journal.append(batch)
+        except OSError as exc:
             with self._lock:
-                self._written += len(batch)
-                if self._problem and not self._problem.startswith("audit backlog full"):
-                    self._problem = None
-            self._anchor()
+                if self._journal_error is None:
+                    log.error("audit journal %s cannot be written: %s", journal.path, exc)
+                self._journal_error = str(exc)
+            return False
+        with self._lock:
+            self._journal_error = None
+        return True
+
+    def _try_replay(self) -> bool:
+        try:
+            replayed = self._replay()
+        except (sqlite3.Error, OSError, JournalDamagedError) as exc:  # the journal waits; said
+            self._trail_failed(exc)
+            return False
+        log.warning("audit trail %s writable again: %d records replayed from the fallback journal",
+                    self.path, replayed)  # fmt: skip
+        self._trail_recovered(0)
+        return True
+
+    def _trail_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._trail_error is None:
+                log.error("audit trail %s cannot be written: %s", self.path, exc)
+            self._trail_error = str(exc)
+        self._next_try = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 5.0)
+
+    def _trail_recovered(self, written: int) -> None:
+        with self._lock:
+            self._written += written
+            self._trail_error = None
+        self._backoff, self._next_try = self.flush_interval, 0.0
+
+    def _replay(self) -> int:
+        """The journal into the trail, chained in order, with its id in `journal_replays`, in one
+        transaction; the file is removed only after the commit. A journal whose id is already
+        there was committed before a crash kept it from being removed: removed, nothing written."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        if not journal.path.exists():
+            journal.count = 0
+            return 0
+        journal_id, rows = journal.read()
+        replayed = 0
+        with self._db_lock:
+            done = (
+                journal_id
+                and self._connection.execute(
+                    "SELECT 1 FROM journal_replays WHERE journal_id = ?", (journal_id,)
+                ).fetchone()
+            )
+            if rows and not done:
+                first = self._insert_chained(
+                    rows, lambda first, last: self._connection.execute(
+                        "INSERT INTO journal_replays VALUES (?, ?, ?, ?)", (journal_id, _now(), first, last)))  # fmt: skip
+                replayed = len(rows)
+                log.info("audit trail %s: journal %s replayed as records %d..%d",
+                         self.path, journal_id, first, first + replayed - 1)  # fmt: skip
+        journal.remove()
+        with self._lock:
+            self._written += replayed
+        return replayed
 
     def _write(self, batch: list[tuple[Any, ...]]) -> None:
         """One transaction: every row of the batch is committed, or none is."""
         with self._db_lock:
-            try:
-                self._connection.execute("BEGIN IMMEDIATE")
-                # the head read inside the write transaction: the chain follows what is committed
-                head = self._read_head()
-                record_id, previous = head or (0, GENESIS)
-                rows = []
-                for fields in batch:
-                    record_id, previous = record_id + 1, record_hash(previous, fields)
-                    mac = None if self._key is None else record_mac(self._key, previous)
-                    rows.append((record_id, *fields, previous, mac))
-                self._connection.executemany(self._insert, rows)
-                self._connection.execute("COMMIT")
-            except sqlite3.Error:
-                if self._connection.in_transaction:
-                    self._connection.execute("ROLLBACK")
-                raise
+            self._insert_chained(batch)
+
+    def _insert_chained(self, batch: list[tuple[Any, ...]], also: Any = None) -> int:
+        """Chain and insert `batch` (and run `also(first_id, last_id)`) in one transaction; the
+        first id. Called under `_db_lock`."""
+        try:
+            self._connection.execute("BEGIN IMMEDIATE")
+            # the head read inside the write transaction: the chain follows what is committed
+            head = self._read_head()
+            record_id, previous = head or (0, GENESIS)
+            first = record_id + 1
+            rows = []
+            for fields in batch:
+                record_id, previous = record_id + 1, record_hash(previous, fields)
+                mac = None if self._key is None else record_mac(self._key, previous)
+                rows.append((record_id, *fields, previous, mac))
+            self._connection.executemany(self._insert, rows)
+            if also is not None:
+                also(first, record_id)
+            self._connection.execute("COMMIT")
+        except sqlite3.Error:
+            if self._connection.in_transaction:
+                self._connection.execute("ROLLBACK")
+            raise
         with self._lock:
             self._head = (record_id, previous)
+        return first
 
     _insert = (
         f"INSERT INTO decisions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
     )
 
-    def _drain(self) -> list[tuple[Any, ...]]:
+    def _drain(self, wait: bool = True, limit: int | None = 256) -> list[tuple[Any, ...]]:
         try:
-            batch = [self._queue.get(timeout=self.flush_interval)]
+            batch = [self._queue.get(timeout=self.flush_interval if wait else None, block=wait)]
         except queue.Empty:
             return []
-        while len(batch) < 256:
+        while limit is None or len(batch) < limit:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return batch
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether two paths (or their nearest existing folders) are on one filesystem."""
+
+    def device(path: Path) -> int:
+        path = path.resolve()
+        while not path.exists():
+            path = path.parent
+        return os.stat(path).st_dev
+
+    return device(a) == device(b)
 
 
 def _now() -> str:

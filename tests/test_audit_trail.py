@@ -92,7 +92,7 @@ def test_every_committed_record_survives_a_kill_mid_stream(tmp_path):
 
 def test_a_full_disk_turns_unhealthy_keeps_records_and_recovers(tmp_path):
     db = tmp_path / "audit.db"
-    trail = AuditTrail(db, flush_interval=0.02, max_bytes=48 * 1024)
+    trail = AuditTrail(db, flush_interval=0.02, max_bytes=48 * 1024, max_held=1000)
     for k in range(600):
         trail.record(record(k))
     deadline = time.monotonic() + 5
@@ -111,7 +111,9 @@ def test_a_full_disk_turns_unhealthy_keeps_records_and_recovers(tmp_path):
 
 def test_the_held_count_is_every_record_waiting_not_one_batch(tmp_path):
     """Issue 18: readiness said "1 records held in memory" while 1,862 were held."""
-    trail = AuditTrail(tmp_path / "audit.db", flush_interval=0.02, max_bytes=48 * 1024)
+    trail = AuditTrail(
+        tmp_path / "audit.db", flush_interval=0.02, max_bytes=48 * 1024, max_held=1000
+    )
     for k in range(600):
         trail.record(record(k))
     deadline, problem, pending = time.monotonic() + 5, "", -1

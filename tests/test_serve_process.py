@@ -35,8 +35,10 @@ def test_a_signal_stops_the_server_cleanly_with_the_log_committed(tmp_path, sig)
     assert "source released, audit log committed" in output
     rows = read_trail(server.audit)
     assert len(rows) >= frames > 10  # every frame classified up to the signal is in the log
-    # the line says exactly what was written, held and lost, and where the chain ends
-    assert f"{len(rows)} written, 0 held, 0 lost; chain head record {len(rows)}" in output
+    # the line says exactly what was written, journalled, held, lost and withheld, and where the
+    # chain ends
+    assert (f"{len(rows)} written, 0 journalled, 0 held, 0 lost, 0 withheld; "
+            f"chain head record {len(rows)}") in output  # fmt: skip
     assert (
         not (tmp_path / "audit.sqlite-wal").exists()
         or (tmp_path / "audit.sqlite-wal").stat().st_size == 0

@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from edgebc.audit_trail import AuditUnavailableError
 from edgebc.optional import require
 from edgebc.serve.runtime import ServeRuntime
 from edgebc.serve.systemd import SystemdNotifier
@@ -71,9 +72,17 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
         app.include_router(router)
     _answer_invalid_requests_in_one_line(app)
     _declare_the_upload_limit(app, runtime.settings.max_upload_bytes)
+    app.add_exception_handler(AuditUnavailableError, _audit_unavailable)
     if runtime.token is not None:
         _guard_the_schema(app, runtime.token)
     return app
+
+
+async def _audit_unavailable(_: Any, exc: Exception) -> Any:
+    """A decision the audit trail cannot record is not given (edgebc.audit_trail): 503, and why."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
 
 def _guard_the_schema(app: Any, token: str) -> None:

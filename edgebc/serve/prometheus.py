@@ -81,11 +81,23 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "edgebc_audit_records_pending",
-            "Audit records waiting to be committed",
+            "Audit records held in memory, not yet in the trail or the fallback journal",
             value=trail.pending,
         )
+        yield GaugeMetricFamily(
+            "edgebc_audit_records_journalled",
+            "Audit records in the fallback journal, waiting to be replayed into the trail",
+            value=trail.journalled,
+        )
         yield CounterMetricFamily(
-            "edgebc_audit_records_lost", "Audit records lost to a full backlog", value=trail.lost
+            "edgebc_audit_records_lost",
+            "Audit records that could be written neither to the trail nor to the fallback journal",
+            value=trail.lost,
+        )
+        yield CounterMetricFamily(
+            "edgebc_audit_decisions_withheld",
+            "Decisions not shown because neither the trail nor the journal could record them",
+            value=trail.withheld,
         )
         yield GaugeMetricFamily(
             "edgebc_audit_healthy", "1 while the audit log is writable", value=int(trail.healthy)

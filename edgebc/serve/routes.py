@@ -199,8 +199,8 @@ UPLOAD_BODY = {
         503: {
             "model": Problem,
             "description": "the cart is busy with other uploads (max_pending_uploads in "
-            "progress, or this one could not start within the admission wait); retry after the "
-            "Retry-After seconds",
+            "progress, or this one could not start within the admission wait), or the audit "
+            "trail cannot record a decision now; retry after the Retry-After seconds",
         },
     },
 )

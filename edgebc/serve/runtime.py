@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from edgebc.audit_chain import default_key_path
+from edgebc.audit_journal import default_journal_path
 from edgebc.audit_trail import AuditTrail, described_source, record_of
 from edgebc.backends import Backend
 from edgebc.calibration import bound_statement
@@ -423,6 +424,9 @@ def build_runtime(
             key_path=key_path,
             anchor_path=anchor_path,
             anchor_interval=settings.audit.anchor_interval,
+            journal_path=settings.audit.fallback_path
+            or default_journal_path(key_path, settings.audit.path),
+            max_held=settings.audit.max_held,
         )
     except Exception as exc:
         backend.close()

@@ -54,6 +54,17 @@ class AuditSettings:
     key_path: str | None = None
     anchor_path: str | None = None
     anchor_interval: float = 60.0
+    # While the trail cannot be written (a full disk), records go, fsynced, to this journal and
+    # are replayed into the trail once it can be (edgebc.audit_journal). None: beside the key,
+    # audit-<hash of the trail's path>.journal; another filesystem than the trail's is best.
+    fallback_path: str | None = None
+    # Records held in memory when neither the trail nor the journal can take them; beyond this
+    # the decisions are withheld (not shown, uploads 503): what a kill can lose at most.
+    max_held: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_held < 1:
+            raise ValueError(f"audit.max_held must be at least 1, got {self.max_held}")
 
 
 @dataclass(frozen=True)
