@@ -146,3 +146,48 @@ def test_a_published_result_never_changes_afterwards():
     for result, seen in early.results:  # the later sinks' hand-offs left the result as it was
         assert result.timings_ms == seen
         assert {"inference", "smoothing", "end_to_end"} <= set(seen)
+
+
+class Refusing(Recording):
+    """An audit sink whose trail can take nothing for a while (a full disk), then recovers."""
+
+    name = "audit"
+
+    def __init__(self):
+        super().__init__()
+        self.refuse = True
+
+    def handle(self, result):
+        from edgebc.audit_trail import AuditUnavailableError
+
+        if self.refuse:
+            raise AuditUnavailableError("256 records held and none can be written")
+        super().handle(result)
+
+
+def test_a_refusing_audit_trail_is_logged_once_when_it_starts_and_once_when_it_ends(caplog):
+    """A full disk refuses every frame at 30 fps: one error line (and no traceback for the
+    expected refusal) when it begins and one when records are taken again, not one per frame."""
+    classifier = build_classifier(ClassifierSettings())
+    reader = LiveReader(lambda: PhantomCineSource("benign", fps=60, size=128, frames=8))
+    audit, shown = Refusing(), Recording()
+    pipeline = LivePipeline(classifier, reader, [shown], audit=audit).start()
+    try:
+        wait_until(lambda: pipeline.counts["errors"] >= 10)
+        assert shown.results == []  # nothing shown that was not recorded
+        audit.refuse = False
+        wait_until(lambda: len(shown.results) >= 3)
+    finally:
+        pipeline.stop()
+    lines = [r for r in caplog.records if r.name == "edgebc.serve.live_loop"]
+    refused = [r for r in lines if "refused frame" in r.getMessage()]
+    again = [r for r in lines if "records again" in r.getMessage()]
+    assert (
+        len(refused) == 1
+        and not refused[0].exc_info
+        and "256 records held" in refused[0].getMessage()
+    )
+    assert (
+        len(again) == 1
+        and f"{pipeline.counts['errors']} results were withheld" in again[0].getMessage()
+    )

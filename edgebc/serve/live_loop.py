@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgebc.audit_trail import AuditUnavailableError
 from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.live import FeedState, LiveReader
 from edgebc.quality import QualityResult
@@ -122,6 +123,7 @@ class LivePipeline:
         self.sinks: list[Sink] = [*([audit] if audit else []), *self.screens, self.statistics]
         self._latest: LiveResult | None = None
         self._refused: str | None = None  # why the newest result was withdrawn by the audit trail
+        self._refusals = 0  # results refused in a row: logged once when it starts and when it ends
         self._handoff: tuple[int, dict[str, float]] = (0, {})  # the latest's sinks' hand-off times
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -223,11 +225,18 @@ class LivePipeline:
                 self.audit.handle(result)
             except Exception as exc:  # never show a decision that was not logged
                 self.statistics.failed()
-                log.exception("the audit trail refused frame %s; its decision is not shown",
-                              result.frame.index)  # fmt: skip
+                self._refusals += 1
+                if self._refusals == 1:  # once, not 30 tracebacks a second while the disk is full
+                    log.error("the audit trail refused frame %s; decisions are withheld until it "
+                              "records again: %s", result.frame.index, exc,
+                              exc_info=not isinstance(exc, AuditUnavailableError))  # fmt: skip
                 with self._lock:
                     self._refused = f"the audit trail could not record the newest result ({exc})"
                 return None
+            if self._refusals:
+                log.warning("the audit trail records again; %d results were withheld meanwhile",
+                            self._refusals)  # fmt: skip
+                self._refusals = 0
             timings[self.audit.name] = (time.perf_counter() - started) * 1000.0
         finished = time.monotonic()
         timings["end_to_end"] = (finished - result.frame.captured_monotonic) * 1000.0
