@@ -181,7 +181,7 @@ def test_a_refusing_audit_trail_is_logged_once_when_it_starts_and_once_when_it_e
         pipeline.stop()
     lines = [r for r in caplog.records if r.name == "edgebc.serve.live_loop"]
     refused = [r for r in lines if "refused frame" in r.getMessage()]
-    again = [r for r in lines if "records again" in r.getMessage()]
+    again = [r for r in lines if "records again;" in r.getMessage()]
     assert (
         len(refused) == 1
         and not refused[0].exc_info
