@@ -14,7 +14,9 @@ With a bearer token configured, everything but the page, /healthz and /readyz ne
 `Authorization: Bearer <token>` (the API documentation /docs, /redoc and /openapi.json too, and
 /readyz then says which check fails but not why) (the WebSocket sends {"token": ...} as its first message, since
 browsers cannot set headers on WebSockets). Uploads are refused by their declared length before
-the body is read, and counted while streamed for bodies without one. The routes live in
+the body is read, and counted while streamed for bodies without one; the request head must arrive
+within header_timeout_s and the body within body_timeout_s at min_body_rate (408), and an upload
+that cannot start within the admission wait gets 503 + Retry-After. The routes live in
 edgebc/serve/routes.py; `create_app` wires them to one runtime.
 """
 
