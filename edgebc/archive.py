@@ -175,6 +175,7 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     for name in classes:
         row[f"p_{name}"] = _rounded(probabilities.get(name))
     row["model_sha256"] = fields["model_sha256"]
+    row["demo"] = "yes" if fields["demo"] else "no"  # the demo model: phantoms only
     shift = decision.shift
     if shift is not None:  # blank: not checked (check off, or the frame failed the gate)
         row["shift"] = f"out ({decision.shift_action})" if shift.flagged else "in"

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgebc.backends import Backend
 from edgebc.decision import DecisionRule
+from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
@@ -42,6 +43,7 @@ class Decision:
     timings_ms: dict[str, float] = field(default_factory=dict)
     shift: FrameShift | None = None  # None: not checked (check off, or the frame failed the gate)
     shift_action: str | None = None  # "withdrawn" or "marked" when the frame or stream is out
+    demo: bool = False  # made by the demo model (phantoms only): every answer says so
 
     @property
     def unreliable(self) -> str | None:
@@ -63,6 +65,7 @@ class Decision:
             "shift": None
             if self.shift is None
             else {**self.shift.to_json(), "action": self.shift_action},
+            "demo": self.demo,
         }
 
 
@@ -90,6 +93,11 @@ class FrameClassifier:
             raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.backend = backend
         self.card = backend.card
+        self.demo = is_demo_card(self.card.lineage)
+        if self.demo and shift != "withdraw":  # it knows phantoms only: real tissue gets no answer
+            log.warning("the demo model withdraws every frame unlike its phantoms (shift: %s "
+                        "is not for the demo)", shift)  # fmt: skip
+            shift = "withdraw"
         if len(self.card.inputs) != 1:
             names = ", ".join(i.name for i in self.card.inputs)
             raise EdgebcError(f"model {self.card.name} has {len(self.card.inputs)} inputs ({names}); "
@@ -148,20 +156,19 @@ class FrameClassifier:
         row = {index: k for k, index in enumerate(passing)}
         for index, verdict in enumerate(verdicts):
             if not verdict.ok:
-                decisions.append(
-                    Decision(None, None, None, self.threshold, verdict, self.backend.model_sha256)
-                )
+                decisions.append(Decision(None, None, None, self.threshold, verdict,
+                                          self.backend.model_sha256, demo=self.demo))  # fmt: skip
                 continue
             p, shift = probs[row[index]], shifts[row[index]]
             if shift is not None and shift.flagged and self.shift_mode == "withdraw":
                 refused = QualityResult(False, shift.reason(), "shift")
                 decisions.append(Decision(None, None, None, self.threshold, refused,
-                                          self.backend.model_sha256, {}, shift, "withdrawn"))  # fmt: skip
+                                          self.backend.model_sha256, {}, shift, "withdrawn", self.demo))  # fmt: skip
                 continue
             action = "marked" if shift is not None and shift.flagged else None
             decisions.append(Decision(self.rule.decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
                                       float(p[self.rule.positive]), self.threshold, verdict, self.backend.model_sha256,
-                                      {}, shift, action))  # fmt: skip
+                                      {}, shift, action, self.demo))  # fmt: skip
         done = clock()
         per_frame = 1000.0 / max(1, len(frames))
         timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,

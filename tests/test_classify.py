@@ -104,24 +104,26 @@ DECIDED = Decision("benign", {"normal": 0.1234567, "benign": 0.6543219, "maligna
 REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (mean grey level 3)"), "cd" * 32)  # fmt: skip
 
 
-# What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand.
+# What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand,
+# plus whether the demo model made them (every answer says so since issue 19).
 ROWS = {
     "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
                 "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
-                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "error": ""},
+                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "demo": "no",
+                "error": ""},
     "refused": {"source": "scan.png", "frame": 3, "decision": "",
                 "quality": "no decision: frame too dark (mean grey level 3)",
                 "positive_probability": "", "threshold": 0.3, "p_normal": "", "p_benign": "",
-                "p_malignant": "", "model_sha256": "cd" * 32, "error": ""},
+                "p_malignant": "", "model_sha256": "cd" * 32, "demo": "no", "error": ""},
 }  # fmt: skip
 ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
                 "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
-                "shift": None},
+                "shift": None, "demo": False},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
-                "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None},
+                "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False},
 }  # fmt: skip
 RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
     "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.split import SplitPlan, assign_splits
+from edgebc.demo import DEMO_LINEAGE, DEMO_LINEAGE_KEY
 from edgebc.export.onnx_export import export_onnx
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+from edgebc.train.checkpoint import load_checkpoint, save_checkpoint
 from edgebc.train.config import load_train_config
 from edgebc.train.loop import train_model
 
@@ -42,6 +45,11 @@ def main() -> int:
         "optim.early_stop_patience=0", "augment.enabled=false",
     ])  # fmt: skip
     result = train_model(config)
+    trained = load_checkpoint(result.best_checkpoint)  # the card marks the model as the demo
+    lineage = {**trained.card.lineage, DEMO_LINEAGE_KEY: DEMO_LINEAGE}
+    save_checkpoint(
+        result.best_checkpoint, replace(trained, card=replace(trained.card, lineage=lineage))
+    )
     path, card, parity = export_onnx(result.best_checkpoint, TARGET)
     write_sha_manifest(TARGET.parent, [path])
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): val malignant AUC {result.best_metrics['val_auc_positive']:.3f}, "

@@ -183,7 +183,8 @@ class LivePipeline:
             return self.classifier.classify(frame.image)
         except ValueError as exc:  # the region no longer fits: capture resolution changed
             return Decision(None, None, None, self.classifier.threshold,
-                            QualityResult(False, str(exc)), self.classifier.backend.model_sha256)  # fmt: skip
+                            QualityResult(False, str(exc)), self.classifier.backend.model_sha256,
+                            demo=self.classifier.demo)  # fmt: skip
 
     def _smooth(self, frame: Frame, decision: Decision, waited_ms: float) -> LiveResult:
         started = time.perf_counter()

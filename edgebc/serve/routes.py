@@ -45,6 +45,7 @@ class ClassifyResult(BaseModel):
     model_sha256: str
     timings_ms: dict[str, float]
     shift: dict[str, Any] | None
+    demo: bool  # the demo model (synthetic phantoms only) answered
     input_sha256: str
     width: int
     height: int

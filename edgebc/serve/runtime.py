@@ -173,7 +173,8 @@ class ServeRuntime:
 
     @property
     def demo(self) -> bool:
-        return self.settings.demo
+        """The embedded demo model, or a copy of it: its card says so."""
+        return self.settings.demo or self.pipeline.classifier.demo
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
