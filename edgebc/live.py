@@ -146,7 +146,21 @@ class LiveReader:
 
     def _set(self, status: str, detail: str = "") -> None:
         with self._lock:
-            self._status, self._detail = status, detail
+            before, self._status, self._detail = self._status, status, detail
+        self._log_change(before, status, detail)
+
+    def _log_change(self, before: str, now: str, detail: str) -> None:
+        """One edgebc line when the feed's state changes, not one per failed attempt: a missing
+        device is said once, with why, and so is its return."""
+        if before == now or now in ("starting", "stopped"):
+            return
+        if now == "ok":
+            if before != "starting":
+                log.info("source delivers frames again (it was %s)", before)
+        elif now == "ended":
+            log.info("source ended: %s", detail)
+        else:
+            log.warning("source %s: %s", now, detail)
 
     def _run(self, generation: int) -> None:
         source: FrameSource | None = None
@@ -199,6 +213,7 @@ class LiveReader:
             )
             return
         with self._lock:
+            before = self._status
             self._last_frame_at = now
             if (
                 self._previous is not None
@@ -211,15 +226,17 @@ class LiveReader:
                         "frozen",
                         f"identical frames for {now - self._identical_since:.1f} s",
                     )
-                return  # an identical frame is no new information: never classify it again
-            self._identical_since = None
-            self._previous = image
-            if not self._taken:
-                self._dropped += 1
-            self._newest, self._taken = frame, False
-            self._frames += 1
-            self._status, self._detail = "ok", ""
-            self._lock.notify_all()
+                status, detail = self._status, self._detail
+            else:
+                self._identical_since = None
+                self._previous = image
+                if not self._taken:
+                    self._dropped += 1
+                self._newest, self._taken = frame, False
+                self._frames += 1
+                self._status, self._detail = status, detail = "ok", ""
+                self._lock.notify_all()
+        self._log_change(before, status, detail)  # an identical frame is never classified again
 
 
 def _close_quietly(source: FrameSource) -> None:

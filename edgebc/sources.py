@@ -17,6 +17,7 @@ only the newest frame and watches the feed.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globbing
 import time
 import urllib.parse
@@ -122,6 +123,20 @@ class DicomSource:
         self._frames = iter(())
 
 
+@contextlib.contextmanager
+def _opencv_errors_only() -> Iterator[None]:
+    """OpenCV prints its own warnings to stderr, bypassing logging (a missing device gives
+    "[ WARN:0@0.009] global cap.cpp:212 open VIDEOIO(V4L2): backend is generally available but
+    can't be used to capture by name" at every reopening); while a capture opens, only its errors
+    pass, and the source says what went wrong in an edgebc line instead."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 class OpenCVSource:
     """Video files, V4L2 devices, network streams and GStreamer pipelines through cv2.VideoCapture."""
 
@@ -139,7 +154,16 @@ class OpenCVSource:
         self._counter = _Counter(name)
 
     def open(self) -> None:
-        capture = cv2.VideoCapture(self.target, self.api)
+        device = (
+            self.target
+            if isinstance(self.target, str) and self.target.startswith("/dev/")
+            else None
+        )
+        if device is not None and not Path(device).exists():
+            raise SourceError(f"{self.name}: cannot open (no such device {device}: unplugged, or "
+                              "another name? `edgebc info` lists the video devices)")  # fmt: skip
+        with _opencv_errors_only():  # its own "[ WARN ...]" lines; the reason is ours, below
+            capture = cv2.VideoCapture(self.target, self.api)
         if not capture.isOpened():
             why = (
                 "device absent, busy or no permission?"
@@ -152,6 +176,19 @@ class OpenCVSource:
         ):  # ask the driver for as little buffering as it allows; the reader drops the rest
             capture.set(cv2.CAP_PROP_BUFFERSIZE, self.buffer_frames)
         self._capture = capture
+
+    def declared(self) -> str:
+        """What the driver or container says of the stream: its frame rate and pixel format."""
+        if self._capture is None:
+            return ""
+        fps = self._capture.get(cv2.CAP_PROP_FPS)
+        code = int(self._capture.get(cv2.CAP_PROP_FOURCC))
+        fourcc = "".join(chr((code >> 8 * k) & 0xFF) for k in range(4)).strip("\x00 ")
+        parts = [
+            f"declared {fps:.1f} fps" if fps > 0 else "",
+            f"format {fourcc}" if fourcc.isprintable() and fourcc else "",
+        ]
+        return ", ".join(p for p in parts if p)
 
     def read(self) -> Frame | None:
         if self._capture is None:
@@ -365,6 +402,51 @@ def _holds_dicom(path: Path) -> bool:
             return sniff_format(handle.read(132)) == "dicom"
     except OSError:
         return False  # not readable: reading it as an image says why
+
+
+def probe_source(uri: str, timeout: float = 5.0) -> str:
+    """Open the source once, read two frames and say what came (`edgebc serve --check`): size,
+    channels, sample type, the rate they came at, and what the driver declares. A source that
+    cannot be opened or gives no frame within `timeout` raises SourceError saying so."""
+    import threading
+
+    source = open_source(uri)
+    found: dict[str, Any] = {}
+
+    def read_two() -> None:
+        try:
+            source.open()
+            first = source.read()
+            second = source.read() if first is not None and source.live else None
+            found["frames"] = [f for f in (first, second) if f is not None]
+        except Exception as exc:  # said below, in one line
+            found["error"] = exc
+
+    reader = threading.Thread(target=read_two, name="edgebc-probe", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    try:
+        if reader.is_alive():
+            raise SourceError(f"{uri}: no frame within {timeout:.0f} s (a hung device or stream?)")
+        if "error" in found:
+            error = found["error"]
+            raise error if isinstance(error, SourceError) else SourceError(f"{uri}: {error}")
+        frames: list[Frame] = found["frames"]
+        if not frames:
+            raise SourceError(f"{uri}: opened, but it has no frame")
+    finally:
+        if not reader.is_alive():
+            source.close()
+    image = frames[0].image
+    height, width = image.shape[:2]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    facts = [f"{width}x{height}", f"{channels} channel{'s' if channels > 1 else ''} {image.dtype}"]
+    if len(frames) == 2 and frames[1].captured_monotonic > frames[0].captured_monotonic:
+        facts.append(
+            f"next frame after {1000 * (frames[1].captured_monotonic - frames[0].captured_monotonic):.0f} ms"
+        )
+    declared = source.declared() if isinstance(source, OpenCVSource) else ""
+    return ", ".join([*facts, *([declared] if declared else [])])
 
 
 def open_source(uri: str) -> FrameSource:

@@ -167,10 +167,20 @@ def test_serve_check_validates_a_config_without_starting(capsys, monkeypatch):
     assert main(["serve", "--config", cart, "--check"]) != 0  # /etc/edgebc/token is not here
     assert "token_file /etc/edgebc/token: cannot read it" in capsys.readouterr().err
     monkeypatch.setenv("EDGEBC_TOKEN", "a-token-of-enough-length")
-    assert main(["serve", "--config", cart, "--set", "token_file=null", "--check"]) == 0
+    # the check opens the source once: the capture card is not plugged in here
+    assert main(["serve", "--config", cart, "--set", "token_file=null", "--check"]) == 1
+    assert (
+        "v4l2:/dev/edgebc-capture: cannot open (no such device /dev/edgebc-capture"
+        in capsys.readouterr().err
+    )
+    phantom = ["--set", "source=phantom:tour?size=200"]
+    assert main(["serve", "--config", cart, "--set", "token_file=null", *phantom, "--check"]) == 0
     out = capsys.readouterr().out
-    assert "settings ok: source /dev/edgebc-capture" in out and "token set" in out
-    assert f"{STORE_MODEL} does not exist yet" in out
+    assert (
+        "settings ok: source phantom:tour?size=200 (200x200, 1 channel uint8, next frame after"
+        in out
+    )
+    assert "token set" in out and f"{STORE_MODEL} does not exist yet" in out
     assert main(["serve", "--config", cart, "--set", "sorce=x", "--check"]) != 0
     assert (
         "--set sorce=x: ServeSettings has no setting 'sorce'. Did you mean 'source'?"

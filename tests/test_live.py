@@ -231,3 +231,25 @@ def test_a_real_capture_device_delivers_frames():
         assert reader.latest(5.0) is not None
     finally:
         reader.stop()
+
+
+def test_a_missing_device_is_said_once_in_an_edgebc_line_not_opencvs(caplog, capfd):
+    """A capture device that is not there: the reader keeps reopening it, and the log says so once
+    (with why), while OpenCV's own "[ WARN ...]" lines no longer reach stderr."""
+    import logging
+
+    from edgebc.live import LiveReader
+    from edgebc.sources import open_source
+
+    caplog.set_level(logging.INFO, logger="edgebc.live")
+    reader = LiveReader(lambda: open_source("v4l2:57"), backoff=(0.01, 0.02)).start()
+    try:
+        deadline = time.monotonic() + 5
+        while reader.state().reopenings < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reader.state().reopenings >= 5 and reader.state().status == "reopening"
+    finally:
+        reader.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "edgebc.live"]
+    assert said == ["source reopening: v4l2:57: cannot open (device absent, busy or no permission?)"]
+    assert "WARN" not in capfd.readouterr().err

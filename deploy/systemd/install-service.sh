@@ -49,15 +49,18 @@ if [ ! -f /etc/edgebc/token ]; then
   head -c 32 /dev/urandom | base64 | tr -d '\n=' > /etc/edgebc/token
   chgrp edgebc /etc/edgebc/token
 fi
-# The settings are checked before anything is switched over: a typo stops the install here.
+# The capture card's stable name (/dev/edgebc-capture) first: the check below opens the source.
+install -m 0644 "$here/../udev/99-edgebc-capture.rules" /etc/udev/rules.d/99-edgebc-capture.rules
+udevadm control --reload || true
+udevadm trigger --subsystem-match=video4linux || true
+udevadm settle --timeout=10 || true
+# The settings are checked before anything is switched over: a typo, or a source that cannot be
+# opened (the card unplugged), stops the install here.
 "$prefix/venv/bin/edgebc" serve --config "$config" --check
 install -m 0640 -g edgebc "$config" /etc/edgebc/edgebc.yaml
 
 install -m 0644 "$here/edgebc.service" /etc/systemd/system/edgebc.service
-install -m 0644 "$here/../udev/99-edgebc-capture.rules" /etc/udev/rules.d/99-edgebc-capture.rules
 ln -sf "$prefix/venv/bin/edgebc" /usr/local/bin/edgebc
-udevadm control --reload || true
-udevadm trigger --subsystem-match=video4linux || true
 systemctl daemon-reload
 systemctl enable edgebc.service
 echo "installed. Next: sudo EDGEBC_MODEL_STORE=/var/lib/edgebc/models edgebc model install MODEL.onnx"

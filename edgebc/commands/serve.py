@@ -214,7 +214,10 @@ def check_settings(settings: ServeSettings) -> int:
         from edgebc.optional import require
 
         require("pygame", "the local display (display.enabled)")
-    print(f"settings ok: source {settings.source}, model {settings.model or 'the demo model'}, "
+    from edgebc.sources import probe_source
+
+    found = probe_source(settings.source)  # opened once: a missing device fails here, not later
+    print(f"settings ok: source {settings.source} ({found}), model {settings.model or 'the demo model'}, "
           f"http://{settings.host}:{settings.port}, token {'set' if token else 'none (loopback only)'}, "
           f"audit log {settings.audit.path}")  # fmt: skip
     if settings.model and not Path(settings.model).exists():
