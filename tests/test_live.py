@@ -251,5 +251,7 @@ def test_a_missing_device_is_said_once_in_an_edgebc_line_not_opencvs(caplog, cap
     finally:
         reader.stop()
     said = [r.getMessage() for r in caplog.records if r.name == "edgebc.live"]
-    assert said == ["source reopening: v4l2:57: cannot open (device absent, busy or no permission?)"]
+    assert said == [
+        "source reopening: v4l2:57: cannot open (device absent, busy or no permission?)"
+    ]
     assert "WARN" not in capfd.readouterr().err
