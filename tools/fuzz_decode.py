@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--corpus", help="corpus folder (kept; seeded if empty); default: a temp one"
     )
-    parser.add_argument("--findings", default="fuzz-findings", help="where findings are written")
+    parser.add_argument("--findings", default=str(Path(tempfile.gettempdir()) / "edgebc-fuzz-findings"),
+                        help="where findings are written (default: TMPDIR/edgebc-fuzz-findings)")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=10.0, help="per-input time limit")
     parser.add_argument("--max-len", type=int, default=16384, help="largest input in bytes")
     parser.add_argument("--make-seeds", metavar="DIR", help="only write the seed corpus to DIR")
