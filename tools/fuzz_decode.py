@@ -194,8 +194,10 @@ def exercise(data: bytes) -> None:
         except _documented_errors():
             continue
         images = decoded if isinstance(decoded, list) else [decoded]
-        if header is None or len(images) != header.frames:
+        if header is None:
             raise Finding("invalid", f"{decode.__name__} decoded a file whose header was refused")
+        if len(images) != header.frames:
+            raise Finding("invalid", f"{decode.__name__} gave {len(images)} images for {header}")
         for image in images:
             if (
                 not isinstance(image, np.ndarray)
@@ -230,10 +232,9 @@ def allowed_peak_bytes(data: bytes) -> int:
     return SLACK_BYTES + DECODED_BYTES_FACTOR * min(header.decoded_bytes, cap)
 
 
-def peak_rss_bytes() -> int:
-    """The kernel's high-water mark of this process's RSS (VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    found = re.search(r"VmHWM:\s+(\d+) kB", status)
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmRSS, VmHWM (peak RSS), VmSize."""
+    found = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
     return int(found.group(1)) * 1024 if found else 0
 
 
@@ -244,7 +245,7 @@ def reset_peak_rss() -> None:
 
 def check_input(data: bytes, timeout_s: float) -> None:
     """Exercise one input and raise Finding for a crash, an invalid image, a hang or a blow-up."""
-    rss_before = _current_rss_bytes()
+    rss_before = status_bytes("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
     try:
@@ -255,17 +256,13 @@ def check_input(data: bytes, timeout_s: float) -> None:
         trace = "".join(traceback.format_exception(exc))
         raise Finding("crash", f"{type(exc).__name__}: {exc}\n{trace}") from exc
     elapsed = time.perf_counter() - start
-    grown = peak_rss_bytes() - rss_before
+    grown = status_bytes("VmHWM") - rss_before
     if elapsed > timeout_s:
         raise Finding("hang", f"took {elapsed:.1f} s, over the {timeout_s:g} s per-input limit")
-    if grown > allowed_peak_bytes(data):
+    allowed = allowed_peak_bytes(data)
+    if grown > allowed:
         raise Finding("memory", f"peak RSS grew {grown / 2**20:.0f} MiB during this input, over "
-                      f"the {allowed_peak_bytes(data) / 2**20:.0f} MiB allowed")  # fmt: skip
-
-
-def _current_rss_bytes() -> int:
-    found = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(found.group(1)) * 1024 if found else 0
+                      f"the {allowed / 2**20:.0f} MiB allowed")  # fmt: skip
 
 
 def record_finding(findings: Path, data: bytes, finding: Finding) -> Path:
@@ -292,7 +289,7 @@ def fuzz_child(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _virtual_memory_bytes() + ADDRESS_SPACE_HEADROOM
+    limit = status_bytes("VmSize") + ADDRESS_SPACE_HEADROOM
     if hard == resource.RLIM_INFINITY or limit < hard:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     findings = Path(args.findings)
@@ -322,11 +319,6 @@ def fuzz_child(args: argparse.Namespace) -> None:
     ]
     atheris.Setup(libfuzzer_args, test_one_input)
     atheris.Fuzz()
-
-
-def _virtual_memory_bytes() -> int:
-    found = re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(found.group(1)) * 1024 if found else 0
 
 
 def main(argv: list[str] | None = None) -> int:
