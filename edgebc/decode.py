@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import struct
 import threading
@@ -258,19 +259,29 @@ def decode_dicom_frames(
     with _reserved(budget, header, name, wait_s):
         try:
             ds = pydicom.dcmread(io.BytesIO(data))
+            # pixel data holding more frames than declared would otherwise be decoded too
+            ds.pixel_array_options(allow_excess_frames=False)
             pixels = ds.pixel_array
         except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
             raise ImageDecodeError(f"{name}: DICOM pixel data could not be decoded: {exc}") from exc
         photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
         samples = int(getattr(ds, "SamplesPerPixel", 1))
-        _check_dicom_display(ds, photometric, samples, name)
         frames = pixels if header.frames > 1 else pixels[np.newaxis]
+        expected = (header.frames, header.height, header.width) + (
+            (samples,) if samples > 1 else ()
+        )
+        if frames.shape != expected:
+            raise ImageDecodeError(
+                f"{name}: DICOM pixel data decoded to shape {frames.shape}, but the header "
+                f"declares {expected} (frames, rows, columns, samples); refused"
+            )
+        _check_dicom_display(ds, photometric, samples, name)
         out = []
         for frame in frames:
             if samples == 1:
                 try:
                     values = apply_voi_lut(apply_modality_lut(frame, ds), ds).astype(np.float64)
-                except (ValueError, ZeroDivisionError) as exc:
+                except Exception as exc:  # fields checked above; LUT sequences can still be corrupt
                     raise ImageDecodeError(
                         f"{name}: DICOM display values could not be applied: {exc}"
                     ) from exc
@@ -349,18 +360,22 @@ def _check_size(header: ImageHeader, name: str, max_pixels: int, max_bytes: int)
 
 def _check_dicom_display(ds: object, photometric: str, samples: int, name: str) -> None:
     """Refuse what pydicom would display wrongly without complaint (or fail on with a raw error)."""
-    slope = getattr(ds, "RescaleSlope", None)
-    if slope is not None and float(slope) == 0:
+    numbers = {field: _dicom_numbers(ds, field, name) for field in _DICOM_DISPLAY_FIELDS}
+    for field in ("RescaleSlope", "RescaleIntercept"):
+        if len(numbers[field] or [0.0]) != 1:
+            raise ImageDecodeError(
+                f"{name}: DICOM {field} has {numbers[field]}; one value expected"
+            )
+    if numbers["RescaleSlope"] == [0.0]:
         raise ImageDecodeError(
             f"{name}: DICOM RescaleSlope is 0, which maps every pixel to one value; refused"
         )
-    width = getattr(ds, "WindowWidth", None)
-    if width is not None:
-        widths = list(width) if isinstance(width, Sequence) and not isinstance(width, str) else [width]  # fmt: skip
-        if any(float(w) < 1 for w in widths):
-            raise ImageDecodeError(
-                f"{name}: DICOM WindowWidth is {width}; it must be at least 1 to be displayed"
-            )
+    width = numbers["WindowWidth"]
+    if width is not None and any(w < 1 for w in width):
+        raise ImageDecodeError(
+            f"{name}: DICOM WindowWidth is {', '.join(f'{w:g}' for w in width)}; it must be at "
+            "least 1 to be displayed"
+        )
     if photometric == "PALETTE COLOR":
         has_lut = hasattr(ds, "RedPaletteColorLookupTableData")
         raise ImageDecodeError(
@@ -372,6 +387,32 @@ def _check_dicom_display(ds: object, photometric: str, samples: int, name: str) 
         raise ImageDecodeError(
             f"{name}: DICOM has one sample per pixel but colour model {photometric!r}"
         )
+
+
+#: The DICOM fields that set how pixel values are displayed: all numbers, when present.
+_DICOM_DISPLAY_FIELDS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _dicom_numbers(ds: object, field: str, name: str) -> list[float] | None:
+    """A display field's values as finite numbers (None when absent); refuse anything else.
+
+    pydicom keeps a malformed decimal string as text and converts fields on first access, so a
+    corrupt field would otherwise fail later inside its LUT code with a raw TypeError."""
+    try:
+        value = getattr(ds, field, None)
+    except Exception as exc:  # an unknown value representation, for one
+        raise ImageDecodeError(f"{name}: DICOM {field} cannot be read: {exc}") from exc
+    if value is None:
+        return None
+    multiple = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    values = list(value) if multiple else [value]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if not numbers or not all(math.isfinite(n) for n in numbers):
+        raise ImageDecodeError(f"{name}: DICOM {field} is {value!r}, not a number; refused")
+    return numbers
 
 
 def _check_jpeg_scan(data: bytes, name: str) -> None:

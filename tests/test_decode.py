@@ -412,3 +412,43 @@ def test_header_of_a_file_prefix_is_read_and_the_decoders_need_the_whole_file(rn
     assert (read_header(png[:4096]).width, read_header(png[:4096]).height) == (200, 300)
     with pytest.raises(ImageDecodeError, match="PNG is truncated"):
         read_header(png[:4096], whole_file=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "corrupt", "message"),
+    [
+        ({"WindowCenter": "12345", "WindowWidth": 400}, (b"12345 ", b"12@45 "),
+         r"WindowCenter is '12@45', not a number"),
+        ({"WindowCenter": 100, "WindowWidth": 4321}, (b"4321", b"nan "), "WindowWidth is .*not a number"),
+        ({"RescaleSlope": 1, "RescaleIntercept": "54321"}, (b"54321 ", b"5x321 "),
+         r"RescaleIntercept is '5x321', not a number"),
+        ({"RescaleSlope": 1, "RescaleIntercept": 0}, (b"\x28\x00\x53\x10DS", b"\x28\x00\x53\x10DC"),
+         "RescaleSlope cannot be read: Unknown Value Representation 'DC'"),
+    ],
+    ids=["window-center-text", "window-width-nan", "rescale-intercept-text", "slope-unknown-vr"],
+)  # fmt: skip
+def test_dicom_display_fields_that_are_not_numbers_are_refused_naming_the_field(
+    extra, corrupt, message
+):
+    """Found by fuzzing: pydicom keeps a malformed number as text, and its LUT code then raised a
+    raw TypeError or ValueError (or, for an unknown VR, NotImplementedError)."""
+    data = _dicom_bytes(np.array([[0, 50], [100, 200]], np.uint8), **extra)
+    assert data.count(corrupt[0]) == 1
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data.replace(*corrupt), "scan.dcm")
+
+
+def test_dicom_pixel_data_holding_more_frames_than_declared_decodes_only_the_declared_frame():
+    """Found by fuzzing: with NumberOfFrames absent (1), pixel data long enough for 3 frames
+    decoded to a 3xHxW array that decode_image returned as if it were one image. Bytes beyond
+    the declared frames are now ignored, as bytes after a PNG's IEND or a JPEG's EOI are."""
+    from edgebc.decode import decode_dicom_frames
+
+    frames = np.stack([np.full((4, 6), 10 * k, np.uint8) for k in range(3)])
+    frames[0, 0, 0] = 200
+    data = _dicom_bytes(frames)
+    assert read_header(data).frames == 1
+    expected = np.where(frames[0] == 200, 255, 0).astype(np.uint8)  # full range: 0..200 -> 0..255
+    np.testing.assert_array_equal(decode_image(data), expected)
+    [only] = decode_dicom_frames(data)
+    np.testing.assert_array_equal(only, expected)
