@@ -19,6 +19,7 @@ import re
 import struct
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -261,7 +262,10 @@ def decode_dicom_frames(
             ds = pydicom.dcmread(io.BytesIO(data))
             # pixel data holding more frames than declared would otherwise be decoded too
             ds.pixel_array_options(allow_excess_frames=False)
-            pixels = ds.pixel_array
+            with warnings.catch_warnings():  # excess bytes: ignored on purpose, as said above
+                warnings.filterwarnings("ignore", r"The pixel data is \d+ bytes long, which "
+                                        r"indicates it contains \d+ bytes of excess padding")  # fmt: skip
+                pixels = ds.pixel_array
         except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
             raise ImageDecodeError(f"{name}: DICOM pixel data could not be decoded: {exc}") from exc
         photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
@@ -415,6 +419,37 @@ def _dicom_numbers(ds: object, field: str, name: str) -> list[float] | None:
     return numbers
 
 
+_STDERR = threading.Lock()
+_LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG", "Invalid SOS parameters")
+
+
+@contextlib.contextmanager
+def _libjpeg_warnings_logged() -> Iterator[None]:
+    """libjpeg prints its warnings straight to the process's stderr (OpenCV passes none of them on):
+    the scan check's probe draws "Corrupt JPEG data: 4095 extraneous bytes before marker 0xd9"
+    for every good JPEG, which a cart's log must not fill with. While it decodes, file descriptor
+    2 goes to a scratch file; libjpeg's lines become debug log lines and anything else written
+    meanwhile (another thread's output) is passed on to stderr unchanged."""
+    import logging
+    import os
+    import tempfile
+
+    with _STDERR, tempfile.TemporaryFile() as scratch:
+        saved = os.dup(2)
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            scratch.seek(0)
+            for line in scratch.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if line.startswith(_LIBJPEG_WARNINGS):
+                    logging.getLogger(__name__).debug("libjpeg: %s", line.strip())
+                else:
+                    os.write(2, line.encode())
+
+
 def _check_jpeg_scan(data: bytes, name: str) -> None:
     """Refuse a JPEG whose scan data ends before it has filled the image.
 
@@ -428,8 +463,9 @@ def _check_jpeg_scan(data: bytes, name: str) -> None:
     end = _walk_jpeg(data, name)[1]
     probe = data[:end] + _JPEG_PROBE + data[end:]
     flags = cv2.IMREAD_REDUCED_COLOR_8
-    plain = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    probed = cv2.imdecode(np.frombuffer(probe, np.uint8), flags)
+    with _libjpeg_warnings_logged():  # the probe always draws "extraneous bytes" from libjpeg
+        plain = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        probed = cv2.imdecode(np.frombuffer(probe, np.uint8), flags)
     if plain is None or probed is None or not np.array_equal(plain, probed):
         raise ImageDecodeError(
             f"{name}: JPEG scan data ends before the image is complete (truncated, or the "

@@ -452,3 +452,16 @@ def test_dicom_pixel_data_holding_more_frames_than_declared_decodes_only_the_dec
     np.testing.assert_array_equal(decode_image(data), expected)
     [only] = decode_dicom_frames(data)
     np.testing.assert_array_equal(only, expected)
+
+
+def test_a_good_jpeg_decodes_without_libjpeg_lines_on_stderr(capfd, caplog):
+    """The scan check's probe draws libjpeg's "Corrupt JPEG data: ... extraneous bytes" for every
+    good JPEG; it becomes a debug log line, not noise on the cart's stderr."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="edgebc.decode")
+    image = (np.random.default_rng(0).random((64, 80)) * 255).astype(np.uint8)
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    assert decode_image(data, "scan.jpg").shape == (64, 80)
+    assert "JPEG" not in capfd.readouterr().err
+    assert any("extraneous bytes" in r.getMessage() for r in caplog.records)
