@@ -73,7 +73,7 @@ def test_a_torch_free_run_on_a_given_model_has_every_section(report):
     assert not any(name.startswith("torch") for name in sections["backends"])  # the device's own
     pipeline = sections["pipeline"]
     stages = pipeline["fp32_1920x1080"]["stages_p50_ms"]
-    assert set(stages) == {"crop", "quality", "preprocess", "inference", "postprocess"}
+    assert set(stages) == {"crop", "quality", "preprocess", "inference", "shift", "postprocess"}
     assert sum(stages.values()) <= pipeline["fp32_1920x1080"]["p90_ms"] * 1.5
     headroom = pipeline["headroom_1920x1080_fp32"]
     assert headroom["frames"] == 60 and 0 < headroom["core_fraction"] < 1.5

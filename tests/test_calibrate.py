@@ -203,7 +203,8 @@ def test_serving_shows_the_bound_beside_the_decision(site, tmp_path):
 
 def test_bound_statement_names_the_unit():
     card = read_card(DEMO_MODEL)
-    assert bound_statement(card) is None  # the demo card states no bound
+    bare = replace(card, operating_point=replace(card.operating_point, sensitivity_bound=None))
+    assert bound_statement(bare) is None  # a card that states no bound
     point = replace(card.operating_point, sensitivity_bound=0.8712, confidence=0.9, positives=12,
                     unit="frame")  # fmt: skip
     framed = replace(card, operating_point=point)
@@ -244,7 +245,7 @@ def test_a_tampered_card_is_refused(site, tmp_path):
 def test_check_site_card_names_the_field_and_ignores_calibration():
     demo = read_card(DEMO_MODEL)
     calibrated = replace(demo, name="x", temperature=2.0, calibration={"a": 1},
-                         lineage={"site_calibration": {"cases": 3}})  # fmt: skip
+                         lineage={**demo.lineage, "site_calibration": {"cases": 3}})  # fmt: skip
     check_site_card(calibrated, demo)  # only calibration differs: accepted
     with_nan = replace(demo, metrics={**demo.metrics, "val_auc_positive": float("nan")})
     check_site_card(ModelCard.from_json(with_nan.to_json()), with_nan)  # NaN read back is NaN

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgebc.optional import require
-from edgebc.shift import fit_training_statistics, image_statistics
+from edgebc.shift import SCORE_PARTS, fit_training_statistics, image_statistics
 from edgebc.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -60,8 +60,10 @@ def frame_measurements(
 def with_training_statistics(
     checkpoint: Checkpoint, train_images: Any, held_images: Any, held_units: Sequence[str],
     fitted_on: str, device: Any = "cpu", false_alarm_rate: float = 0.01,
+    parts: tuple[str, ...] = SCORE_PARTS,
 ) -> Checkpoint:  # fmt: skip
-    """The checkpoint with a features output and the training statistics in its card."""
+    """The checkpoint with a features output and the training statistics in its card; `parts`
+    are the distances its score averages (edgebc.shift.PARTS)."""
     if len(checkpoint.card.inputs) != 1:
         log.info("no training statistics: shift detection covers one-input models")
         return checkpoint
@@ -73,7 +75,7 @@ def with_training_statistics(
     train_stats, train_features, _ = frame_measurements(checkpoint, train_images, device)
     held_stats, held_features, _ = frame_measurements(checkpoint, held_images, device)
     stats = fit_training_statistics(train_stats, train_features, held_stats, held_features,
-                                    held_units, fitted_on, FEATURES, false_alarm_rate)  # fmt: skip
+                                    held_units, fitted_on, FEATURES, false_alarm_rate, parts=parts)  # fmt: skip
     card = card_with_features(checkpoint.card, model_from_checkpoint(checkpoint))
     log.info("training statistics: %d training frames; out of distribution above %.3g per frame, "
              "%.3g per window (%s, %.0f %% false alarms)", len(train_images), stats.thresholds.frame,
@@ -97,7 +99,7 @@ def cached_split(config: Any, role: str) -> tuple[Any, list[str]]:
 
 def add_training_statistics(
     path: str | Path, out: str | Path | None = None, manifest: str | None = None,
-    false_alarm_rate: float = 0.01, device: str = "cpu",
+    false_alarm_rate: float = 0.01, device: str = "cpu", parts: tuple[str, ...] = SCORE_PARTS,
 ) -> Checkpoint:  # fmt: skip
     """Give an existing checkpoint its training statistics (written to `out`, by default in place),
     from the frames its own configuration trained on, thresholds from its calibration split (else
@@ -121,7 +123,7 @@ def add_training_statistics(
         held, units = cached_split(config, "val")
         fitted_on = "validation split"
     updated = with_training_statistics(checkpoint, train_images, held, units, fitted_on, device,
-                                       false_alarm_rate)  # fmt: skip
+                                       false_alarm_rate, parts)  # fmt: skip
     save_checkpoint(out or path, updated)
     return updated
 
