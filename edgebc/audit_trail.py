@@ -257,6 +257,8 @@ class AuditTrail:
         self._next_rotation_try = 0.0  # after a failed rotation, when to try again
         self._rotation_lock = threading.Lock()  # the writer's own rotations and rotate_now()
         self.archive_check_interval = 30.0  # seconds between counts of what waits to be archived
+        self.retire_interval = 3600.0  # and between retention runs (also at start, after rotations)
+        self._retired_at = -1e9
         self._unarchived = 0
         self._archive_checked = -1e9
         self._retiring: threading.Thread | None = None
@@ -518,7 +520,7 @@ class AuditTrail:
 
     def _housekeeping(self) -> None:
         """Seal the live segment when it is due; every 30 s (and after a rotation) count what
-        waits to be archived and retire what may go."""
+        waits to be archived; at start, after a rotation and hourly retire what may go."""
         rotated = self._rotation_due() and self._rotate()
         if not rotated and time.monotonic() - self._archive_checked < self.archive_check_interval:
             return
@@ -526,9 +528,13 @@ class AuditTrail:
         _, size = unarchived(self.path)
         with self._lock:
             self._unarchived = size
-        if (self.keep_days is not None or self.keep_bytes is not None) and (
-            self._retiring is None or not self._retiring.is_alive()
+        retire_due = rotated or time.monotonic() - self._retired_at >= self.retire_interval
+        if (
+            retire_due
+            and (self.keep_days is not None or self.keep_bytes is not None)
+            and (self._retiring is None or not self._retiring.is_alive())
         ):
+            self._retired_at = time.monotonic()
             self._retiring = threading.Thread(target=self._retire, name="edgebc-audit-retire", daemon=True)  # fmt: skip
             self._retiring.start()
 

@@ -354,3 +354,17 @@ def test_a_second_process_cannot_open_the_same_trail(tmp_path):
     child.kill()  # a killed holder leaves no stale lock
     child.wait(10)
     AuditTrail(db).close()
+
+
+def test_the_service_itself_retires_only_archived_segments(tmp_path):
+    db, key, anchors = segmented(tmp_path, segments=3)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    archive_segments(db, stick)
+    (stick / "audit.db.000003").unlink()  # this copy is gone: its segment must stay
+    trail = open_trail(tmp_path, keep_bytes=1)  # retention runs at start, off the writer's thread
+    wait_for(lambda: len(sealed_segments(db)) == 1, what="the archived segments retired")
+    trail.close()
+    assert [s.name for _, s in sealed_segments(db)] == ["audit.db.000003"]
+    assert set(read_record(db)["retired"]) == {"audit.db.000001", "audit.db.000002"}
+    assert verify_trail(db, read_key(key), anchors).ok
