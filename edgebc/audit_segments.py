@@ -53,6 +53,9 @@ def trail_files(path: Path) -> tuple[Path, list[Path]]:
     if path.is_dir():
         bases = {re.sub(rf"\.\d{{{DIGITS}}}$", "", entry.name) for entry in path.iterdir()
                  if re.search(rf"\.\d{{{DIGITS}}}$", entry.name)}  # fmt: skip
+        # a live file not yet rotated: known by the lock its writer keeps beside it
+        bases |= {entry.name[: -len(".lock")] for entry in path.glob("*.lock")
+                  if (path / entry.name[: -len(".lock")]).is_file()}  # fmt: skip
         if len(bases) > 1:
             raise ValueError(f"{path}: segments of {len(bases)} trails ({', '.join(sorted(bases))}); "
                              "give the live file of one of them")  # fmt: skip

@@ -368,3 +368,12 @@ def test_the_service_itself_retires_only_archived_segments(tmp_path):
     assert [s.name for _, s in sealed_segments(db)] == ["audit.db.000003"]
     assert set(read_record(db)["retired"]) == {"audit.db.000001", "audit.db.000002"}
     assert verify_trail(db, read_key(key), anchors).ok
+
+
+def test_verify_takes_the_folder_of_a_trail_not_yet_rotated(tmp_path):
+    db, key, anchors = paths(tmp_path)
+    trail = open_trail(tmp_path)
+    trail.record(record(0))
+    trail.close()
+    verdict = verify_trail(db.parent, read_key(key), anchors)
+    assert verdict.ok and verdict.records == 1, verdict
