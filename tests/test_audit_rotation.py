@@ -377,3 +377,20 @@ def test_verify_takes_the_folder_of_a_trail_not_yet_rotated(tmp_path):
     trail.close()
     verdict = verify_trail(db.parent, read_key(key), anchors)
     assert verdict.ok and verdict.records == 1, verdict
+
+
+def test_a_second_server_on_the_same_audit_file_refuses_to_start(tmp_path):
+    from edgebc.errors import EdgebcError
+    from edgebc.serve.runtime import build_runtime
+    from tests.test_serve import settings_for
+
+    first = build_runtime(settings_for(tmp_path))
+    try:
+        with pytest.raises(EdgebcError, match=rf"cannot open it: audit trail .* is in use by another process \(pid {os.getpid()}: "):  # fmt: skip
+            build_runtime(settings_for(tmp_path))
+    finally:
+        first.audit.close()
+        first.backend.close()
+    second = build_runtime(settings_for(tmp_path))  # free once the first has closed its trail
+    second.audit.close()
+    second.backend.close()
