@@ -318,7 +318,12 @@ class AuditTrail:
 
     def _first_logged(self) -> float | None:
         row = self._connection.execute("SELECT logged_at FROM decisions ORDER BY id LIMIT 1").fetchone()  # fmt: skip
-        return None if row is None else dt.datetime.fromisoformat(row[0]).timestamp()
+        if row is None:
+            return None
+        try:
+            return dt.datetime.fromisoformat(row[0]).timestamp()
+        except (TypeError, ValueError):  # a log not written by edgebc's clock: its age starts now
+            return time.time()
 
     def _add_missing_columns(self) -> None:
         """A log written by an older edgebc lacks the newer columns (shift): added, the rows kept
