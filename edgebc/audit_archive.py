@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,6 +44,8 @@ def record_path(live: Path) -> Path:
 @contextlib.contextmanager
 def _record_lock(live: Path) -> Iterator[None]:
     """The server's retention thread and `edgebc audit archive` may both update the record."""
+    import fcntl  # POSIX only, as the service is
+
     lock = live.with_name(live.name + ".archive.lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -11,7 +11,6 @@ flock(2) for as long as a process has the trail open, keeps a second writer out.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
 import re
 import sys
@@ -75,6 +74,8 @@ class TrailLock:
     the kernel sees to: a killed server leaves no stale lock). The file says who holds it."""
 
     def __init__(self, live: Path) -> None:
+        import fcntl  # POSIX only (the service runs on Linux carts); not needed to read a trail
+
         self.path = live.with_name(live.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,6 +96,8 @@ class TrailLock:
         self._fd: int | None = fd
 
     def release(self) -> None:
+        import fcntl
+
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
