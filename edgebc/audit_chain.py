@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,18 +127,25 @@ class Verdict:
         return f"OK: {self.records} records, chain intact ({head}); " + "; ".join(self.notes)
 
 
-def verify_trail(path: str | Path, key: bytes | None = None,
-                 anchor_path: str | Path | None = None) -> Verdict:  # fmt: skip
-    """Walk the whole chain; the first record that breaks it is named in `problem`."""
+@dataclass
+class _Segment:
+    rows: list[tuple[Any, ...]]
+    events: list[tuple[Any, ...]]
+    replays: list[tuple[Any, ...]]
+    start: tuple[str, int, str] | None  # the sealed segment it follows: name, last id, last chain
+
+
+def _read_segment(path: Path) -> _Segment | str:
+    """One segment file's rows and bookkeeping, or what is wrong with the file."""
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         check = connection.execute("PRAGMA integrity_check").fetchone()[0]
         if check != "ok":
-            return Verdict(False, 0, None, None, f"{path}: SQLite integrity check failed: {check}")
+            return f"{path}: SQLite integrity check failed: {check}"
         columns = {row[1] for row in connection.execute("PRAGMA table_info(decisions)")}
         if "chain" not in columns:
-            return Verdict(False, 0, None, None, f"{path}: no hash chain (written by an older "
-                           "edgebc and not opened since; opening it with edgebc adds the chain)")  # fmt: skip
+            return (f"{path}: no hash chain (written by an older edgebc and not opened since; "
+                    "opening it with edgebc adds the chain)")  # fmt: skip
         rows = connection.execute(
             f"SELECT id, {', '.join(CHAINED_COLUMNS)}, chain, chain_mac FROM decisions ORDER BY id"
         ).fetchall()
@@ -148,48 +155,139 @@ def verify_trail(path: str | Path, key: bytes | None = None,
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
         replays = [] if "journal_replays" not in tables else connection.execute(
             "SELECT at, first_id, last_id FROM journal_replays ORDER BY first_id").fetchall()  # fmt: skip
+        starts = [] if "segment_start" not in tables else connection.execute(
+            "SELECT previous_segment, previous_id, previous_chain FROM segment_start").fetchall()  # fmt: skip
+    except sqlite3.DatabaseError as exc:
+        return f"{path}: cannot be read as an audit trail ({exc})"
     finally:
         connection.close()
-    verdict = _walk(rows, key)
-    if not verdict.ok:
-        return verdict
-    for at, first, last in events:
-        verdict.notes.append(f"records {first}..{last} were written before the chain and chained on {at}")  # fmt: skip
-    for at, first, last in replays:
-        verdict.notes.append(f"records {first}..{last} were replayed from the fallback journal on {at} "
-                             "(the trail could not be written when they were made)")  # fmt: skip
+    if len(starts) > 1:
+        return f"{path}: {len(starts)} segment_start rows (edited outside edgebc)"
+    start = None if not starts else (str(starts[0][0]), int(starts[0][1]), str(starts[0][2]))
+    return _Segment(rows, events, replays, start)
+
+
+def verify_segment(path: str | Path, key: bytes | None = None) -> Verdict:
+    """One segment's own chain, from the head it says it follows (an archive copy's check)."""
+    segment = _read_segment(Path(path))
+    if isinstance(segment, str):
+        return Verdict(False, 0, None, None, segment)
+    previous_id, previous = (0, GENESIS) if segment.start is None else segment.start[1:]
+    return _walk(segment.rows, key, previous, previous_id)
+
+
+def verify_trail(path: str | Path, key: bytes | None = None,
+                 anchor_path: str | Path | None = None,
+                 retired: Collection[str] | None = None) -> Verdict:  # fmt: skip
+    """Walk the whole chain across the trail's segments (`path`: its live file or a folder of its
+    segments), oldest first; the first record that breaks it, and its segment, is named in
+    `problem`, as is a missing or reordered segment. `retired`: names of segments deleted after
+    a verified archive, which the oldest segment here may follow (None: those the archive record
+    beside the trail names)."""
+    from edgebc.audit_archive import read_record
+    from edgebc.audit_segments import trail_files
+
+    try:
+        live, files = trail_files(Path(path))
+        if retired is None:
+            retired = list(read_record(live)["retired"])
+    except ValueError as exc:
+        return Verdict(False, 0, None, None, str(exc))
+    if not files:
+        return Verdict(False, 0, None, None, f"{path}: no audit trail there")
+    several = len(files) > 1
+    previous_id, previous = 0, GENESIS
+    chains: dict[int, str] = {}
+    notes: list[str] = []
+    records = 0
+    for index, file in enumerate(files):
+        segment = _read_segment(file)
+        if isinstance(segment, str):
+            return Verdict(False, records, None, None, segment)
+        where = f" in {file.name}" if several else ""
+        if segment.start is not None or index > 0:
+            broken = _follows(files, index, segment.start, (previous_id, previous), set(retired))
+            if broken is not None:
+                return Verdict(False, records, previous_id or None, previous, f"first broken segment: {broken}")  # fmt: skip
+            if segment.start is not None and index == 0:
+                notes.append(f"records 1..{segment.start[1]} (up to {segment.start[0]}) were archived "
+                             "and retired from here (verify the archive)")  # fmt: skip
+                previous_id, previous = segment.start[1], segment.start[2]
+        verdict = _walk(segment.rows, key, previous, previous_id, where)
+        records += verdict.records
+        if not verdict.ok:
+            verdict.records = records
+            return verdict
+        for row in segment.rows:
+            chains[row[0]] = row[-2]
+        if segment.rows:
+            previous_id, previous = segment.rows[-1][0], segment.rows[-1][-2]
+        for at, first, last in segment.events:
+            notes.append(f"records {first}..{last} were written before the chain and chained on {at}")  # fmt: skip
+        for at, first, last in segment.replays:
+            notes.append(f"records {first}..{last} were replayed from the fallback journal on {at} "
+                         "(the trail could not be written when they were made)")  # fmt: skip
+    verdict = Verdict(True, records, previous_id if records or previous_id else None,
+                      previous if records or previous_id else None, notes=notes)  # fmt: skip
+    if several:
+        verdict.notes.insert(0, f"{len(files)} segments ({files[0].name} .. {files[-1].name}) in order")  # fmt: skip
     if key is None:
         verdict.notes.append("MACs not checked (no --key): a rewritten chain would pass")
     else:
         verdict.notes.append("every MAC matches the key")
     if anchor_path is not None:
-        _check_anchors(verdict, rows, Path(anchor_path), key)
+        _check_anchors(verdict, chains, Path(anchor_path), key)
     return verdict
 
 
-def _walk(rows: list[tuple[Any, ...]], key: bytes | None) -> Verdict:
-    previous, previous_id = GENESIS, 0
+def _follows(files: list[Path], index: int, start: tuple[str, int, str] | None,
+             previous: tuple[int, str], retired: set[str]) -> str | None:  # fmt: skip
+    """Why the segment `files[index]` does not continue the one before it here (None: it does)."""
+    name = files[index].name
+    names = [file.name for file in files]
+    if start is None:
+        return f"{name} starts a new chain but comes after {names[index - 1]} (out of order, or not a segment of this trail)"  # fmt: skip
+    follows, last_id, last_chain = start
+    if index == 0:
+        if follows in retired:
+            return None
+        return (f"{follows} (records up to {last_id}), which {name} follows, is missing "
+                "(deleted, or archived elsewhere: verify that archive with this one)")  # fmt: skip
+    if follows != names[index - 1]:
+        if follows in names:
+            return f"{name} follows {follows}, not {names[index - 1]}: segments out of order"
+        return f"{follows} (records up to {last_id}), which {name} follows, is missing"
+    if (last_id, last_chain) != previous:
+        return (f"{name} follows record {last_id} ({last_chain[:16]}) of {follows}, but {follows} "
+                f"ends at record {previous[0]} ({previous[1][:16]}): {follows} was changed or replaced")  # fmt: skip
+    return None
+
+
+def _walk(rows: list[tuple[Any, ...]], key: bytes | None, previous: str = GENESIS,
+          previous_id: int = 0, where: str = "") -> Verdict:  # fmt: skip
     chains = [row[-2] for row in rows]
     for position, row in enumerate(rows):
         record_id, fields, chain, mac = row[0], row[1:-2], row[-2], row[-1]
         if record_id != previous_id + 1:
             missing = (f"record {previous_id + 1}" if record_id == previous_id + 2
                        else f"records {previous_id + 1}..{record_id - 1}")  # fmt: skip
-            return _broken(rows, position, f"{missing} deleted (ids jump from {previous_id} to {record_id})")  # fmt: skip
+            return _broken(rows, position, f"{missing} deleted (ids jump from {previous_id} to {record_id}){where}")  # fmt: skip
         if chain is None:
-            return _broken(rows, position, f"record {record_id} has no hash (added outside edgebc)")
+            return _broken(
+                rows, position, f"record {record_id}{where} has no hash (added outside edgebc)"
+            )
         if record_hash(previous, fields) != chain:
             # A record intact but in another place verifies after some other record's chain.
             nearby = chains[max(0, position - 64) : position + 64]
             if any(record_hash(other, fields) == chain for other in [GENESIS, *nearby]):
-                why = f"record {record_id} is out of order (reordered)"
+                why = f"record {record_id}{where} is out of order (reordered)"
             else:
-                why = f"record {record_id} was changed (its hash does not match its fields and the record before it)"  # fmt: skip
+                why = f"record {record_id}{where} was changed (its hash does not match its fields and the record before it)"  # fmt: skip
             return _broken(rows, position, why)
         if key is not None and (
             mac is None or not hmac.compare_digest(record_mac(key, chain), mac)
         ):
-            why = (f"record {record_id}: its MAC does not match the key (the chain was rewritten "
+            why = (f"record {record_id}{where}: its MAC does not match the key (the chain was rewritten "
                    "from here on, or this is not the trail's key)")  # fmt: skip
             return _broken(rows, position, why)
         previous, previous_id = chain, record_id
@@ -201,27 +299,32 @@ def _broken(rows: list[tuple[Any, ...]], position: int, why: str) -> Verdict:
     return Verdict(False, len(rows), rows[-1][0], rows[-1][-2], f"first broken record: {why}")
 
 
-def _check_anchors(verdict: Verdict, rows: list[tuple[Any, ...]], anchor_path: Path,
+def _check_anchors(verdict: Verdict, chains: dict[int, str], anchor_path: Path,
                    key: bytes | None) -> None:  # fmt: skip
-    """Every anchor must match the chain at its record; the newest says how far the trail reached."""
-    by_id = {row[0]: row[-2] for row in rows}
+    """Every anchor must match the chain at its record; the newest says how far the trail reached.
+    Anchors of records in retired segments (below the oldest record here) are not checked."""
     anchors = [json.loads(line) for line in anchor_path.read_text().splitlines() if line.strip()]
     if not anchors:
         verdict.notes.append(f"{anchor_path}: no anchors")
         return
+    oldest = min(chains, default=None)
+    last = max(chains, default=0)
+    skipped = 0
     for anchor in anchors:
         head_id, head = int(anchor["id"]), str(anchor["head"])
         if key is not None and not hmac.compare_digest(str(anchor.get("mac", "")),
                                                        record_mac(key, f"{head_id}:{head}")):  # fmt: skip
             verdict.ok, verdict.problem = False, f"anchor of {anchor['at']} (record {head_id}) has a wrong MAC: the anchor file was edited"  # fmt: skip
             return
-        if head_id not in by_id:
-            last = rows[-1][0] if rows else 0
+        if oldest is not None and head_id < oldest:
+            skipped += 1
+            continue
+        if head_id not in chains:
             verdict.ok = False
             verdict.problem = (f"first broken record: records {last + 1}..{head_id} are missing "
                                f"(truncated tail: the anchor of {anchor['at']} covered records 1..{head_id})")  # fmt: skip
             return
-        if by_id[head_id] != head:
+        if chains[head_id] != head:
             verdict.ok = False
             verdict.problem = (f"the chain up to record {head_id} differs from the anchor of "
                                f"{anchor['at']}: records 1..{head_id} were rewritten")  # fmt: skip
@@ -230,3 +333,5 @@ def _check_anchors(verdict: Verdict, rows: list[tuple[Any, ...]], anchor_path: P
     covered, total = int(newest["id"]), verdict.head_id or 0
     tail = f"; records {covered + 1}..{total} not yet anchored" if total > covered else ""
     verdict.notes.append(f"the anchor of {newest['at']} covers records 1..{covered}{tail}")
+    if skipped:
+        verdict.notes.append(f"{skipped} anchors fall in retired segments (not checked here)")

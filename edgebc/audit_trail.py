@@ -21,6 +21,7 @@ them) and withheld are counted exactly (`status()`, `summary()`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from edgebc.atomic import fsync_directory
+from edgebc.audit_archive import retire_segments, unarchived
 from edgebc.audit_chain import (
     CHAINED_COLUMNS,
     GENESIS,
@@ -46,6 +49,7 @@ from edgebc.audit_chain import (
     record_mac,
 )
 from edgebc.audit_journal import FallbackJournal, JournalDamagedError
+from edgebc.audit_segments import TrailLock, next_live_path, sealed_segments, segment_path
 from edgebc.errors import EdgebcError
 
 if TYPE_CHECKING:
@@ -85,6 +89,16 @@ CREATE TABLE IF NOT EXISTS journal_replays (
     first_id INTEGER NOT NULL,
     last_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS segment_start (
+    previous_segment TEXT NOT NULL,
+    previous_id INTEGER NOT NULL,
+    previous_chain TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS segment_start_no_update BEFORE UPDATE ON segment_start
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS segment_start_no_delete BEFORE DELETE ON segment_start
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS journal_replays_no_update BEFORE UPDATE ON journal_replays
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS journal_replays_no_delete BEFORE DELETE ON journal_replays
@@ -164,6 +178,7 @@ class TrailStatus:
     head: str | None
     journalled: int = 0  # in the fallback journal now, waiting to be replayed into the trail
     withheld: int = 0  # decisions refused (never shown) because they could not be recorded
+    unarchived_bytes: int = 0  # in sealed segments with no verified archive copy
 
     @property
     def all_committed(self) -> bool:
@@ -181,7 +196,10 @@ class AuditTrail:
     def __init__(self, path: str | Path, store_pixels: bool = False, store_patient_ids: bool = False,
                  flush_interval: float = 0.2, max_held: int = 256, max_bytes: int | None = None,
                  key_path: str | Path | None = None, anchor_path: str | Path | None = None,
-                 anchor_interval: float = 60.0, journal_path: str | Path | None = None) -> None:  # fmt: skip
+                 anchor_interval: float = 60.0, journal_path: str | Path | None = None,
+                 rotate_bytes: int | None = None, rotate_interval_s: float | None = None,
+                 keep_days: float | None = None, keep_bytes: int | None = None,
+                 max_unarchived_bytes: int | None = None) -> None:  # fmt: skip
         if max_held < 1:
             raise ValueError(f"max_held must be at least 1, got {max_held}")
         self.path = Path(path)
@@ -196,20 +214,32 @@ class AuditTrail:
         self.anchor_interval = anchor_interval
         self.store_pixels, self.store_patient_ids = store_pixels, store_patient_ids
         self.flush_interval = flush_interval
+        self.rotate_bytes, self.rotate_interval_s = rotate_bytes, rotate_interval_s
+        self.keep_days, self.keep_bytes = keep_days, keep_bytes
+        self.max_unarchived_bytes = max_unarchived_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One writer: a second process would fork the chain (raises AuditLockedError, naming it).
+        self._trail_lock = TrailLock(self.path)
+        try:
+            self._open(max_bytes, max_held, journal_path)
+        except BaseException:
+            self._trail_lock.release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="edgebc-audit-writer", daemon=True)
+        self._thread.start()
+
+    def _open(self, max_bytes: int | None, max_held: int, journal_path: str | Path | None) -> None:
+        self._finish_rotation()
         # A clean close checkpoints and removes the write-ahead log: one left with frames in it
         # means the last process to write the trail was killed or crashed.
         wal = self.path.with_name(self.path.name + "-wal")
         self.unclean_start = wal.exists() and wal.stat().st_size > 0
-        self._connection = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None
-        )
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.executescript(SCHEMA)
+        self._connection = self._connect()
         self._add_missing_columns()
+        self._continue_sealed_chain()
         self._chain_unchained_rows()
         self._head = self._read_head()
+        self._live_since = self._first_logged()
         self._anchored = self._head  # what the newest anchor says; None: nothing anchored yet
         self._anchored_at = time.monotonic()
         self._db_lock = (
@@ -223,7 +253,15 @@ class AuditTrail:
         self._trail_error: str | None = None  # why the trail cannot be written now
         self._journal_error: str | None = None  # why the journal cannot be written now
         self._written = self._lost = self._withheld = 0
-        self._backoff, self._next_try = flush_interval, 0.0  # retrying a failed trail
+        self._backoff, self._next_try = self.flush_interval, 0.0  # retrying a failed trail
+        self._next_rotation_try = 0.0  # after a failed rotation, when to try again
+        self._rotation_lock = threading.Lock()  # the writer's own rotations and rotate_now()
+        self.archive_check_interval = 30.0  # seconds between counts of what waits to be archived
+        self.retire_interval = 3600.0  # and between retention runs (also at start, after rotations)
+        self._retired_at = -1e9
+        self._unarchived = 0
+        self._archive_checked = -1e9
+        self._retiring: threading.Thread | None = None
         self._stop = threading.Event()
         self.journal = (
             None if journal_path is None else FallbackJournal(journal_path, self._key, self.path)
@@ -234,8 +272,58 @@ class AuditTrail:
             log.warning("audit trail %s was not closed by the process that last wrote it (killed or "
                         "crashed): what it committed is in the trail, what it journalled was replayed or waits "
                         "in the journal, and what it held in memory (at most audit.max_held) was lost", self.path)  # fmt: skip
-        self._thread = threading.Thread(target=self._run, name="edgebc-audit-writer", daemon=True)
-        self._thread.start()
+        self._housekeeping()
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.executescript(SCHEMA)
+        return connection
+
+    def _finish_rotation(self) -> None:
+        """A rotation cut off by a kill: after the live file was sealed, the prepared next one
+        becomes live; before that, the prepared one is dropped (the live file never stopped)."""
+        prepared = next_live_path(self.path)
+        if not prepared.exists():
+            return
+        if self.path.exists():
+            prepared.unlink()
+            log.warning("audit trail %s: a rotation was cut off before sealing; the live segment goes on", self.path)  # fmt: skip
+        else:
+            os.rename(prepared, self.path)
+            log.warning("audit trail %s: a rotation was cut off after sealing; it is finished now", self.path)  # fmt: skip
+        fsync_directory(self.path.parent)
+
+    def _continue_sealed_chain(self) -> None:
+        """A live file with no records and no start, beside sealed segments (a rotation's next
+        file was lost, or the live file was removed): its chain continues from the newest sealed
+        segment's head, so verify sees one chain (anchors show any records lost with the file)."""
+        sealed = sealed_segments(self.path)
+        if not sealed or self._segment_start() is not None:
+            return
+        if self._connection.execute("SELECT 1 FROM decisions LIMIT 1").fetchone():
+            return
+        last = sealed[-1][1]
+        head = _head_of(last)
+        if head is None:
+            return
+        self._connection.execute("INSERT INTO segment_start VALUES (?, ?, ?, ?)", (last.name, *head, _now()))  # fmt: skip
+        log.warning("audit trail %s: a new live segment continues the chain of %s from record %d",
+                    self.path, last.name, head[0])  # fmt: skip
+
+    def _segment_start(self) -> tuple[int, str] | None:
+        row = self._connection.execute("SELECT previous_id, previous_chain FROM segment_start").fetchone()  # fmt: skip
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def _first_logged(self) -> float | None:
+        row = self._connection.execute("SELECT logged_at FROM decisions ORDER BY id LIMIT 1").fetchone()  # fmt: skip
+        if row is None:
+            return None
+        try:
+            return dt.datetime.fromisoformat(row[0]).timestamp()
+        except (TypeError, ValueError):  # a log not written by edgebc's clock: its age starts now
+            return time.time()
 
     def _add_missing_columns(self) -> None:
         """A log written by an older edgebc lacks the newer columns (shift): added, the rows kept
@@ -257,7 +345,8 @@ class AuditTrail:
         ).fetchall()
         if not rows:
             return
-        previous = GENESIS if last is None else self._chain_of(last)
+        start = self._segment_start() or (0, GENESIS)
+        previous = start[1] if last is None else self._chain_of(last)
         connection.execute("BEGIN IMMEDIATE")
         try:
             connection.execute("DROP TRIGGER decisions_no_update")
@@ -280,11 +369,13 @@ class AuditTrail:
         return str(self._connection.execute("SELECT chain FROM decisions WHERE id = ?", (record_id,)).fetchone()[0])  # fmt: skip
 
     def _read_head(self) -> tuple[int, str] | None:
+        """The newest record of the live segment, else the sealed head it continues from."""
         row = self._connection.execute("SELECT id, chain FROM decisions ORDER BY id DESC LIMIT 1").fetchone()  # fmt: skip
-        return None if row is None else (int(row[0]), str(row[1]))
+        return self._segment_start() if row is None else (int(row[0]), str(row[1]))
 
     def set_max_bytes(self, max_bytes: int | None) -> None:
         """Cap the log's size (small SD cards); None removes the cap. Reaching it acts like a full disk."""
+        self._max_bytes = max_bytes
         with self._db_lock:
             page_size = int(self._connection.execute("PRAGMA page_size").fetchone()[0])
             pages = (max_bytes // page_size) if max_bytes else 1073741823
@@ -343,14 +434,22 @@ class AuditTrail:
                 None if self._head is None else self._head[1],
                 0 if self.journal is None else self.journal.count,
                 self._withheld,
+                self._unarchived,
             )
 
     def _problem_text(self, held: int) -> str | None:
         """What is wrong, with the counts of this moment (called under `_lock`)."""
         journalled = 0 if self.journal is None else self.journal.count
-        if self._trail_error is None and not journalled:
+        overdue = (
+            self.max_unarchived_bytes is not None and self._unarchived > self.max_unarchived_bytes
+        )
+        if self._trail_error is None and not journalled and not overdue:
             return None
         parts = []
+        if overdue:
+            parts.append(f"{self._unarchived / 1e9:.2f} GB of sealed audit segments not archived "
+                         f"(more than audit.max_unarchived_bytes, {self.max_unarchived_bytes / 1e9:.2f} GB): "  # type: ignore[operator]
+                         f"archive them now (edgebc audit archive DEST --trail {self.path}) before the disk fills")  # fmt: skip
         if self._trail_error is not None:
             parts.append(f"audit trail cannot be written ({self._trail_error})")
         if journalled:
@@ -377,7 +476,12 @@ class AuditTrail:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything recorded is committed to the trail (True; the journal replayed
         too) or `timeout` passes (False)."""
-        return self._wait(lambda status: status.pending == 0 and status.healthy, timeout)
+        return self._wait(
+            lambda status: (
+                status.pending == 0 and not status.journalled and self._trail_error is None
+            ),
+            timeout,
+        )
 
     def _wait(self, done: Any, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -395,6 +499,9 @@ class AuditTrail:
         self._thread.join(timeout)
         self._connection.close()
         self._anchor(force=True)
+        if self._retiring is not None:
+            self._retiring.join(timeout)
+        self._trail_lock.release()
         line = self.summary() + f" ({_describe(self._head)})"
         if self.status().healthy:
             log.info("closed: %s", line)
@@ -415,6 +522,112 @@ class AuditTrail:
                 append_anchor(self.anchor_path, self.path, head[0], head[1], self._key)
             except OSError as exc:  # the log line above still anchors it
                 log.error("audit anchor %s could not be written: %s", self.anchor_path, exc)
+
+    def _housekeeping(self) -> None:
+        """Seal the live segment when it is due; every 30 s (and after a rotation) count what
+        waits to be archived; at start, after a rotation and hourly retire what may go."""
+        rotated = self._rotation_due() and self._rotate()
+        if not rotated and time.monotonic() - self._archive_checked < self.archive_check_interval:
+            return
+        self._archive_checked = time.monotonic()
+        _, size = unarchived(self.path)
+        with self._lock:
+            self._unarchived = size
+        retire_due = rotated or time.monotonic() - self._retired_at >= self.retire_interval
+        if (
+            retire_due
+            and (self.keep_days is not None or self.keep_bytes is not None)
+            and (self._retiring is None or not self._retiring.is_alive())
+        ):
+            self._retired_at = time.monotonic()
+            self._retiring = threading.Thread(target=self._retire, name="edgebc-audit-retire", daemon=True)  # fmt: skip
+            self._retiring.start()
+
+    def _retire(self) -> None:
+        """Off the writer's thread: retiring hashes whole segments and their copies."""
+        try:
+            retire_segments(self.path, self.keep_days, self.keep_bytes)
+        except (OSError, ValueError) as exc:
+            log.error("audit trail %s: retiring archived segments failed: %s", self.path, exc)
+
+    def _rotation_due(self) -> bool:
+        journal = self.journal
+        if journal is not None and (journal.count or journal.path.exists()):
+            return False  # its replay must land in the segment that records its id
+        if self._trail_error is not None or self._held or self._live_since is None:
+            return False
+        if time.monotonic() < self._next_rotation_try:
+            return False
+        if (
+            self.rotate_interval_s is not None
+            and time.time() - self._live_since >= self.rotate_interval_s
+        ):
+            return True
+        if self.rotate_bytes is None:
+            return False
+        wal = self.path.with_name(self.path.name + "-wal")
+        size = self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+        return size >= self.rotate_bytes
+
+    def _rotate(self) -> bool:
+        """Seal the live segment as `<name>.NNNNNN` and start the next, chained to its head. The
+        next file is made first (a full disk leaves the live one as it is); then the live file is
+        made one self-contained file (no WAL), renamed, and the prepared file renamed into its
+        place. A kill at any point leaves what `_finish_rotation` completes at the next start."""
+        with self._rotation_lock:
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> bool:
+        # under the database lock throughout: the head the next segment follows cannot move
+        with self._db_lock:
+            head = self._head
+            if head is None or self._live_since is None:
+                return False
+            sealed = sealed_segments(self.path)
+            target = segment_path(self.path, (sealed[-1][0] if sealed else 0) + 1)
+            prepared = next_live_path(self.path)
+            try:
+                _prepare_segment(prepared, target.name, head)
+                self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                mode = self._connection.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+                if str(mode).lower() != "delete":
+                    raise sqlite3.OperationalError(f"it stays in {mode} mode (another reader has it open)")  # fmt: skip
+            except (sqlite3.Error, OSError) as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._connection.execute("PRAGMA journal_mode=WAL")
+                with contextlib.suppress(OSError):
+                    prepared.unlink(missing_ok=True)
+                return self._rotation_failed(exc)
+            self._connection.close()
+            try:
+                os.rename(self.path, target)
+                fsync_directory(self.path.parent)
+                with contextlib.suppress(OSError):
+                    os.chmod(target, 0o444)  # sealed: nothing writes it again
+            finally:
+                self._finish_rotation()  # the prepared file goes live, or (not sealed) goes
+                self._connection = self._connect()
+            self._live_since = None
+        self.set_max_bytes(self._max_bytes)
+        log.info("audit trail %s: sealed as %s at record %d; the new live segment continues the chain",
+                 self.path, target.name, head[0])  # fmt: skip
+        return True
+
+    def rotate_now(self) -> bool:
+        """Seal the live segment now (before an archive run, say): False when it holds no
+        records yet, or records wait in the journal or in memory, or sealing failed (logged)."""
+        journal = self.journal
+        if journal is not None and (journal.count or journal.path.exists()):
+            return False
+        if self._live_since is None or self._trail_error is not None:
+            return False
+        return self._rotate()
+
+    def _rotation_failed(self, exc: BaseException) -> bool:
+        log.error("audit trail %s: could not seal the live segment (%s); it goes on, retried in a minute",
+                  self.path, exc)  # fmt: skip
+        self._next_rotation_try = time.monotonic() + 60.0
+        return False
 
     def _row(self, entry: AuditRecord) -> tuple[Any, ...]:
         pixels = None
@@ -440,6 +653,7 @@ class AuditTrail:
                 self._held = batch
                 self._stop.wait(max(0.02, self._next_try - time.monotonic()))
             self._anchor()
+            self._housekeeping()
         # Stopping: one last try for everything held and queued, at the trail, else the journal.
         self._next_try = 0.0
         while batch := self._held or self._drain(wait=False):
@@ -577,6 +791,8 @@ class AuditTrail:
             raise
         with self._lock:
             self._head = (record_id, previous)
+        if self._live_since is None:
+            self._live_since = time.time()
         return first
 
     _insert = (
@@ -594,6 +810,33 @@ class AuditTrail:
             except queue.Empty:
                 break
         return batch
+
+
+def _prepare_segment(path: Path, follows: str, head: tuple[int, str]) -> None:
+    """The next live segment, empty but for the head of the segment it continues."""
+    path.unlink(missing_ok=True)
+    connection = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.executescript(SCHEMA)
+        connection.execute(
+            "INSERT INTO segment_start VALUES (?, ?, ?, ?)", (follows, *head, _now())
+        )
+    finally:
+        connection.close()
+    fsync_directory(path.parent)
+
+
+def _head_of(segment: Path) -> tuple[int, str] | None:
+    """A sealed segment's last record (or, when it has none, the head it continued from)."""
+    connection = sqlite3.connect(f"file:{segment}?mode=ro", uri=True)
+    try:
+        row = connection.execute("SELECT id, chain FROM decisions ORDER BY id DESC LIMIT 1").fetchone()  # fmt: skip
+        if row is None:
+            row = connection.execute("SELECT previous_id, previous_chain FROM segment_start").fetchone()  # fmt: skip
+    finally:
+        connection.close()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _same_filesystem(a: Path, b: Path) -> bool:

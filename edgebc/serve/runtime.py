@@ -428,6 +428,11 @@ def build_runtime(
             journal_path=settings.audit.fallback_path
             or default_journal_path(key_path, settings.audit.path),
             max_held=settings.audit.max_held,
+            rotate_bytes=settings.audit.rotate_bytes,
+            rotate_interval_s=settings.audit.rotate_interval_s,
+            keep_days=settings.audit.keep_days,
+            keep_bytes=settings.audit.keep_bytes,
+            max_unarchived_bytes=settings.audit.max_unarchived_bytes,
         )
     except Exception as exc:
         backend.close()
@@ -437,7 +442,8 @@ def build_runtime(
     broadcast = PageBroadcast()
     pipeline = LivePipeline(classifier, reader, [broadcast, *([display] if display else [])],
                             settings.smoothing, settings.auto_region, settings.max_result_age,
-                            audit=AuditSink(audit, settings.audit.source_names))  # fmt: skip
+                            audit=AuditSink(audit, settings.audit.source_names, settings.audit.record,
+                                            settings.audit.sample_interval_s))  # fmt: skip
     runtime = ServeRuntime(settings, backend, settings.model_path, check, pipeline, audit,
                            broadcast, token, UploadQueue(settings.max_pending_uploads, settings.admission_wait_s), display)  # fmt: skip
     if display is not None:

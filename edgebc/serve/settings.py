@@ -61,10 +61,44 @@ class AuditSettings:
     # Records held in memory when neither the trail nor the journal can take them; beyond this
     # the decisions are withheld (not shown, uploads 503): what a kill can lose at most.
     max_held: int = 256
+    # Rotation (edgebc.audit_segments): the live file is sealed as <path>.000001, .000002, ... once
+    # it reaches rotate_bytes or its first record is rotate_interval_s old, and the chain runs on in
+    # a new live file. None: no limit of that kind.
+    rotate_bytes: int | None = 256 * 1024 * 1024
+    rotate_interval_s: float | None = 24 * 3600.0
+    # Retention (edgebc.audit_archive): sealed segments older than keep_days, or the oldest while
+    # the trail's files exceed keep_bytes, are deleted, but only those `edgebc audit archive`
+    # copied and verified and whose copy is still there. None: kept however old or large.
+    keep_days: float | None = 30.0
+    keep_bytes: int | None = None
+    # Sealed segments with no verified archive copy beyond this: not ready, and says so (someone
+    # must archive before the disk fills). None: no limit.
+    max_unarchived_bytes: int | None = 8 * 1024**3
+    # What the live loop records: every frame, or only the frames whose displayed decision,
+    # quality or shift state changed plus one every sample_interval_s ("changes"). Uploads are
+    # always recorded.
+    record: Literal["every_frame", "changes"] = "every_frame"
+    sample_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_held < 1:
             raise ValueError(f"audit.max_held must be at least 1, got {self.max_held}")
+        for name in (
+            "rotate_bytes",
+            "rotate_interval_s",
+            "keep_days",
+            "keep_bytes",
+            "max_unarchived_bytes",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(
+                    f"audit.{name} must be positive (or null for no limit), got {value}"
+                )
+        if self.sample_interval_s <= 0:
+            raise ValueError(
+                f"audit.sample_interval_s must be positive, got {self.sample_interval_s}"
+            )
 
 
 @dataclass(frozen=True)

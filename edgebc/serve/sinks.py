@@ -36,15 +36,39 @@ STAGES = (
 
 
 class AuditSink:
-    """Every result into the audit trail: queued here, committed by the trail's own thread."""
+    """Every result into the audit trail (`record="every_frame"`), or only the results whose
+    displayed state changed plus one every `sample_interval_s` (`"changes"`): queued here,
+    committed by the trail's own thread. The displayed state is what a clinician could have acted
+    on: the smoothed decision, the frame's quality verdict and the shift check's action."""
 
     name = "audit"
 
-    def __init__(self, trail: AuditTrail, source_names: str = "hash") -> None:
+    def __init__(self, trail: AuditTrail, source_names: str = "hash", record: str = "every_frame",
+                 sample_interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        if record not in ("every_frame", "changes"):
+            raise ValueError(f"audit.record is 'every_frame' or 'changes', not {record!r}")
         self.trail = trail
         self.source_names = source_names
+        self.record = record
+        self.sample_interval_s = sample_interval_s
+        self._clock = clock
+        self._last: tuple[Any, ...] | None = None  # the displayed state last recorded
+        self._last_at = 0.0
+        self.skipped = 0  # results not recorded ("changes": nothing changed, no sample due)
+
+    def _due(self, result: LiveResult) -> bool:
+        if self.record == "every_frame":
+            return True
+        state = (result.smoothed.label, str(result.decision.quality), result.decision.shift_action)
+        now = self._clock()
+        if state != self._last or now - self._last_at >= self.sample_interval_s:
+            return True
+        self.skipped += 1
+        return False
 
     def handle(self, result: LiveResult) -> None:
+        if not self._due(result):
+            return
         frame = result.frame
         self.trail.record(
             record_of(
@@ -58,6 +82,13 @@ class AuditSink:
                 pixels=frame.image if self.trail.store_pixels else None,
             )
         )
+        # only once the trail took it: a withheld record is tried again with the next frame
+        self._last = (
+            result.smoothed.label,
+            str(result.decision.quality),
+            result.decision.shift_action,
+        )
+        self._last_at = self._clock()
 
     def close(self) -> None:
         """Commit every queued record."""
