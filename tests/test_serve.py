@@ -140,6 +140,7 @@ def test_metrics_are_prometheus_text_from_the_pipeline(served):
     assert decisions + families["edgebc_no_decisions"].samples[0].value <= frames + 5
     assert families["edgebc_feed_ok"].samples[0].value == 1
     assert families["edgebc_ready"].samples[0].value == 1
+    assert families["edgebc_audit_unarchived_bytes"].samples[0].value == 0  # nothing sealed yet
     stages = {s.labels["stage"] for s in families["edgebc_latency_milliseconds"].samples}
     assert {"inference", "end_to_end"} <= stages
 

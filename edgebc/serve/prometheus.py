@@ -89,6 +89,11 @@ class _Collector:
             "Audit records in the fallback journal, waiting to be replayed into the trail",
             value=trail.journalled,
         )
+        yield GaugeMetricFamily(
+            "edgebc_audit_unarchived_bytes",
+            "Bytes of sealed audit segments without a verified archive copy (edgebc audit archive)",
+            value=trail.unarchived_bytes,
+        )
         yield CounterMetricFamily(
             "edgebc_audit_records_lost",
             "Audit records that could be written neither to the trail nor to the fallback journal",
