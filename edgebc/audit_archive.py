@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from edgebc.atomic import atomic_write_text, fsync_directory
-from edgebc.audit_chain import verify_segment
+from edgebc.audit_chain import retirement_mac, verify_segment
 from edgebc.audit_segments import sealed_segments
 from edgebc.errors import EdgebcError
+from edgebc.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ def read_record(live: Path) -> dict[str, Any]:
 
 def _write_record(live: Path, record: dict[str, Any]) -> None:
     atomic_write_text(record_path(live), json.dumps(record, indent=1) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _verified_copies(entry: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -172,21 +165,29 @@ def unarchived(live: Path) -> tuple[int, int]:
     return count, size
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def retire_segments(live: Path, keep_days: float | None, keep_bytes: int | None,
-                    now: float | None = None) -> list[str]:  # fmt: skip
+                    now: float | None = None, key: bytes | None = None) -> list[str]:  # fmt: skip
     """Delete sealed segments older than `keep_days`, or the oldest while the trail's files exceed
     `keep_bytes`, but only those with a confirmed archive copy. One line per segment acted on."""
     now = time.time() if now is None else now
-    segments = sealed_segments(live)
-    total = sum(s.stat().st_size for _, s in segments) + (
-        live.stat().st_size if live.exists() else 0
-    )
     lines = []
-    with _record_lock(live):
+    with _record_lock(live):  # listed under the lock: another retirer may have just deleted some
+        sizes = {segment: _size(segment) for _, segment in sealed_segments(live)}
+        total = sum(sizes.values()) + _size(live)
         record = read_record(live)
-        for _, segment in segments:
-            size = segment.stat().st_size
-            old = keep_days is not None and now - segment.stat().st_mtime > keep_days * 86400
+        for segment, size in sizes.items():
+            try:
+                modified = segment.stat().st_mtime
+            except FileNotFoundError:
+                continue  # retired by another process meanwhile
+            old = keep_days is not None and now - modified > keep_days * 86400
             over = keep_bytes is not None and total > keep_bytes
             if not (old or over):
                 continue
@@ -198,8 +199,11 @@ def retire_segments(live: Path, keep_days: float | None, keep_bytes: int | None,
                 continue
             # The record first: a kill between the two leaves a retired segment still present
             # (deleted next time), never a missing one that nothing explains.
-            record["retired"][segment.name] = {"at": _now(), "archive": confirmed, "sha256": entry["sha256"],
-                                               "records": entry["records"]}  # fmt: skip
+            retirement = {"at": _now(), "archive": confirmed, "sha256": entry["sha256"],
+                          "records": entry["records"]}  # fmt: skip
+            if key is not None:  # what lets `verify --key` tell a retirement from a deletion
+                retirement["mac"] = retirement_mac(key, segment.name, retirement)
+            record["retired"][segment.name] = retirement
             _write_record(live, record)
             segment.unlink()
             fsync_directory(segment.parent)

@@ -45,6 +45,14 @@ def record_mac(key: bytes, chain: str) -> str:
     return hmac.new(key, chain.encode(), hashlib.sha256).hexdigest()
 
 
+def retirement_mac(key: bytes, name: str, entry: dict[str, Any]) -> str:
+    """The MAC of a segment's retirement in the archive record (`<trail>.archive.json`): without
+    it, whoever can write beside the trail could delete its oldest segments and call them
+    retired; with the key, `verify` accepts only retirements the service or its operator made."""
+    fields = json.dumps([name, entry.get("sha256"), entry.get("records")], sort_keys=True)
+    return record_mac(key, "retired\n" + fields)
+
+
 def default_key_path() -> Path:
     """Where the service keeps its audit key unless told otherwise: systemd's StateDirectory when
     it sets one, else the user's state folder (never beside the trail)."""
@@ -190,7 +198,9 @@ def verify_trail(path: str | Path, key: bytes | None = None,
     try:
         live, files = trail_files(Path(path))
         if retired is None:
-            retired = list(read_record(live)["retired"])
+            entries = read_record(live)["retired"]
+            retired = [name for name, entry in entries.items()  # under a key: authenticated only
+                       if key is None or hmac.compare_digest(str(entry.get("mac", "")), retirement_mac(key, name, entry))]  # fmt: skip
     except ValueError as exc:
         return Verdict(False, 0, None, None, str(exc))
     if not files:

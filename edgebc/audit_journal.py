@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgebc.atomic import fsync_directory
 from edgebc.audit_chain import CHAINED_COLUMNS, canonical, record_mac
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class FallbackJournal:
         finally:
             os.close(fd)
         if size == 0:
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
         self.count += len(rows)
 
     def read(self) -> tuple[str, list[tuple[Any, ...]]]:
@@ -126,7 +127,7 @@ class FallbackJournal:
     def remove(self) -> None:
         """Once its records are committed to the trail."""
         self.path.unlink(missing_ok=True)
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
         self.count = 0
 
     def _line(self, row: Sequence[Any]) -> str:
@@ -141,17 +142,3 @@ class FallbackJournal:
 
 def _mac(key: bytes, row: Sequence[Any]) -> str:
     return record_mac(key, hashlib.sha256(canonical(row)).hexdigest())
-
-
-def _fsync_directory(folder: Path) -> None:
-    """A created or removed file is durable only once its directory entry is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -546,7 +546,7 @@ class AuditTrail:
     def _retire(self) -> None:
         """Off the writer's thread: retiring hashes whole segments and their copies."""
         try:
-            retire_segments(self.path, self.keep_days, self.keep_bytes)
+            retire_segments(self.path, self.keep_days, self.keep_bytes, key=self._key)
         except (OSError, ValueError) as exc:
             log.error("audit trail %s: retiring archived segments failed: %s", self.path, exc)
 
@@ -647,13 +647,23 @@ class AuditTrail:
     def _run(self) -> None:
         while not self._stop.is_set():
             batch = self._held or self._drain()
-            if self._step(batch):
+            try:
+                stored = self._step(batch)
+            except Exception as exc:  # the writer must never die: said, held, tried again
+                log.exception("audit trail %s: unexpected error while writing", self.path)
+                self._trail_failed(exc)
+                stored = False
+            if stored:
                 self._done(batch)
             else:  # nowhere to put it: wait for the next try at the trail (or a stop)
                 self._held = batch
                 self._stop.wait(max(0.02, self._next_try - time.monotonic()))
-            self._anchor()
-            self._housekeeping()
+            try:
+                self._anchor()
+                self._housekeeping()
+            except Exception as exc:  # a failed rotation or count: unhealthy until a write works
+                log.exception("audit trail %s: rotation or archive bookkeeping failed", self.path)
+                self._trail_failed(exc)
         # Stopping: one last try for everything held and queued, at the trail, else the journal.
         self._next_try = 0.0
         while batch := self._held or self._drain(wait=False):

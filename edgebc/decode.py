@@ -428,26 +428,35 @@ def _libjpeg_warnings_logged() -> Iterator[None]:
     """libjpeg prints its warnings straight to the process's stderr (OpenCV passes none of them on):
     the scan check's probe draws "Corrupt JPEG data: 4095 extraneous bytes before marker 0xd9"
     for every good JPEG, which a cart's log must not fill with. While it decodes, file descriptor
-    2 goes to a scratch file; libjpeg's lines become debug log lines and anything else written
-    meanwhile (another thread's output) is passed on to stderr unchanged."""
+    2 goes to an in-memory file (no disk: a full /tmp must not break decoding); libjpeg's lines
+    become debug log lines and anything else written meanwhile (another thread's output) is passed
+    on to stderr unchanged. Where no in-memory file can be made, nothing is redirected."""
     import logging
     import os
-    import tempfile
 
-    with _STDERR, tempfile.TemporaryFile() as scratch:
-        saved = os.dup(2)
-        os.dup2(scratch.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            scratch.seek(0)
-            for line in scratch.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if line.startswith(_LIBJPEG_WARNINGS):
-                    logging.getLogger(__name__).debug("libjpeg: %s", line.strip())
-                else:
-                    os.write(2, line.encode())
+    try:
+        scratch = os.memfd_create("edgebc-libjpeg", getattr(os, "MFD_CLOEXEC", 0))
+    except (AttributeError, OSError):  # not Linux, or no memory: the lines stay on stderr
+        yield
+        return
+    try:
+        with _STDERR:
+            saved = os.dup(2)
+            os.dup2(scratch, 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+        os.lseek(scratch, 0, os.SEEK_SET)
+        text = b"".join(iter(lambda: os.read(scratch, 65536), b"")).decode("utf-8", "replace")
+    finally:
+        os.close(scratch)
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_LIBJPEG_WARNINGS):
+            logging.getLogger(__name__).debug("libjpeg: %s", line.strip())
+        else:
+            os.write(2, line.encode())
 
 
 def _check_jpeg_scan(data: bytes, name: str) -> None:

@@ -434,6 +434,7 @@ def probe_source(uri: str, timeout: float = 5.0) -> str:
         frames: list[Frame] = found["frames"]
         if not frames:
             raise SourceError(f"{uri}: opened, but it has no frame")
+        declared = source.declared() if isinstance(source, OpenCVSource) else ""  # while open
     finally:
         if not reader.is_alive():
             source.close()
@@ -445,7 +446,6 @@ def probe_source(uri: str, timeout: float = 5.0) -> str:
         facts.append(
             f"next frame after {1000 * (frames[1].captured_monotonic - frames[0].captured_monotonic):.0f} ms"
         )
-    declared = source.declared() if isinstance(source, OpenCVSource) else ""
     return ", ".join([*facts, *([declared] if declared else [])])
 
 

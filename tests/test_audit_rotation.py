@@ -215,7 +215,8 @@ def test_archive_verifies_each_copy_and_retire_deletes_only_verified_segments(tm
     trail.record(record(99))
     assert trail.flush(5.0) and trail.rotate_now()
     trail.close()
-    assert main(["audit", "retire", "--trail", str(db), "--keep-bytes", "1"]) == 1  # one kept
+    retire = ["audit", "retire", "--trail", str(db), "--keep-bytes", "1", "--key", str(key)]
+    assert main(retire) == 1  # one kept
     out = capsys.readouterr().out
     assert "deleted audit.db.000001" in out and "deleted audit.db.000002" in out
     assert "kept audit.db.000003: no verified archive copy" in out
@@ -223,6 +224,16 @@ def test_archive_verifies_each_copy_and_retire_deletes_only_verified_segments(tm
     verdict = verify_trail(db, read_key(key), anchors)  # what is left still verifies, and says why
     assert verdict.ok and verdict.records == 11 and verdict.head_id == 31, verdict  # 21..31
     assert any("records 1..20 (up to audit.db.000002) were archived and retired" in n for n in verdict.notes)  # fmt: skip
+    # Deleting the oldest segments and calling them retired in the archive record, without the
+    # key, is a deletion to `verify --key`: each retirement carries the key's MAC.
+    record_path = db.with_name(db.name + ".archive.json")
+    forged = json.loads(record_path.read_text())
+    for entry in forged["retired"].values():
+        entry["mac"] = "0" * 64
+    record_path.write_text(json.dumps(forged))
+    verdict = verify_trail(db, read_key(key), anchors)
+    assert not verdict.ok and "audit.db.000002 (records up to 20), which audit.db.000003 follows, is missing" in verdict.problem  # fmt: skip
+    assert verify_trail(db, None).ok  # without the key nothing can be told apart: said in a note
     # archiving again copies only what is new, and a second run finds it all there
     assert [a.already for a in archive_segments(db, stick)] == [False]
     assert [a.already for a in archive_segments(db, stick)] == [True]

@@ -104,6 +104,8 @@ def test_every_option_shows_one_default_the_true_one():
             assert "(default: None)" not in entry and "(default: [])" not in entry, (words, entry)
             checked += 1
     assert checked > 150  # every subcommand's options were looked at
+    synth = re.sub(r"\s+", " ", dict(every_parser())[("synth",)].format_help())
+    assert "the same seed writes the same files (default: 0)" in synth  # a zero is a default
 
 
 @pytest.mark.parametrize(

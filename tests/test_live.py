@@ -255,3 +255,16 @@ def test_a_missing_device_is_said_once_in_an_edgebc_line_not_opencvs(caplog, cap
         "source reopening: v4l2:57: cannot open (device absent, busy or no permission?)"
     ]
     assert "WARN" not in capfd.readouterr().err
+
+
+def test_probe_says_what_a_video_declares(tmp_path):
+    """`edgebc serve --check` on a video: its size and channels from a frame, its rate and pixel
+    format from what the container declares (read while it is open)."""
+    from edgebc.sources import probe_source
+    from edgebc.synth.cine import write_video
+
+    frames = [np.full((48, 64), 40 * k, np.uint8) for k in range(4)]
+    write_video(frames, tmp_path / "clip.avi")
+    found = probe_source(str(tmp_path / "clip.avi"))
+    assert found.startswith("64x48, 3 channels uint8") and "declared" in found and "fps" in found
+    assert "format MJPG" in found

@@ -2,7 +2,8 @@
 
 Only where the config asks for it (`data.phantoms`): a real dataset's missing manifest stays an
 error, since data are never made up in its place. The same steps as the commands a user would
-run (`edgebc synth`, then `edgebc data split`), so the result is the one they would get.
+run (`edgebc synth`, then `edgebc data split --calibration 0.15`), so the result is the one they
+would get.
 """
 
 from __future__ import annotations

@@ -55,13 +55,23 @@ udevadm control --reload || true
 udevadm trigger --subsystem-match=video4linux || true
 udevadm settle --timeout=10 || true
 # The settings are checked before anything is switched over: a typo, or a source that cannot be
-# opened (the card unplugged), stops the install here.
-"$prefix/venv/bin/edgebc" serve --config "$config" --check
+# opened (the card unplugged), stops the install here. On a re-run (an upgrade) the running
+# service holds the capture card, so it is stopped for the check and started again after.
+was_running=false
+if systemctl is-active --quiet edgebc.service 2> /dev/null; then
+  was_running=true
+  systemctl stop edgebc.service
+fi
+if ! "$prefix/venv/bin/edgebc" serve --config "$config" --check; then
+  if [ "$was_running" = true ]; then systemctl start edgebc.service; fi  # as it was: old settings
+  exit 1
+fi
 install -m 0640 -g edgebc "$config" /etc/edgebc/edgebc.yaml
 
 install -m 0644 "$here/edgebc.service" /etc/systemd/system/edgebc.service
 ln -sf "$prefix/venv/bin/edgebc" /usr/local/bin/edgebc
 systemctl daemon-reload
 systemctl enable edgebc.service
+if [ "$was_running" = true ]; then systemctl restart edgebc.service; fi
 echo "installed. Next: sudo EDGEBC_MODEL_STORE=/var/lib/edgebc/models edgebc model install MODEL.onnx"
 echo "then: sudo systemctl restart edgebc && journalctl -u edgebc -f"

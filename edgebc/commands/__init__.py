@@ -33,6 +33,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, "", []) or "default" in text.lower():
+        default = action.default
+        nothing = default is None or default is False or default == "" or default == []
+        if nothing or "default" in text.lower():
             return text
         return super()._get_help_string(action)

@@ -56,6 +56,9 @@ def register_audit(commands: argparse._SubParsersAction) -> None:
                         help="delete archived segments older than this many days")  # fmt: skip
     retire.add_argument("--keep-bytes", type=int, default=None,
                         help="delete the oldest archived segments while the trail's files exceed this")  # fmt: skip
+    retire.add_argument("--key", type=Path, required=True,
+                        help="the service's audit key file (audit.key_path): each retirement is "
+                        "signed with it, so `verify --key` can tell it from a deletion")  # fmt: skip
     audit.set_defaults(handler=run_audit)
 
 
@@ -95,10 +98,11 @@ def _archive(args: argparse.Namespace) -> int:
 
 def _retire(args: argparse.Namespace) -> int:
     from edgebc.audit_archive import retire_segments
+    from edgebc.audit_chain import read_key
 
     if args.keep_days is None and args.keep_bytes is None:
         raise ValueError("say what to keep: --keep-days and/or --keep-bytes")
-    lines = retire_segments(args.trail, args.keep_days, args.keep_bytes)
+    lines = retire_segments(args.trail, args.keep_days, args.keep_bytes, key=read_key(args.key))
     for line in lines:
         print(line)
     if not lines:

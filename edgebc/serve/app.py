@@ -108,16 +108,14 @@ def _declare_the_upload_limit(app: Any, limit: int) -> None:
     """The schema's upload body states this server's size limit. As text, not `maxLength`: a JSON
     Schema length counts characters, not the bytes of a binary body (and schema fuzzers then
     "violate" it with bodies they cannot make that long)."""
-    from fastapi.openapi.utils import get_openapi
+    generated = app.openapi  # FastAPI's own, which caches its schema in app.openapi_schema
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                                 description=app.description, routes=app.routes)  # fmt: skip
-            body = schema["paths"]["/v1/classify"]["post"]["requestBody"]
+            body = generated()["paths"]["/v1/classify"]["post"]["requestBody"]
             body["description"] += f": {limit} bytes on this server (413 above)"
-            app.openapi_schema = schema
-        return dict(app.openapi_schema)
+        schema: dict[str, Any] = app.openapi_schema
+        return schema
 
     app.openapi = openapi
 

@@ -74,11 +74,13 @@ class Sink(Protocol):
 
     `handle` runs on the loop's thread for every result, so it must be quick (queue, wake, count);
     `close` runs once when the service stops. An exception from the audit sink withdraws the
-    result; from any other sink it is counted and logged, and the others still get the result."""
+    result; from any other sink it is counted and logged, and the others still get the result.
+    What `handle` returns is ignored, except the audit sink's False: nothing was recorded (its
+    `changes` mode skipped the result), so it proves nothing about a trail that was refusing."""
 
     name: str  # the stage its hand-off time is reported under
 
-    def handle(self, result: LiveResult) -> None: ...
+    def handle(self, result: LiveResult) -> object: ...
 
     def close(self) -> None: ...
 
@@ -223,7 +225,7 @@ class LivePipeline:
         if self.audit is not None:
             started = time.perf_counter()
             try:
-                self.audit.handle(result)
+                recorded = self.audit.handle(result)
             except Exception as exc:  # never show a decision that was not logged
                 self.statistics.failed()
                 self._refusals += 1
@@ -234,7 +236,7 @@ class LivePipeline:
                 with self._lock:
                     self._refused = f"the audit trail could not record the newest result ({exc})"
                 return None
-            if self._refusals:
+            if self._refusals and recorded is not False:  # a skipped result proves nothing
                 log.warning("the audit trail records again; %d results were withheld meanwhile",
                             self._refusals)  # fmt: skip
                 self._refusals = 0

@@ -279,7 +279,7 @@ async def _read_body(request: Request, limit: int, runtime: ServeRuntime) -> byt
             chunk = await asyncio.wait_for(chunks.__anext__(), started + due - time.monotonic())
         except StopAsyncIteration:
             break
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError only from Python 3.11
             runtime.uploads.count("too_slow")
             raise HTTPException(
                 408,
@@ -349,7 +349,7 @@ async def _token_given(socket: WebSocket, token: str) -> bool:
     """Browsers cannot set headers on WebSockets: the token comes as {"token": ...} first."""
     try:
         hello = await asyncio.wait_for(socket.receive_json(), 5.0)
-    except (TimeoutError, ValueError, WebSocketDisconnect):
+    except (asyncio.TimeoutError, ValueError, WebSocketDisconnect):
         hello = {}
     given = hello.get("token", "") if isinstance(hello, dict) else ""
     return isinstance(given, str) and hmac.compare_digest(given, token)

@@ -66,9 +66,10 @@ class AuditSink:
         self.skipped += 1
         return False
 
-    def handle(self, result: LiveResult) -> None:
+    def handle(self, result: LiveResult) -> bool:
+        """Record the result when it is due; whether it was recorded (False: skipped, "changes")."""
         if not self._due(result):
-            return
+            return False
         frame = result.frame
         self.trail.record(
             record_of(
@@ -89,6 +90,7 @@ class AuditSink:
             result.decision.shift_action,
         )
         self._last_at = self._clock()
+        return True
 
     def close(self) -> None:
         """Commit every queued record."""
