@@ -156,7 +156,9 @@ def test_a_slowloris_connection_is_closed_at_the_header_deadline(tmp_path):
             slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: cart\r\n")
             assert server.get("/healthz").status_code == 200
             closed = _closed_within(slow, 6.0, b"X-Slow: 1\r\n")
-        assert closed is not None  # cut off within the 6 s looked at (before: open for as long as it liked)
+        assert (
+            closed is not None
+        )  # cut off within the 6 s looked at (before: open for as long as it liked)
 
 
 def test_a_slow_body_gets_408_and_frees_its_upload_slot(tmp_path):
