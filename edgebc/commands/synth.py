@@ -37,6 +37,20 @@ def register_synth(commands: argparse._SubParsersAction) -> None:
         "--cine", type=int, default=0, help="cine clips per class (AVI video plus frame folder)"
     )
     synth.add_argument("--cine-frames", type=int, default=30, help="frames per cine clip")
+    synth.add_argument(
+        "--mammo-women",
+        type=int,
+        default=0,
+        help="framed mammogram sets to write (L/R x CC/MLO per woman, labels and markers, "
+        "a view column and truth.json)",
+    )
+    synth.add_argument(
+        "--mammo-bits",
+        type=int,
+        choices=(8, 12),
+        default=8,
+        help="framed mammogram depth: 8-bit PNG, or 12-bit values in a 16-bit PNG (as FFDM)",
+    )
     synth.set_defaults(handler=run_synth)
 
 
@@ -53,8 +67,10 @@ def run_synth(args: argparse.Namespace) -> int:
         args.screens,
         args.cine,
         args.cine_frames,
+        mammo_women=args.mammo_women,
+        mammo_bits=args.mammo_bits,
     )
-    total = plan.n_per_class * 3 + plan.cine_per_class * 3
+    total = plan.n_per_class * 3 + plan.cine_per_class * 3 + plan.mammo_women
     with tqdm(total=total, desc="synth", unit="item", disable=None) as bar:
         manifest = write_phantom_dataset(args.out, plan, progress=bar.update)
     print(f"wrote {manifest}")

@@ -5,11 +5,16 @@ manifest that names a missing file):
 
     OUT/us/<class>/<class>_0000.png (+ _mask.png)      ultrasound phantoms
     OUT/mammo/<class>/<class>_0000.png (+ _mask.png)   mammography phantoms (modality both|mammo)
+    OUT/mammography/mg-0000/mg-0000_L-CC.png (+ _mask.png, _breast.png), truth.json
+                                                       framed mammograms: four views per woman
     OUT/screens/<class>_0000.png + regions.json        scanner-screen framing and the true regions
     OUT/cine/<class>_00.avi + <class>_00/frame_0000.png  probe sweeps, as video and frame folders
     OUT/manifest.csv
 
 Item k of class c comes from its own seeded stream, so adding items never changes earlier ones.
+Framed mammograms come as women (patient_id mg-NNNN), each with L-CC, L-MLO, R-CC and R-MLO
+views (the `view` column): woman k has class k mod 3 in one breast, and the other breast is
+normal; truth.json holds each image's laterality, view, finding, label block and marker boxes.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from edgebc.data.manifest import write_manifest
 from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.synth.cine import make_cine, write_video
 from edgebc.synth.mammo import make_mammo_phantom
+from edgebc.synth.mammogram import LATERALITIES, VIEWS, draw_breast, make_mammogram
 from edgebc.synth.screen import render_scanner_screen
 from edgebc.synth.ultrasound import LesionDescriptors, make_ultrasound_phantom, phantom_rng
 
-_STREAM = {"us": 1, "mammo": 2, "screen": 3, "cine": 4}
+_STREAM = {"us": 1, "mammo": 2, "screen": 3, "cine": 4, "mammogram": 5}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class SynthPlan:
     cine_per_class: int = 0
     cine_frames: int = 30
     fps: float = 30.0
+    mammo_women: int = 0  # framed four-view mammogram sets (OUT/mammography)
+    mammo_bits: int = 8  # 8, or 12 (16-bit PNGs holding 12-bit values, as from FFDM)
 
     def __post_init__(self) -> None:
         if self.n_per_class < 1:
@@ -56,6 +64,12 @@ class SynthPlan:
             raise ValueError(f"modality must be us, mammo or both, got {self.modality!r}")
         if self.screens < 0 or self.cine_per_class < 0 or self.cine_frames < 1:
             raise ValueError("screens and cine_per_class must be >= 0 and cine_frames >= 1")
+        if self.mammo_women < 0:
+            raise ValueError(f"mammo_women must be >= 0, got {self.mammo_women}")
+        if self.mammo_bits not in (8, 12):
+            raise ValueError(f"mammo_bits must be 8 or 12, got {self.mammo_bits}")
+        if self.mammo_women and self.size < 104:
+            raise ValueError(f"framed mammograms need size >= 104 pixels, got {self.size}")
 
 
 def write_phantom_dataset(
@@ -103,6 +117,8 @@ def write_phantom_dataset(
         _write_screens(out / "screens", plan)
     if plan.cine_per_class:
         _write_cines(out / "cine", plan, tick)
+    if plan.mammo_women:
+        samples.extend(_write_mammograms(out / "mammography", plan, tick))
     return write_manifest(samples, out / "manifest.csv")
 
 
@@ -172,6 +188,47 @@ def _write_cines(folder: Path, plan: SynthPlan, tick: Callable[[int], None]) -> 
             for index, frame in enumerate(frames):
                 atomic_write_bytes(folder / name / f"frame_{index:04d}.png", _png(frame))
             tick(1)
+
+
+def _write_mammograms(folder: Path, plan: SynthPlan, tick: Callable[[int], None]) -> list[Sample]:
+    samples = []
+    truth: dict[str, dict[str, object]] = {}
+    height, width = round(plan.size * 1.25), plan.size  # portrait, like a detector
+    for woman in range(plan.mammo_women):
+        patient = f"mg-{woman:04d}"
+        label = CLASS_NAMES[woman % len(CLASS_NAMES)]
+        affected = LATERALITIES[
+            int(phantom_rng(plan.seed, _STREAM["mammogram"], woman).integers(2))
+        ]
+        for side_index, laterality in enumerate(LATERALITIES):
+            side_label = label if laterality == affected else "normal"
+            breast = draw_breast(
+                side_label, phantom_rng(plan.seed, _STREAM["mammogram"], woman, side_index, 9)
+            )
+            for view_index, view in enumerate(VIEWS):
+                rng = phantom_rng(plan.seed, _STREAM["mammogram"], woman, side_index, view_index)
+                mg = make_mammogram(breast, rng, laterality, view, height, width, plan.mammo_bits)
+                stem = f"{patient}_{mg.view_code}"
+                item = _write_item(folder / patient, stem, mg.image, mg.mask, side_label, "mammo")
+                breast_path = folder / patient / f"{stem}_breast.png"
+                atomic_write_bytes(breast_path, _png(mg.breast * 255))
+                samples.append(
+                    item.with_(patient_id=patient, view=mg.view_code, findings=mg.findings)
+                )
+                truth[f"{patient}/{stem}.png"] = {
+                    "label": side_label,
+                    "laterality": mg.laterality,
+                    "view": mg.view,
+                    "chest_wall": mg.chest_wall,
+                    "breast_mask": breast_path.name,
+                    "bits": plan.mammo_bits,
+                    "findings": [asdict(f) for f in mg.findings],
+                    "label_box": list(mg.label_box),
+                    "marker_boxes": [list(b) for b in mg.marker_boxes],
+                }
+        tick(1)
+    atomic_write_text(folder / "truth.json", json.dumps(truth, indent=2) + "\n")
+    return samples
 
 
 def _png(image: np.ndarray) -> bytes:
