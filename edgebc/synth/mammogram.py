@@ -145,7 +145,8 @@ def make_mammogram(
         severity = "M" if breast.label == "malignant" else "B"
         findings = (Finding(kind, severity, float(cx), float(cy), float(radius)),)
         mask &= breast_mask.astype(np.uint8)  # a mass never spills onto the background
-    image = np.where(breast_mask, image, 0.0) + rng.normal(0, 0.004, image.shape)
+    noise = rng.normal(0, 0.004, image.shape)
+    image = (np.where(breast_mask, image, 0.0) + noise).astype(np.float32)
 
     breast_u8 = breast_mask.astype(np.uint8)
     pectoral_u8 = pectoral_mask.astype(np.uint8)
