@@ -10,7 +10,7 @@ import pytest
 
 from edgebc.data import read_dataset
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
-from edgebc.synth.mammogram import draw_breast, make_mammogram
+from edgebc.synth.mammogram import BreastParameters, draw_breast, make_mammogram
 from edgebc.synth.ultrasound import phantom_rng
 
 
@@ -105,6 +105,13 @@ def test_findings_lie_inside_the_breast_and_off_the_pectoral_muscle():
                 assert m.breast[y, x] == 1 and m.pectoral[y, x] == 0 and m.mask[y, x] == 1
                 assert m.mask.sum() > 0 and (m.mask & (1 - m.breast)).sum() == 0
     assert _mammogram("normal").findings == () and _mammogram("normal").mask.sum() == 0
+    # A finding drawn high up near the chest wall is moved down the breast, off the muscle.
+    high = BreastParameters("benign", 0.5, 0.3, -1.0, 0.05, calcifications=False)
+    for seed in range(4):
+        m = make_mammogram(high, phantom_rng(seed, 2), "L", "MLO", 240, 192)
+        (finding,) = m.findings
+        assert m.mask.sum() > 0 and (m.mask & m.pectoral).sum() == 0
+        assert m.breast[int(finding.y), int(finding.x)] == 1
 
 
 def test_bad_arguments_are_refused():
