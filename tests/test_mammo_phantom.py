@@ -101,7 +101,7 @@ def test_findings_lie_inside_the_breast_and_off_the_pectoral_muscle():
                 m = _mammogram(label, "R" if seed % 2 else "L", view, seed=seed)
                 (finding,) = m.findings
                 assert finding.severity == ("M" if label == "malignant" else "B")
-                x, y = int(round(finding.x)), int(round(finding.y))
+                x, y = round(finding.x), round(finding.y)
                 assert m.breast[y, x] == 1 and m.pectoral[y, x] == 0 and m.mask[y, x] == 1
                 assert m.mask.sum() > 0 and (m.mask & (1 - m.breast)).sum() == 0
     assert _mammogram("normal").findings == () and _mammogram("normal").mask.sum() == 0
