@@ -1,6 +1,7 @@
 """The one preprocessing shared by training, evaluation, INT8 calibration and the device.
 
-A frame goes: imaging-region crop -> burned-in marks painted out (optional) -> the model's
+A frame goes: imaging-region crop -> breast crop and laterality (optional, mammograms) ->
+burned-in marks painted out (optional) -> the model's
 channels -> appearance normalisation (optional: a per-frame intensity transfer curve that undoes
 scanner gain and dynamic range) -> resize (stretch or letterbox) -> scale to [0, 1] ->
 (x - mean) / std -> NCHW float32. Every number that defines this lives in
@@ -19,6 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from edgebc.breast import LATERALITY_MODES, prepare_breast
 from edgebc.config import from_mapping, to_mapping
 from edgebc.marks import remove_marks
 from edgebc.region import Region
@@ -48,6 +50,13 @@ class PreprocessCard:
     black surround): "stretch" maps the 1st..99th percentile to the full range (undoes overall
     gain and contrast), "equalise" maps each level to its rank (undoes any monotone transfer
     curve: gain, gamma, log compression, dynamic range). "none" is the old behaviour.
+
+    breast_crop (mammograms) crops the frame to the breast, the largest bright connected region,
+    with a margin, and blacks out what lies off it: the film's background, labels and markers
+    (edgebc.breast). laterality "left" mirrors a breast whose chest wall is on the right, judged
+    from the image itself, so every breast faces the same way; "keep" leaves it. Both defaults
+    (False, "keep") are the old behaviour; a frame with no breast on it is refused
+    (NoBreastFoundError) when either is on.
     """
 
     input_height: int = 224
@@ -60,6 +69,8 @@ class PreprocessCard:
     pad_value: float = 0.0
     marks: Literal["keep", "inpaint"] = "keep"
     appearance: Literal["none", "stretch", "equalise"] = "none"
+    breast_crop: bool = False
+    laterality: Literal["keep", "left"] = "keep"
     version: int = CARD_VERSION
 
     def __post_init__(self) -> None:
@@ -92,6 +103,12 @@ class PreprocessCard:
         if self.appearance not in APPEARANCES:
             raise ValueError(
                 f"appearance must be one of {list(APPEARANCES)}, got {self.appearance!r}"
+            )
+        if not isinstance(self.breast_crop, bool):
+            raise ValueError(f"breast_crop must be true or false, got {self.breast_crop!r}")
+        if self.laterality not in LATERALITY_MODES:
+            raise ValueError(
+                f"laterality must be one of {list(LATERALITY_MODES)}, got {self.laterality!r}"
             )
         if self.version != CARD_VERSION:
             raise ValueError(
@@ -166,6 +183,7 @@ def preprocess_chw(
     image = validated_image(image)
     if region is not None:
         image = region.crop(image)
+    image = prepare_breast(image, prep.breast_crop, prep.laterality)
     if prep.marks == "inpaint":
         image = remove_marks(image)
     image = to_channels(image, prep.channels)
