@@ -5,10 +5,13 @@ confirmed by thumbnail correlation), label conflicts (one image under two classe
 frames, frames with burned-in calipers or text, and size/mode statistics. Writes a JSON and a
 Markdown report and a cleaned manifest whose `group` column keeps near-duplicates together in
 every later split. On BUSI this finds, among others, `benign (433)` == `malignant (145)`.
+Mammograms (modality mammo/mg) get a Mammography part as well: bit depth, views, laterality
+stated vs found in the image, frames with no breast (edgebc.data.mammo_audit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -22,9 +25,20 @@ from typing import Any, Literal
 import numpy as np
 
 from edgebc.atomic import atomic_write_text
-from edgebc.data.fingerprint import Fingerprint, fingerprint_file
+from edgebc.data.fingerprint import Fingerprint, fingerprint_image
+from edgebc.data.mammo_audit import (
+    MIN_DETAIL_CORRELATION,
+    MammogramFacts,
+    breast_detail,
+    examine_mammogram,
+    is_mammogram,
+    render_mammography,
+    summarise_mammograms,
+    to_full_scale,
+)
 from edgebc.data.manifest import write_manifest
 from edgebc.data.records import Sample
+from edgebc.decode import decode_image
 from edgebc.errors import EdgebcError
 
 log = logging.getLogger(__name__)
@@ -64,9 +78,13 @@ class AuditReport:
     suspected_annotations: list[dict[str, Any]] = field(default_factory=list)
     sizes: dict[str, Any] = field(default_factory=dict)
     cleaning: dict[str, Any] = field(default_factory=dict)
+    mammography: dict[str, Any] = field(default_factory=dict)  # empty without mammograms
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.mammography:  # an ultrasound data set's report keeps its keys
+            del out["mammography"]
+        return out
 
 
 @dataclass
@@ -94,10 +112,12 @@ def audit_samples(
         per_class=dict(sorted(Counter(s.label for s in samples).items())),
     )
     prints: dict[int, Fingerprint] = {}
+    mammograms: dict[int, MammogramFacts] = {}
+    details: dict[int, np.ndarray] = {}
 
-    def work(index: int) -> tuple[int, Fingerprint | Exception]:
+    def work(index: int) -> tuple[int, _Examined | Exception]:
         try:
-            return index, fingerprint_file(samples[index].path)
+            return index, _examine(samples[index])
         except (EdgebcError, OSError, ValueError) as exc:
             return index, exc
 
@@ -106,13 +126,27 @@ def audit_samples(
             if isinstance(outcome, Exception):
                 report.unreadable.append({"path": str(samples[index].path), "error": str(outcome)})
             else:
-                prints[index] = outcome
+                prints[index] = outcome[0]
+                if outcome[1] is not None:
+                    mammograms[index], details[index] = outcome[1]
             if progress:
                 progress(1)
     readable = sorted(prints)
     _describe_images(report, samples, prints, thresholds)
     exact_sets = _exact_duplicate_sets(readable, prints)
     near_pairs = _near_duplicate_pairs(readable, prints, thresholds)
+    if details:  # two mammograms must share tissue detail, not only a silhouette
+        looked_alike = len(near_pairs)
+        near_pairs = [
+            (a, b, distance, correlation)
+            for a, b, distance, correlation in near_pairs
+            if a not in details
+            or b not in details
+            or float(details[a] @ details[b]) >= MIN_DETAIL_CORRELATION
+        ]
+        report.mammography = summarise_mammograms(
+            samples, mammograms, pairs_rejected=looked_alike - len(near_pairs)
+        )
     groups = _union_groups(
         readable,
         [(a, b) for members in exact_sets for a, b in itertools.pairwise(members)]
@@ -199,6 +233,26 @@ def audit_samples(
     return AuditResult(report=report, cleaned=cleaned)
 
 
+_Examined = tuple[Fingerprint, tuple[MammogramFacts, np.ndarray] | None]
+
+
+def _examine(sample: Sample) -> _Examined:
+    """Decode once; fingerprint the frame and, for a mammogram, examine it and keep its breast
+    detail (see edgebc.data.mammo_audit).
+
+    A mammogram is fingerprinted at its stored bits' full scale: the fingerprint's 8-bit view
+    keeps a uint16 frame's top byte, which for a 12-bit mammogram is levels 0..15, and
+    duplicates would be judged on a nearly flat picture.
+    """
+    data = sample.path.read_bytes()
+    image = decode_image(data, str(sample.path))
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not is_mammogram(sample):
+        return fingerprint_image(image, sha256), None
+    facts = examine_mammogram(image), breast_detail(image)
+    return fingerprint_image(to_full_scale(image), sha256), facts
+
+
 def write_audit(result: AuditResult, out_dir: str | Path) -> dict[str, Path]:
     """Write audit.json, audit.md and manifest.clean.csv into `out_dir` (each atomically)."""
     out = Path(out_dir)
@@ -248,6 +302,8 @@ def render_markdown(report: AuditReport) -> str:
         lines += ["## Unreadable files", ""]
         lines += [f"- `{u['path']}`: {u['error']}" for u in report.unreadable]
         lines.append("")
+    if report.mammography:
+        lines += render_mammography(report.mammography)
     sizes = report.sizes
     if sizes:
         lines += [
