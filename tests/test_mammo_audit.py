@@ -151,3 +151,16 @@ def test_mini_mias_is_eight_bit_mlo_without_duplicates(data_dir):
     # mini-MIAS holds no duplicate film; silhouettes alone would join over a hundred women.
     assert report.near_duplicate_groups == [] and report.exact_duplicates == []
     assert block["near_duplicate_pairs_rejected_by_detail"] > 100
+
+
+def test_the_command_line_summary_names_the_mammograms(phantoms, tmp_path, capsys):
+    from edgebc.cli import main
+    from edgebc.data import write_manifest
+
+    manifest = write_manifest(_mammograms(phantoms), tmp_path / "mg.csv")
+    assert main(["data", "audit", str(manifest), "--out", str(tmp_path / "audit")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  mammograms: L-CC 3, L-MLO 3, R-CC 3, R-MLO 3; 0 laterality mismatches, 0 without a breast"
+        in out
+    )

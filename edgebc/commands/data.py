@@ -110,6 +110,13 @@ def run_audit(args: argparse.Namespace) -> int:
     for conflict in report.label_conflicts:
         names = ", ".join(f"{Path(m['path']).name} ({m['label']})" for m in conflict["members"])
         print(f"  label conflict ({conflict['kind']}): {names}")
+    if report.mammography:
+        mg = report.mammography
+        views = ", ".join(f"{view} {n}" for view, n in mg["views"].items())
+        print(
+            f"  mammograms: {views}; {len(mg['laterality_mismatches'])} laterality mismatches, "
+            f"{len(mg['no_breast'])} without a breast (see the report)"
+        )
     print(
         f"wrote {paths['markdown']}, {paths['json']}, {paths['manifest']} ({report.cleaning['kept']} kept)"
     )

@@ -69,7 +69,10 @@ def make_mammo_phantom(label: str, rng: np.random.Generator, size: int = 256) ->
     image = image + rng.normal(0, 0.01, image.shape)
     view = "left" if rng.random() < 0.5 else "right"
     out = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-    if view == "left":  # chest wall on the right, as in an even-numbered MIAS film
+    # NB: "left" here has the chest wall on the RIGHT edge, the opposite of the mini-MIAS films
+    # (a left breast lies against the left edge) and of the framed mammograms in mammogram.py;
+    # kept as it is for the tests that pin this phantom's pixels.
+    if view == "left":
         out, mask = out[:, ::-1].copy(), mask[:, ::-1].copy()
         findings = tuple(
             Finding(f.kind, f.severity, size - 1 - f.x if f.x is not None else None, f.y, f.radius)
