@@ -76,8 +76,9 @@ class UploadQueue:
 
     At most `capacity` uploads are in the server at once (their bodies are what it bounds). The
     work (decode, classify) runs one upload at a time beside the live loop; one more may wait for
-    it, for at most twice the measured time an upload takes (never longer than `max_wait_s`), so an
-    accepted upload waits about one upload's time and the rest are refused at once."""
+    it, for at most half the measured time an upload takes (never longer than `max_wait_s`), so an
+    accepted upload takes at most about 1.5 times one upload's time (its wait, then its own work)
+    and the rest are refused at once: the accepted p99 stays within 2x the unloaded one."""
 
     def __init__(self, capacity: int, max_wait_s: float) -> None:
         self.capacity = capacity
@@ -123,10 +124,10 @@ class UploadQueue:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def wait_bound(self) -> float:
-        """How long an upload may wait for the worker: twice the typical upload's work (until one
+        """How long an upload may wait for the worker: half the typical upload's work (until one
         is measured, max_wait_s), at most max_wait_s."""
         with self._lock:
-            typical = self.max_wait_s if self._service_s is None else 2 * self._service_s
+            typical = self.max_wait_s if self._service_s is None else 0.5 * self._service_s
         return min(self.max_wait_s, typical)
 
     def run(self, work: Callable[[], Any]) -> Any:
