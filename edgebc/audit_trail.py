@@ -95,25 +95,21 @@ CREATE TABLE IF NOT EXISTS segment_start (
     previous_chain TEXT NOT NULL,
     at TEXT NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS segment_start_no_update BEFORE UPDATE ON segment_start
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS segment_start_no_delete BEFORE DELETE ON segment_start
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS journal_replays_no_update BEFORE UPDATE ON journal_replays
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS journal_replays_no_delete BEFORE DELETE ON journal_replays
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS decisions_no_update BEFORE UPDATE ON decisions
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS decisions_no_delete BEFORE DELETE ON decisions
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS chain_events_no_update BEFORE UPDATE ON chain_events
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS chain_events_no_delete BEFORE DELETE ON chain_events
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
-_NO_UPDATE = """CREATE TRIGGER decisions_no_update BEFORE UPDATE ON decisions
-    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"""
+# Every table of the trail refuses UPDATE and DELETE; whoever can drop the triggers is caught by
+# the hash chain and its MACs instead (edgebc.audit_chain).
+APPEND_ONLY_TABLES = ("segment_start", "journal_replays", "decisions", "chain_events")
+
+
+def _append_only(table: str, event: str, if_not_exists: bool = True) -> str:
+    return (f"CREATE TRIGGER {'IF NOT EXISTS ' if if_not_exists else ''}{table}_no_{event.lower()} "
+            f"BEFORE {event} ON {table}\n    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END")  # fmt: skip
+
+
+SCHEMA += "".join(
+    f"{_append_only(t, e)};\n" for t in APPEND_ONLY_TABLES for e in ("UPDATE", "DELETE")
+)
+_NO_UPDATE = _append_only("decisions", "UPDATE", if_not_exists=False)
 _COLUMNS = ("id", *CHAINED_COLUMNS, "chain", "chain_mac")
 
 
