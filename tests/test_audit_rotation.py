@@ -18,7 +18,7 @@ from edgebc.audit_chain import read_key, verify_trail
 from edgebc.audit_segments import AuditLockedError, next_live_path, sealed_segments
 from edgebc.audit_trail import AuditTrail, _prepare_segment, read_trail
 from tests.test_audit_full_disk import FULL, journal_lines, wait_for
-from tests.test_audit_trail import record
+from tests.test_audit_trail import record, tamper
 
 
 def paths(tmp_path):
@@ -51,16 +51,6 @@ def ids_of(segment):
         return [row[0] for row in connection.execute("SELECT id FROM decisions ORDER BY id")]
     finally:
         connection.close()
-
-
-def tamper(segment, *statements):
-    os.chmod(segment, 0o644)
-    connection = sqlite3.connect(segment, isolation_level=None)
-    connection.execute("DROP TRIGGER IF EXISTS decisions_no_update")
-    connection.execute("DROP TRIGGER IF EXISTS decisions_no_delete")
-    for statement in statements:
-        connection.execute(statement)
-    connection.close()
 
 
 def test_size_rotation_continues_the_ids_and_the_chain_across_segments(tmp_path, capsys):

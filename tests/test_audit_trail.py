@@ -144,10 +144,12 @@ def chained(tmp_path, n=30):
 
 
 def tamper(db, *statements):
-    """What someone holding the audit file can do: drop the triggers and edit rows."""
+    """What someone holding the audit file can do: make it writable (a sealed segment is
+    read-only), drop the triggers and edit rows."""
+    os.chmod(db, 0o644)
     connection = sqlite3.connect(db, isolation_level=None)
-    connection.execute("DROP TRIGGER decisions_no_update")
-    connection.execute("DROP TRIGGER decisions_no_delete")
+    connection.execute("DROP TRIGGER IF EXISTS decisions_no_update")
+    connection.execute("DROP TRIGGER IF EXISTS decisions_no_delete")
     for statement in statements:
         connection.execute(statement)
     connection.close()
