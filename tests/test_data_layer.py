@@ -117,7 +117,7 @@ def test_mias_labels_findings_and_bottom_left_origin(tmp_path):
     assert (
         samples["mdb001"].patient_id == samples["mdb002"].patient_id != samples["mdb003"].patient_id
     )
-    assert (samples["mdb001"].view, samples["mdb002"].view) == ("right", "left")
+    assert (samples["mdb001"].view, samples["mdb002"].view) == ("R-MLO", "L-MLO")
 
 
 @pytest.mark.data

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from edgebc import metrics
 from edgebc.atomic import atomic_write_text
 from edgebc.data import read_dataset
-from edgebc.data.records import Sample
+from edgebc.data.records import Sample, card_modality
 from edgebc.decision import DecisionRule
 from edgebc.errors import ConfigError, EdgebcError
 from edgebc.model_card import ModelCard, ModelOutput, single_input
@@ -573,7 +573,8 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
     task = config.data.resolved_task()
     model = config.model
     return ModelCard(
-        name=config.name, arch=model.arch, task=task, inputs=single_input(config.preprocess),
+        name=config.name, arch=model.arch, task=task,
+        inputs=single_input(config.preprocess, modality=card_modality(config.data.modality)),
         outputs=(ModelOutput("logits", "logits", len(task.classes)),),
         arch_options={"width_mult": model.width_mult, "head": model.head, "dropout": model.dropout},
         metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,

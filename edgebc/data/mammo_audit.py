@@ -30,10 +30,9 @@ import cv2
 import numpy as np
 
 from edgebc.breast import NoBreastFoundError, find_breast
-from edgebc.data.records import Sample
+from edgebc.data.records import MAMMOGRAPHY_MODALITIES, Sample
 from edgebc.decode import to_grey_uint8
 
-MAMMOGRAPHY_MODALITIES = ("mammo", "mg", "mammography")
 #: Sources whose reader states only the side: every film of mini-MIAS is an MLO view.
 KNOWN_PROJECTIONS = {"mias": "MLO"}
 #: Two mammograms are near-duplicates only if their breast detail correlates at least this much.

@@ -109,7 +109,8 @@ def read_mias(root: str | Path) -> list[Sample]:
 
     Info.txt gives centres with the origin at the BOTTOM-left; findings here use the top-left,
     like every image array. Odd/even numbers are the two breasts of one woman, so they share a
-    patient id (right = odd, left = even), and a split keeps them together.
+    patient id (right = odd, left = even), and a split keeps them together; every film is an MLO
+    view, so `view` is `R-MLO` or `L-MLO`.
     """
     root = Path(root)
     info = root / "Info.txt"
@@ -147,7 +148,7 @@ def read_mias(root: str | Path) -> list[Sample]:
                 label=label,
                 patient_id=f"mias-{(number + 1) // 2:03d}",
                 modality="mammo",
-                view="right" if number % 2 else "left",
+                view="R-MLO" if number % 2 else "L-MLO",  # every MIAS film is an MLO view
                 source="mias",
                 findings=findings,
                 extra=(("tissue", tissue[ref]),),

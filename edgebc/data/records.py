@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -25,6 +26,15 @@ class Finding:
     x: float | None = None
     y: float | None = None
     radius: float | None = None
+
+
+#: Manifest modality names that mean mammography; a model card calls that modality `mg`.
+MAMMOGRAPHY_MODALITIES = ("mammo", "mg", "mammography")
+
+
+def card_modality(modality: str | None) -> Literal["us", "mg"]:
+    """The model card's name (`us`, `mg`) for a manifest's modality column (`mammo`, `us`, ...)."""
+    return "mg" if (modality or "").strip().lower() in MAMMOGRAPHY_MODALITIES else "us"
 
 
 @dataclass(frozen=True)
