@@ -180,13 +180,7 @@ def preprocess_chw(
     image: np.ndarray, prep: PreprocessCard, region: Region | None = None
 ) -> np.ndarray:
     """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
-    image = validated_image(image)
-    if region is not None:
-        image = region.crop(image)
-    image = prepare_breast(image, prep.breast_crop, prep.laterality)
-    if prep.marks == "inpaint":
-        image = remove_marks(image)
-    image = to_channels(image, prep.channels)
+    image = to_channels(prepared_frame(image, prep, region), prep.channels)
     image = normalise_appearance(image, prep.appearance)
     image = resize_to_input(image, prep)
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
@@ -196,6 +190,21 @@ def preprocess_chw(
     inv_std = np.float32(1.0) / np.asarray(prep.std, np.float32)
     normalised = (scaled - mean) * inv_std
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def prepared_frame(
+    image: np.ndarray, prep: PreprocessCard, region: Region | None = None
+) -> np.ndarray:
+    """The frame at its own resolution and depth as the model's input is made from it: the
+    imaging region, the breast (cropped, turned) and marks removed, before channels, appearance
+    and resize. Grad-CAM draws a mammogram's heat map back onto it."""
+    image = validated_image(image)
+    if region is not None:
+        image = region.crop(image)
+    image = prepare_breast(image, prep.breast_crop, prep.laterality)
+    if prep.marks == "inpaint":
+        image = remove_marks(image)
+    return image
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

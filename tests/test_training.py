@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -281,3 +282,32 @@ def test_the_smoke_config_makes_its_phantoms_and_split_on_first_use(tmp_path, ca
     code = main(["train", "--config", "configs/smoke_phantoms.yaml", "--set", "data.phantoms=null",
                  "--set", f"data.manifest={missing}", "--set", "optim.epochs=1"])  # fmt: skip
     assert code == 1 and not missing.exists() and "real-split.csv" in capsys.readouterr().err
+
+
+def test_a_mammography_run_has_an_mg_card_and_heat_maps_on_the_full_resolution_breast(tmp_path):
+    from edgebc.decode import read_image
+    from edgebc.preprocess import prepared_frame
+    from edgebc.train.evaluate import evaluate_checkpoint
+
+    manifest = write_phantom_dataset(
+        tmp_path / "ph", SynthPlan(n_per_class=1, size=128, seed=3, mammo_women=9)
+    )
+    samples = read_manifest(manifest)
+    split = write_manifest(
+        assign_splits(samples, SplitPlan(val=0.25, test=0.25, seed=1)), tmp_path / "split.csv"
+    )
+    config = _config(split, tmp_path, "mg", "data.modality=mammo", "data.task=malignant_vs_rest",
+                     "preprocess.breast_crop=true", "preprocess.laterality=left",
+                     "preprocess.input_height=48", "augment.hflip=0")  # fmt: skip
+    run = loop.train_model(config, show_progress=False)
+    card = load_checkpoint(run.best_checkpoint).card
+    assert [(i.modality, i.preprocess.breast_crop) for i in card.inputs] == [("mg", True)]
+    report = evaluate_checkpoint(
+        run.best_checkpoint, split, tmp_path / "eval", "test", n_boot=20, gradcam_per_kind=1
+    )
+    tested = [s for s in read_manifest(split) if s.split == "test" and s.modality == "mammo"]
+    assert report["n"] == len(tested) and report["gradcam"]
+    sizes = {prepared_frame(read_image(s.path), card.preprocess).shape for s in tested}
+    for path in report["gradcam"]:  # drawn on the cropped breast at its own size, not at 48x32
+        picture = cv2.imread(path)
+        assert picture.shape[:2] in {size[:2] for size in sizes} and picture.shape[0] > 48

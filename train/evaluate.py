@@ -35,7 +35,7 @@ from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard, preprocess_chw
+from edgebc.preprocess import PreprocessCard, prepared_frame, preprocess_chw
 from edgebc.train import plots
 
 # Manifest columns the subgroup table splits by unless told otherwise; `annotations` is the audit's
@@ -92,7 +92,7 @@ def evaluate_checkpoint(
     _write_predictions(out / "predictions.csv", samples, probs, rule)
     _write_figures(out, report, probs, y, card.class_names, card.positive)
     report["gradcam"] = model.gradcams(
-        out / "gradcam", images, probs, y, rule, gradcam_per_kind, seed
+        out / "gradcam", images, probs, y, rule, gradcam_per_kind, seed, samples
     )
     report["lesion_attention"] = model.lesion_attention(samples, images, y)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
@@ -128,15 +128,19 @@ class _EvalModel:
         )
 
     def gradcams(self, folder: Path, images: np.ndarray, probs: np.ndarray, y: np.ndarray,
-                 rule: DecisionRule, per_kind: int, seed: int) -> list[str] | str:  # fmt: skip
+                 rule: DecisionRule, per_kind: int, seed: int,
+                 samples: Sequence[Sample]) -> list[str] | str:  # fmt: skip
         if self._torch_model is None:
             return "not available for ONNX models: Grad-CAM needs gradients; evaluate the checkpoint for heat maps"
         from edgebc.train.models import model_spec
 
         torch = require("torch", "Grad-CAM")
         layer = self._torch_model.get_submodule(model_spec(self.card.arch).cam_layer)
+        # A mammogram's map goes back onto the breast at the film's resolution (gradcam module).
+        full_resolution = self.card.inputs[0].modality == "mg"
         return _write_gradcams(folder, self._torch_model, layer, torch.from_numpy(images), probs,
-                               y, self.card.preprocess, rule, per_kind, seed)  # fmt: skip
+                               y, self.card.preprocess, rule, per_kind, seed,
+                               samples if full_resolution else None)  # fmt: skip
 
     def lesion_attention(
         self, samples: Sequence[Sample], images: np.ndarray, y: np.ndarray
@@ -354,8 +358,11 @@ def _write_figures(
 
 
 def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np.ndarray, y: np.ndarray,
-                    prep: PreprocessCard, rule: DecisionRule, per_kind: int, seed: int) -> list[str]:  # fmt: skip
-    from edgebc.train.gradcam import grad_cam, overlay
+                    prep: PreprocessCard, rule: DecisionRule, per_kind: int, seed: int,
+                    frames_of: Sequence[Sample] | None = None) -> list[str]:  # fmt: skip
+    """Overlays for up to `per_kind` right and wrong answers; over the model's input, or, with
+    `frames_of` (the samples behind `images`), over each one's prepared frame at full resolution."""
+    from edgebc.train.gradcam import grad_cam, overlay, overlay_on_frame
 
     rng = np.random.default_rng(seed)
     classes = rule.class_names
@@ -368,7 +375,12 @@ def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np
         for index in rng.permutation(chosen)[:per_kind]:
             cam = grad_cam(model, layer, images[index], int(predicted[index]))
             caption = f"true {classes[y[index]]} / pred {classes[predicted[index]]} {probs[index].max():.2f}"
-            _ok, png = cv2.imencode(".png", overlay(images[index], cam, prep, caption))
+            if frames_of is None:
+                picture = overlay(images[index], cam, prep, caption)
+            else:
+                frame = prepared_frame(read_image(frames_of[index].path), prep)
+                picture = overlay_on_frame(frame, cam, prep, caption)
+            _ok, png = cv2.imencode(".png", picture)
             path = folder / f"{kind}_{int(index):04d}.png"
             atomic_write_bytes(path, png.tobytes())
             written.append(str(path))

@@ -1,8 +1,11 @@
 """Grad-CAM (Selvaraju et al. 2017): where in the frame the model looked for its answer.
 
 The class score's gradient, averaged over each channel of the registered layer's output, weights
-those channels; their ReLU'd sum, upsampled to the input, is the heat map. It is drawn over the
-model's own input (the cropped, resized frame), which is what the model actually saw.
+those channels; their ReLU'd sum, upsampled to the input, is the heat map. For ultrasound it is
+drawn over the model's own input (the cropped, resized frame), which is what the model actually
+saw. A mammogram's input is a 4096-pixel film shrunk to a few hundred pixels, where a
+microcalcification cluster is a dot: its map is carried back through the letterbox onto the
+breast at the film's own resolution (`overlay_on_frame`), where a reader can judge what it covers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import cv2
 import numpy as np
 
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard
+from edgebc.preprocess import PreprocessCard, letterbox_geometry
 
 torch = require("torch", "Grad-CAM")
 
@@ -88,4 +91,33 @@ def overlay(image: torch.Tensor, cam: np.ndarray, prep: PreprocessCard, caption:
     cv2.putText(
         picture, caption, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA
     )
+    return picture
+
+
+def overlay_on_frame(
+    frame: np.ndarray, cam: np.ndarray, prep: PreprocessCard, caption: str
+) -> np.ndarray:
+    """BGR picture at `frame`'s own resolution: `cam` (on the model input's grid) cut out of the
+    letterbox bars, stretched back over the frame the input was resized from (for a mammogram,
+    the cropped, laterality-normalised breast), blended over it, with a caption.
+
+    `frame` is grey or BGR, uint8 or uint16 (shown between its own 0.5th and 99.5th percentiles,
+    so a 12-bit film in 16 bits is not black)."""
+    height, width = frame.shape[:2]
+    geometry = letterbox_geometry(height, width, prep)
+    inner = cam[geometry.top : geometry.top + geometry.height,
+                geometry.left : geometry.left + geometry.width]  # fmt: skip
+    heat_map = cv2.resize(inner, (width, height), interpolation=cv2.INTER_LINEAR)
+    grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    low, high = (
+        float(v)
+        for v in np.percentile(grey[:: max(1, height // 512), :: max(1, width // 512)], (0.5, 99.5))
+    )
+    scaled = np.clip((grey.astype(np.float32) - low) * (255.0 / max(high - low, 1e-6)), 0, 255)
+    base = cv2.cvtColor(scaled.astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    heat = cv2.applyColorMap((np.clip(heat_map, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    picture = cv2.addWeighted(base, 0.6, heat, 0.4, 0)
+    scale = max(0.4, height / 1024)
+    cv2.putText(picture, caption, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
+                (255, 255, 255), max(1, round(scale)), cv2.LINE_AA)  # fmt: skip
     return picture
