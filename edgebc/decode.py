@@ -307,7 +307,8 @@ def decode_dicom_frames(
                 out.append(dicom_grey_full_depth(frame, ds, name))
             elif samples == 1:
                 try:
-                    values = apply_voi_lut(apply_modality_lut(frame, ds), ds).astype(np.float64)
+                    values = apply_voi_lut(apply_modality_lut(frame, ds), ds)
+                    values = values.astype(np.float64, copy=False)
                 except Exception as exc:  # fields checked above; LUT sequences can still be corrupt
                     raise ImageDecodeError(
                         f"{name}: DICOM display values could not be applied: {exc}"
@@ -500,11 +501,18 @@ def _nominal_range(ds: object, numbers: dict[str, list[float] | None]) -> tuple[
 
 
 def _to_uint8_grey(values: np.ndarray, invert: bool) -> np.ndarray:
+    """min..max of float64 `values` onto 0..255, in place (`values` is the caller's scratch: a
+    full-field mammogram's float64 frame is 109 MB, and each copy of it counts)."""
     low, high = float(values.min()), float(values.max())
-    scaled = np.zeros(values.shape, np.float64) if high <= low else (values - low) / (high - low)
+    if high <= low:
+        values.fill(0.0)
+    else:
+        np.subtract(values, low, out=values)
+        np.divide(values, high - low, out=values)
     if invert:
-        scaled = 1.0 - scaled
-    return np.round(scaled * 255.0).astype(np.uint8)
+        np.subtract(1.0, values, out=values)
+    np.multiply(values, 255.0, out=values)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def _drop_alpha(image: np.ndarray) -> np.ndarray:
