@@ -8,6 +8,15 @@ height x channels x bytes per sample, x frames for DICOM) is read from the heade
 *before* any pixel is decoded, per image and across every thread of the process (a 311 KB PNG can
 declare 320 MB of pixels); and a truncated or lying file is refused rather than decoded into a
 partly grey picture, which libjpeg does without complaint.
+
+Depth: by default a grey DICOM frame is made display-ready in 8 bits (what an ultrasound screen
+shows). With `full_depth=True` it comes as uint16 over 0..65535 instead: the modality LUT or
+rescale, then the VOI LUT table or the window (mapped onto 0..65535, not 0..255), else the
+modality's nominal range (a 12-bit mammogram stored in 16 bits is scaled by 65535/4095), then
+MONOCHROME1 inverted; worked in blocks of rows, so a 4096x3328 mammogram never has a
+full-frame float copy. PNG keeps its own depth either way (a 16-bit PNG decodes to uint16).
+`read_image_view` reads what a DICOM header says about a mammogram's view (breast side, view
+position, the image edge the chest wall lies on) without decoding pixels.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -183,12 +192,15 @@ def decode_image(
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     budget: DecodeBudget | None = SHARED_DECODE_BUDGET,
     wait_s: float = DEFAULT_BUDGET_WAIT_S,
+    full_depth: bool = False,
 ) -> np.ndarray:
     """Decode one image to uint8/uint16 grey (HxW) or uint8 BGR (HxWx3); alpha is dropped.
 
     The header is checked (structure, pixels, decoded bytes) before any pixel is decoded, and the
     decode holds its decoded bytes of `budget` (None: no shared budget) while it runs.
     A multi-frame DICOM is refused here: use `decode_dicom_frames` for cine loops.
+    `full_depth`: a grey DICOM comes as uint16 over 0..65535 rather than display-ready uint8
+    (see the module docstring); PNG and JPEG keep their own depth either way.
     """
     header = read_header(data, name, whole_file=True)
     _check_size(header, name, max_pixels, max_decoded_bytes)
@@ -199,7 +211,13 @@ def decode_image(
                 "(decode_dicom_frames) or pick one frame"
             )
         frames = decode_dicom_frames(
-            data, name, max_pixels, max_decoded_bytes, budget=budget, wait_s=wait_s
+            data,
+            name,
+            max_pixels,
+            max_decoded_bytes,
+            budget=budget,
+            wait_s=wait_s,
+            full_depth=full_depth,
         )
         return frames[0]
     with _reserved(budget, header, name, wait_s):
@@ -222,6 +240,7 @@ def read_image(
     path: str | Path,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    full_depth: bool = False,
 ) -> np.ndarray:
     """Read and safely decode the image file at `path` (see `decode_image`)."""
     path = Path(path)
@@ -233,7 +252,7 @@ def read_image(
         raise ImageDecodeError(f"{path}: is a directory, not an image file") from None
     except OSError as exc:
         raise ImageDecodeError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return decode_image(data, str(path), max_pixels, max_decoded_bytes)
+    return decode_image(data, str(path), max_pixels, max_decoded_bytes, full_depth=full_depth)
 
 
 def decode_dicom_frames(
@@ -243,12 +262,14 @@ def decode_dicom_frames(
     max_bytes: int = DEFAULT_MAX_DICOM_BYTES,
     budget: DecodeBudget | None = SHARED_DECODE_BUDGET,
     wait_s: float = DEFAULT_BUDGET_WAIT_S,
+    full_depth: bool = False,
 ) -> list[np.ndarray]:
     """Decode every frame of a DICOM file to uint8 grey or BGR, display-ready.
 
     Applies the modality LUT and the VOI window (what the scanner showed), inverts MONOCHROME1,
     and converts YBR colour to BGR, so a DICOM frame and a screen grab of the same scan look alike.
-    `max_bytes` caps the decoded bytes of all frames together.
+    `max_bytes` caps the decoded bytes of all frames together. `full_depth`: grey frames come as
+    uint16 over 0..65535 (`dicom_grey_full_depth`) instead of uint8; colour stays uint8 BGR.
     """
     header = read_header(data, name, whole_file=True)
     if header.format != "dicom":
@@ -282,9 +303,12 @@ def decode_dicom_frames(
         _check_dicom_display(ds, photometric, samples, name)
         out = []
         for frame in frames:
-            if samples == 1:
+            if samples == 1 and full_depth:
+                out.append(dicom_grey_full_depth(frame, ds, name))
+            elif samples == 1:
                 try:
-                    values = apply_voi_lut(apply_modality_lut(frame, ds), ds).astype(np.float64)
+                    values = apply_voi_lut(apply_modality_lut(frame, ds), ds)
+                    values = values.astype(np.float64, copy=False)
                 except Exception as exc:  # fields checked above; LUT sequences can still be corrupt
                     raise ImageDecodeError(
                         f"{name}: DICOM display values could not be applied: {exc}"
@@ -299,6 +323,63 @@ def decode_dicom_frames(
                     )
                 out.append(cv2.cvtColor(np.ascontiguousarray(frame, np.uint8), cv2.COLOR_RGB2BGR))
         return out
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """What is known about a mammogram's view apart from its pixels: the breast's side ("L"/"R"),
+    the view position ("CC", "MLO", ...) and the image edge its chest wall lies on; None where
+    unknown. From a DICOM header (`read_image_view`) or a manifest's view code (`from_code`)."""
+
+    laterality: Literal["L", "R"] | None = None
+    position: str | None = None
+    chest_wall: Literal["left", "right"] | None = None
+
+    @classmethod
+    def from_code(cls, code: str) -> ImageView:
+        """From a manifest's `view` value such as "L-MLO" (a left breast hangs with its chest wall
+        on the left edge, as mini-MIAS and the phantoms lie); "" gives an unknown view."""
+        if not code:
+            return cls()
+        side, _, position = code.partition("-")
+        if side not in ("L", "R") or not position:
+            raise ValueError(f"view code must look like 'L-MLO' or 'R-CC', got {code!r}")
+        return cls(side, position.upper(), "left" if side == "L" else "right")  # type: ignore[arg-type]
+
+    @property
+    def is_mlo(self) -> bool | None:
+        """Whether this is an (M)LO view showing the pectoral muscle; None when unknown."""
+        return None if self.position is None else self.position in ("MLO", "LMO", "ML", "LM")
+
+
+def read_image_view(data: bytes, name: str = "<buffer>") -> ImageView:
+    """What a DICOM header says about the view, without decoding pixels; nothing for PNG/JPEG.
+
+    The breast's side is ImageLaterality, else Laterality (L or R; anything else is unknown). The
+    chest wall's image edge is read from PatientOrientation's row direction where it gives one (A:
+    columns run towards the nipple, so the chest wall is on the left; P: on the right), else from
+    the side by the hanging convention (a left breast's chest wall on the left edge)."""
+    if sniff_format(data) != "dicom":
+        return ImageView()
+    pydicom = require("pydicom", "reading DICOM files")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        side = str(getattr(ds, "ImageLaterality", "") or getattr(ds, "Laterality", "") or "")
+        position = str(getattr(ds, "ViewPosition", "") or "").strip().upper() or None
+        orientation = getattr(ds, "PatientOrientation", None)
+        rows = str(orientation[0] if orientation else "").strip().upper()
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: DICOM header could not be read: {exc}") from exc
+    side = side.strip().upper()
+    laterality = side if side in ("L", "R") else None
+    chest_wall: Literal["left", "right"] | None = None
+    if rows.startswith("A"):
+        chest_wall = "left"
+    elif rows.startswith("P"):
+        chest_wall = "right"
+    elif laterality is not None:
+        chest_wall = "left" if laterality == "L" else "right"
+    return ImageView(laterality, position, chest_wall)  # type: ignore[arg-type]
 
 
 def to_grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -317,12 +398,121 @@ def to_grey_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image.astype(np.float32)) * 255.0, 0, 255).astype(np.uint8)
 
 
+#: Rows worked at a time by the full-depth path: the float copies it needs stay a few MB.
+_ROW_BLOCK = 64
+_FULL_SCALE = 65535.0
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def dicom_grey_full_depth(frame: np.ndarray, ds: Any, name: str = "<buffer>") -> np.ndarray:
+    """One grey DICOM frame of stored values as uint16 over 0..65535, at its full depth.
+
+    The modality LUT (or RescaleSlope/Intercept), then the first VOI LUT table if there is one
+    (its output scaled from its declared 0..2^bits-1), else the first window (DICOM PS3.3
+    C.11.2.1.2: LINEAR, LINEAR_EXACT or SIGMOID) mapped onto 0..65535, else the modality's nominal
+    range (from BitsStored and PixelRepresentation through the rescale) mapped onto 0..65535;
+    MONOCHROME1 is inverted. `ds` is the pydicom dataset the frame came from."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    numbers = {field: _dicom_numbers(ds, field, name) for field in _DICOM_DISPLAY_FIELDS}
+    voi_bits = _voi_lut_bits(ds, name)
+    window = None
+    if voi_bits is None and numbers["WindowCenter"] and numbers["WindowWidth"]:
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        if function not in _VOI_FUNCTIONS:
+            raise ImageDecodeError(
+                f"{name}: DICOM VOILUTFunction is {function!r}; one of "
+                f"{', '.join(_VOI_FUNCTIONS)} expected"
+            )
+        window = (numbers["WindowCenter"][0], numbers["WindowWidth"][0], function)
+    low, high = _nominal_range(ds, numbers)
+    out = np.empty(frame.shape, np.uint16)
+    for start in range(0, frame.shape[0], _ROW_BLOCK):
+        block = frame[start : start + _ROW_BLOCK]
+        try:
+            values = apply_modality_lut(block, ds)
+            if voi_bits is not None:  # a table is indexed by whole values (a rescale gives floats)
+                index = values if values.dtype.kind in "iu" else np.round(values).astype(np.int64)
+                values = np.asarray(apply_voi(index, ds), np.float64) / (2.0**voi_bits - 1)
+            else:
+                values = np.asarray(values, np.float64)
+        except Exception as exc:  # fields checked; LUT sequences can still be corrupt
+            raise ImageDecodeError(
+                f"{name}: DICOM display values could not be applied: {exc}"
+            ) from exc
+        if window is not None:
+            values = _apply_window(values, *window)
+        elif voi_bits is None:
+            values = (values - low) / (high - low)
+        np.clip(values, 0.0, 1.0, out=values)
+        if photometric == "MONOCHROME1":
+            values = 1.0 - values
+        out[start : start + block.shape[0]] = np.round(values * _FULL_SCALE)
+    return out
+
+
+def _apply_window(values: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    """The VOI window onto [0, 1] (DICOM PS3.3 C.11.2.1.2-3)."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - centre) / width, -700, 700)))
+    if function == "LINEAR_EXACT":
+        return (values - centre) / width + 0.5
+    if width <= 1.0:  # LINEAR with width 1: a step at the centre
+        return (values > centre - 0.5).astype(np.float64)
+    return (values - (centre - 0.5)) / (width - 1.0) + 0.5
+
+
+def _voi_lut_bits(ds: object, name: str) -> int | None:
+    """The output bits of the first VOI LUT table (None when there is none)."""
+    sequence = getattr(ds, "VOILUTSequence", None)
+    if not sequence:
+        return None
+    try:
+        bits = int(sequence[0].LUTDescriptor[2])
+    except Exception as exc:  # a missing or malformed descriptor
+        raise ImageDecodeError(f"{name}: DICOM VOI LUT has no usable LUTDescriptor: {exc}") from exc
+    if not 1 <= bits <= 16:
+        raise ImageDecodeError(
+            f"{name}: DICOM VOI LUT declares {bits} bits per entry; 1..16 expected"
+        )
+    return bits
+
+
+def _nominal_range(ds: object, numbers: dict[str, list[float] | None]) -> tuple[float, float]:
+    """The range the modality's output values can span: the stored bits' range through the
+    rescale, or a modality LUT table's declared output range."""
+    modality_lut = getattr(ds, "ModalityLUTSequence", None)
+    if modality_lut:
+        try:
+            return 0.0, 2.0 ** int(modality_lut[0].LUTDescriptor[2]) - 1
+        except Exception:
+            pass  # pydicom refuses the table itself when it is applied
+    bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 8) or 8)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
+        low, high = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        low, high = 0.0, 2.0**bits - 1
+    slope, intercept = 1.0, 0.0
+    if numbers["RescaleSlope"] and numbers["RescaleIntercept"]:  # pydicom needs both, too
+        slope, intercept = numbers["RescaleSlope"][0], numbers["RescaleIntercept"][0]
+    ends = sorted((low * slope + intercept, high * slope + intercept))
+    return ends[0], max(ends[1], ends[0] + 1.0)
+
+
 def _to_uint8_grey(values: np.ndarray, invert: bool) -> np.ndarray:
+    """min..max of float64 `values` onto 0..255, in place (`values` is the caller's scratch: a
+    full-field mammogram's float64 frame is 109 MB, and each copy of it counts)."""
     low, high = float(values.min()), float(values.max())
-    scaled = np.zeros(values.shape, np.float64) if high <= low else (values - low) / (high - low)
+    if high <= low:
+        values.fill(0.0)
+    else:
+        np.subtract(values, low, out=values)
+        np.divide(values, high - low, out=values)
     if invert:
-        scaled = 1.0 - scaled
-    return np.round(scaled * 255.0).astype(np.uint8)
+        np.subtract(1.0, values, out=values)
+    np.multiply(values, 255.0, out=values)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def _drop_alpha(image: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The one preprocessing shared by training, evaluation, INT8 calibration and the device.
 
-A frame goes: imaging-region crop -> breast crop and laterality (optional, mammograms) ->
-burned-in marks painted out (optional) -> the model's
+A frame goes: imaging-region crop -> breast crop, laterality and pectoral-muscle suppression
+(optional, mammograms; the chest wall's side from the file's header where the caller passes its
+`ImageView`, else from the image) -> CLAHE contrast enhancement at the frame's own bit depth
+(optional) -> burned-in marks painted out (optional) -> the model's
 channels -> appearance normalisation (optional: a per-frame intensity transfer curve that undoes
 scanner gain and dynamic range) -> resize (stretch or letterbox) -> scale to [0, 1] ->
 (x - mean) / std -> NCHW float32. Every number that defines this lives in
@@ -22,7 +24,9 @@ import numpy as np
 
 from edgebc.breast import LATERALITY_MODES, prepare_breast
 from edgebc.config import from_mapping, to_mapping
+from edgebc.decode import ImageView
 from edgebc.marks import remove_marks
+from edgebc.pectoral import PECTORAL_MODES
 from edgebc.region import Region
 
 CARD_VERSION = 1
@@ -56,7 +60,17 @@ class PreprocessCard:
     (edgebc.breast). laterality "left" mirrors a breast whose chest wall is on the right, judged
     from the image itself, so every breast faces the same way; "keep" leaves it. Both defaults
     (False, "keep") are the old behaviour; a frame with no breast on it is refused
-    (NoBreastFoundError) when either is on.
+    (NoBreastFoundError) when either is on. Where the caller passes the file's `ImageView` (from
+    its DICOM header), the header's chest-wall side is used and the image only checks it
+    (edgebc.breast).
+
+    pectoral "suppress" blacks out the pectoral muscle (the bright triangle in the upper
+    chest-wall corner of an MLO view, edgebc.pectoral) unless the view is known to be another
+    one; "keep" (the default) leaves it.
+
+    clahe_clip > 0 enhances contrast with CLAHE (OpenCV's clip limit, on a clahe_tiles x
+    clahe_tiles grid) after the breast steps, at the frame's own bit depth (uint16 stays 16-bit);
+    pixels that were black (background, suppressed muscle) stay black. 0 (the default) is off.
     """
 
     input_height: int = 224
@@ -71,6 +85,9 @@ class PreprocessCard:
     appearance: Literal["none", "stretch", "equalise"] = "none"
     breast_crop: bool = False
     laterality: Literal["keep", "left"] = "keep"
+    pectoral: Literal["keep", "suppress"] = "keep"
+    clahe_clip: float = 0.0
+    clahe_tiles: int = 8
     version: int = CARD_VERSION
 
     def __post_init__(self) -> None:
@@ -109,6 +126,28 @@ class PreprocessCard:
         if self.laterality not in LATERALITY_MODES:
             raise ValueError(
                 f"laterality must be one of {list(LATERALITY_MODES)}, got {self.laterality!r}"
+            )
+        if self.pectoral not in PECTORAL_MODES:
+            raise ValueError(
+                f"pectoral must be one of {list(PECTORAL_MODES)}, got {self.pectoral!r}"
+            )
+        if (
+            isinstance(self.clahe_clip, bool)
+            or not isinstance(self.clahe_clip, (int, float))
+            or not 0.0 <= self.clahe_clip <= 1000.0
+        ):
+            raise ValueError(
+                f"clahe_clip is CLAHE's clip limit, 0 (off) to 1000 (2-4 is usual), got "
+                f"{self.clahe_clip!r}"
+            )
+        if (
+            isinstance(self.clahe_tiles, bool)
+            or not isinstance(self.clahe_tiles, int)
+            or not 1 <= self.clahe_tiles <= 64
+        ):
+            raise ValueError(
+                f"clahe_tiles is the CLAHE grid's tiles per side, a whole number 1..64, got "
+                f"{self.clahe_tiles!r}"
             )
         if self.version != CARD_VERSION:
             raise ValueError(
@@ -162,25 +201,45 @@ class LetterboxGeometry:
     width: int
 
 
-def preprocess(image: np.ndarray, prep: PreprocessCard, region: Region | None = None) -> np.ndarray:
-    """One frame (grey HxW or BGR HxWx3, uint8/uint16/float in [0, 1]) to a (1, C, H, W) float32 tensor."""
-    return preprocess_chw(image, prep, region)[np.newaxis]
+def preprocess(
+    image: np.ndarray,
+    prep: PreprocessCard,
+    region: Region | None = None,
+    view: ImageView | None = None,
+) -> np.ndarray:
+    """One frame (grey HxW or BGR HxWx3, uint8/uint16/float in [0, 1]) to a (1, C, H, W) float32
+    tensor. `view`: what the file's header says about a mammogram's view (read_image_view)."""
+    return preprocess_chw(image, prep, region, view)[np.newaxis]
 
 
 def preprocess_batch(
-    images: Sequence[np.ndarray], prep: PreprocessCard, region: Region | None = None
+    images: Sequence[np.ndarray],
+    prep: PreprocessCard,
+    region: Region | None = None,
+    views: Sequence[ImageView | None] | None = None,
 ) -> np.ndarray:
-    """Several frames to one (N, C, H, W) float32 tensor."""
+    """Several frames to one (N, C, H, W) float32 tensor (`views`: one per frame, or None)."""
     if len(images) == 0:
         raise ValueError("preprocess_batch needs at least one image")
-    return np.stack([preprocess_chw(image, prep, region) for image in images])
+    if views is not None and len(views) != len(images):
+        raise ValueError(f"preprocess_batch got {len(images)} images but {len(views)} views")
+    chosen = views if views is not None else [None] * len(images)
+    return np.stack(
+        [
+            preprocess_chw(image, prep, region, view)
+            for image, view in zip(images, chosen, strict=True)
+        ]
+    )
 
 
 def preprocess_chw(
-    image: np.ndarray, prep: PreprocessCard, region: Region | None = None
+    image: np.ndarray,
+    prep: PreprocessCard,
+    region: Region | None = None,
+    view: ImageView | None = None,
 ) -> np.ndarray:
     """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
-    image = to_channels(prepared_frame(image, prep, region), prep.channels)
+    image = to_channels(prepared_frame(image, prep, region, view), prep.channels)
     image = normalise_appearance(image, prep.appearance)
     image = resize_to_input(image, prep)
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
@@ -193,18 +252,47 @@ def preprocess_chw(
 
 
 def prepared_frame(
-    image: np.ndarray, prep: PreprocessCard, region: Region | None = None
+    image: np.ndarray,
+    prep: PreprocessCard,
+    region: Region | None = None,
+    view: ImageView | None = None,
 ) -> np.ndarray:
     """The frame at its own resolution and depth as the model's input is made from it: the
-    imaging region, the breast (cropped, turned) and marks removed, before channels, appearance
-    and resize. Grad-CAM draws a mammogram's heat map back onto it."""
+    imaging region, the breast (cropped, turned, pectoral muscle out), contrast enhanced and
+    marks removed, before channels, appearance and resize. Grad-CAM draws a mammogram's heat
+    map back onto it."""
     image = validated_image(image)
     if region is not None:
         image = region.crop(image)
-    image = prepare_breast(image, prep.breast_crop, prep.laterality)
+    view = view or ImageView()
+    image = prepare_breast(
+        image,
+        prep.breast_crop,
+        prep.laterality,
+        header_chest_wall=view.chest_wall,
+        pectoral=prep.pectoral,
+        is_mlo=view.is_mlo,
+    )
+    image = enhance_contrast(image, prep.clahe_clip, prep.clahe_tiles)
     if prep.marks == "inpaint":
         image = remove_marks(image)
     return image
+
+
+def enhance_contrast(image: np.ndarray, clip: float, tiles: int) -> np.ndarray:
+    """CLAHE with clip limit `clip` (0: off, the frame itself) on a tiles x tiles grid, at the
+    frame's own depth (uint8 or uint16; float in [0, 1] is worked at 16 bits), each channel alike.
+    Pixels that were 0 stay 0: CLAHE would lift a tile's black background to grey."""
+    if clip <= 0:
+        return image
+    clahe = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(tiles, tiles))
+    is_float = image.dtype == np.float32
+    levels = image if not is_float else np.round(image * 65535.0).astype(np.uint16)
+    planes = [levels] if levels.ndim == 2 else [levels[:, :, c] for c in range(levels.shape[2])]
+    out = [clahe.apply(np.ascontiguousarray(p)) for p in planes]
+    mapped = out[0] if levels.ndim == 2 else np.dstack(out)
+    mapped[levels == 0] = 0
+    return mapped.astype(np.float32) / np.float32(65535.0) if is_float else mapped
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

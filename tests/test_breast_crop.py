@@ -197,3 +197,61 @@ def test_mini_mias_crop_drops_the_film_labels_and_laterality_follows_the_numberi
     assert misses <= MIAS_LATERALITY_MISSES, sorted(misses)
     assert np.median(areas) < 0.6, np.median(areas)  # the crop is much smaller than the film
     assert np.mean(np.asarray(areas) < 0.9) >= 0.97
+
+
+def _filled_film(chest_wall: str) -> np.ndarray:
+    """A breast filling the film from edge to edge (as on mdb151), a little taller on its chest
+    wall's side: the image can barely tell the side (ratio ~1.1)."""
+    film = np.zeros((300, 240), np.uint16)
+    ys, xs = np.mgrid[0:300, 0:240]
+    taper = 20 if chest_wall == "left" else 0
+    film[(ys >= 30 + taper * xs / 240) & (ys < 270 - taper * xs / 240)] = 3000
+    if chest_wall == "right":
+        film = film[:, ::-1]
+    return film
+
+
+def test_the_headers_chest_wall_is_used_and_a_clear_contradiction_is_refused(caplog):
+    from edgebc.breast import LateralityConflictError
+    from edgebc.decode import ImageView
+
+    m = _phantom(0, "L", "MLO")
+    assert find_breast(m.image).chest_wall_ratio >= 2.0  # the image is sure: the left edge
+    # agreeing header: the same tensor as the image's own judgement, and the log says which
+    with caplog.at_level("DEBUG", logger="edgebc.breast"):
+        agreed = preprocess(m.image, MAMMO_CARD, view=ImageView("L", "MLO", "left"))
+    np.testing.assert_array_equal(agreed, preprocess(m.image, MAMMO_CARD))
+    assert "chest wall on the left from the header" in caplog.text
+    # a header that says the opposite of a clear picture: refused, naming both
+    with pytest.raises(LateralityConflictError, match="header puts the chest wall on the right"):
+        preprocess(m.image, MAMMO_CARD, view=ImageView("R", "MLO", "right"))
+    # where the image can hardly tell (a breast filling the film), the header decides
+    film = _filled_film("left")
+    found = find_breast(film)
+    assert found.chest_wall == "left" and found.chest_wall_ratio < 2.0
+    turned = prepare_breast(film, True, "left", header_chest_wall="right")
+    np.testing.assert_array_equal(turned, prepare_breast(film, True, "left")[:, ::-1])
+    # a header without a side leaves it to the image; no header at all is the old behaviour
+    np.testing.assert_array_equal(
+        preprocess(m.image, MAMMO_CARD, view=ImageView(position="MLO")),
+        preprocess(m.image, MAMMO_CARD),
+    )
+    with pytest.raises(ValueError, match="header chest wall must be left, right or None"):
+        prepare_breast(m.image, True, "left", header_chest_wall="L")
+
+
+@pytest.mark.data
+def test_mini_mias_chest_wall_certainty_separates_the_films_the_image_misjudges(data_dir):
+    """CONFLICT_RATIO sits between the films the image judges right and those it cannot judge, so
+    a true header is never refused on mini-MIAS and a contradicting one is on all but those."""
+    from edgebc.breast import CONFLICT_RATIO
+
+    files = sorted((data_dir / "mias").glob("mdb*.png"))
+    if not files:
+        pytest.skip(f"mini-MIAS absent at {data_dir / 'mias'}")
+    right, wrong = [], []
+    for path in files:
+        found = find_breast(cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
+        expected = "right" if int(path.stem[3:]) % 2 else "left"
+        (right if found.chest_wall == expected else wrong).append(found.chest_wall_ratio)
+    assert min(right) >= CONFLICT_RATIO > max(wrong, default=1.0), (min(right), wrong)

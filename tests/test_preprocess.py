@@ -1,5 +1,6 @@
 """The shared preprocessing against hand-computed numpy results, plus properties over random inputs."""
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -242,3 +243,72 @@ def test_the_card_carries_appearance_and_older_cards_read_as_none():
     assert PreprocessCard.from_dict(older).appearance == "none"
     frame = _phantom(3)
     assert not np.array_equal(preprocess(frame, card), preprocess(frame, PreprocessCard()))
+
+
+def test_clahe_without_clipping_on_one_tile_is_histogram_equalisation_at_16_bits(rng):
+    """Hand-computed: with one tile and no clipping, CLAHE maps each level to its rank, over the
+    frame's own 16-bit range: value of rank r (1-based) among N -> round(r * 65535 / N), the
+    product in float32 as OpenCV forms it."""
+    from edgebc.preprocess import enhance_contrast
+
+    levels = rng.permutation(np.arange(1, 4097, dtype=np.uint16) * 7).reshape(64, 64)
+    out = enhance_contrast(levels, clip=1000.0, tiles=1)  # 1000: no bin reaches the limit
+    ranks = np.argsort(np.argsort(levels.ravel())).reshape(64, 64) + 1
+    assert out.dtype == np.uint16
+    scaled = ranks.astype(np.float32) * np.float32(65535 / 4096)
+    np.testing.assert_array_equal(out, np.round(scaled).astype(np.uint16))
+    assert enhance_contrast(levels, 0.0, 8) is levels  # clip 0: off
+
+
+def test_clahe_keeps_16_bit_detail_and_black_background(rng):
+    from edgebc.preprocess import enhance_contrast
+
+    # a faint 16-bit texture (256 levels wide) on a breast, with black background on the left
+    frame = np.zeros((128, 128), np.uint16)
+    frame[:, 32:] = 30000 + rng.integers(0, 256, (128, 96), dtype=np.uint16)
+    out = enhance_contrast(frame, clip=2.0, tiles=4)
+    assert out.dtype == np.uint16
+    assert np.all(out[:, :32] == 0)  # black stays black
+    raw = cv2.createCLAHE(2.0, (4, 4)).apply(frame)
+    assert raw[:, :32].max() > 0  # which plain CLAHE would not keep
+    tissue = out[:, 32:].astype(np.float64)
+    assert tissue.std() > 20 * frame[:, 32:].std()  # the faint texture is spread out
+    assert len(np.unique(out[:, 32:])) > 256  # not quantised to 8 bits on the way
+    floats = enhance_contrast(frame.astype(np.float32) / 65535.0, 2.0, 4)
+    np.testing.assert_allclose(floats * 65535.0, out, atol=0.5)
+    colour = enhance_contrast(np.dstack([frame] * 3), 2.0, 4)
+    np.testing.assert_array_equal(colour[:, :, 2], out)
+
+
+def test_the_card_carries_clahe_and_pectoral_and_older_cards_read_as_off():
+    card = PreprocessCard(clahe_clip=2.5, clahe_tiles=6, pectoral="suppress")
+    assert PreprocessCard.from_json(card.to_json()) == card
+    older = {
+        k: v
+        for k, v in PreprocessCard().to_dict().items()
+        if k not in ("clahe_clip", "clahe_tiles", "pectoral")
+    }
+    restored = PreprocessCard.from_dict(older)
+    assert (restored.clahe_clip, restored.clahe_tiles, restored.pectoral) == (0.0, 8, "keep")
+    frame = _phantom(3)
+    assert not np.array_equal(preprocess(frame, card), preprocess(frame, PreprocessCard()))
+    np.testing.assert_array_equal(  # clip 0 is off whatever the tiles
+        preprocess(frame, PreprocessCard(clahe_tiles=3)), preprocess(frame, PreprocessCard())
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clahe_clip": -1.0}, "clahe_clip is CLAHE's clip limit"),
+        ({"clahe_clip": float("nan")}, "clahe_clip is CLAHE's clip limit"),
+        ({"clahe_clip": "2"}, "clahe_clip is CLAHE's clip limit"),
+        ({"clahe_tiles": 0}, "clahe_tiles is the CLAHE grid's tiles per side"),
+        ({"clahe_tiles": 2.5}, "clahe_tiles is the CLAHE grid's tiles per side"),
+        ({"clahe_tiles": True}, "clahe_tiles is the CLAHE grid's tiles per side"),
+        ({"pectoral": "remove"}, "pectoral must be one of"),
+    ],
+)
+def test_invalid_mammography_steps_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessCard(**kwargs)

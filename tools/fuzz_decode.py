@@ -1,8 +1,9 @@
 """Coverage-guided fuzzing of every decoder entry point of edgebc.decode (issue 18).
 
-Each input goes through sniff_format, read_header (a prefix and the whole file), decode_image and
-decode_dicom_frames, and every decoded image through to_grey_uint8 (read_image is decode_image over
-the file's bytes; the regression test covers it). A *finding* is any of:
+Each input goes through sniff_format, read_header (a prefix and the whole file), read_image_view,
+decode_image and decode_dicom_frames (each at the display depth and at full depth), and every
+decoded image through to_grey_uint8 (read_image is decode_image over the file's bytes; the
+regression test covers it). A *finding* is any of:
 
 - an exception other than the module's documented ones (ImageDecodeError, DecodeBusyError), or a
   decoded image that does not match its header (`crash`, `invalid`);
@@ -81,6 +82,20 @@ def make_seeds(folder: Path) -> list[Path]:
             WindowWidth=40000,
         ),
         "dicom-monochrome1.dcm": _dicom(mammo[np.newaxis], "MONOCHROME1"),
+        "dicom-mammo-voi-lut.dcm": _dicom(
+            (mammo.astype(np.uint16) * 16)[np.newaxis],
+            "MONOCHROME1",
+            VOILUTSequence=[_voi_lut(np.linspace(0, 4095, 64).astype("<u2"), 1000, 12)],
+            ImageLaterality="L",
+            ViewPosition="MLO",
+            PatientOrientation=["A", "FR"],
+        ),
+        "dicom-mammo-sigmoid.dcm": _dicom(
+            (mammo.astype(np.uint16) * 16)[np.newaxis],
+            WindowCenter=2048,
+            WindowWidth=1024,
+            VOILUTFunction="SIGMOID",
+        ),
         "dicom-rgb.dcm": _dicom(cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)[np.newaxis], "RGB"),
         "dicom-ybr.dcm": _dicom(
             cv2.cvtColor(colour, cv2.COLOR_BGR2YCrCb)[np.newaxis][..., [0, 2, 1]], "YBR_FULL"
@@ -160,6 +175,16 @@ def _dicom(frames: np.ndarray, photometric: str = "MONOCHROME2", rle: bool = Fal
     return buffer.getvalue()
 
 
+def _voi_lut(table: np.ndarray, first: int, bits: int) -> object:
+    """A VOI LUT item: `table` (uint16) mapping values from `first` on, `bits` bits per entry."""
+    import pydicom
+
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [len(table), first, bits]
+    item.LUTData = table.astype("<u2").tobytes()
+    return item
+
+
 # -- one input ----------------------------------------------------------------------------------
 
 
@@ -173,10 +198,13 @@ class Finding(Exception):
 
 def exercise(data: bytes) -> None:
     """Run `data` through every public entry point; raise anything but the documented errors."""
+    from functools import partial
+
     from edgebc.decode import (
         decode_dicom_frames,
         decode_image,
         read_header,
+        read_image_view,
         sniff_format,
         to_grey_uint8,
     )
@@ -188,9 +216,18 @@ def exercise(data: bytes) -> None:
             header = read_header(data, "fuzz", whole_file=whole_file)
         except _documented_errors():
             header = None
-    for decode in (decode_image, decode_dicom_frames):
+    try:
+        read_image_view(data, "fuzz")
+    except _documented_errors():
+        pass
+    for decode, full_depth in (
+        (decode_image, False),
+        (decode_dicom_frames, False),
+        (decode_image, True),
+        (decode_dicom_frames, True),
+    ):
         try:
-            decoded = decode(data, "fuzz")
+            decoded = partial(decode, full_depth=full_depth)(data, "fuzz")
         except _documented_errors():
             continue
         images = decoded if isinstance(decoded, list) else [decoded]
