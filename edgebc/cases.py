@@ -82,8 +82,10 @@ def group_cases(samples: Sequence[Sample], views: Sequence[str]) -> list[Case]:
     (a view the model does not take is left out); a case's views must share one label."""
     wanted = set(views)
     grouped: dict[tuple[str, str], dict[str, Sample]] = {}
+    other = 0
     for sample in samples:
         if sample.view not in wanted:
+            other += 1
             continue
         if not sample.patient_id:
             raise EdgebcError(
@@ -108,6 +110,8 @@ def group_cases(samples: Sequence[Sample], views: Sequence[str]) -> list[Case]:
             )
         ordered = {v: by_view[v] for v in views if v in by_view}
         cases.append(Case(patient, side, ordered))
+    if other:
+        log.info("%d images left out: their view is none of %s", other, ", ".join(views))
     return cases
 
 

@@ -7,12 +7,14 @@ mini-MIAS has one view per breast (MLO), so multi-view is proven on the phantoms
 
 import csv
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
+import edgebc.demo
 from edgebc.backends import open_backend
 from edgebc.cases import CaseClassifier, case_feeds, group_cases, validate_presence
 from edgebc.cli import main
@@ -185,6 +187,8 @@ def test_the_exported_model_gives_torchs_probabilities_with_views_missing(traine
         backend.run_named({**feeds, "views_present": np.zeros_like(feeds["views_present"])})
     with pytest.raises(ValueError, match="needs views_present"):
         backend.run_named({k: v for k, v in feeds.items() if k != "views_present"})
+    with pytest.raises(ValueError, match=r"feed the absent ones \(mg_R_MLO\) as zeros"):
+        backend.run_named({k: v for k, v in feeds.items() if k != "mg_R_MLO"})
 
 
 def test_classify_writes_a_row_per_view_and_per_case(trained, tmp_path):
@@ -225,8 +229,16 @@ def test_classify_writes_a_row_per_view_and_per_case(trained, tmp_path):
     assert row["views"] == "+".join(full.samples) and row["source"] == str(manifest)
 
 
-def test_a_multi_view_model_refuses_what_is_not_a_case(trained, tmp_path):
+def test_a_multi_view_model_refuses_what_is_not_a_case(trained, tmp_path, capsys):
     samples = read_manifest(trained["test"])
+    out = str(tmp_path / "r.csv")
+    # images are not cases, and a one-image model takes no manifest of cases
+    assert main(["classify", str(trained["onnx"]), str(samples[0].path), "--out", out]) == 1
+    assert "has 4 inputs" in capsys.readouterr().err
+    demo = Path(edgebc.demo.__file__).parent / "demo-phantom.onnx"
+    assert main(["classify", str(demo), str(trained["test"]), "--out", out]) == 1
+    assert "manifests (.csv) are for multi-view models" in capsys.readouterr().err
+    assert not Path(out).exists()
     with pytest.raises(EdgebcError, match="different labels"):
         group_cases([samples[0], replace(samples[1], label="malignant" if samples[0].label == "normal" else "normal")],
                     VIEWS)  # fmt: skip

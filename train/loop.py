@@ -6,7 +6,8 @@ class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 w
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
-trained teachers' soft predictions (distill.py). `_prepare` builds the run, `_fit` is the epoch
+trained teachers' soft predictions (distill.py); with `model.views`, multi-view mammography
+cases instead of images (multiview.py). `_prepare` builds the run, `_fit` is the epoch
 loop; after the last epoch finalize.py fits the temperature and the operating point on
 validation and writes them into the card of `best.pt`.
 """

@@ -85,6 +85,12 @@ class OnnxRuntimeBackend:
         names = [o.name for o in self.card.outputs]
         presence = self.card.presence_input
         images = {k: v for k, v in feeds.items() if k != presence}
+        missing = [i.name for i in self.card.inputs if i.name not in images]
+        if presence is not None and missing:
+            raise ValueError(
+                f"model {self.card.name} takes every view input: feed the absent ones "
+                f"({', '.join(missing)}) as zeros marked 0 in {presence} (edgebc.cases.case_feeds)"
+            )
         checked = validate_feeds(images, self.card)
         if presence is not None:
             if presence not in feeds:

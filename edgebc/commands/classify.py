@@ -137,7 +137,7 @@ def _classify_cases(settings: ClassifySettings) -> int:
     out = Path(settings.out)
     with tqdm(desc="classify", unit="case", disable=None) as bar:
         decided, views, errors = classify_case_manifests(
-            classifier, settings.inputs, out, lambda p: read_image(p),
+            classifier, settings.inputs, out, read_image,
             on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update,
         )  # fmt: skip
     print(
