@@ -113,6 +113,9 @@ class ModelCard:
     lineage: dict[str, Any] = field(default_factory=dict)
     # what the model saw, for shift detection on the cart (edgebc.shift); None on older cards
     training_statistics: TrainingStatistics | None = None
+    # a multi-view model's (N, len(inputs)) float input, 1 where an input is present and 0 where
+    # it is absent (fed as zeros): its optional inputs may then be missing (edgebc.cases)
+    presence_input: str | None = None
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:
@@ -123,6 +126,7 @@ class ModelCard:
         if not self.inputs:
             raise ValueError("a model card needs at least one input")
         names = [i.name for i in self.inputs] + [o.name for o in self.outputs]
+        names += [self.presence_input] if self.presence_input is not None else []
         if len(set(names)) != len(names):
             raise ValueError(f"input and output names must be distinct, got {names}")
         if [o.kind for o in self.outputs].count("logits") != 1 or self.outputs[0].kind != "logits":
@@ -134,8 +138,11 @@ class ModelCard:
                 f"the logits output has {self.outputs[0].size} values but the task has "
                 f"{len(self.task.classes)} classes"
             )
-        if all(i.optional for i in self.inputs):
-            raise ValueError("at least one input must be required (optional: false)")
+        if all(i.optional for i in self.inputs) and self.presence_input is None:
+            raise ValueError(
+                "at least one input must be required (optional: false), or the model must take "
+                "a presence input saying which are there"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         stats = self.training_statistics
@@ -201,8 +208,9 @@ class ModelCard:
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = to_mapping(self)
-        if data["training_statistics"] is None:  # absent, as on cards written before it existed
-            del data["training_statistics"]
+        for key in ("training_statistics", "presence_input"):
+            if data[key] is None:  # absent, as on cards written before it existed
+                del data[key]
         return data
 
     def to_json(self) -> str:

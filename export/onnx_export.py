@@ -86,6 +86,8 @@ def _without_torchs_own_noise() -> Iterator[None]:
             "ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning
         )
         warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        # several inputs sharing the one batch dimension (fusion, multi-view): torch names it once
+        warnings.filterwarnings("ignore", "# The axis name: batch will not be used", UserWarning)
         registration.setLevel(logging.ERROR)
         try:
             yield
@@ -118,6 +120,12 @@ def export_onnx(
     model = model_for_card(classifier, card)
     examples = tuple(torch.zeros(2, *i.shape) for i in card.inputs)
     inputs, outputs = [i.name for i in card.inputs], [o.name for o in card.outputs]
+    if card.presence_input is not None:  # multi-view: the views, then which of them are there
+        from edgebc.train.multiview import ViewInputs
+
+        model = ViewInputs(model).eval()
+        examples = (*examples, torch.ones(2, len(card.inputs)))
+        inputs.append(card.presence_input)
     with tempfile.TemporaryDirectory() as scratch, _without_torchs_own_noise():
         raw = Path(scratch) / "raw.onnx"
         if exporter == "dynamo":
@@ -211,7 +219,21 @@ def verification_feeds(
         )
     if len({len(v) for v in feeds.values()}) != 1:
         raise EdgebcError("verification inputs of a multi-input model must all be equally many")
+    if card.presence_input is not None:
+        feeds[card.presence_input] = presence_patterns(
+            len(feeds[card.inputs[0].name]), len(card.inputs)
+        )
     return feeds
+
+
+def presence_patterns(rows: int, views: int) -> np.ndarray:
+    """(rows, views) 0/1 presence for a multi-view model's verification: every view alone, all
+    views, and then every pattern with at least one view in turn, so each absent-view path is
+    compared with PyTorch too."""
+    patterns = [1 << k for k in range(views)] + [(1 << views) - 1]
+    patterns += [p for p in range(1, 1 << views) if p not in patterns]
+    chosen = [patterns[r % len(patterns)] for r in range(rows)]
+    return np.array([[(p >> k) & 1 for k in range(views)] for p in chosen], np.float32)
 
 
 def _phantoms(model_input: ModelInput) -> list[np.ndarray]:
@@ -231,8 +253,11 @@ def compare_with_torch(
 ) -> ParityResult:
     torch = require("torch", "ONNX export")
     feeds = verification_feeds(card, frames)
+    names = [i.name for i in card.inputs]
+    if card.presence_input is not None:
+        names.append(card.presence_input)
     with torch.inference_mode():
-        produced = model(*(torch.from_numpy(feeds[i.name]) for i in card.inputs))
+        produced = model(*(torch.from_numpy(feeds[name]) for name in names))
     expected = (produced[0] if isinstance(produced, (tuple, list)) else produced).numpy()
     return parity_of(expected, run_onnx(onnx_path, feeds, card.output_name), tolerance, card)
 

@@ -193,7 +193,12 @@ def save_untrained_checkpoint(
 
 def build_model(card: ModelCard) -> torch.nn.Module:
     """The network a card describes, with fresh weights: a registered architecture for a
-    one-input card, a fusion of per-input branches for a card with several inputs."""
+    one-input card, one backbone shared by the views of a multi-view card (its presence input
+    says so), a fusion of per-input branches for another card with several inputs."""
+    if card.presence_input is not None:
+        from edgebc.train.multiview import build_multiview
+
+        return build_multiview(card)
     if len(card.inputs) > 1:
         from edgebc.train.models.fusion import build_fusion
 

@@ -78,6 +78,18 @@ class ModelConfig:
     head: Literal["linear", "arcface"] = "linear"
     dropout: float = 0.2
     pretrained: str | None = None  # a torchvision ImageNet checkpoint on disk; never downloaded
+    # Multi-view mammography (train/multiview.py): the manifest's view codes the model takes, one
+    # shared backbone over a breast's views, pooled by learned attention or the mean; () = one
+    # image per sample. Training drops each view with probability view_dropout (one always stays).
+    views: tuple[str, ...] = ()
+    view_pooling: Literal["attention", "mean"] = "attention"
+    view_dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        if len(set(self.views)) != len(self.views):
+            raise ValueError(f"model.views names a view twice: {list(self.views)}")
+        if not 0 <= self.view_dropout < 1:
+            raise ValueError(f"model.view_dropout must be in [0, 1), got {self.view_dropout}")
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preprocess.channels not in (1, 3):
             raise ValueError("preprocess.channels must be 1 or 3")
+        if self.model.views and (self.optim.mask_loss_weight > 0 or self.optim.distill_from):
+            raise ValueError(
+                "model.views (multi-view cases) trains without optim.mask_loss_weight and "
+                "optim.distill_from: a case has several images, and neither knows which"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)

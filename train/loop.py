@@ -6,7 +6,8 @@ class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 w
 and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
-trained teachers' soft predictions (distill.py). `_prepare` builds the run, `_fit` is the epoch
+trained teachers' soft predictions (distill.py); with `model.views`, multi-view mammography
+cases instead of images (multiview.py). `_prepare` builds the run, `_fit` is the epoch
 loop; after the last epoch finalize.py fits the temperature and the operating point on
 validation and writes them into the card of `best.pt`.
 """
@@ -55,6 +56,7 @@ from edgebc.train.lesion_mask import MaskSupervised, mask_loss
 from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.pretrained import load_torchvision_weights
+from edgebc.train.multiview import augment_cases, cache_cases, with_views, wrap_views
 
 torch = require("torch", "training")
 log = logging.getLogger(__name__)
@@ -243,8 +245,9 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
             run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
         )
     prep = config.preprocess
+    views = config.model.views
     train_set = SampleDataset(train_samples, prep, task)
-    train_x, train_y = cache_tensors(train_set, config.loader_workers, "cache train")
+    train_x, train_y, train_rows = _cached(train_samples, config, task, "cache train")
     train_masks = has_mask = None
     if config.optim.mask_loss_weight > 0:
         train_masks, has_mask = cache_masks(train_set, config.loader_workers, "cache masks")
@@ -254,18 +257,12 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
                 f"{len(train_samples)} training samples in {config.data.manifest} has a lesion mask "
                 "(manifest column masks); set it to 0 for data without masks"
             )
-    val_x, val_y = cache_tensors(
-        SampleDataset(val_samples, prep, task), config.loader_workers, "cache val"
-    )
+    val_x, val_y, val_rows = _cached(val_samples, config, task, "cache val")
     calibration_samples = select_samples(config, "calibration")
     calibration = None
     if calibration_samples:
-        cal_x, cal_y = cache_tensors(
-            SampleDataset(calibration_samples, prep, task),
-            config.loader_workers,
-            "cache calibration",
-        )
-        calibration = (cal_x, cal_y, [s.unit for s in calibration_samples], "calibration split")
+        cal_x, cal_y, cal_rows = _cached(calibration_samples, config, task, "cache calibration")
+        calibration = (cal_x, cal_y, [s.unit for s in cal_rows], "calibration split")
     fingerprint = data_fingerprint(train_samples + val_samples + calibration_samples)
     teachers = check_teachers(config, fingerprint)
     provenance = [t.provenance() for t in teachers]
@@ -296,10 +293,12 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         pretrained_report = load_torchvision_weights(
             model, config.model.arch, config.model.pretrained
         )
+    if views:  # the registered model becomes the backbone shared by every view
+        model = wrap_views(model, config.model.arch, views, config.model.view_pooling)
     model.to(device)
     memory_format = (
         torch.channels_last
-        if (device.type == "cuda" and config.channels_last)
+        if (device.type == "cuda" and config.channels_last and not views)  # 5-D cases: no NHWC
         else torch.contiguous_format
     )
     model.to(memory_format=memory_format)
@@ -340,18 +339,30 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     )
     amp_dtype = _amp_dtype(config, device)
     run = _Run(
-        config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_samples], calibration,
+        config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_rows], calibration,
         train_masks, has_mask,
         train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         BatchAugmenter(config.augment, prep), torch.Generator().manual_seed(config.seed),
-        sampling_weights(train_samples, train_y.cpu(), optim), memory_format, amp_dtype,
+        sampling_weights(train_rows, train_y.cpu(), optim), memory_format, amp_dtype,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
         log.info("resuming %s at epoch %d", run_dir, run.start_epoch + 1)
     return run
+
+
+def _cached(
+    samples: list[Sample], config: TrainConfig, task: Task, desc: str
+) -> tuple[torch.Tensor, torch.Tensor, list[Sample]]:
+    """A split as cached model inputs, their targets and the sample behind each row: an image
+    each, or with model.views a case each (a breast's views, multiview.py)."""
+    if config.model.views:
+        return cache_cases(samples, config.preprocess, task, config.model.views,
+                           config.loader_workers, desc)  # fmt: skip
+    dataset = SampleDataset(samples, config.preprocess, task)
+    return (*cache_tensors(dataset, config.loader_workers, desc), samples)
 
 
 def _restore(run: _Run, state: Checkpoint) -> None:
@@ -377,7 +388,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
     """The epoch loop: train, validate, keep the best, save `last.pt`, stop early."""
     config, optim, task = run.config, run.config.optim, run.task
     device, model, ema = run.device, run.model, run.ema
-    head = model.get_submodule(model_spec(config.model.arch).classifier)
+    views = config.model.views
+    head = model.get_submodule("head" if views else model_spec(config.model.arch).classifier)
     for epoch in range(run.start_epoch, optim.epochs):
         run.train_module.train()
         if optim.balanced_sampler or optim.domain_balance > 0:
@@ -398,11 +410,15 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
         )
         for start in bar:
             index = order[start : start + optim.batch_size].to(run.train_x.device)
-            images, masks = run.augmenter.with_masks(
-                run.train_x[index].to(device, non_blocking=True),
-                None if run.train_masks is None else run.train_masks[index].to(device),
-                run.generator,
-            )
+            if views:  # present views augmented, views dropped at random (multiview.py)
+                images, masks = augment_cases(run.augmenter, run.train_x[index].to(device),
+                                              run.generator, config.model.view_dropout), None  # fmt: skip
+            else:
+                images, masks = run.augmenter.with_masks(
+                    run.train_x[index].to(device, non_blocking=True),
+                    None if run.train_masks is None else run.train_masks[index].to(device),
+                    run.generator,
+                )
             images = images.contiguous(memory_format=run.memory_format)
             targets = run.train_y[index].to(device)
             if isinstance(head, ArcFaceHead):
@@ -572,7 +588,7 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
     """The card of a model this run trained, before finalisation adds temperature and threshold."""
     task = config.data.resolved_task()
     model = config.model
-    return ModelCard(
+    card = ModelCard(
         name=config.name, arch=model.arch, task=task,
         inputs=single_input(config.preprocess, modality=card_modality(config.data.modality)),
         outputs=(ModelOutput("logits", "logits", len(task.classes)),),
@@ -580,6 +596,7 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
         metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,
         data_fingerprint=fingerprint, lineage=lineage,
     )  # fmt: skip
+    return with_views(card, model.views, model.view_pooling) if model.views else card
 
 
 def _checkpoint_of(

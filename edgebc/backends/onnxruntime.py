@@ -1,5 +1,6 @@
 """ONNX Runtime backend: provider choice, thread settings, warm-up, integrity and shape checks,
-and the card a release gives the model (edgebc.release)."""
+and the card a release gives the model (edgebc.release). A multi-view model's presence input
+(edgebc.cases) is fed beside its views and checked like them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import onnxruntime
 
 from edgebc.backends import validate_batch, validate_feeds
+from edgebc.cases import validate_presence
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.release import card_for_model
@@ -50,7 +52,10 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise EdgebcError(f"{path}: ONNX Runtime could not load the model: {exc}") from exc
         graph = [(i.name, tuple(i.shape[1:])) for i in self._session.get_inputs()]
-        declared = [(i.name, i.shape) for i in self.card.inputs]
+        declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in self.card.inputs]
+        presence = self.card.presence_input
+        if presence is not None:
+            declared.append((presence, (len(self.card.inputs),)))
         if graph != declared:
             raise EdgebcError(
                 f"{path}: the graph's inputs {graph} disagree with its card {declared}"
@@ -63,6 +68,8 @@ class OnnxRuntimeBackend:
             )
         self.name = f"onnxruntime:{self._session.get_providers()[0]}"
         zeros = {i.name: np.zeros((1, *i.shape), np.float32) for i in self.card.inputs}
+        if presence is not None:
+            zeros[presence] = np.ones((1, len(self.card.inputs)), np.float32)
         for _ in range(warmup):
             self.run_named(zeros)
 
@@ -76,7 +83,21 @@ class OnnxRuntimeBackend:
         if self._session is None:
             raise EdgebcError("this backend was closed")
         names = [o.name for o in self.card.outputs]
-        values = self._session.run(names, validate_feeds(feeds, self.card))
+        presence = self.card.presence_input
+        images = {k: v for k, v in feeds.items() if k != presence}
+        missing = [i.name for i in self.card.inputs if i.name not in images]
+        if presence is not None and missing:
+            raise ValueError(
+                f"model {self.card.name} takes every view input: feed the absent ones "
+                f"({', '.join(missing)}) as zeros marked 0 in {presence} (edgebc.cases.case_feeds)"
+            )
+        checked = validate_feeds(images, self.card)
+        if presence is not None:
+            if presence not in feeds:
+                raise ValueError(f"model {self.card.name} needs {presence}: which views are there")
+            rows = len(next(iter(checked.values())))
+            checked[presence] = validate_presence(feeds[presence], self.card, rows)
+        values = self._session.run(names, checked)
         return {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""`edgebc classify`: exported model over files, folders, videos and DICOM."""
+"""`edgebc classify`: exported model over files, folders, videos and DICOM; a multi-view
+mammography model over the cases of manifests."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         "threshold, quality: the gate's limits, shift: withdraw|mark|off, shift_window, providers, "
         "threads), so a site's validated threshold and gate apply to archive runs too: --set threshold=0.2 --set quality.min_std=8. Folders are searched "
         "recursively for images, videos and DICOM files (masks left out), as are glob patterns "
-        "(quote them; ** crosses folders). Unreadable inputs are reported and skipped; the exit "
+        "(quote them; ** crosses folders). A multi-view mammography model classifies cases: give "
+        "manifests (.csv with path, patient_id and view columns, as `edgebc synth` and `edgebc data "
+        "audit` write them); each breast (a patient's views of one side) gets a row per view, the "
+        "model on that view alone, and a row for the case, the model on all its views that pass "
+        "the gate. Unreadable inputs are reported and skipped; the exit "
         "status is 1 when any failed.",
         formatter_class=HelpFormatter,
     )
@@ -92,6 +97,8 @@ def run_classify(args: argparse.Namespace) -> int:
     from edgebc.classifier_settings import build_classifier
 
     settings = classify_settings(args)
+    if all(Path(i).suffix.lower() == ".csv" for i in settings.inputs):
+        return _classify_cases(settings)
     classifier = build_classifier(settings)
     out = Path(settings.out)
     with tqdm(desc="classify", unit="frame", disable=None) as bar:
@@ -101,5 +108,40 @@ def run_classify(args: argparse.Namespace) -> int:
     print(
         f"wrote {out}: {written} frames classified with {classifier.backend.name}, "
         f"{errors} inputs unreadable; shift check {classifier.shift_note}"
+    )
+    return 1 if errors else 0
+
+
+def _classify_cases(settings: ClassifySettings) -> int:
+    """Manifests in: the cases of a multi-view model, a row per view and per case."""
+    from tqdm import tqdm
+
+    from edgebc.backends import open_backend
+    from edgebc.cases import CaseClassifier, classify_case_manifests
+    from edgebc.decode import read_image
+    from edgebc.errors import EdgebcError
+
+    if settings.region or settings.auto_region:
+        raise ValueError(
+            "--region and --auto-region crop ultrasound frames; a mammogram is read whole"
+        )
+    backend = open_backend(
+        settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
+    )
+    if backend.card.presence_input is None:
+        raise EdgebcError(
+            f"{settings.model}: takes one image, not cases; manifests (.csv) are for multi-view "
+            "models: give the images themselves"
+        )
+    classifier = CaseClassifier(backend, settings.quality, settings.threshold)
+    out = Path(settings.out)
+    with tqdm(desc="classify", unit="case", disable=None) as bar:
+        decided, views, errors = classify_case_manifests(
+            classifier, settings.inputs, out, read_image,
+            on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update,
+        )  # fmt: skip
+    print(
+        f"wrote {out}: {decided} cases decided ({views} view rows) with {backend.name}, "
+        f"{errors} inputs unreadable; shift check off (it covers one-input models)"
     )
     return 1 if errors else 0
