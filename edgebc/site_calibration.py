@@ -26,11 +26,10 @@ from edgebc.calibration import Calibration, best_possible_bound, fit_calibration
 from edgebc.data import read_dataset
 from edgebc.data.fingerprint import data_fingerprint
 from edgebc.data.records import Sample
-from edgebc.decode import read_image
+from edgebc.data.sample_image import sample_input
 from edgebc.errors import EdgebcError
 from edgebc.integrity import MANIFEST_NAME, verify_artifact
 from edgebc.model_card import ModelCard, OperatingPoint, read_card, without_machine_paths
-from edgebc.preprocess import preprocess_chw
 from edgebc.release import SITE_ENTRY, write_release
 from edgebc.task import Task
 
@@ -125,7 +124,7 @@ def model_logits(backend: Backend, samples: Sequence[Sample], progress: Progress
     out = []
     for start in range(0, len(samples), step):
         chunk = samples[start : start + step]
-        images = np.stack([preprocess_chw(read_image(s.path), card.preprocess) for s in chunk])
+        images = np.stack([sample_input(s, card.preprocess) for s in chunk])
         out.append(backend.run(images))
         if progress is not None:
             progress(len(chunk))

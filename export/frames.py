@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebc.data import read_dataset
-from edgebc.decode import read_image
+from edgebc.data.sample_image import read_sample
 from edgebc.errors import EdgebcError
 from edgebc.sources import VIDEO_SUFFIXES, open_source
 
@@ -40,4 +40,5 @@ def load_frames(
             f"{path}: no samples{f' in split {split!r}' if split else ''} to calibrate or check with"
         )
     order = np.random.default_rng(seed).permutation(len(samples))[:limit]
-    return [read_image(samples[i].path) for i in order], [samples[i].label for i in order]
+    # a mammogram at full depth; its view is not kept (the image's own judgement turns it)
+    return [read_sample(samples[i])[0] for i in order], [samples[i].label for i in order]

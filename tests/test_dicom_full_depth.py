@@ -184,3 +184,25 @@ def test_the_header_view_is_read_without_pixels():
     assert ImageView.from_code("R-MLO") == ImageView("R", "MLO", "right")
     with pytest.raises(ValueError, match="view code must look like"):
         ImageView.from_code("MLO")
+
+
+def test_training_reads_a_dicom_mammogram_at_full_depth_with_its_view(tmp_path):
+    """What training, eval and calibration feed the preprocessing: the film at full depth and the
+    manifest's view, else the header's; an ultrasound sample as before."""
+    from edgebc.data.records import Sample
+    from edgebc.data.sample_image import read_sample, sample_input
+    from edgebc.preprocess import PreprocessCard, preprocess_chw
+
+    path = tmp_path / "mg.dcm"
+    path.write_bytes(_mammo_dicom(PIXELS, ImageLaterality="R", ViewPosition="CC"))
+    stated = Sample(path, "normal", modality="mammo", view="L-MLO")
+    image, view = read_sample(stated)
+    np.testing.assert_array_equal(image, _full(PIXELS / 4095.0))  # not cut to 8 bits
+    assert view == ImageView("L", "MLO", "left")  # the manifest's view wins over the header's
+    assert read_sample(stated.with_(view=None))[1] == ImageView("R", "CC", "right")
+    assert read_sample(stated.with_(modality="us"))[0].dtype == np.uint8
+    prep = PreprocessCard(input_height=8, input_width=8)
+    np.testing.assert_array_equal(
+        sample_input(stated, prep),
+        preprocess_chw(read_image(path, full_depth=True), prep, view=ImageView("L", "MLO", "left")),
+    )

@@ -32,11 +32,10 @@ from edgebc.atomic import atomic_write_text
 from edgebc.config import load_config
 from edgebc.data import read_dataset
 from edgebc.data.records import Sample
+from edgebc.data.sample_image import sample_input
 from edgebc.decision import DecisionRule
-from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.model_card import ModelCard
-from edgebc.preprocess import preprocess_chw
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +307,7 @@ def _probabilities(
     """Calibrated probabilities for `samples` through the shared preprocessing, in batches."""
     out = []
     for start in range(0, len(samples), 32):
-        batch = np.stack(
-            [
-                preprocess_chw(read_image(s.path), card.preprocess)
-                for s in samples[start : start + 32]
-            ]
-        )
+        batch = np.stack([sample_input(s, card.preprocess) for s in samples[start : start + 32]])
         out.append(run(batch))
     return metrics.softmax(np.concatenate(out), card.temperature)
 

@@ -19,9 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from edgebc.data.records import Sample, load_mask
-from edgebc.decode import read_header, read_image
+from edgebc.data.sample_image import sample_input
+from edgebc.decode import read_header
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard, preprocess_chw, resize_to_input
+from edgebc.preprocess import PreprocessCard, resize_to_input
 from edgebc.task import Task
 
 torch = require("torch", "training")
@@ -47,7 +48,7 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        tensor = torch.from_numpy(preprocess_chw(read_image(sample.path), self.prep))
+        tensor = torch.from_numpy(sample_input(sample, self.prep))
         return tensor, int(self._targets[index])
 
     def mask(self, index: int) -> torch.Tensor | None:

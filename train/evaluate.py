@@ -30,12 +30,12 @@ from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.backends import Backend, open_backend
 from edgebc.data import read_dataset
 from edgebc.data.records import Sample
+from edgebc.data.sample_image import read_sample, sample_input
 from edgebc.decision import DecisionRule
-from edgebc.decode import read_image
 from edgebc.errors import EdgebcError
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
-from edgebc.preprocess import PreprocessCard, prepared_frame, preprocess_chw
+from edgebc.preprocess import PreprocessCard, prepared_frame
 from edgebc.train import plots
 
 # Manifest columns the subgroup table splits by unless told otherwise; `annotations` is the audit's
@@ -74,7 +74,7 @@ def evaluate_checkpoint(
         raise EdgebcError(
             f"{data}: no samples{f' in split {split!r}' if split else ''} for task {task.name}"
         )
-    images = np.stack([preprocess_chw(read_image(s.path), prep) for s in samples])
+    images = np.stack([sample_input(s, prep) for s in samples])
     y = task.encode(s.label for s in samples)
     logits = model.logits(images)
     probs = metrics.softmax(logits, card.temperature)
@@ -378,7 +378,8 @@ def _write_gradcams(folder: Path, model: Any, layer: Any, images: Any, probs: np
             if frames_of is None:
                 picture = overlay(images[index], cam, prep, caption)
             else:
-                frame = prepared_frame(read_image(frames_of[index].path), prep)
+                image, view = read_sample(frames_of[index])
+                frame = prepared_frame(image, prep, view=view)
                 picture = overlay_on_frame(frame, cam, prep, caption)
             _ok, png = cv2.imencode(".png", picture)
             path = folder / f"{kind}_{int(index):04d}.png"
