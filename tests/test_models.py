@@ -125,3 +125,22 @@ def test_mismatched_or_damaged_weights_are_refused_clearly(tmp_path):
     with pytest.raises(EdgebcError, match="not a readable PyTorch checkpoint"):
         load_torchvision_weights(create_model("mobilenet_v3_small"), "mobilenet_v3_small", broken)
     assert model_spec("shufflenet_v2_x1_0").classifier == "fc"
+
+
+def test_an_edgebc_checkpoint_starts_a_model_of_its_architecture_with_a_fresh_head(tmp_path):
+    from edgebc.train.checkpoint import load_checkpoint, save_untrained_checkpoint
+
+    source = save_untrained_checkpoint(tmp_path / "us.pt", "mobilenet_v3_small", 32, seed=1)
+    weights = load_checkpoint(source).state_dict
+    model = create_model("mobilenet_v3_small", num_classes=2)
+    fresh_head = model.classifier[3].weight.detach().clone()
+    report = load_torchvision_weights(model, "mobilenet_v3_small", source)
+    torch.testing.assert_close(model.features[0][0].weight, weights["features.0.0.weight"])
+    torch.testing.assert_close(model.classifier[3].weight, fresh_head)  # 3 classes there, 2 here
+    card = load_checkpoint(source).card
+    assert report["source"] == str(source) and report["weights_sha256"] == card.weights_sha256
+    assert report["reinitialised"] == ["classifier.3.weight", "classifier.3.bias"]
+    with pytest.raises(
+        EdgebcError, match="edgebc mobilenet_v3_small model; it cannot start a resnet18"
+    ):
+        load_torchvision_weights(create_model("resnet18"), "resnet18", source)

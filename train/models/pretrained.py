@@ -95,7 +95,8 @@ def _load_edgebc_backbone(
         checkpoint = load_checkpoint(path)
     except EdgebcError:
         raise EdgebcError(
-            f"{path}: neither a torchvision state_dict ({why_not_weights}) nor an edgebc checkpoint"
+            f"{path}: not a readable PyTorch checkpoint: neither a torchvision state_dict "
+            f"({why_not_weights}) nor an edgebc checkpoint"
         ) from None
     card = checkpoint.card
     if card.arch != arch or card.presence_input is not None:
