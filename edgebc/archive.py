@@ -23,6 +23,7 @@ import numpy as np
 from edgebc.atomic import atomic_write_text
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
+from edgebc.decode import ImageView
 from edgebc.errors import EdgebcError
 from edgebc.region import Region, detect_imaging_region
 from edgebc.sources import OpenCVSource, expand_inputs, open_file
@@ -59,21 +60,25 @@ class FrameItem:
     frame: int | None
     image: np.ndarray | None
     error: str | None = None
+    view: ImageView | None = None  # a mammogram's view, where its DICOM header says it
 
 
-def iter_frames(paths: Sequence[Path], stride: int = 1) -> Iterator[FrameItem]:
-    """Every frame to classify, with errors as items rather than exceptions."""
+def iter_frames(
+    paths: Sequence[Path], stride: int = 1, full_depth: bool = False
+) -> Iterator[FrameItem]:
+    """Every frame to classify, with errors as items rather than exceptions; `full_depth` for
+    mammography models (sources.open_file)."""
     for path in paths:
         try:
-            yield from _file_frames(path, stride)
+            yield from _file_frames(path, stride, full_depth)
         except (EdgebcError, OSError, ValueError) as exc:
             yield FrameItem(str(path), None, None, str(exc))
 
 
-def _file_frames(path: Path, stride: int) -> Iterator[FrameItem]:
+def _file_frames(path: Path, stride: int, full_depth: bool = False) -> Iterator[FrameItem]:
     """A file's frames as `edgebc serve` plays it: a single picture (an image, a one-frame DICOM)
     without a frame number, and every `stride`-th frame of a video or cine, numbered."""
-    source = open_file(path)
+    source = open_file(path, full_depth)
     source.open()
     try:
         frames = iter(source.read, None)
@@ -81,11 +86,11 @@ def _file_frames(path: Path, stride: int) -> Iterator[FrameItem]:
         if first is None:
             raise EdgebcError(f"{path}: holds no readable frame")
         if second is None and not isinstance(source, OpenCVSource):  # a video is numbered always
-            yield FrameItem(str(path), None, first.image)
+            yield FrameItem(str(path), None, first.image, view=first.view)
             return
         for frame in itertools.chain([first], [] if second is None else [second], frames):
             if frame.index % stride == 0:
-                yield FrameItem(str(path), frame.index, frame.image)
+                yield FrameItem(str(path), frame.index, frame.image, view=frame.view)
     finally:
         source.close()
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from edgebc.decode import decode_dicom_frames, read_image, sniff_format
+from edgebc.decode import ImageView, decode_dicom_frames, read_image, read_image_view, sniff_format
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
 
@@ -53,6 +53,7 @@ class Frame:
     read_ms: float = (
         0.0  # how long the source's read took (grab + decode; for live sources also the wait)
     )
+    view: ImageView | None = None  # what a DICOM header says of a mammogram's view
 
     def age(self) -> float:
         return time.monotonic() - self.captured_monotonic
@@ -75,14 +76,14 @@ class _Counter:
     def __init__(self, name: str) -> None:
         self.name, self._next = name, 0
 
-    def stamp(self, image: np.ndarray) -> Frame:
-        frame = Frame(image, self._next, time.time(), time.monotonic(), self.name)
+    def stamp(self, image: np.ndarray, view: ImageView | None = None) -> Frame:
+        frame = Frame(image, self._next, time.time(), time.monotonic(), self.name, view=view)
         self._next += 1
         return frame
 
 
 class ImageFileSource:
-    """One image file: one frame."""
+    """One image file: one frame (a 16-bit PNG stays 16-bit)."""
 
     live = False
 
@@ -105,19 +106,27 @@ class ImageFileSource:
 
 
 class DicomSource:
+    """A DICOM file's frames, display-ready in 8 bits, or with `full_depth` (mammography models)
+    grey frames in 16 bits; each frame carries what the header says of the view."""
+
     live = False
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, full_depth: bool = False) -> None:
         self.path, self.name = path, str(path)
+        self.full_depth = full_depth
         self._frames: Iterator[np.ndarray] = iter(())
+        self._view: ImageView | None = None
         self._counter = _Counter(self.name)
 
     def open(self) -> None:
-        self._frames = iter(decode_dicom_frames(self.path.read_bytes(), str(self.path)))
+        data = self.path.read_bytes()
+        self._view = read_image_view(data, self.name)
+        frames = decode_dicom_frames(data, self.name, full_depth=self.full_depth)
+        self._frames = iter(frames)
 
     def read(self) -> Frame | None:
         image = next(self._frames, None)
-        return None if image is None else self._counter.stamp(image)
+        return None if image is None else self._counter.stamp(image, self._view)
 
     def close(self) -> None:
         self._frames = iter(())
@@ -384,15 +393,16 @@ def _is_input_file(path: Path) -> bool:
     return path.suffix.lower() in INPUT_SUFFIXES and "_mask" not in path.stem and path.is_file()
 
 
-def open_file(path: Path) -> FrameSource:
+def open_file(path: Path, full_depth: bool = False) -> FrameSource:
     """The source for one file: a video (by its suffix), a DICOM file, one frame or a cine (by its
     suffix, or its first bytes: archives often keep DICOM without one), else an image. The one
-    reader of a file's frames, for `edgebc serve` and `edgebc classify` alike."""
+    reader of a file's frames, for `edgebc serve` and `edgebc classify` alike. `full_depth`
+    (mammography) keeps a grey DICOM's full bit depth instead of its 8-bit display."""
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
         return OpenCVSource(str(path), str(path), live=False)
     if suffix in DICOM_SUFFIXES or _holds_dicom(path):
-        return DicomSource(path)
+        return DicomSource(path, full_depth)
     return ImageFileSource(path)
 
 
