@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edgebc.breast import NoBreastFoundError, find_breast
+from edgebc.breast import Breast, NoBreastFoundError, find_breast
 from edgebc.data.fingerprint import colour_fraction
 from edgebc.decode import to_grey_uint8
 
@@ -165,7 +165,7 @@ class MammographyGate:
     """The gate for models whose card declares a mammography (`mg`) input.
 
     A mammogram is a breast on a near-black background, of smooth tissue, in 8 to 16 bits. Every
-    statistic is judged on a copy at most 512 px on its long side (a 4096x3328 DICOM costs what a
+    statistic is judged on a copy at most 256 px on its long side (a 4096x3328 DICOM costs what a
     small PNG does), in the frame's own dtype: a 12-bit mammogram stored in 16 bits (0..4095) is
     never shifted right by 8; where a statistic needs 8 bits the frame is scaled by its own range
     (its 0.5th to 99.5th percentile). In order, it refuses:
@@ -186,12 +186,15 @@ class MammographyGate:
       the frame's range): a screen, document or graphic, whose windows and pages are one shade.
     - ultrasound: the breast region's median speckle contrast (3x3 spread / local mean, on the
       256 px copy scaled by its own range, inside the breast's mask eroded from its edge) above
-      `max_speckle_contrast`: B-mode speckle, which film and digital mammograms do not have.
+      `max_speckle_contrast`, or above `max_side_to_side_contrast` where the region fills the
+      frame from side to side as a scan does (a breast lies against one side, its chest wall):
+      B-mode speckle, which film and digital mammograms do not have.
 
-    Measured 2026-11-30 (tools/measure_quality_gate.py): speckle contrast of mini-MIAS 0.010-0.041,
-    of mammogram phantoms 0.025-0.044; of BUSI and BUS-BRA frames at least 0.06, of ultrasound
-    phantoms and scanner screens at least 0.12. The largest one-level share of the breast: mini-
-    MIAS at most 0.13; desktops at least 0.28, documents 0.44.
+    Measured 2026-11-30 (tools/measure_quality_gate.py; see docs/RUNTIME.md): speckle contrast of
+    mini-MIAS 0.010-0.041 (0.010-0.011 for the two films that reach both side edges), of
+    mammogram phantoms 0.022-0.044; of BUSI 0.046-0.194 (three heavily smoothed frames under
+    0.052, all filling the width), BUS-BRA 0.065-0.330, ultrasound phantoms and scanner screens
+    at least 0.12.
     """
 
     min_std: float = 2.0
@@ -201,15 +204,20 @@ class MammographyGate:
     max_colour_fraction: float = 0.05
     max_level_share: float = 0.2
     max_speckle_contrast: float = 0.052
+    # A bright region that fills the frame from side to side (covering at least
+    # `min_side_cover` of both side edges) is a scan, not a breast against its chest wall, when
+    # it has even this much speckle: heavily smoothed B-mode (speckle reduction) comes under
+    # max_speckle_contrast, but mammograms that fill the width are smoother still.
+    min_side_cover: float = 0.3
+    max_side_to_side_contrast: float = 0.03
 
     def check(self, frame: np.ndarray, grey: np.ndarray | None = None) -> QualityResult:
         """`grey` is the frame already converted to grey in its own dtype (the classifier converts
         once for both the gate and a grey model's preprocessing); computed here when not given."""
-        grey = grey_levels(frame) if grey is None else grey
-        if grey.dtype not in (np.uint8, np.uint16):  # float in [0, 1]: as 16-bit levels
-            grey = np.round(np.clip(np.nan_to_num(grey), 0.0, 1.0) * 65535.0).astype(np.uint16)
-        small = thumbnail(grey, 512)
-        top = int(small.max())
+        grey = integer_grey(frame if grey is None else grey)
+        small = thumbnail(grey, 256)
+        sample = subsample(grey, 256)  # for levels and shares of pixels: as good as the whole
+        top = int(sample.max())
         scale = 255 if grey.dtype == np.uint8 else max(255, (1 << top.bit_length()) - 1)
         spread = float(thumbnail(small, 32).std()) * 255.0 / scale
         if spread < self.min_std:
@@ -233,8 +241,7 @@ class MammographyGate:
                 "(a 12-bit mammogram shifted into 8 bits reads 0..15)",
                 "bit_depth",
             )
-        sample = subsample(grey, 512)  # a share of pixels: a sample is as good as the whole
-        saturated = float(np.count_nonzero(sample == sample.max())) / float(sample.size)
+        saturated = float(np.count_nonzero(sample == top)) / float(sample.size)
         if saturated > self.max_saturated:
             return QualityResult(
                 False,
@@ -251,27 +258,57 @@ class MammographyGate:
             breast = find_breast(small)
         except NoBreastFoundError as error:
             return QualityResult(False, str(error), "no_breast")
-        grey8 = np.clip((thumbnail(small, 256).astype(np.float32) - low)
-                        * (255.0 / max(high - low, 1e-6)), 0, 255)  # fmt: skip
-        mask = cv2.resize(breast.mask, (grey8.shape[1], grey8.shape[0]),
-                          interpolation=cv2.INTER_NEAREST)  # fmt: skip
-        level_share = largest_level_share(np.round(grey8[mask > 0]).astype(np.uint8))
-        if level_share > self.max_level_share:
+        texture = texture_of(small, low, high, breast)
+        if texture.level_share > self.max_level_share:
             return QualityResult(
                 False,
-                f"does not look like a mammogram: {level_share:.0%} of its bright region is one "
-                "grey level (a screen, document or graphic?)",
+                f"does not look like a mammogram: {texture.level_share:.0%} of its bright region "
+                "is one grey level (a screen, document or graphic?)",
                 "flat",
             )
-        contrast = breast_speckle_contrast(grey8, mask)
-        if contrast > self.max_speckle_contrast:
+        contrast = texture.speckle_contrast
+        side_to_side = texture.side_cover >= self.min_side_cover
+        if contrast > self.max_speckle_contrast or (
+            side_to_side and contrast > self.max_side_to_side_contrast
+        ):
+            where = " filling the frame from side to side" if side_to_side else ""
             return QualityResult(
                 False,
-                f"does not look like a mammogram: speckle texture (contrast {contrast:.3f}), as "
-                "B-mode ultrasound has (an ultrasound frame given to a mammography model?)",
+                f"does not look like a mammogram: speckle texture (contrast {contrast:.3f}){where},"
+                " as B-mode ultrasound has (an ultrasound frame given to a mammography model?)",
                 "ultrasound",
             )
         return QualityResult(True)
+
+
+@dataclass(frozen=True)
+class BreastTexture:
+    """What the mammography gate reads off the breast region (see MammographyGate)."""
+
+    level_share: float  # share of its pixels at its commonest 8-bit level
+    speckle_contrast: float  # median 3x3 spread / local mean inside it
+    side_cover: float  # the lesser share of the frame's two side edges that it covers
+
+
+def texture_of(small: np.ndarray, low: float, high: float, breast: Breast) -> BreastTexture:
+    """The texture of `breast` (found on `small`, the frame's thumbnail) with the thumbnail
+    scaled to 8 bits between its levels `low` and `high`."""
+    grey8 = np.clip((small.astype(np.float32) - low) * (255.0 / max(high - low, 1e-6)), 0, 255)
+    mask = cv2.resize(breast.mask, (grey8.shape[1], grey8.shape[0]),
+                      interpolation=cv2.INTER_NEAREST)  # fmt: skip
+    return BreastTexture(
+        largest_level_share(np.round(grey8[mask > 0]).astype(np.uint8)),
+        breast_speckle_contrast(grey8, mask),
+        float(min(mask[:, 0].mean(), mask[:, -1].mean())),
+    )
+
+
+def breast_texture(frame: np.ndarray) -> BreastTexture:
+    """The texture the mammography gate judges, for a whole frame (tools/measure_quality_gate.py
+    reports its range per set); NoBreastFoundError where there is no breast."""
+    small = thumbnail(integer_grey(frame), 256)
+    low, high = (float(v) for v in np.percentile(small, (0.5, 99.5)))
+    return texture_of(small, low, high, find_breast(small))
 
 
 Gate = QualityGate | MammographyGate
@@ -282,13 +319,16 @@ def gate_for(modality: str, ultrasound: QualityGate, mammography: MammographyGat
     return mammography if modality == "mg" else ultrasound
 
 
-def grey_levels(frame: np.ndarray) -> np.ndarray:
-    """A grey copy of a grey or BGR(A) frame in its own dtype (no shift to 8 bits)."""
+def integer_grey(frame: np.ndarray) -> np.ndarray:
+    """A grey view of a grey or BGR(A) frame in its own bit depth (never shifted to 8 bits): uint8
+    and uint16 as they are, float in [0, 1] as 16-bit levels."""
     if frame.ndim == 3 and frame.shape[2] == 1:
-        return frame[:, :, 0]
-    if frame.ndim == 3:
-        return cv2.cvtColor(np.ascontiguousarray(frame[:, :, :3]), cv2.COLOR_BGR2GRAY)
-    return frame
+        frame = frame[:, :, 0]
+    elif frame.ndim == 3:
+        frame = cv2.cvtColor(np.ascontiguousarray(frame[:, :, :3]), cv2.COLOR_BGR2GRAY)
+    if frame.dtype in (np.uint8, np.uint16):
+        return frame
+    return np.round(np.clip(np.nan_to_num(frame), 0.0, 1.0) * 65535.0).astype(np.uint16)
 
 
 def largest_level_share(levels: np.ndarray) -> float:

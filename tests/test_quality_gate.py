@@ -16,6 +16,7 @@ from edgebc.quality import (
     MAMMOGRAPHY_CHECKS,
     MammographyGate,
     QualityGate,
+    breast_texture,
     speckle_statistics,
 )
 from edgebc.synth import make_ultrasound_phantom
@@ -348,3 +349,37 @@ def test_build_classifier_gives_an_mg_model_the_mammography_settings(models_by_m
     assert build_classifier(settings).gate is mg_gate
     settings = ClassifierSettings(str(models_by_modality["us"]), mammography_quality=mg_gate)
     assert build_classifier(settings).gate is settings.quality
+
+
+def test_smoothed_bmode_filling_the_frame_is_refused_by_its_side_to_side_speckle():
+    """BUSI's three most smoothed frames (speckle reduction, contrast 0.046-0.050) come under the
+    plain speckle limit; a scan fills the frame from side to side, a breast lies against one side."""
+    gate = MammographyGate()
+    for k in range(3):
+        smoothed = cv2.GaussianBlur(_phantom(k, 256), (0, 0), 2.5)
+        texture = breast_texture(smoothed)
+        assert gate.max_side_to_side_contrast < texture.speckle_contrast
+        assert texture.speckle_contrast < gate.max_speckle_contrast and texture.side_cover > 0.9
+        verdict = gate.check(smoothed)
+        assert verdict.check == "ultrasound" and "side to side" in verdict.reason, verdict
+        assert MammographyGate(min_side_cover=1.01).check(smoothed).ok  # the side rule refused it
+    for k in range(4):  # mammograms lie against one side edge at most
+        assert breast_texture(_mammogram(k, 12, "CC", "LR"[k % 2])).side_cover == 0.0
+
+
+def test_the_measurement_holds_the_mammography_gate_to_its_own_goals():
+    tool = measure_tool()
+    gate, mg_gate = QualityGate(), MammographyGate()
+    films = [(f"film {k}", _mammogram(k, 12)) for k in range(4)]
+    mammograms = tool.FrameSet(tool.NOT_ULTRASOUND, "s", "films", lambda: films, mammograms=True)
+    bmode = tool.FrameSet(tool.ULTRASOUND, "s", "scans", lambda: [("b", _phantom(0, 256))] * 3)
+    sets = [tool.tally(s, gate, mg_gate) for s in (mammograms, bmode)]
+    assert mammograms.mg_refused_share == 0.0 and bmode.mg_refused == {"ultrasound": 3}
+    assert len(mammograms.mg_contrast) == 4 and max(mammograms.mg_contrast) < 0.052
+    assert all(met for met, _ in tool.mg_goals(sets))
+    shifted = [(name, (film >> 8).astype(np.uint8)) for name, film in films]
+    bad = tool.FrameSet(tool.NOT_ULTRASOUND, "s", "shifted", lambda: shifted, mammograms=True)
+    tool.tally(bad, gate, mg_gate)
+    assert bad.mg_refused == {"bit_depth": 4}
+    (met, text), _ = tool.mg_goals([bad, bmode])
+    assert not met and "worst: s / shifted, 100.0%" in text
