@@ -383,3 +383,24 @@ def test_the_measurement_holds_the_mammography_gate_to_its_own_goals():
     assert bad.mg_refused == {"bit_depth": 4}
     (met, text), _ = tool.mg_goals([bad, bmode])
     assert not met and "worst: s / shifted, 100.0%" in text
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_the_mammography_gate_passes_mini_mias_and_refuses_real_bmode(data_dir):
+    """Issue 20's goals on the real data: at most 2 % of mini-MIAS refused by the mammography
+    gate, at least 95 % of every BUSI and BUS-BRA scanner's frames."""
+    tool = measure_tool()
+    sets = [s for s in tool.real_sets(data_dir) if not s.recaptured]
+    for s in sets:
+        tool.tally(s, QualityGate(), MammographyGate())
+    (mias,) = [s for s in sets if s.mammograms]
+    assert mias.total >= 250 and mias.mg_refused_share <= 0.02, mias.mg_refused_names
+    scanners = [s for s in sets if s.kind == tool.ULTRASOUND]
+    assert len(scanners) >= 5
+    for s in scanners:
+        assert s.mg_refused_share >= 0.95 and set(s.mg_refused) == {"ultrasound"}, (
+            s.name,
+            s.mg_refused,
+        )
+    assert all(met for met, _ in tool.mg_goals(sets))
