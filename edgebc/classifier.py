@@ -25,7 +25,7 @@ from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
-from edgebc.quality import QualityGate, QualityResult
+from edgebc.quality import Gate, MammographyGate, QualityGate, QualityResult, gate_for
 from edgebc.region import Region
 from edgebc.shift import SHIFT_MODES, FrameShift, ShiftMode, shift_check_for
 
@@ -79,13 +79,17 @@ class FrameClassifier:
         self,
         backend: Backend,
         region: Region | None = None,
-        gate: QualityGate | None = None,
+        gate: Gate | None = None,
         threshold: float | None = None,
         shift: ShiftMode = "off",
         shift_window: int = 30,
+        mammography_gate: MammographyGate | None = None,
     ) -> None:
-        """`threshold` overrides the card's operating threshold (a site's own validated choice);
-        `shift` says what an out-of-distribution frame does (withdraw, mark, or off: no check)
+        """The model's input modality picks the gate that judges its frames: the ultrasound gate
+        (`gate` when it is a QualityGate, else the defaults) or the mammography gate
+        (`mammography_gate`, or `gate` when it is a MammographyGate, else the defaults); so a
+        classifier made from another's `gate` judges as that one did. `threshold` overrides the
+        card's operating threshold (a site's own validated choice); `shift` says what an out-of-distribution frame does (withdraw, mark, or off: no check)
         and `shift_window` how many frames the stream verdict averages."""
         if shift not in SHIFT_MODES:
             raise ValueError(f"shift must be one of {', '.join(SHIFT_MODES)}, got {shift!r}")
@@ -105,7 +109,10 @@ class FrameClassifier:
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold
         self.region = region
-        self.gate = gate or QualityGate()
+        ultrasound = gate if isinstance(gate, QualityGate) else QualityGate()
+        if mammography_gate is None:
+            mammography_gate = gate if isinstance(gate, MammographyGate) else MammographyGate()
+        self.gate: Gate = gate_for(self.card.inputs[0].modality, ultrasound, mammography_gate)
         self.shift_mode: ShiftMode = shift
         outputs = getattr(backend, "outputs", tuple(o.name for o in self.card.outputs))
         self.shift, self.shift_note = shift_check_for(self.card, shift, shift_window, outputs)

@@ -2,8 +2,8 @@
 
 A site validates its model, threshold and quality gate once; an archive run and the cart must then
 decide with the same ones. Both commands' settings extend `ClassifierSettings`, so its keys sit at
-the top level of either YAML file (`model:`, `threshold:`, `quality: {min_std: ...}`) and reach a
-`FrameClassifier` through `build_classifier` alone.
+the top level of either YAML file (`model:`, `threshold:`, `quality: {min_std: ...}`,
+`mammography_quality: {...}`) and reach a `FrameClassifier` through `build_classifier` alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_MODEL
-from edgebc.quality import QualityGate
+from edgebc.quality import MammographyGate, QualityGate
 from edgebc.region import Region
 from edgebc.shift import SHIFT_MODES, ShiftMode
 
@@ -28,7 +28,9 @@ class ClassifierSettings:
     region: tuple[int, int, int, int] | None = None  # x, y, w, h of the imaging region
     auto_region: bool = False  # detect the region on the first frame of each stream instead
     threshold: float | None = None  # overrides the model card's operating threshold
-    quality: QualityGate = field(default_factory=QualityGate)
+    quality: QualityGate = field(default_factory=QualityGate)  # for ultrasound models
+    # for models whose card declares a mammography (`mg`) input
+    mammography_quality: MammographyGate = field(default_factory=MammographyGate)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int = 0  # 0: ONNX Runtime's choice
     spin_wait: bool = False  # ONNX Runtime threads spin between runs: lower latency, a core burnt
@@ -74,6 +76,6 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
     )
     region = Region(*settings.region) if settings.region else None
     classifier = FrameClassifier(backend, region, settings.quality, settings.threshold,
-                                 settings.shift, settings.shift_window)  # fmt: skip
+                                 settings.shift, settings.shift_window, settings.mammography_quality)  # fmt: skip
     log.info("shift check: %s", classifier.shift_note)  # once, where the classifier is built
     return classifier

@@ -1,4 +1,4 @@
-"""Measure the quality gate's refusal rates per scanner, per site and per reason, against its goals.
+"""Measure both quality gates' refusal rates per scanner, per site and per reason, against their goals.
 
     python tools/measure_quality_gate.py [--data ../shared/data] [--non-us FOLDER ...]
 
@@ -10,15 +10,24 @@ Sets, each of one kind:
   each site's frames once more through JPEG at quality 75, as an MJPG capture card delivers them;
 - not ultrasound, which it must refuse: synthetic desktops and documents, mini-MIAS mammograms when
   present, and any folders of other pictures given with --non-us (photos, screenshots);
-- blank frames (one grey level with capture noise, half through JPEG), which it must refuse.
+- blank frames (one grey level with capture noise, half through JPEG), which it must refuse;
+- mammogram phantoms at 8 and 12 (in 16) bits, and whole scanner screens around ultrasound
+  phantoms, held to the mammography gate's goals only (the ultrasound gate judges a screen's
+  imaging-region crop, and passes the whole screen).
+
+Every frame also goes through the mammography gate (edgebc.quality.MammographyGate, the gate of
+models whose card declares an `mg` input), whose goals (issue 20) are the mirror image: at most
+2 % of every mammogram set (mini-MIAS, phantoms) refused, at least 95 % of every other set
+(ultrasound, scanner screens, decoys, blank).
 
 Goals (issue 16): at most 2 % of the frames of every ultrasound set refused, every scanner on its
 own; at least 95 % of every non-ultrasound set and 99 % of blank frames refused (folders given with
 --non-us are reported, not held to a goal: grainy photos are known to pass). Prints one
 Markdown table (kind, site, scanner or set, frames, refused, refusals by the gate's check, and
-the range of the two speckle statistics the gate judges), the site totals and, per goal, whether
-it is met; nothing is written. Exit status 1 when a goal is
-not met. The real data is read from --data (default: ../shared/data beside the repository).
+the range of the two speckle statistics the gate judges; the same for the mammography gate with
+its breast region's largest one-level share and speckle contrast), the site totals and, per
+goal of both gates, whether it is met; nothing is written. Exit status 1 when a goal is not met.
+The real data is read from --data (default: ../shared/data beside the repository).
 """
 
 from __future__ import annotations
@@ -35,11 +44,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgebc.breast import NoBreastFoundError
 from edgebc.data.manifest import read_manifest
 from edgebc.data.readers import read_busi, read_mias
 from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.decode import read_image, to_grey_uint8
-from edgebc.quality import QualityGate, speckle_statistics, thumbnail
+from edgebc.quality import (
+    MammographyGate,
+    QualityGate,
+    breast_texture,
+    speckle_statistics,
+    thumbnail,
+)
 from edgebc.sources import IMAGE_SUFFIXES, open_source
 from edgebc.synth import make_cine
 from edgebc.synth.cine import write_video
@@ -51,12 +67,16 @@ from edgebc.synth.decoys import (
     with_black_margins,
     with_dim_depth,
 )
+from edgebc.synth.mammogram import VIEWS, draw_breast, make_mammogram
+from edgebc.synth.screen import render_scanner_screen
 from edgebc.synth.ultrasound import phantom_rng, phantom_stills
 
 ULTRASOUND, NOT_ULTRASOUND, BLANK = "ultrasound", "not ultrasound", "blank"
 MAX_ULTRASOUND_REFUSED = 0.02  # per scanner
 MIN_NOT_ULTRASOUND_REFUSED = 0.95
 MIN_BLANK_REFUSED = 0.99
+MAX_MAMMOGRAMS_REFUSED = 0.02  # by the mammography gate, per set
+MIN_OTHERS_REFUSED_BY_MG = 0.95  # ultrasound, decoys and blank frames, by the mammography gate
 BUSI_SITE, BUSI_DEVICE = "BUSI (Cairo)", "GE LOGIQ E9"
 BUSBRA_SITE = "BUS-BRA (Rio de Janeiro)"
 CAPTURE_JPEG_QUALITY = 75
@@ -72,21 +92,35 @@ class FrameSet:
     name: str
     frames: Callable[[], Iterable[tuple[str, np.ndarray]]]
     recaptured: bool = False  # another set's frames re-encoded: left out of the site totals
-    judged: bool = True  # False: reported, not held to a goal (folders given with --non-us)
+    judged: bool = True  # False: reported, not held to the ultrasound gate's goals
+    mammograms: bool = False  # the mammography gate must pass it (else refuse it)
+    mg_judged: bool = True  # False: not held to the mammography gate's goals (--non-us folders)
     total: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     passed: list[str] = field(default_factory=list)
     flat: list[float] = field(default_factory=list)  # the gate's speckle statistics per frame
     contrast: list[float] = field(default_factory=list)
+    mg_refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    mg_passed: list[str] = field(default_factory=list)
+    mg_refused_names: list[str] = field(default_factory=list)
+    mg_level_share: list[float] = field(default_factory=list)  # the mammography gate's texture
+    mg_contrast: list[float] = field(default_factory=list)
 
     @property
     def refused_share(self) -> float:
         return sum(self.refused.values()) / self.total if self.total else float("nan")
 
+    @property
+    def mg_refused_share(self) -> float:
+        return sum(self.mg_refused.values()) / self.total if self.total else float("nan")
 
-def tally(frame_set: FrameSet, gate: QualityGate) -> FrameSet:
-    """Run every frame of the set through the gate; counts refusals by the check that refused and
-    keeps the speckle statistics the gate judges (so limits can be set with the margins in view)."""
+
+def tally(
+    frame_set: FrameSet, gate: QualityGate, mg_gate: MammographyGate | None = None
+) -> FrameSet:
+    """Run every frame of the set through the gate (and the mammography gate, when given); counts
+    refusals by the check that refused and keeps the speckle statistics the ultrasound gate judges
+    (so limits can be set with the margins in view)."""
     for name, frame in frame_set.frames():
         frame_set.total += 1
         flat, contrast = speckle_statistics(
@@ -99,6 +133,19 @@ def tally(frame_set: FrameSet, gate: QualityGate) -> FrameSet:
             frame_set.passed.append(name)
         else:
             frame_set.refused[verdict.check or "other"] += 1
+        if mg_gate is not None:
+            try:
+                texture = breast_texture(frame)
+                frame_set.mg_level_share.append(texture.level_share)
+                frame_set.mg_contrast.append(texture.speckle_contrast)
+            except NoBreastFoundError:
+                pass
+            mg_verdict = mg_gate.check(frame)
+            if mg_verdict.ok:
+                frame_set.mg_passed.append(name)
+            else:
+                frame_set.mg_refused[mg_verdict.check or "other"] += 1
+                frame_set.mg_refused_names.append(f"{name} ({mg_verdict.check})")
     return frame_set
 
 
@@ -123,6 +170,27 @@ def synthetic_sets() -> list[FrameSet]:
         FrameSet(ULTRASOUND, SYNTHETIC, "phantoms framed by wide black margins", framed),
         FrameSet(ULTRASOUND, SYNTHETIC, "phantoms fading into a dim, smoothed, JPEG depth", dim),
         FrameSet(NOT_ULTRASOUND, SYNTHETIC, "desktops and documents", lambda: decoys(100)),
+        # B-mode on a scanner's screen: the ultrasound gate judges the imaging region's crop (and
+        # passes the whole screen), so it is held to the mammography gate's goal only
+        FrameSet(
+            ULTRASOUND, SYNTHETIC, "scanner screens around phantoms", scanner_screens, judged=False
+        ),
+        FrameSet(
+            NOT_ULTRASOUND,
+            SYNTHETIC,
+            "mammogram phantoms, 8-bit",
+            partial(mammogram_phantoms, 8),
+            judged=False,
+            mammograms=True,
+        ),
+        FrameSet(
+            NOT_ULTRASOUND,
+            SYNTHETIC,
+            "mammogram phantoms, 12-bit in 16",
+            partial(mammogram_phantoms, 12),
+            judged=False,
+            mammograms=True,
+        ),
         FrameSet(BLANK, SYNTHETIC, "blank frames (one grey level, noise, half JPEG)", blank),
     ]
 
@@ -147,7 +215,15 @@ def real_sets(data: Path) -> list[FrameSet]:
         )
     if (data / "mias").is_dir():
         mias = read_mias(data / "mias")
-        sets.append(FrameSet(NOT_ULTRASOUND, "mini-MIAS", "mammograms", lambda: read_samples(mias)))
+        sets.append(
+            FrameSet(
+                NOT_ULTRASOUND,
+                "mini-MIAS",
+                "mammograms",
+                lambda: read_samples(mias),
+                mammograms=True,
+            )
+        )
     return sets
 
 
@@ -159,7 +235,12 @@ def folder_set(folder: Path) -> FrameSet:
         if p.suffix.lower() in (*IMAGE_SUFFIXES, ".pgm") and "_mask" not in p.stem
     ]
     return FrameSet(
-        NOT_ULTRASOUND, str(folder), "given with --non-us", lambda: read_paths(paths), judged=False
+        NOT_ULTRASOUND,
+        str(folder),
+        "given with --non-us",
+        lambda: read_paths(paths),
+        judged=False,
+        mg_judged=False,
     )
 
 
@@ -205,6 +286,45 @@ def decoys(n: int) -> Iterator[tuple[str, np.ndarray]]:
         )
 
 
+def mammogram_phantoms(bits: int, n: int = 120) -> Iterator[tuple[str, np.ndarray]]:
+    """Framed mammogram phantoms, both lateralities and views, at `bits` (8, or 12 in 16)."""
+    for k in range(n):
+        rng = phantom_rng(40 + bits, k)
+        breast = draw_breast(CLASS_NAMES[k % len(CLASS_NAMES)], rng)
+        side, view = "LR"[k % 2], VIEWS[(k // 2) % 2]
+        image = make_mammogram(breast, rng, side, view, 640, 512, bits).image
+        yield f"{side}-{view} {k}", image
+
+
+def scanner_screens(n: int = 60) -> Iterator[tuple[str, np.ndarray]]:
+    """Whole scanner screens (menus, text, black background) around ultrasound phantoms."""
+    rng = np.random.default_rng(2030)
+    for k, frame in enumerate(phantom_stills(n, seed=11)[0]):
+        yield f"screen {k}", render_scanner_screen(frame, rng, 720, 1280)[0]
+
+
+def mg_goals(sets: list[FrameSet]) -> list[tuple[bool, str]]:
+    """The mammography gate's goals: (met, statement) each naming the worst set."""
+    results = []
+    for mammograms, limit in ((True, MAX_MAMMOGRAMS_REFUSED), (False, MIN_OTHERS_REFUSED_BY_MG)):
+        judged = [s for s in sets if s.mammograms == mammograms and s.total and s.mg_judged]
+        if not judged:
+            continue
+        worst = (max if mammograms else min)(judged, key=lambda s: s.mg_refused_share)
+        what = "mammograms: at most" if mammograms else "everything else: at least"
+        results.append(
+            (
+                all(
+                    (s.mg_refused_share <= limit) if mammograms else (s.mg_refused_share >= limit)
+                    for s in judged
+                ),
+                f"mammography gate, {what} {limit:.0%} refused in every set "
+                f"(worst: {worst.site} / {worst.name}, {worst.mg_refused_share:.1%})",
+            )
+        )
+    return results
+
+
 def goals(sets: list[FrameSet]) -> list[tuple[bool, str]]:
     """(met, statement) per goal, each naming the worst set of its kind."""
     results = []
@@ -231,15 +351,21 @@ def goals(sets: list[FrameSet]) -> list[tuple[bool, str]]:
 
 def markdown(sets: list[FrameSet]) -> str:
     lines = [
-        "| kind | site | scanner or set | frames | refused | refused by | flat share | contrast |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kind | site | scanner or set | frames | refused | refused by | flat share | contrast "
+        "| MG gate refused | MG refused by | MG level share | MG contrast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sets:
         reasons = ", ".join(f"{check} {n}" for check, n in s.refused.most_common())
         refused = sum(s.refused.values())
+        mg_reasons = ", ".join(f"{check} {n}" for check, n in s.mg_refused.most_common())
+        mg_refused = sum(s.mg_refused.values())
+        kind = "mammogram" if s.mammograms else s.kind
         lines.append(
-            f"| {s.kind} | {s.site} | {s.name} | {s.total} | {refused} ({s.refused_share:.1%}) "
-            f"| {reasons} | {span(s.flat, 2)} | {span(s.contrast, 3)} |"
+            f"| {kind} | {s.site} | {s.name} | {s.total} | {refused} ({s.refused_share:.1%}) "
+            f"| {reasons} | {span(s.flat, 2)} | {span(s.contrast, 3)} "
+            f"| {mg_refused} ({s.mg_refused_share:.1%}) | {mg_reasons} "
+            f"| {span(s.mg_level_share, 2)} | {span(s.mg_contrast, 3)} |"
         )
     return "\n".join(lines)
 
@@ -272,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "--non-us", type=Path, nargs="*", default=[], help="folders of non-ultrasound pictures"
     )
     args = parser.parse_args(argv)
-    gate = QualityGate()
+    gate, mg_gate = QualityGate(), MammographyGate()
     sets = synthetic_sets()
     if args.data.is_dir():
         sets += real_sets(args.data)
@@ -283,15 +409,20 @@ def main(argv: list[str] | None = None) -> int:
         key=lambda s: ({ULTRASOUND: 0, NOT_ULTRASOUND: 1, BLANK: 2}[s.kind], s.site != SYNTHETIC)
     )
     for frame_set in sets:
-        tally(frame_set, gate)
-    print(f"Quality gate refusal rates, {gate}\n")
+        tally(frame_set, gate, mg_gate)
+    print(f"Quality gate refusal rates, {gate}\nand {mg_gate}\n")
     print(markdown(sets))
     for s in sets:
         if s.kind != ULTRASOUND and s.passed:
             shown = ", ".join(s.passed[:10]) + (" ..." if len(s.passed) > 10 else "")
             print(f"\n{s.site} / {s.name}: passed the gate: {shown}")
+        names = s.mg_refused_names if s.mammograms else s.mg_passed
+        if names:
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            verb = "refused by" if s.mammograms else "passed"
+            print(f"\n{s.site} / {s.name}: {verb} the mammography gate: {shown}")
     print("\nUltrasound refused per site: " + "; ".join(site_totals(sets) or ["no real data"]))
-    results = goals(sets)
+    results = goals(sets) + mg_goals(sets)
     print("\nGoals:")
     for met, statement in results:
         print(f"- {'met' if met else 'NOT MET'}: {statement}")
