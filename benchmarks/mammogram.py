@@ -39,7 +39,7 @@ import numpy as np
 from edgebc.backends import open_backend
 from edgebc.bench.timing import peak_rss_mb
 from edgebc.breast import prepare_breast
-from edgebc.decode import ImageView, decode_image, read_image_view
+from edgebc.decode import decode_image, read_image_view
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw
 
@@ -125,8 +125,12 @@ class Pipeline:
         return {
             "decode": lambda: (decode_image(data, full_depth=True), read_image_view(data)),
             "gate": lambda: self.gate.check(image),
-            "breast": lambda: prepare_breast(image, self.prep.breast_crop, self.prep.laterality,
-                                             header_chest_wall=view.chest_wall),  # fmt: skip
+            "breast": lambda: prepare_breast(
+                image,
+                self.prep.breast_crop,
+                self.prep.laterality,
+                header_chest_wall=view.chest_wall,
+            ),  # fmt: skip
             "preprocess": lambda: preprocess_chw(breast, _after_breast(self.prep), view=view),
             "inference": lambda: self.backend.run(tensor),
         }
@@ -242,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         full = next(iter(files))
         difference = check_against_runtime(pipeline, model, files[full])
         if difference > 1e-5:
-            raise SystemExit(f"the timed stages disagree with the runtime: max |dp| {difference:.2e}")
+            raise SystemExit(
+                f"the timed stages disagree with the runtime: max |dp| {difference:.2e}"
+            )
         traced = peak_memory(pipeline, files[full])
         times = time_interleaved(pipeline, files, args.iterations)
     frame_bytes = FULL_FIELD[0] * FULL_FIELD[1] * 2

@@ -122,13 +122,17 @@ def classify_inputs(
     def flush() -> None:
         if not pending:
             return
-        decisions = classifier.classify_batch([image for _, image in pending])
+        decisions = classifier.classify_batch(
+            [image for _, image in pending], [item.view for item, _ in pending]
+        )
         for (item, _), decision in zip(pending, decisions, strict=True):
             rows.append(_row(item, decision, classes))
         progress(len(pending))
         pending.clear()
 
-    frames = iter_frames(expand_inputs(inputs), stride)
+    # a mammography model reads a grey DICOM at its full depth, as it was trained
+    full_depth = classifier.card.inputs[0].modality == "mg"
+    frames = iter_frames(expand_inputs(inputs), stride, full_depth)
     detect = auto_region and classifier.region is None
     for item in _regions_detected(frames) if detect else frames:
         if item.error is not None or item.image is None:

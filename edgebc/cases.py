@@ -31,6 +31,7 @@ import numpy as np
 from edgebc.atomic import atomic_write_text
 from edgebc.data.records import Sample
 from edgebc.decision import DecisionRule
+from edgebc.decode import ImageView
 from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.model_card import ModelCard
@@ -217,7 +218,9 @@ class CaseClassifier:
             if verdicts[view].ok:
                 channels = model_input.preprocess.channels
                 tensors[view] = preprocess_chw(
-                    grey if channels == 1 else images[view], model_input.preprocess
+                    grey if channels == 1 else images[view],
+                    model_input.preprocess,
+                    view=ImageView.from_code(view),
                 )
         if not verdicts:
             raise ValueError(f"{case}: no view to classify")

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgebc.backends import Backend
 from edgebc.decision import DecisionRule
+from edgebc.decode import ImageView
 from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
@@ -123,11 +124,17 @@ class FrameClassifier:
         if self.shift is not None:
             self.shift.reset()
 
-    def classify(self, frame: np.ndarray) -> Decision:
-        return self.classify_batch([frame])[0]
+    def classify(self, frame: np.ndarray, view: ImageView | None = None) -> Decision:
+        return self.classify_batch([frame], None if view is None else [view])[0]
 
-    def classify_batch(self, frames: Sequence[np.ndarray]) -> list[Decision]:
-        """Decisions for several frames; frames failing the gate are not sent to the model."""
+    def classify_batch(
+        self, frames: Sequence[np.ndarray], views: Sequence[ImageView | None] | None = None
+    ) -> list[Decision]:
+        """Decisions for several frames; frames failing the gate are not sent to the model.
+        `views` (mammograms, one per frame) say what a DICOM header or a manifest says of each
+        frame's view: the laterality flip and the pectoral step use it (edgebc.breast)."""
+        if views is not None and len(views) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(views)} views")
         clock = time.perf_counter
         start = clock()
         crops = [self.region.crop(f) if self.region else f for f in frames]
@@ -140,7 +147,14 @@ class FrameClassifier:
         passing = [i for i, v in enumerate(verdicts) if v.ok]
         model_inputs = greys if self.card.preprocess.channels == 1 else crops
         tensors = (
-            np.stack([preprocess_chw(model_inputs[i], self.card.preprocess) for i in passing])
+            np.stack(
+                [
+                    preprocess_chw(
+                        model_inputs[i], self.card.preprocess, view=views[i] if views else None
+                    )
+                    for i in passing
+                ]
+            )
             if passing
             else None
         )

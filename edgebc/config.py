@@ -237,6 +237,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             for k, v in value.items()
         }
     if origin is typing.Literal:
+        if isinstance(value, bool) and ("off" if value is False else "on") in args:
+            return "off" if value is False else "on"  # YAML 1.1 reads an unquoted off as false
         if value not in args:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value

@@ -268,3 +268,49 @@ def test_image_suffixes_mean_one_set():
     meanings = {m.IMAGE_SUFFIXES for m in (sources, readers) if hasattr(m, "IMAGE_SUFFIXES")}
     assert meanings == {(".png", ".jpg", ".jpeg")}  # picture files; DICOM is named apart
     assert set(readers.SAMPLE_SUFFIXES) == {*sources.IMAGE_SUFFIXES, *sources.DICOM_SUFFIXES}
+
+
+def test_a_mammography_model_classifies_films_at_full_depth_and_refuses_ultrasound(tmp_path):
+    """`edgebc classify` with an MG card: a 12-bit DICOM read at its full depth with its header's
+    view, a 16-bit PNG, both through the mammography gate; a B-mode frame refused as ultrasound."""
+    pydicom = pytest.importorskip("pydicom")
+    from edgebc.backends import open_backend
+    from edgebc.classifier import FrameClassifier
+    from edgebc.decode import decode_image, read_image_view
+    from edgebc.synth.mammogram import draw_breast, make_mammogram
+    from tests.helpers import demo_model_as
+    from tests.test_dicom_full_depth import _mammo_dicom
+
+    model = demo_model_as(tmp_path, "mg", "mg", breast_crop=True, laterality="left")
+    rng = phantom_rng(7, 0)
+    film = make_mammogram(draw_breast("malignant", rng), rng, "R", "MLO", 640, 512, 12).image
+    # a film using 256 of its 4096 levels: its 8-bit display keeps 16 of them, full depth all
+    faint = (film // 16 + 1000).astype(np.uint16)
+    data = _mammo_dicom(faint, ImageLaterality="R", ViewPosition="MLO")
+    (tmp_path / "film.dcm").write_bytes(data)
+    cv2.imwrite(str(tmp_path / "film.png"), film)
+    cv2.imwrite(str(tmp_path / "bmode.png"), make_ultrasound_phantom("benign", rng, 256).image)
+    out = tmp_path / "rows.csv"
+    code = main(
+        [
+            "classify",
+            str(model),
+            *(str(tmp_path / n) for n in ("film.dcm", "film.png", "bmode.png")),
+            "--out",
+            str(out),
+            "--set",
+            "shift=off",
+        ]
+    )  # fmt: skip (the demo saw no films)
+    rows = {Path(r["source"]).name: r for r in rows_of(out)}
+    assert code == 0 and rows["film.dcm"]["quality"] == "ok" and rows["film.png"]["quality"] == "ok"
+    assert "ultrasound" in rows["bmode.png"]["quality"]
+    assert rows["bmode.png"]["decision"] == ""
+    classifier = FrameClassifier(open_backend(model), shift="off")
+    full = decode_image(data, full_depth=True)
+    assert full.dtype == np.uint16
+    view = read_image_view(data)
+    expected = classifier.classify(full, view).to_json()["positive_probability"]
+    display = classifier.classify(decode_image(data), view).to_json()["positive_probability"]
+    assert float(rows["film.dcm"]["positive_probability"]) == pytest.approx(expected, abs=1e-4)
+    assert abs(expected - display) > 1e-3  # so the row above could only come from full depth

@@ -148,3 +148,16 @@ def test_a_mistake_in_the_file_still_names_the_file(tmp_path, capsys):
         f"{config}: TrainConfig.optim: OptimConfig.epochs: expected an integer"
         in capsys.readouterr().err
     )
+
+
+def test_an_unquoted_off_is_the_word_off_not_yaml_false():
+    """`--set shift=off` (and `shift: off` in a file): YAML 1.1 reads off as false."""
+    import yaml
+
+    from edgebc.classifier_settings import ClassifierSettings
+    from edgebc.config import from_mapping
+    from edgebc.errors import ConfigError
+
+    assert from_mapping(ClassifierSettings, yaml.safe_load("shift: off")).shift == "off"
+    with pytest.raises(ConfigError, match="expected one of"):
+        from_mapping(ClassifierSettings, yaml.safe_load("shift: true"))

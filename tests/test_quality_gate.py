@@ -290,30 +290,11 @@ def test_the_mammography_gate_judges_a_grey_copy_in_its_own_dtype():
 
 @pytest.fixture(scope="module")
 def models_by_modality(tmp_path_factory):
-    """The embedded demo model under two cards: as shipped (input modality us) and the same with
-    its input declared a mammogram (mg), neither marked the demo."""
-    import onnx
-
-    from edgebc.backends import open_backend
-    from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
-    from edgebc.integrity import write_manifest
-    from edgebc.model_card import CARD_KEY
+    """The embedded demo model under two cards: input modality us and mg, neither marked the demo."""
+    from tests.helpers import demo_model_as
 
     folder = tmp_path_factory.mktemp("modality")
-    card = open_backend(DEMO_MODEL).card
-    paths = {}
-    for modality in ("us", "mg"):
-        graph = onnx.load(str(DEMO_MODEL))
-        inputs = tuple(dataclasses.replace(i, modality=modality) for i in card.inputs)
-        for entry in graph.metadata_props:
-            if entry.key == CARD_KEY:
-                # not marked the demo, so it answers (shift: off) rather than withdrawing
-                lineage = {k: v for k, v in card.lineage.items() if k != DEMO_LINEAGE_KEY}
-                entry.value = dataclasses.replace(card, inputs=inputs, lineage=lineage).to_json()
-        paths[modality] = folder / f"{modality}.onnx"
-        onnx.save(graph, str(paths[modality]))
-    write_manifest(folder, list(paths.values()))
-    return paths
+    return {modality: demo_model_as(folder, modality, modality) for modality in ("us", "mg")}
 
 
 def test_a_classifier_gates_by_its_cards_input_modality(models_by_modality):

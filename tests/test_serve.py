@@ -655,3 +655,35 @@ def test_read_deadlines_and_the_admission_wait_are_validated(tmp_path):
     ]:
         with pytest.raises(ValueError, match=words):
             settings_for(tmp_path, **{key: value})
+
+
+def test_a_mammography_model_reads_an_uploaded_dicom_at_full_depth_with_its_view(tmp_path):
+    pytest.importorskip("pydicom")
+    from edgebc.backends import open_backend
+    from edgebc.classifier import FrameClassifier
+    from edgebc.decode import decode_image, read_image_view
+    from edgebc.synth.mammogram import draw_breast, make_mammogram
+    from tests.helpers import demo_model_as
+    from tests.test_dicom_full_depth import _mammo_dicom
+
+    model = demo_model_as(tmp_path, "mg", "mg", breast_crop=True, laterality="left")
+    rng = phantom_rng(7, 1)
+    film = make_mammogram(draw_breast("benign", rng), rng, "R", "CC", 640, 512, 12).image
+    data = _mammo_dicom(
+        (film // 16 + 1000).astype(np.uint16), ImageLaterality="R", ViewPosition="CC"
+    )
+    runtime = build_runtime(settings_for(tmp_path, model=str(model), shift="off"))
+    with TestClient(create_app(runtime)) as client:
+        answer = client.post(
+            "/v1/classify", content=data, headers={"Content-Type": "application/dicom"}
+        )
+        bmode = client.post(
+            "/v1/classify", content=phantom_png(), headers={"Content-Type": "image/png"}
+        )
+    assert answer.status_code == 200, answer.text
+    reference = FrameClassifier(open_backend(model)).classify(
+        decode_image(data, full_depth=True), read_image_view(data)
+    )
+    assert reference.quality.ok and answer.json()["label"] == reference.label
+    assert answer.json()["probabilities"] == pytest.approx(reference.probabilities, abs=1e-5)
+    assert bmode.json()["label"] is None and "mammogram" in bmode.json()["reason"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,7 @@ def _classify_cases(settings: ClassifySettings) -> int:
     from edgebc.cases import CaseClassifier, classify_case_manifests
     from edgebc.decode import read_image
     from edgebc.errors import EdgebcError
+    from edgebc.quality import gate_for
 
     if settings.region or settings.auto_region:
         raise ValueError(
@@ -133,11 +135,13 @@ def _classify_cases(settings: ClassifySettings) -> int:
             f"{settings.model}: takes one image, not cases; manifests (.csv) are for multi-view "
             "models: give the images themselves"
         )
-    classifier = CaseClassifier(backend, settings.quality, settings.threshold)
+    # every view of a multi-view model is a mammogram: the mammography gate, full depth
+    gate = gate_for("mg", settings.quality, settings.mammography_quality)
+    classifier = CaseClassifier(backend, gate, settings.threshold)
     out = Path(settings.out)
     with tqdm(desc="classify", unit="case", disable=None) as bar:
         decided, views, errors = classify_case_manifests(
-            classifier, settings.inputs, out, read_image,
+            classifier, settings.inputs, out, partial(read_image, full_depth=True),
             on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update,
         )  # fmt: skip
     print(

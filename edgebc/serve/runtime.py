@@ -30,7 +30,7 @@ from edgebc.calibration import bound_statement
 from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.config import to_mapping
-from edgebc.decode import SHARED_DECODE_BUDGET, decode_image
+from edgebc.decode import SHARED_DECODE_BUDGET, decode_image, read_image_view
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest
@@ -347,14 +347,17 @@ class ServeRuntime:
         CPU work at a time, beside the live loop."""
 
         def work() -> tuple[np.ndarray, Region | None, Decision]:
+            # a mammography model gets a grey DICOM at its full depth, and the header's view
+            mammogram = self.backend.card.inputs[0].modality == "mg"
             image = decode_image(data, "upload", max_pixels=40_000_000,
                                  max_decoded_bytes=self.settings.max_decoded_bytes,
-                                 wait_s=self.settings.decode_wait_s)  # fmt: skip
+                                 wait_s=self.settings.decode_wait_s, full_depth=mammogram)  # fmt: skip
+            view = read_image_view(data, "upload") if mammogram else None
             crop = _upload_region(image, region)
             live = self.pipeline.classifier
             # one upload is one frame: its own verdict, a window of one the live stream never sees
             classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
-            return image, crop, classifier.classify(image)
+            return image, crop, classifier.classify(image, view)
 
         image, crop, decision = self.uploads.run(work)
         fields = decision.to_json()
