@@ -107,31 +107,32 @@ class Pipeline:
     """The device's stages for one MG card, each callable on its own for timing."""
 
     def __init__(self, model: Path, threads: int) -> None:
-        from edgebc.classifier import gate_for
+        from edgebc.classifier import FrameClassifier
 
         self.backend = open_backend(model, threads=threads)
         self.prep = self.backend.card.preprocess
         if self.backend.card.inputs[0].modality != "mg":
             raise SystemExit(f"{model}: not a mammography model (its input's modality is not mg)")
-        self.gate = gate_for(self.backend.card)
+        self.gate = FrameClassifier(self.backend).gate  # the gate the card's modality picks
 
     def stages(self, data: bytes) -> dict[str, Callable[[], object]]:
         """Stage callables over `data`, each fed the previous stage's output (computed once)."""
         image = decode_image(data, full_depth=True)
         view = read_image_view(data)
-        breast = prepare_breast(image, self.prep.breast_crop, self.prep.laterality,
-                                header_chest_wall=view.chest_wall)  # fmt: skip
-        tensor = preprocess_chw(image, self.prep, view=view)[np.newaxis]
+        prep = self.prep
+
+        def breast_step() -> np.ndarray:
+            return prepare_breast(image, prep.breast_crop, prep.laterality,
+                                  header_chest_wall=view.chest_wall,
+                                  pectoral=prep.pectoral, is_mlo=view.is_mlo)  # fmt: skip
+
+        breast = breast_step()
+        tensor = preprocess_chw(image, prep, view=view)[np.newaxis]
         return {
             "decode": lambda: (decode_image(data, full_depth=True), read_image_view(data)),
             "gate": lambda: self.gate.check(image),
-            "breast": lambda: prepare_breast(
-                image,
-                self.prep.breast_crop,
-                self.prep.laterality,
-                header_chest_wall=view.chest_wall,
-            ),  # fmt: skip
-            "preprocess": lambda: preprocess_chw(breast, _after_breast(self.prep), view=view),
+            "breast": breast_step,
+            "preprocess": lambda: preprocess_chw(breast, _after_breast(prep), view=view),
             "inference": lambda: self.backend.run(tensor),
         }
 
@@ -143,7 +144,7 @@ class Pipeline:
         if not verdict.ok:
             raise SystemExit(f"the MG gate refused the benchmark film: {verdict.reason}")
         logits = self.backend.run(preprocess_chw(image, self.prep, view=view)[np.newaxis])
-        return _softmax(logits)
+        return _softmax(logits / self.backend.card.temperature)
 
 
 def _after_breast(prep: PreprocessCard) -> PreprocessCard:
@@ -162,13 +163,13 @@ def check_against_runtime(pipeline: Pipeline, model: Path, data: bytes) -> float
     """Largest probability difference between these stages and the runtime's classifier."""
     from edgebc.classifier import FrameClassifier
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "film.dcm"
-        path.write_bytes(data)
-        classifier = FrameClassifier(open_backend(model), shift="off")
-        result = classifier.classify_file(path)
+    decision = FrameClassifier(open_backend(model)).classify(
+        decode_image(data, full_depth=True), read_image_view(data)
+    )
+    if decision.probabilities is None:
+        raise SystemExit(f"the runtime gave no decision on the benchmark film: {decision.quality}")
     ours = pipeline.probabilities(data)[0]
-    return float(np.max(np.abs(np.asarray(result.probabilities) - ours)))
+    return float(np.max(np.abs(np.array(list(decision.probabilities.values())) - ours)))
 
 
 def peak_memory(pipeline: Pipeline, data: bytes) -> int:

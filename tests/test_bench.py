@@ -256,3 +256,22 @@ def _installed(name):
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_the_mammogram_benchmark_checks_its_stages_against_the_runtime_and_traces_memory(tmp_path):
+    """benchmarks/mammogram.py on an MG model: the stages agree with the runtime's classifier on
+    the 4096x3328 12-bit DICOM before they are timed, and the full pass's traced memory stays
+    within a few frames' size (the decoder works in blocks of rows)."""
+    pytest.importorskip("pydicom")
+    from tests.helpers import demo_model_as
+
+    mammogram = benchmark_script("mammogram")
+    model = demo_model_as(tmp_path, "mg", "mg", breast_crop=True, laterality="left")
+    assert (
+        mammogram.main(["--model", str(model), "--iterations", "1", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    report = json.loads((tmp_path / "r" / "mammogram.json").read_text())
+    assert report["check_max_abs_diff"] < 1e-5
+    assert set(report["p50_ms"]["dicom-4096x3328-12bit"]) == {*mammogram.STAGES, "total"}
+    assert 1.0 < report["peak_memory"]["traced_per_frame"] < 4.0

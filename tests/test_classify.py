@@ -273,7 +273,7 @@ def test_image_suffixes_mean_one_set():
 def test_a_mammography_model_classifies_films_at_full_depth_and_refuses_ultrasound(tmp_path):
     """`edgebc classify` with an MG card: a 12-bit DICOM read at its full depth with its header's
     view, a 16-bit PNG, both through the mammography gate; a B-mode frame refused as ultrasound."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from edgebc.backends import open_backend
     from edgebc.classifier import FrameClassifier
     from edgebc.decode import decode_image, read_image_view
