@@ -157,9 +157,10 @@ def test_every_refusal_names_its_check():
 
 
 def test_the_archive_job_config_lists_the_gates_defaults():
-    """deploy/configs/archive-batch.yaml says its quality keys are the gate's defaults."""
+    """deploy/configs/archive-batch.yaml says its keys of both gates are their defaults."""
     config = yaml.safe_load((REPO / "deploy" / "configs" / "archive-batch.yaml").read_text())
     assert config["quality"] == dataclasses.asdict(QualityGate())
+    assert config["mammography_quality"] == dataclasses.asdict(MammographyGate())
 
 
 def measure_tool():

@@ -23,7 +23,7 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         description="Classify every frame of the inputs with an exported model (.onnx, or a TensorRT .engine) "
         "through the shared preprocessing, the quality gate and the model card's temperature and "
         "threshold. The classifier's keys are those of `edgebc serve` (model, region or auto_region, "
-        "threshold, quality: the gate's limits, shift: withdraw|mark|off, shift_window, providers, "
+        "threshold, quality: the ultrasound gate's limits, mammography_quality: the mammography gate's, shift: withdraw|mark|off, shift_window, providers, "
         "threads), so a site's validated threshold and gate apply to archive runs too: --set threshold=0.2 --set quality.min_std=8. Folders are searched "
         "recursively for images, videos and DICOM files (masks left out), as are glob patterns "
         "(quote them; ** crosses folders). A multi-view mammography model classifies cases: give "
