@@ -216,3 +216,43 @@ def test_device_and_torch_give_the_same_whole_film_score(tmp_path):
         in_torch = film_probabilities(film, card.preprocess, CARD, card.positive, torch_run)
         assert on_device == pytest.approx(in_torch, abs=1e-5)
         assert on_device.sum() == pytest.approx(1.0)
+
+
+def test_a_patch_run_trains_on_phantom_films_and_scores_them_whole(tmp_path):
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+    from edgebc.train import loop
+    from edgebc.train.config import load_train_config
+    from edgebc.train.patches import compare_with, evaluate_films
+
+    plan = SynthPlan(n_per_class=1, size=112, seed=4, mammo_women=8, mammo_bits=8)
+    films = [s for s in read_manifest(write_phantom_dataset(tmp_path, plan)) if s.view]
+    # by woman, so that validation and test each hold normal and abnormal films
+    sides = {"mg-0004": "val", "mg-0006": "val", "mg-0005": "test", "mg-0007": "test"}
+    split = [replace(s, split=sides.get(s.patient_id or "", "train")) for s in films]
+    manifest = write_manifest(split, tmp_path / "split.csv")
+    config = load_train_config(None, [
+        f"data.manifest={manifest}", f"out_dir={tmp_path}", "name=patches", "data.modality=mammo",
+        "data.task=normal_vs_abnormal", "model.arch=simple_cnn", "preprocess.input_height=32",
+        "preprocess.input_width=32", "preprocess.breast_crop=true", "preprocess.laterality=left",
+        "patches={side: 48, stride: 24, per_finding: 2, normal_per_film: 2}", "optim.epochs=1",
+        "optim.batch_size=16", "optim.warmup_epochs=0", "loader_workers=1", "threads=1",
+    ])  # fmt: skip
+    run = loop.train_model(config, show_progress=False)
+    from edgebc.train.checkpoint import load_checkpoint
+
+    card = load_checkpoint(run.best_checkpoint).card
+    assert card.input.patches == PatchCard(side=48, stride=24)
+    assert card.input.modality == "mg"
+    result = evaluate_films(str(run.best_checkpoint), str(manifest), "test", resamples=50)
+    test_films = [s for s in split if s.split == "test"]
+    assert result["films"] == len(test_films) == len(result["per_film"])
+    assert 0.0 <= result["auc"] <= 1.0
+    baseline = tmp_path / "predictions.csv"
+    assert {f["positive"] for f in result["per_film"]} == {0, 1}
+    lines = ["path,label,predicted,p_abnormal,p_normal"]
+    lines += [f"{f['path']},x,x,{f['score']:.6f},{1 - f['score']:.6f}" for f in result["per_film"]]
+    baseline.write_text("\n".join(lines) + "\n")
+    same = compare_with(result, str(baseline), resamples=50)
+    assert same["auc_difference"] == pytest.approx(0.0, abs=1e-6)
+    assert same["baseline_auc"] == pytest.approx(result["auc"], abs=1e-5)

@@ -11,19 +11,23 @@ with a finding that has no centre (mini-MIAS lists some spread calcifications wi
 no patches at all: its finding could lie under any of them. Patches are drawn once, from a seed
 that depends on the film, so a run is repeatable and a film gives the same patches in any split.
 
-Usage (whole-film AUC of a patch model with a bootstrap CI over women):
-    python -m edgebc.train.patches runs/mias-patches/best.pt --manifest runs/mias-split.csv --split test
+Usage (whole-film AUC of a patch model with a bootstrap CI over women; with --baseline, a
+whole-image model's AUC on the same films and the paired difference):
+    python -m edgebc.train.patches runs/mias-patches/best.pt --manifest runs/mias-split.csv \
+        --split test --baseline runs/mias-mobilenet_v3_small/eval-test/predictions.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -176,7 +180,7 @@ def torch_probabilities(model: torch.nn.Module, temperature: float = 1.0, batch_
 
 def evaluate_films(
     checkpoint_path: str, manifest: str, split: str, resamples: int = 2000
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Whole-film scores of a patch model on one split: AUC of the positive class with a
     bootstrap CI over women (patients), and the per-film probabilities."""
     from edgebc.data import read_dataset
@@ -207,8 +211,46 @@ def evaluate_films(
     return {
         "split": split, "films": len(samples), "positive_films": int(positives.sum()),
         "women": len({s.unit for s in samples}), "auc": auc, "auc_ci": interval,
-        "per_film": {str(s.path): float(p) for s, p in zip(samples, scores, strict=True)},
+        "positive_class": task.positive_class,
+        "per_film": [{"path": str(s.path), "unit": s.unit, "positive": int(y), "score": float(p)}
+                     for s, y, p in zip(samples, positives, scores, strict=True)],
     }  # fmt: skip
+
+
+def compare_with(
+    result: dict[str, Any], predictions_csv: str, resamples: int = 2000
+) -> dict[str, Any]:
+    """The same films scored by a whole-image model (`edgebc eval`'s predictions.csv): its AUC
+    and the patch model's minus it, each with a bootstrap CI over women (paired: a resample
+    draws a woman's films for both models)."""
+    column = f"p_{result['positive_class']}"
+    with open(predictions_csv, newline="") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    films = result["per_film"]
+    missing = [f["path"] for f in films if f["path"] not in rows]
+    if missing or (rows and column not in next(iter(rows.values()))):
+        raise ValueError(
+            f"{predictions_csv}: needs column {column} and every film scored here "
+            f"({len(missing)} missing, e.g. {missing[:1]})"
+        )
+    y = np.array([f["positive"] for f in films])
+    patch = np.array([f["score"] for f in films])
+    whole = np.array([float(rows[f["path"]][column]) for f in films])
+    units = [f["unit"] for f in films]
+
+    def difference(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        return metrics.roc_auc(yy, a) - metrics.roc_auc(yy, b)
+
+    return {
+        "baseline_auc": metrics.roc_auc(y, whole),
+        "baseline_auc_ci": metrics.cluster_bootstrap_ci(
+            metrics.roc_auc, units, y, whole, n_boot=resamples
+        ),
+        "auc_difference": difference(y, patch, whole),
+        "auc_difference_ci": metrics.cluster_bootstrap_ci(
+            difference, units, y, patch, whole, n_boot=resamples
+        ),
+    }
 
 
 def _class_index(task: Task, label: str) -> int:
@@ -224,10 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--baseline",
+        help="a whole-image model's predictions.csv (edgebc eval) on the same split: its AUC and "
+        "the paired difference, CIs over women",
+    )
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate_films(args.checkpoint, args.manifest, args.split)
+    if args.baseline:
+        result.update(compare_with(result, args.baseline))
     text = json.dumps(result, indent=2)
     if args.out:
         from edgebc.atomic import atomic_write_text
