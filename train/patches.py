@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,14 @@ from edgebc import metrics
 from edgebc.data.records import MAMMOGRAPHY_MODALITIES, Finding, Sample
 from edgebc.decode import read_image
 from edgebc.optional import require
-from edgebc.patches import BreastFrame, PatchCard, breast_frame, film_probabilities, patch_tensor
+from edgebc.patches import (
+    AGGREGATIONS,
+    BreastFrame,
+    PatchCard,
+    breast_frame,
+    film_probabilities,
+    patch_tensor,
+)
 from edgebc.preprocess import PreprocessCard
 from edgebc.task import Task
 
@@ -179,10 +186,12 @@ def torch_probabilities(model: torch.nn.Module, temperature: float = 1.0, batch_
 
 
 def evaluate_films(
-    checkpoint_path: str, manifest: str, split: str, resamples: int = 2000
-) -> dict[str, Any]:
+    checkpoint_path: str, manifest: str, split: str, resamples: int = 2000,
+    aggregation: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Whole-film scores of a patch model on one split: AUC of the positive class with a
-    bootstrap CI over women (patients), and the per-film probabilities."""
+    bootstrap CI over women (patients), and the per-film probabilities. `aggregation` replaces
+    the card's aggregate / top_k / stride to compare choices (choose them on validation)."""
     from edgebc.data import read_dataset
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -191,6 +200,7 @@ def evaluate_films(
     patches = card.input.patches
     if patches is None:
         raise ValueError(f"{checkpoint_path}: not a patch model (its input has no patches card)")
+    patches = replace(patches, **(aggregation or {}))
     task = card.task
     samples = [s for s in read_dataset(manifest) if s.split == split and task.takes(s.label)
                and s.modality in MAMMOGRAPHY_MODALITIES]  # fmt: skip
@@ -211,7 +221,7 @@ def evaluate_films(
     return {
         "split": split, "films": len(samples), "positive_films": int(positives.sum()),
         "women": len({s.unit for s in samples}), "auc": auc, "auc_ci": interval,
-        "positive_class": task.positive_class,
+        "positive_class": task.positive_class, "patches": patches.to_dict(),
         "per_film": [{"path": str(s.path), "unit": s.unit, "positive": int(y), "score": float(p)}
                      for s, y, p in zip(samples, positives, scores, strict=True)],
     }  # fmt: skip
@@ -266,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, help="instead of the card's")
+    parser.add_argument("--top-k", type=int, help="instead of the card's")
+    parser.add_argument("--stride", type=int, help="instead of the card's (native pixels)")
     parser.add_argument(
         "--baseline",
         help="a whole-image model's predictions.csv (edgebc eval) on the same split: its AUC and "
@@ -274,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = evaluate_films(args.checkpoint, args.manifest, args.split)
+    chosen = {"aggregate": args.aggregate, "top_k": args.top_k, "stride": args.stride}
+    aggregation = {k: v for k, v in chosen.items() if v is not None}
+    result = evaluate_films(args.checkpoint, args.manifest, args.split, aggregation=aggregation)
     if args.baseline:
         result.update(compare_with(result, args.baseline))
     text = json.dumps(result, indent=2)
