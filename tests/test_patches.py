@@ -258,6 +258,8 @@ def test_a_patch_run_trains_on_phantom_films_and_scores_them_whole(tmp_path):
     same = compare_with(result, str(baseline), resamples=50)
     assert same["auc_difference"] == pytest.approx(0.0, abs=1e-6)
     assert same["baseline_auc"] == pytest.approx(result["auc"], abs=1e-5)
+    with pytest.raises(ValueError, match="not a whole-image baseline"):
+        compare_with(result, str(run.best_checkpoint))
 
 
 @pytest.mark.data

@@ -14,7 +14,7 @@ that depends on the film, so a run is repeatable and a film gives the same patch
 Usage (whole-film AUC of a patch model with a bootstrap CI over women; with --baseline, a
 whole-image model's AUC on the same films and the paired difference):
     python -m edgebc.train.patches runs/mias-patches/best.pt --manifest runs/mias-split.csv \
-        --split test --baseline runs/mias-mobilenet_v3_small/eval-test/predictions.csv
+        --split test --baseline runs/mias-mobilenet_v3_small/best.pt
 """
 
 from __future__ import annotations
@@ -227,25 +227,24 @@ def evaluate_films(
     }  # fmt: skip
 
 
-def compare_with(
-    result: dict[str, Any], predictions_csv: str, resamples: int = 2000
-) -> dict[str, Any]:
-    """The same films scored by a whole-image model (`edgebc eval`'s predictions.csv): its AUC
-    and the patch model's minus it, each with a bootstrap CI over women (paired: a resample
-    draws a woman's films for both models)."""
-    column = f"p_{result['positive_class']}"
-    with open(predictions_csv, newline="") as handle:
-        rows = {row["path"]: row for row in csv.DictReader(handle)}
+def compare_with(result: dict[str, Any], baseline: str, resamples: int = 2000) -> dict[str, Any]:
+    """The same films scored by a whole-image model (its checkpoint, or `edgebc eval`'s
+    predictions.csv): its AUC and the patch model's minus it, each with a bootstrap CI over women
+    (paired: a resample draws a woman's films for both models)."""
     films = result["per_film"]
-    missing = [f["path"] for f in films if f["path"] not in rows]
-    if missing or (rows and column not in next(iter(rows.values()))):
+    scores = (
+        _csv_scores(baseline, f"p_{result['positive_class']}")
+        if baseline.endswith(".csv")
+        else _checkpoint_scores(baseline, [f["path"] for f in films])
+    )
+    missing = [f["path"] for f in films if f["path"] not in scores]
+    if missing:
         raise ValueError(
-            f"{predictions_csv}: needs column {column} and every film scored here "
-            f"({len(missing)} missing, e.g. {missing[:1]})"
+            f"{baseline}: scores no film {missing[0]} (and {len(missing) - 1} more) of this split"
         )
     y = np.array([f["positive"] for f in films])
     patch = np.array([f["score"] for f in films])
-    whole = np.array([float(rows[f["path"]][column]) for f in films])
+    whole = np.array([scores[f["path"]] for f in films])
     units = [f["unit"] for f in films]
 
     def difference(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -261,6 +260,39 @@ def compare_with(
             difference, units, y, patch, whole, n_boot=resamples
         ),
     }
+
+
+def _csv_scores(path: str, column: str) -> dict[str, float]:
+    """Each film's positive probability from a predictions.csv (rounded to 6 decimals there: a
+    model whose outputs differ only below that ties; prefer its checkpoint)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and column not in rows[0]:
+        raise ValueError(f"{path}: no column {column} (columns: {', '.join(rows[0])})")
+    return {row["path"]: float(row[column]) for row in rows}
+
+
+def _checkpoint_scores(path: str, films: Sequence[str]) -> dict[str, float]:
+    """Each film's positive probability from a whole-image checkpoint, at full precision."""
+    from edgebc.preprocess import preprocess_chw
+    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    card = checkpoint.card
+    if card.input.patches is not None:
+        raise ValueError(f"{path}: a patch model, not a whole-image baseline")
+    model = model_from_checkpoint(checkpoint)
+    with torch.inference_mode():
+        return {
+            film: float(
+                torch.softmax(
+                    model(torch.from_numpy(preprocess_chw(read_image(film), card.preprocess))[None])
+                    / card.temperature,
+                    dim=1,
+                )[0, card.positive]
+            )
+            for film in films
+        }
 
 
 def _class_index(task: Task, label: str) -> int:
@@ -281,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, help="instead of the card's (native pixels)")
     parser.add_argument(
         "--baseline",
-        help="a whole-image model's predictions.csv (edgebc eval) on the same split: its AUC and "
-        "the paired difference, CIs over women",
+        help="a whole-image model (best.pt, or its predictions.csv from edgebc eval) on the same "
+        "films: its AUC and the paired difference, CIs over women",
     )
     parser.add_argument("--out", help="write the result as JSON here too")
     args = parser.parse_args(argv)
