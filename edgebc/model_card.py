@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from edgebc.config import from_mapping, to_mapping
 from edgebc.errors import EdgebcError
+from edgebc.patches import PatchCard
 from edgebc.preprocess import PreprocessCard
 from edgebc.shift import TrainingStatistics
 from edgebc.task import Task, task_for
@@ -45,6 +46,9 @@ class ModelInput:
     view: str | None = None
     optional: bool = False
     changes: Literal["frame", "case"] = "frame"
+    # a patch model (mammograms): the film is classified by sliding these patches over the breast
+    # and aggregating (edgebc.patches); None, the default, is a whole-image model
+    patches: PatchCard | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -211,6 +215,9 @@ class ModelCard:
         for key in ("training_statistics", "presence_input"):
             if data[key] is None:  # absent, as on cards written before it existed
                 del data[key]
+        for entry in data["inputs"]:  # likewise: a whole-image input's card is unchanged
+            if entry.get("patches", 0) is None:
+                del entry["patches"]
         return data
 
     def to_json(self) -> str:

@@ -197,7 +197,9 @@ def test_classify_writes_a_row_per_view_and_per_case(trained, tmp_path):
     kept = [s for s in samples if s.path != dropped.path]
     manifest = write_manifest(kept, tmp_path / "cases.csv")
     out = tmp_path / "results.csv"
-    assert main(["classify", str(trained["onnx"]), str(manifest), "--out", str(out)]) == 0
+    # 104 px phantoms have a grain the mammography gate reads as speckle (full-size films pass)
+    lenient = ["--set", "mammography_quality.max_speckle_contrast=0.5"]
+    assert main(["classify", str(trained["onnx"]), str(manifest), "--out", str(out), *lenient]) == 0
     rows = list(csv.DictReader(out.open()))
     cases = group_cases(kept, VIEWS)
     assert sum(r["level"] == "case" for r in rows) == len(cases)

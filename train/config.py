@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgebc.config import load_config, to_mapping
+from edgebc.patches import PatchCard
 from edgebc.preprocess import PreprocessCard
 from edgebc.task import Task, task_for
 
@@ -199,6 +200,33 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class PatchConfig:
+    """Patch mode (mammograms with located findings; edgebc.patches and train/patches.py): the
+    patch card's numbers, which the model card carries to the device, and how many training
+    patches each film gives."""
+
+    side: int = 256  # native pixels a side; resized to the preprocessing's input size
+    stride: int = 128  # native pixels between grid patches when a whole film is classified
+    min_breast: float = 0.5  # share of a patch on the breast for it to be used
+    aggregate: Literal["max", "top_k_mean"] = "max"
+    top_k: int = 3
+    per_finding: int = 8  # jittered patches around each located finding
+    normal_per_film: int = 4  # random patches clear of findings, per film
+    jitter: float = 0.5  # of the room a finding leaves inside its patch, each way
+
+    def __post_init__(self) -> None:
+        self.card()  # a side, stride or aggregation that cannot be is named now
+        if self.per_finding < 1 or self.normal_per_film < 0 or not 0 <= self.jitter <= 1:
+            raise ValueError(
+                "patches: per_finding must be >= 1, normal_per_film >= 0 and jitter in [0, 1], "
+                f"got {self.per_finding}, {self.normal_per_film}, {self.jitter}"
+            )
+
+    def card(self) -> PatchCard:
+        return PatchCard(self.side, self.stride, self.min_breast, self.aggregate, self.top_k)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -215,6 +243,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    patches: PatchConfig | None = None  # None: the model sees whole images
 
     def __post_init__(self) -> None:
         if self.preprocess.channels not in (1, 3):
@@ -223,6 +252,17 @@ class TrainConfig:
             raise ValueError(
                 "model.views (multi-view cases) trains without optim.mask_loss_weight and "
                 "optim.distill_from: a case has several images, and neither knows which"
+            )
+        if self.model.views and self.patches is not None:
+            raise ValueError(
+                "model.views (whole views of a case) and patches are two input modes: pick one"
+            )
+        if self.patches is not None and self.optim.mask_loss_weight > 0:
+            raise ValueError("patch mode has no lesion-mask loss: set optim.mask_loss_weight to 0")
+        if self.patches is not None and self.preprocess.input_height != self.preprocess.input_width:
+            raise ValueError(
+                "patch mode needs a square input (patches are square), got "
+                f"{self.preprocess.input_height}x{self.preprocess.input_width}"
             )
 
     def to_dict(self) -> dict[str, Any]:

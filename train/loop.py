@@ -23,7 +23,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from edgebc.data import read_dataset
 from edgebc.data.records import Sample, card_modality
 from edgebc.decision import DecisionRule
 from edgebc.errors import ConfigError, EdgebcError
-from edgebc.model_card import ModelCard, ModelOutput, single_input
+from edgebc.model_card import ModelCard, ModelInput, ModelOutput, single_input
 from edgebc.optional import require
 from edgebc.task import Task
 from edgebc.train.augment import BatchAugmenter
@@ -247,7 +247,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     prep = config.preprocess
     views = config.model.views
     train_set = SampleDataset(train_samples, prep, task)
-    train_x, train_y, train_rows = _cached(train_samples, config, task, "cache train")
+    train_x, train_y, train_rows = _cache_split(config, train_samples, "cache train")
     train_masks = has_mask = None
     if config.optim.mask_loss_weight > 0:
         train_masks, has_mask = cache_masks(train_set, config.loader_workers, "cache masks")
@@ -257,11 +257,11 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
                 f"{len(train_samples)} training samples in {config.data.manifest} has a lesion mask "
                 "(manifest column masks); set it to 0 for data without masks"
             )
-    val_x, val_y, val_rows = _cached(val_samples, config, task, "cache val")
+    val_x, val_y, val_rows = _cache_split(config, val_samples, "cache val")
     calibration_samples = select_samples(config, "calibration")
     calibration = None
     if calibration_samples:
-        cal_x, cal_y, cal_rows = _cached(calibration_samples, config, task, "cache calibration")
+        cal_x, cal_y, cal_rows = _cache_split(config, calibration_samples, "cache calibration")
         calibration = (cal_x, cal_y, [s.unit for s in cal_rows], "calibration split")
     fingerprint = data_fingerprint(train_samples + val_samples + calibration_samples)
     teachers = check_teachers(config, fingerprint)
@@ -353,16 +353,27 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     return run
 
 
-def _cached(
-    samples: list[Sample], config: TrainConfig, task: Task, desc: str
+def _cache_split(
+    config: TrainConfig, samples: list[Sample], desc: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[Sample]]:
-    """A split as cached model inputs, their targets and the sample behind each row: an image
-    each, or with model.views a case each (a breast's views, multiview.py)."""
+    """One split as cached model inputs, their targets and the sample behind each row: an image
+    each; with model.views a case each (a breast's views, multiview.py); in patch mode
+    (config.patches) the patches cut from the images (train/patches.py)."""
+    task, patches = config.data.resolved_task(), config.patches
     if config.model.views:
         return cache_cases(samples, config.preprocess, task, config.model.views,
                            config.loader_workers, desc)  # fmt: skip
-    dataset = SampleDataset(samples, config.preprocess, task)
-    return (*cache_tensors(dataset, config.loader_workers, desc), samples)
+    if patches is None:
+        x, y = cache_tensors(
+            SampleDataset(samples, config.preprocess, task), config.loader_workers, desc
+        )
+        return x, y, samples
+    from edgebc.train.patches import PatchSampling, cache_patches
+
+    sampling = PatchSampling(patches.per_finding, patches.normal_per_film, patches.jitter)
+    return cache_patches(
+        samples, config.preprocess, patches.card(), task, sampling, config.seed, desc
+    )
 
 
 def _restore(run: _Run, state: Checkpoint) -> None:
@@ -590,13 +601,21 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
     model = config.model
     card = ModelCard(
         name=config.name, arch=model.arch, task=task,
-        inputs=single_input(config.preprocess, modality=card_modality(config.data.modality)),
+        inputs=_with_patches(single_input(config.preprocess, modality=card_modality(config.data.modality)),
+                             config),
         outputs=(ModelOutput("logits", "logits", len(task.classes)),),
         arch_options={"width_mult": model.width_mult, "head": model.head, "dropout": model.dropout},
         metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,
         data_fingerprint=fingerprint, lineage=lineage,
     )  # fmt: skip
     return with_views(card, model.views, model.view_pooling) if model.views else card
+
+
+def _with_patches(inputs: tuple[ModelInput, ...], config: TrainConfig) -> tuple[ModelInput, ...]:
+    """The inputs, carrying the patch card in patch mode so the device slides the same grid."""
+    if config.patches is None:
+        return inputs
+    return tuple(replace(i, patches=config.patches.card()) for i in inputs)
 
 
 def _checkpoint_of(
