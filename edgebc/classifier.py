@@ -107,6 +107,14 @@ class FrameClassifier:
             names = ", ".join(i.name for i in self.card.inputs)
             raise EdgebcError(f"model {self.card.name} has {len(self.card.inputs)} inputs ({names}); "
                               "a frame classifier feeds one image")  # fmt: skip
+        if self.card.inputs[0].patches is not None:
+            # Resizing a whole film into a patch model's input would answer wrongly; sliding its
+            # grid would answer at a threshold fitted on patches, not films (docs/MAMMOGRAPHY.md).
+            raise EdgebcError(
+                f"model {self.card.name} classifies patches of a film; the device does not decide "
+                "with patch models yet (their operating point is fitted on patches, not films): "
+                "score films with python -m edgebc.train.patches"
+            )
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold
         self.region = region

@@ -218,6 +218,15 @@ def test_device_and_torch_give_the_same_whole_film_score(tmp_path):
         in_torch = film_probabilities(film, card.preprocess, CARD, card.positive, torch_run)
         assert on_device == pytest.approx(in_torch, abs=1e-5)
         assert on_device.sum() == pytest.approx(1.0)
+    # the frame classifier and eval do not answer with it (a threshold fitted on patches)
+    from edgebc.classifier import FrameClassifier
+    from edgebc.errors import EdgebcError
+    from edgebc.train.evaluate import evaluate_checkpoint
+
+    with pytest.raises(EdgebcError, match="classifies patches of a film"):
+        FrameClassifier(backend)
+    with pytest.raises(EdgebcError, match="a patch model"):
+        evaluate_checkpoint(path, tmp_path / "none.csv", tmp_path / "eval")
 
 
 def test_a_patch_run_trains_on_phantom_films_and_scores_them_whole(tmp_path):
