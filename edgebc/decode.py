@@ -1,4 +1,4 @@
-"""Safe decoding of PNG, JPEG and DICOM into OpenCV-convention arrays (grey HxW or BGR HxWx3).
+"""Safe decoding of PNG, JPEG, PGM and DICOM into OpenCV-convention arrays (grey HxW or BGR HxWx3).
 
 Files come from capture cards, USB sticks and uploads, so nothing is trusted: the format is
 identified by its magic bytes (never by the file name); the PNG chunk and JPEG marker structure is
@@ -41,7 +41,7 @@ import numpy as np
 from edgebc.errors import EdgebcError, ImageDecodeError
 from edgebc.optional import require
 
-ImageFormat = Literal["png", "jpeg", "dicom"]
+ImageFormat = Literal["png", "jpeg", "dicom", "pgm"]
 
 #: Default ceiling on width*height; 8K UHD is 33 Mpx, a 4K x 4K full-field mammogram 16 Mpx.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -165,6 +165,8 @@ def sniff_format(data: bytes) -> ImageFormat | None:
         return "jpeg"
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
+    if data[:2] == b"P5" and data[2:3].isspace():
+        return "pgm"
     return None
 
 
@@ -181,8 +183,14 @@ def read_header(data: bytes, name: str = "<buffer>", whole_file: bool = False) -
         return _walk_jpeg(data, name, whole_file)[0]
     if kind == "dicom":
         return _dicom_header(data, name)
+    if kind == "pgm":
+        return _pgm_header(data, name, whole_file)[0]
+    if data[:2] in (b"P2", b"P1", b"P4", b"P3", b"P6") and data[2:3].isspace():
+        raise ImageDecodeError(
+            f"{name}: a Netpbm {data[:2].decode()} file; only binary grey PGM (P5) is read"
+        )
     head = data[:8].hex(" ") if data else "an empty file"
-    raise ImageDecodeError(f"{name}: expected a PNG, JPEG or DICOM file, got {head}")
+    raise ImageDecodeError(f"{name}: expected a PNG, JPEG, PGM or DICOM file, got {head}")
 
 
 def decode_image(
@@ -220,6 +228,9 @@ def decode_image(
             full_depth=full_depth,
         )
         return frames[0]
+    if header.format == "pgm":
+        with _reserved(budget, header, name, wait_s):
+            return _decode_pgm(data, name)
     with _reserved(budget, header, name, wait_s):
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if image is None:
@@ -801,6 +812,56 @@ def _jpeg_frame(body: bytes, pos: int, name: str) -> ImageHeader:
         )
     channels = 1 if components == 1 else 3
     return ImageHeader("jpeg", width, height, 1, channels, 1 if precision == 8 else 2)
+
+
+#: A PGM header field: whitespace and `#` comments, then a decimal number.
+_PGM_FIELD = re.compile(rb"(?:\s|#[^\n]*(?:\n|$))*(\d{1,9})")
+
+
+def _pgm_header(data: bytes, name: str, whole_file: bool) -> tuple[ImageHeader, int, int]:
+    """A binary PGM's (P5: what mini-MIAS was published as) size and depth, and where its raster
+    starts: width, height and maxval after the magic, each after whitespace or `#` comments, then
+    one whitespace byte. Samples are one byte up to maxval 255, else two, big-endian."""
+    values = []
+    pos = 2
+    for field in ("width", "height", "maxval"):
+        match = _PGM_FIELD.match(data, pos)
+        if match is None:
+            raise ImageDecodeError(
+                f"{name}: PGM header has no valid {field} (cut short or malformed)"
+            )
+        values.append(int(match.group(1)))
+        pos = match.end()
+    if data[pos : pos + 1] not in (b" ", b"\t", b"\r", b"\n"):
+        raise ImageDecodeError(f"{name}: PGM header does not end in one whitespace byte")
+    width, height, maxval = values
+    if width < 1 or height < 1 or not 1 <= maxval <= 65535:
+        raise ImageDecodeError(
+            f"{name}: PGM declares {width}x{height} with maxval {maxval} (1..65535)"
+        )
+    sample = 1 if maxval < 256 else 2
+    raster = pos + 1
+    if whole_file and len(data) - raster < width * height * sample:
+        raise ImageDecodeError(
+            f"{name}: PGM raster holds {len(data) - raster} bytes, its header declares "
+            f"{width * height * sample}: the file is cut short"
+        )
+    return ImageHeader("pgm", width, height, 1, 1, sample), raster, maxval
+
+
+def _decode_pgm(data: bytes, name: str) -> np.ndarray:
+    """A P5 PGM's raster as uint8 (maxval < 256) or uint16, its values as stored (a 12-bit
+    film keeps 0..4095, as a 16-bit PNG does); values above maxval are refused."""
+    header, raster, maxval = _pgm_header(data, name, whole_file=True)
+    dtype = np.dtype(np.uint8) if header.bytes_per_sample == 1 else np.dtype(">u2")
+    count = header.width * header.height
+    values = np.frombuffer(data, dtype, count=count, offset=raster).reshape(
+        header.height, header.width
+    )
+    image = values.astype(np.uint8 if header.bytes_per_sample == 1 else np.uint16)
+    if int(image.max()) > maxval:
+        raise ImageDecodeError(f"{name}: PGM holds values above its maxval {maxval}")
+    return image
 
 
 def _dicom_header(data: bytes, name: str) -> ImageHeader:

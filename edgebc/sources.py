@@ -34,7 +34,7 @@ from edgebc.errors import EdgebcError
 from edgebc.optional import require
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".webm")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # picture files, one frame each (not DICOM)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")  # picture files, one frame each (not DICOM)
 DICOM_SUFFIXES = (".dcm",)  # one frame or a cine; DICOM kept without a suffix is found by content
 INPUT_SUFFIXES = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES, *DICOM_SUFFIXES)
 

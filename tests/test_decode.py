@@ -1,5 +1,6 @@
 """Safe decoding: formats by magic bytes, size refused before decoding, truncation detected."""
 
+import re
 import struct
 import zlib
 
@@ -64,7 +65,7 @@ def test_jpeg_header_size_is_read_without_decoding():
 
 def test_unknown_format_is_refused_with_its_first_bytes():
     with pytest.raises(
-        ImageDecodeError, match="expected a PNG, JPEG or DICOM file, got 47 49 46 38"
+        ImageDecodeError, match="expected a PNG, JPEG, PGM or DICOM file, got 47 49 46 38"
     ):
         decode_image(b"GIF89a" + b"\0" * 100, "x.gif")
     assert sniff_format(b"BM" + b"\0" * 200) is None
@@ -465,3 +466,28 @@ def test_a_good_jpeg_decodes_without_libjpeg_lines_on_stderr(capfd, caplog):
     assert decode_image(data, "scan.jpg").shape == (64, 80)
     assert "JPEG" not in capfd.readouterr().err
     assert any("extraneous bytes" in r.getMessage() for r in caplog.records)
+
+
+def _pgm(values: np.ndarray, maxval: int, comment: bytes = b"") -> bytes:
+    height, width = values.shape
+    raster = values.astype(">u2" if maxval > 255 else np.uint8).tobytes()
+    return b"P5\n" + comment + f"{width} {height}\n{maxval}\n".encode() + raster
+
+
+def test_binary_pgm_is_read_at_its_own_depth_and_its_mistakes_are_named():
+    """mini-MIAS was published as 8-bit P5 PGM; a 12-bit film as PGM keeps 0..4095."""
+    films = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    eight = decode_image(_pgm(films * 20, 255, b"# scanned 1994\n"))
+    assert eight.dtype == np.uint8 and eight.tolist() == (films * 20).tolist()
+    twelve = decode_image(_pgm(films * 370, 4095))
+    assert twelve.dtype == np.uint16 and twelve.tolist() == (films * 370).tolist()
+    assert read_header(_pgm(films, 255)).format == "pgm"
+    for data, words in [
+        (_pgm(films, 255)[:-3], "cut short"),
+        (_pgm(films * 400, 4095), "values above its maxval 4095"),
+        (b"P5\n4 3\n70000\n" + bytes(24), "maxval 70000"),
+        (b"P5\n4\n", "no valid height"),
+        (b"P2\n4 3\n255\n" + b"0 " * 12, "only binary grey PGM (P5)"),
+    ]:
+        with pytest.raises(ImageDecodeError, match=re.escape(words)):
+            decode_image(data)

@@ -197,7 +197,7 @@ def test_a_uniform_upload_gets_no_decision_with_a_reason(served):
     [
         (b"hello", "text/plain", 415, "not accepted"),
         (b"--x\r\n", "multipart/form-data; boundary=x", 415, "bytes as the body"),
-        (b"\x00\x01garbage" * 10, "image/png", 422, "expected a PNG, JPEG or DICOM"),
+        (b"\x00\x01garbage" * 10, "image/png", 422, "expected a PNG, JPEG, PGM or DICOM"),
         (b"", "image/png", 411, "no body"),
         ("truncated", "image/png", 422, "truncated"),
         ("jpeg-as-png", "image/png", 422, "says image/png but the body is JPEG"),

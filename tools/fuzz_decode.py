@@ -43,7 +43,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-TARGETS = ("png", "jpeg", "dicom")
+TARGETS = ("png", "pgm", "jpeg", "dicom")
 SLACK_BYTES = 128 * 1024**2
 DECODED_BYTES_FACTOR = 4
 ADDRESS_SPACE_HEADROOM = 4 * 1024**3
@@ -53,7 +53,7 @@ ADDRESS_SPACE_HEADROOM = 4 * 1024**3
 
 
 def make_seeds(folder: Path) -> list[Path]:
-    """Write small PNG, JPEG and DICOM seeds (8/16-bit, grey/colour, cine) made from phantoms."""
+    """Write small PNG, PGM, JPEG and DICOM seeds (8/16-bit, grey/colour, cine) made from phantoms."""
     from edgebc.synth import make_cine, make_mammo_phantom, make_ultrasound_phantom
 
     rng = np.random.default_rng(18)
@@ -69,6 +69,8 @@ def make_seeds(folder: Path) -> list[Path]:
         "png-bgr16.png": _encode(".png", colour.astype(np.uint16) * 257),
         "png-bgra8.png": _encode(".png", cv2.cvtColor(colour, cv2.COLOR_BGR2BGRA)),
         "png-palette.png": _palette_png(grey // 64),
+        "pgm-grey8.pgm": b"P5\n# mini-MIAS style\n20 24\n255\n" + mammo.tobytes(),
+        "pgm-grey12.pgm": b"P5\n20 24\n4095\n" + (mammo.astype(">u2") * 16).tobytes(),
         "jpeg-grey.jpg": _encode(".jpg", grey),
         "jpeg-bgr.jpg": _encode(".jpg", colour),
         "jpeg-progressive.jpg": _encode(".jpg", colour, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),

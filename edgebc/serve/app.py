@@ -2,7 +2,7 @@
 
     GET  /               the cart's screen (static page; data come over /v1/live)
     WS   /v1/live        a JSON state message per result, then the frame as a binary JPEG
-    POST /v1/classify    one image in the request body (PNG, JPEG or DICOM) -> a decision
+    POST /v1/classify    one image in the request body (PNG, JPEG, PGM or DICOM) -> a decision
     GET  /v1/model       the model card, hash and verification
     GET  /v1/status      source state, display, frame rate, latency percentiles, audit state
     GET  /v1/frame.jpg   the newest classified frame
