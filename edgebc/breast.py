@@ -63,12 +63,24 @@ EDGE_FRACTION = 0.1
 CONFLICT_RATIO = 2.0
 
 
-class NoBreastFoundError(EdgebcError, ValueError):
+class BreastRefusal(EdgebcError, ValueError):
+    """A frame the breast steps cannot prepare; a classifier turns it into no decision, named by
+    `check` (the quality check it counts as), and goes on with the next frame."""
+
+    check = "breast"
+
+
+class NoBreastFoundError(BreastRefusal):
     """The frame holds no region that could be a breast (blank, flat or nearly empty)."""
 
+    check = "no_breast"
 
-class LateralityConflictError(EdgebcError, ValueError):
-    """The header puts the chest wall on one side and the image clearly on the other."""
+
+class LateralityConflictError(BreastRefusal):
+    """The stated view (DICOM header or manifest) puts the chest wall on one side and the image
+    clearly on the other."""
+
+    check = "laterality"
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,7 +191,7 @@ def prepare_breast(
     if header_chest_wall is not None:
         if header_chest_wall != chest_wall and breast.chest_wall_ratio >= CONFLICT_RATIO:
             raise LateralityConflictError(
-                f"the header puts the chest wall on the {header_chest_wall}, but the image "
+                f"the stated view (DICOM header or manifest) puts the chest wall on the {header_chest_wall}, but the image "
                 f"clearly on the {chest_wall} (that edge {breast.chest_wall_ratio:.1f}x taller): "
                 "a mislabelled study or a mirrored film; refused rather than turned the wrong way"
             )

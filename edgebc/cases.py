@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from edgebc.atomic import atomic_write_text
+from edgebc.breast import BreastRefusal
 from edgebc.data.records import Sample
 from edgebc.decision import DecisionRule
 from edgebc.decode import ImageView
@@ -217,11 +218,15 @@ class CaseClassifier:
             verdicts[view] = self.gate.check(images[view], grey)
             if verdicts[view].ok:
                 channels = model_input.preprocess.channels
-                tensors[view] = preprocess_chw(
-                    grey if channels == 1 else images[view],
-                    model_input.preprocess,
-                    view=ImageView.from_code(view),
-                )
+                try:
+                    tensors[view] = preprocess_chw(
+                        grey if channels == 1 else images[view],
+                        model_input.preprocess,
+                        view=ImageView.from_code(view),
+                    )
+                except BreastRefusal as exc:
+                    # that view gets no decision and says why; the case goes on with the others
+                    verdicts[view] = QualityResult(False, str(exc), exc.check)
         if not verdicts:
             raise ValueError(f"{case}: no view to classify")
         passed = tuple(tensors)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgebc.backends import Backend
+from edgebc.breast import BreastRefusal
 from edgebc.decision import DecisionRule
 from edgebc.decode import ImageView
 from edgebc.demo import is_demo_card
@@ -152,20 +153,19 @@ class FrameClassifier:
         greys = [self._grey(c) for c in crops]
         verdicts = [self.gate.check(c, g) for c, g in zip(crops, greys, strict=True)]
         gated = clock()
-        passing = [i for i, v in enumerate(verdicts) if v.ok]
         model_inputs = greys if self.card.preprocess.channels == 1 else crops
-        tensors = (
-            np.stack(
-                [
-                    preprocess_chw(
-                        model_inputs[i], self.card.preprocess, view=views[i] if views else None
-                    )
-                    for i in passing
-                ]
-            )
-            if passing
-            else None
-        )
+        prepared = {}
+        for i in (i for i, v in enumerate(verdicts) if v.ok):
+            try:
+                prepared[i] = preprocess_chw(
+                    model_inputs[i], self.card.preprocess, view=views[i] if views else None
+                )
+            except BreastRefusal as exc:
+                # the frame cannot be made into the model's input: no decision, said why, and the
+                # rest of the batch goes on (a mislabelled film must not cost a night's rows)
+                verdicts[i] = QualityResult(False, str(exc), exc.check)
+        passing = list(prepared)
+        tensors = np.stack([prepared[i] for i in passing]) if passing else None
         preprocessed = clock()
         shifts: list[FrameShift | None] = [None] * len(passing)
         if tensors is None:

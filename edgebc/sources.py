@@ -321,14 +321,14 @@ class PhantomCineSource:
 
 class FilesSource:
     """Image, video and DICOM files played one after another as one finite source (a folder or a
-    glob pattern); its frames are numbered on, across the files."""
+    glob pattern); its frames are numbered on, across the files, and keep their DICOM view."""
 
     live = False
 
-    def __init__(self, paths: Sequence[Path], name: str) -> None:
+    def __init__(self, paths: Sequence[Path], name: str, full_depth: bool = False) -> None:
         if not paths:
             raise EdgebcError(f"{name}: no image, video or DICOM files found")
-        self.paths, self.name = list(paths), name
+        self.paths, self.name, self.full_depth = list(paths), name, full_depth
         self._files: Iterator[Path] = iter(())
         self._current: FrameSource | None = None
         self._counter = _Counter(name)
@@ -343,11 +343,11 @@ class FilesSource:
                 path = next(self._files, None)
                 if path is None:
                     return None
-                self._current = open_file(path)
+                self._current = open_file(path, self.full_depth)
                 self._current.open()
             frame = self._current.read()
             if frame is not None:
-                return self._counter.stamp(frame.image)
+                return self._counter.stamp(frame.image, frame.view)
             self._current.close()
             self._current = None
 
@@ -459,8 +459,9 @@ def probe_source(uri: str, timeout: float = 5.0) -> str:
     return ", ".join([*facts, *([declared] if declared else [])])
 
 
-def open_source(uri: str) -> FrameSource:
-    """The source named by `uri` (see the module docstring); not yet opened."""
+def open_source(uri: str, full_depth: bool = False) -> FrameSource:
+    """The source named by `uri` (see the module docstring); not yet opened. `full_depth`
+    (mammography models) keeps a grey DICOM file's full bit depth (open_file)."""
     text = uri.strip()
     if text.startswith("phantom:"):
         parsed = urllib.parse.urlparse(text)
@@ -487,10 +488,10 @@ def open_source(uri: str) -> FrameSource:
         return OpenCVSource(target, f"v4l2:{device}", live=True, api=cv2.CAP_V4L2)
     path = Path(text)
     if _is_pattern(text) or path.is_dir():
-        return FilesSource(expand_inputs([text]), text)
+        return FilesSource(expand_inputs([text]), text, full_depth)
     if not path.exists():
         raise EdgebcError(
             f"{uri}: no such file, folder or device (sources: a folder, glob, image, video, .dcm, "
             "/dev/videoN, rtsp://..., gst:PIPELINE, picamera2:N or phantom:CLASS)"
         )
-    return open_file(path)
+    return open_file(path, full_depth)

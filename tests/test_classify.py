@@ -288,6 +288,9 @@ def test_a_mammography_model_classifies_films_at_full_depth_and_refuses_ultrasou
     faint = (film // 16 + 1000).astype(np.uint16)
     data = _mammo_dicom(faint, ImageLaterality="R", ViewPosition="MLO")
     (tmp_path / "film.dcm").write_bytes(data)
+    # the same right breast labelled left: refused for itself, the batch goes on
+    mislabelled = _mammo_dicom(faint, ImageLaterality="L", ViewPosition="MLO")
+    (tmp_path / "mislabelled.dcm").write_bytes(mislabelled)
     cv2.imwrite(str(tmp_path / "film.png"), film)
     cv2.imwrite(str(tmp_path / "bmode.png"), make_ultrasound_phantom("benign", rng, 256).image)
     out = tmp_path / "rows.csv"
@@ -295,7 +298,7 @@ def test_a_mammography_model_classifies_films_at_full_depth_and_refuses_ultrasou
         [
             "classify",
             str(model),
-            *(str(tmp_path / n) for n in ("film.dcm", "film.png", "bmode.png")),
+            *(str(tmp_path / n) for n in ("film.dcm", "mislabelled.dcm", "film.png", "bmode.png")),
             "--out",
             str(out),
             "--set",
@@ -306,6 +309,10 @@ def test_a_mammography_model_classifies_films_at_full_depth_and_refuses_ultrasou
     assert code == 0 and rows["film.dcm"]["quality"] == "ok" and rows["film.png"]["quality"] == "ok"
     assert "ultrasound" in rows["bmode.png"]["quality"]
     assert rows["bmode.png"]["decision"] == ""
+    assert (
+        rows["mislabelled.dcm"]["decision"] == ""
+        and "stated view" in rows["mislabelled.dcm"]["quality"]
+    )
     classifier = FrameClassifier(open_backend(model), shift="off")
     full = decode_image(data, full_depth=True)
     assert full.dtype == np.uint16

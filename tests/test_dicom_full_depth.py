@@ -206,3 +206,20 @@ def test_training_reads_a_dicom_mammogram_at_full_depth_with_its_view(tmp_path):
         sample_input(stated, prep),
         preprocess_chw(read_image(path, full_depth=True), prep, view=ImageView("L", "MLO", "left")),
     )
+
+
+def test_serve_sources_read_a_mammogram_folder_at_full_depth_with_each_films_view(tmp_path):
+    """What `edgebc serve` plays for a mammography model: a folder (or one file) of DICOM at full
+    depth, each frame carrying its header's view; for an ultrasound model, 8-bit as before."""
+    from edgebc.sources import open_source
+
+    (tmp_path / "a.dcm").write_bytes(_mammo_dicom(PIXELS, ImageLaterality="L", ViewPosition="CC"))
+    for uri in (str(tmp_path), str(tmp_path / "a.dcm")):
+        source = open_source(uri, full_depth=True)
+        source.open()
+        frame = source.read()
+        np.testing.assert_array_equal(frame.image, _full(PIXELS / 4095.0))
+        assert frame.view == ImageView("L", "CC", "left")
+        plain = open_source(uri)
+        plain.open()
+        assert plain.read().image.dtype == np.uint8

@@ -182,7 +182,7 @@ class LivePipeline:
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
         try:
-            return self.classifier.classify(frame.image)
+            return self.classifier.classify(frame.image, frame.view)
         except ValueError as exc:  # the region no longer fits: capture resolution changed
             return Decision(None, None, None, self.classifier.threshold,
                             QualityResult(False, str(exc)), self.classifier.backend.model_sha256,

@@ -408,9 +408,11 @@ def build_runtime(
     backend = classifier.backend
     check = check_model_manifest(settings.model_path, backend.model_sha256)
     if source_factory is None:
-        open_source(settings.source)  # validate the URI now (raises with the list of kinds)
+        # a mammography model reads DICOM files at the full depth it was trained on
+        full_depth = backend.card.inputs[0].modality == "mg"
+        open_source(settings.source, full_depth)  # validate the URI now (raises with the kinds)
         uri = settings.source
-        source_factory = lambda: open_source(uri)  # noqa: E731 - a fresh source per reopening
+        source_factory = lambda: open_source(uri, full_depth)  # noqa: E731 - fresh per reopening
     reader = LiveReader(
         source_factory,
         stall_seconds=settings.watchdog.stall_seconds,
