@@ -203,7 +203,15 @@ class CaseClassifier:
         self.rule = DecisionRule.of(self.card, threshold)
         self.gate = gate
 
-    def classify(self, case: str, images: Mapping[str, np.ndarray]) -> CaseResult:
+    def classify(
+        self,
+        case: str,
+        images: Mapping[str, np.ndarray],
+        views: Mapping[str, ImageView] | None = None,
+    ) -> CaseResult:
+        """Each view gated and decided alone, then the case from the views that passed. `views`
+        gives what is known of each image's view (manifest and DICOM header: sample_image);
+        without it, the view's name as a code (`L-MLO`)."""
         unknown = sorted(set(images) - set(self.names))
         if unknown:
             raise ValueError(
@@ -222,7 +230,7 @@ class CaseClassifier:
                     tensors[view] = preprocess_chw(
                         grey if channels == 1 else images[view],
                         model_input.preprocess,
-                        view=ImageView.from_code(view),
+                        view=(views or {}).get(view) or ImageView.from_code(view),
                     )
                 except BreastRefusal as exc:
                     # that view gets no decision and says why; the case goes on with the others
@@ -261,7 +269,7 @@ def classify_case_manifests(
     classifier: CaseClassifier,
     manifests: Sequence[str | Path],
     out: str | Path,
-    read: Callable[[Path], np.ndarray],
+    read: Callable[[Sample], tuple[np.ndarray, ImageView]],
     on_error: Callable[[str], None] = lambda _m: None,
     progress: Callable[[int], None] = lambda _n: None,
 ) -> tuple[int, int, int]:
@@ -290,10 +298,10 @@ def classify_case_manifests(
             on_error(message)
             rows.append({"source": str(manifest), "level": "case", "error": message})
         for case in cases:
-            images = {}
+            images, known = {}, {}
             for view, sample in case.samples.items():
                 try:
-                    images[view] = read(sample.path)
+                    images[view], known[view] = read(sample)
                 except (EdgebcError, OSError, ValueError) as exc:
                     errors += 1
                     on_error(f"{sample.path}: {exc}")
@@ -301,7 +309,7 @@ def classify_case_manifests(
                                  "views": view, "error": str(exc)})  # fmt: skip
             if not images:
                 continue
-            result = classifier.classify(case.name, images)
+            result = classifier.classify(case.name, images, known)
             for view, decision in result.by_view.items():
                 rows.append(
                     _case_row(str(case.samples[view].path), case.name, "view", decision, classifier)

@@ -24,7 +24,6 @@ from edgebc.breast import BreastRefusal
 from edgebc.decision import DecisionRule
 from edgebc.decode import ImageView
 from edgebc.demo import is_demo_card
-from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import Gate, MammographyGate, QualityGate, QualityResult, gate_for
@@ -104,18 +103,7 @@ class FrameClassifier:
             log.warning("the demo model withdraws every frame unlike its phantoms (shift: %s "
                         "is not for the demo)", shift)  # fmt: skip
             shift = "withdraw"
-        if len(self.card.inputs) != 1:
-            names = ", ".join(i.name for i in self.card.inputs)
-            raise EdgebcError(f"model {self.card.name} has {len(self.card.inputs)} inputs ({names}); "
-                              "a frame classifier feeds one image")  # fmt: skip
-        if self.card.inputs[0].patches is not None:
-            # Resizing a whole film into a patch model's input would answer wrongly; sliding its
-            # grid would answer at a threshold fitted on patches, not films (docs/MAMMOGRAPHY.md).
-            raise EdgebcError(
-                f"model {self.card.name} classifies patches of a film; the device does not decide "
-                "with patch models yet (their operating point is fitted on patches, not films): "
-                "score films with python -m edgebc.train.patches"
-            )
+        self.card.require_one_image("a frame classifier")
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold
         self.region = region

@@ -355,7 +355,23 @@ class ImageView:
         side, _, position = code.partition("-")
         if side not in ("L", "R") or not position:
             raise ValueError(f"view code must look like 'L-MLO' or 'R-CC', got {code!r}")
-        return cls(side, position.upper(), "left" if side == "L" else "right")  # type: ignore[arg-type]
+        return cls.hung(side, position.upper())  # type: ignore[arg-type]
+
+    @classmethod
+    def hung(
+        cls, side: Literal["L", "R"], position: str | None, stored: ImageView | None = None
+    ) -> ImageView:
+        """A view of `side` and `position` as stated (a manifest), its chest-wall edge from how
+        the file says it is stored (`stored`: a DICOM header of the same side, or of none)
+        where it says, else by the hanging convention: a left breast with its chest wall on the
+        left edge."""
+        if (
+            stored is not None
+            and stored.chest_wall is not None
+            and stored.laterality in (None, side)
+        ):
+            return cls(side, position, stored.chest_wall)
+        return cls(side, position, "left" if side == "L" else "right")
 
     @property
     def is_mlo(self) -> bool | None:

@@ -159,6 +159,29 @@ class ModelCard:
             )  # fmt: skip
 
     # -- the single-input model's view (most models; a fusion model names its inputs) ----------
+    def require_one_image(self, what: str) -> None:
+        """Refuse plainly when `what`, which feeds one whole image per decision, cannot serve
+        this model: one with several inputs (a multi-view model decides cases), or a patch model
+        (its threshold is fitted on patches, not films). Resizing a film into either would answer
+        wrongly without saying so."""
+        if len(self.inputs) != 1 or self.presence_input is not None:
+            names = ", ".join(i.name for i in self.inputs)
+            cases = (
+                " (a multi-view model: edgebc classify MODEL cases.csv)"
+                if self.presence_input
+                else ""
+            )
+            raise EdgebcError(
+                f"model {self.name} has {len(self.inputs)} inputs ({names}); {what} feeds one "
+                f"image{cases}"
+            )
+        if self.inputs[0].patches is not None:
+            raise EdgebcError(
+                f"model {self.name} classifies patches of a film; {what} does not decide with patch "
+                "models (their operating point is fitted on patches, not films): score films with "
+                "python -m edgebc.train.patches"
+            )
+
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.task.classes

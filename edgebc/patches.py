@@ -147,9 +147,10 @@ def cut_patch(frame: BreastFrame, x: int, y: int, side: int) -> np.ndarray:
 
 
 def patch_preprocess(prep: PreprocessCard) -> PreprocessCard:
-    """The preprocessing a patch goes through: the model's own, with the breast step already
-    done on the whole film (a patch holds no whole breast to find)."""
-    return replace(prep, breast_crop=False, laterality="keep")
+    """The preprocessing a patch goes through: the model's own, with the breast steps already
+    done on the whole film (a patch holds no whole breast to find, nor a chest wall to look for a
+    pectoral muscle at; CLAHE's tiles would be the patch's, not the film's)."""
+    return replace(prep, breast_crop=False, laterality="keep", pectoral="keep", clahe_clip=0.0)
 
 
 def patch_tensor(

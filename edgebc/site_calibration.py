@@ -162,6 +162,7 @@ def calibrate_site(
     backend = open_backend(model, warmup=0)
     try:
         card = backend.card  # a release's site card when `model` is one: recalibrating it
+        card.require_one_image("edgebc calibrate")
         point = card.operating_point or OperatingPoint(0.5)  # no point: the defaults below
         target = target if target is not None else point.target_sensitivity or 0.95
         confidence = confidence if confidence is not None else point.confidence or 0.95

@@ -266,7 +266,7 @@ def test_image_suffixes_mean_one_set():
     from edgebc.data import readers
 
     meanings = {m.IMAGE_SUFFIXES for m in (sources, readers) if hasattr(m, "IMAGE_SUFFIXES")}
-    assert meanings == {(".png", ".jpg", ".jpeg")}  # picture files; DICOM is named apart
+    assert meanings == {(".png", ".jpg", ".jpeg", ".pgm")}  # picture files; DICOM is named apart
     assert set(readers.SAMPLE_SUFFIXES) == {*sources.IMAGE_SUFFIXES, *sources.DICOM_SUFFIXES}
 
 

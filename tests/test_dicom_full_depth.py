@@ -223,3 +223,18 @@ def test_serve_sources_read_a_mammogram_folder_at_full_depth_with_each_films_vie
         plain = open_source(uri)
         plain.open()
         assert plain.read().image.dtype == np.uint8
+
+
+def test_a_film_stored_unmirrored_keeps_its_headers_chest_wall_in_training_and_on_the_device(
+    tmp_path,
+):
+    """A left breast stored with its chest wall on the right (PatientOrientation P\\F): the
+    manifest says L-MLO, the header says how it is stored; training and the device agree."""
+    from edgebc.data.records import Sample
+    from edgebc.data.sample_image import read_sample
+
+    path = tmp_path / "left.dcm"
+    path.write_bytes(_mammo_dicom(PIXELS, ImageLaterality="L", PatientOrientation=["P", "F"]))
+    _, trained = read_sample(Sample(path, "normal", modality="mammo", view="L-MLO"))
+    device = read_image_view(path.read_bytes())
+    assert trained == ImageView("L", "MLO", "right") and device.chest_wall == "right"

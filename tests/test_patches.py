@@ -225,7 +225,7 @@ def test_device_and_torch_give_the_same_whole_film_score(tmp_path):
 
     with pytest.raises(EdgebcError, match="classifies patches of a film"):
         FrameClassifier(backend)
-    with pytest.raises(EdgebcError, match="a patch model"):
+    with pytest.raises(EdgebcError, match="edgebc eval does not decide with patch models"):
         evaluate_checkpoint(path, tmp_path / "none.csv", tmp_path / "eval")
 
 
@@ -301,3 +301,12 @@ def test_mini_mias_findings_land_on_the_breast_after_crop_and_mirror(data_dir):
     # the annotation's own error, not the mapping's (every other of the 97 centres is on tissue)
     assert off_breast <= {"mdb212", "mdb214"}, sorted(off_breast)
     assert 0 < mirrored < len(located)
+
+
+def test_patch_mode_refuses_the_film_steps_it_cannot_apply_to_patches():
+    from edgebc.errors import ConfigError
+    from edgebc.train.config import load_train_config
+
+    for setting in ("preprocess.pectoral=suppress", "preprocess.clahe_clip=2"):
+        with pytest.raises(ConfigError, match="patch mode cuts patches"):
+            load_train_config(None, ["patches={side: 48, stride: 24}", setting])

@@ -257,6 +257,14 @@ class TrainConfig:
             raise ValueError(
                 "model.views (whole views of a case) and patches are two input modes: pick one"
             )
+        if self.patches is not None and (
+            self.preprocess.pectoral != "keep" or self.preprocess.clahe_clip > 0
+        ):
+            raise ValueError(
+                "patch mode cuts patches from the cropped, turned film without pectoral "
+                "suppression or CLAHE (edgebc.patches.breast_frame): set preprocess.pectoral: keep "
+                "and preprocess.clahe_clip: 0"
+            )
         if self.patches is not None and self.optim.mask_loss_weight > 0:
             raise ValueError("patch mode has no lesion-mask loss: set optim.mask_loss_weight to 0")
         if self.patches is not None and self.preprocess.input_height != self.preprocess.input_width:

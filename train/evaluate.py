@@ -59,11 +59,7 @@ def evaluate_checkpoint(
     report into `out_dir`."""
     model = _load_for_eval(Path(checkpoint), device)
     card = model.card
-    if card.inputs[0].patches is not None:
-        raise EdgebcError(
-            f"{checkpoint}: a patch model (it classifies patches of a film); score its films with "
-            f"python -m edgebc.train.patches {checkpoint} --manifest {data}"
-        )
+    card.require_one_image("edgebc eval")
     task, prep = card.task, card.preprocess
     samples = read_dataset(data)
     if split:

@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from edgebc import metrics
 from edgebc.data.records import MAMMOGRAPHY_MODALITIES, Finding, Sample
-from edgebc.decode import read_image
+from edgebc.data.sample_image import read_sample, sample_input
 from edgebc.optional import require
 from edgebc.patches import (
     AGGREGATIONS,
@@ -157,7 +158,7 @@ def cache_patches(
     rows: list[Sample] = []
     for sample in tqdm(samples, desc=desc, unit="film", disable=None, leave=False):
         got, classes = film_patches(
-            sample, read_image(sample.path), prep, card, task, sampling, seed
+            sample, read_sample(sample)[0], prep, card, task, sampling, seed
         )
         tensors += got
         targets += classes
@@ -209,7 +210,7 @@ def evaluate_films(
     model = model_from_checkpoint(checkpoint)
     run = torch_probabilities(model, card.temperature)
     probabilities = np.stack([
-        film_probabilities(read_image(s.path), card.preprocess, patches, task.positive, run)
+        film_probabilities(read_sample(s)[0], card.preprocess, patches, task.positive, run)
         for s in tqdm(samples, desc=f"films ({split})", unit="film", disable=None)
     ])  # fmt: skip
     positives = np.array([_class_index(task, s.label) == task.positive for s in samples], dtype=int)
@@ -222,8 +223,8 @@ def evaluate_films(
         "split": split, "films": len(samples), "positive_films": int(positives.sum()),
         "women": len({s.unit for s in samples}), "auc": auc, "auc_ci": interval,
         "positive_class": task.positive_class, "patches": patches.to_dict(),
-        "per_film": [{"path": str(s.path), "unit": s.unit, "positive": int(y), "score": float(p)}
-                     for s, y, p in zip(samples, positives, scores, strict=True)],
+        "per_film": [{"path": str(s.path), "unit": s.unit, "view": s.view or "", "positive": int(y),
+                      "score": float(p)} for s, y, p in zip(samples, positives, scores, strict=True)],
     }  # fmt: skip
 
 
@@ -235,7 +236,7 @@ def compare_with(result: dict[str, Any], baseline: str, resamples: int = 2000) -
     scores = (
         _csv_scores(baseline, f"p_{result['positive_class']}")
         if baseline.endswith(".csv")
-        else _checkpoint_scores(baseline, [f["path"] for f in films])
+        else _checkpoint_scores(baseline, films)
     )
     missing = [f["path"] for f in films if f["path"] not in scores]
     if missing:
@@ -272,9 +273,8 @@ def _csv_scores(path: str, column: str) -> dict[str, float]:
     return {row["path"]: float(row[column]) for row in rows}
 
 
-def _checkpoint_scores(path: str, films: Sequence[str]) -> dict[str, float]:
+def _checkpoint_scores(path: str, films: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Each film's positive probability from a whole-image checkpoint, at full precision."""
-    from edgebc.preprocess import preprocess_chw
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(path)
@@ -284,9 +284,9 @@ def _checkpoint_scores(path: str, films: Sequence[str]) -> dict[str, float]:
     model = model_from_checkpoint(checkpoint)
     with torch.inference_mode():
         return {
-            film: float(
+            film["path"]: float(
                 torch.softmax(
-                    model(torch.from_numpy(preprocess_chw(read_image(film), card.preprocess))[None])
+                    model(torch.from_numpy(sample_input(_film_sample(film), card.preprocess))[None])
                     / card.temperature,
                     dim=1,
                 )[0, card.positive]
@@ -336,3 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _film_sample(film: dict[str, Any]) -> Sample:
+    """A scored film as the sample the whole-image model reads (full depth, its stated view)."""
+    return Sample(Path(film["path"]), "", modality="mammo", view=film.get("view") or None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,7 +118,7 @@ def _classify_cases(settings: ClassifySettings) -> int:
 
     from edgebc.backends import open_backend
     from edgebc.cases import CaseClassifier, classify_case_manifests
-    from edgebc.decode import read_image
+    from edgebc.data.sample_image import read_sample
     from edgebc.errors import EdgebcError
     from edgebc.quality import gate_for
 
@@ -141,7 +140,8 @@ def _classify_cases(settings: ClassifySettings) -> int:
     out = Path(settings.out)
     with tqdm(desc="classify", unit="case", disable=None) as bar:
         decided, views, errors = classify_case_manifests(
-            classifier, settings.inputs, out, partial(read_image, full_depth=True),
+            classifier, settings.inputs, out,
+            lambda sample: read_sample(sample.with_(modality="mammo")),  # every view is one
             on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update,
         )  # fmt: skip
     print(

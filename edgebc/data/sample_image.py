@@ -15,7 +15,8 @@ import numpy as np
 
 from edgebc.data.mammo_audit import is_mammogram, stated_view
 from edgebc.data.records import Sample
-from edgebc.decode import ImageView, read_image, read_image_view
+from edgebc.decode import ImageView, decode_image, read_image, read_image_view
+from edgebc.errors import ImageDecodeError
 from edgebc.preprocess import PreprocessCard, preprocess_chw
 
 
@@ -24,19 +25,27 @@ def read_sample(sample: Sample) -> tuple[np.ndarray, ImageView]:
     modality as `read_image` gives it, with an unknown view."""
     if not is_mammogram(sample):
         return read_image(sample.path), ImageView()
-    return read_image(sample.path, full_depth=True), sample_view(sample)
+    path = Path(sample.path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: no such file") from None
+    header = read_image_view(data, str(path))
+    return decode_image(data, str(path), full_depth=True), sample_view(sample, header)
 
 
-def sample_view(sample: Sample) -> ImageView:
-    """The view a mammogram's manifest row states (`L-CC`, `R MLO`, `left`; mini-MIAS's films are
-    MLO), else what its DICOM header says, else unknown."""
+def sample_view(sample: Sample, header: ImageView | None = None) -> ImageView:
+    """The view of a mammogram: the side and projection its manifest row states (`L-CC`,
+    `R MLO`, `left`; mini-MIAS's films are MLO), with the chest-wall edge its DICOM header gives
+    (`header`, how the film is stored) else by the hanging convention; the header's alone where
+    the row states no side; unknown without either."""
+    header = header or ImageView()
     side, projection = stated_view(sample)
     if side is not None:
-        return ImageView(side, projection, "left" if side == "L" else "right")  # type: ignore[arg-type]
-    view = read_image_view(Path(sample.path).read_bytes(), str(sample.path))
-    if projection is not None and view.position is None:
-        return ImageView(view.laterality, projection, view.chest_wall)
-    return view
+        return ImageView.hung(side, projection or header.position, header)  # type: ignore[arg-type]
+    if projection is not None and header.position is None:
+        return ImageView(header.laterality, projection, header.chest_wall)
+    return header
 
 
 def sample_input(sample: Sample, prep: PreprocessCard) -> np.ndarray:
