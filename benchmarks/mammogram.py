@@ -40,6 +40,7 @@ from edgebc.backends import open_backend
 from edgebc.bench.timing import peak_rss_mb
 from edgebc.breast import prepare_breast
 from edgebc.decode import decode_image, read_image_view
+from edgebc.metrics import softmax
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw
 
@@ -144,7 +145,7 @@ class Pipeline:
         if not verdict.ok:
             raise SystemExit(f"the MG gate refused the benchmark film: {verdict.reason}")
         logits = self.backend.run(preprocess_chw(image, self.prep, view=view)[np.newaxis])
-        return _softmax(logits / self.backend.card.temperature)
+        return softmax(logits, self.backend.card.temperature)
 
 
 def _after_breast(prep: PreprocessCard) -> PreprocessCard:
@@ -152,11 +153,6 @@ def _after_breast(prep: PreprocessCard) -> PreprocessCard:
     from dataclasses import replace
 
     return replace(prep, breast_crop=False, laterality="keep", pectoral="keep")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def check_against_runtime(pipeline: Pipeline, model: Path, data: bytes) -> float:

@@ -145,7 +145,7 @@ def classify_inputs(
         if len(pending) >= batch_size:
             flush()
     flush()
-    atomic_write_text(out, _render(rows, out.suffix.lower(), classes))
+    atomic_write_text(out, render_table(rows, out.suffix.lower(), frame_columns(classes)))
     return sum(1 for r in rows if not r.get("error")), errors
 
 
@@ -178,11 +178,11 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     row: dict[str, object] = {
         "source": item.source, "frame": "" if item.frame is None else item.frame,
         "decision": fields["label"] or "", "quality": str(decision.quality),
-        "positive_probability": _rounded(fields["positive_probability"]),
+        "positive_probability": rounded(fields["positive_probability"]),
         "threshold": "" if fields["threshold"] is None else fields["threshold"],
     }  # fmt: skip
     for name in classes:
-        row[f"p_{name}"] = _rounded(probabilities.get(name))
+        row[f"p_{name}"] = rounded(probabilities.get(name))
     row["model_sha256"] = fields["model_sha256"]
     row["demo"] = "yes" if fields["demo"] else "no"  # the demo model: phantoms only
     shift = decision.shift
@@ -193,28 +193,23 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     return row
 
 
-def _rounded(probability: float | None) -> object:
+def rounded(probability: float | None) -> object:
+    """A probability for a results table: six decimals, blank where there is none."""
     return "" if probability is None else round(probability, 6)
 
 
-def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> str:
-    columns = [
-        "source",
-        "frame",
-        "decision",
-        "quality",
-        *(f"p_{c}" for c in classes),
-        "positive_probability",
-        "threshold",
-        "shift",
-        "shift_score",
-        "model_sha256",
-        "error",
-    ]
+def render_table(rows: list[dict[str, object]], suffix: str, columns: Sequence[str]) -> str:
+    """Rows as CSV (a header, then one line each) or JSON Lines, in `columns`, blank where a
+    row has no value: the one format of classify's frame and case results."""
     if suffix == ".jsonl":
         return "".join(json.dumps({k: row.get(k, "") for k in columns}) + "\n" for row in rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
     return buffer.getvalue()
+
+
+def frame_columns(classes: Sequence[str]) -> list[str]:
+    return ["source", "frame", "decision", "quality", *(f"p_{c}" for c in classes),
+            "positive_probability", "threshold", "shift", "shift_score", "model_sha256", "error"]  # fmt: skip

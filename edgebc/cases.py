@@ -17,17 +17,15 @@ all views that passed (the case's row), each decided by the one decision rule.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgebc.archive import render_table, rounded
 from edgebc.atomic import atomic_write_text
 from edgebc.breast import BreastRefusal
 from edgebc.data.records import Sample
@@ -37,7 +35,7 @@ from edgebc.errors import EdgebcError
 from edgebc.metrics import softmax
 from edgebc.model_card import ModelCard
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
-from edgebc.quality import QualityResult
+from edgebc.quality import Gate, QualityResult
 
 if TYPE_CHECKING:
     from edgebc.backends import Backend
@@ -170,10 +168,6 @@ def case_feeds(card: ModelCard, cases: Sequence[Mapping[str, np.ndarray]]) -> di
     return feeds
 
 
-class Gate(Protocol):
-    def check(self, frame: np.ndarray, grey: np.ndarray | None = None) -> QualityResult: ...
-
-
 @dataclass(frozen=True)
 class ViewDecision:
     """One row of a case's answer: a view alone (`views` is that view) or the case (`views` are
@@ -285,7 +279,8 @@ def classify_case_manifests(
     decided = views = errors = 0
     for manifest in manifests:
         try:
-            cases = group_cases(read_manifest(manifest), list(classifier.names))
+            samples = read_manifest(manifest)
+            cases = group_cases(samples, list(classifier.names))
         except (EdgebcError, OSError, ValueError) as exc:
             errors += 1
             on_error(f"{manifest}: {exc}")
@@ -297,6 +292,11 @@ def classify_case_manifests(
                        "and a patient_id")  # fmt: skip
             on_error(message)
             rows.append({"source": str(manifest), "level": "case", "error": message})
+        for sample in (s for s in samples if s.view not in classifier.names):
+            # not an error of the file, but never silently gone: a row says why it was left out
+            rows.append({"source": str(sample.path), "level": "view", "views": sample.view or "",
+                         "error": f"left out: its view ({sample.view or 'none'}) is none of the "
+                                  f"model's ({', '.join(classifier.names)})"})  # fmt: skip
         for case in cases:
             images, known = {}, {}
             for view, sample in case.samples.items():
@@ -318,7 +318,9 @@ def classify_case_manifests(
             rows.append(_case_row(str(manifest), case.name, "case", result.decision, classifier))
             decided += result.decision.label is not None
             progress(1)
-    atomic_write_text(out, _render(rows, out.suffix.lower(), list(classifier.card.class_names)))
+    atomic_write_text(
+        out, render_table(rows, out.suffix.lower(), case_columns(classifier.card.class_names))
+    )
     return decided, views, errors
 
 
@@ -327,27 +329,15 @@ def _case_row(source: str, case: str, level: str, decision: ViewDecision,
     row: dict[str, object] = {
         "source": source, "case": case, "level": level, "views": "+".join(decision.views),
         "decision": decision.label or "", "quality": str(decision.quality),
-        "positive_probability": _rounded(decision.positive_probability),
+        "positive_probability": rounded(decision.positive_probability),
         "threshold": "" if classifier.rule.threshold is None else classifier.rule.threshold,
         "model_sha256": classifier.backend.model_sha256, "error": "",
     }  # fmt: skip
     for name in classifier.card.class_names:
-        row[f"p_{name}"] = _rounded((decision.probabilities or {}).get(name))
+        row[f"p_{name}"] = rounded((decision.probabilities or {}).get(name))
     return row
 
 
-def _rounded(probability: float | None) -> object:
-    return "" if probability is None else round(probability, 6)
-
-
-def _render(rows: list[dict[str, object]], suffix: str, classes: list[str]) -> str:
-    columns = ["source", "case", "level", "views", "decision", "quality",
-               *(f"p_{c}" for c in classes), "positive_probability", "threshold", "model_sha256",
-               "error"]  # fmt: skip
-    if suffix == ".jsonl":
-        return "".join(json.dumps({k: row.get(k, "") for k in columns}) + "\n" for row in rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: row.get(k, "") for k in columns} for row in rows)
-    return buffer.getvalue()
+def case_columns(classes: Sequence[str]) -> list[str]:
+    return ["source", "case", "level", "views", "decision", "quality", *(f"p_{c}" for c in classes),
+            "positive_probability", "threshold", "model_sha256", "error"]  # fmt: skip

@@ -90,8 +90,9 @@ class FrameClassifier:
         (`gate` when it is a QualityGate, else the defaults) or the mammography gate
         (`mammography_gate`, or `gate` when it is a MammographyGate, else the defaults); so a
         classifier made from another's `gate` judges as that one did. `threshold` overrides the
-        card's operating threshold (a site's own validated choice); `shift` says what an out-of-distribution frame does (withdraw, mark, or off: no check)
-        and `shift_window` how many frames the stream verdict averages."""
+        card's operating threshold (a site's own validated choice); `shift` says what an
+        out-of-distribution frame does (withdraw, mark, or off: no check) and `shift_window` how
+        many frames the stream verdict averages."""
         if shift not in SHIFT_MODES:
             raise ValueError(f"shift must be one of {', '.join(SHIFT_MODES)}, got {shift!r}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:

@@ -195,7 +195,8 @@ def test_classify_writes_a_row_per_view_and_per_case(trained, tmp_path):
     samples = read_manifest(trained["test"])
     dropped = next(s for s in samples if s.view == "R-MLO")  # that breast keeps its CC view only
     kept = [s for s in samples if s.path != dropped.path]
-    manifest = write_manifest(kept, tmp_path / "cases.csv")
+    spot = dropped.with_(view="R-SPOT")  # a view the model does not take: a row says so
+    manifest = write_manifest([*kept, spot], tmp_path / "cases.csv")
     out = tmp_path / "results.csv"
     # 104 px phantoms have a grain the mammography gate reads as speckle (full-size films pass)
     lenient = ["--set", "mammography_quality.max_speckle_contrast=0.5"]
@@ -203,7 +204,9 @@ def test_classify_writes_a_row_per_view_and_per_case(trained, tmp_path):
     rows = list(csv.DictReader(out.open()))
     cases = group_cases(kept, VIEWS)
     assert sum(r["level"] == "case" for r in rows) == len(cases)
-    assert sum(r["level"] == "view" for r in rows) == len(kept)
+    left_out = [r for r in rows if r["error"]]
+    assert [(r["views"], r["error"].split(":")[0]) for r in left_out] == [("R-SPOT", "left out")]
+    assert sum(r["level"] == "view" and not r["error"] for r in rows) == len(kept)
     lone = f"{dropped.patient_id}/R"
     case_row = next(r for r in rows if r["case"] == lone and r["level"] == "case")
     view_row = next(r for r in rows if r["case"] == lone and r["level"] == "view")
