@@ -223,7 +223,10 @@ def test_the_headers_chest_wall_is_used_and_a_clear_contradiction_is_refused(cap
     np.testing.assert_array_equal(agreed, preprocess(m.image, MAMMO_CARD))
     assert "chest wall on the left from the header" in caplog.text
     # a header that says the opposite of a clear picture: refused, naming both
-    with pytest.raises(LateralityConflictError, match="header puts the chest wall on the right"):
+    with pytest.raises(
+        LateralityConflictError,
+        match=r"stated view \(DICOM header or manifest\) puts the chest wall on the right",
+    ):
         preprocess(m.image, MAMMO_CARD, view=ImageView("R", "MLO", "right"))
     # where the image can hardly tell (a breast filling the film), the header decides
     film = _filled_film("left")
