@@ -144,3 +144,27 @@ def test_an_edgebc_checkpoint_starts_a_model_of_its_architecture_with_a_fresh_he
         EdgebcError, match="edgebc mobilenet_v3_small model; it cannot start a resnet18"
     ):
         load_torchvision_weights(create_model("resnet18"), "resnet18", source)
+
+
+def test_a_fusion_head_ignores_what_an_absent_branch_holds():
+    from edgebc.model_card import ModelCard, ModelInput
+    from edgebc.preprocess import PreprocessCard
+    from edgebc.task import TASKS
+    from edgebc.train.models.fusion import build_fusion
+
+    prep = PreprocessCard(input_height=32, input_width=32)
+    card = ModelCard("f", "late_fusion", TASKS["three_class"],
+                     (ModelInput("us", prep), ModelInput("mg", prep, "mg", optional=True)),
+                     arch_options={"fusion": "sum", "branch_arch": {"us": "simple_cnn", "mg": "simple_cnn"},
+                                   "width": 8, "dropout": 0.0})  # fmt: skip
+    model = build_fusion(card).eval()
+    torch.manual_seed(0)
+    us = model.embed("us", torch.rand(2, 1, 32, 32))
+    present = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    with torch.no_grad():
+        noise, zeros = (
+            model.head([us, mg], present)[0] for mg in (torch.randn(2, 8) * 9, torch.zeros(2, 8))
+        )
+        both = model.head([us, torch.randn(2, 8)], torch.ones(2, 2))[0]
+    torch.testing.assert_close(noise, zeros)
+    assert not torch.allclose(both, zeros)

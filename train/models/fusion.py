@@ -35,16 +35,30 @@ class LateFusion(nn.Module):
             nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, num_classes)
         )
 
+    def embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One branch's (N, width) embedding: what the device computes once per input (once per
+        case for a stored mammogram) and keeps."""
+        return self.project[name](self.branches[name](x))
+
+    def head(
+        self, embeddings: list[torch.Tensor], present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and fused features from the branches' embeddings (in `order`) and `present`,
+        (N, branches) 1 where a branch's input was given, 0 where it is absent: an absent
+        branch's embedding does not count, whatever it holds."""
+        stacked = torch.stack(embeddings, dim=1)
+        fused = (stacked * present.to(stacked.dtype)[:, :, None]).sum(dim=1)
+        return self.classifier(fused), fused
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(inputs) != len(self.order):
             raise ValueError(
                 f"expected {len(self.order)} inputs ({', '.join(self.order)}), got {len(inputs)}"
             )
-        fused = sum(
-            self.project[name](self.branches[name](x))
-            for name, x in zip(self.order, inputs, strict=True)
-        )
-        return self.classifier(fused), fused
+        embeddings = [self.embed(n, x) for n, x in zip(self.order, inputs, strict=True)]
+        present = torch.ones(inputs[0].shape[0], len(self.order), dtype=embeddings[0].dtype,
+                             device=embeddings[0].device)  # fmt: skip
+        return self.head(embeddings, present)
 
 
 def build_fusion(card: ModelCard) -> LateFusion:
