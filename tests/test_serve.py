@@ -374,7 +374,7 @@ def test_openapi_schema_documents_the_upload_and_its_errors(served):
         "/v1/frame.jpg",
     } <= set(schema["paths"])
     classify = schema["paths"]["/v1/classify"]["post"]
-    assert {"image/png", "image/jpeg", "application/dicom"} <= set(
+    assert {"image/png", "image/jpeg", "image/x-portable-graymap", "application/dicom"} <= set(
         classify["requestBody"]["content"]
     )
     assert {"200", "400", "401", "411", "413", "415", "422", "503"} <= set(classify["responses"])

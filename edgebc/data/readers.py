@@ -71,7 +71,7 @@ def read_class_folders(
                 )
             )
     if not samples:
-        raise DataLayoutError(f"{root}: no PNG, JPEG or DICOM images in its class folders")
+        raise DataLayoutError(f"{root}: no PNG, JPEG, PGM or DICOM images in its class folders")
     return samples
 
 

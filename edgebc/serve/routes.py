@@ -24,7 +24,8 @@ from edgebc.errors import ImageDecodeError
 from edgebc.serve.prometheus import metrics_text
 from edgebc.serve.runtime import ServeRuntime, UploadsBusy
 
-DECLARED_FORMAT = {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}
+DECLARED_FORMAT = {"image/png": "png", "image/jpeg": "jpeg", "image/x-portable-graymap": "pgm",
+                   "application/dicom": "dicom"}  # fmt: skip
 UPLOAD_TYPES = (*DECLARED_FORMAT, "application/octet-stream")  # octet-stream: the bytes tell
 
 
@@ -181,7 +182,7 @@ UPLOAD_BODY = {
 @api.post(
     "/v1/classify",
     response_model=ClassifyResult,
-    summary="classify one uploaded image (PNG, JPEG or single-frame DICOM)",
+    summary="classify one uploaded image (PNG, JPEG, PGM or single-frame DICOM)",
     openapi_extra={"requestBody": UPLOAD_BODY},
     responses={
         400: {"model": Problem, "description": "Content-Length is not a number"},
