@@ -441,19 +441,12 @@ def dicom_grey_full_depth(frame: np.ndarray, ds: Any, name: str = "<buffer>") ->
     MONOCHROME1 is inverted. `ds` is the pydicom dataset the frame came from."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    numbers = {field: _dicom_numbers(ds, field, name) for field in _DICOM_DISPLAY_FIELDS}
-    voi_bits = _voi_lut_bits(ds, name)
-    window = None
-    if voi_bits is None and numbers["WindowCenter"] and numbers["WindowWidth"]:
-        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-        if function not in _VOI_FUNCTIONS:
-            raise ImageDecodeError(
-                f"{name}: DICOM VOILUTFunction is {function!r}; one of "
-                f"{', '.join(_VOI_FUNCTIONS)} expected"
-            )
-        window = (numbers["WindowCenter"][0], numbers["WindowWidth"][0], function)
-    low, high = _nominal_range(ds, numbers)
+    try:
+        photometric, voi_bits, window, (low, high) = _display_plan(ds, name)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # pydicom converts a field on first access: an unknown VR, say
+        raise ImageDecodeError(f"{name}: DICOM display fields cannot be read: {exc}") from exc
     out = np.empty(frame.shape, np.uint16)
     for start in range(0, frame.shape[0], _ROW_BLOCK):
         block = frame[start : start + _ROW_BLOCK]
@@ -488,6 +481,27 @@ def _apply_window(values: np.ndarray, centre: float, width: float, function: str
     if width <= 1.0:  # LINEAR with width 1: a step at the centre
         return (values > centre - 0.5).astype(np.float64)
     return (values - (centre - 0.5)) / (width - 1.0) + 0.5
+
+
+def _display_plan(
+    ds: Any, name: str
+) -> tuple[str, int | None, tuple[float, float, str] | None, tuple[float, float]]:
+    """What the full-depth path reads from the header: the photometric interpretation, the VOI
+    LUT table's bits (None without one), the window (centre, width, function; None without one)
+    and the modality's nominal range."""
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    numbers = {field: _dicom_numbers(ds, field, name) for field in _DICOM_DISPLAY_FIELDS}
+    voi_bits = _voi_lut_bits(ds, name)
+    window = None
+    if voi_bits is None and numbers["WindowCenter"] and numbers["WindowWidth"]:
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        if function not in _VOI_FUNCTIONS:
+            raise ImageDecodeError(
+                f"{name}: DICOM VOILUTFunction is {function!r}; one of "
+                f"{', '.join(_VOI_FUNCTIONS)} expected"
+            )
+        window = (numbers["WindowCenter"][0], numbers["WindowWidth"][0], function)
+    return photometric, voi_bits, window, _nominal_range(ds, numbers)
 
 
 def _voi_lut_bits(ds: object, name: str) -> int | None:
