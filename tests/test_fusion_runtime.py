@@ -167,14 +167,15 @@ def test_the_graphs_refuse_bad_feeds_and_strangers(exported, tmp_path):
 class Counting:
     """A real backend, its runs counted (which graph ran, how often)."""
 
-    def __init__(self, backend, calls):
-        self.backend, self.calls = backend, calls
+    def __init__(self, backend, calls, fed=None):
+        self.backend, self.calls, self.fed = backend, calls, fed if fed is not None else []
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
     def run_named(self, feeds):
         self.calls.append(self.backend.fusion.graph)
+        self.fed.append(feeds)
         return self.backend.run_named(feeds)
 
 
@@ -209,7 +210,11 @@ def test_the_mammogram_branch_runs_once_per_case_and_each_frame_is_fused(exporte
 
 def test_without_a_passing_mammogram_the_answer_is_the_ultrasound_only_one(exported):
     root, model, _report = exported
-    classifier = FusionClassifier.open(root / "export" / "fusion.onnx")
+    fed = []
+    graphs = open_fusion_graphs(root / "export" / "fusion.onnx")
+    classifier = FusionClassifier(
+        {g: Counting(b, [], fed if g == HEAD else None) for g, b in graphs.items()}
+    )
     frames = [_ultrasound(k) for k in range(3)]
     us_only = _torch_probs(model, frames)
     fused = _torch_probs(model, frames, _film())
@@ -220,6 +225,8 @@ def test_without_a_passing_mammogram_the_answer_is_the_ultrasound_only_one(expor
 
     alone = classifier.classify_batch(frames)  # nothing attached
     assert all(d.inputs == ("us",) and d.modalities == ("us",) for d in alone)
+    # the head is told the mammogram is absent (what it holds then does not count)
+    assert fed[-1]["present"].tolist() == [[1, 0]] * 3 and not fed[-1]["mg_cc_embedding"].any()
     np.testing.assert_allclose(probs(alone), us_only, atol=1e-5)
     # an ultrasound frame given as the mammogram: the mammography gate refuses it
     context = classifier.attach("c1", [Mammogram(frames[0], source="wrong.png")])
@@ -239,6 +246,7 @@ def test_without_a_passing_mammogram_the_answer_is_the_ultrasound_only_one(expor
     # attached, then detached: back to ultrasound alone
     classifier.attach("c3", [Mammogram(_film(), source="cc.png")])
     assert classifier.classify(frames[0]).modalities == ("us", "mg")
+    assert fed[-1]["present"].tolist() == [[1, 1]]
     classifier.detach()
     np.testing.assert_allclose(probs([classifier.classify(frames[0])]), us_only[:1], atol=1e-5)
     # a blank ultrasound frame gets no decision and uses nothing
