@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgebc.errors import EdgebcError
@@ -109,3 +110,15 @@ def layout_from_metadata(metadata: Mapping[str, str], source: str) -> FusionLayo
     """The fusion layout in an ONNX file's metadata, or None for an ordinary model."""
     text = metadata.get(FUSION_KEY)
     return None if text is None else FusionLayout.from_json(text, f"{source}: {FUSION_KEY}")
+
+
+def read_layout(path: str | Path) -> FusionLayout | None:
+    """The fusion layout of the ONNX file `path`, or None (another model, or not ONNX)."""
+    import onnxruntime
+
+    if Path(path).suffix.lower() != ".onnx":
+        return None
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return layout_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))

@@ -316,3 +316,7 @@ def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, c
     assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
                  "--ultrasound", str(tmp_path / "still.png"), "--out", str(out)]) == 1  # fmt: skip
     assert "not both" in capsys.readouterr().err
+    # the fusion model given images without saying which modality each is: told how
+    assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
+                 "--out", str(out)]) == 1  # fmt: skip
+    assert "--ultrasound US... and --mammogram MG..." in capsys.readouterr().err

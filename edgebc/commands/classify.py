@@ -104,18 +104,39 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
     return load_config(ClassifySettings, args.config, overrides, flags="the command line")
 
 
+FUSION_HINT = (
+    "a mammogram + ultrasound fusion model classifies a case: give its images with "
+    "--ultrasound US... and --mammogram MG..."
+)
+
+
+def _is_fusion_graph(path: Path) -> bool:
+    from edgebc.fusion_graphs import read_layout
+
+    try:
+        return read_layout(path) is not None
+    except Exception:  # not a loadable ONNX file: the original error says what is wrong
+        return False
+
+
 def run_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgebc.archive import classify_inputs
     from edgebc.classifier_settings import build_classifier
+    from edgebc.errors import EdgebcError
 
     settings = classify_settings(args)
     if settings.ultrasound or settings.mammogram:
         return _classify_fusion(settings)
     if all(Path(i).suffix.lower() == ".csv" for i in settings.inputs):
         return _classify_cases(settings)
-    classifier = build_classifier(settings)
+    try:
+        classifier = build_classifier(settings)
+    except EdgebcError as exc:
+        if _is_fusion_graph(settings.model_path):
+            raise EdgebcError(f"{settings.model}: {FUSION_HINT}") from exc
+        raise
     out = Path(settings.out)
     with tqdm(desc="classify", unit="frame", disable=None) as bar:
         written, errors = classify_inputs(classifier, settings.inputs, out, settings.batch, settings.stride,
@@ -145,6 +166,8 @@ def _classify_cases(settings: ClassifySettings) -> int:
     backend = open_backend(
         settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
     )
+    if getattr(backend, "fusion", None) is not None:
+        raise EdgebcError(f"{settings.model}: {FUSION_HINT}")
     if backend.card.presence_input is None:
         raise EdgebcError(
             f"{settings.model}: takes one image, not cases; manifests (.csv) are for multi-view "
