@@ -69,8 +69,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("fusion")
     torch.set_num_threads(1)
     model = _fusion_checkpoint(root / "fusion.pt")
-    report = run_export(root / "fusion.pt", ExportOptions(out_dir=root / "export", name="fusion"))
-    return root, model, report
+    out = root / "export"
+    assert main(["export", str(root / "fusion.pt"), "--out", str(out), "--name", "fusion"]) == 0
+    return root, model, json.loads((out / "export.json").read_text())
 
 
 L_CC = ImageView.from_code("L-CC")
