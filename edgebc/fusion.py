@@ -214,15 +214,13 @@ class FusionClassifier:
         for mammogram in mammograms:
             image = validated_image(mammogram.image)
             digest = pixels_sha256(image)
-            model_input, refusal = self._input_for(mammogram, tensors, uses)
+            model_input, view, refusal = self._input_for(mammogram, tensors, uses)
             if model_input is None:
                 uses.append(MammogramUse(mammogram.source, None, refusal, digest))
                 continue
             grey = to_channels(image, 1)
             verdict = self.mammography_gate.check(image, grey)
             if verdict.ok:
-                view = mammogram.view if view_code(mammogram.view) else (
-                    ImageView.from_code(model_input.view) if model_input.view else mammogram.view)  # fmt: skip
                 try:
                     tensors[model_input.name] = preprocess_chw(
                         grey if model_input.preprocess.channels == 1 else image,
@@ -251,27 +249,39 @@ class FusionClassifier:
 
     def _input_for(
         self, mammogram: Mammogram, taken: Mapping[str, np.ndarray], uses: Sequence[MammogramUse]
-    ) -> tuple[ModelInput | None, QualityResult]:
-        """The mammography input this mammogram feeds, by its view: a known view feeds the input
-        of that view (or one without a view); an unknown view feeds the model's only mammography
-        input. Otherwise None and why."""
+    ) -> tuple[ModelInput | None, ImageView, QualityResult]:
+        """The mammography input this mammogram feeds and the view it is read with: a known view
+        (side and projection) feeds the input of that view, or one without a view; an unknown one
+        feeds the model's only mammography input, read as that input's view where it names one
+        (the side a header gives must agree). Otherwise None and why."""
         code = view_code(mammogram.view)
         fed = set(taken) | {u.input for u in uses if u.input}
+        views = ", ".join(str(i.view) for i in self.mammography)
+
+        def refused(reason: str) -> tuple[None, ImageView, QualityResult]:
+            return None, mammogram.view, QualityResult(False, reason, "view")
+
         if code is None and len(self.mammography) > 1:
-            views = ", ".join(str(i.view) for i in self.mammography)
-            return None, QualityResult(False, f"its view is not known (no DICOM header says it); "
-                                       f"the model takes the views {views}", "view")  # fmt: skip
+            return refused(f"its view is not known (no DICOM header says it); the model takes "
+                           f"the views {views}")  # fmt: skip
         exact = [i for i in self.mammography if code is not None and i.view == code]
         matching = exact or [i for i in self.mammography if i.view is None or code is None]
         if not matching:
-            views = ", ".join(str(i.view) for i in self.mammography)
-            return None, QualityResult(False, f"its view {code} is none of the model's ({views})",
-                                       "view")  # fmt: skip
+            return refused(f"its view {code} is none of the model's ({views})")
         free = [i for i in matching if i.name not in fed]
         if not free:
-            return None, QualityResult(False, f"a second mammogram for input {matching[0].name}: "
-                                       "a case takes one image per view", "view")  # fmt: skip
-        return free[0], QualityResult(True)
+            return refused(f"a second mammogram for input {matching[0].name}: a case takes one "
+                           "image per view")  # fmt: skip
+        chosen, view = free[0], mammogram.view
+        if code is None and chosen.view:
+            stated = ImageView.from_code(chosen.view)
+            side = mammogram.view.laterality
+            if side is not None and side != stated.laterality:
+                return refused(
+                    f"its side {side} (its DICOM header) is not the model's {chosen.view}"
+                )
+            view = ImageView.hung(stated.laterality or "L", stated.position, mammogram.view)
+        return chosen, view, QualityResult(True)
 
     # -- ultrasound frames: every frame ----------------------------------------------------------
     def classify(self, frame: np.ndarray) -> FusionDecision:

@@ -244,6 +244,15 @@ def test_without_a_passing_mammogram_the_answer_is_the_ultrasound_only_one(expor
         context.inputs == ()
         and "its view R-MLO is none of the model's (L-CC)" in context.mammograms[0].quality.reason
     )
+    # a header that gives only the side, and the wrong one, is refused too (never read as L-CC)
+    context = classifier.attach(
+        "c2b", [Mammogram(_film("R"), ImageView("R", None, "right"), "r.dcm")]
+    )
+    assert (
+        context.inputs == ()
+        and "its side R (its DICOM header) is not the model's L-CC"
+        in context.mammograms[0].quality.reason
+    )
     # attached, then detached: back to ultrasound alone
     classifier.attach("c3", [Mammogram(_film(), source="cc.png")])
     assert classifier.classify(frames[0]).modalities == ("us", "mg")
