@@ -64,9 +64,10 @@ class OnnxRuntimeBackend:
                 f"{path}: the graph's inputs {graph} disagree with its card {declared}"
             )
         outputs = {o.name for o in self._session.get_outputs()}
-        self.outputs = tuple(
-            o.name for o in self.card.outputs
-        ) if self.fusion is None else tuple(self.fusion.outputs_of(self.fusion.graph, self.card))  # fmt: skip
+        # the outputs run_named returns: the card's, or a fusion graph's own (a branch's embedding)
+        self.outputs: tuple[str, ...] = tuple(o.name for o in self.card.outputs)
+        if self.fusion is not None:
+            self.outputs = tuple(self.fusion.outputs_of(self.fusion.graph, self.card))
         if any(name not in outputs for name in self.outputs):
             raise EdgebcError(
                 f"{path}: the graph's outputs {sorted(outputs)} lack the card's {list(self.outputs)}"
