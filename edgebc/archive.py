@@ -196,12 +196,16 @@ def classify_fusion_case(
         rows.append({"source": item.source, "case": case, "level": level, "error": message})
 
     films = []
-    for item in iter_frames(expand_inputs(mammograms), 1, full_depth=True) if mammograms else ():
-        if item.image is None:
-            failed(item, "mammogram")
-            continue
-        source = item.source if item.frame is None else f"{item.source}#{item.frame}"
-        films.append(Mammogram(item.image, item.view or ImageView(), source))
+    for stated, paths in mammogram_views(mammograms):
+        for item in iter_frames(paths, 1, full_depth=True):
+            if item.image is None:
+                failed(item, "mammogram")
+                continue
+            source = item.source if item.frame is None else f"{item.source}#{item.frame}"
+            header = item.view or ImageView()
+            view = header if stated is None else ImageView.hung(stated.laterality or "L",
+                                                                stated.position, header)  # fmt: skip
+            films.append(Mammogram(item.image, view, source))
     context = classifier.attach(case, films)
     for use in context.mammograms:
         rows.append({"source": use.source, "case": case, "level": "mammogram",
@@ -233,6 +237,24 @@ def classify_fusion_case(
     classes = classifier.card.class_names
     atomic_write_text(out, render_table(rows, out.suffix.lower(), fusion_columns(classes)))
     return sum(1 for d in decisions if d.decision.label is not None), errors
+
+
+def mammogram_views(items: Sequence[str]) -> list[tuple[ImageView | None, list[Path]]]:
+    """`--mammogram` arguments as (stated view, files): `L-CC=cc.png` states the view of the
+    files a path names (a PNG carries none; as a manifest's view column, it wins over a DICOM
+    header's side, whose chest-wall edge is kept); a plain path (or one whose text before `=`
+    is no view) leaves each file's header to say."""
+    out: list[tuple[ImageView | None, list[Path]]] = []
+    for item in items:
+        code, sep, rest = item.partition("=")
+        stated = None
+        if sep:
+            try:
+                stated, item = ImageView.from_code(code.upper()), rest
+            except ValueError:  # no view before "=": a file name holding one
+                stated = None
+        out.append((stated, expand_inputs([item])))
+    return out
 
 
 def _fusion_row(source: str, case: str, level: str, frame: int | None, decision: FusionDecision,

@@ -318,6 +318,15 @@ def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, c
         ("case", "us", "case"),
     ]
     assert rows[0]["p_malignant"] == pytest.approx(_torch_probs(model, frames[:1])[0, 2], abs=1e-5)
+    # a PNG says no view: R-MLO=... states it, and the L-CC model leaves it out saying why
+    cv2.imwrite(str(tmp_path / "film.png"), film)
+    out = tmp_path / "stated.csv"
+    assert main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 "--mammogram", f"R-MLO={tmp_path / 'film.png'}", "--out", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["level"] == "mammogram" and rows[0]["inputs"] == ""
+    assert "its view R-MLO is none of the model's (L-CC)" in rows[0]["quality"]
+    assert rows[-1]["modalities"] == "us"
     # a one-image model (the demo) is no fusion model; INPUTS beside --ultrasound are refused
     capsys.readouterr()
     assert main(["classify", str(DEMO_MODEL), "--ultrasound", str(tmp_path / "still.png"),

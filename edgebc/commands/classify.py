@@ -46,7 +46,7 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
     classify.add_argument("--ultrasound", nargs="+", default=None, metavar="US",
                           help="a fusion model's case: its ultrasound images, cines, videos or folders")  # fmt: skip
     classify.add_argument("--mammogram", nargs="+", default=None, metavar="MG",
-                          help="a fusion model's case: its stored mammogram views (files, folders, DICOM)")  # fmt: skip
+                          help="a fusion model's case: its stored mammogram views (files, folders, DICOM); VIEW=PATH (L-CC=cc.png) states the view of files whose header does not")  # fmt: skip
     classify.add_argument("--case", default=None,
                           help="the case's id in every row of a fusion model's results (default: case)")  # fmt: skip
     classify.add_argument("--config", type=Path, default=None,
