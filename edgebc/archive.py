@@ -1,4 +1,5 @@
-"""`edgebc classify`: files, folders, globs, videos and DICOM in; one CSV or JSON Lines row per frame out.
+"""`edgebc classify`: files, folders, globs, videos and DICOM in; one CSV or JSON Lines row per frame out
+(for a fusion model's case: a row per mammogram, per ultrasound frame and for the case).
 
 Archive work, not live work: every frame of a video or DICOM cine is classified (or every Nth
 with a stride). The classifier is the one `edgebc serve` builds from the same settings (model,
@@ -25,6 +26,7 @@ from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
 from edgebc.decode import ImageView
 from edgebc.errors import EdgebcError
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram
 from edgebc.region import Region, detect_imaging_region
 from edgebc.sources import OpenCVSource, expand_inputs, open_file
 
@@ -35,6 +37,11 @@ class ClassifySettings(ClassifierSettings):
     command line's arguments and flags override the file's keys."""
 
     inputs: tuple[str, ...] = ()
+    # a fusion model's case (edgebc.fusion): its ultrasound images, cines and videos, and its
+    # stored mammogram views, files or folders; `case` names it in every row
+    ultrasound: tuple[str, ...] = ()
+    mammogram: tuple[str, ...] = ()
+    case: str = "case"
     out: str = "runs/results.csv"
     batch: int = 16
     stride: int = 1
@@ -44,8 +51,18 @@ class ClassifySettings(ClassifierSettings):
         super().__post_init__()
         if not self.model:
             raise ValueError("no model: give MODEL on the command line or model: in --config")
-        if not self.inputs:
-            raise ValueError("no inputs: give INPUTS on the command line or inputs: in --config")
+        if self.inputs and (self.ultrasound or self.mammogram):
+            raise ValueError(
+                "give images either as INPUTS (a one-image or multi-view model) or with "
+                "--ultrasound/--mammogram (a fusion model's case), not both"
+            )
+        if not (self.inputs or self.ultrasound or self.mammogram):
+            raise ValueError(
+                "no inputs: give INPUTS (or --ultrasound/--mammogram for a fusion model) on the "
+                "command line, or inputs: in --config"
+            )
+        if not self.case.strip():
+            raise ValueError("case must name the case (a non-empty id)")
         if self.batch < 1 or self.stride < 1:
             raise ValueError(
                 f"batch and stride must be at least 1, got {self.batch} and {self.stride}"
@@ -147,6 +164,119 @@ def classify_inputs(
     flush()
     atomic_write_text(out, render_table(rows, out.suffix.lower(), frame_columns(classes)))
     return sum(1 for r in rows if not r.get("error")), errors
+
+
+def classify_fusion_case(
+    classifier: FusionClassifier,
+    case: str,
+    ultrasound: Sequence[str],
+    mammograms: Sequence[str],
+    out: str | Path,
+    batch_size: int = 16,
+    stride: int = 1,
+    on_error: Callable[[str], None] = lambda _m: None,
+    progress: Callable[[int], None] = lambda _n: None,
+) -> tuple[int, int]:
+    """One case of a fusion model into `out` (.csv or .jsonl): a row per mammogram (the input it
+    fed, or why none), a row per ultrasound frame (every frame of a cine or video, every
+    `stride`-th), then the case's row (the mean of its frames, or its mammograms alone where the
+    model answers without ultrasound); every decided row names the inputs and modalities it
+    used. Returns (frames decided, errors)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".jsonl"):
+        raise EdgebcError(f"{out}: output must end in .csv or .jsonl")
+    rows: list[dict[str, object]] = []
+    errors = 0
+
+    def failed(item: FrameItem, level: str) -> None:
+        nonlocal errors
+        errors += 1
+        message = item.error or "no image"
+        on_error(message if message.startswith(item.source) else f"{item.source}: {message}")
+        rows.append({"source": item.source, "case": case, "level": level, "error": message})
+
+    films = []
+    for stated, paths in mammogram_views(mammograms):
+        for item in iter_frames(paths, 1, full_depth=True):
+            if item.image is None:
+                failed(item, "mammogram")
+                continue
+            source = item.source if item.frame is None else f"{item.source}#{item.frame}"
+            header = item.view or ImageView()
+            view = header if stated is None else ImageView.hung(stated.laterality or "L",
+                                                                stated.position, header)  # fmt: skip
+            films.append(Mammogram(item.image, view, source))
+    context = classifier.attach(case, films)
+    for use in context.mammograms:
+        rows.append({"source": use.source, "case": case, "level": "mammogram",
+                     "inputs": use.input or "", "modalities": "mg" if use.input else "",
+                     "quality": str(use.quality), "pixels_sha256": use.pixels_sha256, "error": ""})  # fmt: skip
+    decisions: list[FusionDecision] = []
+    pending: list[FrameItem] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        decided = classifier.classify_batch([item.image for item in pending])  # type: ignore[misc]
+        for item, decision in zip(pending, decided, strict=True):
+            rows.append(_fusion_row(item.source, case, "frame", item.frame, decision, classifier))
+        decisions.extend(decided)
+        progress(len(pending))
+        pending.clear()
+
+    for item in iter_frames(expand_inputs(ultrasound), stride) if ultrasound else ():
+        if item.image is None:
+            failed(item, "frame")
+            continue
+        pending.append(item)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    whole = classifier.case_decision(decisions) if ultrasound else classifier.classify_mammograms()
+    rows.append(_fusion_row(case, case, "case", None, whole, classifier))
+    classes = classifier.card.class_names
+    atomic_write_text(out, render_table(rows, out.suffix.lower(), fusion_columns(classes)))
+    return sum(1 for d in decisions if d.decision.label is not None), errors
+
+
+def mammogram_views(items: Sequence[str]) -> list[tuple[ImageView | None, list[Path]]]:
+    """`--mammogram` arguments as (stated view, files): `L-CC=cc.png` states the view of the
+    files a path names (a PNG carries none; as a manifest's view column, it wins over a DICOM
+    header's side, whose chest-wall edge is kept); a plain path (or one whose text before `=`
+    is no view) leaves each file's header to say."""
+    out: list[tuple[ImageView | None, list[Path]]] = []
+    for item in items:
+        code, sep, rest = item.partition("=")
+        stated = None
+        if sep:
+            try:
+                stated, item = ImageView.from_code(code.upper()), rest
+            except ValueError:  # no view before "=": a file name holding one
+                stated = None
+        out.append((stated, expand_inputs([item])))
+    return out
+
+
+def _fusion_row(source: str, case: str, level: str, frame: int | None, decision: FusionDecision,
+                classifier: FusionClassifier) -> dict[str, object]:  # fmt: skip
+    fields = decision.decision.to_json()
+    row: dict[str, object] = {
+        "source": source, "case": case, "level": level, "frame": "" if frame is None else frame,
+        "inputs": "+".join(decision.inputs), "modalities": "+".join(decision.modalities),
+        "decision": fields["label"] or "", "quality": str(decision.decision.quality),
+        "positive_probability": rounded(fields["positive_probability"]),
+        "threshold": "" if fields["threshold"] is None else fields["threshold"],
+        "model_sha256": fields["model_sha256"], "error": "",
+    }  # fmt: skip
+    for name in classifier.card.class_names:
+        row[f"p_{name}"] = rounded((fields["probabilities"] or {}).get(name))
+    return row
+
+
+def fusion_columns(classes: Sequence[str]) -> list[str]:
+    return ["source", "case", "level", "frame", "inputs", "modalities", "decision", "quality",
+            *(f"p_{c}" for c in classes), "positive_probability", "threshold", "pixels_sha256",
+            "model_sha256", "error"]  # fmt: skip
 
 
 def _regions_detected(items: Iterator[FrameItem]) -> Iterator[FrameItem]:

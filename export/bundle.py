@@ -1,7 +1,8 @@
 """`edgebc export`: from a checkpoint to every artifact a device runs, each checked against the original.
 
-Writes into one folder: `<name>.onnx` (FP32, card embedded, ONNX Runtime vs PyTorch parity),
-optionally `<name>.fp16.onnx`, `<name>.int8.onnx` (with its parity report and latency evidence),
+Writes into one folder: `<name>.onnx` (FP32, card embedded, ONNX Runtime vs PyTorch parity) — for
+a fusion model (one branch per modality) that is the fusion head, beside one `<name>.<input>.onnx`
+per branch (edgebc.export.fusion_export), each checked alone and end to end —, optionally `<name>.fp16.onnx`, `<name>.int8.onnx` (with its parity report and latency evidence),
 a TensorRT engine with sidecar, a Triton repository; then `export.json` / `export.md` with every
 number, and `MANIFEST.sha256` over the artifacts so a device can refuse a damaged copy.
 """
@@ -46,6 +47,8 @@ class ExportOptions:
 def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if _is_fusion_checkpoint(checkpoint):
+        return _run_fusion_export(checkpoint, options)
     frames = (
         load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
     )
@@ -129,6 +132,44 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     return report
 
 
+def _is_fusion_checkpoint(checkpoint: str | Path) -> bool:
+    from edgebc.fusion_graphs import is_fusion
+    from edgebc.train.checkpoint import load_checkpoint
+
+    return is_fusion(load_checkpoint(checkpoint).card)
+
+
+def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
+    """The branch graphs and the head, their parity, and the manifest over all of them. The
+    other artifacts are not made for fusion models yet, and asking for them is refused rather
+    than answered with a part of the model."""
+    from edgebc.export.fusion_export import export_fusion
+
+    asked = [flag for flag, on in (("--fp16", options.fp16), ("--int8", options.int8),
+             ("--tensorrt", options.tensorrt), ("--triton", options.triton),
+             ("--verify", options.verify_data)) if on]  # fmt: skip
+    if asked:
+        raise EdgebcError(
+            f"{checkpoint}: a fusion model exports as FP32 branch and head graphs only; "
+            f"{', '.join(asked)} not done for fusion models (export without them)"
+        )
+    exported = export_fusion(checkpoint, options.out_dir, options.name, options.opset,
+                             options.max_batch, options.exporter)  # fmt: skip
+    parity = exported.parity
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "card": exported.card.to_dict(),
+        "onnx": {"path": exported.head.name, "graphs": {g: p.name for g, p in exported.files.items()},
+                 "parity_vs_torch": asdict(parity.end_to_end["+".join(exported.layout.order)]),
+                 "fusion_parity_vs_torch": asdict(parity)},
+    }  # fmt: skip
+    out = Path(options.out_dir)
+    atomic_write_text(out / "export.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "export.md", render_markdown(report))
+    write_manifest(out, list(exported.files.values()))
+    return report
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     card = report["card"]
     lines = [
@@ -141,6 +182,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"| {report['onnx']['path']} | ONNX Runtime vs PyTorch, {p['n']} inputs | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
     )
+    fusion = report["onnx"].get("fusion_parity_vs_torch")
+    if fusion:
+        graphs = report["onnx"]["graphs"]
+        for branch, diff in fusion["branches"].items():
+            lines.append(
+                f"| {graphs[branch]} | {branch} branch embedding, ONNX Runtime vs PyTorch | max abs diff {diff:.2e} |"
+            )
+        head = fusion["head"]
+        lines.append(
+            f"| {graphs['head']} | fusion head, every presence pattern | max abs logit diff {head['max_abs_logit_diff']:.2e}, features {fusion['head_features']:.2e} |"
+        )
+        for present, p in fusion["end_to_end"].items():
+            lines.append(
+                f"| all graphs | end to end with {present} present | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
+            )
     if "fp16" in report:
         p = report["fp16"]["parity_vs_fp32"]
         lines.append(

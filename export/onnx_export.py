@@ -19,7 +19,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,7 +106,6 @@ def export_onnx(
 ) -> tuple[Path, ModelCard, ParityResult]:
     """Export `checkpoint` to the ONNX file `out`; returns its path, card and PyTorch parity."""
     torch = require("torch", "ONNX export")
-    onnx = require("onnx", "ONNX export")
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
     from edgebc.train.models.features import card_with_features, model_for_card
 
@@ -126,6 +125,34 @@ def export_onnx(
         model = ViewInputs(model).eval()
         examples = (*examples, torch.ones(2, len(card.inputs)))
         inputs.append(card.presence_input)
+    write_graph(model, examples, inputs, outputs, out, opset, max_batch, exporter,
+                lambda graph: embed_card(graph, card))  # fmt: skip
+    parity = compare_with_torch(model, out, card, verify_frames, tolerance)
+    if not parity.ok:
+        out.unlink()
+        raise EdgebcError(
+            f"{out}: ONNX Runtime and PyTorch disagree by up to {parity.max_abs_logit_diff:.3g} in the logits "
+            f"(tolerance {tolerance:g}); export refused"
+        )
+    return out, card, parity
+
+
+def write_graph(
+    model: Any,
+    examples: tuple[Any, ...],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    out: Path,
+    opset: int,
+    max_batch: int,
+    exporter: str,
+    describe: Callable[[Any], None],
+) -> None:
+    """Export `model` on `examples` to the checked ONNX file `out`, its inputs and outputs named
+    as given (dynamic batch), `describe` adding the metadata (the card) before the check."""
+    torch = require("torch", "ONNX export")
+    onnx = require("onnx", "ONNX export")
+    inputs, outputs = list(inputs), list(outputs)
     with tempfile.TemporaryDirectory() as scratch, _without_torchs_own_noise():
         raw = Path(scratch) / "raw.onnx"
         if exporter == "dynamo":
@@ -151,17 +178,9 @@ def export_onnx(
     _rename_io(graph, inputs, outputs)
     _separate_outputs(graph)
     _drop_stack_traces(graph)
-    embed_card(graph, card)
+    describe(graph)
     onnx.checker.check_model(graph, full_check=True)
     atomic_write_bytes(out, graph.SerializeToString())
-    parity = compare_with_torch(model, out, card, verify_frames, tolerance)
-    if not parity.ok:
-        out.unlink()
-        raise EdgebcError(
-            f"{out}: ONNX Runtime and PyTorch disagree by up to {parity.max_abs_logit_diff:.3g} in the logits "
-            f"(tolerance {tolerance:g}); export refused"
-        )
-    return out, card, parity
 
 
 def export_fp16(

@@ -1,6 +1,8 @@
 """ONNX Runtime backend: provider choice, thread settings, warm-up, integrity and shape checks,
 and the card a release gives the model (edgebc.release). A multi-view model's presence input
-(edgebc.cases) is fed beside its views and checked like them."""
+(edgebc.cases) is fed beside its views and checked like them. A graph of an exported fusion model
+(edgebc.fusion_graphs: a branch, or the fusion head) takes and gives what its layout says: a
+branch its input's image batch and its embedding, the head the embeddings and their presence."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from edgebc.backends import validate_batch, validate_feeds
+from edgebc.backends import validate_batch, validate_feeds, validate_input
 from edgebc.cases import validate_presence
 from edgebc.errors import EdgebcError
+from edgebc.fusion_graphs import HEAD, FusionLayout, layout_from_metadata
 from edgebc.integrity import sha256_file, verify_artifact
+from edgebc.model_card import ModelCard
 from edgebc.release import card_for_model
 
 
@@ -51,27 +55,41 @@ class OnnxRuntimeBackend:
             )
         except Exception as exc:
             raise EdgebcError(f"{path}: ONNX Runtime could not load the model: {exc}") from exc
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        self.fusion: FusionLayout | None = layout_from_metadata(metadata, str(path))
         graph = [(i.name, tuple(i.shape[1:])) for i in self._session.get_inputs()]
-        declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in self.card.inputs]
-        presence = self.card.presence_input
-        if presence is not None:
-            declared.append((presence, (len(self.card.inputs),)))
+        declared = self._declared_inputs()
         if graph != declared:
             raise EdgebcError(
                 f"{path}: the graph's inputs {graph} disagree with its card {declared}"
             )
         outputs = {o.name for o in self._session.get_outputs()}
-        if any(o.name not in outputs for o in self.card.outputs):
+        # the outputs run_named returns: the card's, or a fusion graph's own (a branch's embedding)
+        self.outputs: tuple[str, ...] = tuple(o.name for o in self.card.outputs)
+        if self.fusion is not None:
+            self.outputs = tuple(self.fusion.outputs_of(self.fusion.graph, self.card))
+        if any(name not in outputs for name in self.outputs):
             raise EdgebcError(
-                f"{path}: the graph's outputs {sorted(outputs)} lack the card's "
-                f"{[o.name for o in self.card.outputs]}"
+                f"{path}: the graph's outputs {sorted(outputs)} lack the card's {list(self.outputs)}"
             )
         self.name = f"onnxruntime:{self._session.get_providers()[0]}"
-        zeros = {i.name: np.zeros((1, *i.shape), np.float32) for i in self.card.inputs}
-        if presence is not None:
-            zeros[presence] = np.ones((1, len(self.card.inputs)), np.float32)
+        zeros = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
+        if self.card.presence_input is not None:
+            zeros[self.card.presence_input] = np.ones((1, len(self.card.inputs)), np.float32)
+        if self.fusion is not None and self.fusion.graph == HEAD:
+            zeros[self.fusion.presence] = np.ones((1, len(self.fusion.order)), np.float32)
         for _ in range(warmup):
             self.run_named(zeros)
+
+    def _declared_inputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape without the batch) of every input the card (or fusion layout) declares."""
+        if self.fusion is not None:
+            self.fusion.check_card(self.card)
+            return self.fusion.inputs_of(self.fusion.graph, self.card)
+        declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in self.card.inputs]
+        if self.card.presence_input is not None:
+            declared.append((self.card.presence_input, (len(self.card.inputs),)))
+        return declared
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self._session is None:
@@ -82,6 +100,8 @@ class OnnxRuntimeBackend:
     def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise EdgebcError("this backend was closed")
+        if self.fusion is not None:
+            return self._run_fusion_graph(self._session, self.fusion, feeds)
         names = [o.name for o in self.card.outputs]
         presence = self.card.presence_input
         images = {k: v for k, v in feeds.items() if k != presence}
@@ -100,5 +120,69 @@ class OnnxRuntimeBackend:
         values = self._session.run(names, checked)
         return {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
 
+    def _run_fusion_graph(
+        self,
+        session: onnxruntime.InferenceSession,
+        layout: FusionLayout,
+        feeds: Mapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """A fusion branch or head, every input checked against the layout's shapes."""
+        declared = layout.inputs_of(layout.graph, self.card)
+        names = [name for name, _ in declared]
+        if sorted(feeds) != sorted(names):
+            raise ValueError(
+                f"the {layout.graph} graph of fusion model {self.card.name} takes "
+                f"{', '.join(names)}; got {', '.join(sorted(feeds)) or 'nothing'}"
+            )
+        checked = {}
+        for name, shape in declared:
+            if layout.graph != HEAD:
+                model_input = next(i for i in self.card.inputs if i.name == name)
+                checked[name] = validate_input(feeds[name], model_input, self.card.max_batch)
+            else:
+                checked[name] = validate_vectors(feeds[name], name, shape, self.card.max_batch)
+        if len({len(v) for v in checked.values()}) != 1:
+            raise ValueError(
+                f"every input needs the same batch size, got { {n: len(v) for n, v in checked.items()} }"
+            )
+        if layout.graph == HEAD:
+            validate_fusion_presence(checked[layout.presence], layout, self.card)
+        values = session.run(list(self.outputs), checked)
+        return {n: np.asarray(v, np.float32) for n, v in zip(self.outputs, values, strict=True)}
+
     def close(self) -> None:
         self._session = None
+
+
+def validate_vectors(
+    batch: object, name: str, shape: tuple[int, ...], max_batch: int
+) -> np.ndarray:
+    """A float32 (N, *shape) batch of finite values, or a ValueError saying what is wrong."""
+    if not isinstance(batch, np.ndarray):
+        raise ValueError(f"expected {name} as a numpy array, got {type(batch).__name__}")
+    if batch.ndim != 1 + len(shape) or tuple(batch.shape[1:]) != shape:
+        raise ValueError(
+            f"expected {name} of shape (N, {', '.join(map(str, shape))}), got {batch.shape}"
+        )
+    if not 1 <= batch.shape[0] <= max_batch:
+        raise ValueError(f"batch size must be 1..{max_batch}, got {batch.shape[0]}")
+    if batch.dtype != np.float32:
+        raise ValueError(f"expected {name} as float32, got {batch.dtype}")
+    if not np.all(np.isfinite(batch)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return np.ascontiguousarray(batch)
+
+
+def validate_fusion_presence(present: np.ndarray, layout: FusionLayout, card: ModelCard) -> None:
+    """0/1 only, at least one branch per row, and every input the card requires present."""
+    if not np.isin(present, (0.0, 1.0)).all():
+        raise ValueError(f"{layout.presence} holds 1 (present) or 0 (absent) only")
+    if (present.sum(axis=1) < 1).any():
+        raise ValueError(f"every row needs at least one input present in {layout.presence}")
+    optional = {i.name: i.optional for i in card.inputs}
+    for column, name in enumerate(layout.order):
+        if not optional[name] and (present[:, column] == 0).any():
+            raise ValueError(
+                f"model {card.name} requires its input {name} (not optional in the card); "
+                f"{layout.presence} marks it absent"
+            )

@@ -1,5 +1,6 @@
 """`edgebc classify`: exported model over files, folders, videos and DICOM; a multi-view
-mammography model over the cases of manifests."""
+mammography model over the cases of manifests; a fusion model over a case's ultrasound and
+mammograms."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
         "manifests (.csv with path, patient_id and view columns, as `edgebc synth` and `edgebc data "
         "audit` write them); each breast (a patient's views of one side) gets a row per view, the "
         "model on that view alone, and a row for the case, the model on all its views that pass "
-        "the gate. Unreadable inputs are reported and skipped; the exit "
+        "the gate. A mammogram + ultrasound fusion model classifies one case: --ultrasound US... "
+        "--mammogram MG... (files, folders, DICOM; --case names it); the mammograms pass the "
+        "mammography gate and are embedded once, each ultrasound frame (every frame of a cine) is "
+        "fused with them, and the case is the mean of its frames; a row per mammogram, per frame and "
+        "for the case says which inputs and modalities it used (ultrasound alone where no "
+        "mammogram passed). Unreadable inputs are reported and skipped; the exit "
         "status is 1 when any failed.",
         formatter_class=HelpFormatter,
     )
@@ -37,6 +43,12 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
                           help="exported model: .onnx or .engine (or model: in --config)")  # fmt: skip
     classify.add_argument("inputs", nargs="*",
                           help="image files, folders, glob patterns, videos, DICOM files (or inputs: in --config)")  # fmt: skip
+    classify.add_argument("--ultrasound", nargs="+", default=None, metavar="US",
+                          help="a fusion model's case: its ultrasound images, cines, videos or folders")  # fmt: skip
+    classify.add_argument("--mammogram", nargs="+", default=None, metavar="MG",
+                          help="a fusion model's case: its stored mammogram views (files, folders, DICOM); VIEW=PATH (L-CC=cc.png) states the view of files whose header does not")  # fmt: skip
+    classify.add_argument("--case", default=None,
+                          help="the case's id in every row of a fusion model's results (default: case)")  # fmt: skip
     classify.add_argument("--config", type=Path, default=None,
                           help="YAML archive job (deploy/configs/archive-batch.yaml); arguments and flags override it")  # fmt: skip
     classify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +94,9 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
     given = {"model": args.model, "inputs": tuple(args.inputs) or None, "out": args.out,
              "region": region, "auto_region": args.auto_region, "threshold": args.threshold, "threads": args.threads,
              "providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
-             "batch": args.batch, "stride": args.stride}  # fmt: skip
+             "batch": args.batch, "stride": args.stride, "case": args.case,
+             "ultrasound": tuple(args.ultrasound) if args.ultrasound else None,
+             "mammogram": tuple(args.mammogram) if args.mammogram else None}  # fmt: skip
     overrides = [
         *args.overrides,
         *(f"{k}={json.dumps(v)}" for k, v in given.items() if v is not None),
@@ -90,16 +104,39 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
     return load_config(ClassifySettings, args.config, overrides, flags="the command line")
 
 
+FUSION_HINT = (
+    "a mammogram + ultrasound fusion model classifies a case: give its images with "
+    "--ultrasound US... and --mammogram MG..."
+)
+
+
+def _is_fusion_graph(path: Path) -> bool:
+    from edgebc.fusion_graphs import read_layout
+
+    try:
+        return read_layout(path) is not None
+    except Exception:  # not a loadable ONNX file: the original error says what is wrong
+        return False
+
+
 def run_classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgebc.archive import classify_inputs
     from edgebc.classifier_settings import build_classifier
+    from edgebc.errors import EdgebcError
 
     settings = classify_settings(args)
+    if settings.ultrasound or settings.mammogram:
+        return _classify_fusion(settings)
     if all(Path(i).suffix.lower() == ".csv" for i in settings.inputs):
         return _classify_cases(settings)
-    classifier = build_classifier(settings)
+    try:
+        classifier = build_classifier(settings)
+    except EdgebcError as exc:
+        if _is_fusion_graph(settings.model_path):
+            raise EdgebcError(f"{settings.model}: {FUSION_HINT}") from exc
+        raise
     out = Path(settings.out)
     with tqdm(desc="classify", unit="frame", disable=None) as bar:
         written, errors = classify_inputs(classifier, settings.inputs, out, settings.batch, settings.stride,
@@ -129,6 +166,8 @@ def _classify_cases(settings: ClassifySettings) -> int:
     backend = open_backend(
         settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
     )
+    if getattr(backend, "fusion", None) is not None:
+        raise EdgebcError(f"{settings.model}: {FUSION_HINT}")
     if backend.card.presence_input is None:
         raise EdgebcError(
             f"{settings.model}: takes one image, not cases; manifests (.csv) are for multi-view "
@@ -147,5 +186,34 @@ def _classify_cases(settings: ClassifySettings) -> int:
     print(
         f"wrote {out}: {decided} cases decided ({views} view rows) with {backend.name}, "
         f"{errors} inputs unreadable; shift check off (it covers one-input models)"
+    )
+    return 1 if errors else 0
+
+
+def _classify_fusion(settings: ClassifySettings) -> int:
+    """--ultrasound/--mammogram: one case of a fusion model, a row per mammogram, frame and case."""
+    from tqdm import tqdm
+
+    from edgebc.archive import classify_fusion_case
+    from edgebc.fusion import FusionClassifier
+
+    if settings.region or settings.auto_region:
+        raise ValueError("--region and --auto-region are not done for fusion models yet")
+    classifier = FusionClassifier.open(
+        settings.model_path, settings.quality, settings.mammography_quality, settings.threshold,
+        settings.providers, settings.threads, settings.spin_wait,
+    )  # fmt: skip
+    out = Path(settings.out)
+    with tqdm(desc="classify", unit="frame", disable=None) as bar:
+        decided, errors = classify_fusion_case(
+            classifier, settings.case, settings.ultrasound, settings.mammogram, out,
+            settings.batch, settings.stride,
+            on_error=lambda m: print(f"edgebc: error: {m}", file=sys.stderr), progress=bar.update,
+        )  # fmt: skip
+    context = classifier.context
+    used = ", ".join(context.inputs) if context and context.inputs else "none"
+    print(
+        f"wrote {out}: case {settings.case}, {decided} ultrasound frames decided, mammogram "
+        f"inputs used: {used}, {errors} inputs unreadable; shift check off (fusion models)"
     )
     return 1 if errors else 0

@@ -1,0 +1,406 @@
+"""Mammogram + ultrasound fusion on the device: a case's mammogram embedded once, each frame fused.
+
+A fusion model is exported as one graph per branch and one for the fusion head
+(edgebc.fusion_graphs). `FusionClassifier.attach(case, mammograms)` takes a case's stored
+mammogram views once: each through the mammography gate and its input's preprocessing from the
+card (full depth, breast crop, laterality by its view), then its branch, and keeps the
+embeddings for the case. Each ultrasound frame then costs the ultrasound gate, the ultrasound
+branch and the small head, fed the kept embeddings. With no mammogram attached, or none that
+passed its gate, the head is told so through its presence input and answers from ultrasound
+alone, as the model was trained to; every decision names the inputs and modalities it used, and
+the one decision rule (edgebc.decision) decides it at the card's threshold or a site's.
+
+The fused decision is not checked for distribution shift (the check covers one-input models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebc.backends import Backend, open_backend
+from edgebc.breast import BreastRefusal
+from edgebc.classifier import Decision
+from edgebc.decision import DecisionRule
+from edgebc.decode import ImageView
+from edgebc.demo import is_demo_card
+from edgebc.errors import EdgebcError
+from edgebc.fusion_graphs import HEAD, FusionLayout, embedding_name, is_fusion
+from edgebc.metrics import softmax
+from edgebc.model_card import ModelInput
+from edgebc.preprocess import preprocess_chw, to_channels, validated_image
+from edgebc.quality import MammographyGate, QualityGate, QualityResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Mammogram:
+    """One stored mammogram view: pixels at full depth, what is known of its view (a DICOM
+    header's), and where it came from."""
+
+    image: np.ndarray
+    view: ImageView = field(default_factory=ImageView)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class MammogramUse:
+    """What became of one mammogram given for a case: the input it fed (None when it fed none),
+    its gate's verdict (or why it was left out) and the sha256 of its pixels (never the pixels)."""
+
+    source: str
+    input: str | None
+    quality: QualityResult
+    pixels_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "input": self.input, "pixels_sha256": self.pixels_sha256,
+                "quality": "ok" if self.quality.ok else "no decision", "reason": self.quality.reason}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MammogramContext:
+    """A case's mammograms as the device keeps them: one embedding per input that passed."""
+
+    case: str
+    embeddings: Mapping[str, np.ndarray]  # input name -> (width,) float32
+    mammograms: tuple[MammogramUse, ...]
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.embeddings)
+
+
+@dataclass(frozen=True)
+class FusionDecision:
+    """A decision and the inputs it rests on: `inputs` the card inputs fed (present in the head's
+    mask), `modalities` theirs (`us`, `mg`); empty when there is no decision."""
+
+    decision: Decision
+    case: str | None
+    inputs: tuple[str, ...]
+    modalities: tuple[str, ...]
+    mammograms: tuple[MammogramUse, ...] = ()
+    graphs_sha256: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.decision.to_json(), "case": self.case, "inputs_used": list(self.inputs),
+                "modalities": list(self.modalities),
+                "mammograms": [m.to_json() for m in self.mammograms],
+                "graphs_sha256": dict(self.graphs_sha256)}  # fmt: skip
+
+
+def pixels_sha256(image: np.ndarray) -> str:
+    """A mammogram's identity for the record: its dtype, shape and pixels hashed."""
+    digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def view_code(view: ImageView) -> str | None:
+    """`L-CC` from a view whose side and position are known, else None."""
+    if view.laterality is None or view.position is None:
+        return None
+    return f"{view.laterality}-{view.position}"
+
+
+def open_fusion_graphs(
+    path: str | Path,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int = 0,
+    spin_wait: bool = True,
+) -> dict[str, Backend]:
+    """Every graph of the exported fusion model that `path` (any of its graphs) belongs to, by
+    graph name, each verified against MANIFEST.sha256; graphs of different exports are refused."""
+    path = Path(path)
+    first = open_backend(path, providers, threads, spin_wait=spin_wait)
+    layout: FusionLayout | None = getattr(first, "fusion", None)
+    if layout is None:
+        first.close()
+        raise EdgebcError(
+            f"{path}: not a graph of an exported fusion model (its card has "
+            f"{len(first.card.inputs)} input(s) and no fusion layout); export a fusion checkpoint "
+            "with `edgebc export`"
+        )
+    graphs: dict[str, Backend] = {}
+    for graph, file in layout.files.items():
+        sibling = path.parent / file
+        backend = first if graph == layout.graph else open_backend(sibling, providers, threads,
+                                                                    spin_wait=spin_wait)  # fmt: skip
+        other: FusionLayout | None = getattr(backend, "fusion", None)
+        same = (
+            other is not None
+            and other.for_graph(graph) == layout.for_graph(graph)
+            and backend.card.weights_sha256 == first.card.weights_sha256
+            and backend.card.exported == first.card.exported
+        )
+        if not same:
+            raise EdgebcError(
+                f"{sibling}: is not the {graph} graph of the same export as {path} (another "
+                "export's file, or renamed); copy the export folder whole"
+            )
+        graphs[graph] = backend
+    return graphs
+
+
+class FusionClassifier:
+    """A fusion model's graphs with the gates around them: `attach(case, mammograms)` once per
+    case, then `classify(frame)` per ultrasound frame."""
+
+    def __init__(
+        self,
+        graphs: Mapping[str, Backend],
+        gate: QualityGate | None = None,
+        mammography_gate: MammographyGate | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        head = graphs[HEAD]
+        layout: FusionLayout | None = getattr(head, "fusion", None)
+        if layout is None or not is_fusion(head.card):
+            raise EdgebcError(f"model {head.card.name} is not an exported fusion model")
+        self.graphs, self.layout, self.card = dict(graphs), layout, head.card
+        self.rule = DecisionRule.of(self.card, threshold)
+        self.threshold = self.rule.threshold
+        self.gate = gate or QualityGate()
+        self.mammography_gate = mammography_gate or MammographyGate()
+        self.demo = is_demo_card(self.card.lineage)
+        frame_inputs = [i for i in self.card.inputs if i.changes == "frame"]
+        if len(frame_inputs) != 1 or frame_inputs[0].modality != "us":
+            raise EdgebcError(
+                f"model {self.card.name}: the device fuses one ultrasound input per frame with "
+                f"mammograms per case; its per-frame inputs are "
+                f"{[(i.name, i.modality) for i in frame_inputs]}"
+            )
+        self.ultrasound: ModelInput = frame_inputs[0]
+        self.mammography = [i for i in self.card.inputs if i.modality == "mg"]
+        if len(self.mammography) + 1 != len(self.card.inputs):
+            raise EdgebcError(
+                f"model {self.card.name}: every input but the ultrasound one must be a mammogram"
+            )
+        self.graphs_sha256 = {g: b.model_sha256 for g, b in self.graphs.items()}
+        self.context: MammogramContext | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        gate: QualityGate | None = None,
+        mammography_gate: MammographyGate | None = None,
+        threshold: float | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int = 0,
+        spin_wait: bool = True,
+    ) -> FusionClassifier:
+        graphs = open_fusion_graphs(path, providers, threads, spin_wait)
+        return cls(graphs, gate, mammography_gate, threshold)
+
+    # -- the case's mammograms: once per case ---------------------------------------------------
+    def attach(self, case: str, mammograms: Sequence[Mammogram]) -> MammogramContext:
+        """Gate, preprocess and embed a case's mammograms (each branch runs once) and keep them
+        for the frames that follow; replaces what was attached before."""
+        clock = time.perf_counter
+        start = clock()
+        uses: list[MammogramUse] = []
+        tensors: dict[str, np.ndarray] = {}
+        for mammogram in mammograms:
+            image = validated_image(mammogram.image)
+            digest = pixels_sha256(image)
+            model_input, view, refusal = self._input_for(mammogram, tensors, uses)
+            if model_input is None:
+                uses.append(MammogramUse(mammogram.source, None, refusal, digest))
+                continue
+            grey = to_channels(image, 1)
+            verdict = self.mammography_gate.check(image, grey)
+            if verdict.ok:
+                try:
+                    tensors[model_input.name] = preprocess_chw(
+                        grey if model_input.preprocess.channels == 1 else image,
+                        model_input.preprocess, view=view,
+                    )  # fmt: skip
+                except BreastRefusal as exc:
+                    verdict = QualityResult(False, str(exc), exc.check)
+            uses.append(MammogramUse(mammogram.source, model_input.name if verdict.ok else None,
+                                     verdict, digest))  # fmt: skip
+        prepared = clock()
+        embeddings = {
+            name: self.graphs[name].run_named({name: tensor[np.newaxis]})[embedding_name(name)][0]
+            for name, tensor in tensors.items()
+        }
+        done = clock()
+        timings = {"mammogram_preprocess": (prepared - start) * 1e3,
+                   "mammogram_branch": (done - prepared) * 1e3}  # fmt: skip
+        self.context = MammogramContext(case, embeddings, tuple(uses), timings)
+        log.info("case %s: mammograms attached for %s (%d given)", case,
+                 ", ".join(embeddings) or "none", len(mammograms))  # fmt: skip
+        return self.context
+
+    def detach(self) -> None:
+        """The case ended: the next frames are fused with no mammogram."""
+        self.context = None
+
+    def _input_for(
+        self, mammogram: Mammogram, taken: Mapping[str, np.ndarray], uses: Sequence[MammogramUse]
+    ) -> tuple[ModelInput | None, ImageView, QualityResult]:
+        """The mammography input this mammogram feeds and the view it is read with: a known view
+        (side and projection) feeds the input of that view, or one without a view; an unknown one
+        feeds the model's only mammography input, read as that input's view where it names one
+        (the side a header gives must agree). Otherwise None and why."""
+        code = view_code(mammogram.view)
+        fed = set(taken) | {u.input for u in uses if u.input}
+        views = ", ".join(str(i.view) for i in self.mammography)
+
+        def refused(reason: str) -> tuple[None, ImageView, QualityResult]:
+            return None, mammogram.view, QualityResult(False, reason, "view")
+
+        if code is None and len(self.mammography) > 1:
+            return refused(f"its view is not known (no DICOM header says it); the model takes "
+                           f"the views {views}")  # fmt: skip
+        exact = [i for i in self.mammography if code is not None and i.view == code]
+        matching = exact or [i for i in self.mammography if i.view is None or code is None]
+        if not matching:
+            return refused(f"its view {code} is none of the model's ({views})")
+        free = [i for i in matching if i.name not in fed]
+        if not free:
+            return refused(f"a second mammogram for input {matching[0].name}: a case takes one "
+                           "image per view")  # fmt: skip
+        chosen, view = free[0], mammogram.view
+        if code is None and chosen.view:
+            stated = ImageView.from_code(chosen.view)
+            side = mammogram.view.laterality
+            if side is not None and side != stated.laterality:
+                return refused(
+                    f"its side {side} (its DICOM header) is not the model's {chosen.view}"
+                )
+            view = ImageView.hung(stated.laterality or "L", stated.position, mammogram.view)
+        return chosen, view, QualityResult(True)
+
+    # -- ultrasound frames: every frame ----------------------------------------------------------
+    def classify(self, frame: np.ndarray) -> FusionDecision:
+        return self.classify_batch([frame])[0]
+
+    def classify_batch(self, frames: Sequence[np.ndarray]) -> list[FusionDecision]:
+        """Each frame through the ultrasound gate, branch and head, with the attached mammograms'
+        embeddings (or none); frames failing the gate get no decision and are not run."""
+        clock = time.perf_counter
+        start = clock()
+        images = [validated_image(f) for f in frames]
+        greys = [to_channels(f, 1) for f in images]
+        verdicts = [self.gate.check(f, g) for f, g in zip(images, greys, strict=True)]
+        gated = clock()
+        prep = self.ultrasound.preprocess
+        passing = [k for k, v in enumerate(verdicts) if v.ok]
+        tensors = [preprocess_chw(greys[k] if prep.channels == 1 else images[k], prep)
+                   for k in passing]  # fmt: skip
+        preprocessed = clock()
+        name = self.ultrasound.name
+        embedded: list[np.ndarray] = []
+        for chunk in range(0, len(tensors), self.card.max_batch):
+            batch = np.stack(tensors[chunk : chunk + self.card.max_batch])
+            embedded.append(self.graphs[name].run_named({name: batch})[embedding_name(name)])
+        branch = clock()
+        probs = self._fused(np.concatenate(embedded)) if embedded else np.empty((0, 0))
+        fused = clock()
+        used = (name, *(self.context.inputs if self.context else ()))
+        modalities = self._modalities(used)
+        decisions = []
+        row = {k: r for r, k in enumerate(passing)}
+        for k, verdict in enumerate(verdicts):
+            if not verdict.ok:
+                decided = self._decision(None, verdict)
+                decisions.append(self._result(decided, (), ()))
+                continue
+            decisions.append(self._result(self._decision(probs[row[k]], verdict), used, modalities))
+        done = clock()
+        per_frame = 1000.0 / max(1, len(frames))
+        timings = {"quality": (gated - start) * per_frame,
+                   "preprocess": (preprocessed - gated) * per_frame,
+                   "ultrasound_branch": (branch - preprocessed) * per_frame,
+                   "head": (fused - branch) * per_frame, "postprocess": (done - fused) * per_frame}  # fmt: skip
+        return [
+            replace(d, decision=replace(d.decision, timings_ms=dict(timings))) for d in decisions
+        ]
+
+    def classify_mammograms(self) -> FusionDecision:
+        """The case from its attached mammograms alone, for a model whose ultrasound input is
+        optional (no frame at hand); refused plainly where the card requires ultrasound."""
+        if not self.ultrasound.optional:
+            raise EdgebcError(
+                f"model {self.card.name} requires its ultrasound input {self.ultrasound.name}; "
+                "it does not answer from mammograms alone"
+            )
+        context = self.context
+        if context is None or not context.embeddings:
+            refused = QualityResult(False, "no mammogram of the case passed its gate", "case")
+            return self._result(self._decision(None, refused), (), ())
+        probs = self._fused(None)
+        return self._result(self._decision(probs[0], QualityResult(True)), context.inputs,
+                            self._modalities(context.inputs))  # fmt: skip
+
+    def case_decision(self, frames: Sequence[FusionDecision]) -> FusionDecision:
+        """The case from its frames' decisions: the mean of the decided frames' probabilities,
+        decided by the rule, over the inputs any of them used; no decision without one."""
+        decided = [f for f in frames if f.decision.probabilities is not None]
+        if not decided:
+            refused = QualityResult(
+                False, "no ultrasound frame of the case passed its gate", "case"
+            )
+            return self._result(self._decision(None, refused), (), ())
+        mean = np.mean([list(f.decision.probabilities.values()) for f in decided], axis=0)  # type: ignore[union-attr]
+        inputs = tuple(dict.fromkeys(n for f in decided for n in f.inputs))
+        return self._result(self._decision(mean, QualityResult(True)), inputs,
+                            self._modalities(inputs))  # fmt: skip
+
+    def _fused(self, ultrasound: np.ndarray | None) -> np.ndarray:
+        """Calibrated probabilities of the head for a batch of ultrasound embeddings (None: one
+        row without ultrasound), with the attached mammograms' embeddings or their absence."""
+        rows = 1 if ultrasound is None else len(ultrasound)
+        kept = self.context.embeddings if self.context else {}
+        feeds: dict[str, np.ndarray] = {}
+        present = np.zeros((rows, len(self.layout.order)), np.float32)
+        for column, name in enumerate(self.layout.order):
+            if name == self.ultrasound.name and ultrasound is not None:
+                feeds[embedding_name(name)] = ultrasound.astype(np.float32, copy=False)
+            elif name in kept:
+                feeds[embedding_name(name)] = np.tile(kept[name], (rows, 1))
+            else:  # absent: zeros, marked 0 (the head ignores it)
+                feeds[embedding_name(name)] = np.zeros((rows, self.layout.width), np.float32)
+                continue
+            present[:, column] = 1.0
+        feeds[self.layout.presence] = present
+        outputs: list[np.ndarray] = []
+        for chunk in range(0, rows, self.card.max_batch):
+            part = {k: v[chunk : chunk + self.card.max_batch] for k, v in feeds.items()}
+            outputs.append(self.graphs[HEAD].run_named(part)[self.card.output_name])
+        return softmax(np.concatenate(outputs), self.card.temperature)
+
+    def _modalities(self, inputs: Sequence[str]) -> tuple[str, ...]:
+        of = {i.name: i.modality for i in self.card.inputs}
+        return tuple(dict.fromkeys(of[n] for n in inputs))
+
+    def _decision(self, p: np.ndarray | None, quality: QualityResult) -> Decision:
+        sha = self.graphs_sha256[HEAD]
+        if p is None:
+            return Decision(None, None, None, self.threshold, quality, sha, demo=self.demo)
+        named = dict(zip(self.card.class_names, map(float, p), strict=True))
+        return Decision(self.rule.decide(p), named, float(p[self.rule.positive]), self.threshold,
+                        quality, sha, demo=self.demo)  # fmt: skip
+
+    def _result(self, decision: Decision, inputs: Sequence[str],
+                modalities: Sequence[str]) -> FusionDecision:  # fmt: skip
+        context = self.context
+        return FusionDecision(decision, context.case if context else None, tuple(inputs),
+                              tuple(modalities), context.mammograms if context else (),
+                              self.graphs_sha256)  # fmt: skip
+
+    def close(self) -> None:
+        for backend in self.graphs.values():
+            backend.close()

@@ -1,0 +1,215 @@
+"""A fusion checkpoint -> one ONNX graph per branch and one for the fusion head, each proven to
+agree with PyTorch alone and end to end with each modality absent in turn.
+
+Separate graphs rather than one graph with a presence input: a stored mammogram does not change
+during a case, so the device computes its embedding once (the costly backbone) and then runs only
+the ultrasound branch and the small head per frame; one whole graph would run every backbone on
+every frame, or need the embedding as an input anyway. An absent input is no tensor of zeros run
+through a backbone but a zero embedding marked 0 in the head's presence input, which the model's
+`head` ignores (train/models/fusion.py). The layout is edgebc.fusion_graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebc.errors import EdgebcError
+from edgebc.export.onnx_export import (
+    DEFAULT_OPSET,
+    ParityResult,
+    card_for_export,
+    embed_card,
+    parity_of,
+    presence_patterns,
+    run_onnx,
+    verification_feeds,
+    write_graph,
+)
+from edgebc.fusion_graphs import (
+    FUSION_KEY,
+    HEAD,
+    FusionLayout,
+    embedding_name,
+    is_fusion,
+)
+from edgebc.model_card import ModelCard
+from edgebc.optional import require
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FusionParity:
+    """ONNX Runtime against PyTorch: each branch's embedding, the head on the torch embeddings
+    under every presence pattern, and the whole path (ONNX branches into the ONNX head) with
+    every modality present and with each one alone (the others absent), by pattern name."""
+
+    branches: dict[str, float]  # largest absolute embedding difference per branch
+    head: ParityResult
+    head_features: float  # largest absolute difference of the fused features
+    end_to_end: dict[str, ParityResult]  # "us+mg_cc", "us", "mg_cc": the inputs present
+    tolerance: float
+
+    @property
+    def worst(self) -> float:
+        return max([*self.branches.values(), self.head.max_abs_logit_diff, self.head_features,
+                    *(p.max_abs_logit_diff for p in self.end_to_end.values())])  # fmt: skip
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= self.tolerance
+
+
+@dataclass(frozen=True)
+class FusionExport:
+    head: Path  # the file to name as the model (`edgebc classify MODEL`); its siblings beside it
+    files: dict[str, Path]  # graph name (input name, or "head") -> file
+    card: ModelCard
+    layout: FusionLayout
+    parity: FusionParity
+
+
+def fusion_files(name: str, order: list[str]) -> dict[str, str]:
+    return {**{n: f"{name}.{n}.onnx" for n in order}, HEAD: f"{name}.onnx"}
+
+
+def export_fusion(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    name: str = "model",
+    opset: int = DEFAULT_OPSET,
+    max_batch: int = 64,
+    exporter: str = "dynamo",
+    tolerance: float = 1e-3,
+) -> FusionExport:
+    """Export a fusion checkpoint as its branch graphs and head graph into `out_dir`."""
+    torch = require("torch", "ONNX export")
+    from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    if not is_fusion(loaded.card):
+        raise EdgebcError(
+            f"{checkpoint}: not a fusion model (one branch per input); use export_onnx"
+        )
+    model = model_from_checkpoint(loaded)
+    order = list(model.order)
+    card = card_for_export(loaded.card, name, max_batch, str(checkpoint))
+    with torch.inference_mode():
+        probe = [model.embed(i.name, torch.zeros(1, *i.shape)) for i in card.inputs]
+    width = int(probe[0].shape[1])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = FusionLayout(tuple(order), fusion_files(name, order), width, HEAD)
+    layout.check_card(card)
+    modules = _graph_modules(model)
+    files: dict[str, Path] = {}
+    for graph in [*order, HEAD]:
+        path = out / layout.files[graph]
+        inputs = [n for n, _ in layout.inputs_of(graph, card)]
+        examples = tuple(torch.zeros(2, *shape) for _, shape in layout.inputs_of(graph, card))
+        if graph == HEAD:
+            examples = (*examples[:-1], torch.ones(2, len(order)))
+        write_graph(modules[graph], examples, inputs, layout.outputs_of(graph, card), path, opset,
+                    max_batch, exporter, _describe(card, layout.for_graph(graph)))  # fmt: skip
+        files[graph] = path
+    parity = compare_fusion_with_torch(model, card, layout, files, tolerance)
+    if not parity.ok:
+        for path in files.values():
+            path.unlink()
+        raise EdgebcError(
+            f"{out}: ONNX Runtime and PyTorch disagree by up to {parity.worst:.3g} in a fusion "
+            f"graph (tolerance {tolerance:g}); export refused"
+        )
+    return FusionExport(files[HEAD], files, card, layout, parity)
+
+
+def _describe(card: ModelCard, layout: FusionLayout) -> Any:
+    def describe(graph: Any) -> None:
+        embed_card(graph, card)
+        for index in reversed(range(len(graph.metadata_props))):
+            if graph.metadata_props[index].key == FUSION_KEY:
+                del graph.metadata_props[index]
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = FUSION_KEY, layout.to_json()
+        role = "fusion head" if layout.graph == HEAD else f"{layout.graph} branch"
+        graph.doc_string += f" ({role} of the fusion model {card.name})"
+
+    return describe
+
+
+def _graph_modules(model: Any) -> dict[str, Any]:
+    """The torch modules the graphs are exported from: each branch's `embed`, and `head`."""
+    torch = require("torch", "ONNX export")
+
+    class Branch(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.model, self.name = model, name
+
+        def forward(self, x: Any) -> Any:
+            return self.model.embed(self.name, x)
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: Any) -> Any:  # the embeddings in order, then the presence
+            return self.model.head(list(inputs[:-1]), inputs[-1])
+
+    return {**{n: Branch(n).eval() for n in model.order}, HEAD: Head().eval()}
+
+
+def compare_fusion_with_torch(
+    model: Any, card: ModelCard, layout: FusionLayout, files: dict[str, Path], tolerance: float
+) -> FusionParity:
+    """Each graph and the whole path against PyTorch on the verification inputs (fixed random
+    tensors and phantoms of every class for each input's modality)."""
+    torch = require("torch", "ONNX export")
+    feeds = verification_feeds(card)
+    order = list(layout.order)
+    rows = len(feeds[order[0]])
+    with torch.inference_mode():
+        expected = {n: model.embed(n, torch.from_numpy(feeds[n])).numpy() for n in order}
+    onnx_embeddings = {n: run_onnx(files[n], {n: feeds[n]}) for n in order}
+    branches = {n: _max_diff(expected[n], onnx_embeddings[n]) for n in order}
+
+    def head_feeds(embeddings: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
+        # an absent branch is fed as zeros, as the device feeds it
+        fed = {embedding_name(n): embeddings[n] * present[:, [k]] for k, n in enumerate(order)}
+        return {**fed, layout.presence: present}
+
+    def torch_head(fed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, features = model.head(
+                [torch.from_numpy(fed[embedding_name(n)]) for n in order],
+                torch.from_numpy(fed[layout.presence]),
+            )
+        return logits.numpy(), features.numpy()
+
+    patterns = presence_patterns(rows, len(order))
+    fed = head_feeds(expected, patterns)
+    torch_logits, torch_features = torch_head(fed)
+    features_name = next((o.name for o in card.outputs if o.kind == "features"), None)
+    head = parity_of(torch_logits, run_onnx(files[HEAD], fed, card.output_name), tolerance, card)
+    head_features = (
+        _max_diff(torch_features, run_onnx(files[HEAD], fed, features_name))
+        if features_name
+        else 0.0
+    )
+    end_to_end = {}
+    for present in [tuple(order), *((n,) for n in order)]:
+        mask = np.tile(np.array([[n in present for n in order]], np.float32), (rows, 1))
+        reference, _ = torch_head(head_feeds(expected, mask))
+        actual = run_onnx(files[HEAD], head_feeds(onnx_embeddings, mask), card.output_name)
+        end_to_end["+".join(present)] = parity_of(reference, actual, tolerance, card)
+    return FusionParity(branches, head, head_features, end_to_end, tolerance)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max())

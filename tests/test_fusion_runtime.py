@@ -1,0 +1,341 @@
+"""A mammogram + ultrasound fusion model on the device: exported as branch graphs and a head, each
+and the whole path matching PyTorch; the mammogram embedded once per case, never per frame; an
+absent or refused mammogram answered from ultrasound alone; `edgebc classify` rows per case."""
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
+
+from edgebc.archive import iter_frames
+from edgebc.backends import open_backend
+from edgebc.cli import main
+from edgebc.decode import ImageView
+from edgebc.demo import DEMO_MODEL
+from edgebc.errors import EdgebcError
+from edgebc.export.bundle import ExportOptions, run_export
+from edgebc.fusion import FusionClassifier, Mammogram, open_fusion_graphs
+from edgebc.fusion_graphs import HEAD, layout_from_metadata
+from edgebc.integrity import read_manifest
+from edgebc.metrics import softmax
+from edgebc.model_card import ModelCard, ModelInput, ModelOutput, read_card
+from edgebc.preprocess import PreprocessCard, preprocess_chw
+from edgebc.synth.mammogram import draw_breast, make_mammogram
+from edgebc.synth.ultrasound import make_ultrasound_phantom, phantom_rng
+from edgebc.task import TASKS
+from edgebc.train.checkpoint import Checkpoint, build_model, save_checkpoint, sha256_of_state
+from tests.test_decode import _dicom_bytes
+
+US_PREP = PreprocessCard(input_height=32, input_width=32)
+MG_PREP = PreprocessCard(input_height=48, input_width=40, breast_crop=True, laterality="left")
+
+
+def _fusion_checkpoint(path, seed=0):
+    """An untrained two-branch model (ultrasound required, a left CC mammogram optional, once per
+    case), as tests/test_model_record.py builds one; the weights are random but fixed."""
+    card = ModelCard(
+        name="us-mg", arch="late_fusion", task=TASKS["three_class"],
+        inputs=(ModelInput("us", US_PREP), ModelInput("mg_cc", MG_PREP, "mg", "L-CC", optional=True, changes="case")),
+        outputs=(ModelOutput("logits", "logits", 3), ModelOutput("features", "features", 16)),
+        arch_options={"fusion": "sum", "branch_arch": {"us": "simple_cnn", "mg_cc": "simple_cnn"},
+                      "width": 16, "width_mult": 0.5, "dropout": 0.0},
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(card).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    card = replace(card, weights_sha256=sha256_of_state(state))
+    save_checkpoint(path, Checkpoint(card, state, {"epoch": 0}))
+    return model
+
+
+def _ultrasound(k):
+    return make_ultrasound_phantom(("normal", "benign", "malignant")[k % 3], phantom_rng(40, k), 96, 128).image  # fmt: skip
+
+
+def _film(side="L", view="CC", seed=3):
+    rng = np.random.default_rng(seed)
+    return make_mammogram(draw_breast("malignant", rng), rng, side, view, 256, 208, bits=8).image
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fusion")
+    torch.set_num_threads(1)
+    model = _fusion_checkpoint(root / "fusion.pt")
+    out = root / "export"
+    assert main(["export", str(root / "fusion.pt"), "--out", str(out), "--name", "fusion"]) == 0
+    return root, model, json.loads((out / "export.json").read_text())
+
+
+L_CC = ImageView.from_code("L-CC")
+
+
+def _torch_probs(model, us_frames, film=None, view=L_CC):
+    """PyTorch's answer through the shared preprocessing: both branches, or ultrasound alone
+    (a zero mammogram embedding marked absent)."""
+    us = torch.from_numpy(np.stack([preprocess_chw(f, US_PREP) for f in us_frames]))
+    with torch.no_grad():
+        embeddings = [model.embed("us", us)]
+        present = torch.ones(len(us_frames), 2)
+        if film is None:
+            embeddings.append(torch.zeros_like(embeddings[0]))
+            present[:, 1] = 0
+        else:
+            mg = torch.from_numpy(preprocess_chw(film, MG_PREP, view=view))[None]
+            embeddings.append(model.embed("mg_cc", mg).expand(len(us_frames), -1))
+        logits, _ = model.head(embeddings, present)
+    return softmax(logits.numpy())
+
+
+def test_a_fusion_checkpoint_exports_branch_graphs_and_a_head_each_matching_torch(exported):
+    root, model, report = exported
+    folder = root / "export"
+    files = {"us": "fusion.us.onnx", "mg_cc": "fusion.mg_cc.onnx", HEAD: "fusion.onnx"}
+    assert report["onnx"]["graphs"] == files
+    assert set(read_manifest(folder)) == set(files.values())  # every graph is verified
+    cards = [read_card(folder / f) for f in files.values()]
+    assert all(c == cards[0] for c in cards)  # one card, in every graph
+    assert [(i.name, i.modality, i.optional, i.changes) for i in cards[0].inputs] == [
+        ("us", "us", False, "frame"), ("mg_cc", "mg", True, "case")]  # fmt: skip
+    import onnxruntime
+
+    for graph, file in files.items():
+        session = onnxruntime.InferenceSession(
+            str(folder / file), providers=["CPUExecutionProvider"]
+        )
+        layout = layout_from_metadata(session.get_modelmeta().custom_metadata_map, file)
+        assert layout.graph == graph and layout.files == files and layout.order == ("us", "mg_cc")
+        names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        assert names == ((["us_embedding", "mg_cc_embedding", "present"], ["logits", "features"])
+                         if graph == HEAD else ([graph], [f"{graph}_embedding"]))  # fmt: skip
+    parity = report["onnx"]["fusion_parity_vs_torch"]
+    assert set(parity["end_to_end"]) == {"us+mg_cc", "us", "mg_cc"}  # each modality absent in turn
+    assert max(parity["branches"].values()) < 1e-5 and parity["head"]["max_abs_logit_diff"] < 1e-5
+    assert all(p["decision_agreement"] == 1.0 for p in parity["end_to_end"].values())
+    # and, apart from the export's own check, the graphs on new inputs against the torch model
+    us = np.stack([preprocess_chw(_ultrasound(k), US_PREP) for k in range(3)])
+    mg = np.repeat(preprocess_chw(_film(), MG_PREP, view=ImageView.from_code("L-CC"))[None], 3, 0)
+    graphs = open_fusion_graphs(folder / "fusion.onnx")
+    fed = {"us_embedding": graphs["us"].run_named({"us": us})["us_embedding"],
+           "mg_cc_embedding": graphs["mg_cc"].run_named({"mg_cc": mg})["mg_cc_embedding"],
+           "present": np.ones((3, 2), np.float32)}  # fmt: skip
+    outputs = graphs[HEAD].run_named(fed)
+    with torch.no_grad():
+        logits, features = model(torch.from_numpy(us), torch.from_numpy(mg))
+    np.testing.assert_allclose(outputs["logits"], logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(outputs["features"], features.numpy(), atol=1e-4)
+    assert "end to end with us present" in (folder / "export.md").read_text()
+
+
+def test_the_graphs_refuse_bad_feeds_and_strangers(exported, tmp_path):
+    root, _model, _report = exported
+    folder = root / "export"
+    head = open_backend(folder / "fusion.onnx")
+    zeros = {"us_embedding": np.zeros((1, 16), np.float32),
+             "mg_cc_embedding": np.zeros((1, 16), np.float32)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"requires its input us \(not optional"):
+        head.run_named({**zeros, "present": np.array([[0, 1]], np.float32)})
+    with pytest.raises(ValueError, match="takes us_embedding, mg_cc_embedding, present"):
+        head.run_named(zeros)
+    with pytest.raises(ValueError, match=r"expected us_embedding of shape \(N, 16\)"):
+        head.run_named({**zeros, "us_embedding": np.zeros((1, 8), np.float32),
+                        "present": np.ones((1, 2), np.float32)})  # fmt: skip
+    # a branch graph from another export (other weights) put beside this head is refused
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "MANIFEST.sha256").unlink()
+    _fusion_checkpoint(tmp_path / "other.pt", seed=1)
+    run_export(tmp_path / "other.pt", ExportOptions(out_dir=tmp_path / "other", name="fusion"))
+    shutil.copy(tmp_path / "other" / "fusion.mg_cc.onnx", copy / "fusion.mg_cc.onnx")
+    with pytest.raises(EdgebcError, match="is not the mg_cc graph of the same export"):
+        open_fusion_graphs(copy / "fusion.onnx")
+    # and with the manifest, a damaged graph is refused before it is run
+    (copy / "fusion.us.onnx").write_bytes(b"damaged")
+    shutil.copy(folder / "MANIFEST.sha256", copy / "MANIFEST.sha256")
+    with pytest.raises(EdgebcError, match=r"does not match MANIFEST\.sha256"):
+        open_fusion_graphs(copy / "fusion.onnx")
+    with pytest.raises(EdgebcError, match=r"--int8 not done for fusion models"):
+        run_export(root / "fusion.pt", ExportOptions(out_dir=tmp_path / "x", int8=True))
+
+
+class Counting:
+    """A real backend, its runs counted (which graph ran, how often)."""
+
+    def __init__(self, backend, calls, fed=None):
+        self.backend, self.calls, self.fed = backend, calls, fed if fed is not None else []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def run_named(self, feeds):
+        self.calls.append(self.backend.fusion.graph)
+        self.fed.append(feeds)
+        return self.backend.run_named(feeds)
+
+
+def test_the_mammogram_branch_runs_once_per_case_and_each_frame_is_fused(exported):
+    root, model, _report = exported
+    calls = []
+    graphs = {
+        g: Counting(b, calls)
+        for g, b in open_fusion_graphs(root / "export" / "fusion.onnx").items()
+    }
+    classifier = FusionClassifier(graphs)
+    film = _film()
+    context = classifier.attach("case-7", [Mammogram(film, source="cc.png")])
+    assert calls == ["mg_cc"] and context.inputs == ("mg_cc",)
+    frames = [_ultrasound(k) for k in range(5)]
+    first = classifier.classify_batch(frames[:3])
+    second = [classifier.classify(f) for f in frames[3:]]
+    # five frames: the mammogram branch still ran once; ultrasound and head once per call
+    assert calls.count("mg_cc") == 1 and calls.count("us") == 3 and calls.count(HEAD) == 3
+    decisions = first + second
+    assert all(d.inputs == ("us", "mg_cc") and d.modalities == ("us", "mg") for d in decisions)
+    assert all(d.case == "case-7" for d in decisions)
+    probs = np.array([list(d.decision.probabilities.values()) for d in decisions])
+    np.testing.assert_allclose(probs, _torch_probs(model, frames, film), atol=1e-5)
+    record = decisions[0].to_json()
+    assert record["modalities"] == ["us", "mg"] and record["mammograms"][0]["input"] == "mg_cc"
+    assert len(record["mammograms"][0]["pixels_sha256"]) == 64 and "image" not in record
+    # a new case embeds its own mammogram once more
+    classifier.attach("case-8", [Mammogram(_film(seed=9), source="cc2.png")])
+    assert calls.count("mg_cc") == 2
+
+
+def test_without_a_passing_mammogram_the_answer_is_the_ultrasound_only_one(exported):
+    root, model, _report = exported
+    fed = []
+    graphs = open_fusion_graphs(root / "export" / "fusion.onnx")
+    classifier = FusionClassifier(
+        {g: Counting(b, [], fed if g == HEAD else None) for g, b in graphs.items()}
+    )
+    frames = [_ultrasound(k) for k in range(3)]
+    us_only = _torch_probs(model, frames)
+    fused = _torch_probs(model, frames, _film())
+    assert np.abs(fused - us_only).max() > 1e-3  # the mammogram does change the answer here
+
+    def probs(decisions):
+        return np.array([list(d.decision.probabilities.values()) for d in decisions])
+
+    alone = classifier.classify_batch(frames)  # nothing attached
+    assert all(d.inputs == ("us",) and d.modalities == ("us",) for d in alone)
+    # the head is told the mammogram is absent (what it holds then does not count)
+    assert fed[-1]["present"].tolist() == [[1, 0]] * 3 and not fed[-1]["mg_cc_embedding"].any()
+    np.testing.assert_allclose(probs(alone), us_only, atol=1e-5)
+    # an ultrasound frame given as the mammogram: the mammography gate refuses it
+    context = classifier.attach("c1", [Mammogram(frames[0], source="wrong.png")])
+    assert context.inputs == () and context.mammograms[0].input is None
+    assert context.mammograms[0].quality.check == "ultrasound"
+    refused = classifier.classify_batch(frames)
+    assert all(d.modalities == ("us",) for d in refused)
+    np.testing.assert_allclose(probs(refused), us_only, atol=1e-5)
+    # a mammogram of another view than the model's (its DICOM header says R-MLO) is left out
+    context = classifier.attach(
+        "c2", [Mammogram(_film("R", "MLO"), ImageView.from_code("R-MLO"), "r.dcm")]
+    )
+    assert (
+        context.inputs == ()
+        and "its view R-MLO is none of the model's (L-CC)" in context.mammograms[0].quality.reason
+    )
+    # a header that gives only the side, and the wrong one, is refused too (never read as L-CC)
+    context = classifier.attach(
+        "c2b", [Mammogram(_film("R"), ImageView("R", None, "right"), "r.dcm")]
+    )
+    assert (
+        context.inputs == ()
+        and "its side R (its DICOM header) is not the model's L-CC"
+        in context.mammograms[0].quality.reason
+    )
+    # attached, then detached: back to ultrasound alone
+    classifier.attach("c3", [Mammogram(_film(), source="cc.png")])
+    assert classifier.classify(frames[0]).modalities == ("us", "mg")
+    assert fed[-1]["present"].tolist() == [[1, 1]]
+    classifier.detach()
+    np.testing.assert_allclose(probs([classifier.classify(frames[0])]), us_only[:1], atol=1e-5)
+    # a blank ultrasound frame gets no decision and uses nothing
+    blank = classifier.classify(np.zeros((96, 128), np.uint8))
+    assert (
+        blank.decision.label is None
+        and blank.inputs == ()
+        and "uniform" in str(blank.decision.quality)
+    )
+    with pytest.raises(EdgebcError, match="requires its ultrasound input us"):
+        classifier.classify_mammograms()
+
+
+def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, capsys):
+    root, model, _report = exported
+    frames = [_ultrasound(k) for k in range(3)]
+    cv2.imwrite(str(tmp_path / "still.png"), frames[0])
+    (tmp_path / "cine.dcm").write_bytes(_dicom_bytes(np.stack(frames), frames=3))
+    film = _film()
+    (tmp_path / "mg").mkdir()
+    (tmp_path / "mg" / "cc.dcm").write_bytes(
+        _dicom_bytes(film, ImageLaterality="L", ViewPosition="CC")
+    )
+    out = tmp_path / "rows.csv"
+    code = main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 str(tmp_path / "cine.dcm"), "--mammogram", str(tmp_path / "mg"), "--case", "p-12",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["level"], r["frame"]) for r in rows] == [
+        ("mammogram", ""), ("frame", ""), ("frame", "0"), ("frame", "1"), ("frame", "2"), ("case", "")]  # fmt: skip
+    assert (
+        rows[0]["inputs"] == "mg_cc"
+        and rows[0]["source"].endswith("cc.dcm")
+        and rows[0]["quality"] == "ok"
+    )
+    assert all(r["case"] == "p-12" for r in rows)
+    decided = rows[1:]
+    assert all(
+        r["inputs"] == "us+mg_cc" and r["modalities"] == "us+mg" and r["decision"] for r in decided
+    )
+    # each frame as the device reads it (the cine's frames from the DICOM) gets torch's answer
+    cine = [item.image for item in iter_frames([tmp_path / "cine.dcm"])]
+    expected = _torch_probs(model, [frames[0], *cine], film, ImageView("L", "CC", "left"))
+    np.testing.assert_allclose(
+        [float(r["p_malignant"]) for r in rows[1:5]], expected[:, 2], atol=1e-5
+    )
+    mean = np.mean(
+        [[float(r[f"p_{c}"]) for c in ("normal", "benign", "malignant")] for r in rows[1:5]], axis=0
+    )
+    assert float(rows[5]["p_malignant"]) == pytest.approx(mean[2], abs=1e-5)
+    # no mammogram: every row says ultrasound alone, and the answer is the ultrasound-only one
+    out = tmp_path / "us.jsonl"
+    assert main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["level"], r["modalities"], r["case"]) for r in rows] == [
+        ("frame", "us", "case"),
+        ("case", "us", "case"),
+    ]
+    assert rows[0]["p_malignant"] == pytest.approx(_torch_probs(model, frames[:1])[0, 2], abs=1e-5)
+    # a PNG says no view: R-MLO=... states it, and the L-CC model leaves it out saying why
+    cv2.imwrite(str(tmp_path / "film.png"), film)
+    out = tmp_path / "stated.csv"
+    assert main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 "--mammogram", f"R-MLO={tmp_path / 'film.png'}", "--out", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["level"] == "mammogram" and rows[0]["inputs"] == ""
+    assert "its view R-MLO is none of the model's (L-CC)" in rows[0]["quality"]
+    assert rows[-1]["modalities"] == "us"
+    # a one-image model (the demo) is no fusion model; INPUTS beside --ultrasound are refused
+    capsys.readouterr()
+    assert main(["classify", str(DEMO_MODEL), "--ultrasound", str(tmp_path / "still.png"),
+                 "--out", str(out)]) == 1  # fmt: skip
+    assert "not a graph of an exported fusion model" in capsys.readouterr().err
+    assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
+                 "--ultrasound", str(tmp_path / "still.png"), "--out", str(out)]) == 1  # fmt: skip
+    assert "not both" in capsys.readouterr().err
+    # the fusion model given images without saying which modality each is: told how
+    assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
+                 "--out", str(out)]) == 1  # fmt: skip
+    assert "--ultrasound US... and --mammogram MG..." in capsys.readouterr().err
