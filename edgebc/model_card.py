@@ -142,7 +142,13 @@ class ModelCard:
                 f"the logits output has {self.outputs[0].size} values but the task has "
                 f"{len(self.task.classes)} classes"
             )
-        if all(i.optional for i in self.inputs) and self.presence_input is None:
+        # A fusion model's head takes which branches are present (edgebc.fusion_graphs), so
+        # every one of its inputs may be optional: US alone, MG alone or both.
+        if (
+            all(i.optional for i in self.inputs)
+            and self.presence_input is None
+            and len(self.inputs) == 1
+        ):
             raise ValueError(
                 "at least one input must be required (optional: false), or the model must take "
                 "a presence input saying which are there"

@@ -109,6 +109,12 @@ class ModelStore:
                 "checked; install the folder `edgebc export` wrote, manifest included"
             )
         card = card_for_model(source)  # a site card.json is verified and checked here
+        if len(card.inputs) > 1:  # its release would need every graph of the export, not one file
+            raise EdgebcError(
+                f"{source}: model {card.name} has {len(card.inputs)} inputs (a fusion or "
+                "multi-view model); the model store installs one-image models: run it from the "
+                "folder `edgebc export` wrote"
+            )
         site_card = site_card_path(source) if site_card_path(source).exists() else None
         progress("verified")
         release_id = f"{_safe(card.name)}-{sha[:12]}"

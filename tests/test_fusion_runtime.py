@@ -339,3 +339,15 @@ def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, c
     assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
                  "--out", str(out)]) == 1  # fmt: skip
     assert "--ultrasound US... and --mammogram MG..." in capsys.readouterr().err
+
+
+def test_the_model_store_refuses_a_fusion_export_rather_than_install_its_head_alone(
+    exported, tmp_path
+):
+    from edgebc.errors import EdgebcError
+    from edgebc.model_store import ModelStore
+
+    root, _model, _report = exported
+    with pytest.raises(EdgebcError, match="has 2 inputs .* run it from the folder"):
+        ModelStore(tmp_path / "store").install(root / "export" / "fusion.onnx")
+    assert not (tmp_path / "store" / "current").exists()

@@ -128,3 +128,11 @@ def test_a_shipped_card_names_no_folder_of_the_machine_it_was_built_on():
         "site_calibration": {"data": "clinic/site-cases.csv", "previous": {"data": "a/b.csv"}},
         "note": "runs/t2/best.pt",
     }  # fmt: skip
+
+
+def test_a_fusion_card_may_make_every_input_optional():
+    """Its head takes which branches are present, so US alone, MG alone or both answer."""
+    prep = PreprocessCard(input_height=32, input_width=32)
+    task = TASKS["three_class"]
+    both = (ModelInput("us", prep, optional=True), ModelInput("mg", prep, "mg", optional=True))
+    assert all(i.optional for i in ModelCard("f", "late_fusion", task, both).inputs)

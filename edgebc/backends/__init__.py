@@ -77,8 +77,9 @@ def validate_feeds(feeds: Mapping[str, object], card: ModelCard) -> dict[str, np
         raise ValueError(
             f"model {card.name} takes the inputs {', '.join(names)}; "
             + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
-            + (f" ({', '.join(optional)} optional in the card, but no runtime answers without an "
-               "input yet: models trained to do so come with multimodal fusion)" if optional else "")
+            + (f" ({', '.join(optional)} optional in the card: a fusion model answers without "
+               "them as branch graphs and a head, run by edgebc.fusion; export it with edgebc "
+               "export)" if optional else "")
         )  # fmt: skip
     checked = {i.name: validate_input(feeds[i.name], i, card.max_batch) for i in card.inputs}
     if len({len(v) for v in checked.values()}) != 1:
