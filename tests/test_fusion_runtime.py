@@ -348,6 +348,6 @@ def test_the_model_store_refuses_a_fusion_export_rather_than_install_its_head_al
     from edgebc.model_store import ModelStore
 
     root, _model, _report = exported
-    with pytest.raises(EdgebcError, match="has 2 inputs .* run it from the folder"):
+    with pytest.raises(EdgebcError, match=r"has 2 inputs .* run it from the folder"):
         ModelStore(tmp_path / "store").install(root / "export" / "fusion.onnx")
     assert not (tmp_path / "store" / "current").exists()
