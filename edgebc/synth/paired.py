@@ -4,7 +4,9 @@ No public dataset pairs a woman's mammogram with her ultrasound, so fusion is pr
 whose pairing is known. A case is one breast with one class. Its lesion is drawn once — a size
 and a position shared by both modalities (the ultrasound lesion's width and the mammographic
 mass's radius grow together, its left-right place on the probe and its height on the film
-follow the same draw, and its depth from the skin and from the chest wall too) — and each
+follow the same draw, and its depth from the skin and from the chest wall too; the mass is
+drawn larger on the film than anatomy would make it, so that a small model input still shows
+it) — and each
 modality shows it with an *appearance class*: with probability `signal` the case's class, else a
 class drawn uniformly at random, independently of the case's class and of the other modality.
 At signal 1 a modality's lesion follows the class exactly as the single-modality phantoms do; at
@@ -145,6 +147,6 @@ def breast_of(look: str, lesion: SharedLesion, rng: np.random.Generator) -> Brea
         density=float(rng.uniform(0.1, 0.9)),
         finding_depth=float(0.3 + 0.35 * lesion.depth),
         finding_height=float(-0.5 + lesion.across),
-        finding_radius=float(0.035 + 0.035 * lesion.size),
+        finding_radius=float(0.05 + 0.04 * lesion.size),
         calcifications=look == "malignant" and bool(rng.random() < 0.5),
     )
