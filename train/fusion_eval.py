@@ -84,13 +84,12 @@ def evaluate_combinations(
     has_mg = torch.isfinite(packed[:, us_size:]).view(len(packed), len(views), -1)
     has_mg = has_mg.all(dim=2).any(dim=1).numpy()
     units = [s.unit for s in rows]
-    complete = {u for u in units} - {u for u, a, b in zip(units, has_us, has_mg) if not (a and b)}
-    keep = np.array([u in complete for u in units])
+    incomplete = {u for u, a, b in zip(units, has_us, has_mg, strict=True) if not (a and b)}
+    keep = np.array([u not in incomplete for u in units])
     if not keep.any():
         raise EdgebcError(f"no case of split {split!r} in {manifest} has both modalities")
-    packed, y, units = packed[torch.from_numpy(keep)], targets.numpy()[keep], [
-        u for u, k in zip(units, keep) if k
-    ]  # fmt: skip
+    packed, y = packed[torch.from_numpy(keep)], targets.numpy()[keep]
+    units = [u for u, k in zip(units, keep, strict=True) if k]
     model = model_from_checkpoint(checkpoint)
     rule = DecisionRule.of(card)
     probabilities = {
@@ -102,7 +101,7 @@ def evaluate_combinations(
     case_units = list(dict.fromkeys(units))
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint_path), "manifest": str(manifest), "split": split,
-        "cases": len(case_units), "instances": int(len(y)),
+        "cases": len(case_units), "instances": len(y),
         "positive_cases": int(case_positive.sum()), "positive_class": task.positive_class,
         "fusion": card.arch_options.get("fusion"), "combinations": {},
     }  # fmt: skip
@@ -120,7 +119,7 @@ def evaluate_combinations(
                 scores[combination],
                 n_boot=resamples,
                 seed=seed,
-            ),  # fmt: skip
+            ),
             "voted_confusion_matrix": metrics.confusion_matrix(
                 case_y[:, 0].astype(int), voted, len(task.classes)
             ).tolist(),
@@ -141,7 +140,7 @@ def evaluate_combinations(
                 scores[single],
                 n_boot=resamples,
                 seed=seed,
-            ),  # fmt: skip
+            ),
         }
     without_us = np.abs(scores["both"] - scores["mg_only"]).mean()
     without_mg = np.abs(scores["both"] - scores["us_only"]).mean()
