@@ -27,6 +27,7 @@ from edgebc.task import TASKS
 from edgebc.train import loop
 from edgebc.train.checkpoint import build_model, load_checkpoint
 from edgebc.train.config import load_train_config
+from edgebc.train.evaluate import evaluate_checkpoint
 from edgebc.train.fusion_data import (
     augment_instances,
     cross_combine,
@@ -245,6 +246,8 @@ def test_fusion_beats_each_modality_when_both_carry_the_class(tmp_path):
     assert _auc(report, "both") > max(_auc(report, "us_only"), _auc(report, "mg_only")) + 0.02
     low, high = report["both_minus_us_only"]["ci"]
     assert low < report["both_minus_us_only"]["auc_difference"] < high
+    with pytest.raises(EdgebcError, match="fusion_eval"):  # edgebc eval feeds images
+        evaluate_checkpoint(result.best_checkpoint, tmp_path / "split.csv", tmp_path / "eval")
     share = report["share_by_ablation"]
     assert share["us"] + share["mg"] == pytest.approx(1.0) and 0.2 < share["us"] < 0.8
 

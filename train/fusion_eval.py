@@ -73,7 +73,8 @@ def evaluate_combinations(
     if not manifest:
         raise EdgebcError(f"{checkpoint_path}: give the manifest (its config names none)")
     task = card.task
-    samples = [s for s in read_dataset(manifest) if s.split == split and task.takes(s.label)]
+    samples = [s for s in read_dataset(manifest)
+               if split in ("all", s.split) and task.takes(s.label)]  # fmt: skip
     us_input = next(i for i in card.inputs if i.modality == "us")
     mg_inputs = [i for i in card.inputs if i.modality == "mg"]
     views = [str(i.view) for i in mg_inputs]
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--manifest", help="case manifest (default: the run's)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the split to score, or all")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
