@@ -7,6 +7,7 @@ No public dataset pairs a woman's mammogram with her ultrasound, so fusion is pr
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,29 @@ def test_when_the_mammograms_are_noise_fusion_answers_as_ultrasound_alone(tmp_pa
     assert _auc(report, "mg_only") < 0.65  # the mammograms know nothing of the class
     assert abs(report["both_minus_us_only"]["auc_difference"]) <= 0.03
     assert report["share_by_ablation"]["us"] > 0.6
+
+
+def test_arcface_per_branch_trains_each_embedding_and_never_touches_the_logits():
+    card = _card("concat")
+    card = replace(card, arch_options={**card.arch_options, "arcface": True})
+    torch.manual_seed(0)
+    model = build_model(card)
+    n = 6
+    us = torch.rand(n, *US_PREP.input_shape)
+    mg = torch.rand(n, len(VIEWS), *MG_PREP.input_shape)
+    mg[:, 2:] = float("nan")
+    us[4:] = float("nan")  # two cases without ultrasound: their rows are not in its ArcFace loss
+    packed = pack([us, mg], model.layout, n)
+    model.train()
+    model.targets = torch.tensor([0, 1, 0, 1, 1, 0])
+    model(packed)
+    assert model.aux_loss is not None and float(model.aux_loss.detach()) > 0
+    model.aux_loss.backward()
+    assert model.branches["us"].features[0].weight.grad.abs().sum() > 0
+    assert model.classifier[-1].weight.grad is None  # the ArcFace loss reaches no logit weight
+    model.eval()
+    with torch.no_grad():
+        first = model(packed)
+        model.arcface = None
+        assert torch.equal(model(packed), first)
+    assert model.aux_loss is None

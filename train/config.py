@@ -108,6 +108,9 @@ class FusionConfig:
     view_pooling: Literal["attention", "mean"] = "mean"
     view_dropout: float = 0.0
     mg_preprocess: PreprocessCard | None = None
+    # an ArcFace layer per branch on its embedding, trained beside the fused logits with this
+    # weight (training only: the logits never see it); 0 = none
+    arcface_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if set(self.branches) != {"us", "mg"}:
@@ -125,6 +128,8 @@ class FusionConfig:
                 f"model.fusion.width ({self.width}) must be a positive multiple of tokens "
                 f"({self.tokens})"
             )
+        if self.arcface_weight < 0:
+            raise ValueError(f"model.fusion.arcface_weight must be >= 0, got {self.arcface_weight}")
         if not self.mg_views or len(set(self.mg_views)) != len(self.mg_views):
             raise ValueError(f"model.fusion.mg_views must name distinct views, got {self.mg_views}")
 
@@ -149,7 +154,8 @@ class ModelConfig:
         if self.fusion is not None and (self.views or self.head != "linear" or self.pretrained):
             raise ValueError(
                 "model.fusion takes its branches and views from model.fusion: leave model.views "
-                "empty, model.head linear (no per-branch ArcFace yet) and model.pretrained unset"
+                "empty, model.head linear (ArcFace per branch: model.fusion.arcface_weight) and "
+                "model.pretrained unset"
             )
         if len(set(self.views)) != len(self.views):
             raise ValueError(f"model.views names a view twice: {list(self.views)}")

@@ -171,7 +171,7 @@ def fusion_layout(us_prep: PreprocessCard, mg_prep: PreprocessCard,
 
 def fusion_card(card: ModelCard, branches: dict[str, str], fusion: str, width: int, tokens: int,
                 mg_prep: PreprocessCard, mg_views: Sequence[str], view_pooling: str,
-                modality_dropout: float) -> ModelCard:  # fmt: skip
+                modality_dropout: float, arcface: bool = False) -> ModelCard:  # fmt: skip
     """A run's card made a fusion card: an optional ultrasound input (per frame) and one
     optional mammogram input per view (per case), the fusion's options, and the fused features
     as its second output. Any input may be absent, so the card names a presence input: (N, inputs)
@@ -186,7 +186,7 @@ def fusion_card(card: ModelCard, branches: dict[str, str], fusion: str, width: i
     options = {**card.arch_options, "fusion": fusion, "branch_arch": dict(branches),
                "branch_inputs": {"us": ["us"], "mg": [input_name(v) for v in mg_views]},
                "width": width, "tokens": tokens, "view_pooling": view_pooling,
-               "modality_dropout": modality_dropout}  # fmt: skip
+               "modality_dropout": modality_dropout, "arcface": arcface}  # fmt: skip
     outputs = (*card.outputs, ModelOutput("features", "features", fused_width))
     return replace(
         card,

@@ -462,6 +462,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             targets = run.train_y[index].to(device)
             if isinstance(head, ArcFaceHead):
                 head.targets = targets
+            if fusion is not None and fusion.arcface_weight > 0:  # per-branch ArcFace (fusion.py)
+                model.targets = targets
             with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32,
                                 enabled=run.amp_dtype is not None):  # fmt: skip
                 if run.supervised is None:
@@ -469,6 +471,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
                 else:
                     logits, mask_logits = run.train_module(images)
                 loss = run.loss_fn(logits, targets)
+                if fusion is not None and model.aux_loss is not None:
+                    loss = loss + fusion.arcface_weight * model.aux_loss
                 if run.train_soft is not None:
                     soft_loss = distillation_loss(
                         logits, run.train_soft[index].to(device), optim.distill_temperature,
@@ -498,6 +502,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             )
         if isinstance(head, ArcFaceHead):
             head.targets = None
+        if fusion is not None:
+            model.targets = model.aux_loss = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
@@ -642,7 +648,7 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
         f = model.fusion
         return fusion_card(card, f.branches, f.fusion, f.width, f.tokens,
                            f.mg_preprocess or config.preprocess, f.mg_views, f.view_pooling,
-                           f.modality_dropout)  # fmt: skip
+                           f.modality_dropout, f.arcface_weight > 0)  # fmt: skip
     return with_views(card, model.views, model.view_pooling) if model.views else card
 
 

@@ -15,6 +15,11 @@ holds:
 - `cross_attention`: each embedding split into a few tokens that query the other present
   branches' tokens (one small attention layer, residual), then summed over present branches.
 
+With `arcface`, each branch's embedding also feeds an ArcFace layer of its own (models/heads.py)
+in training only: the loop sets `targets` and adds `aux_loss`, the branches' ArcFace losses over
+their present rows, so each embedding is pulled apart by class on its own before fusion (the
+published four-view + one-image design). The ArcFace layers never touch the logits.
+
 `embed(name, x)` gives a branch's (N, width) embedding — what the device computes once per case
 for a stored mammogram and caches — and `head(embeddings, present)` the logits and fused
 features. `forward(*inputs)` takes one tensor per card input (then, optionally, the card's
@@ -33,6 +38,7 @@ from typing import Any
 from edgebc.config import look_up_option
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
+from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.registry import create_model, model_spec, set_submodule
 
 torch = require("torch", "model definitions")
@@ -61,7 +67,8 @@ class ViewPooledBranch(nn.Module):
 class LateFusion(nn.Module):
     def __init__(self, branches: dict[str, nn.Module], widths: dict[str, int], num_classes: int,
                  width: int, dropout: float, fusion: str = "sum",
-                 layout: Sequence[tuple[str, tuple[int, ...]]] = (), tokens: int = 4) -> None:  # fmt: skip
+                 layout: Sequence[tuple[str, tuple[int, ...]]] = (), tokens: int = 4,
+                 arcface: bool = False) -> None:  # fmt: skip
         super().__init__()
         look_up_option(fusion, FUSIONS, what="fusion")
         self.order = list(branches)
@@ -83,6 +90,13 @@ class LateFusion(nn.Module):
         self.classifier = nn.Sequential(
             nn.ReLU(), nn.Dropout(dropout), nn.Linear(fused_width, num_classes)
         )
+        self.arcface = (
+            nn.ModuleDict({n: ArcFaceHead(width, num_classes) for n in self.order})
+            if arcface
+            else None
+        )
+        self.targets: torch.Tensor | None = None  # set by the training step with arcface
+        self.aux_loss: torch.Tensor | None = None
 
     def embed(
         self, name: str, x: torch.Tensor, present: torch.Tensor | None = None
@@ -165,6 +179,8 @@ class LateFusion(nn.Module):
         parts = self.unpack(packed)
         n = packed.shape[0]
         embeddings, presence = [], []
+        self.aux_loss = None
+        arcface = self.training and self.arcface is not None and self.targets is not None
         for name, x in parts.items():
             finite = torch.isfinite(x).flatten(2 if x.dim() == 5 else 1)
             views = finite.all(dim=-1) if x.dim() == 5 else None
@@ -175,6 +191,12 @@ class LateFusion(nn.Module):
             if bool(rows.any()):
                 view_mask = None if views is None else views[rows].to(x.dtype)
                 embedded[rows] = self.embed(name, x[rows], view_mask).to(embedded.dtype)
+                if arcface and self.arcface is not None and self.targets is not None:
+                    head = self.arcface[name]
+                    head.targets = self.targets[rows]
+                    loss = nn.functional.cross_entropy(head(embedded[rows]), self.targets[rows])
+                    head.targets = None
+                    self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss
             embeddings.append(embedded)
             presence.append(present)
         logits, _ = self.head(embeddings, torch.stack(presence, dim=1).to(packed.dtype))
@@ -219,7 +241,7 @@ def _input_count(shape: tuple[int, ...]) -> int:
 def build_fusion(card: ModelCard) -> LateFusion:
     """The fusion model a several-input card describes (arch_options: `branch_arch` per branch,
     `branch_inputs` naming each branch's inputs (default: one branch per input), `fusion`,
-    `width`, `dropout`, `width_mult`, `view_pooling`, `tokens`)."""
+    `width`, `dropout`, `width_mult`, `view_pooling`, `tokens`, `arcface`)."""
     options: dict[str, Any] = dict(card.arch_options)
     fusion = str(look_up_option(str(options.get("fusion", "sum")), FUSIONS, what="fusion"))
     arches = dict(options.get("branch_arch") or {})
@@ -251,4 +273,4 @@ def build_fusion(card: ModelCard) -> LateFusion:
         layout.append((name, shape))
     return LateFusion(branches, widths, len(card.class_names), int(options.get("width", 64)),
                       float(options.get("dropout", 0.2)), fusion, layout,
-                      int(options.get("tokens", 4)))  # fmt: skip
+                      int(options.get("tokens", 4)), bool(options.get("arcface", False)))  # fmt: skip
