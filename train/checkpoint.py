@@ -195,6 +195,10 @@ def build_model(card: ModelCard) -> torch.nn.Module:
     """The network a card describes, with fresh weights: a registered architecture for a
     one-input card, one backbone shared by the views of a multi-view card (its presence input
     says so), a fusion of per-input branches for another card with several inputs."""
+    if card.arch == "late_fusion":  # before the presence input, which fusion cards have too
+        from edgebc.train.models.fusion import build_fusion
+
+        return build_fusion(card)
     if card.presence_input is not None:
         from edgebc.train.multiview import build_multiview
 

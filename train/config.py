@@ -15,6 +15,7 @@ from typing import Any, Literal
 from edgebc.config import load_config, to_mapping
 from edgebc.patches import PatchCard
 from edgebc.preprocess import PreprocessCard
+from edgebc.synth.dataset import SynthPlan
 from edgebc.task import Task, task_for
 
 
@@ -27,12 +28,24 @@ class PhantomRecipe:
     n_per_class: int = 150
     size: int = 128
     seed: int = 0
+    # paired US + MG cases instead (edgebc synth --paired-cases; n_per_class 0 for them alone)
+    paired_cases: int = 0
+    us_signal: float = 1.0
+    mg_signal: float = 1.0
+    us_per_case: int = 1
 
     def __post_init__(self) -> None:
-        if self.n_per_class < 4:
+        if self.n_per_class < 4 and self.paired_cases < 12:
             raise ValueError(
-                f"phantoms.n_per_class must be at least 4 to split, got {self.n_per_class}"
+                f"phantoms.n_per_class must be at least 4 (or paired_cases 12) to split, got "
+                f"{self.n_per_class}"
             )
+
+    def plan(self) -> SynthPlan:
+        """The `edgebc synth` plan these phantoms are made by."""
+        return SynthPlan(n_per_class=self.n_per_class, size=self.size, seed=self.seed,
+                         paired_cases=self.paired_cases, us_signal=self.us_signal,
+                         mg_signal=self.mg_signal, paired_us_images=self.us_per_case)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,55 @@ class DataConfig:
         return task_for(self.task, self.classes, self.positive_class)
 
 
+def _default_branches() -> dict[str, str]:
+    return {"us": "mobilenet_v3_small", "mg": "mobilenet_v3_small"}
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """A mammography + ultrasound fusion model (train/models/fusion.py) trained on a case
+    manifest (train/fusion_data.py): a registered architecture per branch, how the branches'
+    embeddings are fused, and modality dropout — in training each instance with both modalities
+    loses its ultrasound or its mammograms (never both) with probability `modality_dropout`, so
+    the one model answers with either alone. The ultrasound branch uses `preprocess`, the
+    mammography branch `mg_preprocess` (the same when not given); `mg_views` are the view slots
+    of the multi-view mammography branch, pooled over the present views by `view_pooling`."""
+
+    branches: dict[str, str] = field(default_factory=_default_branches)
+    fusion: Literal["sum", "concat", "cross_attention"] = "sum"
+    modality_dropout: float = 0.3
+    width: int = 64
+    tokens: int = 4  # cross-attention: each embedding is split into this many tokens
+    mg_views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+    view_pooling: Literal["attention", "mean"] = "mean"
+    view_dropout: float = 0.0
+    mg_preprocess: PreprocessCard | None = None
+    # an ArcFace layer per branch on its embedding, trained beside the fused logits with this
+    # weight (training only: the logits never see it); 0 = none
+    arcface_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if set(self.branches) != {"us", "mg"}:
+            raise ValueError(
+                f"model.fusion.branches needs an architecture for us and for mg, got "
+                f"{dict(self.branches)}"
+            )
+        if not 0 <= self.modality_dropout < 1 or not 0 <= self.view_dropout < 1:
+            raise ValueError(
+                "model.fusion.modality_dropout and view_dropout must be in [0, 1), got "
+                f"{self.modality_dropout} and {self.view_dropout}"
+            )
+        if self.width < 1 or self.tokens < 1 or self.width % self.tokens:
+            raise ValueError(
+                f"model.fusion.width ({self.width}) must be a positive multiple of tokens "
+                f"({self.tokens})"
+            )
+        if self.arcface_weight < 0:
+            raise ValueError(f"model.fusion.arcface_weight must be >= 0, got {self.arcface_weight}")
+        if not self.mg_views or len(set(self.mg_views)) != len(self.mg_views):
+            raise ValueError(f"model.fusion.mg_views must name distinct views, got {self.mg_views}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "mobilenet_v3_small"
@@ -85,8 +147,16 @@ class ModelConfig:
     views: tuple[str, ...] = ()
     view_pooling: Literal["attention", "mean"] = "attention"
     view_dropout: float = 0.25
+    # MG + US fusion on a case manifest (train/models/fusion.py); None = one modality's model
+    fusion: FusionConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.fusion is not None and (self.views or self.head != "linear" or self.pretrained):
+            raise ValueError(
+                "model.fusion takes its branches and views from model.fusion: leave model.views "
+                "empty, model.head linear (ArcFace per branch: model.fusion.arcface_weight) and "
+                "model.pretrained unset"
+            )
         if len(set(self.views)) != len(self.views):
             raise ValueError(f"model.views names a view twice: {list(self.views)}")
         if not 0 <= self.view_dropout < 1:
@@ -252,6 +322,18 @@ class TrainConfig:
             raise ValueError(
                 "model.views (multi-view cases) trains without optim.mask_loss_weight and "
                 "optim.distill_from: a case has several images, and neither knows which"
+            )
+        if self.model.fusion is not None and (
+            self.optim.mask_loss_weight > 0 or self.optim.distill_from or self.patches is not None
+        ):
+            raise ValueError(
+                "model.fusion trains on cases without optim.mask_loss_weight, optim.distill_from "
+                "and patches"
+            )
+        if self.model.fusion is not None and self.data.modality is not None:
+            raise ValueError(
+                "model.fusion reads both modalities from the case manifest: set data.modality "
+                f"to null (it is {self.data.modality!r})"
             )
         if self.model.views and self.patches is not None:
             raise ValueError(

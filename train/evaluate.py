@@ -59,6 +59,12 @@ def evaluate_checkpoint(
     report into `out_dir`."""
     model = _load_for_eval(Path(checkpoint), device)
     card = model.card
+    if card.arch == "late_fusion":
+        raise EdgebcError(
+            f"{checkpoint}: a fusion model decides cases, not images: score it with python -m "
+            f"edgebc.train.fusion_eval {checkpoint} --manifest {data} --split {split or 'all'} "
+            "(ultrasound only, mammograms only and both, side by side)"
+        )
     card.require_one_image("edgebc eval")
     task, prep = card.task, card.preprocess
     samples = read_dataset(data)

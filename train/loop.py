@@ -7,9 +7,10 @@ and channels-last on CUDA; deterministic seeding with every generator saved in `
 `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
 trained teachers' soft predictions (distill.py); with `model.views`, multi-view mammography
-cases instead of images (multiview.py). `_prepare` builds the run, `_fit` is the epoch
-loop; after the last epoch finalize.py fits the temperature and the operating point on
-validation and writes them into the card of `best.pt`.
+cases instead of images (multiview.py); with `model.fusion`, mammography + ultrasound cases
+cross-combined into packed instances (fusion_data.py, models/fusion.py). `_prepare` builds the
+run, `_fit` is the epoch loop; after the last epoch finalize.py fits the temperature and the
+operating point on validation and writes them into the card of `best.pt`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from edgebc.train.models import create_model, model_spec
 from edgebc.train.models.heads import ArcFaceHead
 from edgebc.train.models.pretrained import load_torchvision_weights
 from edgebc.train.multiview import augment_cases, cache_cases, with_views, wrap_views
+
+# fusion (model.fusion) is imported where used: train/fusion_data.py and train/models/fusion.py
 
 torch = require("torch", "training")
 log = logging.getLogger(__name__)
@@ -201,7 +204,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Any
-    augmenter: BatchAugmenter
+    augmenter: Any  # a BatchAugmenter, or one per fusion branch
     generator: torch.Generator
     sample_weights: torch.Tensor
     memory_format: Any
@@ -281,8 +284,13 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         else None
     )
 
-    model = create_model(config.model.arch, len(task.classes), prep.channels,
-                         config.model.width_mult, config.model.head, config.model.dropout)  # fmt: skip
+    if config.model.fusion is not None:  # the branches, heads and layout from the run's card
+        from edgebc.train.models.fusion import build_fusion
+
+        model = build_fusion(card_of_run(config, "", {}, "", {}))
+    else:
+        model = create_model(config.model.arch, len(task.classes), prep.channels,
+                             config.model.width_mult, config.model.head, config.model.dropout)  # fmt: skip
     if config.optim.bn_momentum > 0:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -298,7 +306,12 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     model.to(device)
     memory_format = (
         torch.channels_last
-        if (device.type == "cuda" and config.channels_last and not views)  # 5-D cases: no NHWC
+        if (
+            device.type == "cuda"
+            and config.channels_last
+            and not views
+            and config.model.fusion is None
+        )  # 5-D cases and packed rows: no NHWC
         else torch.contiguous_format
     )
     model.to(memory_format=memory_format)
@@ -344,7 +357,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        BatchAugmenter(config.augment, prep), torch.Generator().manual_seed(config.seed),
+        _augmenter(config), torch.Generator().manual_seed(config.seed),
         sampling_weights(train_rows, train_y.cpu(), optim), memory_format, amp_dtype,
     )  # fmt: skip
     if state is not None:
@@ -360,6 +373,12 @@ def _cache_split(
     each; with model.views a case each (a breast's views, multiview.py); in patch mode
     (config.patches) the patches cut from the images (train/patches.py)."""
     task, patches = config.data.resolved_task(), config.patches
+    if config.model.fusion is not None:
+        from edgebc.train.fusion_data import cache_fusion
+
+        fusion = config.model.fusion
+        return cache_fusion(samples, config.preprocess, fusion.mg_preprocess or config.preprocess,
+                            task, fusion.mg_views, config.loader_workers, desc)  # fmt: skip
     if config.model.views:
         return cache_cases(samples, config.preprocess, task, config.model.views,
                            config.loader_workers, desc)  # fmt: skip
@@ -400,7 +419,10 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
     config, optim, task = run.config, run.config.optim, run.task
     device, model, ema = run.device, run.model, run.ema
     views = config.model.views
-    head = model.get_submodule("head" if views else model_spec(config.model.arch).classifier)
+    fusion = config.model.fusion
+    head = model.get_submodule(
+        "classifier" if fusion else "head" if views else model_spec(config.model.arch).classifier
+    )
     for epoch in range(run.start_epoch, optim.epochs):
         run.train_module.train()
         if optim.balanced_sampler or optim.domain_balance > 0:
@@ -421,7 +443,13 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
         )
         for start in bar:
             index = order[start : start + optim.batch_size].to(run.train_x.device)
-            if views:  # present views augmented, views dropped at random (multiview.py)
+            if fusion is not None:  # present inputs augmented, modality dropout (fusion_data.py)
+                from edgebc.train.fusion_data import augment_instances
+
+                images, masks = augment_instances(
+                    run.train_x[index].to(device), model.layout, run.augmenter, run.generator,
+                    fusion.modality_dropout, fusion.view_dropout), None  # fmt: skip
+            elif views:  # present views augmented, views dropped at random (multiview.py)
                 images, masks = augment_cases(run.augmenter, run.train_x[index].to(device),
                                               run.generator, config.model.view_dropout), None  # fmt: skip
             else:
@@ -434,6 +462,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             targets = run.train_y[index].to(device)
             if isinstance(head, ArcFaceHead):
                 head.targets = targets
+            if fusion is not None and fusion.arcface_weight > 0:  # per-branch ArcFace (fusion.py)
+                model.targets = targets
             with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32,
                                 enabled=run.amp_dtype is not None):  # fmt: skip
                 if run.supervised is None:
@@ -441,6 +471,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
                 else:
                     logits, mask_logits = run.train_module(images)
                 loss = run.loss_fn(logits, targets)
+                if fusion is not None and model.aux_loss is not None:
+                    loss = loss + fusion.arcface_weight * model.aux_loss
                 if run.train_soft is not None:
                     soft_loss = distillation_loss(
                         logits, run.train_soft[index].to(device), optim.distill_temperature,
@@ -470,6 +502,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             )
         if isinstance(head, ArcFaceHead):
             head.targets = None
+        if fusion is not None:
+            model.targets = model.aux_loss = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
@@ -608,7 +642,24 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
         metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,
         data_fingerprint=fingerprint, lineage=lineage,
     )  # fmt: skip
+    if model.fusion is not None:
+        from edgebc.train.fusion_data import fusion_card
+
+        f = model.fusion
+        return fusion_card(card, f.branches, f.fusion, f.width, f.tokens,
+                           f.mg_preprocess or config.preprocess, f.mg_views, f.view_pooling,
+                           f.modality_dropout, f.arcface_weight > 0)  # fmt: skip
     return with_views(card, model.views, model.view_pooling) if model.views else card
+
+
+def _augmenter(config: TrainConfig) -> Any:
+    """The batch augmenter: one for the model's input, or one per fusion branch (each on its own
+    preprocessing's grid)."""
+    if config.model.fusion is None:
+        return BatchAugmenter(config.augment, config.preprocess)
+    mg_prep = config.model.fusion.mg_preprocess or config.preprocess
+    return {"us": BatchAugmenter(config.augment, config.preprocess),
+            "mg": BatchAugmenter(config.augment, mg_prep)}  # fmt: skip
 
 
 def _with_patches(inputs: tuple[ModelInput, ...], config: TrainConfig) -> tuple[ModelInput, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgebc.data import write_manifest
 from edgebc.data.split import SplitPlan, split_dataset
-from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+from edgebc.synth.dataset import write_phantom_dataset
 from edgebc.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,7 @@ def ensure_phantom_manifest(data: DataConfig) -> bool:
         return False
     log.info("%s is missing: making %d phantoms per class (%d px) in %s and splitting them",
              manifest, recipe.n_per_class, recipe.size, recipe.folder)  # fmt: skip
-    images = write_phantom_dataset(
-        recipe.folder, SynthPlan(n_per_class=recipe.n_per_class, size=recipe.size, seed=recipe.seed)
-    )
+    images = write_phantom_dataset(recipe.folder, recipe.plan())
     plan = SplitPlan(seed=recipe.seed, calibration=0.15)  # the operating point on its own side
     write_manifest(split_dataset(images, plan), manifest)
     return True

@@ -7,6 +7,8 @@ manifest that names a missing file):
     OUT/mammo/<class>/<class>_0000.png (+ _mask.png)   mammography phantoms (modality both|mammo)
     OUT/mammography/mg-0000/mg-0000_L-CC.png (+ _mask.png, _breast.png), truth.json
                                                        framed mammograms: four views per woman
+    OUT/paired/pair-0000/pair-0000_us_00.png, pair-0000_L-CC.png, pair-0000_L-MLO.png (+ masks),
+        truth.json                                     paired US + MG cases (edgebc.synth.paired)
     OUT/screens/<class>_0000.png + regions.json        scanner-screen framing and the true regions
     OUT/cine/<class>_00.avi + <class>_00/frame_0000.png  probe sweeps, as video and frame folders
     OUT/manifest.csv
@@ -15,6 +17,9 @@ Item k of class c comes from its own seeded stream, so adding items never change
 Framed mammograms come as women (patient_id mg-NNNN), each with L-CC, L-MLO, R-CC and R-MLO
 views (the `view` column): woman k has class k mod 3 in one breast, and the other breast is
 normal; truth.json holds each image's laterality, view, finding, label block and marker boxes.
+Paired cases (patient_id pair-NNNN, one breast each) give one case's ultrasound frames (modality
+us) and its breast's CC and MLO views (modality mammo, the `view` column), all with the case's
+label; truth.json holds what each modality's lesion looks like and the shared lesion.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.synth.cine import make_cine, write_video
 from edgebc.synth.mammo import make_mammo_phantom
 from edgebc.synth.mammogram import LATERALITIES, VIEWS, draw_breast, make_mammogram
+from edgebc.synth.paired import check_signal, make_paired_case
 from edgebc.synth.screen import render_scanner_screen
 from edgebc.synth.ultrasound import LesionDescriptors, make_ultrasound_phantom, phantom_rng
 
@@ -54,10 +60,16 @@ class SynthPlan:
     fps: float = 30.0
     mammo_women: int = 0  # framed four-view mammogram sets (OUT/mammography)
     mammo_bits: int = 8  # 8, or 12 (16-bit PNGs holding 12-bit values, as from FFDM)
+    paired_cases: int = 0  # paired US + MG cases (OUT/paired, edgebc.synth.paired)
+    us_signal: float = 1.0  # how much of the class each modality's lesion shows, in [0, 1]
+    mg_signal: float = 1.0
+    paired_us_images: int = 1  # ultrasound frames per paired case
 
     def __post_init__(self) -> None:
-        if self.n_per_class < 1:
-            raise ValueError(f"n_per_class must be at least 1, got {self.n_per_class}")
+        if self.n_per_class < (0 if self.paired_cases else 1):
+            raise ValueError(
+                f"n_per_class must be at least 1 (0 with paired cases), got {self.n_per_class}"
+            )
         if not 32 <= self.size <= 2048:
             raise ValueError(f"size must be 32..2048 pixels, got {self.size}")
         if self.modality not in ("us", "mammo", "both"):
@@ -68,8 +80,15 @@ class SynthPlan:
             raise ValueError(f"mammo_women must be >= 0, got {self.mammo_women}")
         if self.mammo_bits not in (8, 12):
             raise ValueError(f"mammo_bits must be 8 or 12, got {self.mammo_bits}")
-        if self.mammo_women and self.size < 104:
+        if (self.mammo_women or self.paired_cases) and self.size < 104:
             raise ValueError(f"framed mammograms need size >= 104 pixels, got {self.size}")
+        if self.paired_cases < 0 or self.paired_us_images < 1:
+            raise ValueError(
+                f"paired_cases must be >= 0 and paired_us_images >= 1, got {self.paired_cases} "
+                f"and {self.paired_us_images}"
+            )
+        check_signal("us_signal", self.us_signal)
+        check_signal("mg_signal", self.mg_signal)
 
 
 def write_phantom_dataset(
@@ -119,6 +138,8 @@ def write_phantom_dataset(
         _write_cines(out / "cine", plan, tick)
     if plan.mammo_women:
         samples.extend(_write_mammograms(out / "mammography", plan, tick))
+    if plan.paired_cases:
+        samples.extend(_write_paired(out / "paired", plan, tick))
     return write_manifest(samples, out / "manifest.csv")
 
 
@@ -228,6 +249,35 @@ def _write_mammograms(folder: Path, plan: SynthPlan, tick: Callable[[int], None]
                 }
         tick(1)
     atomic_write_text(folder / "truth.json", json.dumps(truth, indent=2) + "\n")
+    return samples
+
+
+def _write_paired(folder: Path, plan: SynthPlan, tick: Callable[[int], None]) -> list[Sample]:
+    samples = []
+    truth: dict[str, dict[str, object]] = {}
+    for k in range(plan.paired_cases):
+        case = make_paired_case(k, plan.seed, plan.us_signal, plan.mg_signal, plan.size,
+                                plan.paired_us_images, plan.mammo_bits)  # fmt: skip
+        where = folder / case.case_id
+        for index, frame in enumerate(case.ultrasound):
+            item = _write_item(where, f"{case.case_id}_us_{index:02d}", frame.image, frame.mask,
+                               case.label, "us", extra=_descriptor_columns(frame.lesion))  # fmt: skip
+            samples.append(item.with_(patient_id=case.case_id))
+        for film in case.mammograms:
+            stem = f"{case.case_id}_{film.view_code}"
+            item = _write_item(where, stem, film.image, film.mask, case.label, "mammo")
+            samples.append(item.with_(patient_id=case.case_id, view=film.view_code,
+                                      findings=film.findings))  # fmt: skip
+        truth[case.case_id] = {
+            "label": case.label,
+            "laterality": case.laterality,
+            "us_appearance": case.us_appearance,
+            "mg_appearance": case.mg_appearance,
+            "lesion": asdict(case.lesion),
+        }
+        tick(1)
+    meta = {"us_signal": plan.us_signal, "mg_signal": plan.mg_signal, "cases": truth}
+    atomic_write_text(folder / "truth.json", json.dumps(meta, indent=2) + "\n")
     return samples
 
 
