@@ -49,6 +49,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     if _is_fusion_checkpoint(checkpoint):
         return _run_fusion_export(checkpoint, options)
+    _refuse_trained_fusion(checkpoint)
     frames = (
         load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
     )
@@ -220,3 +221,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {report['tensorrt']['path']} | TensorRT vs ONNX FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _refuse_trained_fusion(checkpoint: str | Path) -> None:
+    """A fusion model trained with `model.fusion` (a presence input; a multi-view mammography
+    branch) is not yet exported as branch graphs and a head: refused plainly, not half-exported."""
+    from edgebc.train.checkpoint import load_checkpoint
+
+    card = load_checkpoint(checkpoint).card
+    if card.arch == "late_fusion" and card.presence_input is not None:
+        raise EdgebcError(
+            f"{checkpoint}: a fusion model trained with model.fusion (branches over several "
+            "inputs, presence input); its export as branch graphs and a head is not done yet "
+            "(docs/RUNTIME.md, fusion)"
+        )

@@ -249,6 +249,10 @@ def test_fusion_beats_each_modality_when_both_carry_the_class(tmp_path):
     assert low < report["both_minus_us_only"]["auc_difference"] < high
     with pytest.raises(EdgebcError, match="fusion_eval"):  # edgebc eval feeds images
         evaluate_checkpoint(result.best_checkpoint, tmp_path / "split.csv", tmp_path / "eval")
+    from edgebc.export.bundle import ExportOptions, run_export
+
+    with pytest.raises(EdgebcError, match="export as branch graphs and a head is not done yet"):
+        run_export(result.best_checkpoint, ExportOptions(out_dir=str(tmp_path / "x")))
     share = report["share_by_ablation"]
     assert share["us"] + share["mg"] == pytest.approx(1.0) and 0.2 < share["us"] < 0.8
 
