@@ -115,6 +115,23 @@ class DisplaySettings:
 
 
 @dataclass(frozen=True)
+class CaseSettings:
+    """A fusion model's case context: the mammograms attached to the live stream (POST /v1/case)."""
+
+    # No ultrasound frame for this long ends the case: its mammograms are detached (an audit
+    # record), so a stale attachment never fuses with the next patient's frames.
+    idle_detach_s: float = 120.0
+    max_mammograms: int = 8  # mammograms in one attach
+    max_body_bytes: int = 96 * 1024**2  # the attach request's JSON body (base64 images)
+
+    def __post_init__(self) -> None:
+        if self.idle_detach_s <= 0:
+            raise ValueError(f"case.idle_detach_s must be positive, got {self.idle_detach_s}")
+        if self.max_mammograms < 1 or self.max_body_bytes < 1024:
+            raise ValueError("case.max_mammograms must be >= 1 and case.max_body_bytes >= 1024")
+
+
+@dataclass(frozen=True)
 class ServeSettings(ClassifierSettings):
     source: str = DEMO_SOURCE
     require_verified_model: bool = True  # not ready unless a MANIFEST.sha256 lists the model
@@ -149,6 +166,7 @@ class ServeSettings(ClassifierSettings):
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     display: DisplaySettings = field(default_factory=DisplaySettings)
+    case: CaseSettings = field(default_factory=CaseSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()
