@@ -27,15 +27,19 @@ from tests.test_serve import TOKEN, png_bytes, settings_for, wait_until
 L_CC = ImageView.from_code("L-CC")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def export_fusion_model(root):
+    """The small two-branch model of tests/test_fusion_runtime.py, exported: its head graph."""
     import torch
 
-    root = tmp_path_factory.mktemp("fusion-serve")
     torch.set_num_threads(1)
     _fusion_checkpoint(root / "fusion.pt")
     assert main(["export", str(root / "fusion.pt"), "--out", str(root / "export"), "--name", "fusion"]) == 0  # fmt: skip
     return root / "export" / "fusion.onnx"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return export_fusion_model(tmp_path_factory.mktemp("fusion-serve"))
 
 
 def _attach_body(case, films, view="L-CC"):
@@ -76,6 +80,14 @@ def test_serve_fuses_the_live_stream_with_an_attached_case_and_audits_it(model, 
         assert fused.decision.probabilities == pytest.approx(expected, abs=1e-5)
         alone = _reference(model, None).classify(fused.frame.image).decision.probabilities
         assert max(abs(expected[k] - alone[k]) for k in expected) > 1e-4  # the film mattered
+        # an upload is not the live patient: ultrasound alone, whatever is attached
+        scan = _ultrasound(1)
+        upload = client.post(
+            "/v1/classify", content=png_bytes(scan), headers={"Content-Type": "image/png"}
+        )
+        assert upload.status_code == 200, upload.text
+        solo = _reference(model, None).classify(scan).decision.probabilities
+        assert upload.json()["probabilities"] == pytest.approx(solo, abs=1e-5)
         view = client.get("/v1/status").json()
         assert view["case"]["case"] == "case-A" and view["case"]["views"] == ["L-CC"]
         assert client.delete("/v1/case").json() == {"detached": "case-A"}
@@ -89,6 +101,8 @@ def test_serve_fuses_the_live_stream_with_an_attached_case_and_audits_it(model, 
     assert [(e["event"], e["case"], e["reason"]) for e in events] == [
         ("attach", "case-A", None), ("detach", "case-A", "operator")]  # fmt: skip
     assert events[0]["mammograms"][0]["pixels_sha256"] == digest and "data" not in events[0]
+    uploads = [json.loads(r["source"]) for r in rows if r["source"].startswith('{"frame":"upload"')]
+    assert [(u["case"], u["modalities"]) for u in uploads] == [(None, ["us"])]
     frames = [json.loads(r["source"]) for r in rows if r["frame_sha256"]]
     with_mg = [f for f in frames if f["modalities"] == ["us", "mg"]]
     assert with_mg and all(f["case"] == "case-A" and f["mammograms"][0]["pixels_sha256"] == digest
@@ -171,17 +185,43 @@ def test_attach_errors_are_clear_and_change_nothing(model, tmp_path, monkeypatch
         assert client.get("/v1/case", headers=auth).json() is None  # nothing was attached
         schema = client.get("/openapi.json", headers=auth).json()
         post = schema["paths"]["/v1/case"]["post"]
-        assert {"409", "413", "415", "422", "503"} <= set(post["responses"])
+        assert {"413", "415", "422", "503"} <= set(post["responses"])
         assert "application/json" in post["requestBody"]["content"]
+        limits = post["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert limits["mammograms"]["maxItems"] == 2  # this server's case.max_mammograms
         assert {"get", "post", "delete"} <= set(schema["paths"]["/v1/case"])
 
 
-def test_a_single_model_cart_refuses_mammograms_with_409(tmp_path):
+def test_a_single_model_cart_has_no_case_endpoints(tmp_path):
     runtime = build_runtime(settings_for(tmp_path))
     with TestClient(create_app(runtime)) as client:
         answer = client.post("/v1/case", json=_attach_body("c", [np.zeros((8, 8), np.uint8)]))
-        assert (
-            answer.status_code == 409 and "not a mammogram + ultrasound fusion model" in answer.text
-        )
-        assert client.delete("/v1/case").status_code == 409
-        assert client.get("/v1/status").json()["case"] is None
+        assert answer.status_code == 404 and client.delete("/v1/case").status_code == 404
+        assert "/v1/case" not in client.get("/openapi.json").json()["paths"]
+        view = client.get("/v1/status").json()
+        assert view["case"] is None and view["fusion"] is False
+
+
+def test_the_case_endpoints_answer_as_their_schema_says_under_all_checks(model, tmp_path):
+    """The schemathesis run of tests/test_api_schema.py against a fusion model's cart, whose
+    schema has the case endpoints; a schema-valid mammogram is no readable image either (422)."""
+    pytest.importorskip("schemathesis", reason="needs the [dev] extra")
+    import subprocess
+
+    from tests.serve_process import ServerProcess
+    from tests.test_api_schema import CONFIG, ROOT, schemathesis_cli
+
+    (tmp_path / "token").write_text(TOKEN)
+    with ServerProcess(tmp_path, "--set", f"token_file={tmp_path / 'token'}", "--set", f"model={model}") as server:  # fmt: skip
+        server.wait_ready()
+        run = subprocess.run(
+            [schemathesis_cli(), "--config-file", str(CONFIG), "run", server.url + "/openapi.json",
+             "--checks", "all", "-H", f"Authorization: Bearer {TOKEN}", "--max-examples", "60",
+             "--seed", "21", "--suppress-health-check", "all", "--no-color",
+             "--include-path-regex", "^/v1/(case|classify)$"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+        server.stop()
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-4000:]
+    assert "Tested: 4" in report, report[-2000:]  # GET, POST, DELETE /v1/case; POST /v1/classify

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from edgebc.decode import DecodeBusyError, sniff_format
 from edgebc.errors import ImageDecodeError
-from edgebc.serve.case_context import CASE_PATTERN
+from edgebc.serve.case_context import CASE_PATTERN, LiveFusion
 from edgebc.serve.prometheus import metrics_text
 from edgebc.serve.runtime import ServeRuntime, UploadsBusy
 
@@ -324,30 +324,28 @@ class Detached(BaseModel):
     detached: str | None  # the case detached; None: none was attached
 
 
-CASE_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {
-        "model": Problem,
-        "description": "the model is not a mammogram + ultrasound fusion model",
-    },
-}
+# Included only when the model is a mammogram + ultrasound fusion model (create_app): the schema
+# of a single-model cart has no case endpoints, and /v1/case there is 404.
+cases = APIRouter(
+    dependencies=[Depends(authorised)],
+    responses={401: {"model": Problem, "description": "missing or wrong bearer token"}},
+)
 
 
-@api.get("/v1/case", response_model=CaseView | None, responses=CASE_ERRORS,
+@cases.get("/v1/case", response_model=CaseView | None,
          summary="the case whose mammograms are attached to the live stream (null: none)")  # fmt: skip
 def case(runtime: Runtime) -> Any:
-    _fusion_model(runtime)
-    return runtime.fusion.view() if runtime.fusion else None
+    return _fusion_model(runtime).view()
 
 
-@api.delete("/v1/case", response_model=Detached, responses=CASE_ERRORS,
+@cases.delete("/v1/case", response_model=Detached,
             summary="detach the case's mammograms (the operator ends the case): frames are "
             "ultrasound-only again; an audit record")  # fmt: skip
 def detach_case(runtime: Runtime) -> Any:
-    _fusion_model(runtime)
-    return {"detached": runtime.fusion.detach("operator") if runtime.fusion else None}
+    return {"detached": _fusion_model(runtime).detach("operator")}
 
 
-@api.post(
+@cases.post(
     "/v1/case",
     response_model=CaseView,
     summary="attach a case's stored mammogram views to the live ultrasound stream (a fusion "
@@ -355,7 +353,6 @@ def detach_case(runtime: Runtime) -> Any:
     "attach, or case.idle_detach_s without frames); each attach and detach is an audit record",
     openapi_extra={"requestBody": ATTACH_BODY},
     responses={
-        **CASE_ERRORS,
         400: {"model": Problem, "description": "Content-Length is not a number"},
         408: {"model": Problem, "description": "the body arrived too slowly"},
         411: {"model": Problem, "description": "no body"},
@@ -369,7 +366,6 @@ def detach_case(runtime: Runtime) -> Any:
     },
 )  # fmt: skip
 async def attach_case(runtime: Runtime, request: Request) -> Any:
-    _fusion_model(runtime)
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if declared != "application/json":
         raise HTTPException(415, f"Content-Type {declared or '(none)'} is not accepted; send "
@@ -410,10 +406,10 @@ async def attach_case(runtime: Runtime, request: Request) -> Any:
         runtime.uploads.leave()
 
 
-def _fusion_model(runtime: ServeRuntime) -> None:
-    if runtime.fusion is None:
-        raise HTTPException(409, f"model {runtime.backend.card.name} is not a mammogram + "
-                            "ultrasound fusion model: it takes no mammograms")  # fmt: skip
+def _fusion_model(runtime: ServeRuntime) -> LiveFusion:
+    if runtime.fusion is None:  # the routes are only included for one: a runtime swapped under them
+        raise HTTPException(404, "this cart's model is not a mammogram + ultrasound fusion model")
+    return runtime.fusion
 
 
 def invalid_body_detail(errors: Any) -> str:

@@ -11,6 +11,7 @@ and closes the window).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
-from edgebc.serve.case_context import LiveFusion
+from edgebc.serve.case_context import LiveFusion, used_context
 from edgebc.serve.display import LocalDisplay
 from edgebc.serve.live_loop import Display, LivePipeline, LiveResult
 from edgebc.serve.settings import ServeSettings
@@ -355,7 +356,7 @@ class ServeRuntime:
         start within its wait bound (503). Decoding runs on the upload worker too: one upload's
         CPU work at a time, beside the live loop."""
 
-        def work() -> tuple[np.ndarray, Region | None, Decision]:
+        def work() -> tuple[np.ndarray, Region | None, Decision, dict[str, Any] | None]:
             if self.fusion is not None:  # an upload is not the live patient: ultrasound alone
                 image = decode_image(data, "upload", max_pixels=40_000_000,
                                      max_decoded_bytes=self.settings.max_decoded_bytes,
@@ -365,7 +366,8 @@ class ServeRuntime:
                 fused = self.fusion.fusion
                 alone = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate,
                                          fused.threshold)  # fmt: skip
-                return image, None, alone.classify(image).decision
+                decided = alone.classify(image)
+                return image, None, decided.decision, used_context(decided, None)
             # a mammography model gets a grey DICOM at its full depth, and the header's view
             mammogram = self.backend.card.inputs[0].modality == "mg"
             image = decode_image(data, "upload", max_pixels=40_000_000,
@@ -378,16 +380,19 @@ class ServeRuntime:
                 raise EdgebcError("a fusion model's uploads are classified above")
             # one upload is one frame: its own verdict, a window of one the live stream never sees
             classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
-            return image, crop, classifier.classify(image, view)
+            return image, crop, classifier.classify(image, view), None
 
-        image, crop, decision = self.uploads.run(work)
+        image, crop, decision, context = self.uploads.run(work)
         fields = decision.to_json()
         digest = hashlib.sha256(data).hexdigest()
+        source = "upload"
+        if context is not None:  # a fusion model's: what it used (ultrasound alone), as live
+            source = json.dumps({"frame": source, **context}, separators=(",", ":"))
         self.audit.record(
             record_of(
                 decision,
                 captured_at=time.time(),
-                source="upload",
+                source=source,
                 frame_sha256=digest,
                 latencies_ms=decision.timings_ms,
                 pixels=image if self.audit.store_pixels else None,
@@ -401,10 +406,10 @@ class ServeRuntime:
     def attach_case(self, case: str, uploads: Sequence[tuple[bytes, str | None]]) -> dict[str, Any]:
         """Decode a case's uploaded mammograms (DICOM at full depth with its header's view, or
         PNG/JPEG with a stated view) and attach them to the live stream, on the upload worker.
-        Raises NotAFusionModel (409), ImageDecodeError / ValueError (422), busy errors (503)."""
+        Raises ImageDecodeError / ValueError (422), busy errors (503)."""
         fusion = self.fusion
         if fusion is None:
-            raise NotAFusionModel(
+            raise EdgebcError(
                 f"model {self.backend.card.name} is not a mammogram + ultrasound fusion model: "
                 "it takes no mammograms"
             )
@@ -442,10 +447,6 @@ class ServeRuntime:
                     )
                 view = ImageView.hung(given.laterality or "L", given.position, header)
         return Mammogram(image, view, name)
-
-
-class NotAFusionModel(EdgebcError):
-    """A case's mammograms were sent to a cart whose model takes none (409)."""
 
 
 def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
