@@ -3,6 +3,7 @@ frame until the case ends (operator, new attach, idle time), every attach, detac
 in the audit trail with the mammograms' hashes; a stale attachment never meets the next patient."""
 
 import base64
+import itertools
 import json
 
 import numpy as np
@@ -57,6 +58,13 @@ def _reference(model, film):
 
 def test_serve_fuses_the_live_stream_with_an_attached_case_and_audits_it(model, tmp_path):
     runtime = build_runtime(settings_for(tmp_path, model=str(model)))
+    shown = []  # every result the screens were handed
+
+    class Recorder:
+        name = "recorder"
+        handle, close = shown.append, lambda: None
+
+    runtime.pipeline.screens.append(Recorder())
     film = _film()
     with TestClient(create_app(runtime)) as client:
         status = wait_until(lambda: (v := client.get("/v1/status").json())["per_frame"] and v,
@@ -96,6 +104,12 @@ def test_serve_fuses_the_live_stream_with_an_attached_case_and_audits_it(model, 
                            what="a frame after the detach")  # fmt: skip
         assert later.context == {"case": None, "inputs_used": ["us"], "modalities": ["us"], "mammograms": []}  # fmt: skip
         assert client.get("/v1/case").json() is None
+    # the displayed (smoothed) decision starts afresh with each case: a fused frame is never
+    # averaged with frames fused with another case, or with none
+    changes = [b for a, b in itertools.pairwise(shown) if a.context["case"] != b.context["case"]]
+    assert len(changes) == 2  # attach, detach
+    for result in changes:
+        assert result.smoothed.probabilities == pytest.approx(result.decision.probabilities)
     rows = read_trail(tmp_path / "audit.sqlite")
     events = [json.loads(r["source"]) for r in rows if r["quality"].startswith("no decision: case")]
     assert [(e["event"], e["case"], e["reason"]) for e in events] == [
