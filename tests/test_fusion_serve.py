@@ -232,10 +232,47 @@ def test_the_case_endpoints_answer_as_their_schema_says_under_all_checks(model, 
             [schemathesis_cli(), "--config-file", str(CONFIG), "run", server.url + "/openapi.json",
              "--checks", "all", "-H", f"Authorization: Bearer {TOKEN}", "--max-examples", "60",
              "--seed", "21", "--suppress-health-check", "all", "--no-color",
-             "--include-path-regex", "^/v1/(case|classify)$"],
+             "--include-path-regex", "^/v1/(case|cases|classify)$"],
             capture_output=True, text=True, timeout=300, cwd=ROOT,
         )  # fmt: skip
         server.stop()
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-4000:]
-    assert "Tested: 4" in report, report[-2000:]  # GET, POST, DELETE /v1/case; POST /v1/classify
+    assert "Tested: 5" in report, report[-2000:]  # /v1/case's three, POST /v1/cases, /v1/classify
+
+
+def test_one_uploaded_case_is_classified_with_both_modalities(model, tmp_path):
+    runtime = build_runtime(settings_for(tmp_path, model=str(model)))
+    film, scans = _film(), [_ultrasound(k) for k in range(2)]
+    body = {"case": "upload-9", "ultrasound": [{"data": base64.b64encode(png_bytes(u)).decode()} for u in scans],
+            "mammograms": _attach_body("upload-9", [film])["mammograms"]}  # fmt: skip
+    with TestClient(create_app(runtime)) as client:
+        answer = client.post("/v1/cases", json=body)
+        alone = client.post("/v1/cases", json={**body, "mammograms": []})
+        too_many = client.post("/v1/cases", json={**body, "ultrasound": body["ultrasound"] * 9})
+        assert client.get("/v1/case").json() is None  # the live stream's attachment: untouched
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    reference = _reference(model, film)
+    frames = reference.classify_batch(scans)
+    expected = reference.case_decision(frames)
+    assert result["decision"]["probabilities"] == pytest.approx(
+        expected.decision.probabilities, abs=1e-5
+    )
+    assert result["decision"]["modalities"] == ["us", "mg"] and result["case"] == "upload-9"
+    for image, frame in zip(result["images"], frames, strict=True):
+        assert image["probabilities"] == pytest.approx(frame.decision.probabilities, abs=1e-5)
+        assert image["inputs_used"] == ["us", "mg_cc"]
+    assert result["mammograms"][0]["pixels_sha256"] == pixels_sha256(film)
+    assert alone.json()["decision"]["modalities"] == ["us"]
+    only_us = _reference(model, None).case_decision(_reference(model, None).classify_batch(scans))
+    assert alone.json()["decision"]["probabilities"] == pytest.approx(
+        only_us.decision.probabilities, abs=1e-5
+    )
+    assert too_many.status_code == 413 and "at most 16" in too_many.json()["detail"]
+    assert runtime.audit.flush()
+    rows = [json.loads(r["source"]) for r in read_trail(tmp_path / "audit.sqlite")
+            if r["source"] and r["source"].startswith('{"frame":') and r["source"].find("upload-9") > 0]  # fmt: skip
+    fused = [r for r in rows if r["modalities"] == ["us", "mg"]]
+    assert len(fused) == 3 and sum(1 for r in fused if r.get("case decision")) == 1
+    assert all(r["mammograms"][0]["pixels_sha256"] == pixels_sha256(film) for r in fused)

@@ -80,8 +80,8 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     _allow_every_method_of_a_path(app)
     _declare_the_upload_limit(app, runtime.settings.max_upload_bytes)
     if runtime.fusion is not None:
-        _declare_the_case_limits(app, runtime.settings.case.max_mammograms,
-                                 runtime.settings.case.max_body_bytes)  # fmt: skip
+        limits = runtime.settings.case
+        _declare_the_case_limits(app, limits.max_mammograms, limits.max_ultrasound, limits.max_body_bytes)  # fmt: skip
     app.add_exception_handler(AuditUnavailableError, _audit_unavailable)
     if runtime.token is not None:
         _guard_the_schema(app, runtime.token)
@@ -145,7 +145,7 @@ def _allow_every_method_of_a_path(app: Any) -> None:
     app.add_exception_handler(405, not_allowed)
 
 
-def _declare_the_case_limits(app: Any, most: int, limit: int) -> None:
+def _declare_the_case_limits(app: Any, most: int, frames: int, limit: int) -> None:
     """The attach body's schema states this server's limits: at most `most` mammograms (a
     schema-valid attach is never refused for its count) and `limit` bytes."""
     generated = app.openapi
@@ -159,6 +159,13 @@ def _declare_the_case_limits(app: Any, most: int, limit: int) -> None:
             schema["properties"] = {**schema["properties"],
                                     "mammograms": {**schema["properties"]["mammograms"], "maxItems": most}}  # fmt: skip
             json_body["schema"] = schema
+            case = generated()["paths"]["/v1/cases"]["post"]["requestBody"]
+            case["description"] += f": {limit} bytes on this server (413 above)"
+            upload = case["content"]["application/json"]
+            upload["schema"] = {**upload["schema"], "properties": {
+                **upload["schema"]["properties"],
+                "mammograms": {**upload["schema"]["properties"]["mammograms"], "maxItems": most},
+                "ultrasound": {**upload["schema"]["properties"]["ultrasound"], "maxItems": frames}}}  # fmt: skip
         built: dict[str, Any] = app.openapi_schema
         return built
 

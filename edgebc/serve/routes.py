@@ -267,6 +267,14 @@ async def classify(
 
 # -- a fusion model's case context: the patient's mammograms attached to the live stream ---------
 VIEW_PATTERN = r"^[LR]-[A-Z]{2,8}$"
+MAMMOGRAMS_SCHEMA: dict[str, Any] = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["data"], "additionalProperties": False,
+    "properties": {
+        "data": {"type": "string", "format": "byte", "minLength": 4,
+                 "description": "the image file (DICOM, PNG or JPEG), base64"},
+        "view": {"anyOf": [{"type": "string", "pattern": VIEW_PATTERN}, {"type": "null"}],
+                 "description": "L-CC, R-MLO, ...: the view of a file whose header says none"},
+    }}}  # fmt: skip
 ATTACH_BODY = {
     "required": True,
     "description": "the case id the operator entered (an id, never a name: no patient field is "
@@ -276,16 +284,32 @@ ATTACH_BODY = {
         "type": "object", "required": ["case", "mammograms"], "additionalProperties": False,
         "properties": {
             "case": {"type": "string", "pattern": CASE_PATTERN},
-            "mammograms": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["data"], "additionalProperties": False,
-                "properties": {
-                    "data": {"type": "string", "format": "byte", "minLength": 4,
-                             "description": "the image file (DICOM, PNG or JPEG), base64"},
-                    "view": {"anyOf": [{"type": "string", "pattern": VIEW_PATTERN}, {"type": "null"}],
-                             "description": "L-CC, R-MLO, ...: the view of a file whose header says none"},
-                }}},
+            "mammograms": MAMMOGRAMS_SCHEMA,
         }}}},
 }  # fmt: skip
+
+
+CASE_BODY = {
+    "required": True,
+    "description": "one case: the case id (an id, never a name), its ultrasound images and its "
+    "mammogram views (none: ultrasound alone), each file's bytes in base64; at most "
+    "case.max_body_bytes",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["case", "ultrasound"], "additionalProperties": False,
+        "properties": {
+            "case": {"type": "string", "pattern": CASE_PATTERN},
+            "ultrasound": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["data"], "additionalProperties": False,
+                "properties": {"data": {"type": "string", "format": "byte", "minLength": 4,
+                                        "description": "an ultrasound image (PNG, JPEG, DICOM), base64"}}}},
+            "mammograms": {**MAMMOGRAMS_SCHEMA, "minItems": 0},
+        }}}},
+}  # fmt: skip
+
+
+class UltrasoundUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(min_length=4)
 
 
 class MammogramUpload(BaseModel):
@@ -298,6 +322,13 @@ class CaseAttach(BaseModel):
     model_config = ConfigDict(extra="forbid")
     case: str = Field(pattern=CASE_PATTERN)
     mammograms: list[MammogramUpload] = Field(min_length=1)
+
+
+class CaseUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    case: str = Field(pattern=CASE_PATTERN)
+    ultrasound: list[UltrasoundUpload] = Field(min_length=1)
+    mammograms: list[MammogramUpload] = Field(default_factory=list)
 
 
 class MammogramFacts(BaseModel):
@@ -318,6 +349,16 @@ class CaseView(BaseModel):
     mammograms: list[MammogramFacts]
     attached_at: str
     idle_detach_in_s: float | None = None
+
+
+class CaseResult(BaseModel):
+    """POST /v1/cases' answer: the case's decision (the mean of its decided images'
+    probabilities, by the one decision rule), each image's, and what became of each mammogram."""
+
+    case: str
+    decision: dict[str, Any]  # Decision.to_json() with inputs_used and modalities
+    images: list[dict[str, Any]]  # each ultrasound image's, with its input_sha256
+    mammograms: list[MammogramFacts]
 
 
 class Detached(BaseModel):
@@ -366,10 +407,65 @@ def detach_case(runtime: Runtime) -> Any:
     },
 )  # fmt: skip
 async def attach_case(runtime: Runtime, request: Request) -> Any:
+    def attach(given: Any) -> Any:
+        mammograms = _files(given.mammograms, "mammograms", runtime.settings.case.max_mammograms)
+        return runtime.attach_case(given.case, mammograms)
+
+    return await _case_request(runtime, request, CaseAttach, attach)
+
+
+@cases.post(
+    "/v1/cases",
+    response_model=CaseResult,
+    summary="classify one uploaded case of a fusion model: its ultrasound images fused with its "
+    "mammogram views (none: ultrasound alone); a decision per image and for the case, each an "
+    "audit record with the mammograms' hashes; the live stream's attachment is not touched",
+    openapi_extra={"requestBody": CASE_BODY},
+    responses={
+        400: {"model": Problem, "description": "Content-Length is not a number"},
+        408: {"model": Problem, "description": "the body arrived too slowly"},
+        411: {"model": Problem, "description": "no body"},
+        413: {"model": Problem, "description": "body larger than case.max_body_bytes, or more "
+              "images than case.max_mammograms / case.max_ultrasound"},
+        415: {"model": Problem, "description": "Content-Type is not application/json"},
+        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
+              "not readable base64 or a readable image, or a stated view contradicts its header"},
+        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
+              "trail cannot record the decisions now; retry after the Retry-After seconds"},
+    },
+)  # fmt: skip
+async def classify_case(runtime: Runtime, request: Request) -> Any:
+    def classify(given: Any) -> Any:
+        limits = runtime.settings.case
+        ultrasound = _files(given.ultrasound, "ultrasound", limits.max_ultrasound)
+        mammograms = _files(given.mammograms, "mammograms", limits.max_mammograms)
+        return runtime.classify_case(given.case, [data for data, _ in ultrasound], mammograms)
+
+    return await _case_request(runtime, request, CaseUpload, classify)
+
+
+def _files(items: Any, field: str, most: int) -> list[tuple[bytes, str | None]]:
+    """The uploaded files' bytes and stated views; 413 beyond `most`, 422 for bad base64."""
+    if len(items) > most:
+        raise HTTPException(413, f"{len(items)} {field} images; at most {most} per case")
+    files = []
+    for k, item in enumerate(items):
+        try:
+            files.append((base64.b64decode(item.data, validate=True), getattr(item, "view", None)))
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPException(422, f"{field}[{k}].data is not base64: {exc}") from exc
+    return files
+
+
+async def _case_request(
+    runtime: ServeRuntime, request: Request, schema: type[BaseModel], work: Any
+) -> Any:
+    """A case's JSON body within case.max_body_bytes (as an upload's: 415, 400, 413, 408, 411),
+    validated against `schema` (422), then `work(body)` on a thread, its errors as answers."""
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if declared != "application/json":
         raise HTTPException(415, f"Content-Type {declared or '(none)'} is not accepted; send "
-                            "application/json: {\"case\": ..., \"mammograms\": [...]}")  # fmt: skip
+                            "application/json (the documented case object)")  # fmt: skip
     limit = runtime.settings.case.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None:
@@ -378,26 +474,15 @@ async def attach_case(runtime: Runtime, request: Request) -> Any:
         if int(length) > limit:
             raise HTTPException(413, f"the body is {int(length)} bytes; the limit is {limit} bytes")
     if not runtime.uploads.try_enter():
-        raise HTTPException(
-            503, "uploads are in progress; retry shortly", headers={"Retry-After": "1"}
-        )
+        raise HTTPException(503, "uploads are in progress; retry shortly", headers={"Retry-After": "1"})  # fmt: skip
     try:
         body = await _read_body(request, limit, runtime)
         try:
-            given = CaseAttach.model_validate_json(bytes(body))
+            given = schema.model_validate_json(bytes(body))
         except ValidationError as exc:
             raise HTTPException(422, invalid_body_detail(exc.errors())) from exc
-        most = runtime.settings.case.max_mammograms
-        if len(given.mammograms) > most:
-            raise HTTPException(413, f"{len(given.mammograms)} mammograms; at most {most} per case")
-        files = []
-        for k, mammogram in enumerate(given.mammograms):
-            try:
-                files.append((base64.b64decode(mammogram.data, validate=True), mammogram.view))
-            except (binascii.Error, ValueError) as exc:
-                raise HTTPException(422, f"mammograms[{k}].data is not base64: {exc}") from exc
         try:
-            return await run_in_threadpool(runtime.attach_case, given.case, files)
+            return await run_in_threadpool(work, given)
         except (DecodeBusyError, UploadsBusy) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
         except (ImageDecodeError, ValueError) as exc:

@@ -34,12 +34,12 @@ from edgebc.config import to_mapping
 from edgebc.decode import SHARED_DECODE_BUDGET, ImageView, decode_image, read_image_view
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, Mammogram, view_code
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, view_code
 from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
-from edgebc.serve.case_context import LiveFusion, used_context
+from edgebc.serve.case_context import Attachment, LiveFusion, used_context
 from edgebc.serve.display import LocalDisplay
 from edgebc.serve.live_loop import Display, LivePipeline, LiveResult
 from edgebc.serve.settings import ServeSettings
@@ -422,6 +422,50 @@ class ServeRuntime:
 
         answer: dict[str, Any] = self.uploads.run(work)
         return answer
+
+    def classify_case(self, case: str, ultrasound: Sequence[bytes],
+                      mammograms: Sequence[tuple[bytes, str | None]]) -> dict[str, Any]:  # fmt: skip
+        """One uploaded case of a fusion model, on the upload worker: its mammograms embedded
+        (apart from the live stream's attachment, which it never touches), each ultrasound image
+        fused with them, and the case decided from its images; a record per image and one for
+        the case, each with the mammograms' hashes. Errors as `attach_case`'s."""
+        fusion = self.fusion
+        if fusion is None:
+            raise EdgebcError(f"model {self.backend.card.name} is not a fusion model")
+
+        def work() -> tuple[list[FusionDecision], FusionDecision, Attachment]:
+            images = [decode_image(data, f"ultrasound {k + 1}", max_pixels=40_000_000,
+                                   max_decoded_bytes=self.settings.max_decoded_bytes,
+                                   wait_s=self.settings.decode_wait_s)
+                      for k, data in enumerate(ultrasound)]  # fmt: skip
+            given = [
+                self._mammogram(k, data, stated) for k, (data, stated) in enumerate(mammograms)
+            ]
+            fused = fusion.fusion
+            scratch = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate, fused.threshold)  # fmt: skip
+            context = scratch.attach(case, given)
+            decisions = scratch.classify_batch(images)
+            attachment = Attachment(case, context, tuple(view_code(m.view) for m in given),
+                                    time.time(), time.monotonic())  # fmt: skip
+            return decisions, scratch.case_decision(decisions), attachment
+
+        decisions, decided, attachment = self.uploads.run(work)
+        digests = [hashlib.sha256(data).hexdigest() for data in ultrasound]
+        rows = [(d, {"frame": "case upload", "input_sha256": h, **used_context(d, attachment)})
+                for d, h in zip(decisions, digests, strict=True)]  # fmt: skip
+        rows.append((decided, {"frame": None, "case decision": True, **used_context(decided, attachment)}))  # fmt: skip
+        for fused_decision, facts in rows:
+            self.audit.record(record_of(fused_decision.decision, captured_at=time.time(),
+                                        source=json.dumps(facts, separators=(",", ":")),
+                                        frame_sha256=facts.get("input_sha256"),
+                                        latencies_ms=fused_decision.decision.timings_ms))  # fmt: skip
+
+        def answer(d: FusionDecision) -> dict[str, Any]:
+            return {**d.decision.to_json(), "inputs_used": list(d.inputs), "modalities": list(d.modalities)}  # fmt: skip
+
+        return {"case": case, "decision": answer(decided),
+                "images": [{**answer(d), "input_sha256": h} for d, h in zip(decisions, digests, strict=True)],
+                "mammograms": attachment.mammograms()}  # fmt: skip
 
     def _mammogram(self, k: int, data: bytes, stated: str | None) -> Mammogram:
         """One uploaded mammogram: its pixels at full depth, its view from its DICOM header, or

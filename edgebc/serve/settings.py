@@ -121,14 +121,18 @@ class CaseSettings:
     # No ultrasound frame for this long ends the case: its mammograms are detached (an audit
     # record), so a stale attachment never fuses with the next patient's frames.
     idle_detach_s: float = 120.0
-    max_mammograms: int = 8  # mammograms in one attach
+    max_mammograms: int = 8  # mammograms in one attach or one POST /v1/cases
+    max_ultrasound: int = 16  # ultrasound images in one POST /v1/cases
     max_body_bytes: int = 96 * 1024**2  # the attach request's JSON body (base64 images)
 
     def __post_init__(self) -> None:
         if self.idle_detach_s <= 0:
             raise ValueError(f"case.idle_detach_s must be positive, got {self.idle_detach_s}")
-        if self.max_mammograms < 1 or self.max_body_bytes < 1024:
-            raise ValueError("case.max_mammograms must be >= 1 and case.max_body_bytes >= 1024")
+        if min(self.max_mammograms, self.max_ultrasound) < 1 or self.max_body_bytes < 1024:
+            raise ValueError(
+                "case.max_mammograms and case.max_ultrasound must be >= 1 and "
+                "case.max_body_bytes >= 1024"
+            )
 
 
 @dataclass(frozen=True)
