@@ -140,9 +140,11 @@ def test_a_stale_attachment_never_fuses_with_the_next_patients_frames(model):
     live.attach("A", [Mammogram(film_a, L_CC)])
     decided, used = live.classify(frames[0])
     assert decided.case == "A" and used["modalities"] == ["us", "mg"]
-    now[0] += 29.0  # within the idle time (counted from the last frame): still attached
+    now[0] += 29.0  # within the idle time (from the last frame that passed the gate): attached
     assert live.classify(frames[1])[0].case == "A"
-    now[0] += 30.5  # the probe lay idle: the case ended, even with no tick in between
+    now[0] += 20.0  # frames that fail the gate (the probe in the air) are not scanning
+    assert live.classify(np.full((96, 128), 128, np.uint8))[0].decision.label is None
+    now[0] += 10.5  # the probe lay idle: the case ended, even with no tick in between
     decided, used = live.classify(frames[2])
     assert decided.case is None and decided.inputs == ("us",) and used["mammograms"] == []
     alone = _reference(model, None).classify(frames[2]).decision.probabilities

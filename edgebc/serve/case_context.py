@@ -3,7 +3,8 @@ fusion model, and detached when her case ends, every change an audit record.
 
 Attaching a mammogram to a live scan binds it to a patient, so an attachment names its case (an
 operator-entered case id) and ends with it: the operator detaches, another case is attached, or
-no frame arrives for `idle_detach_s` (the probe is down, the next patient is being prepared).
+no ultrasound frame passes the quality gate for `idle_detach_s` (the probe is down or in the
+air, the next patient is being prepared).
 The idle check runs before each frame is fused, so a frame after a gap is never fused with the
 previous case's mammograms even when no tick has expired it yet. Frames and attach/detach are
 serialised by one lock: a frame is fused with one context and recorded with that same context.
@@ -100,7 +101,8 @@ class LiveFusion:
             now = self.clock()
             self._expire(now)
             decided = self.fusion.classify(image)
-            self._last_frame = now
+            if decided.decision.quality.ok:  # scanning: a probe in the air between patients is not
+                self._last_frame = now
             return decided, used_context(decided, self._attachment)
 
     def reset_stream(self) -> None:

@@ -118,8 +118,8 @@ class DisplaySettings:
 class CaseSettings:
     """A fusion model's case context: the mammograms attached to the live stream (POST /v1/case)."""
 
-    # No ultrasound frame for this long ends the case: its mammograms are detached (an audit
-    # record), so a stale attachment never fuses with the next patient's frames.
+    # No ultrasound frame passing the quality gate for this long ends the case: its mammograms are
+    # detached (an audit record), so a stale attachment never fuses with the next patient's frames.
     idle_detach_s: float = 120.0
     max_mammograms: int = 8  # mammograms in one attach or one POST /v1/cases
     max_ultrasound: int = 16  # ultrasound images in one POST /v1/cases
