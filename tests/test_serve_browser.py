@@ -79,3 +79,43 @@ def test_the_page_shows_live_frames_and_a_decision_that_updates_then_withdraws(t
         assert "cart service" in page.inner_text("#reason")
         assert page.inner_text("#stats") == "— fps · latency —"  # nothing it last heard stays up
         assert page.inner_text("#feed") == "source: unknown (no contact with the cart service)"
+
+
+def test_the_page_attaches_a_case_shows_it_and_that_the_decision_used_it(tmp_path, page):
+    """A fusion model's cart: the operator attaches a case's mammogram on the page, sees the case
+    and its view, that the decision used the mammogram, and detaches back to ultrasound alone."""
+    pytest.importorskip("torch", reason="the fusion model for the test is built with torch")
+    pytest.importorskip("onnx", reason="the fusion model for the test is exported with onnx")
+    import cv2
+
+    from tests.test_fusion_runtime import _film
+    from tests.test_fusion_serve import export_fusion_model
+
+    model = export_fusion_model(tmp_path)
+    film = tmp_path / "cc.png"
+    cv2.imwrite(str(film), _film())
+    with ServerProcess(tmp_path, "--set", f"model={model}") as server:
+        server.wait_ready()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelector('#used').textContent !== ''", timeout=15000)
+        assert page.inner_text("#case-state") == "mammogram context: none (ultrasound alone)"
+        assert page.inner_text("#used") == "decision used: ultrasound alone"
+        page.fill("#case-id", "case-B7")
+        page.set_input_files("#case-files", str(film))
+        page.fill("#case-views", "l-cc")
+        page.click("#attach")
+        page.wait_for_function("document.querySelector('#used').textContent.includes('mammograms')",
+                               timeout=10000)  # fmt: skip
+        assert page.inner_text("#used") == "decision used: ultrasound + mammograms (case case-B7)"
+        state = page.inner_text("#case-state")
+        assert state.startswith("mammogram context: case case-B7 · views L-CC · ends after")
+        assert server.get("/v1/status").json()["case"]["case"] == "case-B7"
+        page.click("#detach")
+        page.wait_for_function("document.querySelector('#used').textContent.includes('alone')",
+                               timeout=10000)  # fmt: skip
+        assert page.inner_text("#case-state") == "mammogram context: none (ultrasound alone)"
+        page.fill("#case-id", "Jane Doe")  # the page refuses a name before the server does
+        page.set_input_files("#case-files", str(film))
+        page.click("#attach")
+        page.wait_for_timeout(500)
+        assert server.get("/v1/status").json()["case"] is None

@@ -9,6 +9,8 @@
     GET  /healthz        the process and its live loop are alive
     GET  /readyz         model verified, source delivering, audit log writable (503 otherwise)
     GET  /metrics        Prometheus text format
+    POST /v1/case        (a fusion model) attach a case's mammograms to the live stream
+    GET  /v1/case        (a fusion model) the attached case; DELETE /v1/case detaches it
 
 With a bearer token configured, everything but the page, /healthz and /readyz needs
 `Authorization: Bearer <token>` (the API documentation /docs, /redoc and /openapi.json too, and
@@ -72,8 +74,14 @@ def create_app(runtime: ServeRuntime, manage_runtime: bool = True) -> Any:
     app.state.runtime = runtime
     for router in (routes.pages, routes.api, routes.live):
         app.include_router(router)
+    if runtime.fusion is not None:  # a fusion model's case: its mammograms attached, detached
+        app.include_router(routes.cases)
     _answer_invalid_requests_in_one_line(app)
+    _allow_every_method_of_a_path(app)
     _declare_the_upload_limit(app, runtime.settings.max_upload_bytes)
+    if runtime.fusion is not None:
+        limits = runtime.settings.case
+        _declare_the_case_limits(app, limits.max_mammograms, limits.max_ultrasound, limits.max_body_bytes)  # fmt: skip
     app.add_exception_handler(AuditUnavailableError, _audit_unavailable)
     if runtime.token is not None:
         _guard_the_schema(app, runtime.token)
@@ -116,6 +124,50 @@ def _declare_the_upload_limit(app: Any, limit: int) -> None:
             body["description"] += f": {limit} bytes on this server (413 above)"
         schema: dict[str, Any] = app.openapi_schema
         return schema
+
+    app.openapi = openapi
+
+
+def _allow_every_method_of_a_path(app: Any) -> None:
+    """A 405's Allow header lists every method the path documents (/v1/case: GET, POST, DELETE),
+    not only the first matching route's, as Starlette's own would."""
+    from fastapi.responses import JSONResponse
+
+    async def not_allowed(request: Any, exc: Any) -> JSONResponse:
+        given = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        methods = {m.strip() for m in given.split(",") if m.strip()}
+        documented = app.openapi()["paths"].get(request.url.path, {})
+        methods |= {m.upper() for m in documented}
+        headers = {"Allow": ", ".join(sorted(methods))} if methods else None
+        return JSONResponse({"detail": getattr(exc, "detail", "Method Not Allowed")},
+                            status_code=405, headers=headers)  # fmt: skip
+
+    app.add_exception_handler(405, not_allowed)
+
+
+def _declare_the_case_limits(app: Any, most: int, frames: int, limit: int) -> None:
+    """The attach body's schema states this server's limits: at most `most` mammograms (a
+    schema-valid attach is never refused for its count) and `limit` bytes."""
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            body = generated()["paths"]["/v1/case"]["post"]["requestBody"]
+            body["description"] += f": {limit} bytes on this server (413 above)"
+            json_body = body["content"]["application/json"]
+            schema = dict(json_body["schema"])  # copies: the route's declaration is shared
+            schema["properties"] = {**schema["properties"],
+                                    "mammograms": {**schema["properties"]["mammograms"], "maxItems": most}}  # fmt: skip
+            json_body["schema"] = schema
+            case = generated()["paths"]["/v1/cases"]["post"]["requestBody"]
+            case["description"] += f": {limit} bytes on this server (413 above)"
+            upload = case["content"]["application/json"]
+            upload["schema"] = {**upload["schema"], "properties": {
+                **upload["schema"]["properties"],
+                "mammograms": {**upload["schema"]["properties"]["mammograms"], "maxItems": most},
+                "ultrasound": {**upload["schema"]["properties"]["ultrasound"], "maxItems": frames}}}  # fmt: skip
+        built: dict[str, Any] = app.openapi_schema
+        return built
 
     app.openapi = openapi
 

@@ -29,6 +29,7 @@ from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.live import FeedState, LiveReader
 from edgebc.quality import QualityResult
 from edgebc.region import Region, detect_imaging_region
+from edgebc.serve.case_context import LiveFusion
 from edgebc.serve.sinks import LiveStatistics
 from edgebc.smoothing import Smoothed, SmoothingConfig, TemporalSmoother
 from edgebc.sources import Frame
@@ -51,6 +52,9 @@ class LiveResult:
     timings_ms: dict[str, float]
     finished_monotonic: float
     region: Region | None = None  # None: the whole frame
+    # a fusion model's: the case, inputs and modalities the decision used, and the hashes and
+    # views of the mammograms it used (edgebc.serve.case_context.used_context); None otherwise
+    context: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The decision's JSON (`Decision.to_json()`) with the loop's timings, the smoothed
@@ -60,6 +64,7 @@ class LiveResult:
                  "width": width, "height": height, "sha256": self.frame_sha256, "source": self.frame.source}  # fmt: skip
         return {
             **self.decision.to_json(),
+            **({} if self.context is None else {"fusion": self.context}),
             "timings_ms": rounded_ms(self.timings_ms),
             "smoothed": {
                 "label": self.smoothed.label,
@@ -99,7 +104,7 @@ class Display:
 class LivePipeline:
     def __init__(
         self,
-        classifier: FrameClassifier,
+        classifier: FrameClassifier | LiveFusion,
         reader: LiveReader,
         sinks: Sequence[Sink] = (),
         smoothing: SmoothingConfig | None = None,
@@ -131,6 +136,7 @@ class LivePipeline:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgebc-live-pipeline", daemon=True)
         self._sequence = 0
+        self._case: tuple[str | None, tuple[str, ...]] | None = None  # a fusion frame's context
         self.last_beat = time.monotonic()  # each turn of the loop; the systemd watchdog reads it
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -162,8 +168,8 @@ class LivePipeline:
             if frame is None:
                 continue
             try:
-                decision = self._classify(frame)
-                result = self._smooth(frame, decision, waited_ms)
+                decision, context = self._classify(frame)
+                result = self._smooth(frame, decision, waited_ms, context)
             except Exception:  # the loop outlives any one frame: counted and logged
                 self.statistics.failed()
                 log.exception("frame %s from %s could not be processed", frame.index, frame.source)
@@ -173,30 +179,42 @@ class LivePipeline:
     def _read_newest(self) -> tuple[Frame | None, float]:
         waited = time.perf_counter()
         frame = self.reader.latest(timeout=0.1)
+        if frame is None and isinstance(self.classifier, LiveFusion):
+            self.classifier.expire_if_idle()  # a fusion model's case ends after its idle time
         if frame is None and not self.reader.state().ok:
             self.smoother.reset()  # a gap in the feed must not be averaged across
             self.classifier.reset_stream()  # nor judged as one stream
         return frame, (time.perf_counter() - waited) * 1000.0
 
-    def _classify(self, frame: Frame) -> Decision:
+    def _classify(self, frame: Frame) -> tuple[Decision, dict[str, Any] | None]:
+        """The frame's decision and, for a fusion model, what it used (its case context)."""
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
         try:
-            return self.classifier.classify(frame.image, frame.view)
+            decided = self.classifier.classify(frame.image, frame.view)
         except ValueError as exc:  # the region no longer fits: capture resolution changed
             return Decision(None, None, None, self.classifier.threshold,
                             QualityResult(False, str(exc)), self.classifier.backend.model_sha256,
-                            demo=self.classifier.demo)  # fmt: skip
+                            demo=self.classifier.demo), None  # fmt: skip
+        if isinstance(decided, tuple):  # LiveFusion's: (FusionDecision, the context it used)
+            fused, context = decided
+            return fused.decision, context
+        return decided, None
 
-    def _smooth(self, frame: Frame, decision: Decision, waited_ms: float) -> LiveResult:
+    def _smooth(self, frame: Frame, decision: Decision, waited_ms: float,
+                context: dict[str, Any] | None = None) -> LiveResult:  # fmt: skip
         started = time.perf_counter()
+        case = None if context is None else (context["case"], tuple(context["inputs_used"]))
+        if case != self._case:  # never average a case's fused frames with another's (or none)
+            self.smoother.reset()
+            self._case = case
         smoothed = self.smoother.update(decision.probabilities, frame.captured_monotonic)
         timings = {"capture_wait": waited_ms, "read": frame.read_ms, **decision.timings_ms,
                    "smoothing": (time.perf_counter() - started) * 1000.0}  # fmt: skip
         digest = hashlib.sha256(np.ascontiguousarray(frame.image).data).hexdigest()
         self._sequence += 1
         return LiveResult(self._sequence, frame, decision, smoothed, digest, timings,
-                          time.monotonic(), self.classifier.region)  # fmt: skip
+                          time.monotonic(), self.classifier.region, context)  # fmt: skip
 
     def _hand_over(self, result: LiveResult) -> None:
         """The audit trail first; a result it accepted (queued, or counted as lost by the trail's

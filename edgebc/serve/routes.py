@@ -6,6 +6,8 @@ and `live` (the WebSocket, which checks the token in its first message).
 """
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import json
@@ -15,12 +17,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from edgebc.decode import DecodeBusyError, sniff_format
 from edgebc.errors import ImageDecodeError
+from edgebc.serve.case_context import CASE_PATTERN, LiveFusion
 from edgebc.serve.prometheus import metrics_text
 from edgebc.serve.runtime import ServeRuntime, UploadsBusy
 
@@ -261,6 +264,245 @@ async def classify(
         return result
     finally:
         runtime.uploads.leave()
+
+
+# -- a fusion model's case context: the patient's mammograms attached to the live stream ---------
+VIEW_PATTERN = r"^[LR]-[A-Z]{2,8}$"
+MAMMOGRAMS_SCHEMA: dict[str, Any] = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["data"], "additionalProperties": False,
+    "properties": {
+        "data": {"type": "string", "format": "byte", "minLength": 4,
+                 "description": "the image file (DICOM, PNG or JPEG), base64"},
+        "view": {"anyOf": [{"type": "string", "pattern": VIEW_PATTERN}, {"type": "null"}],
+                 "description": "L-CC, R-MLO, ...: the view of a file whose header says none"},
+    }}}  # fmt: skip
+ATTACH_BODY = {
+    "required": True,
+    "description": "the case id the operator entered (an id, never a name: no patient field is "
+    "read or kept) and the case's stored mammogram views, each file's bytes in base64 (DICOM: "
+    "the view from its header; PNG or JPEG: state the view); at most case.max_body_bytes",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["case", "mammograms"], "additionalProperties": False,
+        "properties": {
+            "case": {"type": "string", "pattern": CASE_PATTERN},
+            "mammograms": MAMMOGRAMS_SCHEMA,
+        }}}},
+}  # fmt: skip
+
+
+CASE_BODY = {
+    "required": True,
+    "description": "one case: the case id (an id, never a name), its ultrasound images and its "
+    "mammogram views (none: ultrasound alone), each file's bytes in base64; at most "
+    "case.max_body_bytes",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["case", "ultrasound"], "additionalProperties": False,
+        "properties": {
+            "case": {"type": "string", "pattern": CASE_PATTERN},
+            "ultrasound": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["data"], "additionalProperties": False,
+                "properties": {"data": {"type": "string", "format": "byte", "minLength": 4,
+                                        "description": "an ultrasound image (PNG, JPEG, DICOM), base64"}}}},
+            "mammograms": {**MAMMOGRAMS_SCHEMA, "minItems": 0},
+        }}}},
+}  # fmt: skip
+
+
+class UltrasoundUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(min_length=4)
+
+
+class MammogramUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(min_length=4)
+    view: str | None = Field(None, pattern=VIEW_PATTERN)
+
+
+class CaseAttach(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    case: str = Field(pattern=CASE_PATTERN)
+    mammograms: list[MammogramUpload] = Field(min_length=1)
+
+
+class CaseUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    case: str = Field(pattern=CASE_PATTERN)
+    ultrasound: list[UltrasoundUpload] = Field(min_length=1)
+    mammograms: list[MammogramUpload] = Field(default_factory=list)
+
+
+class MammogramFacts(BaseModel):
+    source: str
+    input: str | None  # the model input it feeds; None: left out (reason)
+    view: str | None
+    pixels_sha256: str
+    quality: str
+    reason: str | None
+
+
+class CaseView(BaseModel):
+    """The case attached to the live stream: what each frame is fused with."""
+
+    case: str
+    inputs: list[str]  # the mammography inputs fed; empty: none passed, frames are US-only
+    views: list[str | None]
+    mammograms: list[MammogramFacts]
+    attached_at: str
+    idle_detach_in_s: float | None = None
+
+
+class CaseResult(BaseModel):
+    """POST /v1/cases' answer: the case's decision (the mean of its decided images'
+    probabilities, by the one decision rule), each image's, and what became of each mammogram."""
+
+    case: str
+    decision: dict[str, Any]  # Decision.to_json() with inputs_used and modalities
+    images: list[dict[str, Any]]  # each ultrasound image's, with its input_sha256
+    mammograms: list[MammogramFacts]
+
+
+class Detached(BaseModel):
+    detached: str | None  # the case detached; None: none was attached
+
+
+# Included only when the model is a mammogram + ultrasound fusion model (create_app): the schema
+# of a single-model cart has no case endpoints, and /v1/case there is 404.
+cases = APIRouter(
+    dependencies=[Depends(authorised)],
+    responses={401: {"model": Problem, "description": "missing or wrong bearer token"}},
+)
+
+
+@cases.get("/v1/case", response_model=CaseView | None,
+         summary="the case whose mammograms are attached to the live stream (null: none)")  # fmt: skip
+def case(runtime: Runtime) -> Any:
+    return _fusion_model(runtime).view()
+
+
+@cases.delete("/v1/case", response_model=Detached,
+            summary="detach the case's mammograms (the operator ends the case): frames are "
+            "ultrasound-only again; an audit record")  # fmt: skip
+def detach_case(runtime: Runtime) -> Any:
+    return {"detached": _fusion_model(runtime).detach("operator")}
+
+
+@cases.post(
+    "/v1/case",
+    response_model=CaseView,
+    summary="attach a case's stored mammogram views to the live ultrasound stream (a fusion "
+    "model): embedded once, fused with every frame until the case ends (operator, a new "
+    "attach, or case.idle_detach_s without frames); each attach and detach is an audit record",
+    openapi_extra={"requestBody": ATTACH_BODY},
+    responses={
+        400: {"model": Problem, "description": "Content-Length is not a number"},
+        408: {"model": Problem, "description": "the body arrived too slowly"},
+        411: {"model": Problem, "description": "no body"},
+        413: {"model": Problem, "description": "body larger than case.max_body_bytes, or more "
+              "mammograms than case.max_mammograms"},
+        415: {"model": Problem, "description": "Content-Type is not application/json"},
+        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
+              "not readable base64 or a readable image, or a stated view contradicts its header"},
+        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
+              "trail cannot record the attach now; retry after the Retry-After seconds"},
+    },
+)  # fmt: skip
+async def attach_case(runtime: Runtime, request: Request) -> Any:
+    def attach(given: Any) -> Any:
+        mammograms = _files(given.mammograms, "mammograms", runtime.settings.case.max_mammograms)
+        return runtime.attach_case(given.case, mammograms)
+
+    return await _case_request(runtime, request, CaseAttach, attach)
+
+
+@cases.post(
+    "/v1/cases",
+    response_model=CaseResult,
+    summary="classify one uploaded case of a fusion model: its ultrasound images fused with its "
+    "mammogram views (none: ultrasound alone); a decision per image and for the case, each an "
+    "audit record with the mammograms' hashes; the live stream's attachment is not touched",
+    openapi_extra={"requestBody": CASE_BODY},
+    responses={
+        400: {"model": Problem, "description": "Content-Length is not a number"},
+        408: {"model": Problem, "description": "the body arrived too slowly"},
+        411: {"model": Problem, "description": "no body"},
+        413: {"model": Problem, "description": "body larger than case.max_body_bytes, or more "
+              "images than case.max_mammograms / case.max_ultrasound"},
+        415: {"model": Problem, "description": "Content-Type is not application/json"},
+        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
+              "not readable base64 or a readable image, or a stated view contradicts its header"},
+        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
+              "trail cannot record the decisions now; retry after the Retry-After seconds"},
+    },
+)  # fmt: skip
+async def classify_case(runtime: Runtime, request: Request) -> Any:
+    def classify(given: Any) -> Any:
+        limits = runtime.settings.case
+        ultrasound = _files(given.ultrasound, "ultrasound", limits.max_ultrasound)
+        mammograms = _files(given.mammograms, "mammograms", limits.max_mammograms)
+        return runtime.classify_case(given.case, [data for data, _ in ultrasound], mammograms)
+
+    return await _case_request(runtime, request, CaseUpload, classify)
+
+
+def _files(items: Any, field: str, most: int) -> list[tuple[bytes, str | None]]:
+    """The uploaded files' bytes and stated views; 413 beyond `most`, 422 for bad base64."""
+    if len(items) > most:
+        raise HTTPException(413, f"{len(items)} {field} images; at most {most} per case")
+    files = []
+    for k, item in enumerate(items):
+        try:
+            files.append((base64.b64decode(item.data, validate=True), getattr(item, "view", None)))
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPException(422, f"{field}[{k}].data is not base64: {exc}") from exc
+    return files
+
+
+async def _case_request(
+    runtime: ServeRuntime, request: Request, schema: type[BaseModel], work: Any
+) -> Any:
+    """A case's JSON body within case.max_body_bytes (as an upload's: 415, 400, 413, 408, 411),
+    validated against `schema` (422), then `work(body)` on a thread, its errors as answers."""
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared != "application/json":
+        raise HTTPException(415, f"Content-Type {declared or '(none)'} is not accepted; send "
+                            "application/json (the documented case object)")  # fmt: skip
+    limit = runtime.settings.case.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise HTTPException(400, f"Content-Length {length!r} is not a number")
+        if int(length) > limit:
+            raise HTTPException(413, f"the body is {int(length)} bytes; the limit is {limit} bytes")
+    if not runtime.uploads.try_enter():
+        raise HTTPException(503, "uploads are in progress; retry shortly", headers={"Retry-After": "1"})  # fmt: skip
+    try:
+        body = await _read_body(request, limit, runtime)
+        try:
+            given = schema.model_validate_json(bytes(body))
+        except ValidationError as exc:
+            raise HTTPException(422, invalid_body_detail(exc.errors())) from exc
+        try:
+            return await run_in_threadpool(work, given)
+        except (DecodeBusyError, UploadsBusy) as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+        except (ImageDecodeError, ValueError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+    finally:
+        runtime.uploads.leave()
+
+
+def _fusion_model(runtime: ServeRuntime) -> LiveFusion:
+    if runtime.fusion is None:  # the routes are only included for one: a runtime swapped under them
+        raise HTTPException(404, "this cart's model is not a mammogram + ultrasound fusion model")
+    return runtime.fusion
+
+
+def invalid_body_detail(errors: Any) -> str:
+    """'body field mammograms.0.view: String should match pattern ...' for each error."""
+    parts = [f"body field {'.'.join(str(p) for p in e.get('loc', ())) or '(whole)'}: "
+             f"{e.get('msg', 'invalid')}" for e in errors]  # fmt: skip
+    return "; ".join(parts) or "the body is invalid"
 
 
 async def _read_body(request: Request, limit: int, runtime: ServeRuntime) -> bytearray:

@@ -11,10 +11,11 @@ and closes the window).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,15 @@ from edgebc.calibration import bound_statement
 from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.config import to_mapping
-from edgebc.decode import SHARED_DECODE_BUDGET, decode_image, read_image_view
+from edgebc.decode import SHARED_DECODE_BUDGET, ImageView, decode_image, read_image_view
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, view_code
+from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
 from edgebc.region import Region, detect_imaging_region
+from edgebc.serve.case_context import Attachment, LiveFusion, used_context
 from edgebc.serve.display import LocalDisplay
 from edgebc.serve.live_loop import Display, LivePipeline, LiveResult
 from edgebc.serve.settings import ServeSettings
@@ -168,6 +172,7 @@ class ServeRuntime:
     token: str | None
     uploads: UploadQueue
     display: LocalDisplay | None = None  # the cart's own screen, when display.enabled
+    fusion: LiveFusion | None = None  # a fusion model's live classifier, holding the case
     started: float = field(default_factory=time.time)
     _jpeg: tuple[int, bytes] | None = None
     _jpeg_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -185,7 +190,10 @@ class ServeRuntime:
     def stop(self) -> None:
         """Release the source, commit the audit trail, close the display (the pipeline does all)."""
         self.pipeline.stop()
-        self.backend.close()
+        if self.fusion is not None:
+            self.fusion.close()  # every graph, the head (`backend`) among them
+        else:
+            self.backend.close()
 
     def status_line(self) -> str:
         """One line for `systemctl status edgebc`: feed, rate and counts, and what is not ready."""
@@ -313,6 +321,8 @@ class ServeRuntime:
             "audit": asdict(trail),
             **self.pipeline.summary(),
             "model": model,
+            "case": None if self.fusion is None else self.fusion.view(),
+            "fusion": self.fusion is not None,
         }
 
     def frame_jpeg(self, result: LiveResult) -> bytes:
@@ -346,7 +356,18 @@ class ServeRuntime:
         start within its wait bound (503). Decoding runs on the upload worker too: one upload's
         CPU work at a time, beside the live loop."""
 
-        def work() -> tuple[np.ndarray, Region | None, Decision]:
+        def work() -> tuple[np.ndarray, Region | None, Decision, dict[str, Any] | None]:
+            if self.fusion is not None:  # an upload is not the live patient: ultrasound alone
+                image = decode_image(data, "upload", max_pixels=40_000_000,
+                                     max_decoded_bytes=self.settings.max_decoded_bytes,
+                                     wait_s=self.settings.decode_wait_s)  # fmt: skip
+                if region not in (None, "", "none"):
+                    raise ValueError("region is not done for fusion models yet; give none")
+                fused = self.fusion.fusion
+                alone = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate,
+                                         fused.threshold)  # fmt: skip
+                decided = alone.classify(image)
+                return image, None, decided.decision, used_context(decided, None)
             # a mammography model gets a grey DICOM at its full depth, and the header's view
             mammogram = self.backend.card.inputs[0].modality == "mg"
             image = decode_image(data, "upload", max_pixels=40_000_000,
@@ -355,18 +376,23 @@ class ServeRuntime:
             view = read_image_view(data, "upload") if mammogram else None
             crop = _upload_region(image, region)
             live = self.pipeline.classifier
+            if not isinstance(live, FrameClassifier):
+                raise EdgebcError("a fusion model's uploads are classified above")
             # one upload is one frame: its own verdict, a window of one the live stream never sees
             classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
-            return image, crop, classifier.classify(image, view)
+            return image, crop, classifier.classify(image, view), None
 
-        image, crop, decision = self.uploads.run(work)
+        image, crop, decision, context = self.uploads.run(work)
         fields = decision.to_json()
         digest = hashlib.sha256(data).hexdigest()
+        source = "upload"
+        if context is not None:  # a fusion model's: what it used (ultrasound alone), as live
+            source = json.dumps({"frame": source, **context}, separators=(",", ":"))
         self.audit.record(
             record_of(
                 decision,
                 captured_at=time.time(),
-                source="upload",
+                source=source,
                 frame_sha256=digest,
                 latencies_ms=decision.timings_ms,
                 pixels=image if self.audit.store_pixels else None,
@@ -376,6 +402,95 @@ class ServeRuntime:
         cropped = None if crop is None else asdict(crop)
         return {**fields, "input_sha256": digest, "width": width, "height": height,
                 "region": cropped}  # fmt: skip
+
+    def attach_case(self, case: str, uploads: Sequence[tuple[bytes, str | None]]) -> dict[str, Any]:
+        """Decode a case's uploaded mammograms (DICOM at full depth with its header's view, or
+        PNG/JPEG with a stated view) and attach them to the live stream, on the upload worker.
+        Raises ImageDecodeError / ValueError (422), busy errors (503)."""
+        fusion = self.fusion
+        if fusion is None:
+            raise EdgebcError(
+                f"model {self.backend.card.name} is not a mammogram + ultrasound fusion model: "
+                "it takes no mammograms"
+            )
+
+        def work() -> dict[str, Any]:
+            mammograms = [
+                self._mammogram(k, data, stated) for k, (data, stated) in enumerate(uploads)
+            ]
+            return fusion.attach(case, mammograms).to_json()
+
+        answer: dict[str, Any] = self.uploads.run(work)
+        return answer
+
+    def classify_case(self, case: str, ultrasound: Sequence[bytes],
+                      mammograms: Sequence[tuple[bytes, str | None]]) -> dict[str, Any]:  # fmt: skip
+        """One uploaded case of a fusion model, on the upload worker: its mammograms embedded
+        (apart from the live stream's attachment, which it never touches), each ultrasound image
+        fused with them, and the case decided from its images; a record per image and one for
+        the case, each with the mammograms' hashes. Errors as `attach_case`'s."""
+        fusion = self.fusion
+        if fusion is None:
+            raise EdgebcError(f"model {self.backend.card.name} is not a fusion model")
+
+        def work() -> tuple[list[FusionDecision], FusionDecision, Attachment]:
+            images = [decode_image(data, f"ultrasound {k + 1}", max_pixels=40_000_000,
+                                   max_decoded_bytes=self.settings.max_decoded_bytes,
+                                   wait_s=self.settings.decode_wait_s)
+                      for k, data in enumerate(ultrasound)]  # fmt: skip
+            given = [
+                self._mammogram(k, data, stated) for k, (data, stated) in enumerate(mammograms)
+            ]
+            fused = fusion.fusion
+            scratch = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate, fused.threshold)  # fmt: skip
+            context = scratch.attach(case, given)
+            decisions = scratch.classify_batch(images)
+            attachment = Attachment(case, context, tuple(view_code(m.view) for m in given),
+                                    time.time(), time.monotonic())  # fmt: skip
+            return decisions, scratch.case_decision(decisions), attachment
+
+        decisions, decided, attachment = self.uploads.run(work)
+        digests = [hashlib.sha256(data).hexdigest() for data in ultrasound]
+        rows = [(d, {"frame": "case upload", "input_sha256": h, **used_context(d, attachment)})
+                for d, h in zip(decisions, digests, strict=True)]  # fmt: skip
+        rows.append((decided, {"frame": None, "case decision": True, **used_context(decided, attachment)}))  # fmt: skip
+        for fused_decision, facts in rows:
+            self.audit.record(record_of(fused_decision.decision, captured_at=time.time(),
+                                        source=json.dumps(facts, separators=(",", ":")),
+                                        frame_sha256=facts.get("input_sha256"),
+                                        latencies_ms=fused_decision.decision.timings_ms))  # fmt: skip
+
+        def answer(d: FusionDecision) -> dict[str, Any]:
+            return {**d.decision.to_json(), "inputs_used": list(d.inputs), "modalities": list(d.modalities)}  # fmt: skip
+
+        return {"case": case, "decision": answer(decided),
+                "images": [{**answer(d), "input_sha256": h} for d, h in zip(decisions, digests, strict=True)],
+                "mammograms": attachment.mammograms()}  # fmt: skip
+
+    def _mammogram(self, k: int, data: bytes, stated: str | None) -> Mammogram:
+        """One uploaded mammogram: its pixels at full depth, its view from its DICOM header, or
+        the stated one where the header says none (a stated view the header contradicts: 422)."""
+        name = f"mammogram {k + 1}"
+        image = decode_image(data, name, max_pixels=40_000_000,
+                             max_decoded_bytes=self.settings.max_decoded_bytes,
+                             wait_s=self.settings.decode_wait_s, full_depth=True)  # fmt: skip
+        header = read_image_view(data, name)
+        view = header
+        if stated:
+            given = ImageView.from_code(stated)
+            known = view_code(header)
+            if known is not None and known != stated:
+                raise ValueError(
+                    f"{name}: the view {stated} was given but its DICOM header says {known}"
+                )
+            if known is None:
+                side = header.laterality
+                if side is not None and side != given.laterality:
+                    raise ValueError(
+                        f"{name}: the view {stated} was given but its DICOM header says side {side}"
+                    )
+                view = ImageView.hung(given.laterality or "L", given.position, header)
+        return Mammogram(image, view, name)
 
 
 def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
@@ -404,12 +519,23 @@ def build_runtime(
     location or local display fails here with one clear line, not on the first request."""
     token = settings.read_token()
     display = LocalDisplay(settings.display) if settings.display.enabled else None
-    classifier = build_classifier(settings)
-    backend = classifier.backend
+    fused = _open_fusion(settings)
+    classifier: FrameClassifier | None = None
+    if fused is None:
+        classifier = build_classifier(settings)
+        backend = classifier.backend
+    else:
+        backend = _graph_of(fused, settings.model_path)
     check = check_model_manifest(settings.model_path, backend.model_sha256)
+    if fused is not None:  # every graph of the export verified, or the model is not
+        checks = [check_model_manifest(settings.model_path.parent / f, fused.graphs[g].model_sha256)
+                  for g, f in fused.layout.files.items()]  # fmt: skip
+        check = ModelCheck(
+            all(c.verified for c in checks), "; ".join(dict.fromkeys(c.detail for c in checks))
+        )
     if source_factory is None:
         # a mammography model reads DICOM files at the full depth it was trained on
-        full_depth = backend.card.inputs[0].modality == "mg"
+        full_depth = fused is None and backend.card.inputs[0].modality == "mg"
         open_source(settings.source, full_depth)  # validate the URI now (raises with the kinds)
         uri = settings.source
         source_factory = lambda: open_source(uri, full_depth)  # noqa: E731 - fresh per reopening
@@ -441,24 +567,26 @@ def build_runtime(
             max_unarchived_bytes=settings.audit.max_unarchived_bytes,
         )
     except Exception as exc:
-        backend.close()
+        (fused or backend).close()
         raise EdgebcError(f"audit log {settings.audit.path}: cannot open it: {exc}") from exc
+    live = None if fused is None else LiveFusion(fused, settings.case.idle_detach_s, audit.record)
+    looped: FrameClassifier | LiveFusion = live if live is not None else classifier  # type: ignore[assignment]
     # The audit trail first: a decision reaches the screens only once it is logged (queued, or
     # counted as lost by the trail's own rules); the statistics come last, inside the pipeline.
     broadcast = PageBroadcast()
-    pipeline = LivePipeline(classifier, reader, [broadcast, *([display] if display else [])],
+    pipeline = LivePipeline(looped, reader, [broadcast, *([display] if display else [])],
                             settings.smoothing, settings.auto_region, settings.max_result_age,
                             audit=AuditSink(audit, settings.audit.source_names, settings.audit.record,
                                             settings.audit.sample_interval_s))  # fmt: skip
     runtime = ServeRuntime(settings, backend, settings.model_path, check, pipeline, audit,
-                           broadcast, token, UploadQueue(settings.max_pending_uploads, settings.admission_wait_s), display)  # fmt: skip
+                           broadcast, token, UploadQueue(settings.max_pending_uploads, settings.admission_wait_s), display, live)  # fmt: skip
     if display is not None:
         try:  # before the server starts: no screen is one clear line, not a failed start-up
             display.start(runtime.screen)
         except BaseException:
             display.close()
             audit.close()
-            backend.close()
+            (fused or backend).close()
             raise
     log.info(
         "model %s (%s, sha256 %s…, %s); source %s; audit log %s",
@@ -470,3 +598,26 @@ def build_runtime(
         settings.audit.path,
     )
     return runtime
+
+
+def _open_fusion(settings: ServeSettings) -> FusionClassifier | None:
+    """A fusion model's graphs with the gates and threshold around them; None for other models."""
+    try:
+        layout = None if settings.demo else read_layout(settings.model_path)
+    except Exception:  # not a loadable ONNX file: opening it as a model says what is wrong
+        layout = None
+    if layout is None:
+        return None
+    if settings.region is not None or settings.auto_region:
+        raise ValueError("region and auto_region are not done for fusion models yet")
+    return FusionClassifier.open(settings.model_path, settings.quality,
+                                 settings.mammography_quality, settings.threshold,
+                                 settings.providers, settings.threads, settings.spin_wait)  # fmt: skip
+
+
+def _graph_of(fused: FusionClassifier, path: Path) -> Backend:
+    """The graph of the export that `path` names (the one whose manifest line is checked)."""
+    for graph, file in fused.layout.files.items():
+        if file == path.name:
+            return fused.graphs[graph]
+    return fused.graphs[HEAD]

@@ -115,6 +115,27 @@ class DisplaySettings:
 
 
 @dataclass(frozen=True)
+class CaseSettings:
+    """A fusion model's case context: the mammograms attached to the live stream (POST /v1/case)."""
+
+    # No ultrasound frame passing the quality gate for this long ends the case: its mammograms are
+    # detached (an audit record), so a stale attachment never fuses with the next patient's frames.
+    idle_detach_s: float = 120.0
+    max_mammograms: int = 8  # mammograms in one attach or one POST /v1/cases
+    max_ultrasound: int = 16  # ultrasound images in one POST /v1/cases
+    max_body_bytes: int = 96 * 1024**2  # the attach request's JSON body (base64 images)
+
+    def __post_init__(self) -> None:
+        if self.idle_detach_s <= 0:
+            raise ValueError(f"case.idle_detach_s must be positive, got {self.idle_detach_s}")
+        if min(self.max_mammograms, self.max_ultrasound) < 1 or self.max_body_bytes < 1024:
+            raise ValueError(
+                "case.max_mammograms and case.max_ultrasound must be >= 1 and "
+                "case.max_body_bytes >= 1024"
+            )
+
+
+@dataclass(frozen=True)
 class ServeSettings(ClassifierSettings):
     source: str = DEMO_SOURCE
     require_verified_model: bool = True  # not ready unless a MANIFEST.sha256 lists the model
@@ -149,6 +170,7 @@ class ServeSettings(ClassifierSettings):
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     display: DisplaySettings = field(default_factory=DisplaySettings)
+    case: CaseSettings = field(default_factory=CaseSettings)
 
     def __post_init__(self) -> None:
         super().__post_init__()

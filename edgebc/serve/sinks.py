@@ -8,6 +8,7 @@ display (edgebc/serve/display.py) is another sink.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -59,7 +60,8 @@ class AuditSink:
     def _due(self, result: LiveResult) -> bool:
         if self.record == "every_frame":
             return True
-        state = (result.smoothed.label, str(result.decision.quality), result.decision.shift_action)
+        state = (result.smoothed.label, str(result.decision.quality), result.decision.shift_action,
+                 repr(result.context))  # fmt: skip
         now = self._clock()
         if state != self._last or now - self._last_at >= self.sample_interval_s:
             return True
@@ -71,12 +73,15 @@ class AuditSink:
         if not self._due(result):
             return False
         frame = result.frame
+        source = described_source(frame.source, self.source_names)
+        if result.context is not None:  # a fusion model's: the case and mammograms it used, too
+            source = json.dumps({"frame": source, **result.context}, separators=(",", ":"))
         self.trail.record(
             record_of(
                 result.decision,
                 smoothed_decision=result.smoothed.label,
                 captured_at=frame.captured,
-                source=described_source(frame.source, self.source_names),
+                source=source,
                 frame_index=frame.index,
                 frame_sha256=result.frame_sha256,
                 latencies_ms=dict(result.timings_ms),
@@ -88,6 +93,7 @@ class AuditSink:
             result.smoothed.label,
             str(result.decision.quality),
             result.decision.shift_action,
+            repr(result.context),
         )
         self._last_at = self._clock()
         return True

@@ -1,0 +1,205 @@
+"""The live cart's case context: a patient's mammograms attached to the ultrasound stream of a
+fusion model, and detached when her case ends, every change an audit record.
+
+Attaching a mammogram to a live scan binds it to a patient, so an attachment names its case (an
+operator-entered case id) and ends with it: the operator detaches, another case is attached, or
+no ultrasound frame passes the quality gate for `idle_detach_s` (the probe is down or in the
+air, the next patient is being prepared).
+The idle check runs before each frame is fused, so a frame after a gap is never fused with the
+previous case's mammograms even when no tick has expired it yet. Frames and attach/detach are
+serialised by one lock: a frame is fused with one context and recorded with that same context.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgebc.audit_trail import AuditRecord
+from edgebc.decode import ImageView
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, MammogramContext, view_code
+from edgebc.fusion_graphs import HEAD
+
+log = logging.getLogger(__name__)
+
+CASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an id, not a name: no spaces, no commas
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What is attached now: the case, its mammograms' facts (never pixels) and when."""
+
+    case: str
+    context: MammogramContext
+    views: tuple[str | None, ...]  # the view each given mammogram was read as (None: unknown)
+    attached_at: float  # wall clock
+    attached_monotonic: float
+
+    def mammograms(self) -> list[dict[str, Any]]:
+        return [{**use.to_json(), "view": view}
+                for use, view in zip(self.context.mammograms, self.views, strict=True)]  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {"case": self.case, "inputs": list(self.context.inputs),
+                "views": [v for u, v in zip(self.context.mammograms, self.views, strict=True) if u.input],
+                "mammograms": self.mammograms(),
+                "attached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.attached_at))}  # fmt: skip
+
+
+def used_context(decided: FusionDecision, attachment: Attachment | None) -> dict[str, Any]:
+    """What one fused frame rested on, for its audit record and the page: the case, the inputs and
+    modalities used, and the hashes and views of the mammograms it used (none when US-only)."""
+    used = set(decided.inputs)
+    mammograms = [] if attachment is None else [
+        {"input": m["input"], "view": m["view"], "pixels_sha256": m["pixels_sha256"]}
+        for m in attachment.mammograms() if m["input"] in used
+    ]  # fmt: skip
+    return {"case": decided.case, "inputs_used": list(decided.inputs),
+            "modalities": list(decided.modalities), "mammograms": mammograms}  # fmt: skip
+
+
+class LiveFusion:
+    """A fusion model as the live loop's classifier: each frame fused with the attached case's
+    mammograms (ultrasound alone when none is attached); `attach`, `detach` and the idle check
+    change the case, each recorded through `record` (the audit trail's)."""
+
+    region = None  # the imaging region is not done for fusion models yet: the whole frame
+    shift_mode = "off"
+    shift_note = "off (it covers one-input models; a fused decision is not checked)"
+
+    def __init__(
+        self,
+        fusion: FusionClassifier,
+        idle_detach_s: float,
+        record: Callable[[AuditRecord], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fusion = fusion
+        self.idle_detach_s = idle_detach_s
+        self.record = record
+        self.clock = clock
+        self.backend = fusion.graphs[HEAD]
+        self.card, self.rule, self.threshold = fusion.card, fusion.rule, fusion.threshold
+        self.gate, self.demo = fusion.gate, fusion.demo
+        self._attachment: Attachment | None = None
+        self._last_frame = 0.0
+        self._lock = threading.Lock()
+        fusion.detach()
+
+    # -- frames ----------------------------------------------------------------------------------
+    def classify(
+        self, image: np.ndarray, view: ImageView | None = None
+    ) -> tuple[FusionDecision, dict[str, Any]]:
+        """One frame fused with the attachment in force (after the idle check), and what it used."""
+        with self._lock:
+            now = self.clock()
+            self._expire(now)
+            decided = self.fusion.classify(image)
+            if decided.decision.quality.ok:  # scanning: a probe in the air between patients is not
+                self._last_frame = now
+            return decided, used_context(decided, self._attachment)
+
+    def reset_stream(self) -> None:
+        """A gap in the feed: the idle time, not the gap, ends the case."""
+
+    def expire_if_idle(self) -> None:
+        """Called by the live loop while no frame arrives."""
+        with self._lock:
+            self._expire(self.clock())
+
+    def _expire(self, now: float) -> None:
+        attachment = self._attachment
+        if attachment is None:
+            return
+        since = max(self._last_frame, attachment.attached_monotonic)
+        if now - since >= self.idle_detach_s:
+            self._detach(f"idle: no ultrasound frame for {self.idle_detach_s:g} s", strict=False)
+
+    # -- the case --------------------------------------------------------------------------------
+    def attach(self, case: str, mammograms: Sequence[Mammogram]) -> Attachment:
+        """Embed the case's mammograms (beside the live loop, which keeps running), then, in one
+        step, end the attached case (a detach record) and attach this one (an attach record).
+        When the trail cannot take a record the error propagates: a new attach leaves no case
+        attached, so no frame is fused without its record."""
+        scratch = FusionClassifier(self.fusion.graphs, self.fusion.gate,
+                                   self.fusion.mammography_gate, self.threshold)  # fmt: skip
+        context = scratch.attach(case, mammograms)
+        views = tuple(view_code(m.view) for m in mammograms)
+        with self._lock:
+            if self._attachment is not None:
+                self._detach(f"new attach (case {case})", strict=True)
+            now = self.clock()
+            attachment = Attachment(case, context, views, time.time(), now)
+            self._write("attach", attachment, None, strict=True)
+            self.fusion.context = context
+            self._attachment = attachment
+        log.info("case %s attached: inputs %s", case, ", ".join(context.inputs) or "none")
+        return attachment
+
+    def detach(self, reason: str = "operator") -> str | None:
+        """End the attached case (the operator's action); the case detached, or None."""
+        with self._lock:
+            return self._detach(reason, strict=True)
+
+    def attachment(self) -> Attachment | None:
+        with self._lock:
+            self._expire(self.clock())
+            return self._attachment
+
+    def view(self) -> dict[str, Any] | None:
+        """The attachment for the page and /v1/status, with the idle time left."""
+        with self._lock:
+            self._expire(self.clock())
+            attachment = self._attachment
+            if attachment is None:
+                return None
+            since = max(self._last_frame, attachment.attached_monotonic)
+            left = max(0.0, self.idle_detach_s - (self.clock() - since))
+        return {**attachment.to_json(), "idle_detach_in_s": round(left, 1)}
+
+    def _detach(self, reason: str, strict: bool) -> str | None:
+        """Detach first, then record (a failed record never keeps a case attached); `strict`
+        raises the record's failure, else it is logged (the loop's idle detach)."""
+        attachment = self._attachment
+        if attachment is None:
+            return None
+        self.fusion.detach()
+        self._attachment = None
+        log.info("case %s detached: %s", attachment.case, reason)
+        try:
+            self._write("detach", attachment, reason, strict)
+        except Exception:
+            if strict:
+                raise
+            log.exception("case %s: the detach could not be recorded", attachment.case)
+        return attachment.case
+
+    def _write(self, event: str, attachment: Attachment, reason: str | None, strict: bool) -> None:
+        if self.record is None:
+            return
+        details = {"event": event, "case": attachment.case, "reason": reason,
+                   "mammograms": [{k: m[k] for k in ("input", "view", "pixels_sha256", "quality", "reason")}
+                                  for m in attachment.mammograms()]}  # fmt: skip
+        self.record(case_event_record(self.backend.model_sha256, details))
+
+    def close(self) -> None:
+        self.fusion.close()
+
+
+def case_event_record(model_sha256: str, details: dict[str, Any]) -> AuditRecord:
+    """An attach or detach as an audit record: no frame and no decision; the event's facts (case,
+    the mammograms' views and pixel hashes, why) in the source column, as JSON."""
+    import json
+
+    return AuditRecord(
+        model_sha256=model_sha256,
+        quality=f"no decision: case {details['event']} (not a frame)",
+        captured_at=time.time(),
+        source=json.dumps(details, separators=(",", ":")),
+    )
