@@ -389,3 +389,52 @@ def test_a_trained_fusion_model_exports_and_classify_answers_as_torch_with_and_w
                                torch_probs(False), atol=1e-4)  # fmt: skip
     # the mammograms do change the answer here: both paths were really compared
     assert np.abs(expected - torch_probs(False)).max() > 1e-4
+
+    # on the device: the case's views embedded by one run of the mammogram branch, kept for every
+    # frame; and, the ultrasound input being optional, the case from its mammograms alone
+    from edgebc.fusion import FusionClassifier, Mammogram, open_fusion_graphs
+    from edgebc.quality import MammographyGate
+
+    calls = []
+
+    class Counted:
+        def __init__(self, graph, backend):
+            self.graph, self.backend = graph, backend
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+        def run_named(self, feeds):
+            calls.append(self.graph)
+            return self.backend.run_named(feeds)
+
+    graphs = open_fusion_graphs(out / "fusion.mg.onnx")
+    classifier = FusionClassifier(
+        {g: Counted(g, b) for g, b in graphs.items()},
+        mammography_gate=MammographyGate(max_speckle_contrast=0.12),
+    )
+    mammograms = [
+        Mammogram(next(iter(iter_frames([path], 1, full_depth=True))).image,
+                  ImageView.from_code(code), str(path))
+        for code, path in films
+    ]  # fmt: skip
+    context = classifier.attach("held-out", mammograms)
+    assert calls == ["mg"] and set(context.embeddings) == {"mg"}
+    assert context.inputs == tuple(n for n in by_name if n in views)
+    decisions = classifier.classify_batch([us_image, us_image])
+    assert calls == ["mg", "us", HEAD] and all(d.modalities == ("us", "mg") for d in decisions)
+    np.testing.assert_allclose(
+        list(decisions[0].decision.probabilities.values()), expected, atol=1e-4
+    )
+    names = [i.name for i in card.inputs]
+    feeds = [torch.zeros(1, *by_name["us"].shape)]
+    feeds += [torch.from_numpy(views[n][None]) if n in views
+              else torch.zeros(1, *by_name[n].shape) for n in names[1:]]  # fmt: skip
+    with torch.no_grad():
+        logits, _ = model(*feeds, torch.tensor([[0.0, *(float(n in views) for n in names[1:])]]))
+    mg_alone = classifier.classify_mammograms()
+    assert mg_alone.modalities == ("mg",) and mg_alone.inputs == context.inputs
+    np.testing.assert_allclose(list(mg_alone.decision.probabilities.values()),
+                               softmax(logits.numpy(), card.temperature)[0], atol=1e-4)  # fmt: skip
+    classifier.detach()
+    assert classifier.classify(us_image).modalities == ("us",)
