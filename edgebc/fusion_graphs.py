@@ -123,6 +123,11 @@ class FusionLayout:
                 f"the fusion layout's branches {dict(self.branches)} do not take the card's "
                 f"inputs {[i.name for i in card.inputs]}, each once"
             )
+        own = [self.presence, *map(embedding_name, self.order)]
+        own += [view_presence_name(b) for b in self.order if len(self.branches[b]) > 1]
+        clash = sorted(set(own) & {i.name for i in card.inputs})
+        if clash:
+            raise EdgebcError(f"the fusion graphs' own inputs {clash} are named like card inputs")
 
     def for_graph(self, graph: str) -> FusionLayout:
         return FusionLayout(self.order, dict(self.files), self.width, graph, self.presence,
