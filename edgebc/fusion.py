@@ -3,8 +3,8 @@
 A fusion model is exported as one graph per branch and one for the fusion head
 (edgebc.fusion_graphs). `FusionClassifier.attach(case, mammograms)` takes a case's stored
 mammogram views once: each through the mammography gate and its input's preprocessing from the
-card (full depth, breast crop, laterality by its view), then its branch, and keeps the
-embeddings for the case. Each ultrasound frame then costs the ultrasound gate, the ultrasound
+card (full depth, breast crop, laterality by its view), then its branch (a multi-view branch once
+for all the case's views, the absent ones marked so), and keeps the embeddings for the case. Each ultrasound frame then costs the ultrasound gate, the ultrasound
 branch and the small head, fed the kept embeddings. With no mammogram attached, or none that
 passed its gate, the head is told so through its presence input and answers from ultrasound
 alone, as the model was trained to; every decision names the inputs and modalities it used, and
@@ -32,7 +32,7 @@ from edgebc.decision import DecisionRule
 from edgebc.decode import ImageView
 from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
-from edgebc.fusion_graphs import HEAD, FusionLayout, embedding_name, is_fusion
+from edgebc.fusion_graphs import HEAD, FusionLayout, embedding_name, is_fusion, view_presence_name
 from edgebc.metrics import softmax
 from edgebc.model_card import ModelInput
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
@@ -68,16 +68,19 @@ class MammogramUse:
 
 @dataclass(frozen=True)
 class MammogramContext:
-    """A case's mammograms as the device keeps them: one embedding per input that passed."""
+    """A case's mammograms as the device keeps them: one embedding per branch fed, and the card
+    inputs that fed them (`fed`; by default the branches' names, one input each)."""
 
     case: str
-    embeddings: Mapping[str, np.ndarray]  # input name -> (width,) float32
+    embeddings: Mapping[str, np.ndarray]  # branch name -> (width,) float32
     mammograms: tuple[MammogramUse, ...]
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    fed: tuple[str, ...] | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(self.embeddings)
+        """The card inputs the kept embeddings rest on."""
+        return tuple(self.embeddings) if self.fed is None else self.fed
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,12 @@ class FusionClassifier:
                 f"{[(i.name, i.modality) for i in frame_inputs]}"
             )
         self.ultrasound: ModelInput = frame_inputs[0]
+        self.ultrasound_branch = layout.branch_of(self.ultrasound.name)
+        if layout.branches[self.ultrasound_branch] != (self.ultrasound.name,):
+            raise EdgebcError(
+                f"model {self.card.name}: its ultrasound input {self.ultrasound.name} shares the "
+                f"branch {self.ultrasound_branch} with other inputs; the device runs it alone per frame"
+            )
         self.mammography = [i for i in self.card.inputs if i.modality == "mg"]
         if len(self.mammography) + 1 != len(self.card.inputs):
             raise EdgebcError(
@@ -231,17 +240,33 @@ class FusionClassifier:
             uses.append(MammogramUse(mammogram.source, model_input.name if verdict.ok else None,
                                      verdict, digest))  # fmt: skip
         prepared = clock()
-        embeddings = {
-            name: self.graphs[name].run_named({name: tensor[np.newaxis]})[embedding_name(name)][0]
-            for name, tensor in tensors.items()
-        }
+        embeddings = {}
+        for branch, names in self.layout.branches.items():
+            if branch != self.ultrasound_branch and any(n in tensors for n in names):
+                feeds = self._branch_feeds(branch, tensors)
+                embeddings[branch] = self.graphs[branch].run_named(feeds)[embedding_name(branch)][0]
         done = clock()
         timings = {"mammogram_preprocess": (prepared - start) * 1e3,
                    "mammogram_branch": (done - prepared) * 1e3}  # fmt: skip
-        self.context = MammogramContext(case, embeddings, tuple(uses), timings)
+        fed = tuple(i.name for i in self.mammography if i.name in tensors)
+        self.context = MammogramContext(case, embeddings, tuple(uses), timings, fed)
         log.info("case %s: mammograms attached for %s (%d given)", case,
-                 ", ".join(embeddings) or "none", len(mammograms))  # fmt: skip
+                 ", ".join(fed) or "none", len(mammograms))  # fmt: skip
         return self.context
+
+    def _branch_feeds(
+        self, branch: str, tensors: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """A branch graph's feeds for one case: its input's tensor, or every view's (an absent one
+        zeros) and the views' presence."""
+        names = self.layout.branches[branch]
+        if len(names) == 1:
+            return {names[0]: tensors[names[0]][np.newaxis]}
+        shapes = {i.name: i.shape for i in self.card.inputs}
+        feeds = {n: (tensors[n] if n in tensors else np.zeros(shapes[n], np.float32))[np.newaxis]
+                 for n in names}  # fmt: skip
+        feeds[view_presence_name(branch)] = np.array([[n in tensors for n in names]], np.float32)
+        return feeds
 
     def detach(self) -> None:
         """The case ended: the next frames are fused with no mammogram."""
@@ -301,11 +326,12 @@ class FusionClassifier:
         tensors = [preprocess_chw(greys[k] if prep.channels == 1 else images[k], prep)
                    for k in passing]  # fmt: skip
         preprocessed = clock()
-        name = self.ultrasound.name
+        name, branch_name = self.ultrasound.name, self.ultrasound_branch
         embedded: list[np.ndarray] = []
         for chunk in range(0, len(tensors), self.card.max_batch):
             batch = np.stack(tensors[chunk : chunk + self.card.max_batch])
-            embedded.append(self.graphs[name].run_named({name: batch})[embedding_name(name)])
+            out = self.graphs[branch_name].run_named({name: batch})
+            embedded.append(out[embedding_name(branch_name)])
         branch = clock()
         probs = self._fused(np.concatenate(embedded)) if embedded else np.empty((0, 0))
         fused = clock()
@@ -367,7 +393,7 @@ class FusionClassifier:
         feeds: dict[str, np.ndarray] = {}
         present = np.zeros((rows, len(self.layout.order)), np.float32)
         for column, name in enumerate(self.layout.order):
-            if name == self.ultrasound.name and ultrasound is not None:
+            if name == self.ultrasound_branch and ultrasound is not None:
                 feeds[embedding_name(name)] = ultrasound.astype(np.float32, copy=False)
             elif name in kept:
                 feeds[embedding_name(name)] = np.tile(kept[name], (rows, 1))

@@ -1,7 +1,7 @@
 """`edgebc export`: from a checkpoint to every artifact a device runs, each checked against the original.
 
 Writes into one folder: `<name>.onnx` (FP32, card embedded, ONNX Runtime vs PyTorch parity) — for
-a fusion model (one branch per modality) that is the fusion head, beside one `<name>.<input>.onnx`
+a fusion model (one branch per modality) that is the fusion head, beside one `<name>.<branch>.onnx`
 per branch (edgebc.export.fusion_export), each checked alone and end to end —, optionally `<name>.fp16.onnx`, `<name>.int8.onnx` (with its parity report and latency evidence),
 a TensorRT engine with sidecar, a Triton repository; then `export.json` / `export.md` with every
 number, and `MANIFEST.sha256` over the artifacts so a device can refuse a damaged copy.
@@ -49,7 +49,6 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     if _is_fusion_checkpoint(checkpoint):
         return _run_fusion_export(checkpoint, options)
-    _refuse_trained_fusion(checkpoint)
     frames = (
         load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
     )
@@ -221,17 +220,3 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {report['tensorrt']['path']} | TensorRT vs ONNX FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _refuse_trained_fusion(checkpoint: str | Path) -> None:
-    """A fusion model trained with `model.fusion` (a presence input; a multi-view mammography
-    branch) is not yet exported as branch graphs and a head: refused plainly, not half-exported."""
-    from edgebc.train.checkpoint import load_checkpoint
-
-    card = load_checkpoint(checkpoint).card
-    if card.arch == "late_fusion" and card.presence_input is not None:
-        raise EdgebcError(
-            f"{checkpoint}: a fusion model trained with model.fusion (branches over several "
-            "inputs, presence input); its export as branch graphs and a head is not done yet "
-            "(docs/RUNTIME.md, fusion)"
-        )

@@ -6,7 +6,9 @@ during a case, so the device computes its embedding once (the costly backbone) a
 the ultrasound branch and the small head per frame; one whole graph would run every backbone on
 every frame, or need the embedding as an input anyway. An absent input is no tensor of zeros run
 through a backbone but a zero embedding marked 0 in the head's presence input, which the model's
-`head` ignores (train/models/fusion.py). The layout is edgebc.fusion_graphs.
+`head` ignores (train/models/fusion.py). A multi-view branch (the mammogram views behind one
+backbone) is one graph taking each view and the views' presence, so the device embeds a case's
+views once. The layout is edgebc.fusion_graphs.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from edgebc.fusion_graphs import (
     FUSION_KEY,
     HEAD,
     FusionLayout,
+    card_branches,
     embedding_name,
     is_fusion,
+    view_presence_name,
 )
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
@@ -52,7 +56,7 @@ class FusionParity:
     branches: dict[str, float]  # largest absolute embedding difference per branch
     head: ParityResult
     head_features: float  # largest absolute difference of the fused features
-    end_to_end: dict[str, ParityResult]  # "us+mg_cc", "us", "mg_cc": the inputs present
+    end_to_end: dict[str, ParityResult]  # "us+mg", "us", "mg": the branches present
     tolerance: float
 
     @property
@@ -68,7 +72,7 @@ class FusionParity:
 @dataclass(frozen=True)
 class FusionExport:
     head: Path  # the file to name as the model (`edgebc classify MODEL`); its siblings beside it
-    files: dict[str, Path]  # graph name (input name, or "head") -> file
+    files: dict[str, Path]  # graph name (branch name, or "head") -> file
     card: ModelCard
     layout: FusionLayout
     parity: FusionParity
@@ -94,26 +98,29 @@ def export_fusion(
     loaded = load_checkpoint(checkpoint)
     if not is_fusion(loaded.card):
         raise EdgebcError(
-            f"{checkpoint}: not a fusion model (one branch per input); use export_onnx"
+            f"{checkpoint}: not a fusion model (branches fused by a head); use export_onnx"
         )
     model = model_from_checkpoint(loaded)
     order = list(model.order)
     card = card_for_export(loaded.card, name, max_batch, str(checkpoint))
-    with torch.inference_mode():
-        probe = [model.embed(i.name, torch.zeros(1, *i.shape)) for i in card.inputs]
-    width = int(probe[0].shape[1])
+    width = int(model.project[order[0]].out_features)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layout = FusionLayout(tuple(order), fusion_files(name, order), width, HEAD)
+    branches = card_branches(card)
+    if list(branches) != order:
+        raise EdgebcError(
+            f"{checkpoint}: the card's branches {list(branches)} are not the model's {order}"
+        )
+    layout = FusionLayout(tuple(order), fusion_files(name, order), width, HEAD, branches=branches)
     layout.check_card(card)
-    modules = _graph_modules(model)
+    modules = _graph_modules(model, layout)
     files: dict[str, Path] = {}
     for graph in [*order, HEAD]:
         path = out / layout.files[graph]
         inputs = [n for n, _ in layout.inputs_of(graph, card)]
         examples = tuple(torch.zeros(2, *shape) for _, shape in layout.inputs_of(graph, card))
-        if graph == HEAD:
-            examples = (*examples[:-1], torch.ones(2, len(order)))
+        if graph == HEAD or len(layout.branches[graph]) > 1:  # the last input is a presence
+            examples = (*examples[:-1], torch.ones_like(examples[-1]))
         write_graph(modules[graph], examples, inputs, layout.outputs_of(graph, card), path, opset,
                     max_batch, exporter, _describe(card, layout.for_graph(graph)))  # fmt: skip
         files[graph] = path
@@ -142,17 +149,21 @@ def _describe(card: ModelCard, layout: FusionLayout) -> Any:
     return describe
 
 
-def _graph_modules(model: Any) -> dict[str, Any]:
-    """The torch modules the graphs are exported from: each branch's `embed`, and `head`."""
+def _graph_modules(model: Any, layout: FusionLayout) -> dict[str, Any]:
+    """The torch modules the graphs are exported from: each branch's `embed` (a multi-view
+    branch's views stacked, then their presence), and `head`."""
     torch = require("torch", "ONNX export")
 
     class Branch(torch.nn.Module):
         def __init__(self, name: str) -> None:
             super().__init__()
             self.model, self.name = model, name
+            self.views = len(layout.branches[name]) > 1
 
-        def forward(self, x: Any) -> Any:
-            return self.model.embed(self.name, x)
+        def forward(self, *inputs: Any) -> Any:
+            if self.views:
+                return self.model.embed(self.name, torch.stack(inputs[:-1], dim=1), inputs[-1])
+            return self.model.embed(self.name, inputs[0])
 
     class Head(torch.nn.Module):
         def __init__(self) -> None:
@@ -173,10 +184,20 @@ def compare_fusion_with_torch(
     torch = require("torch", "ONNX export")
     feeds = verification_feeds(card)
     order = list(layout.order)
-    rows = len(feeds[order[0]])
-    with torch.inference_mode():
-        expected = {n: model.embed(n, torch.from_numpy(feeds[n])).numpy() for n in order}
-    onnx_embeddings = {n: run_onnx(files[n], {n: feeds[n]}) for n in order}
+    rows = len(feeds[card.inputs[0].name])
+    branch_feeds = {n: _branch_feeds(layout, n, feeds, rows) for n in order}
+
+    def torch_embed(branch: str, fed: dict[str, np.ndarray]) -> np.ndarray:
+        names = layout.branches[branch]
+        with torch.inference_mode():
+            if len(names) == 1:
+                return model.embed(branch, torch.from_numpy(fed[names[0]])).numpy()
+            views = torch.stack([torch.from_numpy(fed[v]) for v in names], dim=1)
+            present = torch.from_numpy(fed[view_presence_name(branch)])
+            return model.embed(branch, views, present).numpy()
+
+    expected = {n: torch_embed(n, branch_feeds[n]) for n in order}
+    onnx_embeddings = {n: run_onnx(files[n], branch_feeds[n], embedding_name(n)) for n in order}
     branches = {n: _max_diff(expected[n], onnx_embeddings[n]) for n in order}
 
     def head_feeds(embeddings: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
@@ -209,6 +230,19 @@ def compare_fusion_with_torch(
         actual = run_onnx(files[HEAD], head_feeds(onnx_embeddings, mask), card.output_name)
         end_to_end["+".join(present)] = parity_of(reference, actual, tolerance, card)
     return FusionParity(branches, head, head_features, end_to_end, tolerance)
+
+
+def _branch_feeds(
+    layout: FusionLayout, branch: str, feeds: dict[str, np.ndarray], rows: int
+) -> dict[str, np.ndarray]:
+    """A branch graph's verification feeds: its input's, or its views' under every presence
+    pattern (an absent view fed as zeros, as the device feeds it)."""
+    names = layout.branches[branch]
+    if len(names) == 1:
+        return {names[0]: feeds[names[0]]}
+    present = presence_patterns(rows, len(names))
+    fed = {v: feeds[v] * present[:, k, None, None, None] for k, v in enumerate(names)}
+    return {**fed, view_presence_name(branch): present}
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:

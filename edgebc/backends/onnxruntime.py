@@ -2,7 +2,8 @@
 and the card a release gives the model (edgebc.release). A multi-view model's presence input
 (edgebc.cases) is fed beside its views and checked like them. A graph of an exported fusion model
 (edgebc.fusion_graphs: a branch, or the fusion head) takes and gives what its layout says: a
-branch its input's image batch and its embedding, the head the embeddings and their presence."""
+branch its input's image batch (a multi-view branch its views' and their presence) and its
+embedding, the head the embeddings and their presence."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import onnxruntime
 from edgebc.backends import validate_batch, validate_feeds, validate_input
 from edgebc.cases import validate_presence
 from edgebc.errors import EdgebcError
-from edgebc.fusion_graphs import HEAD, FusionLayout, layout_from_metadata
+from edgebc.fusion_graphs import HEAD, FusionLayout, layout_from_metadata, view_presence_name
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.model_card import ModelCard
 from edgebc.release import card_for_model
@@ -74,10 +75,13 @@ class OnnxRuntimeBackend:
             )
         self.name = f"onnxruntime:{self._session.get_providers()[0]}"
         zeros = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
-        if self.card.presence_input is not None:
+        if self.card.presence_input is not None and self.fusion is None:
             zeros[self.card.presence_input] = np.ones((1, len(self.card.inputs)), np.float32)
         if self.fusion is not None and self.fusion.graph == HEAD:
             zeros[self.fusion.presence] = np.ones((1, len(self.fusion.order)), np.float32)
+        elif self.fusion is not None and len(self.fusion.branches[self.fusion.graph]) > 1:
+            views = len(self.fusion.branches[self.fusion.graph])
+            zeros[view_presence_name(self.fusion.graph)] = np.ones((1, views), np.float32)
         for _ in range(warmup):
             self.run_named(zeros)
 
@@ -135,8 +139,12 @@ class OnnxRuntimeBackend:
                 f"{', '.join(names)}; got {', '.join(sorted(feeds)) or 'nothing'}"
             )
         checked = {}
+        views = view_presence_name(layout.graph) if len(layout.branches.get(layout.graph, ())) > 1 else None  # fmt: skip
         for name, shape in declared:
-            if layout.graph != HEAD:
+            if name == views:
+                checked[name] = validate_vectors(feeds[name], name, shape, self.card.max_batch)
+                validate_view_presence(checked[name], name)
+            elif layout.graph != HEAD:
                 model_input = next(i for i in self.card.inputs if i.name == name)
                 checked[name] = validate_input(feeds[name], model_input, self.card.max_batch)
             else:
@@ -173,6 +181,18 @@ def validate_vectors(
     return np.ascontiguousarray(batch)
 
 
+def validate_view_presence(present: np.ndarray, name: str) -> None:
+    """A multi-view branch's presence: 0/1 only, at least one view per row (a branch with no view
+    is not run: its embedding is marked absent in the head's presence)."""
+    if not np.isin(present, (0.0, 1.0)).all():
+        raise ValueError(f"{name} holds 1 (present) or 0 (absent) only")
+    if (present.sum(axis=1) < 1).any():
+        raise ValueError(
+            f"every row needs at least one view present in {name} (with none, leave the branch "
+            "out and mark it absent in the head's presence)"
+        )
+
+
 def validate_fusion_presence(present: np.ndarray, layout: FusionLayout, card: ModelCard) -> None:
     """0/1 only, at least one branch per row, and every input the card requires present."""
     if not np.isin(present, (0.0, 1.0)).all():
@@ -180,9 +200,10 @@ def validate_fusion_presence(present: np.ndarray, layout: FusionLayout, card: Mo
     if (present.sum(axis=1) < 1).any():
         raise ValueError(f"every row needs at least one input present in {layout.presence}")
     optional = {i.name: i.optional for i in card.inputs}
-    for column, name in enumerate(layout.order):
-        if not optional[name] and (present[:, column] == 0).any():
+    for column, branch in enumerate(layout.order):
+        required = [n for n in layout.branches[branch] if not optional[n]]
+        if required and (present[:, column] == 0).any():
             raise ValueError(
-                f"model {card.name} requires its input {name} (not optional in the card); "
+                f"model {card.name} requires its input {required[0]} (not optional in the card); "
                 f"{layout.presence} marks it absent"
             )
