@@ -172,11 +172,12 @@ class ModelCard:
         wrongly without saying so."""
         if len(self.inputs) != 1 or self.presence_input is not None:
             names = ", ".join(i.name for i in self.inputs)
-            cases = (
-                " (a multi-view model: edgebc classify MODEL cases.csv)"
-                if self.presence_input
-                else ""
-            )
+            if self.arch == "late_fusion":
+                cases = " (a fusion model: edgebc classify MODEL --ultrasound ... --mammogram ...)"
+            elif self.presence_input:
+                cases = " (a multi-view model: edgebc classify MODEL cases.csv)"
+            else:
+                cases = ""
             raise EdgebcError(
                 f"model {self.name} has {len(self.inputs)} inputs ({names}); {what} feeds one "
                 f"image{cases}"

