@@ -26,7 +26,7 @@ from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
 from edgebc.decode import ImageView
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view
 from edgebc.region import Region, detect_imaging_region
 from edgebc.sources import OpenCVSource, expand_inputs, open_file
 
@@ -203,8 +203,11 @@ def classify_fusion_case(
                 continue
             source = item.source if item.frame is None else f"{item.source}#{item.frame}"
             header = item.view or ImageView()
-            view = header if stated is None else ImageView.hung(stated.laterality or "L",
-                                                                stated.position, header)  # fmt: skip
+            try:
+                view = header if stated is None else stated_view(stated, header, source)
+            except ValueError as exc:  # the stated view and the file disagree: that film is out
+                failed(replace(item, error=str(exc)), "mammogram")
+                continue
             films.append(Mammogram(item.image, view, source))
     context = classifier.attach(case, films)
     for use in context.mammograms:

@@ -109,6 +109,21 @@ def pixels_sha256(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def stated_view(stated: ImageView, header: ImageView, name: str) -> ImageView:
+    """The view a mammogram is read with when one is stated for it (an operator's attach, a
+    `--mammogram VIEW=PATH`): the stated side and position with the header's chest-wall edge; a
+    header that says another side or position is refused (ValueError naming both), never
+    overridden, so a right MLO cannot feed a left CC input."""
+    for what, given, known in (("side", stated.laterality, header.laterality),
+                               ("view position", stated.position, header.position)):  # fmt: skip
+        if given is not None and known is not None and given != known:
+            raise ValueError(
+                f"{name}: the view {view_code(stated) or given} was given but its DICOM header "
+                f"says {what} {known}"
+            )
+    return ImageView.hung(stated.laterality or "L", stated.position, header)
+
+
 def view_code(view: ImageView) -> str | None:
     """`L-CC` from a view whose side and position are known, else None."""
     if view.laterality is None or view.position is None:
@@ -298,6 +313,14 @@ class FusionClassifier:
             return refused(f"a second mammogram for input {matching[0].name}: a case takes one "
                            "image per view")  # fmt: skip
         chosen, view = free[0], mammogram.view
+        sides = {ImageView.from_code(i.view).laterality for i in self.mammography
+                 if i.name in fed and i.view}  # fmt: skip
+        side_of_chosen = ImageView.from_code(chosen.view).laterality if chosen.view else None
+        if side_of_chosen is not None and sides and side_of_chosen not in sides:
+            # a case is one breast: training never fused the two breasts' films, nor may the device
+            return refused(f"a case is one breast: its side {side_of_chosen} is not the side "
+                           f"({', '.join(sorted(str(x) for x in sides))}) of the case's other "
+                           "mammograms")  # fmt: skip
         if code is None and chosen.view:
             stated = ImageView.from_code(chosen.view)
             side = mammogram.view.laterality

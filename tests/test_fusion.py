@@ -461,3 +461,9 @@ def test_a_trained_fusion_model_exports_and_classify_answers_as_torch_with_and_w
                                softmax(logits.numpy(), card.temperature)[0], atol=1e-4)  # fmt: skip
     classifier.detach()
     assert classifier.classify(us_image).modalities == ("us",)
+    # a case is one breast: a film of the other side is left out, saying why, never fused
+    other = "R" if films[0][0].startswith("L") else "L"
+    stray = Mammogram(mammograms[0].image[:, ::-1], ImageView.from_code(f"{other}-CC"), "stray.png")
+    mixed = classifier.attach("mixed", [mammograms[0], stray])
+    assert [u.input is None for u in mixed.mammograms] == [False, True]
+    assert "a case is one breast" in str(mixed.mammograms[1].quality.reason)

@@ -327,6 +327,13 @@ def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, c
     assert rows[0]["level"] == "mammogram" and rows[0]["inputs"] == ""
     assert "its view R-MLO is none of the model's (L-CC)" in rows[0]["quality"]
     assert rows[-1]["modalities"] == "us"
+    # a stated view its DICOM header contradicts is an error row, never read as the stated one
+    out = tmp_path / "contradicted.csv"
+    assert main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 "--mammogram", f"L-MLO={tmp_path / 'mg' / 'cc.dcm'}", "--out", str(out)]) == 1  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["level"] == "mammogram" and "header says view position CC" in rows[0]["error"]
+    assert rows[-1]["modalities"] == "us"
     # a one-image model (the demo) is no fusion model; INPUTS beside --ultrasound are refused
     capsys.readouterr()
     assert main(["classify", str(DEMO_MODEL), "--ultrasound", str(tmp_path / "still.png"),

@@ -34,7 +34,7 @@ from edgebc.config import to_mapping
 from edgebc.decode import SHARED_DECODE_BUDGET, ImageView, decode_image, read_image_view
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, view_code
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view, view_code
 from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
@@ -475,21 +475,7 @@ class ServeRuntime:
                              max_decoded_bytes=self.settings.max_decoded_bytes,
                              wait_s=self.settings.decode_wait_s, full_depth=True)  # fmt: skip
         header = read_image_view(data, name)
-        view = header
-        if stated:
-            given = ImageView.from_code(stated)
-            known = view_code(header)
-            if known is not None and known != stated:
-                raise ValueError(
-                    f"{name}: the view {stated} was given but its DICOM header says {known}"
-                )
-            if known is None:
-                side = header.laterality
-                if side is not None and side != given.laterality:
-                    raise ValueError(
-                        f"{name}: the view {stated} was given but its DICOM header says side {side}"
-                    )
-                view = ImageView.hung(given.laterality or "L", given.position, header)
+        view = stated_view(ImageView.from_code(stated), header, name) if stated else header
         return Mammogram(image, view, name)
 
 
