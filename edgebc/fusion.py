@@ -4,8 +4,9 @@ A fusion model is exported as one graph per branch and one for the fusion head
 (edgebc.fusion_graphs). `FusionClassifier.attach(case, mammograms)` takes a case's stored
 mammogram views once: each through the mammography gate and its input's preprocessing from the
 card (full depth, breast crop, laterality by its view), then its branch (a multi-view branch once
-for all the case's views, the absent ones marked so), and keeps the embeddings for the case. Each ultrasound frame then costs the ultrasound gate, the ultrasound
-branch and the small head, fed the kept embeddings. With no mammogram attached, or none that
+for all the case's views, the absent ones marked so), and keeps the embeddings for the case.
+Each ultrasound frame then costs the ultrasound gate, the ultrasound branch and the small head,
+fed the kept embeddings. With no mammogram attached, or none that
 passed its gate, the head is told so through its presence input and answers from ultrasound
 alone, as the model was trained to; every decision names the inputs and modalities it used, and
 the one decision rule (edgebc.decision) decides it at the card's threshold or a site's.

@@ -245,8 +245,6 @@ def test_fusion_beats_each_modality_when_both_carry_the_class(tmp_path):
     # CIs from -0.03 to +0.13): each alone is well above chance, both clearly above each alone
     assert _auc(report, "us_only") > 0.7 and _auc(report, "mg_only") > 0.7
     assert _auc(report, "both") > max(_auc(report, "us_only"), _auc(report, "mg_only")) + 0.02
-    low, high = report["both_minus_us_only"]["ci"]
-    assert low < report["both_minus_us_only"]["auc_difference"] < high
     with pytest.raises(EdgebcError, match="fusion_eval"):  # edgebc eval feeds images
         evaluate_checkpoint(result.best_checkpoint, tmp_path / "split.csv", tmp_path / "eval")
     share = report["share_by_ablation"]
@@ -275,8 +273,6 @@ def test_when_the_mammograms_are_noise_fusion_answers_as_ultrasound_alone(tmp_pa
     )
     # measured: the US-only model 0.802, fusion without MG 0.788: -0.014 [-0.059, +0.030]
     assert compared["us_model"]["auc"] > 0.7 and abs(difference["auc_difference"]) < 0.05
-    low, high = difference["ci"]
-    assert low <= difference["auc_difference"] <= high
     with pytest.raises(
         EdgebcError, match=r"an ultrasound baseline feeds one image \(a fusion model"
     ):

@@ -272,7 +272,7 @@ MAMMOGRAMS_SCHEMA: dict[str, Any] = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["data"], "additionalProperties": False,
     "properties": {
         "data": {"type": "string", "format": "byte", "minLength": 4,
-                 "description": "the image file (DICOM, PNG or JPEG), base64"},
+                 "description": "the image file (DICOM, PNG, PGM or JPEG), base64"},
         "view": {"anyOf": [{"type": "string", "pattern": VIEW_PATTERN}, {"type": "null"}],
                  "description": "L-CC, R-MLO, ...: the view of a file whose header says none"},
     }}}  # fmt: skip

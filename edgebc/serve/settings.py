@@ -123,7 +123,7 @@ class CaseSettings:
     idle_detach_s: float = 120.0
     max_mammograms: int = 8  # mammograms in one attach or one POST /v1/cases
     max_ultrasound: int = 16  # ultrasound images in one POST /v1/cases
-    max_body_bytes: int = 96 * 1024**2  # the attach request's JSON body (base64 images)
+    max_body_bytes: int = 96 * 1024**2  # an attach's or POST /v1/cases' JSON body (base64 images)
 
     def __post_init__(self) -> None:
         if self.idle_detach_s <= 0:
