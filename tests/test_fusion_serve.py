@@ -139,7 +139,10 @@ def test_a_stale_attachment_never_fuses_with_the_next_patients_frames(model):
     film_a, film_b = _film(seed=3), _film(seed=11)
     frames = [_ultrasound(k) for k in range(4)]
     live.attach("A", [Mammogram(film_a, L_CC)])
-    decided, used = live.classify(frames[0])
+    # a frame captured before the attach may be the previous patient's: ultrasound alone
+    decided, used = live.classify(frames[0], captured_monotonic=now[0] - 0.01)
+    assert decided.case is None and used["modalities"] == ["us"] and used["mammograms"] == []
+    decided, used = live.classify(frames[0], captured_monotonic=now[0])
     assert decided.case == "A" and used["modalities"] == ["us", "mg"]
     now[0] += 29.0  # within the idle time (from the last frame that passed the gate): attached
     assert live.classify(frames[1])[0].case == "A"

@@ -94,16 +94,31 @@ class LiveFusion:
 
     # -- frames ----------------------------------------------------------------------------------
     def classify(
-        self, image: np.ndarray, view: ImageView | None = None
+        self,
+        image: np.ndarray,
+        view: ImageView | None = None,
+        captured_monotonic: float | None = None,
     ) -> tuple[FusionDecision, dict[str, Any]]:
-        """One frame fused with the attachment in force (after the idle check), and what it used."""
+        """One frame fused with the attachment in force (after the idle check), and what it used.
+        A frame captured (`captured_monotonic`, on this object's clock) before that attachment
+        was made is answered from ultrasound alone: it may be the previous patient's."""
         with self._lock:
             now = self.clock()
             self._expire(now)
-            decided = self.fusion.classify(image)
+            attachment = self._attachment
+            if (attachment is not None and captured_monotonic is not None
+                    and captured_monotonic < attachment.attached_monotonic):  # fmt: skip
+                kept, self.fusion.context = self.fusion.context, None
+                try:
+                    decided = self.fusion.classify(image)
+                finally:
+                    self.fusion.context = kept
+                attachment = None
+            else:
+                decided = self.fusion.classify(image)
             if decided.decision.quality.ok:  # scanning: a probe in the air between patients is not
                 self._last_frame = now
-            return decided, used_context(decided, self._attachment)
+            return decided, used_context(decided, attachment)
 
     def reset_stream(self) -> None:
         """A gap in the feed: the idle time, not the gap, ends the case."""

@@ -191,15 +191,16 @@ class LivePipeline:
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
         try:
-            decided = self.classifier.classify(frame.image, frame.view)
+            if isinstance(self.classifier, LiveFusion):  # a frame from before the case: not fused
+                fused, context = self.classifier.classify(
+                    frame.image, frame.view, frame.captured_monotonic
+                )
+                return fused.decision, context
+            return self.classifier.classify(frame.image, frame.view), None
         except ValueError as exc:  # the region no longer fits: capture resolution changed
             return Decision(None, None, None, self.classifier.threshold,
                             QualityResult(False, str(exc)), self.classifier.backend.model_sha256,
                             demo=self.classifier.demo), None  # fmt: skip
-        if isinstance(decided, tuple):  # LiveFusion's: (FusionDecision, the context it used)
-            fused, context = decided
-            return fused.decision, context
-        return decided, None
 
     def _smooth(self, frame: Frame, decision: Decision, waited_ms: float,
                 context: dict[str, Any] | None = None) -> LiveResult:  # fmt: skip
