@@ -17,7 +17,7 @@ MobileNetV3-Small ultrasound model are exported first ([train] and [export] extr
 Before timing, both paths are checked: the fusion classifier's probabilities against the graphs
 run directly (the mammogram branch run afresh, not from the cache, then the ultrasound branch and
 the head), and the ultrasound-only classifier's against its backend run directly; they must agree
-to 1e-5. The machine is described by `lscpu`'s model name.
+to 1e-5. The machine is its CPU model (edgebc.sysinfo).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from mammogram import cpu_name  # the sibling script (benchmarks/ is on sys.path when run)
 
 from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
@@ -40,6 +39,7 @@ from edgebc.fusion import FusionClassifier, Mammogram
 from edgebc.fusion_graphs import HEAD, embedding_name
 from edgebc.metrics import softmax
 from edgebc.preprocess import PreprocessCard, preprocess_chw, to_channels
+from edgebc.sysinfo import cpu_description
 
 MG_PREPROCESS = PreprocessCard(input_height=512, input_width=320, breast_crop=True,
                                laterality="left")  # fmt: skip
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         attach = time_attach(fusion, film, 5)
         times = time_interleaved(fusion, us_only, frames, args.iterations)
     report = {
-        "cpu": cpu_name(), "threads": args.threads, "iterations": args.iterations,
+        "cpu": cpu_description()["model"], "threads": args.threads, "iterations": args.iterations,
         "models": f"{fusion_path.name} + {us_path.name}" if args.fusion else
                   "random-weight MobileNetV3-Small branches (US 224x224, MG 512x320) and US-only model",
         "check_fusion": checks[0], "check_us_only": checks[1],

@@ -16,7 +16,7 @@ Before timing, the model's answer on the full-field DICOM through the stages is 
 the runtime's own classifier on the same file (they must agree to 1e-5), so the rows time the
 path the device runs. Peak memory is tracemalloc's peak over one full pass (numpy and Python
 allocations; ONNX Runtime's arena is not traced), reported as a multiple of the 16-bit frame's
-size, and the process's peak RSS. The machine is described by `lscpu`'s model name.
+size, and the process's peak RSS. The machine is its CPU model (edgebc.sysinfo).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from edgebc.decode import decode_image, read_image_view
 from edgebc.metrics import softmax
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, preprocess_chw
+from edgebc.sysinfo import cpu_description
 
 FULL_FIELD = (4096, 3328)
 BASELINE = (1024, 832)
@@ -193,17 +192,6 @@ def time_interleaved(pipeline: Pipeline, files: dict[str, bytes], iterations: in
     return times
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def render(report: dict) -> str:
     names = list(report["p50_ms"])
     full, base = names
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, stages in times.items()
     }  # fmt: skip
     report = {
-        "cpu": cpu_name(), "threads": args.threads, "iterations": args.iterations,
+        "cpu": cpu_description()["model"], "threads": args.threads, "iterations": args.iterations,
         "model": str(args.model or "random-weight mobilenet_v3_small, MG card 512x320"),
         "check_max_abs_diff": difference, "p50_ms": p50,
         "peak_memory": {"traced_mb": traced / 2**20, "frame_mb": frame_bytes / 2**20,

@@ -387,6 +387,22 @@ def detach_case(runtime: Runtime) -> Any:
     return {"detached": _fusion_model(runtime).detach("operator")}
 
 
+def _case_responses(too_many: str, recorded: str) -> dict[int | str, dict[str, Any]]:
+    """The refusals /v1/case and /v1/cases share (one JSON body of base64 files), worded for
+    what each counts (`too_many`) and records (`recorded`)."""
+    return {
+        400: {"model": Problem, "description": "Content-Length is not a number"},
+        408: {"model": Problem, "description": "the body arrived too slowly"},
+        411: {"model": Problem, "description": "no body"},
+        413: {"model": Problem, "description": f"body larger than case.max_body_bytes, or more {too_many}"},
+        415: {"model": Problem, "description": "Content-Type is not application/json"},
+        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
+              "not readable base64 or a readable image, or a stated view contradicts its header"},
+        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
+              f"trail cannot record {recorded} now; retry after the Retry-After seconds"},
+    }  # fmt: skip
+
+
 @cases.post(
     "/v1/case",
     response_model=CaseView,
@@ -394,18 +410,9 @@ def detach_case(runtime: Runtime) -> Any:
     "model): embedded once, fused with every frame until the case ends (operator, a new "
     "attach, or case.idle_detach_s without frames); each attach and detach is an audit record",
     openapi_extra={"requestBody": ATTACH_BODY},
-    responses={
-        400: {"model": Problem, "description": "Content-Length is not a number"},
-        408: {"model": Problem, "description": "the body arrived too slowly"},
-        411: {"model": Problem, "description": "no body"},
-        413: {"model": Problem, "description": "body larger than case.max_body_bytes, or more "
-              "mammograms than case.max_mammograms"},
-        415: {"model": Problem, "description": "Content-Type is not application/json"},
-        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
-              "not readable base64 or a readable image, or a stated view contradicts its header"},
-        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
-              "trail cannot record the attach now; retry after the Retry-After seconds"},
-    },
+    responses=_case_responses(
+        "mammograms than case.max_mammograms", "the attach"
+    ),
 )  # fmt: skip
 async def attach_case(runtime: Runtime, request: Request) -> Any:
     def attach(given: Any) -> Any:
@@ -422,18 +429,9 @@ async def attach_case(runtime: Runtime, request: Request) -> Any:
     "mammogram views (none: ultrasound alone); a decision per image and for the case, each an "
     "audit record with the mammograms' hashes; the live stream's attachment is not touched",
     openapi_extra={"requestBody": CASE_BODY},
-    responses={
-        400: {"model": Problem, "description": "Content-Length is not a number"},
-        408: {"model": Problem, "description": "the body arrived too slowly"},
-        411: {"model": Problem, "description": "no body"},
-        413: {"model": Problem, "description": "body larger than case.max_body_bytes, or more "
-              "images than case.max_mammograms / case.max_ultrasound"},
-        415: {"model": Problem, "description": "Content-Type is not application/json"},
-        422: {"model": Problem, "description": "the body is not the documented JSON, a file is "
-              "not readable base64 or a readable image, or a stated view contradicts its header"},
-        503: {"model": Problem, "description": "the cart is busy with uploads, or the audit "
-              "trail cannot record the decisions now; retry after the Retry-After seconds"},
-    },
+    responses=_case_responses(
+        "images than case.max_mammograms / case.max_ultrasound", "the decisions"
+    ),
 )  # fmt: skip
 async def classify_case(runtime: Runtime, request: Request) -> Any:
     def classify(given: Any) -> Any:
