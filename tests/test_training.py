@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
 from edgebc.data import read_manifest, write_manifest
+from edgebc.data.records import Sample
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.errors import ConfigError, EdgebcError
 from edgebc.metrics import sensitivity_lower_bound
@@ -311,3 +312,50 @@ def test_a_mammography_run_has_an_mg_card_and_heat_maps_on_the_full_resolution_b
     for path in report["gradcam"]:  # drawn on the cropped breast at its own size, not at 48x32
         picture = cv2.imread(path)
         assert picture.shape[:2] in {size[:2] for size in sizes} and picture.shape[0] > 48
+
+
+def test_the_merged_protocol_trains_one_classifier_on_both_modalities_and_scores_each(
+    tmp_path, caplog
+):
+    from edgebc.train.evaluate import evaluate_checkpoint
+
+    manifest = write_phantom_dataset(
+        tmp_path / "ph", SynthPlan(n_per_class=6, size=104, seed=5, mammo_women=6)
+    )
+    split = write_manifest(
+        assign_splits(read_manifest(manifest), SplitPlan(val=0.25, test=0.3, seed=2)),
+        tmp_path / "split.csv",
+    )
+    config = _config(split, tmp_path, "merged", "data.modality=null", "data.task=malignant_vs_rest")
+    with caplog.at_level("WARNING", logger="edgebc.train.loop"):
+        run = loop.train_model(config, show_progress=False)
+    assert "merged protocol" in caplog.text  # the card cannot say both: the log says what it means
+    assert [i.modality for i in load_checkpoint(run.best_checkpoint).card.inputs] == ["us"]
+    report = evaluate_checkpoint(
+        run.best_checkpoint, split, tmp_path / "eval", None, n_boot=50, gradcam_per_kind=0,
+        subgroups=("modality",),
+    )  # fmt: skip
+    tested = read_manifest(split)  # every split: this small set's test side has no mammograms
+    rows = {r["value"]: r for r in report["subgroups"]["modality"]}
+    assert set(rows) == {"us", "mammo"} and report["n"] == len(tested)
+    for modality, row in rows.items():
+        mine = [s for s in tested if s.modality == modality]
+        assert row["n"] == len(mine)
+        assert row["positives"] == sum(s.label == "malignant" for s in mine)
+        low, high = row["auc_positive_ci"]
+        assert 0 <= low <= row["auc_positive"] <= high <= 1
+        assert 0 <= row["sensitivity"] <= 1 and 0 <= row["specificity"] <= 1
+    assert "| mammo |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_single_modality_run_does_not_call_itself_merged(tmp_path, caplog):
+    samples = [Sample(Path(f"{m}.png"), "benign", modality=m) for m in ("us", "US")]
+    with caplog.at_level("WARNING", logger="edgebc.train.loop"):
+        loop._warn_if_merged(_config("m.csv", tmp_path, "x", "data.modality=null"), samples)
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="edgebc.train.loop"):
+        loop._warn_if_merged(
+            _config("m.csv", tmp_path, "x", "data.modality=null"),
+            [*samples, Sample(Path("m.png"), "benign", modality="mammo")],
+        )
+    assert "merged protocol" in caplog.text

@@ -92,7 +92,7 @@ def evaluate_checkpoint(
         checkpoint=str(checkpoint), data=str(data), split=split or "all", n=len(samples), temperature=card.temperature,
         weights_sha256=card.weights_sha256, arch=card.arch, backend=model.backend, task=task.name,
         excluded_labels=excluded, patient_level=patient_level(samples, probs, y, rule),
-        subgroups=subgroup_table(samples, probs, y, rule, subgroups),
+        subgroups=subgroup_table(samples, probs, y, rule, subgroups, n_boot, seed),
     )  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,8 +239,15 @@ def subgroup_table(
     y: np.ndarray,
     rule: DecisionRule,
     columns: Sequence[str],
+    n_boot: int = 0,
+    seed: int = 0,
 ) -> dict[str, list[dict[str, Any]]]:
+    """Per value of each column: the AUC with its CI over patients (where `n_boot`), and the
+    sensitivity and specificity of the card's decisions. One threshold serves every subgroup, so
+    a subgroup whose sensitivity falls far below the others' (a modality, a site the threshold was
+    hardly fitted on) shows here, not in the pooled figure."""
     positive, decided = rule.positive, rule.indices(probs)
+    called, truth = decided == positive, y == positive
     table: dict[str, list[dict[str, Any]]] = {}
     for column in columns:
         values = [_column_value(s, column) for s in samples]
@@ -249,11 +256,20 @@ def subgroup_table(
         rows = []
         for value in sorted({v for v in values if v is not None}):
             index = np.array([v == value for v in values])
-            rows.append({
-                "value": value, "n": int(index.sum()),
-                "accuracy": float((decided[index] == y[index]).mean()),
-                "auc_positive": metrics.roc_auc(y[index] == positive, probs[index, positive]),
-            })  # fmt: skip
+            auc = metrics.roc_auc(truth[index], probs[index, positive])
+            row: dict[str, Any] = {
+                "value": value, "n": int(index.sum()), "positives": int(truth[index].sum()),
+                "accuracy": float((decided[index] == y[index]).mean()), "auc_positive": auc,
+                "sensitivity": float(called[index & truth].mean()) if (index & truth).any() else None,
+                "specificity": float(1 - called[index & ~truth].mean()) if (index & ~truth).any() else None,
+            }  # fmt: skip
+            if n_boot and np.isfinite(auc):
+                units = [s.unit for s, kept in zip(samples, index, strict=True) if kept]
+                row["auc_positive_ci"] = metrics.cluster_bootstrap_ci(
+                    metrics.roc_auc, units, truth[index], probs[index, positive],
+                    n_boot=n_boot, seed=seed,
+                )  # fmt: skip
+            rows.append(row)
         table[column] = rows
     return table
 
@@ -313,10 +329,17 @@ def render_markdown(report: dict[str, Any], classes: Sequence[str]) -> str:
             "",
             f"Patient level ({p['patients']} patients): AUC of mean probability {p['auc_positive_mean_probability']:.3f}, majority-vote accuracy {p['majority_vote_accuracy']:.3f}",
         ]
+
+    def share(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
     for column, rows in report.get("subgroups", {}).items():
-        lines += ["", f"| {column} | n | accuracy | AUC |", "|---|---|---|---|"]
+        lines += ["", f"| {column} | n (positive) | accuracy | AUC [95% CI] | sensitivity | specificity |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         lines += [
-            f"| {r['value']} | {r['n']} | {r['accuracy']:.3f} | {r['auc_positive']:.3f} |"
+            f"| {r['value']} | {r['n']} ({r.get('positives', '?')}) | {r['accuracy']:.3f} | {r['auc_positive']:.3f}"
+            f"{' ' + ci(r['auc_positive_ci']) if r.get('auc_positive_ci') else ''} | "
+            f"{share(r.get('sensitivity'))} | {share(r.get('specificity'))} |"
             for r in rows
         ]
     lines += [

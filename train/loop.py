@@ -242,6 +242,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     missing = sorted(set(task.classes) - {task.class_of(s.label) for s in train_samples})
     if missing:
         raise EdgebcError(f"the training split has no samples of class {', '.join(missing)}")
+    _warn_if_merged(config, train_samples)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
@@ -626,6 +627,19 @@ def validation_metrics(
         "val_auc_positive": scores["auc_positive"],
         "val_macro_auc": scores["macro_auc"],
     }
+
+
+def _warn_if_merged(config: TrainConfig, samples: Sequence[Sample]) -> None:
+    """Say what a merged model (one image classifier over both modalities) is on a device: its
+    card has one input, named ultrasound, so the device checks every frame with the ultrasound
+    gate and refuses mammograms; its mammogram figures are `edgebc eval`'s, not the cart's."""
+    modalities = {card_modality(s.modality) for s in samples}
+    if config.model.fusion is None and len(modalities) > 1:
+        log.warning(
+            "training one classifier on ultrasound and mammograms together (the merged "
+            "protocol): its card names one ultrasound input, so a device refuses mammograms "
+            "at the ultrasound gate; score both modalities with edgebc eval --subgroup modality"
+        )
 
 
 def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float], fingerprint: str,
