@@ -179,12 +179,13 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
         from edgebc.export.quantize import QuantPlan
 
         card = exported.card
-        calibration = read_cases(options.calibration, options.calibration_split, card,  # type: ignore[arg-type]
+        calibration = read_cases(options.calibration, options.calibration_split, card,
                                  options.calibration_size)  # fmt: skip
-        check = read_cases(options.check_data, options.check_split, card, options.check_count)  # type: ignore[arg-type]
+        check = read_cases(options.check_data, options.check_split, card, options.check_count)
         plan = QuantPlan(
-            method=options.calibration_method, calibration_size=options.calibration_size
-        )  # type: ignore[arg-type]
+            method=options.calibration_method,
+            calibration_size=options.calibration_size,
+        )
         quant = quantize_fusion(exported.head, out, options.name, calibration, check, plan)
         report["int8"] = {"path": quant.files["head"], **asdict(quant)}
         artifacts += [out / f for f in quant.files.values()]

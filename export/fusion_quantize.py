@@ -137,7 +137,7 @@ def branch_rows(layout: FusionLayout, branch: str, card: ModelCard,
     modality = {i.name: i.modality for i in card.inputs}
     if modality[names[0]] == "us":
         keys = [(c, k) for c, case in enumerate(cases) for k in range(len(case.ultrasound))]
-        stacked = [cases[c].ultrasound[k] for c, k in keys]  # type: ignore[index]
+        stacked = [cases[c].ultrasound[k] for c, k in keys if k is not None]
         empty = np.empty((0, *shapes[names[0]]), np.float32)
         return {names[0]: np.stack(stacked) if stacked else empty}, list(keys)
     rows = [c for c, case in enumerate(cases) if any(n in case.mammograms for n in names)]
