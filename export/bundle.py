@@ -140,18 +140,26 @@ def _is_fusion_checkpoint(checkpoint: str | Path) -> bool:
 
 
 def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
-    """The branch graphs and the head, their parity, and the manifest over all of them. The
-    other artifacts are not made for fusion models yet, and asking for them is refused rather
+    """The branch graphs and the head, their parity, and the manifest over all of them; with
+    `--int8` the INT8 variant (each branch calibrated on its own modality's cases, the head FP32,
+    the parity per presence pattern: edgebc.export.fusion_quantize), with `--triton` a repository
+    of the branch models, the head and an ensemble taking every input. The FP32 export is written
+    (report and manifest) before the INT8 variant is tried, so a refused INT8 leaves a whole FP32
+    export. FP16, TensorRT and `--verify` are not done for fusion models and are refused rather
     than answered with a part of the model."""
     from edgebc.export.fusion_export import export_fusion
 
-    asked = [flag for flag, on in (("--fp16", options.fp16), ("--int8", options.int8),
-             ("--tensorrt", options.tensorrt), ("--triton", options.triton),
+    asked = [flag for flag, on in (("--fp16", options.fp16), ("--tensorrt", options.tensorrt),
              ("--verify", options.verify_data)) if on]  # fmt: skip
     if asked:
         raise EdgebcError(
-            f"{checkpoint}: a fusion model exports as FP32 branch and head graphs only; "
-            f"{', '.join(asked)} not done for fusion models (export without them)"
+            f"{checkpoint}: a fusion model exports as FP32 branch and head graphs, with --int8 and "
+            f"--triton; {', '.join(asked)} not done for fusion models (export without them)"
+        )
+    if options.int8 and (not options.calibration or not options.check_data):
+        raise EdgebcError(
+            "--int8 needs --calibration and --check: a case manifest (patient_id, modality, view) "
+            "whose calibration split calibrates each branch and whose held-out split checks them"
         )
     exported = export_fusion(checkpoint, options.out_dir, options.name, options.opset,
                              options.max_batch, options.exporter)  # fmt: skip
@@ -164,10 +172,36 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
                  "fusion_parity_vs_torch": asdict(parity)},
     }  # fmt: skip
     out = Path(options.out_dir)
+    artifacts = list(exported.files.values())
+    _write_report(out, report, artifacts)
+    if options.int8:
+        from edgebc.export.fusion_quantize import quantize_fusion, read_cases
+        from edgebc.export.quantize import QuantPlan
+
+        card = exported.card
+        calibration = read_cases(options.calibration, options.calibration_split, card,
+                                 options.calibration_size)  # fmt: skip
+        check = read_cases(options.check_data, options.check_split, card, options.check_count)
+        plan = QuantPlan(
+            method=options.calibration_method,
+            calibration_size=options.calibration_size,
+        )
+        quant = quantize_fusion(exported.head, out, options.name, calibration, check, plan)
+        report["int8"] = {"path": quant.files["head"], **asdict(quant)}
+        artifacts += [out / f for f in quant.files.values()]
+    if options.triton:
+        from edgebc.export.triton import write_fusion_repository
+
+        folder = write_fusion_repository(exported.head, out / "model_repository", options.name)
+        report["triton"] = {"path": str(folder.relative_to(out))}
+    _write_report(out, report, artifacts)
+    return report
+
+
+def _write_report(out: Path, report: dict[str, Any], artifacts: list[Path]) -> None:
     atomic_write_text(out / "export.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "export.md", render_markdown(report))
-    write_manifest(out, list(exported.files.values()))
-    return report
+    write_manifest(out, artifacts)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -202,7 +236,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {report['fp16']['path']} | FP16 vs FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
         )
-    if "int8" in report:
+    if "int8" in report and "patterns" in report["int8"]:
+        lines += _fusion_int8_rows(report["int8"])
+    elif "int8" in report:
         q = report["int8"]
         lines.append(
             f"| {q['path']} | INT8 vs FP32 on the check set | agreement {q['agreement']:.3f}, AUC {q['fp32']['auc_positive']:.3f} -> {q['int8']['auc_positive']:.3f}, budget {'met' if q['budget_met'] else 'NOT met'} |"
@@ -220,3 +256,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {report['tensorrt']['path']} | TensorRT vs ONNX FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fusion_int8_rows(q: dict[str, Any]) -> list[str]:
+    """The fusion INT8 parity: each branch's embedding error, each presence pattern's decisions."""
+    rows = []
+    for branch, e in q["branches"].items():
+        rows.append(
+            f"| {q['files'][branch]} | {branch} branch INT8 vs FP32 embedding, {e['rows']} held-out rows | max abs diff {e['max_abs_diff']:.3g}, relative RMS {e['relative_rms']:.3g}, {len(e['excluded_nodes'])} nodes kept in float |"
+        )
+    for pattern, p in q["patterns"].items():
+        rows.append(
+            f"| {q['files']['head']} (FP32 head) | end to end with {pattern} present, {p['n']} held-out instances | agreement {p['agreement']:.3f}, AUC {p['fp32']['auc_positive']:.3f} -> {p['int8']['auc_positive']:.3f}, budget {'met' if p['budget_met'] else 'NOT met'} |"
+        )
+    return rows

@@ -122,7 +122,7 @@ def export_fusion(
         if graph == HEAD or len(layout.branches[graph]) > 1:  # the last input is a presence
             examples = (*examples[:-1], torch.ones_like(examples[-1]))
         write_graph(modules[graph], examples, inputs, layout.outputs_of(graph, card), path, opset,
-                    max_batch, exporter, _describe(card, layout.for_graph(graph)))  # fmt: skip
+                    max_batch, exporter, describe_graph(card, layout.for_graph(graph)))  # fmt: skip
         files[graph] = path
     parity = compare_fusion_with_torch(model, card, layout, files, tolerance)
     if not parity.ok:
@@ -135,7 +135,9 @@ def export_fusion(
     return FusionExport(files[HEAD], files, card, layout, parity)
 
 
-def _describe(card: ModelCard, layout: FusionLayout) -> Any:
+def describe_graph(card: ModelCard, layout: FusionLayout) -> Any:
+    """A function that puts `card` and `layout` (which graph this is) into a graph's metadata."""
+
     def describe(graph: Any) -> None:
         embed_card(graph, card)
         for index in reversed(range(len(graph.metadata_props))):

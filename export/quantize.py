@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -70,18 +70,21 @@ class QuantReport:
 
 
 class _Reader:
-    """ONNX Runtime CalibrationDataReader over preprocessed frames, one frame per batch."""
+    """ONNX Runtime CalibrationDataReader over preprocessed inputs, one row per batch: `feeds` maps
+    each input name to its (N, ...) array (one input for a classifier; a fusion branch's views and
+    their presence together)."""
 
-    def __init__(self, tensors: np.ndarray, input_name: str) -> None:
-        self.tensors, self.input_name = tensors, input_name
-        self._iter: Iterator[np.ndarray] = iter(tensors)
+    def __init__(self, feeds: Mapping[str, np.ndarray]) -> None:
+        self.feeds = dict(feeds)
+        self.rows = len(next(iter(self.feeds.values())))
+        self._iter: Iterator[int] = iter(range(self.rows))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        tensor = next(self._iter, None)
-        return None if tensor is None else {self.input_name: tensor[np.newaxis]}
+        row = next(self._iter, None)
+        return None if row is None else {k: v[row : row + 1] for k, v in self.feeds.items()}
 
     def rewind(self) -> None:
-        self._iter = iter(self.tensors)
+        self._iter = iter(range(self.rows))
 
     def __iter__(self) -> _Reader:  # the QDQ debugging helpers iterate readers directly
         self.rewind()
@@ -94,6 +97,39 @@ class _Reader:
         return item
 
 
+def prepared_for_quantization(fp32_path: str | Path, scratch: Path) -> Path:
+    """The FP32 graph after ONNX Runtime's quantization pre-processing (shape inference, fusions),
+    or the graph as it is when that fails (pre-processing is an optimisation)."""
+    from onnxruntime import quantization as q
+
+    prepared = scratch / f"prepared-{Path(fp32_path).stem}.onnx"
+    try:
+        q.quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    except Exception as exc:  # any failure of the optimisation leaves the original graph usable
+        log.warning(
+            "quantization pre-processing failed (%s); quantizing the exported graph as is", exc
+        )
+        return Path(fp32_path)
+    return prepared
+
+
+def quantize_pass(prepared: Path, out: Path, calibration: Mapping[str, np.ndarray], plan: QuantPlan,
+                  excluded: Sequence[str] = (), quant_format: str | None = None) -> None:  # fmt: skip
+    """One static quantization of `prepared` into `out`, calibrated on `calibration` (input name
+    -> rows), with `plan`'s method, format and types, `excluded` nodes left in float."""
+    from onnxruntime import quantization as q
+
+    method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+              "percentile": q.CalibrationMethod.Percentile}[plan.method]  # fmt: skip
+    activation = q.QuantType.QUInt8 if plan.activations == "uint8" else q.QuantType.QInt8
+    chosen = quant_format or plan.format
+    q.quantize_static(str(prepared), str(out), _Reader(calibration),
+                      quant_format=q.QuantFormat.QDQ if chosen == "qdq" else q.QuantFormat.QOperator,
+                      per_channel=plan.per_channel, activation_type=activation, weight_type=q.QuantType.QInt8,
+                      calibrate_method=method, nodes_to_exclude=list(excluded),
+                      extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out: str | Path,
@@ -104,8 +140,6 @@ def quantize_int8(
 ) -> QuantReport:
     """Write an INT8 QDQ model to `out` that meets `plan`'s accuracy budget, or say it could not."""
     require("onnx", "INT8 quantization")
-    from onnxruntime import quantization as q
-
     card = read_card(fp32_path)
     # The check set is scored on the model's task: labels it leaves out are counted, not scored.
     keep, left_out = card.task.partition(list(check_labels), "INT8 check labels")
@@ -117,34 +151,17 @@ def quantize_int8(
     calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
     check = np.stack([preprocess(f, card.preprocess)[0] for f in kept_frames])
     y = card.task.encode([label for label, kept in zip(check_labels, keep, strict=True) if kept])
-    method = {
-        "minmax": q.CalibrationMethod.MinMax,
-        "entropy": q.CalibrationMethod.Entropy,
-        "percentile": q.CalibrationMethod.Percentile,
-    }[plan.method]
-    activation = q.QuantType.QUInt8 if plan.activations == "uint8" else q.QuantType.QInt8
     fp32_logits = run_onnx(fp32_path, check)
     fp32_stats = _clinical(fp32_logits, y, card)
     excluded: list[str] = []
     attempts: list[dict[str, Any]] = []
     sensitive: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        try:
-            q.quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        except (
-            Exception
-        ) as exc:  # pre-processing is an optimisation; quantize the original if it fails
-            log.warning(
-                "quantization pre-processing failed (%s); quantizing the exported graph as is", exc
-            )
-            prepared = Path(fp32_path)
+        prepared = prepared_for_quantization(fp32_path, Path(scratch))
         candidate = Path(scratch) / "int8.onnx"
+        calibration_feeds = {card.input_name: calib}
         while True:
-            quant_format = q.QuantFormat.QDQ if plan.format == "qdq" else q.QuantFormat.QOperator
-            q.quantize_static(str(prepared), str(candidate), _Reader(calib, card.input_name), quant_format=quant_format,
-                              per_channel=plan.per_channel, activation_type=activation, weight_type=q.QuantType.QInt8,
-                              calibrate_method=method, nodes_to_exclude=list(excluded), extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
+            quantize_pass(prepared, candidate, calibration_feeds, plan, excluded)
             int8_logits = run_onnx(candidate, check)
             int8_stats = _clinical(int8_logits, y, card)
             agreement = _decisions_agree(fp32_logits, int8_logits, card)
@@ -159,13 +176,11 @@ def quantize_int8(
             )
             if not sensitive:  # part of every report, and the ranking the exclusion loop follows
                 if plan.format == "qdq":
-                    sensitive = node_sqnr(
-                        prepared, candidate, calib[: min(16, len(calib))], card.input_name
-                    )
-                else:
-                    sensitive = _sensitivity(
-                        q, prepared, calib, card.input_name, plan, method, activation, Path(scratch)
-                    )
+                    sensitive = node_sqnr(prepared, candidate, _rows(calibration_feeds, 16))
+                else:  # per-node SQNR is measured on a QDQ build (QOperator hides the floats)
+                    qdq = Path(scratch) / "sensitivity.onnx"
+                    quantize_pass(prepared, qdq, calibration_feeds, plan, quant_format="qdq")
+                    sensitive = node_sqnr(prepared, qdq, _rows(calibration_feeds, 16))
             if met or len(excluded) >= plan.max_excluded_nodes:
                 break
             step = max(1, len(excluded))  # exclude 1, 2, 4, 8, ... of the least accurate nodes
@@ -228,22 +243,8 @@ _QUANTIZED_OPS = {
 }
 
 
-def _sensitivity(
-    q: Any,
-    prepared: Path,
-    calib: np.ndarray,
-    input_name: str,
-    plan: QuantPlan,
-    method: Any,
-    activation: Any,
-    scratch: Path,
-) -> list[dict[str, Any]]:
-    """Per-node SQNR, measured on a QDQ build (QOperator graphs hide the float tensors)."""
-    qdq = scratch / "sensitivity.onnx"
-    q.quantize_static(str(prepared), str(qdq), _Reader(calib, input_name), quant_format=q.QuantFormat.QDQ, per_channel=plan.per_channel,
-                      activation_type=activation, weight_type=q.QuantType.QInt8, calibrate_method=method,
-                      extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
-    return node_sqnr(prepared, qdq, calib[: min(16, len(calib))], input_name)
+def _rows(feeds: Mapping[str, np.ndarray], limit: int) -> dict[str, np.ndarray]:
+    return {k: v[:limit] for k, v in feeds.items()}
 
 
 CANDIDATES: tuple[dict[str, Any], ...] = (
@@ -337,7 +338,7 @@ def interleaved_latency(
 
 
 def node_sqnr(
-    float_model: Path, qdq_model: Path, tensors: np.ndarray, input_name: str
+    float_model: Path, qdq_model: Path, feeds: Mapping[str, np.ndarray]
 ) -> list[dict[str, Any]]:
     """Per quantizable node: SQNR (dB) of its output in the INT8 model against the FP32 model, and
     the dB it loses relative to its inputs (its own contribution), worst contributor first."""
@@ -348,8 +349,8 @@ def node_sqnr(
         float_aug, qdq_aug = Path(scratch) / "float.onnx", Path(scratch) / "qdq.onnx"
         debug.modify_model_output_intermediate_tensors(str(float_model), str(float_aug))
         debug.modify_model_output_intermediate_tensors(str(qdq_model), str(qdq_aug))
-        float_acts = debug.collect_activations(str(float_aug), _Reader(tensors, input_name))
-        qdq_acts = debug.collect_activations(str(qdq_aug), _Reader(tensors, input_name))
+        float_acts = debug.collect_activations(str(float_aug), _Reader(feeds))
+        qdq_acts = debug.collect_activations(str(qdq_aug), _Reader(feeds))
     errors = debug.compute_activation_error(debug.create_activation_matching(qdq_acts, float_acts))
     sqnr = {
         name: float(e["xmodel_err"])

@@ -19,6 +19,7 @@ from edgebc.atomic import atomic_write_bytes
 from edgebc.backends.tensorrt.sidecar import gpu_identity, write_sidecar
 from edgebc.errors import EdgebcError
 from edgebc.integrity import sha256_file
+from edgebc.model_card import ModelCard
 from edgebc.optional import require
 from edgebc.release import card_for_model
 
@@ -41,9 +42,6 @@ def build_engine(
         raise EdgebcError(
             f"{onnx_path}: INT8 engines are built from the QDQ model (edgebc export --int8), not from a {card.precision} one"
         )
-    low, opt, high = batch
-    if not 1 <= low <= opt <= high:
-        raise EdgebcError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
@@ -59,15 +57,15 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache else out.with_suffix(".timing.cache")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    tensor = network.get_input(0)
-    channels, height, width = card.input_shape
+    shapes = optimisation_profiles(card, batch, graph_inputs(onnx_path))
     profile = builder.create_optimization_profile()
-    profile.set_shape(
-        tensor.name,
-        (low, channels, height, width),
-        (opt, channels, height, width),
-        (high, channels, height, width),
-    )
+    for index in range(network.num_inputs):  # one (min, opt, max) shape per named input
+        tensor = network.get_input(index)
+        if tensor.name not in shapes:
+            raise EdgebcError(
+                f"{onnx_path}: the network input {tensor.name!r} is none of {sorted(shapes)}"
+            )
+        profile.set_shape(tensor.name, *shapes[tensor.name])
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -83,3 +81,60 @@ def build_engine(
         "card": card.to_json(),
     })  # fmt: skip
     return out
+
+
+Shape = tuple[int, ...]
+
+
+def engine_batch(card: ModelCard, cap: int = 8) -> tuple[int, int, int]:
+    """The (min, opt, max) batch of an engine for `card`: one frame at a time is the device's
+    case (live ultrasound, a case's mammograms), up to the card's max batch, at most `cap`."""
+    return 1, 1, max(1, min(cap, card.max_batch))
+
+
+def graph_inputs(onnx_path: str | Path) -> dict[str, Shape] | None:
+    """Each input's shape without the batch axis of a fusion graph (its layout names them: views,
+    presence, embeddings), or None for a model whose inputs are its card's."""
+    from edgebc.fusion_graphs import read_layout
+
+    layout = read_layout(onnx_path)
+    if layout is None:
+        return None
+    card = card_for_model(Path(onnx_path))
+    return dict(layout.inputs_of(layout.graph, card))
+
+
+def optimisation_profiles(card: ModelCard, batch: tuple[int, int, int],
+                          inputs: dict[str, Shape] | None = None) -> dict[str, tuple[Shape, Shape, Shape]]:  # fmt: skip
+    """The (min, opt, max) shape of every named input: `inputs` (name -> shape without the batch;
+    a fusion graph's) or the card's inputs and presence input, each with `batch` in front."""
+    low, opt, high = batch
+    if not 1 <= low <= opt <= high:
+        raise EdgebcError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
+    if inputs is None:
+        inputs = {i.name: tuple(i.shape) for i in card.inputs}
+        if card.presence_input is not None:
+            inputs[card.presence_input] = (len(card.inputs),)
+    return {name: ((low, *shape), (opt, *shape), (high, *shape)) for name, shape in inputs.items()}
+
+
+def build_fusion_engines(head_path: str | Path, out_dir: str | Path,
+                         precision: Precision = "fp16") -> dict[str, Path]:  # fmt: skip
+    """An engine per graph of the fusion export whose head is `head_path` (edgebc.fusion_graphs),
+    each with a profile per named input (views, presence, embeddings) over `engine_batch`: the
+    branches at `precision` (INT8 from the INT8 variant's QDQ branch graphs), the head at FP16
+    (the INT8 variant keeps its head in float: edgebc.export.fusion_quantize)."""
+    from edgebc.fusion_graphs import HEAD, read_layout
+
+    head_path = Path(head_path)
+    layout = read_layout(head_path)
+    if layout is None:
+        raise EdgebcError(f"{head_path}: not the head graph of an exported fusion model")
+    engines = {}
+    for graph, file in layout.files.items():
+        source = head_path.parent / file
+        chosen: Precision = "fp16" if graph == HEAD else precision
+        card = card_for_model(source)
+        engines[graph] = build_engine(source, Path(out_dir) / f"{Path(file).stem}.{chosen}.engine",
+                                      chosen, batch=engine_batch(card))  # fmt: skip
+    return engines
