@@ -161,8 +161,8 @@ def test_the_graphs_refuse_bad_feeds_and_strangers(exported, tmp_path):
     shutil.copy(folder / "MANIFEST.sha256", copy / "MANIFEST.sha256")
     with pytest.raises(EdgebcError, match=r"does not match MANIFEST\.sha256"):
         open_fusion_graphs(copy / "fusion.onnx")
-    with pytest.raises(EdgebcError, match=r"--int8 not done for fusion models"):
-        run_export(root / "fusion.pt", ExportOptions(out_dir=tmp_path / "x", int8=True))
+    with pytest.raises(EdgebcError, match=r"--fp16 not done for fusion models"):
+        run_export(root / "fusion.pt", ExportOptions(out_dir=tmp_path / "x", fp16=True))
 
 
 class Counting:
