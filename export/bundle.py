@@ -46,9 +46,9 @@ class ExportOptions:
 
 def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
     out = Path(options.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_fusion_checkpoint(checkpoint):
+    if _is_fusion_checkpoint(checkpoint):  # refuses what it cannot do before making a folder
         return _run_fusion_export(checkpoint, options)
+    out.mkdir(parents=True, exist_ok=True)
     frames = (
         load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
     )
@@ -161,6 +161,7 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
             "--int8 needs --calibration and --check: a case manifest (patient_id, modality, view) "
             "whose calibration split calibrates each branch and whose held-out split checks them"
         )
+    Path(options.out_dir).mkdir(parents=True, exist_ok=True)
     exported = export_fusion(checkpoint, options.out_dir, options.name, options.opset,
                              options.max_batch, options.exporter)  # fmt: skip
     parity = exported.parity

@@ -163,6 +163,7 @@ def test_the_graphs_refuse_bad_feeds_and_strangers(exported, tmp_path):
         open_fusion_graphs(copy / "fusion.onnx")
     with pytest.raises(EdgebcError, match=r"--fp16 not done for fusion models"):
         run_export(root / "fusion.pt", ExportOptions(out_dir=tmp_path / "x", fp16=True))
+    assert not (tmp_path / "x").exists()  # a refused export leaves nothing behind
 
 
 class Counting:
