@@ -457,7 +457,8 @@ class ServeRuntime:
                 )
             decisions = scratch.classify_batch(images)
             attachment = Attachment(case, context, time.time(), time.monotonic(),
-                                    context.study_sha256, "mammograms")  # fmt: skip
+                                    context.study_sha256,
+                                    "mammograms" if context.study_sha256 else None)  # fmt: skip
             return decisions, scratch.case_decision(decisions), attachment
 
         decisions, decided, attachment = self.uploads.run(work)
