@@ -16,7 +16,7 @@ import io
 import itertools
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,11 @@ import numpy as np
 from edgebc.atomic import atomic_write_text
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
-from edgebc.decode import ImageView
+from edgebc.decode import DicomStudy, ImageView
 from edgebc.errors import EdgebcError
 from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view
 from edgebc.region import Region, detect_imaging_region
-from edgebc.sources import OpenCVSource, expand_inputs, open_file
+from edgebc.sources import DicomSource, OpenCVSource, expand_inputs, open_file
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class FrameItem:
     image: np.ndarray | None
     error: str | None = None
     view: ImageView | None = None  # a mammogram's view, where its DICOM header says it
+    study: DicomStudy = field(default_factory=DicomStudy)  # its DICOM study and patient, hashed
 
 
 def iter_frames(
@@ -97,17 +98,18 @@ def _file_frames(path: Path, stride: int, full_depth: bool = False) -> Iterator[
     without a frame number, and every `stride`-th frame of a video or cine, numbered."""
     source = open_file(path, full_depth)
     source.open()
+    study = source.study if isinstance(source, DicomSource) else DicomStudy()
     try:
         frames = iter(source.read, None)
         first, second = next(frames, None), next(frames, None)
         if first is None:
             raise EdgebcError(f"{path}: holds no readable frame")
         if second is None and not isinstance(source, OpenCVSource):  # a video is numbered always
-            yield FrameItem(str(path), None, first.image, view=first.view)
+            yield FrameItem(str(path), None, first.image, view=first.view, study=study)
             return
         for frame in itertools.chain([first], [] if second is None else [second], frames):
             if frame.index % stride == 0:
-                yield FrameItem(str(path), frame.index, frame.image, view=frame.view)
+                yield FrameItem(str(path), frame.index, frame.image, view=frame.view, study=study)
     finally:
         source.close()
 
@@ -181,7 +183,9 @@ def classify_fusion_case(
     fed, or why none), a row per ultrasound frame (every frame of a cine or video, every
     `stride`-th), then the case's row (the mean of its frames, or its mammograms alone where the
     model answers without ultrasound); every decided row names the inputs and modalities it
-    used. Returns (frames decided, errors)."""
+    used. A DICOM frame of another study than the mammograms' is an error row, never fused.
+    Returns (frames decided, errors). Mammograms of different studies or patients: ValueError
+    naming them, and nothing is written."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise EdgebcError(f"{out}: output must end in .csv or .jsonl")
@@ -208,7 +212,7 @@ def classify_fusion_case(
             except ValueError as exc:  # the stated view and the file disagree: that film is out
                 failed(replace(item, error=str(exc)), "mammogram")
                 continue
-            films.append(Mammogram(item.image, view, source))
+            films.append(Mammogram(item.image, view, source, header, item.study))
     context = classifier.attach(case, films)
     for use in context.mammograms:
         rows.append({"source": use.source, "case": case, "level": "mammogram",
@@ -227,9 +231,15 @@ def classify_fusion_case(
         progress(len(pending))
         pending.clear()
 
+    study = context.study_sha256
     for item in iter_frames(expand_inputs(ultrasound), stride) if ultrasound else ():
         if item.image is None:
             failed(item, "frame")
+            continue
+        if study is not None and item.study.study_sha256 not in (None, study):
+            # another study's frame may be another patient's: never fused with this case's films
+            failed(replace(item, error=f"{item.source}: its DICOM study (StudyInstanceUID) is not "
+                                       "the case's mammograms'; not fused"), "frame")  # fmt: skip
             continue
         pending.append(item)
         if len(pending) >= batch_size:

@@ -16,12 +16,14 @@ modality's nominal range (a 12-bit mammogram stored in 16 bits is scaled by 6553
 MONOCHROME1 inverted; worked in blocks of rows, so a 4096x3328 mammogram never has a
 full-frame float copy. PNG keeps its own depth either way (a 16-bit PNG decodes to uint16).
 `read_image_view` reads what a DICOM header says about a mammogram's view (breast side, view
-position, the image edge the chest wall lies on) without decoding pixels.
+position, the image edge the chest wall lies on) without decoding pixels; `read_study` the study
+and patient a file belongs to, hashed (never the fields themselves).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import re
@@ -407,6 +409,36 @@ def read_image_view(data: bytes, name: str = "<buffer>") -> ImageView:
     elif laterality is not None:
         chest_wall = "left" if laterality == "L" else "right"
     return ImageView(laterality, position, chest_wall)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DicomStudy:
+    """Which DICOM study and patient a file belongs to, as sha256 hashes of its StudyInstanceUID
+    and PatientID (the fields themselves are never kept); None where the file says none (not
+    DICOM, or the tag is absent). The patient's hash is for comparing files, never for a record."""
+
+    study_sha256: str | None = None
+    patient_sha256: str | None = None
+
+
+def read_study(data: bytes, name: str = "<buffer>") -> DicomStudy:
+    """The hashed study and patient ids of a DICOM file, without decoding pixels; none for
+    PNG/JPEG."""
+    if sniff_format(data) != "dicom":
+        return DicomStudy()
+    pydicom = require("pydicom", "reading DICOM files")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        study = str(getattr(ds, "StudyInstanceUID", "") or "").strip()
+        patient = str(getattr(ds, "PatientID", "") or "").strip()
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: DICOM header could not be read: {exc}") from exc
+    return DicomStudy(_identity_sha256("StudyInstanceUID", study),
+                      _identity_sha256("PatientID", patient))  # fmt: skip
+
+
+def _identity_sha256(tag: str, value: str) -> str | None:
+    return hashlib.sha256(f"{tag}={value}".encode()).hexdigest() if value else None
 
 
 def to_grey_uint8(image: np.ndarray) -> np.ndarray:

@@ -11,6 +11,10 @@ passed its gate, the head is told so through its presence input and answers from
 alone, as the model was trained to; every decision names the inputs and modalities it used, and
 the one decision rule (edgebc.decision) decides it at the card's threshold or a site's.
 
+A case is one study of one patient: films of different DICOM studies (StudyInstanceUID) or
+patients (PatientID), compared as hashes and never kept, are refused together, never fused; a
+file that is not DICOM carries no study, and the context says so.
+
 The fused decision is not checked for distribution shift (the check covers one-input models).
 """
 
@@ -30,7 +34,7 @@ from edgebc.backends import Backend, open_backend
 from edgebc.breast import BreastRefusal
 from edgebc.classifier import Decision
 from edgebc.decision import DecisionRule
-from edgebc.decode import ImageView
+from edgebc.decode import DicomStudy, ImageView
 from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.fusion_graphs import HEAD, FusionLayout, embedding_name, is_fusion, view_presence_name
@@ -44,27 +48,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Mammogram:
-    """One stored mammogram view: pixels at full depth, what is known of its view (a DICOM
-    header's), and where it came from."""
+    """One stored mammogram view: pixels at full depth, what is known of its view (a stated one,
+    else its DICOM header's), where it came from, what its header alone says of the view (None:
+    the same as `view`) and its study, hashed."""
 
     image: np.ndarray
     view: ImageView = field(default_factory=ImageView)
     source: str = ""
+    header: ImageView | None = None
+    study: DicomStudy = field(default_factory=DicomStudy)
 
 
 @dataclass(frozen=True)
 class MammogramUse:
     """What became of one mammogram given for a case: the input it fed (None when it fed none),
-    its gate's verdict (or why it was left out) and the sha256 of its pixels (never the pixels)."""
+    its gate's verdict (or why it was left out), the sha256 of its pixels (never the pixels), the
+    view the model read it as (`view`; for one left out, the view it was given), what its own
+    header says of it (`header_view`; None: nothing, as for a PNG) and its DICOM study's hash
+    (None: not known)."""
 
     source: str
     input: str | None
     quality: QualityResult
     pixels_sha256: str
+    view: str | None = None
+    header_view: str | None = None
+    study_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "input": self.input, "pixels_sha256": self.pixels_sha256,
-                "quality": "ok" if self.quality.ok else "no decision", "reason": self.quality.reason}  # fmt: skip
+                "quality": "ok" if self.quality.ok else "no decision", "reason": self.quality.reason,
+                "view": self.view, "header_view": self.header_view, "study_sha256": self.study_sha256}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,27 @@ class MammogramContext:
     mammograms: tuple[MammogramUse, ...]
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     fed: tuple[str, ...] | None = None
+    study_sha256: str | None = None  # the films' one DICOM study, hashed; None: none known
 
     @property
     def inputs(self) -> tuple[str, ...]:
         """The card inputs the kept embeddings rest on."""
         return tuple(self.embeddings) if self.fed is None else self.fed
+
+    @property
+    def views(self) -> tuple[str | None, ...]:
+        """The views the model read the films it used as, in the order given."""
+        return tuple(use.view for use in self.mammograms if use.input)
+
+    def study_note(self) -> str:
+        """What is known of the films' study, for the record: its hash, and which films carry
+        none (not DICOM, or no StudyInstanceUID): their study is unknown."""
+        unknown = [use.source for use in self.mammograms if use.study_sha256 is None]
+        if not unknown:
+            return f"DICOM study {self.study_sha256}"
+        known = "" if self.study_sha256 is None else f"DICOM study {self.study_sha256}; "
+        return (f"{known}study unknown for {', '.join(unknown)} (not DICOM, or no "
+                "StudyInstanceUID): not checked against the case's study")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,36 @@ def view_code(view: ImageView) -> str | None:
     if view.laterality is None or view.position is None:
         return None
     return f"{view.laterality}-{view.position}"
+
+
+def view_text(view: ImageView | None) -> str | None:
+    """What a view says, for the record: `L-CC`, or only `L` or `MLO` where only that is known."""
+    if view is None:
+        return None
+    return view_code(view) or view.laterality or view.position
+
+
+def one_study(mammograms: Sequence[Mammogram]) -> str | None:
+    """The one DICOM study (hashed) a case's films belong to, None where none says; films of
+    different studies or patients are refused together (ValueError naming each file and which
+    of them agree), never fused as one case."""
+    for what, tag, key in (("DICOM studies", "StudyInstanceUID", "study_sha256"),
+                           ("patients", "PatientID", "patient_sha256")):  # fmt: skip
+        groups: dict[str, list[str]] = {}
+        for k, mammogram in enumerate(mammograms):
+            value = getattr(mammogram.study, key)
+            if value is not None:
+                groups.setdefault(value, []).append(mammogram.source or f"mammogram {k + 1}")
+        if len(groups) > 1:
+            named = "; ".join(f"{chr(65 + n)}: {', '.join(files)}"
+                              for n, files in enumerate(groups.values()))  # fmt: skip
+            raise ValueError(
+                f"the case's mammograms are films of {len(groups)} different {what} (their "
+                f"{tag} differs; {named}): a case is one study of one patient; attach one "
+                "study's films"
+            )
+    studies = {m.study.study_sha256 for m in mammograms} - {None}
+    return next(iter(studies), None)
 
 
 def open_fusion_graphs(
@@ -228,10 +288,18 @@ class FusionClassifier:
         graphs = open_fusion_graphs(path, providers, threads, spin_wait)
         return cls(graphs, gate, mammography_gate, threshold)
 
+    def fresh(self) -> FusionClassifier:
+        """A classifier on the same graphs, gates and threshold with no case attached: for work
+        beside this one's case (a new case embedded while the live stream runs, an upload that
+        is not the live patient) without touching it."""
+        return FusionClassifier(self.graphs, self.gate, self.mammography_gate, self.threshold)
+
     # -- the case's mammograms: once per case ---------------------------------------------------
     def attach(self, case: str, mammograms: Sequence[Mammogram]) -> MammogramContext:
         """Gate, preprocess and embed a case's mammograms (each branch runs once) and keep them
-        for the frames that follow; replaces what was attached before."""
+        for the frames that follow; replaces what was attached before. Films of different
+        studies or patients: ValueError, and nothing changes."""
+        study = one_study(mammograms)
         clock = time.perf_counter
         start = clock()
         uses: list[MammogramUse] = []
@@ -240,8 +308,12 @@ class FusionClassifier:
             image = validated_image(mammogram.image)
             digest = pixels_sha256(image)
             model_input, view, refusal = self._input_for(mammogram, tensors, uses)
+            header = view_text(mammogram.view if mammogram.header is None else mammogram.header)
+            used = view_text(view)
+            facts = MammogramUse(mammogram.source, None, refusal, digest, used, header,
+                                 mammogram.study.study_sha256)  # fmt: skip
             if model_input is None:
-                uses.append(MammogramUse(mammogram.source, None, refusal, digest))
+                uses.append(facts)
                 continue
             grey = to_channels(image, 1)
             verdict = self.mammography_gate.check(image, grey)
@@ -253,8 +325,9 @@ class FusionClassifier:
                     )  # fmt: skip
                 except BreastRefusal as exc:
                     verdict = QualityResult(False, str(exc), exc.check)
-            uses.append(MammogramUse(mammogram.source, model_input.name if verdict.ok else None,
-                                     verdict, digest))  # fmt: skip
+            uses.append(
+                replace(facts, input=model_input.name if verdict.ok else None, quality=verdict)
+            )
         prepared = clock()
         embeddings = {}
         for branch, names in self.layout.branches.items():
@@ -265,7 +338,7 @@ class FusionClassifier:
         timings = {"mammogram_preprocess": (prepared - start) * 1e3,
                    "mammogram_branch": (done - prepared) * 1e3}  # fmt: skip
         fed = tuple(i.name for i in self.mammography if i.name in tensors)
-        self.context = MammogramContext(case, embeddings, tuple(uses), timings, fed)
+        self.context = MammogramContext(case, embeddings, tuple(uses), timings, fed, study)
         log.info("case %s: mammograms attached for %s (%d given)", case,
                  ", ".join(fed) or "none", len(mammograms))  # fmt: skip
         return self.context
@@ -294,7 +367,7 @@ class FusionClassifier:
         """The mammography input this mammogram feeds and the view it is read with: a known view
         (side and projection) feeds the input of that view, or one without a view; an unknown one
         feeds the model's only mammography input, read as that input's view where it names one
-        (the side a header gives must agree). Otherwise None and why."""
+        (the side or the view position a header gives must agree). Otherwise None and why."""
         code = view_code(mammogram.view)
         fed = set(taken) | {u.input for u in uses if u.input}
         views = ", ".join(str(i.view) for i in self.mammography)
@@ -324,10 +397,15 @@ class FusionClassifier:
                            "mammograms")  # fmt: skip
         if code is None and chosen.view:
             stated = ImageView.from_code(chosen.view)
-            side = mammogram.view.laterality
+            side, position = mammogram.view.laterality, mammogram.view.position
             if side is not None and side != stated.laterality:
                 return refused(
                     f"its side {side} (its DICOM header) is not the model's {chosen.view}"
+                )
+            if position is not None and position != stated.position:
+                return refused(
+                    f"its view position {position} (its DICOM header) is not the model's "
+                    f"{chosen.view}"
                 )
             view = ImageView.hung(stated.laterality or "L", stated.position, mammogram.view)
         return chosen, view, QualityResult(True)

@@ -29,7 +29,15 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from edgebc.decode import ImageView, decode_dicom_frames, read_image, read_image_view, sniff_format
+from edgebc.decode import (
+    DicomStudy,
+    ImageView,
+    decode_dicom_frames,
+    read_image,
+    read_image_view,
+    read_study,
+    sniff_format,
+)
 from edgebc.errors import EdgebcError
 from edgebc.optional import require
 
@@ -54,6 +62,7 @@ class Frame:
         0.0  # how long the source's read took (grab + decode; for live sources also the wait)
     )
     view: ImageView | None = None  # what a DICOM header says of a mammogram's view
+    study: str | None = None  # sha256 of the DICOM study (StudyInstanceUID) it belongs to
 
     def age(self) -> float:
         return time.monotonic() - self.captured_monotonic
@@ -76,8 +85,11 @@ class _Counter:
     def __init__(self, name: str) -> None:
         self.name, self._next = name, 0
 
-    def stamp(self, image: np.ndarray, view: ImageView | None = None) -> Frame:
-        frame = Frame(image, self._next, time.time(), time.monotonic(), self.name, view=view)
+    def stamp(
+        self, image: np.ndarray, view: ImageView | None = None, study: str | None = None
+    ) -> Frame:
+        frame = Frame(image, self._next, time.time(), time.monotonic(), self.name, view=view,
+                      study=study)  # fmt: skip
         self._next += 1
         return frame
 
@@ -107,7 +119,8 @@ class ImageFileSource:
 
 class DicomSource:
     """A DICOM file's frames, display-ready in 8 bits, or with `full_depth` (mammography models)
-    grey frames in 16 bits; each frame carries what the header says of the view."""
+    grey frames in 16 bits; each frame carries what the header says of the view, and its study
+    hashed (the live cart ends a case's mammogram attachment when a new study begins)."""
 
     live = False
 
@@ -116,17 +129,23 @@ class DicomSource:
         self.full_depth = full_depth
         self._frames: Iterator[np.ndarray] = iter(())
         self._view: ImageView | None = None
+        self.study = DicomStudy()  # the file's study and patient, hashed, once opened
         self._counter = _Counter(self.name)
 
     def open(self) -> None:
         data = self.path.read_bytes()
         self._view = read_image_view(data, self.name)
+        self.study = read_study(data, self.name)
         frames = decode_dicom_frames(data, self.name, full_depth=self.full_depth)
         self._frames = iter(frames)
 
     def read(self) -> Frame | None:
         image = next(self._frames, None)
-        return None if image is None else self._counter.stamp(image, self._view)
+        return (
+            None
+            if image is None
+            else self._counter.stamp(image, self._view, self.study.study_sha256)
+        )
 
     def close(self) -> None:
         self._frames = iter(())
@@ -321,7 +340,8 @@ class PhantomCineSource:
 
 class FilesSource:
     """Image, video and DICOM files played one after another as one finite source (a folder or a
-    glob pattern); its frames are numbered on, across the files, and keep their DICOM view."""
+    glob pattern); its frames are numbered on, across the files, and keep their DICOM view and
+    study."""
 
     live = False
 
@@ -347,7 +367,7 @@ class FilesSource:
                 self._current.open()
             frame = self._current.read()
             if frame is not None:
-                return self._counter.stamp(frame.image, frame.view)
+                return self._counter.stamp(frame.image, frame.view, frame.study)
             self._current.close()
             self._current = None
 

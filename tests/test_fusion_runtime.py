@@ -3,6 +3,7 @@ and the whole path matching PyTorch; the mammogram embedded once per case, never
 absent or refused mammogram answered from ultrasound alone; `edgebc classify` rows per case."""
 
 import csv
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -17,7 +18,7 @@ pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
 from edgebc.archive import iter_frames
 from edgebc.backends import open_backend
 from edgebc.cli import main
-from edgebc.decode import ImageView
+from edgebc.decode import ImageView, read_study
 from edgebc.demo import DEMO_MODEL
 from edgebc.errors import EdgebcError
 from edgebc.export.bundle import ExportOptions, run_export
@@ -359,3 +360,93 @@ def test_the_model_store_refuses_a_fusion_export_rather_than_install_its_head_al
     with pytest.raises(EdgebcError, match=r"has 2 inputs .* run it from the folder"):
         ModelStore(tmp_path / "store").install(root / "export" / "fusion.onnx")
     assert not (tmp_path / "store" / "current").exists()
+
+
+def _study_film(path, study, patient="p-1", side="L", view="CC", seed=3):
+    """A DICOM mammogram of `study` and `patient` (the header's view: `side` and `view`)."""
+    path.write_bytes(_dicom_bytes(_film(side, view, seed), ImageLaterality=side, ViewPosition=view,
+                                  StudyInstanceUID=study, PatientID=patient))  # fmt: skip
+    return path
+
+
+def test_a_case_is_one_study_of_one_patient(exported, tmp_path, capsys):
+    """Films of two studies, or two patients, are refused together, naming them, never fused;
+    a film that is not DICOM has no study, and the context says so."""
+    root, _model, _report = exported
+    classifier = FusionClassifier.open(root / "export" / "fusion.onnx")
+    mg = tmp_path / "mg"
+    mg.mkdir()
+    _study_film(mg / "a.dcm", "1.2.3.1")
+    _study_film(mg / "b.dcm", "1.2.3.2", view="MLO")
+    cv2.imwrite(str(tmp_path / "still.png"), _ultrasound(0))
+    out = tmp_path / "rows.csv"
+    args = ["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+            "--out", str(out), "--mammogram"]  # fmt: skip
+    assert main([*args, str(mg)]) == 1
+    err = capsys.readouterr().err
+    assert "2 different DICOM studies (their StudyInstanceUID differs" in err, err
+    assert "A: " + str(mg / "a.dcm") in err and "B: " + str(mg / "b.dcm") in err
+    assert not out.exists()  # nothing written, nothing fused
+    # one study, two patients: refused as well (the PatientIDs compared as hashes)
+    _study_film(mg / "b.dcm", "1.2.3.1", patient="p-2", view="MLO")
+    assert main([*args, str(mg)]) == 1
+    err += capsys.readouterr().err
+    assert "2 different patients (their PatientID differs" in err
+    assert "p-1" not in err and "1.2.3.1" not in err  # the fields themselves are never shown
+    # through the library: refused before anything changes
+    films = [Mammogram(_film(), L_CC, "a", study=read_study((mg / "a.dcm").read_bytes())),
+             Mammogram(_film(), L_CC, "b", study=read_study((mg / "b.dcm").read_bytes()))]  # fmt: skip
+    kept = classifier.attach("kept", [Mammogram(_film(), L_CC, "cc.png")])
+    with pytest.raises(ValueError, match="A: a; B: b"):
+        classifier.attach("mixed", films)
+    assert classifier.context is kept
+    # one study: fused; the context names its study (hashed), a PNG's is unknown
+    (mg / "b.dcm").unlink()
+    cv2.imwrite(str(mg / "c.png"), _film())
+    assert main([*args, str(mg / "a.dcm"), f"L-CC={mg / 'c.png'}"]) == 0
+    context = classifier.attach("one", [films[0], Mammogram(_film(), L_CC, "c.png")])
+    study = hashlib.sha256(b"StudyInstanceUID=1.2.3.1").hexdigest()
+    assert context.study_sha256 == study and films[0].study.patient_sha256 is not None
+    assert [m.study_sha256 for m in context.mammograms] == [study, None]
+    assert context.study_note().endswith(
+        "study unknown for c.png (not DICOM, or no StudyInstanceUID): not checked against the "
+        "case's study"
+    )
+    # an ultrasound cine of another study than the films' is an error row, never fused
+    (tmp_path / "other.dcm").write_bytes(
+        _dicom_bytes(np.stack([_ultrasound(1)] * 2), frames=2, StudyInstanceUID="1.2.3.9")
+    )
+    (tmp_path / "same.dcm").write_bytes(
+        _dicom_bytes(np.stack([_ultrasound(2)] * 2), frames=2, StudyInstanceUID="1.2.3.1")
+    )
+    code = main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "same.dcm"),
+                 str(tmp_path / "other.dcm"), "--mammogram", str(mg / "a.dcm"), "--out", str(out)])  # fmt: skip
+    assert code == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["level"], r["modalities"]) for r in rows if r["source"].endswith("same.dcm")] == [
+        ("frame", "us+mg")] * 2  # fmt: skip
+    other = [r for r in rows if r["source"].endswith("other.dcm")]
+    assert len(other) == 2 and all(
+        "not the case's mammograms'; not fused" in r["error"] for r in other
+    )
+    assert all(r["decision"] == "" for r in other)
+
+
+def test_the_view_used_is_recorded_and_a_header_position_must_agree(exported):
+    """A film is recorded with the view the model read it as (its header's beside it), and a
+    header that gives only the view position must agree with the input's (no side needed)."""
+    root, _model, _report = exported
+    classifier = FusionClassifier.open(root / "export" / "fusion.onnx")
+    context = classifier.attach("c", [Mammogram(_film(), source="cc.png")])  # no view said
+    use = context.mammograms[0]
+    assert (use.input, use.view, use.header_view) == ("mg_cc", "L-CC", None)
+    assert context.views == ("L-CC",)
+    assert use.to_json()["view"] == "L-CC" and use.to_json()["header_view"] is None
+    mlo = Mammogram(_film("L", "MLO"), ImageView(None, "MLO", None), "mlo.dcm")  # no side
+    context = classifier.attach("c", [mlo])
+    use = context.mammograms[0]
+    assert context.inputs == () and use.input is None and use.header_view == "MLO"
+    assert "its view position MLO (its DICOM header) is not the model's L-CC" in use.quality.reason
+    side_only = Mammogram(_film(), ImageView("L", None, "left"), "l.dcm")
+    use = classifier.attach("c", [side_only]).mammograms[0]
+    assert (use.input, use.view, use.header_view) == ("mg_cc", "L-CC", "L")

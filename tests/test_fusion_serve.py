@@ -3,6 +3,7 @@ frame until the case ends (operator, new attach, idle time), every attach, detac
 in the audit trail with the mammograms' hashes; a stale attachment never meets the next patient."""
 
 import base64
+import hashlib
 import itertools
 import json
 
@@ -17,11 +18,14 @@ from fastapi.testclient import TestClient
 
 from edgebc.audit_trail import read_trail
 from edgebc.cli import main
-from edgebc.decode import ImageView
+from edgebc.decode import ImageView, decode_image, read_image_view, read_study
 from edgebc.fusion import FusionClassifier, Mammogram, pixels_sha256
 from edgebc.serve.app import create_app
 from edgebc.serve.case_context import LiveFusion
+from edgebc.serve.live_loop import LivePipeline
 from edgebc.serve.runtime import build_runtime
+from edgebc.sources import open_source
+from tests.test_decode import _dicom_bytes
 from tests.test_fusion_runtime import _film, _fusion_checkpoint, _ultrasound
 from tests.test_serve import TOKEN, png_bytes, settings_for, wait_until
 
@@ -282,3 +286,132 @@ def test_one_uploaded_case_is_classified_with_both_modalities(model, tmp_path):
     fused = [r for r in rows if r["modalities"] == ["us", "mg"]]
     assert len(fused) == 3 and sum(1 for r in fused if r.get("case decision")) == 1
     assert all(r["mammograms"][0]["pixels_sha256"] == pixels_sha256(film) for r in fused)
+
+
+def _sha(uid):
+    return hashlib.sha256(f"StudyInstanceUID={uid}".encode()).hexdigest()
+
+
+def _dicom_film(study, patient="p-A", view="CC"):
+    """A left mammogram as DICOM bytes, of `study` and `patient`."""
+    return _dicom_bytes(_film(view=view), ImageLaterality="L", ViewPosition=view,
+                        StudyInstanceUID=study, PatientID=patient)  # fmt: skip
+
+
+def _mammogram_of(data):
+    """A DICOM film as the cart reads an uploaded one: full depth, its header's view and study."""
+    return Mammogram(decode_image(data, full_depth=True), read_image_view(data), "mammogram 1",
+                     study=read_study(data))  # fmt: skip
+
+
+def test_a_new_dicom_study_ends_the_case_and_its_frames_are_never_fused(model, tmp_path):
+    """Live frames from a DICOM source carry their study: an attachment bound to study A (its
+    films') is fused with A's frames only; the first frame of study B detaches it ("new study",
+    recorded) and is answered from ultrasound alone, as are the frames after it."""
+    records = []
+    live = LiveFusion(FusionClassifier.open(model), 30.0, records.append)
+    pipeline = LivePipeline(live, reader=None)  # the loop's own classify step, frame by frame
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name, study, first in (("1-a.dcm", "1.2.840.1", 0), ("2-b.dcm", "1.2.840.2", 2)):
+        cine = np.stack([_ultrasound(first), _ultrasound(first + 1)])
+        (scans / name).write_bytes(_dicom_bytes(cine, frames=2, StudyInstanceUID=study))
+    attachment = live.attach("A", [_mammogram_of(_dicom_film("1.2.840.1"))])
+    assert attachment.study_sha256 == _sha("1.2.840.1") and attachment.study_from == "mammograms"
+    source = open_source(str(scans))
+    source.open()
+    frames = list(iter(source.read, None))
+    assert [f.study for f in frames] == [_sha("1.2.840.1")] * 2 + [_sha("1.2.840.2")] * 2
+    used = [pipeline._classify(frame) for frame in frames]
+    assert [(c["case"], c["modalities"]) for _, c in used] == [
+        ("A", ["us", "mg"]), ("A", ["us", "mg"]), (None, ["us"]), (None, ["us"])]  # fmt: skip
+    for frame, (decision, _) in zip(frames[2:], used[2:], strict=True):
+        alone = _reference(model, None).classify(frame.image).decision.probabilities
+        assert decision.probabilities == pytest.approx(alone, abs=1e-6)
+    detach = json.loads(records[-1].source)
+    assert (detach["event"], detach["case"]) == ("detach", "A")
+    assert detach["reason"].startswith("new study") and detach["study_sha256"] == _sha("1.2.840.1")
+    assert live.attachment() is None
+    # films without a study (a PNG): bound to the first frame's study; frames without one keep
+    # today's rules; the first frame of another study ends it all the same
+    live.attach("C", [Mammogram(_film(), L_CC, "mammogram 1")])
+    assert live.classify(frames[0].image, study=frames[0].study)[0].case == "C"
+    view = live.view()
+    assert view["study_sha256"] == _sha("1.2.840.1")
+    assert view["study"].endswith(f"bound to the live frames' DICOM study {_sha('1.2.840.1')}")
+    assert live.classify(frames[1].image)[0].case == "C"  # no study said: still the case's
+    decided, context = live.classify(frames[2].image, study=frames[2].study)
+    assert decided.case is None and context["mammograms"] == []
+    assert json.loads(records[-1].source)["reason"].startswith("new study")
+    # a frame captured before the attach (the previous patient's) is not fused and ends nothing
+    live.attach("D", [_mammogram_of(_dicom_film("1.2.840.1"))])
+    stale = live.classify(frames[2].image, captured_monotonic=0.0, study=frames[2].study)
+    assert stale[0].case is None and live.attachment().case == "D"
+    assert live.classify(frames[0].image, study=frames[0].study)[0].case == "D"
+
+
+def test_a_case_of_two_studies_is_refused_and_an_unknown_study_is_said(model, tmp_path):
+    runtime = build_runtime(settings_for(tmp_path, model=str(model)))
+
+    def dicom(data):
+        return {"data": base64.b64encode(data).decode()}
+
+    mixed = [dicom(_dicom_film("1.2.840.1")), dicom(_dicom_film("1.2.840.2", view="MLO"))]
+    other_patient = [dicom(_dicom_film("1.2.840.1")), dicom(_dicom_film("1.2.840.1", "p-B", "MLO"))]  # fmt: skip
+    us_b = {"data": base64.b64encode(_dicom_bytes(_ultrasound(0), StudyInstanceUID="1.2.840.2")).decode()}  # fmt: skip
+    with TestClient(create_app(runtime)) as client:
+        refused = client.post("/v1/case", json={"case": "c", "mammograms": mixed})
+        assert refused.status_code == 422, refused.text
+        assert "2 different DICOM studies" in refused.json()["detail"]
+        assert "A: mammogram 1; B: mammogram 2" in refused.json()["detail"]
+        refused = client.post("/v1/case", json={"case": "c", "mammograms": other_patient})
+        assert refused.status_code == 422 and "2 different patients" in refused.json()["detail"]
+        assert client.get("/v1/case").json() is None  # nothing attached
+        upload = client.post("/v1/cases", json={"case": "u", "ultrasound": [us_b], "mammograms": mixed[:1]})  # fmt: skip
+        assert upload.status_code == 422, upload.text
+        assert upload.json()["detail"].startswith("ultrasound 1: DICOM of another study")
+        attached = client.post("/v1/case", json=_attach_body("case-P", [_film()])).json()
+        assert attached["study_sha256"] is None
+        assert attached["mammograms"][0]["study_sha256"] is None
+        assert attached["study"].startswith("study unknown for mammogram 1 (not DICOM")
+        attached = client.post("/v1/case", json={"case": "case-D", "mammograms": mixed[:1]}).json()
+        assert attached["study_sha256"] == _sha("1.2.840.1")
+    assert runtime.audit.flush()
+    events = [json.loads(r["source"]) for r in read_trail(tmp_path / "audit.sqlite")
+              if r["quality"].startswith("no decision: case")]  # fmt: skip
+    assert [(e["event"], e["case"]) for e in events] == [
+        ("attach", "case-P"), ("detach", "case-P"), ("attach", "case-D")]  # fmt: skip
+    assert "study unknown for mammogram 1" in events[0]["study"]
+    assert events[0]["mammograms"][0]["view"] == "L-CC"
+    assert events[0]["mammograms"][0]["header_view"] is None  # a PNG: its view was stated
+    assert events[2]["study_sha256"] == _sha("1.2.840.1")
+    assert events[2]["mammograms"][0]["study_sha256"] == _sha("1.2.840.1")
+    assert all("p-A" not in r["source"] and "1.2.840.1" not in r["source"]
+               for r in read_trail(tmp_path / "audit.sqlite") if r["source"])  # fmt: skip
+
+
+def test_every_scratch_classifier_is_the_live_ones_fresh_copy(model, tmp_path, monkeypatch):
+    """An attach, an upload and an uploaded case each work on a fresh classifier over the live
+    one's graphs, gates and threshold, made in one place (FusionClassifier.fresh)."""
+    made = []
+    fresh = FusionClassifier.fresh
+
+    def counted(self):
+        made.append(self)
+        copy = fresh(self)
+        assert copy.graphs == self.graphs and copy.threshold == self.threshold
+        assert copy.gate is self.gate and copy.mammography_gate is self.mammography_gate
+        return copy
+
+    built = []
+    init = FusionClassifier.__init__
+    monkeypatch.setattr(FusionClassifier, "__init__", lambda s, *a, **k: (built.append(s), init(s, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(FusionClassifier, "fresh", counted)
+    runtime = build_runtime(settings_for(tmp_path, model=str(model), threshold=0.3))
+    live = runtime.fusion.fusion
+    assert built == [live]
+    with TestClient(create_app(runtime)):
+        runtime.attach_case("c", [(png_bytes(_film()), "L-CC")])
+        runtime.classify_upload(png_bytes(_ultrasound(0)), None)
+        runtime.classify_case("u", [png_bytes(_ultrasound(1))], [])
+    assert made == [live] * 3 and len(built) == 4  # the live one and its three fresh copies

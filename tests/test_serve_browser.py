@@ -82,18 +82,21 @@ def test_the_page_shows_live_frames_and_a_decision_that_updates_then_withdraws(t
 
 
 def test_the_page_attaches_a_case_shows_it_and_that_the_decision_used_it(tmp_path, page):
-    """A fusion model's cart: the operator attaches a case's mammogram on the page, sees the case
-    and its view, that the decision used the mammogram, and detaches back to ultrasound alone."""
+    """A fusion model's cart: the operator attaches a case's mammograms on the page, each file
+    with its own view (chosen beside it, or its DICOM header's), sees the case and its view, that
+    the decision used the mammogram, and detaches back to ultrasound alone."""
     pytest.importorskip("torch", reason="the fusion model for the test is built with torch")
     pytest.importorskip("onnx", reason="the fusion model for the test is exported with onnx")
     import cv2
 
+    from tests.test_decode import _dicom_bytes
     from tests.test_fusion_runtime import _film
     from tests.test_fusion_serve import export_fusion_model
 
     model = export_fusion_model(tmp_path)
-    film = tmp_path / "cc.png"
+    film, mlo = tmp_path / "cc.png", tmp_path / "mlo.dcm"
     cv2.imwrite(str(film), _film())
+    mlo.write_bytes(_dicom_bytes(_film(view="MLO"), ImageLaterality="L", ViewPosition="MLO"))
     with ServerProcess(tmp_path, "--set", f"model={model}") as server:
         server.wait_ready()
         page.goto(server.url + "/")
@@ -101,21 +104,43 @@ def test_the_page_attaches_a_case_shows_it_and_that_the_decision_used_it(tmp_pat
         assert page.inner_text("#case-state") == "mammogram context: none (ultrasound alone)"
         assert page.inner_text("#used") == "decision used: ultrasound alone"
         page.fill("#case-id", "case-B7")
-        page.set_input_files("#case-files", str(film))
-        page.fill("#case-views", "l-cc")
+        # the DICOM MLO first, the PNG second: each file's view is chosen beside its name
+        page.set_input_files("#case-files", [str(mlo), str(film)])
+        assert page.get_attribute("#case-view-0", "data-file") == "mlo.dcm"
+        assert page.get_attribute("#case-view-1", "data-file") == "cc.png"
+        page.click("#attach")  # the PNG has no header and no view chosen: refused on the page
+        page.wait_for_function("document.querySelector('#case-message').textContent !== ''")
+        assert page.inner_text("#case-message").startswith("cc.png: not DICOM")
+        assert server.get("/v1/status").json()["case"] is None
+        page.select_option("#case-view-0", "L-CC")  # its header says MLO: the server refuses
+        page.select_option("#case-view-1", "L-CC")
+        page.click("#attach")
+        page.wait_for_function(
+            "document.querySelector('#case-message').textContent.includes('MLO')"
+        )
+        assert page.inner_text("#case-message") == (
+            "mammogram 1 (mlo.dcm): the view L-CC was given but its DICOM header says view "
+            "position MLO"
+        )
+        assert server.get("/v1/status").json()["case"] is None
+        page.select_option("#case-view-0", "")  # from its header: L-MLO, none of the model's
         page.click("#attach")
         page.wait_for_function("document.querySelector('#used').textContent.includes('mammograms')",
                                timeout=10000)  # fmt: skip
         assert page.inner_text("#used") == "decision used: ultrasound + mammograms (case case-B7)"
         state = page.inner_text("#case-state")
         assert state.startswith("mammogram context: case case-B7 · views L-CC · ends after")
-        assert server.get("/v1/status").json()["case"]["case"] == "case-B7"
+        attached = server.get("/v1/status").json()["case"]
+        assert attached["case"] == "case-B7" and attached["inputs"] == ["mg_cc"]
+        facts = [(m["input"], m["view"], m["header_view"]) for m in attached["mammograms"]]
+        assert facts == [(None, "L-MLO", "L-MLO"), ("mg_cc", "L-CC", None)]
         page.click("#detach")
         page.wait_for_function("document.querySelector('#used').textContent.includes('alone')",
                                timeout=10000)  # fmt: skip
         assert page.inner_text("#case-state") == "mammogram context: none (ultrasound alone)"
         page.fill("#case-id", "Jane Doe")  # the page refuses a name before the server does
         page.set_input_files("#case-files", str(film))
+        page.select_option("#case-view-0", "L-CC")
         page.click("#attach")
         page.wait_for_timeout(500)
         assert server.get("/v1/status").json()["case"] is None

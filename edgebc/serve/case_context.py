@@ -4,7 +4,11 @@ fusion model, and detached when her case ends, every change an audit record.
 Attaching a mammogram to a live scan binds it to a patient, so an attachment names its case (an
 operator-entered case id) and ends with it: the operator detaches, another case is attached, or
 no ultrasound frame passes the quality gate for `idle_detach_s` (the probe is down or in the
-air, the next patient is being prepared).
+air, the next patient is being prepared). Where the live frames carry a DICOM study (a DICOM
+file or folder source), the attachment is bound to a study too: its films' (StudyInstanceUID,
+hashed), else that of the first frame fused with it; the first frame of another study ends the
+case (a "new study" detach) and is answered from ultrasound alone. Frames without a study keep
+to the rules above.
 The idle check runs before each frame is fused, so a frame after a gap is never fused with the
 previous case's mammograms even when no tick has expired it yet. Frames and attach/detach are
 serialised by one lock: a frame is fused with one context and recorded with that same context.
@@ -16,14 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from edgebc.audit_trail import AuditRecord
 from edgebc.decode import ImageView
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, MammogramContext, view_code
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, MammogramContext
 from edgebc.fusion_graphs import HEAD
 
 log = logging.getLogger(__name__)
@@ -33,23 +37,39 @@ CASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an id, not a name: no spa
 
 @dataclass(frozen=True)
 class Attachment:
-    """What is attached now: the case, its mammograms' facts (never pixels) and when."""
+    """What is attached now: the case, its mammograms' facts (never pixels), when, and the DICOM
+    study it is bound to (hashed; its films', else its first fused frame's; None: none yet)."""
 
     case: str
     context: MammogramContext
-    views: tuple[str | None, ...]  # the view each given mammogram was read as (None: unknown)
     attached_at: float  # wall clock
     attached_monotonic: float
+    study_sha256: str | None = None
+    study_from: str | None = None  # "mammograms" or "frames": what bound it to its study
+
+    @property
+    def views(self) -> tuple[str | None, ...]:
+        """The views the model read the films it used as."""
+        return self.context.views
 
     def mammograms(self) -> list[dict[str, Any]]:
-        return [{**use.to_json(), "view": view}
-                for use, view in zip(self.context.mammograms, self.views, strict=True)]  # fmt: skip
+        return [use.to_json() for use in self.context.mammograms]
 
     def to_json(self) -> dict[str, Any]:
         return {"case": self.case, "inputs": list(self.context.inputs),
-                "views": [v for u, v in zip(self.context.mammograms, self.views, strict=True) if u.input],
-                "mammograms": self.mammograms(),
+                "views": list(self.views), "mammograms": self.mammograms(),
+                "study_sha256": self.study_sha256, "study": self.study_note(),
                 "attached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.attached_at))}  # fmt: skip
+
+    def study_note(self) -> str:
+        """The films' study as known (edgebc.fusion.MammogramContext.study_note), and how the
+        attachment is bound to its study."""
+        note = self.context.study_note()
+        if self.study_from == "frames":
+            return f"{note}; bound to the live frames' DICOM study {self.study_sha256}"
+        if self.study_sha256 is None:
+            return f"{note}; bound to the first live frame's DICOM study, where frames carry one"
+        return note
 
 
 def used_context(decided: FusionDecision, attachment: Attachment | None) -> dict[str, Any]:
@@ -98,16 +118,22 @@ class LiveFusion:
         image: np.ndarray,
         view: ImageView | None = None,
         captured_monotonic: float | None = None,
+        study: str | None = None,
     ) -> tuple[FusionDecision, dict[str, Any]]:
-        """One frame fused with the attachment in force (after the idle check), and what it used.
-        A frame captured (`captured_monotonic`, on this object's clock) before that attachment
-        was made is answered from ultrasound alone: it may be the previous patient's."""
+        """One frame fused with the attachment in force (after the idle and study checks), and
+        what it used. A frame captured (`captured_monotonic`, on this object's clock) before that
+        attachment was made is answered from ultrasound alone: it may be the previous patient's.
+        A frame of a DICOM study (`study`, hashed) other than the attachment's ends the case and
+        is answered from ultrasound alone; an attachment with no study yet is bound to it."""
         with self._lock:
             now = self.clock()
             self._expire(now)
             attachment = self._attachment
-            if (attachment is not None and captured_monotonic is not None
-                    and captured_monotonic < attachment.attached_monotonic):  # fmt: skip
+            before = (attachment is not None and captured_monotonic is not None
+                      and captured_monotonic < attachment.attached_monotonic)  # fmt: skip
+            if attachment is not None and study is not None and not before:
+                attachment = self._check_study(attachment, study)
+            if before:
                 kept, self.fusion.context = self.fusion.context, None
                 try:
                     decided = self.fusion.classify(image)
@@ -119,6 +145,20 @@ class LiveFusion:
             if decided.decision.quality.ok:  # scanning: a probe in the air between patients is not
                 self._last_frame = now
             return decided, used_context(decided, attachment)
+
+    def _check_study(self, attachment: Attachment, study: str) -> Attachment | None:
+        """The attachment a frame of `study` may be fused with: bound to that study if it was
+        bound to none; None (detached, a "new study" record) if it is bound to another."""
+        if attachment.study_sha256 is None:
+            bound = replace(attachment, study_sha256=study, study_from="frames")
+            self._attachment = bound
+            log.info("case %s bound to the live frames' DICOM study", attachment.case)
+            return bound
+        if attachment.study_sha256 == study:
+            return attachment
+        self._detach(f"new study: a frame of DICOM study {study}, the case's is "
+                     f"{attachment.study_sha256}", strict=False)  # fmt: skip
+        return None
 
     def reset_stream(self) -> None:
         """A gap in the feed: the idle time, not the gap, ends the case."""
@@ -142,15 +182,14 @@ class LiveFusion:
         step, end the attached case (a detach record) and attach this one (an attach record).
         When the trail cannot take a record the error propagates: a new attach leaves no case
         attached, so no frame is fused without its record."""
-        scratch = FusionClassifier(self.fusion.graphs, self.fusion.gate,
-                                   self.fusion.mammography_gate, self.threshold)  # fmt: skip
-        context = scratch.attach(case, mammograms)
-        views = tuple(view_code(m.view) for m in mammograms)
+        context = self.fusion.fresh().attach(case, mammograms)
+        study_from = None if context.study_sha256 is None else "mammograms"
         with self._lock:
             if self._attachment is not None:
                 self._detach(f"new attach (case {case})", strict=True)
             now = self.clock()
-            attachment = Attachment(case, context, views, time.time(), now)
+            attachment = Attachment(case, context, time.time(), now, context.study_sha256,
+                                    study_from)  # fmt: skip
             self._write("attach", attachment, None, strict=True)
             self.fusion.context = context
             self._attachment = attachment
@@ -199,7 +238,9 @@ class LiveFusion:
         if self.record is None:
             return
         details = {"event": event, "case": attachment.case, "reason": reason,
-                   "mammograms": [{k: m[k] for k in ("input", "view", "pixels_sha256", "quality", "reason")}
+                   "study_sha256": attachment.study_sha256, "study": attachment.study_note(),
+                   "mammograms": [{k: m[k] for k in ("input", "view", "header_view", "pixels_sha256",
+                                                     "study_sha256", "quality", "reason")}
                                   for m in attachment.mammograms()]}  # fmt: skip
         self.record(case_event_record(self.backend.model_sha256, details))
 

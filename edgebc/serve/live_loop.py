@@ -191,9 +191,10 @@ class LivePipeline:
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
         try:
-            if isinstance(self.classifier, LiveFusion):  # a frame from before the case: not fused
+            # a fusion model: a frame from before the case, or of another study, is not fused
+            if isinstance(self.classifier, LiveFusion):
                 fused, context = self.classifier.classify(
-                    frame.image, frame.view, frame.captured_monotonic
+                    frame.image, frame.view, frame.captured_monotonic, frame.study
                 )
                 return fused.decision, context
             return self.classifier.classify(frame.image, frame.view), None

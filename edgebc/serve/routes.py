@@ -335,8 +335,10 @@ class CaseUpload(BaseModel):
 class MammogramFacts(BaseModel):
     source: str
     input: str | None  # the model input it feeds; None: left out (reason)
-    view: str | None
+    view: str | None  # the view the model read it as (L-CC; L or MLO where only that is known)
+    header_view: str | None  # what its own DICOM header says of its view (None: nothing)
     pixels_sha256: str
+    study_sha256: str | None  # its DICOM study (StudyInstanceUID), hashed; None: unknown
     quality: str
     reason: str | None
 
@@ -348,6 +350,8 @@ class CaseView(BaseModel):
     inputs: list[str]  # the mammography inputs fed; empty: none passed, frames are US-only
     views: list[str | None]
     mammograms: list[MammogramFacts]
+    study_sha256: str | None  # the DICOM study the case is bound to, hashed; None: none yet
+    study: str  # what is known of the films' study, and how the case is bound to one
     attached_at: str
     idle_detach_in_s: float | None = None
 

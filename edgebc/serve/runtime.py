@@ -31,10 +31,16 @@ from edgebc.calibration import bound_statement
 from edgebc.classifier import Decision, FrameClassifier, rounded_ms
 from edgebc.classifier_settings import build_classifier
 from edgebc.config import to_mapping
-from edgebc.decode import SHARED_DECODE_BUDGET, ImageView, decode_image, read_image_view
+from edgebc.decode import (
+    SHARED_DECODE_BUDGET,
+    ImageView,
+    decode_image,
+    read_image_view,
+    read_study,
+)
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view, view_code
+from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view
 from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
@@ -363,10 +369,7 @@ class ServeRuntime:
                                      wait_s=self.settings.decode_wait_s)  # fmt: skip
                 if region not in (None, "", "none"):
                     raise ValueError("region is not done for fusion models yet; give none")
-                fused = self.fusion.fusion
-                alone = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate,
-                                         fused.threshold)  # fmt: skip
-                decided = alone.classify(image)
+                decided = self.fusion.fusion.fresh().classify(image)
                 return image, None, decided.decision, used_context(decided, None)
             # a mammography model gets a grey DICOM at its full depth, and the header's view
             mammogram = self.backend.card.inputs[0].modality == "mg"
@@ -428,7 +431,8 @@ class ServeRuntime:
         """One uploaded case of a fusion model, on the upload worker: its mammograms embedded
         (apart from the live stream's attachment, which it never touches), each ultrasound image
         fused with them, and the case decided from its images; a record per image and one for
-        the case, each with the mammograms' hashes. Errors as `attach_case`'s."""
+        the case, each with the mammograms' hashes. Errors as `attach_case`'s; mammograms of
+        different studies or patients, or ultrasound of another study than theirs, are 422."""
         fusion = self.fusion
         if fusion is None:
             raise EdgebcError(f"model {self.backend.card.name} is not a fusion model")
@@ -441,12 +445,20 @@ class ServeRuntime:
             given = [
                 self._mammogram(k, data, stated) for k, (data, stated) in enumerate(mammograms)
             ]
-            fused = fusion.fusion
-            scratch = FusionClassifier(fused.graphs, fused.gate, fused.mammography_gate, fused.threshold)  # fmt: skip
+            scratch = fusion.fusion.fresh()
             context = scratch.attach(case, given)
+            others = [f"ultrasound {k + 1}" for k, data in enumerate(ultrasound)
+                      if read_study(data, f"ultrasound {k + 1}").study_sha256
+                      not in (None, context.study_sha256)]  # fmt: skip
+            if context.study_sha256 is not None and others:
+                raise ValueError(
+                    f"{', '.join(others)}: DICOM of another study (StudyInstanceUID) than the "
+                    "case's mammograms; a case is one study of one patient"
+                )
             decisions = scratch.classify_batch(images)
-            attachment = Attachment(case, context, tuple(view_code(m.view) for m in given),
-                                    time.time(), time.monotonic())  # fmt: skip
+            attachment = Attachment(case, context, time.time(), time.monotonic(),
+                                    context.study_sha256,
+                                    "mammograms" if context.study_sha256 else None)  # fmt: skip
             return decisions, scratch.case_decision(decisions), attachment
 
         decisions, decided, attachment = self.uploads.run(work)
@@ -469,14 +481,15 @@ class ServeRuntime:
 
     def _mammogram(self, k: int, data: bytes, stated: str | None) -> Mammogram:
         """One uploaded mammogram: its pixels at full depth, its view from its DICOM header, or
-        the stated one where the header says none (a stated view the header contradicts: 422)."""
+        the stated one where the header says none (a stated view the header contradicts: 422),
+        and its DICOM study and patient, hashed."""
         name = f"mammogram {k + 1}"
         image = decode_image(data, name, max_pixels=40_000_000,
                              max_decoded_bytes=self.settings.max_decoded_bytes,
                              wait_s=self.settings.decode_wait_s, full_depth=True)  # fmt: skip
         header = read_image_view(data, name)
         view = stated_view(ImageView.from_code(stated), header, name) if stated else header
-        return Mammogram(image, view, name)
+        return Mammogram(image, view, name, header, read_study(data, name))
 
 
 def _upload_region(image: np.ndarray, region: str | None) -> Region | None:
