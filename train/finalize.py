@@ -34,7 +34,7 @@ import numpy as np
 
 from edgebc import metrics
 from edgebc.atomic import atomic_write_text
-from edgebc.calibration import fit_calibration, operating_point
+from edgebc.calibration import fit_calibration
 from edgebc.model_card import ModelCard, OperatingPoint
 from edgebc.optional import require
 from edgebc.train.checkpoint import (
@@ -108,6 +108,7 @@ def fusion_operating_point(
     the combination with the weakest evidence: the lowest sensitivity bound, each combination's
     bound taken at its own threshold, which only understates it at a lower one), the figures of
     every combination at the threshold, and warnings for combinations with no positive case."""
+    from edgebc.calibration import operating_point  # the one fit, per combination
     from edgebc.train.fusion_data import modalities_present
     from edgebc.train.fusion_eval import (
         combination_logits,

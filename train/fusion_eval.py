@@ -292,7 +292,7 @@ def write_branch_gradcams(
     for outcome in OUTCOMES:
         for c in rng.permutation(np.flatnonzero(outcome_of[outcome]))[:per_outcome]:
             unit, target = case_units[c], int(decided[c])
-            label = f"{outcome} {card.class_names[target]} {per_case[c, card.positive]:.2f}"
+            label = f"{outcome} p={per_case[c, card.positive]:.2f}"
             rows = [i for i, u in enumerate(units) if u == unit]
             for k, row in enumerate(rows):
                 case_id, us_sample, mg_samples = sources[row]
@@ -305,7 +305,7 @@ def write_branch_gradcams(
                 for modality, view, sample, cam in drawn:
                     image, seen_as = read_sample(sample)
                     frame = prepared_frame(image, prep[modality], view=seen_as)
-                    caption = f"{case_id} {modality} {view}: {label}"
+                    caption = f"{modality} {view} {label}"  # the file's name says the case
                     picture = overlay_on_frame(frame, cam, prep[modality], caption)
                     name = f"{stem}_us_{int(view):02d}" if modality == "us" else f"{stem}_mg_{view}"
                     path = folder / f"{name}.png"
