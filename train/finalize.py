@@ -12,6 +12,14 @@ export embeds and the device decides by — so they flow one way, from here to t
 edgebc.calibration's, the one `edgebc calibrate` refits at a site with. The card also gets the
 training distribution's statistics and their out-of-distribution thresholds, fitted on the same
 held-out frames (train/shift_stats.py), for shift detection on the device.
+
+A fusion model answers with ultrasound alone, mammograms alone or both, and its calibration cases
+mostly have both while in a field clinic most women have no mammogram: a threshold fitted on the
+cases as they come would hold its sensitivity for the mix it saw, not for a woman scanned without
+one. So its one threshold (one decision rule: the device never switches thresholds by input) is
+the lowest of the thresholds each combination the card allows needs for the target on its own,
+and each combination's figures at it go into the card's calibration (`operating_point_by_inputs`),
+with a warning for a combination the calibration cases cannot speak for.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from edgebc import metrics
 from edgebc.atomic import atomic_write_text
 from edgebc.calibration import fit_calibration
+from edgebc.model_card import ModelCard, OperatingPoint
 from edgebc.optional import require
 from edgebc.train.checkpoint import (
     Checkpoint,
@@ -61,7 +71,16 @@ def finalize_best(
                           config.optim.target_sensitivity, config.optim.sensitivity_confidence)  # fmt: skip
     temperature, point = fit.temperature, fit.operating_point
     ece_before, ece_after = fit.ece_before, fit.ece_after
-    calibration = {"val_ece_before": ece_before, "val_ece_after": ece_after, "fitted_on": fitted_on}
+    calibration: dict[str, Any] = {"val_ece_before": ece_before, "val_ece_after": ece_after,
+                                   "fitted_on": fitted_on}  # fmt: skip
+    by_inputs = None
+    if card.arch == "late_fusion":
+        point, by_inputs, warnings = fusion_operating_point(
+            model, card, val_x, val_y.numpy(), val_units, temperature,
+            config.optim.target_sensitivity, config.optim.sensitivity_confidence, device,
+        )  # fmt: skip
+        calibration["operating_point_by_inputs"] = by_inputs
+        calibration["operating_point_warnings"] = warnings
     finalized = checkpoint.with_card(
         temperature=temperature, operating_point=point, calibration=calibration
     )
@@ -73,7 +92,78 @@ def finalize_best(
             "val_sensitivity_at_threshold": point.sensitivity,
             "val_specificity_at_threshold": point.specificity,
             "val_sensitivity_bound": point.sensitivity_bound,
-            "val_positive_units": point.positives, "fitted_on": fitted_on}  # fmt: skip
+            "val_positive_units": point.positives, "fitted_on": fitted_on,
+            **({"val_operating_point_by_inputs": by_inputs} if by_inputs else {})}  # fmt: skip
+
+
+def fusion_operating_point(
+    model: Any, card: ModelCard, x: Any, y: np.ndarray, units: Sequence[str], temperature: float,
+    target: float, confidence: float, device: Any,
+) -> tuple[OperatingPoint, dict[str, dict[str, Any]], list[str]]:  # fmt: skip
+    """A fusion model's one operating point, honest for every combination of inputs its card
+    allows (train/fusion_eval.py's US only, MG only, both): each combination is scored on the
+    packed instances that hold what it needs (the other modality marked absent), over cases, and
+    chooses its own threshold for `target`; the lowest of these is the model's, so each one's
+    sensitivity on these cases reaches the target at it. Returns the point (its figures those of
+    the combination with the weakest evidence: the lowest sensitivity bound, each combination's
+    bound taken at its own threshold, which only understates it at a lower one), the figures of
+    every combination at the threshold, and warnings for combinations with no positive case."""
+    from edgebc.calibration import operating_point  # the one fit, per combination
+    from edgebc.train.fusion_data import modalities_present
+    from edgebc.train.fusion_eval import (
+        combination_logits,
+        combination_rows,
+        figures_at,
+        possible_combinations,
+    )
+
+    has_us, has_mg = modalities_present(x, model.layout)
+    y = np.asarray(y)
+    own: dict[str, OperatingPoint] = {}
+    scored: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    warnings = []
+    for combination in possible_combinations(card):
+        rows = combination_rows(has_us, has_mg, combination)
+        if not bool((y[rows] == card.positive).any()):
+            warnings.append(
+                f"{combination}: no {card.positive_class} case of the calibration side has these "
+                "inputs, so the threshold is not fitted for them: their sensitivity is unknown "
+                "(calibrate on cases that have them)"
+            )
+            continue
+        logits = combination_logits(model, x[torch.from_numpy(rows).to(x.device)], combination,
+                                    device=device)  # fmt: skip
+        probs = metrics.softmax(logits, temperature)
+        kept = [u for u, k in zip(units, rows, strict=True) if k]
+        scored[combination] = (probs, y[rows], kept)
+        own[combination] = operating_point(probs, y[rows], kept, card.positive, target,
+                                           confidence)  # fmt: skip
+    threshold = min(p.threshold for p in own.values())
+    by_inputs: dict[str, dict[str, Any]] = {}
+    for combination, (probs, yy, kept) in scored.items():
+        figures = figures_at(probs, yy, kept, card.positive, threshold)
+        by_inputs[combination] = {
+            **figures, "threshold_alone": own[combination].threshold,
+            "sensitivity_bound": own[combination].sensitivity_bound,
+            "meets_target": bool(figures["sensitivity"] >= target),
+        }  # fmt: skip
+        log.info("operating point %.3f, %s: sensitivity %.3f, specificity %.3f (%d %s cases; "
+                 "alone it would take %.3f)", threshold, combination, figures["sensitivity"],
+                 figures["specificity"], figures["positives"], card.positive_class,
+                 own[combination].threshold)  # fmt: skip
+    for combination in possible_combinations(card):
+        if combination not in by_inputs:
+            by_inputs[combination] = {"positives": 0, "meets_target": None}
+    for warning in warnings:
+        log.warning("%s", warning)
+    weakest = min(scored, key=lambda c: (own[c].sensitivity_bound or 0.0,
+                                         by_inputs[c]["sensitivity"]))  # fmt: skip
+    figures = by_inputs[weakest]
+    point = OperatingPoint(
+        threshold, target, figures["sensitivity"], figures["specificity"], figures["positives"],
+        figures["negatives"], own[weakest].sensitivity_bound, confidence, own[weakest].unit,
+    )  # fmt: skip
+    return point, by_inputs, warnings
 
 
 def with_shift_statistics(

@@ -163,6 +163,29 @@ def cache_fusion(samples: Sequence[Sample], us_prep: PreprocessCard, mg_prep: Pr
     return packed, targets, [cases[i.case].first for i in instances]
 
 
+def instance_sources(
+    samples: Sequence[Sample], mg_views: Sequence[str]
+) -> list[tuple[str, Sample | None, dict[str, Sample]]]:
+    """Each instance `cache_fusion` makes of `samples`, in its row order: the case's patient id,
+    the instance's ultrasound sample (None without) and the case's mammograms by view code — the
+    images a row's heat maps are drawn back onto."""
+    cases = group_fusion_cases(samples, mg_views)
+    return [
+        (cases[i.case].patient_id,
+         None if i.us is None else cases[i.case].ultrasound[i.us],
+         cases[i.case].mammograms)
+        for i in cross_combine(cases)
+    ]  # fmt: skip
+
+
+def modalities_present(packed: torch.Tensor, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Per packed row: whether its ultrasound is given, and whether any mammogram view is."""
+    parts = unpack(packed, layout)
+    has_us = torch.isfinite(parts["us"]).flatten(1).all(dim=1)
+    has_mg = torch.isfinite(parts["mg"]).flatten(2).all(dim=2).any(dim=1)
+    return has_us.cpu().numpy(), has_mg.cpu().numpy()
+
+
 def fusion_layout(us_prep: PreprocessCard, mg_prep: PreprocessCard,
                   mg_views: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:  # fmt: skip
     """The packed rows' layout: the ultrasound image, then the mammogram view slots."""

@@ -23,6 +23,20 @@ def grad_cam(
     model: torch.nn.Module, layer: torch.nn.Module, image: torch.Tensor, target: int
 ) -> np.ndarray:
     """Heat map in [0, 1] of shape (H, W) for one (C, H, W) input and class index `target`."""
+    return layer_cams(model, layer, image.unsqueeze(0), target, tuple(image.shape[1:]))[0]
+
+
+def layer_cams(
+    model: torch.nn.Module, layer: torch.nn.Module, batch: torch.Tensor, target: int,
+    size: tuple[int, ...],
+) -> np.ndarray:  # fmt: skip
+    """Heat maps in [0, 1], (R, H, W) at `size`, one per row of `layer`'s output, for the logit
+    `target` of the model's first row on `batch`.
+
+    One input is usually one row; a fusion model's packed row (train/models/fusion.py) runs its
+    mammogram branch over every view slot of the case at once, so a layer inside that branch
+    has a row per view, and each view's map comes from the one backward pass of the fused
+    decision's logit (an absent view's row is all zeros, as it carries no gradient)."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -33,18 +47,23 @@ def grad_cam(
     try:
         model.eval()
         with torch.enable_grad():
-            batch = image.unsqueeze(0).clone().requires_grad_(True)
+            batch = batch.clone().requires_grad_(True)
             model.zero_grad(set_to_none=True)
             logits = model(batch)
+            logits = logits[0] if isinstance(logits, tuple) else logits
             logits[0, target].backward()
     finally:
         handle.remove()
-    activation, gradient = captured["activation"][0].detach(), captured["gradient"][0].detach()
-    weights = gradient.mean(dim=(1, 2), keepdim=True)
-    cam = torch.relu((weights * activation).sum(0)).cpu().numpy().astype(np.float32)
-    cam = cv2.resize(cam, (image.shape[2], image.shape[1]), interpolation=cv2.INTER_LINEAR)
-    peak = float(cam.max())
-    return cam / peak if peak > 0 else cam
+    activation, gradient = captured["activation"].detach(), captured["gradient"].detach()
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    maps = torch.relu((weights * activation).sum(1)).cpu().numpy().astype(np.float32)
+    height, width = int(size[-2]), int(size[-1])
+    out = []
+    for cam in maps:
+        cam = cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR)
+        peak = float(cam.max())
+        out.append(cam / peak if peak > 0 else cam)
+    return np.stack(out)
 
 
 def lesion_attention(
@@ -94,20 +113,28 @@ def overlay(image: torch.Tensor, cam: np.ndarray, prep: PreprocessCard, caption:
     return picture
 
 
+def map_on_frame(cam: np.ndarray, frame_shape: tuple[int, ...], prep: PreprocessCard) -> np.ndarray:
+    """`cam` (on the model input's grid) cut out of the letterbox bars and stretched back over
+    the frame of `frame_shape` the input was resized from: the heat map at the frame's own
+    resolution, pixel for pixel with it (so a lesion mask of the frame can be laid on it)."""
+    height, width = frame_shape[:2]
+    geometry = letterbox_geometry(height, width, prep)
+    inner = cam[geometry.top : geometry.top + geometry.height,
+                geometry.left : geometry.left + geometry.width]  # fmt: skip
+    return cv2.resize(inner, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def overlay_on_frame(
     frame: np.ndarray, cam: np.ndarray, prep: PreprocessCard, caption: str
 ) -> np.ndarray:
-    """BGR picture at `frame`'s own resolution: `cam` (on the model input's grid) cut out of the
-    letterbox bars, stretched back over the frame the input was resized from (for a mammogram,
-    the cropped, laterality-normalised breast), blended over it, with a caption.
+    """BGR picture at `frame`'s own resolution: `cam` carried back onto the frame the input was
+    resized from (`map_on_frame`; for a mammogram, the cropped, laterality-normalised breast),
+    blended over it, with a caption.
 
     `frame` is grey or BGR, uint8 or uint16 (shown between its own 0.5th and 99.5th percentiles,
     so a 12-bit film in 16 bits is not black)."""
     height, width = frame.shape[:2]
-    geometry = letterbox_geometry(height, width, prep)
-    inner = cam[geometry.top : geometry.top + geometry.height,
-                geometry.left : geometry.left + geometry.width]  # fmt: skip
-    heat_map = cv2.resize(inner, (width, height), interpolation=cv2.INTER_LINEAR)
+    heat_map = map_on_frame(cam, frame.shape, prep)
     grey = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
     low, high = (
         float(v)
@@ -121,3 +148,23 @@ def overlay_on_frame(
     cv2.putText(picture, caption, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
                 (255, 255, 255), max(1, round(scale)), cv2.LINE_AA)  # fmt: skip
     return picture
+
+
+def branch_cams(
+    model: torch.nn.Module, packed: torch.Tensor, target: int, arches: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """Each branch's heat maps for the fused logit `target` of one packed fusion instance, a
+    (1, D) row of train/models/fusion.py (`arches`: each branch's registered architecture, the
+    card's `branch_arch`): the one backward pass of the fused decision, read at each branch's
+    own Grad-CAM layer. A one-input branch gives (1, H, W) on its input's grid, the multi-view
+    mammogram branch (V, H, W), a map per view slot; an absent input's map is zeros."""
+    from edgebc.train.models.fusion import ViewPooledBranch
+    from edgebc.train.models.registry import model_spec
+
+    maps = {}
+    for name, shape in model.layout:
+        branch = model.branches[name]
+        backbone = branch.pooled.backbone if isinstance(branch, ViewPooledBranch) else branch
+        layer = backbone.get_submodule(model_spec(arches[name]).cam_layer)
+        maps[name] = layer_cams(model, layer, packed, target, shape)
+    return maps
