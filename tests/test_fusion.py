@@ -328,6 +328,7 @@ def test_a_trained_fusion_model_exports_and_classify_answers_as_torch_with_and_w
     config = Path(__file__).resolve().parents[1] / "configs" / "fusion_phantoms.yaml"
     settings = [f"out_dir={tmp_path / 'runs'}", f"data.manifest={tmp_path / 'split.csv'}",
                 f"data.phantoms.folder={tmp_path / 'paired'}", "data.phantoms.paired_cases=48",
+                "data.phantoms.us_per_case=1",
                 "optim.epochs=2", "threads=1", "loader_workers=1"]  # fmt: skip
     torch.manual_seed(0)
     assert (

@@ -39,6 +39,7 @@ def exported(tmp_path_factory):
     torch.set_num_threads(1)
     settings = [f"out_dir={root / 'runs'}", f"data.manifest={root / 'split.csv'}",
                 f"data.phantoms.folder={root / 'paired'}", "data.phantoms.paired_cases=60",
+                "data.phantoms.us_per_case=1",
                 "optim.epochs=3", "threads=1", "loader_workers=1"]  # fmt: skip
     torch.manual_seed(0)
     assert (
