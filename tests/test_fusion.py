@@ -334,6 +334,8 @@ def test_a_trained_fusion_model_exports_and_classify_answers_as_torch_with_and_w
     assert (
         main(["train", "--config", str(config), *(a for s in settings for a in ("--set", s))]) == 0
     )
+    printed = capsys.readouterr().out  # the one threshold, at each combination of inputs
+    assert all(f"  {c}: " in printed for c in ("us_only", "mg_only", "both")), printed
     checkpoint = tmp_path / "runs" / "fusion-phantoms" / "best.pt"
     out = tmp_path / "export"
     assert main(["export", str(checkpoint), "--out", str(out), "--name", "fusion"]) == 0

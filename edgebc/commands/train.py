@@ -102,6 +102,11 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"best epoch {m['best_epoch']}: val AUC {m['val_auc_positive']:.3f}, macro AUC {m['val_macro_auc']:.3f}, "
               f"balanced accuracy {m['val_balanced_accuracy']:.3f}, threshold {m['threshold']:.3f} "
               f"(val sensitivity {m['val_sensitivity_at_threshold']:.3f}, specificity {m['val_specificity_at_threshold']:.3f})")  # fmt: skip
+        # a fusion model's one threshold, at each combination of inputs it may meet on a device
+        for inputs, f in (m.get("val_operating_point_by_inputs") or {}).items():
+            print(f"  {inputs}: " + ("no positive calibration case: sensitivity unknown" if not f.get("positives")
+                  else f"sensitivity {f['sensitivity']:.3f}, specificity {f['specificity']:.3f} "
+                       f"({f['positives']} positive; alone it would take {f['threshold_alone']:.3f})"))  # fmt: skip
         print(f"wrote {result.best_checkpoint}")
     return 0
 
