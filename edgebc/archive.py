@@ -24,9 +24,16 @@ import numpy as np
 from edgebc.atomic import atomic_write_text
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.classifier_settings import ClassifierSettings
-from edgebc.decode import DicomStudy, ImageView
+from edgebc.decode import DicomStudy, ImageView, read_study
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view
+from edgebc.fusion import (
+    FusionClassifier,
+    FusionDecision,
+    Mammogram,
+    another_patient,
+    one_ultrasound_study,
+    stated_view,
+)
 from edgebc.region import Region, detect_imaging_region
 from edgebc.sources import DicomSource, OpenCVSource, expand_inputs, open_file
 
@@ -183,9 +190,11 @@ def classify_fusion_case(
     fed, or why none), a row per ultrasound frame (every frame of a cine or video, every
     `stride`-th), then the case's row (the mean of its frames, or its mammograms alone where the
     model answers without ultrasound); every decided row names the inputs and modalities it
-    used. A DICOM frame of another study than the mammograms' is an error row, never fused.
-    Returns (frames decided, errors). Mammograms of different studies or patients: ValueError
-    naming them, and nothing is written."""
+    used. A DICOM frame of another patient (PatientID, compared as hashes, never written) than
+    the mammograms' is an error row, never fused; the mammograms' study is not the ultrasound's
+    (an archive keeps them apart). Returns (frames decided, errors). Mammograms of several
+    studies or patients, or the rest of the ultrasound of several DICOM studies (a case is one
+    ultrasound study): ValueError naming them, and nothing is run or written."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise EdgebcError(f"{out}: output must end in .csv or .jsonl")
@@ -214,6 +223,10 @@ def classify_fusion_case(
                 continue
             films.append(Mammogram(item.image, view, source, header, item.study))
     context = classifier.attach(case, films)
+    scans = expand_inputs(ultrasound) if ultrasound else []
+    patient = context.patient_sha256
+    one_ultrasound_study([(name, study) for name, study in _dicom_studies(scans)
+                          if not another_patient(patient, study)])  # fmt: skip
     for use in context.mammograms:
         rows.append({"source": use.source, "case": case, "level": "mammogram",
                      "inputs": use.input or "", "modalities": "mg" if use.input else "",
@@ -231,15 +244,13 @@ def classify_fusion_case(
         progress(len(pending))
         pending.clear()
 
-    study = context.study_sha256
-    for item in iter_frames(expand_inputs(ultrasound), stride) if ultrasound else ():
+    for item in iter_frames(scans, stride):
         if item.image is None:
             failed(item, "frame")
             continue
-        if study is not None and item.study.study_sha256 not in (None, study):
-            # another study's frame may be another patient's: never fused with this case's films
-            failed(replace(item, error=f"{item.source}: its DICOM study (StudyInstanceUID) is not "
-                                       "the case's mammograms'; not fused"), "frame")  # fmt: skip
+        if another_patient(patient, item.study):
+            failed(replace(item, error=f"{item.source}: DICOM of another patient (PatientID) than "
+                                       "the case's mammograms; never fused"), "frame")  # fmt: skip
             continue
         pending.append(item)
         if len(pending) >= batch_size:
@@ -250,6 +261,19 @@ def classify_fusion_case(
     classes = classifier.card.class_names
     atomic_write_text(out, render_table(rows, out.suffix.lower(), fusion_columns(classes)))
     return sum(1 for d in decisions if d.decision.label is not None), errors
+
+
+def _dicom_studies(paths: Sequence[Path]) -> list[tuple[str, DicomStudy]]:
+    """The study and patient (hashed) of each DICOM file among `paths`, from its header alone; a
+    file whose header cannot be read is left to its frames' error row."""
+    named = []
+    for path in paths:
+        if isinstance(open_file(path), DicomSource):
+            try:
+                named.append((str(path), read_study(path.read_bytes(), str(path))))
+            except (EdgebcError, OSError):
+                continue
+    return named
 
 
 def mammogram_views(items: Sequence[str]) -> list[tuple[ImageView | None, list[Path]]]:

@@ -11,9 +11,14 @@ passed its gate, the head is told so through its presence input and answers from
 alone, as the model was trained to; every decision names the inputs and modalities it used, and
 the one decision rule (edgebc.decision) decides it at the card's threshold or a site's.
 
-A case is one study of one patient: films of different DICOM studies (StudyInstanceUID) or
-patients (PatientID), compared as hashes and never kept, are refused together, never fused; a
-file that is not DICOM carries no study, and the context says so.
+A case is one woman's: her mammograms and her ultrasound are separate DICOM studies in an archive
+(each its own StudyInstanceUID), so the woman is known by her PatientID, compared as a hash kept in
+memory only, never recorded. A case's films are one mammography study of one patient: films of
+several patients, or of several studies (this year's CC with last year's MLO is not one exam),
+are refused together, never fused. Its ultrasound is one ultrasound study of the same patient: a
+frame of another patient is never fused with the films, and the ultrasound of several studies is
+not one case (`one_ultrasound_study`). A file that is not DICOM carries no study and no patient,
+and the context says so.
 
 The fused decision is not checked for distribution shift (the check covers one-input models).
 """
@@ -92,6 +97,9 @@ class MammogramContext:
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     fed: tuple[str, ...] | None = None
     study_sha256: str | None = None  # the films' one DICOM study, hashed; None: none known
+    # the films' one patient (PatientID), hashed: compared with the ultrasound's in memory, never
+    # written to a record or an answer (a PatientID is guessable from its hash); None: none known
+    patient_sha256: str | None = field(default=None, repr=False)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -104,14 +112,20 @@ class MammogramContext:
         return tuple(use.view for use in self.mammograms if use.input)
 
     def study_note(self) -> str:
-        """What is known of the films' study, for the record: its hash, and which films carry
-        none (not DICOM, or no StudyInstanceUID): their study is unknown."""
+        """What is known of the films' study, for the record: its hash, which films carry none
+        (not DICOM, or no StudyInstanceUID: their study is unknown), and whether the ultrasound
+        is checked against the films' patient (never the patient's hash)."""
         unknown = [use.source for use in self.mammograms if use.study_sha256 is None]
-        if not unknown:
-            return f"DICOM study {self.study_sha256}"
-        known = "" if self.study_sha256 is None else f"DICOM study {self.study_sha256}; "
-        return (f"{known}study unknown for {', '.join(unknown)} (not DICOM, or no "
-                "StudyInstanceUID): not checked against the case's study")  # fmt: skip
+        if not self.mammograms:
+            return "no mammograms"
+        note = f"mammography DICOM study {self.study_sha256}"
+        if unknown:
+            known = "" if self.study_sha256 is None else f"{note}; "
+            note = (f"{known}study unknown for {', '.join(unknown)} (not DICOM, or no "
+                    "StudyInstanceUID): not checked against the other films' study")  # fmt: skip
+        if self.patient_sha256 is None:
+            return f"{note}; no film names its patient (PatientID): the ultrasound is not checked against one"  # fmt: skip
+        return f"{note}; a DICOM ultrasound frame of another patient (PatientID) is never fused"
 
 
 @dataclass(frozen=True)
@@ -169,27 +183,52 @@ def view_text(view: ImageView | None) -> str | None:
     return view_code(view) or view.laterality or view.position
 
 
-def one_study(mammograms: Sequence[Mammogram]) -> str | None:
-    """The one DICOM study (hashed) a case's films belong to, None where none says; films of
-    different studies or patients are refused together (ValueError naming each file and which
-    of them agree), never fused as one case."""
-    for what, tag, key in (("DICOM studies", "StudyInstanceUID", "study_sha256"),
-                           ("patients", "PatientID", "patient_sha256")):  # fmt: skip
-        groups: dict[str, list[str]] = {}
-        for k, mammogram in enumerate(mammograms):
-            value = getattr(mammogram.study, key)
-            if value is not None:
-                groups.setdefault(value, []).append(mammogram.source or f"mammogram {k + 1}")
-        if len(groups) > 1:
-            named = "; ".join(f"{chr(65 + n)}: {', '.join(files)}"
-                              for n, files in enumerate(groups.values()))  # fmt: skip
-            raise ValueError(
-                f"the case's mammograms are films of {len(groups)} different {what} (their "
-                f"{tag} differs; {named}): a case is one study of one patient; attach one "
-                "study's films"
-            )
-    studies = {m.study.study_sha256 for m in mammograms} - {None}
-    return next(iter(studies), None)
+def one_study(mammograms: Sequence[Mammogram]) -> DicomStudy:
+    """The one DICOM study and patient (hashed) a case's films belong to, None where none says.
+    Films of several patients, or of several studies of one patient (this year's CC and last
+    year's MLO: two exams, which the model never saw fused as one), are refused together
+    (ValueError naming each file and which of them agree), never fused as one case."""
+    named = [(m.source or f"mammogram {k + 1}", m.study) for k, m in enumerate(mammograms)]
+    patient = _one_of(named, "patient_sha256", "the case's mammograms are films of several "
+                      "patients", "PatientID", "never fused; attach one patient's films")  # fmt: skip
+    study = _one_of(named, "study_sha256", "the case's mammograms are films of several studies",
+                    "StudyInstanceUID", "a case's films are one mammography study (a prior "
+                    "exam's films are not fused with this one's); attach one study's films")  # fmt: skip
+    return DicomStudy(study, patient)
+
+
+def one_ultrasound_study(named: Sequence[tuple[str, DicomStudy]]) -> str | None:
+    """The one DICOM study (hashed) of a case's ultrasound images, None where none says; the
+    ultrasound of several patients or several studies is refused (ValueError naming each file
+    and which of them agree): a case is one ultrasound study, as the live cart ends a case at a
+    new one."""
+    _one_of(named, "patient_sha256", "the case's ultrasound is of several patients", "PatientID",
+            "never fused as one case")  # fmt: skip
+    return _one_of(named, "study_sha256", "the case's ultrasound is of several DICOM studies",
+                   "StudyInstanceUID", "a case is one ultrasound study; classify each study as "
+                   "its own case")  # fmt: skip
+
+
+def another_patient(films: str | None, frame: DicomStudy | None) -> bool:
+    """Whether an ultrasound frame is known to be of another patient than the films' (`films`,
+    their PatientID's hash): both must name one, compared in memory, never recorded."""
+    return films is not None and frame is not None and frame.patient_sha256 not in (None, films)
+
+
+def _one_of(named: Sequence[tuple[str, DicomStudy]], key: str, what: str, tag: str,
+            rule: str) -> str | None:  # fmt: skip
+    """The one value of `key` (a DicomStudy hash) the named files share, None where none says;
+    more than one: ValueError naming the files by group (A, B, ...), never the values."""
+    groups: dict[str, list[str]] = {}
+    for name, study in named:
+        value = getattr(study, key)
+        if value is not None:
+            groups.setdefault(value, []).append(name)
+    if len(groups) > 1:
+        listed = "; ".join(f"{chr(65 + n)}: {', '.join(files)}"
+                           for n, files in enumerate(groups.values()))  # fmt: skip
+        raise ValueError(f"{what} ({len(groups)} different {tag}s; {listed}): {rule}")
+    return next(iter(groups), None)
 
 
 def open_fusion_graphs(
@@ -299,7 +338,7 @@ class FusionClassifier:
         """Gate, preprocess and embed a case's mammograms (each branch runs once) and keep them
         for the frames that follow; replaces what was attached before. Films of different
         studies or patients: ValueError, and nothing changes."""
-        study = one_study(mammograms)
+        films = one_study(mammograms)
         clock = time.perf_counter
         start = clock()
         uses: list[MammogramUse] = []
@@ -338,7 +377,9 @@ class FusionClassifier:
         timings = {"mammogram_preprocess": (prepared - start) * 1e3,
                    "mammogram_branch": (done - prepared) * 1e3}  # fmt: skip
         fed = tuple(i.name for i in self.mammography if i.name in tensors)
-        self.context = MammogramContext(case, embeddings, tuple(uses), timings, fed, study)
+        self.context = MammogramContext(
+            case, embeddings, tuple(uses), timings, fed, films.study_sha256, films.patient_sha256
+        )
         log.info("case %s: mammograms attached for %s (%d given)", case,
                  ", ".join(fed) or "none", len(mammograms))  # fmt: skip
         return self.context

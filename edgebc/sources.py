@@ -62,7 +62,9 @@ class Frame:
         0.0  # how long the source's read took (grab + decode; for live sources also the wait)
     )
     view: ImageView | None = None  # what a DICOM header says of a mammogram's view
-    study: str | None = None  # sha256 of the DICOM study (StudyInstanceUID) it belongs to
+    # its DICOM study and patient (StudyInstanceUID, PatientID), hashed; None: not DICOM. In
+    # memory only: the live cart compares them, and records the study's hash, never the patient's
+    study: DicomStudy | None = None
 
     def age(self) -> float:
         return time.monotonic() - self.captured_monotonic
@@ -86,7 +88,7 @@ class _Counter:
         self.name, self._next = name, 0
 
     def stamp(
-        self, image: np.ndarray, view: ImageView | None = None, study: str | None = None
+        self, image: np.ndarray, view: ImageView | None = None, study: DicomStudy | None = None
     ) -> Frame:
         frame = Frame(image, self._next, time.time(), time.monotonic(), self.name, view=view,
                       study=study)  # fmt: skip
@@ -120,7 +122,8 @@ class ImageFileSource:
 class DicomSource:
     """A DICOM file's frames, display-ready in 8 bits, or with `full_depth` (mammography models)
     grey frames in 16 bits; each frame carries what the header says of the view, and its study
-    hashed (the live cart ends a case's mammogram attachment when a new study begins)."""
+    and patient hashed (the live cart ends a case's mammogram attachment at another patient's
+    frame, or when a new ultrasound study begins)."""
 
     live = False
 
@@ -141,11 +144,7 @@ class DicomSource:
 
     def read(self) -> Frame | None:
         image = next(self._frames, None)
-        return (
-            None
-            if image is None
-            else self._counter.stamp(image, self._view, self.study.study_sha256)
-        )
+        return None if image is None else self._counter.stamp(image, self._view, self.study)
 
     def close(self) -> None:
         self._frames = iter(())
@@ -340,8 +339,8 @@ class PhantomCineSource:
 
 class FilesSource:
     """Image, video and DICOM files played one after another as one finite source (a folder or a
-    glob pattern); its frames are numbered on, across the files, and keep their DICOM view and
-    study."""
+    glob pattern); its frames are numbered on, across the files, and keep their DICOM view,
+    study and patient."""
 
     live = False
 

@@ -369,30 +369,43 @@ def _study_film(path, study, patient="p-1", side="L", view="CC", seed=3):
     return path
 
 
-def test_a_case_is_one_study_of_one_patient(exported, tmp_path, capsys):
-    """Films of two studies, or two patients, are refused together, naming them, never fused;
-    a film that is not DICOM has no study, and the context says so."""
+def _patient_sha(patient):
+    return hashlib.sha256(f"PatientID={patient}".encode()).hexdigest()
+
+
+def _study_scan(path, study, patient, first=0):
+    """A two-frame DICOM ultrasound cine of `study` and `patient` (None: no PatientID)."""
+    tags = {"StudyInstanceUID": study} | ({} if patient is None else {"PatientID": patient})
+    path.write_bytes(_dicom_bytes(np.stack([_ultrasound(first), _ultrasound(first + 1)]),
+                                  frames=2, **tags))  # fmt: skip
+    return path
+
+
+def test_a_cases_films_are_one_study_of_one_patient(exported, tmp_path, capsys):
+    """Films of several studies (even of one patient: this year's CC, last year's MLO), or of
+    several patients, are refused together, naming them, never fused; a film that is not DICOM
+    has no study, and the context says so; the patient's hash stays in memory."""
     root, _model, _report = exported
     classifier = FusionClassifier.open(root / "export" / "fusion.onnx")
     mg = tmp_path / "mg"
     mg.mkdir()
     _study_film(mg / "a.dcm", "1.2.3.1")
-    _study_film(mg / "b.dcm", "1.2.3.2", view="MLO")
+    _study_film(mg / "b.dcm", "1.2.3.2", view="MLO")  # the same patient's other study
     cv2.imwrite(str(tmp_path / "still.png"), _ultrasound(0))
     out = tmp_path / "rows.csv"
     args = ["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
             "--out", str(out), "--mammogram"]  # fmt: skip
     assert main([*args, str(mg)]) == 1
     err = capsys.readouterr().err
-    assert "2 different DICOM studies (their StudyInstanceUID differs" in err, err
+    assert "films of several studies (2 different StudyInstanceUIDs; " in err, err
     assert "A: " + str(mg / "a.dcm") in err and "B: " + str(mg / "b.dcm") in err
     assert not out.exists()  # nothing written, nothing fused
     # one study, two patients: refused as well (the PatientIDs compared as hashes)
     _study_film(mg / "b.dcm", "1.2.3.1", patient="p-2", view="MLO")
     assert main([*args, str(mg)]) == 1
     err += capsys.readouterr().err
-    assert "2 different patients (their PatientID differs" in err
-    assert "p-1" not in err and "1.2.3.1" not in err  # the fields themselves are never shown
+    assert "films of several patients (2 different PatientIDs; " in err
+    assert "p-1" not in err and "1.2.3.1" not in err and _patient_sha("p-1") not in err
     # through the library: refused before anything changes
     films = [Mammogram(_film(), L_CC, "a", study=read_study((mg / "a.dcm").read_bytes())),
              Mammogram(_film(), L_CC, "b", study=read_study((mg / "b.dcm").read_bytes()))]  # fmt: skip
@@ -400,36 +413,76 @@ def test_a_case_is_one_study_of_one_patient(exported, tmp_path, capsys):
     with pytest.raises(ValueError, match="A: a; B: b"):
         classifier.attach("mixed", films)
     assert classifier.context is kept
-    # one study: fused; the context names its study (hashed), a PNG's is unknown
+    # one study: fused; the context names its study (hashed), a PNG's is unknown; the patient's
+    # hash is kept for comparing, out of every text the context gives
     (mg / "b.dcm").unlink()
     cv2.imwrite(str(mg / "c.png"), _film())
     assert main([*args, str(mg / "a.dcm"), f"L-CC={mg / 'c.png'}"]) == 0
     context = classifier.attach("one", [films[0], Mammogram(_film(), L_CC, "c.png")])
     study = hashlib.sha256(b"StudyInstanceUID=1.2.3.1").hexdigest()
-    assert context.study_sha256 == study and films[0].study.patient_sha256 is not None
+    assert context.study_sha256 == study and context.patient_sha256 == _patient_sha("p-1")
     assert [m.study_sha256 for m in context.mammograms] == [study, None]
-    assert context.study_note().endswith(
-        "study unknown for c.png (not DICOM, or no StudyInstanceUID): not checked against the "
-        "case's study"
+    assert context.study_note() == (
+        f"mammography DICOM study {study}; study unknown for c.png (not DICOM, or no "
+        "StudyInstanceUID): not checked against the other films' study; a DICOM ultrasound frame "
+        "of another patient (PatientID) is never fused"
     )
-    # an ultrasound cine of another study than the films' is an error row, never fused
-    (tmp_path / "other.dcm").write_bytes(
-        _dicom_bytes(np.stack([_ultrasound(1)] * 2), frames=2, StudyInstanceUID="1.2.3.9")
+    assert _patient_sha("p-1") not in repr(context) + json.dumps([m.to_json() for m in context.mammograms])  # fmt: skip
+    alone = classifier.attach("png", [Mammogram(_film(), L_CC, "c.png")])
+    assert alone.patient_sha256 is None and alone.study_note().endswith(
+        "no film names its patient (PatientID): the ultrasound is not checked against one"
     )
-    (tmp_path / "same.dcm").write_bytes(
-        _dicom_bytes(np.stack([_ultrasound(2)] * 2), frames=2, StudyInstanceUID="1.2.3.1")
-    )
-    code = main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "same.dcm"),
-                 str(tmp_path / "other.dcm"), "--mammogram", str(mg / "a.dcm"), "--out", str(out)])  # fmt: skip
-    assert code == 1
-    rows = list(csv.DictReader(out.open()))
-    assert [(r["level"], r["modalities"]) for r in rows if r["source"].endswith("same.dcm")] == [
-        ("frame", "us+mg")] * 2  # fmt: skip
-    other = [r for r in rows if r["source"].endswith("other.dcm")]
-    assert len(other) == 2 and all(
-        "not the case's mammograms'; not fused" in r["error"] for r in other
-    )
-    assert all(r["decision"] == "" for r in other)
+
+
+def test_classify_fuses_the_patients_ultrasound_study_never_another_patients(exported, tmp_path, capsys):  # fmt: skip
+    """A woman's mammograms and her ultrasound are separate DICOM studies: her ultrasound of its
+    own study is fused with her films; another patient's frames are error rows, never fused,
+    and nothing written names a patient; a case's ultrasound of two studies is refused."""
+    root, _model, _report = exported
+    model = str(root / "export" / "fusion.onnx")
+    film = _study_film(tmp_path / "cc.dcm", "1.2.3.1", patient="p-1")  # the mammography study
+    same = _study_scan(tmp_path / "same.dcm", "1.2.3.7", "p-1")  # her ultrasound study
+    unnamed = _study_scan(tmp_path / "unnamed.dcm", "1.2.3.7", None, first=4)  # no PatientID
+    other = _study_scan(tmp_path / "other.dcm", "1.2.3.8", "p-2", first=2)  # another woman's
+    out = tmp_path / "rows.jsonl"
+    args = ["classify", model, "--mammogram", str(film), "--case", "A1", "--out", str(out)]
+    assert main([*args, "--ultrasound", str(same), str(unnamed), str(other)]) == 1
+    err = capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["level"], r["modalities"]) for r in rows
+            if r["source"].endswith(("same.dcm", "unnamed.dcm"))] == [("frame", "us+mg")] * 4  # fmt: skip
+    refused = [r for r in rows if r["source"].endswith("other.dcm")]
+    assert len(refused) == 2 and all(r.get("decision", "") == "" for r in refused)
+    assert all(r["error"].endswith("DICOM of another patient (PatientID) than the case's "
+                                   "mammograms; never fused") for r in refused)  # fmt: skip
+    assert "another patient" in err
+    # the fused frames are what her films and her frames give; the case row is theirs alone
+    classifier = FusionClassifier.open(model)
+    classifier.attach("A1", [Mammogram(_film(), L_CC, "cc.dcm")])
+    fused = classifier.classify_batch([_ultrasound(k) for k in (0, 1, 4, 5)])
+    (case,) = [r for r in rows if r["level"] == "case"]
+    expected = classifier.case_decision(fused).decision.positive_probability
+    assert case["modalities"] == "us+mg"
+    assert case["positive_probability"] == pytest.approx(expected, abs=1e-4)
+    text = out.read_text() + err
+    for secret in ("p-1", "p-2", _patient_sha("p-1"), _patient_sha("p-2")):
+        assert secret not in text
+    # her ultrasound of two studies is not one case: refused, naming the files, nothing written
+    later = _study_scan(tmp_path / "later.dcm", "1.2.3.9", "p-1")
+    out.unlink()
+    assert main([*args, "--ultrasound", str(same), str(later), str(other)]) == 1
+    err = capsys.readouterr().err
+    assert (f"the case's ultrasound is of several DICOM studies (2 different StudyInstanceUIDs; "
+            f"A: {same}; B: {later}): a case is one ultrasound study") in err  # fmt: skip
+    assert not out.exists()
+    # films that name no patient (a PNG): her ultrasound and another's are not one case either
+    cv2.imwrite(str(tmp_path / "cc.png"), _film())
+    assert main([*args[:3], f"L-CC={tmp_path / 'cc.png'}", *args[4:], "--ultrasound", str(same),
+                 str(other)]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert (f"the case's ultrasound is of several patients (2 different PatientIDs; A: {same}; "
+            f"B: {other}): never fused as one case") in err  # fmt: skip
+    assert not out.exists() and "p-2" not in err and _patient_sha("p-2") not in err
 
 
 def test_the_view_used_is_recorded_and_a_header_position_must_agree(exported):

@@ -304,90 +304,157 @@ def _mammogram_of(data):
                      study=read_study(data))  # fmt: skip
 
 
-def test_a_new_dicom_study_ends_the_case_and_its_frames_are_never_fused(model, tmp_path):
-    """Live frames from a DICOM source carry their study: an attachment bound to study A (its
-    films') is fused with A's frames only; the first frame of study B detaches it ("new study",
-    recorded) and is answered from ultrasound alone, as are the frames after it."""
+def _patient_sha(patient):
+    return hashlib.sha256(f"PatientID={patient}".encode()).hexdigest()
+
+
+def _no_patient(text):
+    """Whether `text` holds neither the tests' PatientIDs nor their hashes."""
+    return not any(secret in text for p in ("p-A", "p-B") for secret in (p, _patient_sha(p)))
+
+
+def test_her_ultrasound_study_is_fused_until_another_study_or_patient(model, tmp_path):
+    """A woman's mammograms and her ultrasound are separate DICOM studies: live frames of her
+    ultrasound study (another study than her films', the same PatientID) are fused; the case is
+    bound to that ultrasound study, and the first frame of another one detaches it ("new
+    study"); a frame of another patient detaches it ("another patient"), bound or not; either
+    is answered from ultrasound alone, and no record holds a PatientID or its hash."""
     records = []
     live = LiveFusion(FusionClassifier.open(model), 30.0, records.append)
     pipeline = LivePipeline(live, reader=None)  # the loop's own classify step, frame by frame
     scans = tmp_path / "scans"
     scans.mkdir()
-    for name, study, first in (("1-a.dcm", "1.2.840.1", 0), ("2-b.dcm", "1.2.840.2", 2)):
+    for name, study, patient, first in (("1-a.dcm", "1.2.840.1", "p-A", 0),
+                                        ("2-b.dcm", "1.2.840.2", "p-A", 2),
+                                        ("3-c.dcm", "1.2.840.3", "p-B", 4)):  # fmt: skip
         cine = np.stack([_ultrasound(first), _ultrasound(first + 1)])
-        (scans / name).write_bytes(_dicom_bytes(cine, frames=2, StudyInstanceUID=study))
-    attachment = live.attach("A", [_mammogram_of(_dicom_film("1.2.840.1"))])
-    assert attachment.study_sha256 == _sha("1.2.840.1") and attachment.study_from == "mammograms"
+        (scans / name).write_bytes(_dicom_bytes(cine, frames=2, StudyInstanceUID=study,
+                                                PatientID=patient))  # fmt: skip
+    films = [_mammogram_of(_dicom_film("1.2.840.9"))]  # her mammography study
+    attachment = live.attach("A", films)
+    assert attachment.study_sha256 is None  # bound to her ultrasound study, not her films'
     source = open_source(str(scans))
     source.open()
     frames = list(iter(source.read, None))
-    assert [f.study for f in frames] == [_sha("1.2.840.1")] * 2 + [_sha("1.2.840.2")] * 2
-    used = [pipeline._classify(frame) for frame in frames]
+    assert [f.study.study_sha256 for f in frames] == [_sha(f"1.2.840.{k}") for k in (1, 1, 2, 2, 3, 3)]  # fmt: skip
+    used = [pipeline._classify(frame) for frame in frames[:4]]
     assert [(c["case"], c["modalities"]) for _, c in used] == [
         ("A", ["us", "mg"]), ("A", ["us", "mg"]), (None, ["us"]), (None, ["us"])]  # fmt: skip
-    for frame, (decision, _) in zip(frames[2:], used[2:], strict=True):
+    for frame, (decision, _) in zip(frames[2:4], used[2:], strict=True):
         alone = _reference(model, None).classify(frame.image).decision.probabilities
         assert decision.probabilities == pytest.approx(alone, abs=1e-6)
     detach = json.loads(records[-1].source)
     assert (detach["event"], detach["case"]) == ("detach", "A")
-    assert detach["reason"].startswith("new study") and detach["study_sha256"] == _sha("1.2.840.1")
+    assert detach["reason"] == (f"new study: an ultrasound frame of DICOM study {_sha('1.2.840.2')}, "
+                                f"the case's is {_sha('1.2.840.1')}")  # fmt: skip
+    assert detach["study_sha256"] == _sha("1.2.840.1")
+    assert detach["mammograms"][0]["study_sha256"] == _sha("1.2.840.9")
     assert live.attachment() is None
-    # films without a study (a PNG): bound to the first frame's study; frames without one keep
-    # today's rules; the first frame of another study ends it all the same
+    # another patient's frame ends a case bound to her study, and one bound to none yet
+    for case, before in (("B", frames[:1]), ("B2", [])):
+        live.attach(case, films)
+        assert [live.classify(f.image, study=f.study)[0].case for f in before] == [case] * len(before)  # fmt: skip
+        decided, context = live.classify(frames[4].image, study=frames[4].study)
+        assert context["case"] is None and context["modalities"] == ["us"]
+        alone = _reference(model, None).classify(frames[4].image).decision.probabilities
+        assert decided.decision.probabilities == pytest.approx(alone, abs=1e-6)
+        detach = json.loads(records[-1].source)
+        assert (detach["event"], detach["case"]) == ("detach", case)
+        assert detach["reason"] == ("another patient: a DICOM ultrasound frame whose PatientID is "
+                                    "not the case's mammograms'; never fused")  # fmt: skip
+        assert live.attachment() is None
+    # films without a patient or study (a PNG): bound to the first frame's ultrasound study;
+    # frames without one keep today's rules; the first frame of another study ends it
     live.attach("C", [Mammogram(_film(), L_CC, "mammogram 1")])
     assert live.classify(frames[0].image, study=frames[0].study)[0].case == "C"
     view = live.view()
     assert view["study_sha256"] == _sha("1.2.840.1")
-    assert view["study"].endswith(f"bound to the live frames' DICOM study {_sha('1.2.840.1')}")
+    assert view["study"].endswith(f"bound to the ultrasound DICOM study {_sha('1.2.840.1')}")
     assert live.classify(frames[1].image)[0].case == "C"  # no study said: still the case's
     decided, context = live.classify(frames[2].image, study=frames[2].study)
     assert decided.case is None and context["mammograms"] == []
     assert json.loads(records[-1].source)["reason"].startswith("new study")
     # a frame captured before the attach (the previous patient's) is not fused and ends nothing
-    live.attach("D", [_mammogram_of(_dicom_film("1.2.840.1"))])
-    stale = live.classify(frames[2].image, captured_monotonic=0.0, study=frames[2].study)
+    live.attach("D", films)
+    stale = live.classify(frames[4].image, captured_monotonic=0.0, study=frames[4].study)
     assert stale[0].case is None and live.attachment().case == "D"
     assert live.classify(frames[0].image, study=frames[0].study)[0].case == "D"
+    assert all(_no_patient(r.source) for r in records) and _no_patient(json.dumps(live.view()))
 
 
-def test_a_case_of_two_studies_is_refused_and_an_unknown_study_is_said(model, tmp_path):
+def test_a_case_is_one_patient_its_films_one_study_its_ultrasound_one_study(model, tmp_path):
+    """/v1/case and /v1/cases: films of several studies or patients are 422; an uploaded case's
+    DICOM ultrasound of her own ultrasound study is fused with her films of another study; of
+    another patient, or of two ultrasound studies, 422 naming the files; no answer and no
+    record holds a PatientID or its hash; a film that is not DICOM has its study said unknown."""
     runtime = build_runtime(settings_for(tmp_path, model=str(model)))
 
     def dicom(data):
         return {"data": base64.b64encode(data).decode()}
 
+    def scan(study, patient, k=0):
+        return dicom(_dicom_bytes(_ultrasound(k), StudyInstanceUID=study, PatientID=patient))
+
     mixed = [dicom(_dicom_film("1.2.840.1")), dicom(_dicom_film("1.2.840.2", view="MLO"))]
     other_patient = [dicom(_dicom_film("1.2.840.1")), dicom(_dicom_film("1.2.840.1", "p-B", "MLO"))]  # fmt: skip
-    us_b = {"data": base64.b64encode(_dicom_bytes(_ultrasound(0), StudyInstanceUID="1.2.840.2")).decode()}  # fmt: skip
+    hers, later = scan("1.2.840.5", "p-A"), scan("1.2.840.6", "p-A", 1)
+    answers = []
     with TestClient(create_app(runtime)) as client:
         refused = client.post("/v1/case", json={"case": "c", "mammograms": mixed})
         assert refused.status_code == 422, refused.text
-        assert "2 different DICOM studies" in refused.json()["detail"]
+        assert (
+            "films of several studies (2 different StudyInstanceUIDs; " in refused.json()["detail"]
+        )
         assert "A: mammogram 1; B: mammogram 2" in refused.json()["detail"]
         refused = client.post("/v1/case", json={"case": "c", "mammograms": other_patient})
-        assert refused.status_code == 422 and "2 different patients" in refused.json()["detail"]
+        assert (
+            refused.status_code == 422 and "films of several patients" in refused.json()["detail"]
+        )
+        answers.append(refused.text)
         assert client.get("/v1/case").json() is None  # nothing attached
-        upload = client.post("/v1/cases", json={"case": "u", "ultrasound": [us_b], "mammograms": mixed[:1]})  # fmt: skip
-        assert upload.status_code == 422, upload.text
-        assert upload.json()["detail"].startswith("ultrasound 1: DICOM of another study")
+        fused = client.post("/v1/cases", json={"case": "u", "ultrasound": [hers], "mammograms": mixed[:1]})  # fmt: skip
+        assert fused.status_code == 200, fused.text
+        assert fused.json()["decision"]["modalities"] == ["us", "mg"]
+        assert fused.json()["images"][0]["inputs_used"] == ["us", "mg_cc"]
+        answers.append(fused.text)
+        stranger = client.post("/v1/cases", json={"case": "u", "ultrasound": [hers, scan("1.2.840.5", "p-B", 2)],
+                                                   "mammograms": mixed[:1]})  # fmt: skip
+        assert stranger.status_code == 422, stranger.text
+        assert stranger.json()["detail"] == ("ultrasound 2: DICOM of another patient (PatientID) "
+                                             "than the case's mammograms; never fused")  # fmt: skip
+        answers.append(stranger.text)
+        two = client.post("/v1/cases", json={"case": "u", "ultrasound": [hers, later], "mammograms": mixed[:1]})  # fmt: skip
+        assert two.status_code == 422, two.text
+        assert two.json()["detail"].startswith(
+            "the case's ultrasound is of several DICOM studies (2 different StudyInstanceUIDs; "
+            "A: ultrasound 1; B: ultrasound 2): a case is one ultrasound study"
+        )
         attached = client.post("/v1/case", json=_attach_body("case-P", [_film()])).json()
         assert attached["study_sha256"] is None
         assert attached["mammograms"][0]["study_sha256"] is None
         assert attached["study"].startswith("study unknown for mammogram 1 (not DICOM")
-        attached = client.post("/v1/case", json={"case": "case-D", "mammograms": mixed[:1]}).json()
-        assert attached["study_sha256"] == _sha("1.2.840.1")
+        attached = client.post("/v1/case", json={"case": "case-D", "mammograms": mixed[:1]})
+        assert attached.json()["study_sha256"] is None  # the ultrasound's study: none yet
+        assert attached.json()["mammograms"][0]["study_sha256"] == _sha("1.2.840.1")
+        assert "another patient (PatientID) is never fused" in attached.json()["study"]
+        answers += [attached.text, client.get("/v1/case").text, client.get("/v1/status").text]
     assert runtime.audit.flush()
-    events = [json.loads(r["source"]) for r in read_trail(tmp_path / "audit.sqlite")
-              if r["quality"].startswith("no decision: case")]  # fmt: skip
+    trail = list(read_trail(tmp_path / "audit.sqlite"))
+    events = [
+        json.loads(r["source"]) for r in trail if r["quality"].startswith("no decision: case")
+    ]
     assert [(e["event"], e["case"]) for e in events] == [
         ("attach", "case-P"), ("detach", "case-P"), ("attach", "case-D")]  # fmt: skip
     assert "study unknown for mammogram 1" in events[0]["study"]
     assert events[0]["mammograms"][0]["view"] == "L-CC"
     assert events[0]["mammograms"][0]["header_view"] is None  # a PNG: its view was stated
-    assert events[2]["study_sha256"] == _sha("1.2.840.1")
+    assert events[2]["study_sha256"] is None
     assert events[2]["mammograms"][0]["study_sha256"] == _sha("1.2.840.1")
-    assert all("p-A" not in r["source"] and "1.2.840.1" not in r["source"]
-               for r in read_trail(tmp_path / "audit.sqlite") if r["source"])  # fmt: skip
+    fused_rows = [r for r in trail if r["source"] and '"case":"u"' in r["source"]]
+    assert len(fused_rows) == 2  # the fused upload's image and case; the refused ones: none
+    assert all(_no_patient(r["source"]) and "1.2.840.1" not in r["source"]
+               for r in trail if r["source"])  # fmt: skip
+    assert all(_no_patient(text) for text in answers)
 
 
 def test_every_scratch_classifier_is_the_live_ones_fresh_copy(model, tmp_path, monkeypatch):

@@ -4,11 +4,14 @@ fusion model, and detached when her case ends, every change an audit record.
 Attaching a mammogram to a live scan binds it to a patient, so an attachment names its case (an
 operator-entered case id) and ends with it: the operator detaches, another case is attached, or
 no ultrasound frame passes the quality gate for `idle_detach_s` (the probe is down or in the
-air, the next patient is being prepared). Where the live frames carry a DICOM study (a DICOM
-file or folder source), the attachment is bound to a study too: its films' (StudyInstanceUID,
-hashed), else that of the first frame fused with it; the first frame of another study ends the
-case (a "new study" detach) and is answered from ultrasound alone. Frames without a study keep
-to the rules above.
+air, the next patient is being prepared). Where the live frames are DICOM (a DICOM file or
+folder source), each carries its study and patient, hashed. In an archive a woman's mammograms
+and her ultrasound are separate studies, so the woman is her PatientID: a frame of another
+patient than the films' ends the case (an "another patient" detach), and the case is bound to
+the ultrasound study of the first frame fused with it (never the films' study): the first frame
+of another ultrasound study ends it too (a "new study" detach). Either frame is answered from
+ultrasound alone. The patient's hash is compared here and never recorded. Frames that are not
+DICOM keep to the rules above.
 The idle check runs before each frame is fused, so a frame after a gap is never fused with the
 previous case's mammograms even when no tick has expired it yet. Frames and attach/detach are
 serialised by one lock: a frame is fused with one context and recorded with that same context.
@@ -26,8 +29,14 @@ from typing import Any
 import numpy as np
 
 from edgebc.audit_trail import AuditRecord
-from edgebc.decode import ImageView
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, MammogramContext
+from edgebc.decode import DicomStudy, ImageView
+from edgebc.fusion import (
+    FusionClassifier,
+    FusionDecision,
+    Mammogram,
+    MammogramContext,
+    another_patient,
+)
 from edgebc.fusion_graphs import HEAD
 
 log = logging.getLogger(__name__)
@@ -37,15 +46,14 @@ CASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an id, not a name: no spa
 
 @dataclass(frozen=True)
 class Attachment:
-    """What is attached now: the case, its mammograms' facts (never pixels), when, and the DICOM
-    study it is bound to (hashed; its films', else its first fused frame's; None: none yet)."""
+    """What is attached now: the case, its mammograms' facts (never pixels), when, and the
+    ultrasound DICOM study it is bound to (hashed; its first fused frame's; None: none yet)."""
 
     case: str
     context: MammogramContext
     attached_at: float  # wall clock
     attached_monotonic: float
-    study_sha256: str | None = None
-    study_from: str | None = None  # "mammograms" or "frames": what bound it to its study
+    study_sha256: str | None = None  # the ultrasound study: a mammography study is another one
 
     @property
     def views(self) -> tuple[str | None, ...]:
@@ -62,14 +70,12 @@ class Attachment:
                 "attached_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.attached_at))}  # fmt: skip
 
     def study_note(self) -> str:
-        """The films' study as known (edgebc.fusion.MammogramContext.study_note), and how the
-        attachment is bound to its study."""
+        """The films' study and patient check as known (MammogramContext.study_note), and the
+        ultrasound study the attachment is bound to."""
         note = self.context.study_note()
-        if self.study_from == "frames":
-            return f"{note}; bound to the live frames' DICOM study {self.study_sha256}"
         if self.study_sha256 is None:
-            return f"{note}; bound to the first live frame's DICOM study, where frames carry one"
-        return note
+            return f"{note}; bound to the first ultrasound frame's DICOM study, where frames carry one"  # fmt: skip
+        return f"{note}; bound to the ultrasound DICOM study {self.study_sha256}"
 
 
 def used_context(decided: FusionDecision, attachment: Attachment | None) -> dict[str, Any]:
@@ -118,13 +124,14 @@ class LiveFusion:
         image: np.ndarray,
         view: ImageView | None = None,
         captured_monotonic: float | None = None,
-        study: str | None = None,
+        study: DicomStudy | None = None,
     ) -> tuple[FusionDecision, dict[str, Any]]:
-        """One frame fused with the attachment in force (after the idle and study checks), and
-        what it used. A frame captured (`captured_monotonic`, on this object's clock) before that
-        attachment was made is answered from ultrasound alone: it may be the previous patient's.
-        A frame of a DICOM study (`study`, hashed) other than the attachment's ends the case and
-        is answered from ultrasound alone; an attachment with no study yet is bound to it."""
+        """One frame fused with the attachment in force (after the idle, patient and study
+        checks), and what it used. A frame captured (`captured_monotonic`, on this object's clock)
+        before that attachment was made is answered from ultrasound alone: it may be the previous
+        patient's. A DICOM frame (`study`: its study and patient, hashed) of another patient than
+        the films', or of another ultrasound study than the attachment's, ends the case and is
+        answered from ultrasound alone; an attachment with no study yet is bound to the frame's."""
         with self._lock:
             now = self.clock()
             self._expire(now)
@@ -132,7 +139,7 @@ class LiveFusion:
             before = (attachment is not None and captured_monotonic is not None
                       and captured_monotonic < attachment.attached_monotonic)  # fmt: skip
             if attachment is not None and study is not None and not before:
-                attachment = self._check_study(attachment, study)
+                attachment = self._check_frame(attachment, study)
             if before:
                 kept, self.fusion.context = self.fusion.context, None
                 try:
@@ -146,17 +153,24 @@ class LiveFusion:
                 self._last_frame = now
             return decided, used_context(decided, attachment)
 
-    def _check_study(self, attachment: Attachment, study: str) -> Attachment | None:
-        """The attachment a frame of `study` may be fused with: bound to that study if it was
-        bound to none; None (detached, a "new study" record) if it is bound to another."""
-        if attachment.study_sha256 is None:
-            bound = replace(attachment, study_sha256=study, study_from="frames")
-            self._attachment = bound
-            log.info("case %s bound to the live frames' DICOM study", attachment.case)
-            return bound
-        if attachment.study_sha256 == study:
+    def _check_frame(self, attachment: Attachment, study: DicomStudy) -> Attachment | None:
+        """The attachment a DICOM frame of `study` may be fused with: None (detached, recorded)
+        when the frame is of another patient than the films' ("another patient"; the hashes are
+        compared, never written) or of another ultrasound study than the one the attachment is
+        bound to ("new study"); else the attachment, bound to the frame's study if it had none."""
+        if another_patient(attachment.context.patient_sha256, study):
+            self._detach("another patient: a DICOM ultrasound frame whose PatientID is not the "
+                         "case's mammograms'; never fused", strict=False)  # fmt: skip
+            return None
+        frame = study.study_sha256
+        if frame is None or attachment.study_sha256 == frame:
             return attachment
-        self._detach(f"new study: a frame of DICOM study {study}, the case's is "
+        if attachment.study_sha256 is None:
+            bound = replace(attachment, study_sha256=frame)
+            self._attachment = bound
+            log.info("case %s bound to the live ultrasound's DICOM study", attachment.case)
+            return bound
+        self._detach(f"new study: an ultrasound frame of DICOM study {frame}, the case's is "
                      f"{attachment.study_sha256}", strict=False)  # fmt: skip
         return None
 
@@ -183,13 +197,11 @@ class LiveFusion:
         When the trail cannot take a record the error propagates: a new attach leaves no case
         attached, so no frame is fused without its record."""
         context = self.fusion.fresh().attach(case, mammograms)
-        study_from = None if context.study_sha256 is None else "mammograms"
         with self._lock:
             if self._attachment is not None:
                 self._detach(f"new attach (case {case})", strict=True)
             now = self.clock()
-            attachment = Attachment(case, context, time.time(), now, context.study_sha256,
-                                    study_from)  # fmt: skip
+            attachment = Attachment(case, context, time.time(), now)
             self._write("attach", attachment, None, strict=True)
             self.fusion.context = context
             self._attachment = attachment

@@ -191,7 +191,8 @@ class LivePipeline:
         if self.auto_region and self.classifier.region is None:
             self._detect_region(frame.image)
         try:
-            # a fusion model: a frame from before the case, or of another study, is not fused
+            # a fusion model: a frame from before the case, or of another patient or
+            # ultrasound study, is not fused
             if isinstance(self.classifier, LiveFusion):
                 fused, context = self.classifier.classify(
                     frame.image, frame.view, frame.captured_monotonic, frame.study

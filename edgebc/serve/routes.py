@@ -350,8 +350,10 @@ class CaseView(BaseModel):
     inputs: list[str]  # the mammography inputs fed; empty: none passed, frames are US-only
     views: list[str | None]
     mammograms: list[MammogramFacts]
-    study_sha256: str | None  # the DICOM study the case is bound to, hashed; None: none yet
-    study: str  # what is known of the films' study, and how the case is bound to one
+    study_sha256: (
+        str | None
+    )  # the ultrasound DICOM study the case is bound to, hashed; None: none yet
+    study: str  # what is known of the films' study, the patient check, the ultrasound study bound
     attached_at: str
     idle_detach_in_s: float | None = None
 

@@ -40,7 +40,14 @@ from edgebc.decode import (
 )
 from edgebc.demo import DEMO_BANNER
 from edgebc.errors import EdgebcError
-from edgebc.fusion import FusionClassifier, FusionDecision, Mammogram, stated_view
+from edgebc.fusion import (
+    FusionClassifier,
+    FusionDecision,
+    Mammogram,
+    another_patient,
+    one_ultrasound_study,
+    stated_view,
+)
 from edgebc.fusion_graphs import HEAD, read_layout
 from edgebc.integrity import read_manifest
 from edgebc.live import LiveReader
@@ -432,7 +439,9 @@ class ServeRuntime:
         (apart from the live stream's attachment, which it never touches), each ultrasound image
         fused with them, and the case decided from its images; a record per image and one for
         the case, each with the mammograms' hashes. Errors as `attach_case`'s; mammograms of
-        different studies or patients, or ultrasound of another study than theirs, are 422."""
+        several studies or patients, DICOM ultrasound of another patient than theirs, or of
+        several ultrasound studies, are 422 naming the files (the patient's hash is compared,
+        never answered or recorded). The ultrasound's study is the case's, not the films'."""
         fusion = self.fusion
         if fusion is None:
             raise EdgebcError(f"model {self.backend.card.name} is not a fusion model")
@@ -447,18 +456,18 @@ class ServeRuntime:
             ]
             scratch = fusion.fusion.fresh()
             context = scratch.attach(case, given)
-            others = [f"ultrasound {k + 1}" for k, data in enumerate(ultrasound)
-                      if read_study(data, f"ultrasound {k + 1}").study_sha256
-                      not in (None, context.study_sha256)]  # fmt: skip
-            if context.study_sha256 is not None and others:
+            named = [(f"ultrasound {k + 1}", read_study(data, f"ultrasound {k + 1}"))
+                     for k, data in enumerate(ultrasound)]  # fmt: skip
+            others = [name for name, study in named
+                      if another_patient(context.patient_sha256, study)]  # fmt: skip
+            if others:
                 raise ValueError(
-                    f"{', '.join(others)}: DICOM of another study (StudyInstanceUID) than the "
-                    "case's mammograms; a case is one study of one patient"
+                    f"{', '.join(others)}: DICOM of another patient (PatientID) than the case's "
+                    "mammograms; never fused"
                 )
+            study = one_ultrasound_study(named)
             decisions = scratch.classify_batch(images)
-            attachment = Attachment(case, context, time.time(), time.monotonic(),
-                                    context.study_sha256,
-                                    "mammograms" if context.study_sha256 else None)  # fmt: skip
+            attachment = Attachment(case, context, time.time(), time.monotonic(), study)
             return decisions, scratch.case_decision(decisions), attachment
 
         decisions, decided, attachment = self.uploads.run(work)
