@@ -3,7 +3,6 @@ tiny phantom runs against evaluate_checkpoint's own numbers."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +50,9 @@ def test_delong_variance_of_the_difference_agrees_with_a_bootstrap():
     draws = []
     for _ in range(800):
         i = rng.integers(0, len(positive), len(positive))
-        draws.append(metrics.roc_auc(positive[i], first[i]) - metrics.roc_auc(positive[i], second[i]))
+        draws.append(
+            metrics.roc_auc(positive[i], first[i]) - metrics.roc_auc(positive[i], second[i])
+        )
     assert test.difference == pytest.approx(
         metrics.roc_auc(positive, first) - metrics.roc_auc(positive, second)
     )
@@ -107,3 +108,133 @@ def test_mcnemar_clusters_by_patient_only_where_patients_repeat():
     assert clustered.statistic == pytest.approx(per.sum() ** 2 / (per**2).sum())
     assert clustered.p_value == pytest.approx(math.erfc(math.sqrt(clustered.statistic / 2)))
     assert clustered.method.startswith("clustered McNemar")
+
+
+def _train_two(root):
+    """Two tiny simple_cnn runs on one phantom split (a few seconds each on one CPU thread)."""
+    torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    torch.set_num_threads(1)
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.data.split import SplitPlan, assign_splits
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+    from edgebc.train import loop
+    from edgebc.train.config import load_train_config
+
+    manifest = write_phantom_dataset(root / "data", SynthPlan(n_per_class=10, size=48, seed=3))
+    split = write_manifest(
+        assign_splits(read_manifest(manifest), SplitPlan(val=0.2, test=0.2, seed=0)),
+        root / "split.csv",
+    )
+    for name, seed in (("small", 0), ("other", 1)):
+        loop.train_model(load_train_config(None, [
+            f"data.manifest={split}", f"out_dir={root / 'runs'}", f"name={name}", f"seed={seed}",
+            "model.arch=simple_cnn", "preprocess.input_height=32", "preprocess.input_width=32",
+            "optim.epochs=2", "optim.batch_size=8", "optim.warmup_epochs=1", "loader_workers=1",
+        ]), show_progress=False)  # fmt: skip
+    return split, root / "runs"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    return _train_two(tmp_path_factory.mktemp("compare"))
+
+
+def test_the_table_holds_evaluate_checkpoints_numbers_and_the_paired_tests(two_runs, tmp_path):
+    from edgebc.cli import main
+    from edgebc.train.evaluate import evaluate_checkpoint
+
+    split, runs = two_runs
+    reported = tmp_path / "reported.yaml"
+    reported.write_text(
+        "small:\n  source: Smith 2024, Table 3\n  data: BUSI, 5-fold\n  accuracy: 0.97\n  auc: 0.99\n"
+    )
+    out = tmp_path / "cmp"
+    code = main(["compare", f"small={runs / 'small'}", str(runs / "other" / "best.pt"), "--out", str(out),
+                 "--bootstrap", "50", "--latency-rounds", "3", "--reported", str(reported),
+                 "--reduced", "other=2 of 100 epochs", "--hardware", "small=2-core CPU"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "comparison.json").read_text())
+    for name in (
+        "comparison.md",
+        "roc.png",
+        "models/small/report.json",
+        "models/other/predictions.csv",
+    ):
+        assert (out / name).is_file(), name
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"small", "other"}
+    for name in rows:
+        own = evaluate_checkpoint(
+            runs / name / "best.pt", split, tmp_path / f"eval-{name}", "test", 50, 0
+        )
+        row = rows[name]
+        positive = own["per_class"]["malignant"]
+        assert row["accuracy"] == own["accuracy"] and row["auc"] == own["auc_positive"]
+        assert row["auc_ci"] == own["auc_positive_ci"] and row["kappa"] == own["cohen_kappa"]
+        assert (row["sensitivity"], row["specificity"]) == (own["sensitivity"], own["specificity"])
+        assert (row["precision"], row["f1"]) == (positive["precision"], positive["f1"])
+        assert row["confusion_matrix"] == own["confusion_matrix"]
+        assert row["budget"]["epochs_run"] == 2 and row["budget"]["epochs_planned"] == 2
+        assert row["latency"]["p50_ms"] > 0 and row["latency"]["parameters"] > 0
+        assert row["latency"]["parity_max_prob_diff"] <= 1e-3
+    assert (
+        rows["other"]["reduced_budget"] == "2 of 100 epochs" and rows["other"]["reported"] is None
+    )
+    assert rows["small"]["reported"]["accuracy"] == 0.97
+    assert rows["small"]["budget"]["hardware"] == "2-core CPU"
+    # the paired tests are the metrics' own on the scored probabilities
+    small = np.loadtxt(
+        out / "models/small/predictions.csv", delimiter=",", skiprows=1, usecols=(5,)
+    )
+    other = np.loadtxt(
+        out / "models/other/predictions.csv", delimiter=",", skiprows=1, usecols=(5,)
+    )
+    labels = np.loadtxt(
+        out / "models/small/predictions.csv", delimiter=",", skiprows=1, usecols=(1,), dtype=str
+    )
+    expected = metrics.delong_test(labels == "malignant", small, other)
+    pair = report["paired"][0]
+    assert pair["auc"]["difference"] == pytest.approx(expected.difference, abs=1e-5)
+    assert pair["auc"]["p_value"] == pytest.approx(expected.p_value, abs=1e-3)
+    assert pair["decisions"]["method"].startswith("McNemar exact")
+    text = (out / "comparison.md").read_text()
+    assert "as reported, on other data" in text and "Smith 2024, Table 3" in text
+    assert "reduced budget: 2 of 100 epochs" in text
+
+
+def test_models_scored_on_different_cases_are_refused_and_nothing_is_written(two_runs, tmp_path):
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.train.compare import ModelEntry, compare_models
+
+    split, runs = two_runs
+    samples = read_manifest(split)
+    dropped = next(s for s in samples if s.split == "test")
+    fewer = write_manifest([s for s in samples if s is not dropped], tmp_path / "fewer.csv")
+    config = (runs / "other" / "config.yaml").read_text().replace(str(split), str(fewer))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.yaml").write_text(config)
+    (moved / "best.pt").symlink_to(runs / "other" / "best.pt")
+    out = tmp_path / "cmp"
+    with pytest.raises(EdgebcError, match=r"different cases \(1 only in small.*0 only in moved"):
+        compare_models([ModelEntry("small", runs / "small"), ModelEntry("moved", moved)], out,
+                       n_boot=20, latency_rounds=0)  # fmt: skip
+    assert not out.exists()
+
+
+def test_reported_numbers_must_name_a_row_their_source_and_data(tmp_path):
+    from edgebc.train.compare import read_reported
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("resnet:\n  source: A 2023\n  data: BUSI\n  auc: 0.9\n")
+    with pytest.raises(EdgebcError, match="'resnet' is none of the compared models"):
+        read_reported(bad, ["mnv3", "cnn"])
+    bad.write_text("mnv3:\n  auc: 0.9\n")
+    with pytest.raises(EdgebcError, match="says no 'source'"):
+        read_reported(bad, ["mnv3", "cnn"])
+    bad.write_text("mnv3:\n  source: A\n  data: B\n  AUC: 0.9\n")
+    with pytest.raises(EdgebcError, match=r"unknown keys \['AUC'\]"):
+        read_reported(bad, ["mnv3", "cnn"])
+    bad.write_text("mnv3:\n  source: A\n  data: B\n  accuracy: 97\n")
+    with pytest.raises(EdgebcError, match="fraction"):
+        read_reported(bad, ["mnv3", "cnn"])
