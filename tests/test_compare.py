@@ -238,3 +238,46 @@ def test_reported_numbers_must_name_a_row_their_source_and_data(tmp_path):
     bad.write_text("mnv3:\n  source: A\n  data: B\n  accuracy: 97\n")
     with pytest.raises(EdgebcError, match="fraction"):
         read_reported(bad, ["mnv3", "cnn"])
+
+
+def test_a_cross_validation_run_is_scored_out_of_fold_with_mean_and_sd(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    torch.set_num_threads(1)
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.data.split import SplitPlan, assign_splits
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+    from edgebc.train.compare import ModelEntry, compare_models
+    from edgebc.train.config import load_train_config
+    from edgebc.train.crossval import cross_validate
+    from edgebc.train.evaluate import evaluate_with_predictions
+
+    phantoms = write_phantom_dataset(tmp_path / "ph", SynthPlan(n_per_class=8, size=48, seed=3))
+    plan = SplitPlan(val=0.0, test=0.2, folds=2, seed=0)
+    split = write_manifest(assign_splits(read_manifest(phantoms), plan), tmp_path / "folds.csv")
+    cross_validate(load_train_config(None, [
+        f"data.manifest={split}", f"out_dir={tmp_path / 'runs'}", "name=cv", "model.arch=simple_cnn",
+        "preprocess.input_height=32", "preprocess.input_width=32", "optim.epochs=2",
+        "optim.batch_size=8", "optim.warmup_epochs=1", "loader_workers=1",
+    ]), show_progress=False)  # fmt: skip
+    cv = tmp_path / "runs" / "cv"
+    report = compare_models([ModelEntry("a", cv), ModelEntry("b", cv)], tmp_path / "cmp",
+                            n_boot=20, latency_rounds=0)  # fmt: skip
+    row = report["rows"][0]
+    folds = [
+        evaluate_with_predictions(
+            cv / f"fold{k}" / "best.pt", split, tmp_path / f"e{k}", "train", 20, 0, fold=k
+        )[0]
+        for k in (0, 1)
+    ]  # each fold's model on the fold it validated on, by the one scoring path
+    assert [f["accuracy"] for f in row["folds"]] == [f["accuracy"] for f in folds]
+    assert [f["auc"] for f in row["folds"]] == [f["auc_positive"] for f in folds]
+    samples = [s for s in read_manifest(split) if s.split == "train"]
+    assert [d["fold"] for d in row["data"]] == [0, 1]
+    assert sum(d["n"] for d in row["data"]) == report["cases"]["n"] == len(samples)
+    assert row["kind"] == "cross-validation" and len(row["folds"]) == 2
+    accuracies = [f["accuracy"] for f in row["folds"]]
+    assert row["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert row["accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert np.sum(row["confusion_matrix"]) == len(samples)
+    assert report["paired"][0]["auc"]["difference"] == 0.0
+    assert row["budget"]["folds"] == 2 and row["budget"]["epochs_run"] == 4

@@ -45,6 +45,8 @@ def _reported(row: dict[str, Any]) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "not recorded"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
