@@ -303,6 +303,7 @@ def _reorder(scored: Scored, order: list[int]) -> None:
     pooled = Predictions([samples[i] for i in order], np.concatenate([q.y for q in p])[order],
                          np.concatenate([q.probs for q in p])[order], p[0].card)  # fmt: skip
     scored.extra["correct"] = rows
+    scored.extra["timed_predictions"] = p[0]  # what the timed model (the first fold's) scored
     scored.predictions = [pooled]
 
 
@@ -340,7 +341,7 @@ def measure_latency(
             s.timed_model if s.timed_model.suffix.lower() == ".onnx" else _export(s, scratch)
         )
         backend = open_backend(onnx_path, threads=1, warmup=0)
-        p = s.predictions[0]
+        p = s.extra.get("timed_predictions", s.predictions[0])
         check = np.stack([sample_input(x, p.card.preprocess) for x in p.samples[:4]])
         got = metrics.softmax(
             np.concatenate([backend.run(c[None]) for c in check]), p.card.temperature
