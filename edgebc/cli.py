@@ -20,6 +20,7 @@ from edgebc.commands import (
     bench,
     calibrate,
     classify,
+    compare,
     data,
     export,
     info,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register_train(commands)
     train.register_eval(commands)
     train.register_cross_site(commands)
+    compare.register_compare(commands)
     export.register_export(commands)
     calibrate.register_calibrate(commands)
     classify.register_classify(commands)

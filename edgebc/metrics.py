@@ -387,3 +387,139 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     for start, end in itertools.pairwise(boundaries):
         ranks[order[start:end]] = (start + end + 1) / 2.0
     return ranks
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A two-sided test of two models on the same cases: the difference (first minus second), its
+    standard error where the test has one, the statistic and p, and which method produced them."""
+
+    difference: float
+    standard_error: float | None
+    statistic: float
+    p_value: float
+    method: str
+
+
+def placement_values(
+    positive: np.ndarray, scores: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """DeLong's structural components by midranks (Sun & Xu 2014, "fast DeLong"): the AUC, then for
+    each positive the share of negatives it outscores (V10) and for each negative the share of
+    positives that outscore it (V01), ties counting half; each set averages to the AUC."""
+    positive = np.asarray(positive, bool)
+    scores = np.asarray(scores, np.float64)
+    m, n = int(positive.sum()), int((~positive).sum())
+    if m == 0 or n == 0:
+        raise ValueError(f"DeLong needs positive and negative cases, got {m} and {n}")
+    all_ranks = _average_ranks(scores)
+    v10 = (all_ranks[positive] - _average_ranks(scores[positive])) / n
+    v01 = 1.0 - (all_ranks[~positive] - _average_ranks(scores[~positive])) / m
+    return float(v10.mean()), v10, v01
+
+
+def delong_covariance(positive: np.ndarray, *scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The AUCs of several models' scores on the same cases and DeLong's covariance matrix of them
+    (DeLong, DeLong & Clarke-Pearson 1988): S10 / m + S01 / n over the structural components."""
+    parts = [placement_values(positive, s) for s in scores]
+    aucs = np.array([p[0] for p in parts])
+    v10 = np.stack([p[1] for p in parts])
+    v01 = np.stack([p[2] for p in parts])
+    s10 = np.atleast_2d(np.cov(v10, ddof=1)) if v10.shape[1] > 1 else np.zeros((len(aucs),) * 2)
+    s01 = np.atleast_2d(np.cov(v01, ddof=1)) if v01.shape[1] > 1 else np.zeros((len(aucs),) * 2)
+    return aucs, s10 / v10.shape[1] + s01 / v01.shape[1]
+
+
+def clustered_auc_covariance(
+    positive: np.ndarray, clusters: Sequence[str], *scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The AUCs and their covariance when cases repeat within patients (Obuchowski 1997,
+    Biometrics 53:567): each patient contributes the summed structural components of its positive
+    and of its negative frames, and the variance is taken over patients, not frames, with the
+    covariance between a patient's positive and negative frames kept. With one case per patient
+    it is DeLong's covariance exactly."""
+    positive = np.asarray(positive, bool)
+    index = {c: k for k, c in enumerate(dict.fromkeys(clusters))}
+    of = np.array([index[c] for c in clusters])
+    n_clusters = len(index)
+    m_i = np.bincount(of[positive], minlength=n_clusters).astype(np.float64)
+    n_i = np.bincount(of[~positive], minlength=n_clusters).astype(np.float64)
+    big_m, big_n = m_i.sum(), n_i.sum()
+    aucs, x_dev, y_dev = [], [], []
+    for s in scores:
+        auc, v10, v01 = placement_values(positive, s)
+        aucs.append(auc)
+        x_dev.append(np.bincount(of[positive], v10, n_clusters) - m_i * auc)
+        y_dev.append(np.bincount(of[~positive], v01, n_clusters) - n_i * auc)
+    with_pos, with_neg = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if min(with_pos, with_neg, n_clusters) < 2:
+        raise ValueError(
+            f"a clustered AUC variance needs 2+ patients with positive and with negative cases, "
+            f"got {with_pos} and {with_neg}"
+        )
+    x, y = np.stack(x_dev), np.stack(y_dev)
+    s10 = with_pos / ((with_pos - 1) * big_m) * (x @ x.T)
+    s01 = with_neg / ((with_neg - 1) * big_n) * (y @ y.T)
+    s11 = n_clusters / (n_clusters - 1) * (x @ y.T)
+    return np.array(aucs), s10 / big_m + s01 / big_n + (s11 + s11.T) / (big_m * big_n)
+
+
+def delong_test(
+    positive: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    clusters: Sequence[str] | None = None,
+) -> PairedTest:
+    """Two correlated AUCs on the same cases compared by DeLong's z test; with `clusters` (the
+    patient of each case) where patients repeat, by Obuchowski's clustered variance instead."""
+    if clusters is not None and len(set(clusters)) < len(clusters):
+        aucs, cov = clustered_auc_covariance(positive, clusters, first, second)
+        method = "clustered DeLong (Obuchowski 1997), patients as clusters"
+    else:
+        aucs, cov = delong_covariance(positive, first, second)
+        method = "DeLong (fast, midrank structural components)"
+    difference = float(aucs[0] - aucs[1])
+    variance = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    if variance <= 0:  # identical rankings: no difference to test
+        return PairedTest(difference, 0.0, 0.0, 1.0 if difference == 0 else 0.0, method)
+    z = difference / math.sqrt(variance)
+    return PairedTest(difference, math.sqrt(variance), z, math.erfc(abs(z) / math.sqrt(2)), method)
+
+
+def mcnemar_test(
+    first_correct: np.ndarray, second_correct: np.ndarray, clusters: Sequence[str] | None = None
+) -> PairedTest:
+    """Whether two models' decisions on the same cases are right equally often. Independent cases:
+    McNemar's exact test (two-sided binomial on the discordant pairs; exact at every count, the
+    chi-square being only its large-sample form). Where patients repeat: the clustered McNemar of
+    Durkalski et al. 2003 (Stat Med 22:1417), chi-square on the per-patient discordance, which is
+    McNemar's own statistic with one case per patient. The difference is in accuracy."""
+    a = np.asarray(first_correct, bool)
+    b = np.asarray(second_correct, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired decisions need the same cases, got {a.shape} and {b.shape}")
+    only_first, only_second = a & ~b, ~a & b
+    difference = float(a.mean() - b.mean()) if len(a) else float("nan")
+    if clusters is not None and len(set(clusters)) < len(clusters):
+        index = {c: k for k, c in enumerate(dict.fromkeys(clusters))}
+        of = np.array([index[c] for c in clusters])
+        per_patient = np.bincount(of, only_first.astype(float) - only_second, len(index))
+        spread = float((per_patient**2).sum())
+        statistic = float(per_patient.sum() ** 2 / spread) if spread else 0.0
+        p = math.erfc(math.sqrt(statistic / 2)) if spread else 1.0
+        return PairedTest(
+            difference,
+            None,
+            statistic,
+            p,
+            "clustered McNemar (Durkalski 2003), patients as clusters",
+        )
+    discordant, fewer = (
+        int(only_first.sum() + only_second.sum()),
+        int(min(only_first.sum(), only_second.sum())),
+    )
+    # P(X <= fewer) = P(X >= discordant - fewer) by symmetry, summed without cancellation
+    p = min(1.0, 2 * binomial_tail(discordant - fewer, discordant, 0.5)) if discordant else 1.0
+    return PairedTest(
+        difference, None, float(discordant), p, "McNemar exact (binomial on discordant pairs)"
+    )

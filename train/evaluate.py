@@ -19,6 +19,7 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,35 @@ def evaluate_checkpoint(
     """Score a checkpoint (.pt) or an exported model (.onnx, through ONNX Runtime) on `data`
     (optionally one split of it), reading everything about the model from its card; write the
     report into `out_dir`."""
+    return evaluate_with_predictions(checkpoint, data, out_dir, split, n_boot, gradcam_per_kind,
+                                     subgroups, device, seed)[0]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A model's probabilities on the cases it was scored on, in the report's order: what a paired
+    comparison of models (edgebc compare) needs beside the report's numbers."""
+
+    samples: list[Sample]
+    y: np.ndarray
+    probs: np.ndarray
+    card: ModelCard
+
+
+def evaluate_with_predictions(
+    checkpoint: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    split: str | None = "test",
+    n_boot: int = 1000,
+    gradcam_per_kind: int = 4,
+    subgroups: Sequence[str] = DEFAULT_SUBGROUPS,
+    device: str = "cpu",
+    seed: int = 0,
+    fold: int | None = None,
+) -> tuple[dict[str, Any], Predictions]:
+    """evaluate_checkpoint, also returning the probabilities behind the report; `fold` keeps only
+    that cross-validation fold of the split (the fold a cross-validation run validated on)."""
     model = _load_for_eval(Path(checkpoint), device)
     card = model.card
     if card.arch == "late_fusion":
@@ -74,12 +104,15 @@ def evaluate_checkpoint(
                 f"{data}: has no split column; pass --split all to evaluate every sample"
             )
         samples = [s for s in samples if s.split == split]
+    if fold is not None:
+        samples = [s for s in samples if s.fold == fold]
     # Labels the task leaves out (normal frames for benign-vs-malignant) are counted, not scored.
     keep, excluded = task.partition([s.label for s in samples], str(data))
     samples = [s for s, kept in zip(samples, keep, strict=True) if kept]
     if not samples:
+        where = f" in split {split!r}" if split else ""
         raise EdgebcError(
-            f"{data}: no samples{f' in split {split!r}' if split else ''} for task {task.name}"
+            f"{data}: no samples{where}{f' fold {fold}' if fold is not None else ''} for task {task.name}"
         )
     images = np.stack([sample_input(s, prep) for s in samples])
     y = task.encode(s.label for s in samples)
@@ -94,6 +127,8 @@ def evaluate_checkpoint(
         excluded_labels=excluded, patient_level=patient_level(samples, probs, y, rule),
         subgroups=subgroup_table(samples, probs, y, rule, subgroups, n_boot, seed),
     )  # fmt: skip
+    if fold is not None:
+        report["fold"] = fold
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", samples, probs, rule)
@@ -104,7 +139,7 @@ def evaluate_checkpoint(
     report["lesion_attention"] = model.lesion_attention(samples, images, y)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(out / "report.md", render_markdown(report, card.class_names))
-    return report
+    return report, Predictions(samples, y, probs, card)
 
 
 class _EvalModel:
