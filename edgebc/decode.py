@@ -33,7 +33,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -418,7 +418,7 @@ class DicomStudy:
     DICOM, or the tag is absent). The patient's hash is for comparing files, never for a record."""
 
     study_sha256: str | None = None
-    patient_sha256: str | None = None
+    patient_sha256: str | None = field(default=None, repr=False)  # a short id's hash reverses
 
 
 def read_study(data: bytes, name: str = "<buffer>") -> DicomStudy:

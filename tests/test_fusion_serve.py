@@ -6,6 +6,7 @@ import base64
 import hashlib
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -361,7 +362,7 @@ def test_her_ultrasound_study_is_fused_until_another_study_or_patient(model, tmp
         detach = json.loads(records[-1].source)
         assert (detach["event"], detach["case"]) == ("detach", case)
         assert detach["reason"] == ("another patient: a DICOM ultrasound frame whose PatientID is "
-                                    "not the case's mammograms'; never fused")  # fmt: skip
+                                    "not the case's; never fused")  # fmt: skip
         assert live.attachment() is None
     # films without a patient or study (a PNG): bound to the first frame's ultrasound study;
     # frames without one keep today's rules; the first frame of another study ends it
@@ -374,6 +375,17 @@ def test_her_ultrasound_study_is_fused_until_another_study_or_patient(model, tmp
     decided, context = live.classify(frames[2].image, study=frames[2].study)
     assert decided.case is None and context["mammograms"] == []
     assert json.loads(records[-1].source)["reason"].startswith("new study")
+    # films that name no patient take hers from the first fused DICOM frame: a later frame of
+    # another PatientID that names no study is not fused (the study binding alone missed it)
+    live.attach("E", [Mammogram(_film(), L_CC, "mammogram 1")])
+    assert live.classify(frames[0].image, study=frames[0].study)[0].case == "E"
+    bind = json.loads(records[-1].source)
+    assert (bind["event"], bind["case"], bind["study_sha256"]) == ("bind", "E", _sha("1.2.840.1"))
+    other = replace(frames[4].study, study_sha256=None)  # patient B, no StudyInstanceUID
+    decided, context = live.classify(frames[4].image, study=other)
+    assert decided.case is None and context["modalities"] == ["us"]
+    assert json.loads(records[-1].source)["reason"].startswith("another patient")
+    assert live.attachment() is None
     # a frame captured before the attach (the previous patient's) is not fused and ends nothing
     live.attach("D", films)
     stale = live.classify(frames[4].image, captured_monotonic=0.0, study=frames[4].study)

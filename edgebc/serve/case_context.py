@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ class Attachment:
     attached_at: float  # wall clock
     attached_monotonic: float
     study_sha256: str | None = None  # the ultrasound study: a mammography study is another one
+    # the woman: the films' PatientID hash, else the first fused DICOM frame's; compared in
+    # memory, never recorded or shown (a short id's hash is easily reversed)
+    patient_sha256: str | None = field(default=None, repr=False)
 
     @property
     def views(self) -> tuple[str | None, ...]:
@@ -158,18 +161,26 @@ class LiveFusion:
         when the frame is of another patient than the films' ("another patient"; the hashes are
         compared, never written) or of another ultrasound study than the one the attachment is
         bound to ("new study"); else the attachment, bound to the frame's study if it had none."""
-        if another_patient(attachment.context.patient_sha256, study):
+        patient = attachment.patient_sha256 or attachment.context.patient_sha256
+        if another_patient(patient, study):
             self._detach("another patient: a DICOM ultrasound frame whose PatientID is not the "
-                         "case's mammograms'; never fused", strict=False)  # fmt: skip
+                         "case's; never fused", strict=False)  # fmt: skip
             return None
         frame = study.study_sha256
+        binds_study = frame is not None and attachment.study_sha256 is None
+        binds_patient = patient is None and study.patient_sha256 is not None
+        if binds_study or binds_patient:
+            # films that name no patient (a PNG) take the woman from the first fused DICOM
+            # frame: a later frame of another PatientID, with or without a study, is not hers
+            bound = replace(attachment, study_sha256=frame if binds_study else attachment.study_sha256,
+                            patient_sha256=study.patient_sha256 if binds_patient else attachment.patient_sha256)  # fmt: skip
+            self._attachment = bound
+            log.info("case %s bound to the live ultrasound's DICOM study/patient", attachment.case)
+            self._write("bind", bound, "the first DICOM ultrasound frame fused with the case",
+                        strict=False)  # fmt: skip
+            return bound
         if frame is None or attachment.study_sha256 == frame:
             return attachment
-        if attachment.study_sha256 is None:
-            bound = replace(attachment, study_sha256=frame)
-            self._attachment = bound
-            log.info("case %s bound to the live ultrasound's DICOM study", attachment.case)
-            return bound
         self._detach(f"new study: an ultrasound frame of DICOM study {frame}, the case's is "
                      f"{attachment.study_sha256}", strict=False)  # fmt: skip
         return None
@@ -238,16 +249,19 @@ class LiveFusion:
         self.fusion.detach()
         self._attachment = None
         log.info("case %s detached: %s", attachment.case, reason)
-        try:
-            self._write("detach", attachment, reason, strict)
-        except Exception:
-            if strict:
-                raise
-            log.exception("case %s: the detach could not be recorded", attachment.case)
+        self._write("detach", attachment, reason, strict)
         return attachment.case
 
     def _write(self, event: str, attachment: Attachment, reason: str | None, strict: bool) -> None:
+        """An attach, bind or detach record; with `strict` a failure raises, else it is logged
+        (a bind or an idle detach happen inside the loop's frame, which must go on)."""
         if self.record is None:
+            return
+        if not strict:
+            try:
+                self._write(event, attachment, reason, strict=True)
+            except Exception:
+                log.exception("case %s: the %s could not be recorded", attachment.case, event)
             return
         details = {"event": event, "case": attachment.case, "reason": reason,
                    "study_sha256": attachment.study_sha256, "study": attachment.study_note(),
