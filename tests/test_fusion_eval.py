@@ -15,6 +15,7 @@ from edgebc.data.records import load_mask
 from edgebc.data.sample_image import read_sample
 from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.decode import read_image
+from edgebc.errors import EdgebcError
 from edgebc.preprocess import prepared_frame
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.task import TASKS
@@ -77,7 +78,6 @@ def test_the_one_threshold_reaches_the_target_in_every_combination_on_calibratio
     card = load_checkpoint(checkpoint).card
     point = card.operating_point
     by_inputs = card.calibration["operating_point_by_inputs"]
-    print(point, by_inputs)
     assert set(by_inputs) == {"us_only", "mg_only", "both"}
     assert card.calibration["operating_point_warnings"] == []
     # the lowest of the thresholds each combination needs alone: it holds for all of them
@@ -121,6 +121,13 @@ def test_a_combination_the_calibration_cases_lack_is_warned_about_not_guessed(tr
     assert [w.split(":")[0] for w in warnings] == ["mg_only", "both"]
     assert "sensitivity is unknown" in warnings[0]
     assert point.threshold == by_inputs["us_only"]["threshold_alone"]
+    # no bound is stated for a card whose answers include combinations nobody measured
+    assert point.sensitivity_bound is None and by_inputs["us_only"]["sensitivity_bound"] > 0
+    nothing = pack([None, None], model.layout, len(packed))
+    with pytest.raises(EdgebcError, match="no threshold can be fitted"):
+        fusion_operating_point(
+            model, card, nothing, y, units, card.temperature, 0.95, 0.95, torch.device("cpu")
+        )
 
 
 def test_the_evaluation_warns_where_a_combination_misses_the_target_at_the_card_threshold():

@@ -35,6 +35,7 @@ import numpy as np
 from edgebc import metrics
 from edgebc.atomic import atomic_write_text
 from edgebc.calibration import fit_calibration
+from edgebc.errors import EdgebcError
 from edgebc.model_card import ModelCard, OperatingPoint
 from edgebc.optional import require
 from edgebc.train.checkpoint import (
@@ -138,6 +139,11 @@ def fusion_operating_point(
         scored[combination] = (probs, y[rows], kept)
         own[combination] = operating_point(probs, y[rows], kept, card.positive, target,
                                            confidence)  # fmt: skip
+    if not own:
+        raise EdgebcError(
+            f"no {card.positive_class} case of the calibration side has any inputs this fusion "
+            "model takes: no threshold can be fitted (calibrate on cases with both modalities)"
+        )
     threshold = min(p.threshold for p in own.values())
     by_inputs: dict[str, dict[str, Any]] = {}
     for combination, (probs, yy, kept) in scored.items():
@@ -159,9 +165,12 @@ def fusion_operating_point(
     weakest = min(scored, key=lambda c: (own[c].sensitivity_bound or 0.0,
                                          by_inputs[c]["sensitivity"]))  # fmt: skip
     figures = by_inputs[weakest]
+    # a combination nobody measured has no bound, so the card states none: the device would
+    # otherwise show one for answers (say, mammograms alone) no calibration case speaks for
+    bound = None if warnings else own[weakest].sensitivity_bound
     point = OperatingPoint(
         threshold, target, figures["sensitivity"], figures["specificity"], figures["positives"],
-        figures["negatives"], own[weakest].sensitivity_bound, confidence, own[weakest].unit,
+        figures["negatives"], bound, confidence, own[weakest].unit,
     )  # fmt: skip
     return point, by_inputs, warnings
 
