@@ -266,7 +266,9 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     calibration = None
     if calibration_samples:
         cal_x, cal_y, cal_rows = _cache_split(config, calibration_samples, "cache calibration")
-        calibration = (cal_x, cal_y, [s.unit for s in cal_rows], "calibration split")
+        calibration = _of_card_modality(config, cal_x, cal_y, cal_rows, "calibration split")
+    elif config.model.fusion is None and not config.data.modality:
+        calibration = _of_card_modality(config, val_x, val_y, val_rows, "validation split")
     fingerprint = data_fingerprint(train_samples + val_samples + calibration_samples)
     teachers = check_teachers(config, fingerprint)
     provenance = [t.provenance() for t in teachers]
@@ -627,6 +629,26 @@ def validation_metrics(
         "val_auc_positive": scores["auc_positive"],
         "val_macro_auc": scores["macro_auc"],
     }
+
+
+def _of_card_modality(
+    config: TrainConfig, x: torch.Tensor, y: torch.Tensor, rows: Sequence[Sample], fitted_on: str
+) -> tuple[Any, ...]:
+    """Where the operating point is fitted: `rows` (cached as x, y), and for a merged run (one
+    classifier over both modalities) only those of the modality its card names (ultrasound): a
+    threshold and sensitivity bound fitted on ultrasound and mammograms together would be shown
+    on the cart as the ultrasound answers' (edgebc eval scores the mammograms, per modality, at
+    that threshold)."""
+    card = card_modality(config.data.modality)
+    keep = [config.model.fusion is not None or card_modality(s.modality) == card for s in rows]
+    if all(keep):
+        return (x, y, [s.unit for s in rows], fitted_on)
+    if not any(keep):
+        raise EdgebcError(f"the {fitted_on} has no {card} sample to fit the operating point on")
+    index = torch.tensor([i for i, k in enumerate(keep) if k])
+    log.info("the operating point is fitted on the %s's %d %s samples of %d (a merged run: its "
+             "card names one %s input)", fitted_on, len(index), card, len(keep), card)  # fmt: skip
+    return (x[index], y[index], [rows[i].unit for i in index.tolist()], fitted_on)
 
 
 def _warn_if_merged(config: TrainConfig, samples: Sequence[Sample]) -> None:
