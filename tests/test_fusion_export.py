@@ -360,7 +360,9 @@ def test_fusion_engine_plan_names_precisions_sources_profiles_and_sidecars(expor
         HEAD: ("fusion.int8.engine", "fp16", "fusion.int8.onnx")}  # fmt: skip
     with pytest.raises(EdgebcError, match="INT8 engines are built from the INT8 variant"):
         fusion_engine_plan(out / "fusion.onnx", "int8")
-    with pytest.raises(EdgebcError, match="not the head graph of an exported fusion model"):
+    with pytest.raises(
+        EdgebcError, match=r"not the head graph \(\.onnx\) of an exported fusion model"
+    ):
         fusion_engine_plan(Path(__file__))
     for graph, planned in fp16.items():
         # a profile per named input of the ONNX graph, the batch 1..8
@@ -407,6 +409,11 @@ def test_a_head_engine_finds_its_sibling_engines_from_the_sidecars(exported, tmp
     _, out, _ = exported
     engines = _write_planned_engines(out, tmp_path / "set")
     assert engine_siblings(engines[HEAD]) == engines
+    # what `serve` and `classify` read to know a fusion model: the engines' layout, no TensorRT
+    layout = read_layout(engines[HEAD])
+    assert layout is not None and layout.graph == HEAD
+    assert {g: layout.files[g] for g in engines} == {g: p.name for g, p in engines.items()}
+    assert read_layout(engines["us"]).for_graph(HEAD) == layout
     assert engine_siblings(engines["us"]) == engines  # any graph's engine finds the others
     # an engine of another export (the INT8 set's) in place of a sibling is refused
     other = _write_planned_engines(out, tmp_path / "int8", "int8", "fusion.int8.onnx")

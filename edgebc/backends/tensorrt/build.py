@@ -170,9 +170,9 @@ def fusion_engine_plan(head_path: str | Path, precision: Precision = "fp16",
     `precision` (INT8 from the variant's QDQ branch graphs), the head at FP16 (the INT8 variant
     keeps its head in float: edgebc.export.fusion_quantize), named by `engine_files`."""
     head_path = Path(head_path)
-    layout = read_layout(head_path)
+    layout = read_layout(head_path) if head_path.suffix.lower() == ".onnx" else None
     if layout is None:
-        raise EdgebcError(f"{head_path}: not the head graph of an exported fusion model")
+        raise EdgebcError(f"{head_path}: not the head graph (.onnx) of an exported fusion model")
     card = card_for_model(head_path)
     if precision == "int8" and card.precision != "int8":
         raise EdgebcError(
