@@ -238,8 +238,15 @@ def open_fusion_graphs(
     spin_wait: bool = True,
 ) -> dict[str, Backend]:
     """Every graph of the exported fusion model that `path` (any of its graphs) belongs to, by
-    graph name, each verified against MANIFEST.sha256; graphs of different exports are refused."""
+    graph name, each verified against MANIFEST.sha256; graphs of different exports are refused.
+    As for a single model, the file named chooses the runtime: a `.onnx` graph opens the ONNX
+    siblings on ONNX Runtime (`providers`), a TensorRT `.engine` (from `edgebc export
+    --tensorrt`) the engine siblings its sidecar names, all found before CUDA is touched."""
     path = Path(path)
+    if path.suffix.lower() == ".engine":
+        from edgebc.backends.tensorrt.sidecar import engine_siblings
+
+        engine_siblings(path)  # every engine there, of the same export, or a plain refusal
     first = open_backend(path, providers, threads, spin_wait=spin_wait)
     layout: FusionLayout | None = getattr(first, "fusion", None)
     if layout is None:

@@ -16,6 +16,8 @@ backbone; the card's `arch_options.branch_inputs` names them, one branch per inp
 Every graph carries the same model card (its inputs, their preprocessing, which are optional) and,
 beside it under `edgebc.fusion`, this layout and which of the graphs it is; the device opens any
 one of them and finds the others in the same folder, each verified against MANIFEST.sha256.
+TensorRT engines of the graphs (`edgebc export --tensorrt`) carry the same layout in their
+sidecars, naming the engines as its files.
 """
 
 from __future__ import annotations
@@ -158,10 +160,16 @@ def layout_from_metadata(metadata: Mapping[str, str], source: str) -> FusionLayo
 
 
 def read_layout(path: str | Path) -> FusionLayout | None:
-    """The fusion layout of the ONNX file `path`, or None (another model, or not ONNX)."""
+    """The fusion layout of the ONNX file `path`, or of the TensorRT engine `path` (its sidecar's,
+    whose files are the engines: read without TensorRT), or None (another model, or neither)."""
     import onnxruntime
 
-    if Path(path).suffix.lower() != ".onnx":
+    suffix = Path(path).suffix.lower()
+    if suffix == ".engine":
+        from edgebc.backends.tensorrt.sidecar import read_sidecar, sidecar_layout
+
+        return sidecar_layout(read_sidecar(path), str(path))
+    if suffix != ".onnx":
         return None
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -18,6 +18,7 @@ from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
+from edgebc.fusion_graphs import HEAD
 from edgebc.integrity import write_manifest
 
 
@@ -143,24 +144,31 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
     """The branch graphs and the head, their parity, and the manifest over all of them; with
     `--int8` the INT8 variant (each branch calibrated on its own modality's cases, the head FP32,
     the parity per presence pattern: edgebc.export.fusion_quantize), with `--triton` a repository
-    of the branch models, the head and an ensemble taking every input. The FP32 export is written
-    (report and manifest) before the INT8 variant is tried, so a refused INT8 leaves a whole FP32
-    export. FP16, TensorRT and `--verify` are not done for fusion models and are refused rather
-    than answered with a part of the model."""
+    of the branch models, the head and an ensemble taking every input, with `--tensorrt fp16|int8`
+    an engine per graph (edgebc.backends.tensorrt.build_fusion_engines: FP16 from the FP32 graphs;
+    INT8 from the INT8 variant's QDQ branches, its head FP16), each with its sidecar, checked
+    against the ONNX graphs it was built from with every presence pattern. The FP32 export is
+    written (report and manifest) before the INT8 variant is tried, so a refused INT8 leaves a
+    whole FP32 export. FP16 ONNX and `--verify` are not done for fusion models and are refused
+    rather than answered with a part of the model; what is missing (TensorRT, cuda-python, the
+    `--int8` an INT8 engine is built from) is refused before anything is written."""
     from edgebc.export.fusion_export import export_fusion
 
-    asked = [flag for flag, on in (("--fp16", options.fp16), ("--tensorrt", options.tensorrt),
-             ("--verify", options.verify_data)) if on]  # fmt: skip
+    asked = [flag for flag, on in (("--fp16", options.fp16), ("--verify", options.verify_data))
+             if on]  # fmt: skip
     if asked:
         raise EdgebcError(
-            f"{checkpoint}: a fusion model exports as FP32 branch and head graphs, with --int8 and "
-            f"--triton; {', '.join(asked)} not done for fusion models (export without them)"
+            f"{checkpoint}: a fusion model exports as FP32 branch and head graphs, with --int8, "
+            f"--tensorrt and --triton; {', '.join(asked)} not done for fusion models (export "
+            "without them)"
         )
     if options.int8 and (not options.calibration or not options.check_data):
         raise EdgebcError(
             "--int8 needs --calibration and --check: a case manifest (patient_id, modality, view) "
             "whose calibration split calibrates each branch and whose held-out split checks them"
         )
+    if options.tensorrt:
+        _check_fusion_tensorrt(options)
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
     exported = export_fusion(checkpoint, options.out_dir, options.name, options.opset,
                              options.max_batch, options.exporter)  # fmt: skip
@@ -190,6 +198,20 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
         quant = quantize_fusion(exported.head, out, options.name, calibration, check, plan)
         report["int8"] = {"path": quant.files["head"], **asdict(quant)}
         artifacts += [out / f for f in quant.files.values()]
+    if options.tensorrt:
+        from edgebc.backends.tensorrt.build import build_fusion_engines
+        from edgebc.backends.tensorrt.sidecar import sidecar_path
+        from edgebc.export.fusion_export import compare_fusion_engines
+
+        source = out / report["int8"]["path"] if options.tensorrt == "int8" else exported.head
+        engines = build_fusion_engines(source, out, options.tensorrt, options.name)  # type: ignore[arg-type]
+        engine_parity = compare_fusion_engines(source, engines)
+        report["tensorrt"] = {
+            "path": engines[HEAD].name, "engines": {g: p.name for g, p in engines.items()},
+            "precision": options.tensorrt, "onnx": source.name,
+            "fusion_parity_vs_onnx": asdict(engine_parity), "within_tolerance": engine_parity.ok,
+        }  # fmt: skip
+        artifacts += [f for p in engines.values() for f in (p, sidecar_path(p))]
     if options.triton:
         from edgebc.export.triton import write_fusion_repository
 
@@ -197,6 +219,22 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
         report["triton"] = {"path": str(folder.relative_to(out))}
     _write_report(out, report, artifacts)
     return report
+
+
+def _check_fusion_tensorrt(options: ExportOptions) -> None:
+    """What fusion engines need, checked before anything is written: TensorRT and cuda-python
+    (building and the parity check run them), and `--int8` for INT8 engines."""
+    from edgebc.optional import require
+
+    require("tensorrt", "--tensorrt (building TensorRT engines)")
+    require(
+        "cuda.bindings.runtime", "--tensorrt (running TensorRT engines: pip install cuda-python)"
+    )
+    if options.tensorrt == "int8" and not options.int8:
+        raise EdgebcError(
+            "--tensorrt int8 needs --int8 in the same export: a fusion model's INT8 engines are "
+            "built from its INT8 variant's calibrated branch graphs"
+        )
 
 
 def _write_report(out: Path, report: dict[str, Any], artifacts: list[Path]) -> None:
@@ -251,7 +289,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Recommendation: {q['recommendation']}"]
         if q["excluded_nodes"]:
             lines.append(f"Kept in float to meet the budget: {', '.join(q['excluded_nodes'])}")
-    if "tensorrt" in report:
+    if "tensorrt" in report and "fusion_parity_vs_onnx" in report["tensorrt"]:
+        lines += _fusion_tensorrt_rows(report["tensorrt"])
+    elif "tensorrt" in report:
         p = report["tensorrt"]["parity_vs_onnx_fp32"]
         lines.append(
             f"| {report['tensorrt']['path']} | TensorRT vs ONNX FP32 | max abs logit diff {p['max_abs_logit_diff']:.2e} |"
@@ -270,4 +310,27 @@ def _fusion_int8_rows(q: dict[str, Any]) -> list[str]:
         rows.append(
             f"| {q['files']['head']} (FP32 head) | end to end with {pattern} present, {p['n']} held-out instances | agreement {p['agreement']:.3f}, AUC {p['fp32']['auc_positive']:.3f} -> {p['int8']['auc_positive']:.3f}, budget {'met' if p['budget_met'] else 'NOT met'} |"
         )
+    return rows
+
+
+def _fusion_tensorrt_rows(t: dict[str, Any]) -> list[str]:
+    """The fusion engines against the ONNX graphs they were built from."""
+    parity = t["fusion_parity_vs_onnx"]
+    rows = [
+        f"| {t['engines'][branch]} | {branch} branch embedding, TensorRT vs {t['onnx']} graphs | max abs diff {diff:.2e} |"
+        for branch, diff in parity["branches"].items()
+    ]
+    head = parity["head"]
+    rows.append(
+        f"| {t['path']} | fusion head (FP16), every presence pattern | max abs logit diff {head['max_abs_logit_diff']:.2e}, features {parity['head_features']:.2e} |"
+    )
+    for present, p in parity["end_to_end"].items():
+        rows.append(
+            f"| all engines | end to end with {present} present, vs ONNX | max abs logit diff {p['max_abs_logit_diff']:.2e}, decision agreement {p['decision_agreement']:.3f} |"
+        )
+    if not t["within_tolerance"]:
+        rows += [
+            "",
+            f"TensorRT differs from ONNX by more than {parity['tolerance']}: check before deploying the engines.",
+        ]
     return rows

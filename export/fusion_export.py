@@ -14,6 +14,7 @@ views once. The layout is edgebc.fusion_graphs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,60 +179,106 @@ def _graph_modules(model: Any, layout: FusionLayout) -> dict[str, Any]:
     return {**{n: Branch(n).eval() for n in model.order}, HEAD: Head().eval()}
 
 
+GraphRun = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+"""Runs one graph of a fusion model (a branch name, or "head") on feeds: its outputs by name."""
+
+
 def compare_fusion_with_torch(
     model: Any, card: ModelCard, layout: FusionLayout, files: dict[str, Path], tolerance: float
 ) -> FusionParity:
     """Each graph and the whole path against PyTorch on the verification inputs (fixed random
     tensors and phantoms of every class for each input's modality)."""
     torch = require("torch", "ONNX export")
+
+    def torch_run(graph: str, fed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            if graph == HEAD:
+                logits, features = model.head(
+                    [torch.from_numpy(fed[embedding_name(n)]) for n in layout.order],
+                    torch.from_numpy(fed[layout.presence]),
+                )
+                features_name = next((o.name for o in card.outputs if o.kind == "features"), "")
+                return {card.output_name: logits.numpy(), features_name: features.numpy()}
+            names = layout.branches[graph]
+            if len(names) == 1:
+                embedded = model.embed(graph, torch.from_numpy(fed[names[0]]))
+            else:
+                views = torch.stack([torch.from_numpy(fed[v]) for v in names], dim=1)
+                present = torch.from_numpy(fed[view_presence_name(graph)])
+                embedded = model.embed(graph, views, present)
+            return {embedding_name(graph): embedded.numpy()}
+
+    return compare_fusion_runs(card, layout, torch_run, onnx_run(card, layout, files), tolerance)
+
+
+def onnx_run(card: ModelCard, layout: FusionLayout, files: Mapping[str, Path]) -> GraphRun:
+    """The fusion graphs `files` on ONNX Runtime's CPU provider."""
+
+    def run(graph: str, fed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {o: run_onnx(files[graph], fed, o) for o in layout.outputs_of(graph, card)}
+
+    return run
+
+
+def compare_fusion_runs(
+    card: ModelCard, layout: FusionLayout, reference: GraphRun, candidate: GraphRun,
+    tolerance: float,
+) -> FusionParity:  # fmt: skip
+    """`candidate`'s graphs against `reference`'s on the verification inputs: each branch's
+    embedding, the head on the reference embeddings under every presence pattern (logits and
+    fused features), and the whole path (each side's branches into its own head) with every
+    modality present and with each one alone."""
     feeds = verification_feeds(card)
     order = list(layout.order)
     rows = len(feeds[card.inputs[0].name])
     branch_feeds = {n: _branch_feeds(layout, n, feeds, rows) for n in order}
-
-    def torch_embed(branch: str, fed: dict[str, np.ndarray]) -> np.ndarray:
-        names = layout.branches[branch]
-        with torch.inference_mode():
-            if len(names) == 1:
-                return model.embed(branch, torch.from_numpy(fed[names[0]])).numpy()
-            views = torch.stack([torch.from_numpy(fed[v]) for v in names], dim=1)
-            present = torch.from_numpy(fed[view_presence_name(branch)])
-            return model.embed(branch, views, present).numpy()
-
-    expected = {n: torch_embed(n, branch_feeds[n]) for n in order}
-    onnx_embeddings = {n: run_onnx(files[n], branch_feeds[n], embedding_name(n)) for n in order}
-    branches = {n: _max_diff(expected[n], onnx_embeddings[n]) for n in order}
+    expected = {n: reference(n, branch_feeds[n])[embedding_name(n)] for n in order}
+    actual = {n: candidate(n, branch_feeds[n])[embedding_name(n)] for n in order}
+    branches = {n: _max_diff(expected[n], actual[n]) for n in order}
 
     def head_feeds(embeddings: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
         # an absent branch is fed as zeros, as the device feeds it
         fed = {embedding_name(n): embeddings[n] * present[:, [k]] for k, n in enumerate(order)}
         return {**fed, layout.presence: present}
 
-    def torch_head(fed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        with torch.inference_mode():
-            logits, features = model.head(
-                [torch.from_numpy(fed[embedding_name(n)]) for n in order],
-                torch.from_numpy(fed[layout.presence]),
-            )
-        return logits.numpy(), features.numpy()
-
-    patterns = presence_patterns(rows, len(order))
-    fed = head_feeds(expected, patterns)
-    torch_logits, torch_features = torch_head(fed)
     features_name = next((o.name for o in card.outputs if o.kind == "features"), None)
-    head = parity_of(torch_logits, run_onnx(files[HEAD], fed, card.output_name), tolerance, card)
-    head_features = (
-        _max_diff(torch_features, run_onnx(files[HEAD], fed, features_name))
-        if features_name
-        else 0.0
-    )
+    fed = head_feeds(expected, presence_patterns(rows, len(order)))
+    want, got = reference(HEAD, fed), candidate(HEAD, fed)
+    head = parity_of(want[card.output_name], got[card.output_name], tolerance, card)
+    head_features = _max_diff(want[features_name], got[features_name]) if features_name else 0.0
     end_to_end = {}
     for present in [tuple(order), *((n,) for n in order)]:
         mask = np.tile(np.array([[n in present for n in order]], np.float32), (rows, 1))
-        reference, _ = torch_head(head_feeds(expected, mask))
-        actual = run_onnx(files[HEAD], head_feeds(onnx_embeddings, mask), card.output_name)
-        end_to_end["+".join(present)] = parity_of(reference, actual, tolerance, card)
+        want_logits = reference(HEAD, head_feeds(expected, mask))[card.output_name]
+        got_logits = candidate(HEAD, head_feeds(actual, mask))[card.output_name]
+        end_to_end["+".join(present)] = parity_of(want_logits, got_logits, tolerance, card)
     return FusionParity(branches, head, head_features, end_to_end, tolerance)
+
+
+def compare_fusion_engines(
+    onnx_head: str | Path, engines: Mapping[str, Path], tolerance: float = 0.05
+) -> FusionParity:
+    """A fusion export's TensorRT engines (edgebc.backends.tensorrt.build_fusion_engines) against
+    the ONNX graphs they were built from (`onnx_head` and its siblings), every presence pattern;
+    the tolerance is the single-model engine check's (FP16 arithmetic, not FP32)."""
+    from edgebc.backends.tensorrt import TensorRTBackend
+    from edgebc.fusion_graphs import read_layout
+    from edgebc.model_card import read_card
+
+    onnx_head = Path(onnx_head)
+    layout, card = read_layout(onnx_head), read_card(onnx_head)
+    if layout is None:
+        raise EdgebcError(f"{onnx_head}: not the head of an exported fusion model")
+    files = {g: onnx_head.parent / f for g, f in layout.files.items()}
+    opened: dict[str, TensorRTBackend] = {}
+    try:
+        for graph, engine in engines.items():
+            opened[graph] = TensorRTBackend(Path(engine), warmup=1)
+        return compare_fusion_runs(card, layout, onnx_run(card, layout, files),
+                                   lambda g, fed: opened[g].run_named(fed), tolerance)  # fmt: skip
+    finally:
+        for backend in opened.values():
+            backend.close()
 
 
 def _branch_feeds(

@@ -2,6 +2,7 @@
 parity per presence pattern), its Triton repository (branch models, head and an ensemble taking
 every input) and its TensorRT optimisation profiles (one per named input of each graph)."""
 
+import importlib.util
 import json
 import re
 from dataclasses import replace
@@ -276,7 +277,194 @@ def test_tensorrt_profiles_cover_every_named_input_of_each_fusion_graph(exported
         optimisation_profiles(card, (2, 1, 8))
 
 
+def _head_plan_specs(width=32, branches=2, max_batch=8, dtype=np.float32):
+    """The tensors a fusion head engine declares (TensorRT's view: -1 for the dynamic batch)."""
+    from edgebc.backends.tensorrt.io_plan import TensorSpec
+
+    return [TensorSpec("us_embedding", True, (-1, width), np.dtype(dtype), max_batch),
+            TensorSpec("mg_embedding", True, (-1, width), np.dtype(np.float32), max_batch),
+            TensorSpec("present", True, (-1, branches), np.dtype(np.float32), max_batch),
+            TensorSpec("logits", False, (-1, 2), np.dtype(np.float32)),
+            TensorSpec("features", False, (-1, width), np.dtype(np.float32))]  # fmt: skip
+
+
+def test_tensorrt_io_plan_sizes_a_buffer_per_tensor_and_splits_batches_by_the_profile():
+    from edgebc.backends.tensorrt.io_plan import TensorSpec, plan_io
+
+    declared = [("us_embedding", (32,)), ("mg_embedding", (32,)), ("present", (2,))]
+    plan = plan_io(_head_plan_specs(), declared, ("logits", "features"), "head.engine")
+    # float32 at the profile's largest batch (8): 8 rows x 32 x 4 bytes, 8 x 2 x 4, ...
+    assert plan.buffer_bytes() == {"us_embedding": 1024, "mg_embedding": 1024, "present": 64,
+                                   "logits": 64, "features": 1024}  # fmt: skip
+    assert plan.max_batch == 8
+    assert plan.input_shapes(3) == {
+        "us_embedding": (3, 32),
+        "mg_embedding": (3, 32),
+        "present": (3, 2),
+    }
+    assert plan.output_shapes(3) == {"logits": (3, 2), "features": (3, 32)}
+    assert plan.runs(19) == [slice(0, 8), slice(8, 16), slice(16, 19)]
+    assert plan.runs(8) == [slice(0, 8)]
+    # a single model asks for its logits only, but its features output still gets a buffer
+    # (TensorRT needs an address for every output)
+    single = plan_io([TensorSpec("image", True, (-1, 3, 4, 4), np.dtype(np.float32), 4),
+                      TensorSpec("logits", False, (-1, 2), np.dtype(np.float32)),
+                      TensorSpec("features", False, (-1, 6), np.dtype(np.float32))],
+                     [("image", (3, 4, 4))], ("logits",), "m.engine")  # fmt: skip
+    assert single.buffer_bytes() == {"image": 4 * 48 * 4, "logits": 32, "features": 96}
+    assert single.output_shapes(2) == {"logits": (2, 2)}
+    # the smallest profile limit among the inputs bounds a run
+    specs = _head_plan_specs()
+    specs[2] = TensorSpec("present", True, (-1, 2), np.dtype(np.float32), 4)
+    assert plan_io(specs, declared, ("logits",), "h").runs(9) == [
+        slice(0, 4),
+        slice(4, 8),
+        slice(8, 9),
+    ]
+    with pytest.raises(
+        EdgebcError, match=r"inputs \['mg_embedding', 'present', 'us_embedding'\] are not"
+    ):
+        plan_io(_head_plan_specs(), declared[:2], ("logits",), "h")
+    with pytest.raises(EdgebcError, match="no output scores"):
+        plan_io(_head_plan_specs(), declared, ("scores",), "h")
+    with pytest.raises(EdgebcError, match="us_embedding is float16"):
+        plan_io(_head_plan_specs(dtype=np.float16), declared, ("logits",), "h")
+    with pytest.raises(EdgebcError, match=r"\(N, 16\) in the engine but \(N, 32\) in its card"):
+        plan_io(_head_plan_specs(width=16), declared, ("logits",), "h")
+    fixed = [TensorSpec("image", True, (1, 3, 4, 4), np.dtype(np.float32), 1)]
+    with pytest.raises(EdgebcError, match="dynamic batch"):
+        plan_io(fixed, [("image", (3, 4, 4))], (), "m")
+    with pytest.raises(ValueError, match="at least one row"):
+        plan.runs(0)
+
+
+def test_fusion_engine_plan_names_precisions_sources_profiles_and_sidecars(exported):
+    import onnxruntime
+
+    from edgebc.backends.tensorrt.build import engine_description, fusion_engine_plan
+    from edgebc.backends.tensorrt.sidecar import sidecar_layout
+    from edgebc.model_card import ModelCard
+
+    _, out, _ = exported
+    card = read_card(out / "fusion.onnx")
+    fp16 = {p.graph: p for p in fusion_engine_plan(out / "fusion.onnx", "fp16")}
+    assert {g: (p.engine, p.precision, p.source.name) for g, p in fp16.items()} == {
+        "us": ("fusion.fp16.us.engine", "fp16", "fusion.us.onnx"),
+        "mg": ("fusion.fp16.mg.engine", "fp16", "fusion.mg.onnx"),
+        HEAD: ("fusion.fp16.engine", "fp16", "fusion.onnx")}  # fmt: skip
+    int8 = {p.graph: p for p in fusion_engine_plan(out / "fusion.int8.onnx", "int8")}
+    # INT8 branches from the variant's QDQ graphs, its head (FP32 in ONNX) built at FP16
+    assert {g: (p.engine, p.precision, p.source.name) for g, p in int8.items()} == {
+        "us": ("fusion.int8.us.engine", "int8", "fusion.int8.us.onnx"),
+        "mg": ("fusion.int8.mg.engine", "int8", "fusion.int8.mg.onnx"),
+        HEAD: ("fusion.int8.engine", "fp16", "fusion.int8.onnx")}  # fmt: skip
+    with pytest.raises(EdgebcError, match="INT8 engines are built from the INT8 variant"):
+        fusion_engine_plan(out / "fusion.onnx", "int8")
+    with pytest.raises(
+        EdgebcError, match=r"not the head graph \(\.onnx\) of an exported fusion model"
+    ):
+        fusion_engine_plan(Path(__file__))
+    for graph, planned in fp16.items():
+        # a profile per named input of the ONNX graph, the batch 1..8
+        inputs = {i.name: i.shape[1:] for i in onnxruntime.InferenceSession(
+            str(planned.source), providers=["CPUExecutionProvider"]).get_inputs()}  # fmt: skip
+        assert set(planned.profiles) == set(inputs) and planned.batch == (1, 1, 8)
+        for name, (low, opt, high) in planned.profiles.items():
+            assert low == opt == (1, *inputs[name]) and high == (8, *inputs[name])
+        # the layout names the engines and which graph this one is
+        assert planned.layout.graph == graph
+        assert dict(planned.layout.files) == {g: p.engine for g, p in fp16.items()}
+        # the sidecar's card is the graph's own card, its layout the engines'
+        described = engine_description(planned.source, read_card(planned.source), "fp16",
+                                       planned.batch, 1024, planned.layout)  # fmt: skip
+        assert ModelCard.from_json(described["card"]) == card
+        assert sidecar_layout(described, "x") == planned.layout
+        assert described["onnx"] == planned.source.name and described["batch"] == [1, 1, 8]
+    assert ModelCard.from_json(engine_description(
+        int8["us"].source, read_card(int8["us"].source), "int8", (1, 1, 8), 1024)["card"]
+    ).precision == "int8"  # fmt: skip
+
+
+def _write_planned_engines(out, folder, precision="fp16", head="fusion.onnx"):
+    """The files build_fusion_engines writes, minus TensorRT's bytes: each planned engine (a
+    placeholder) with the sidecar build_engine writes for it (its card and the engines' layout)."""
+    from edgebc.backends.tensorrt.build import engine_description, fusion_engine_plan
+    from edgebc.backends.tensorrt.sidecar import write_sidecar
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for p in fusion_engine_plan(out / head, precision):
+        engine = folder / p.engine
+        engine.write_bytes(b"not an engine: no TensorRT here")
+        write_sidecar(engine, {"tensorrt": "10.0", "gpu": {"name": "x", "compute_capability": "9.0"},
+                               **engine_description(p.source, read_card(p.source), p.precision,
+                                                    p.batch, 1024, p.layout)})  # fmt: skip
+        paths[p.graph] = engine
+    return paths
+
+
+def test_a_head_engine_finds_its_sibling_engines_from_the_sidecars(exported, tmp_path):
+    from edgebc.backends.tensorrt.sidecar import engine_siblings, sidecar_path
+
+    _, out, _ = exported
+    engines = _write_planned_engines(out, tmp_path / "set")
+    assert engine_siblings(engines[HEAD]) == engines
+    # what `serve` and `classify` read to know a fusion model: the engines' layout, no TensorRT
+    layout = read_layout(engines[HEAD])
+    assert layout is not None and layout.graph == HEAD
+    assert {g: layout.files[g] for g in engines} == {g: p.name for g, p in engines.items()}
+    assert read_layout(engines["us"]).for_graph(HEAD) == layout
+    assert engine_siblings(engines["us"]) == engines  # any graph's engine finds the others
+    # an engine of another export (the INT8 set's) in place of a sibling is refused
+    other = _write_planned_engines(out, tmp_path / "int8", "int8", "fusion.int8.onnx")
+    engines["mg"].write_bytes(other["mg"].read_bytes())
+    sidecar_path(engines["mg"]).write_text(sidecar_path(other["mg"]).read_text())
+    with pytest.raises(
+        EdgebcError,
+        match=re.escape("fusion.fp16.mg.engine: is not the mg engine of the same export"),
+    ):
+        engine_siblings(engines[HEAD])
+    sidecar_path(engines["mg"]).unlink()
+    with pytest.raises(
+        EdgebcError, match=r"the mg engine of fusion.fp16.engine \(or its sidecar\) is missing"
+    ):
+        engine_siblings(engines[HEAD])
+    # a single model's engine is no fusion export's
+    single = tmp_path / "single.engine"
+    single.write_bytes(b"x")
+    (tmp_path / "single.engine.json").write_text(
+        json.dumps({"card": read_card(out / "fusion.onnx").to_json()})
+    )
+    with pytest.raises(EdgebcError, match="not an engine of an exported fusion model"):
+        engine_siblings(single)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed"
+)
+def test_fusion_engines_without_tensorrt_are_refused_with_the_install_command(
+    exported, tmp_path, capsys
+):
+    """Exporting engines is refused before anything is written; opening them names the install."""
+    from edgebc.errors import MissingDependencyError
+
+    root, out, _ = exported
+    checkpoint = str(root / "runs" / "fusion-phantoms" / "best.pt")
+    for precision in ("fp16", "int8"):
+        target = tmp_path / precision
+        assert main(["export", checkpoint, "--out", str(target), "--tensorrt", precision]) != 0
+        assert "pip install 'edgebc[tensorrt]'" in capsys.readouterr().err
+        assert not target.exists()
+    engines = _write_planned_engines(out, tmp_path / "set")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgebc\[tensorrt\]'"):
+        FusionClassifier.open(engines[HEAD])
+    engines["us"].unlink()  # a missing sibling is found before TensorRT is needed
+    with pytest.raises(EdgebcError, match=re.escape("the us engine of fusion.fp16.engine")):
+        FusionClassifier.open(engines[HEAD])
+
+
 @pytest.mark.tensorrt
+@pytest.mark.gpu
 def test_tensorrt_builds_an_engine_per_fusion_graph_with_a_profile_per_input(exported, tmp_path):
     import tensorrt as trt
 
@@ -285,8 +473,8 @@ def test_tensorrt_builds_an_engine_per_fusion_graph_with_a_profile_per_input(exp
     _, out, _ = exported
     engines = build_fusion_engines(out / "fusion.int8.onnx", tmp_path, "int8")
     assert {g: p.name for g, p in engines.items()} == {
-        "us": "fusion.int8.us.int8.engine", "mg": "fusion.int8.mg.int8.engine",
-        HEAD: "fusion.int8.fp16.engine"}  # fmt: skip
+        "us": "fusion.int8.us.engine", "mg": "fusion.int8.mg.engine",
+        HEAD: "fusion.int8.engine"}  # fmt: skip
     card = read_card(out / "fusion.onnx")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     for graph, path in engines.items():
@@ -298,3 +486,39 @@ def test_tensorrt_builds_an_engine_per_fusion_graph_with_a_profile_per_input(exp
         assert set(inputs) == set(expected)
         for name in inputs:
             assert tuple(map(tuple, engine.get_tensor_profile_shape(name, 0))) == expected[name]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_fusion_export_matches_onnx_per_pattern_and_runs_the_classifier(
+    exported, tmp_path
+):
+    """`edgebc export --tensorrt fp16`: engines per graph in the manifest, their parity against
+    the ONNX graphs with every presence pattern, and FusionClassifier on the head engine deciding
+    as on the ONNX head (a batch larger than the profile's runs in pieces)."""
+    root, _, _ = exported
+    checkpoint = str(root / "runs" / "fusion-phantoms" / "best.pt")
+    target = tmp_path / "trt"
+    assert main(["export", checkpoint, "--out", str(target), "--name", "fusion",
+                 "--tensorrt", "fp16"]) == 0  # fmt: skip
+    report = json.loads((target / "export.json").read_text())["tensorrt"]
+    assert report["engines"] == {"us": "fusion.fp16.us.engine", "mg": "fusion.fp16.mg.engine",
+                                 HEAD: "fusion.fp16.engine"}  # fmt: skip
+    parity = report["fusion_parity_vs_onnx"]
+    assert set(parity["end_to_end"]) == {"us+mg", "us", "mg"} and report["within_tolerance"]
+    assert all(p["decision_agreement"] == 1.0 for p in parity["end_to_end"].values())
+    manifest = read_manifest(target)
+    assert all(e in manifest and f"{e}.json" in manifest for e in report["engines"].values())
+    test = _cases(root / "split.csv", "test")
+    frames = [next(iter(iter_frames([s.path]))).image for c in test.values() for s in c
+              if s.modality == "us"][:12]  # fmt: skip
+    onnx_model, engine_model = (FusionClassifier.open(target / "fusion.onnx"),
+                                FusionClassifier.open(target / "fusion.fp16.engine"))  # fmt: skip
+    try:
+        assert engine_model.graphs[HEAD].name == "tensorrt:fp16"
+        a = [d.decision.positive_probability for d in onnx_model.classify_batch(frames)]
+        b = [d.decision.positive_probability for d in engine_model.classify_batch(frames)]
+        np.testing.assert_allclose(np.array(a, float), np.array(b, float), atol=0.02)
+    finally:
+        onnx_model.close()
+        engine_model.close()

@@ -1,8 +1,13 @@
 """Native TensorRT backend for `.engine` files (TensorRT 10 API, cuda-python for memory).
 
 The sidecar is checked before TensorRT sees the engine: one built for another GPU or TensorRT
-version is refused with a message that says to rebuild it on this device. Device buffers are
-allocated once for the largest batch and reused for every frame.
+version is refused with a message that says to rebuild it on this device. Every named input and
+output gets a device buffer once, sized for the profile's largest batch (edgebc.backends.tensorrt
+.io_plan), reused for every frame. A one-input model runs by `run(batch)` as before; a graph of an
+exported fusion model (a branch, or the head: its sidecar carries the fusion layout) and a
+multi-view model run by `run_named` with every input by name, and give every output by name (the
+head its logits and fused features, a branch its embedding). A batch larger than the profile's is
+run in pieces by `run_named`; `run` refuses it, as it always did.
 """
 
 from __future__ import annotations
@@ -14,8 +19,15 @@ from typing import Any
 import numpy as np
 
 from edgebc.backends import validate_batch, validate_feeds
-from edgebc.backends.tensorrt.sidecar import check_engine_compatible, gpu_identity, read_sidecar
+from edgebc.backends.tensorrt.io_plan import TensorSpec, plan_io
+from edgebc.backends.tensorrt.sidecar import (
+    check_engine_compatible,
+    gpu_identity,
+    read_sidecar,
+    sidecar_layout,
+)
 from edgebc.errors import EdgebcError
+from edgebc.fusion_graphs import HEAD, FusionLayout, view_presence_name
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
@@ -27,6 +39,7 @@ class TensorRTBackend:
         self._cudart = require(
             "cuda.bindings.runtime", "TensorRT .engine models (pip install cuda-python)"
         )
+        path = Path(path)
         sidecar = read_sidecar(path)
         check_engine_compatible(sidecar, trt.__version__, gpu_identity())
         self.model_sha256 = verify_artifact(path) or sha256_file(path)
@@ -35,82 +48,134 @@ class TensorRTBackend:
                 f"{path}: engine bytes differ from those its sidecar recorded; rebuild or recopy it"
             )
         self.card = ModelCard.from_json(sidecar["card"], source=f"{path}: sidecar card")
-        if len(self.card.inputs) != 1:
-            raise EdgebcError(
-                f"{path}: native TensorRT runs one-input models here; run this "
-                f"{len(self.card.inputs)}-input model's ONNX file with ONNX Runtime"
-            )
+        self.fusion: FusionLayout | None = sidecar_layout(sidecar, str(path))
+        declared = graph_inputs(self.card, self.fusion)
+        # the outputs run_named returns: a fusion graph's own (its layout's), else the card's
+        # logits only (a single model's features go unread, and the classifier's shift check
+        # says it is off for want of them, as before)
+        self.outputs: tuple[str, ...] = (
+            tuple(self.fusion.outputs_of(self.fusion.graph, self.card))
+            if self.fusion is not None
+            else (self.card.output_name,)
+        )
         self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             path.read_bytes()
         )
         if self._engine is None:
             raise EdgebcError(f"{path}: TensorRT could not deserialize this engine")
         self._context = self._engine.create_execution_context()
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._input = next(
-            n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
-        )
-        self._output = next(
-            n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
-        )
-        self._max_batch = int(sidecar.get("batch", [1, 1, 1])[-1])
-        self._in_bytes = self._max_batch * int(np.prod(self.card.input_shape)) * 4
-        self._out_bytes = self._max_batch * len(self.card.class_names) * 4
-        self._in_ptr, self._out_ptr = self._malloc(self._in_bytes), self._malloc(self._out_bytes)
+        self._plan = plan_io(engine_tensors(trt, self._engine), declared, self.outputs, str(path))
+        self._pointers: dict[str, Any] = {}
         err, self._stream = self._cudart.cudaStreamCreate()
         self._check(err)
+        for name, size in self._plan.buffer_bytes().items():
+            self._pointers[name] = self._malloc(size)
+            self._context.set_tensor_address(name, self._pointers[name])
         self.name = f"tensorrt:{sidecar.get('precision')}"
-        # the engine's first output only (the logits): a features output goes unread, and the
-        # classifier's shift check says it is off for want of it
-        self.outputs = (self.card.output_name,)
-        zeros = np.zeros((1, *self.card.input_shape), np.float32)
         for _ in range(warmup):
-            self.run(zeros)
+            self._execute(warmup_feeds(self.card, self.fusion, declared))
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch one engine run takes (the profile's)."""
+        return self._plan.max_batch
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = validate_batch(batch, self.card)
-        if batch.shape[0] > self._max_batch:
-            raise ValueError(
-                f"this engine was built for batches up to {self._max_batch}, got {batch.shape[0]}"
+        if len(self._plan.inputs) != 1 or self.fusion is not None:
+            raise EdgebcError(
+                f"model {self.card.name} takes the inputs {', '.join(self._plan.inputs)}; "
+                "run it with run_named"
             )
-        cudart = self._cudart
-        self._context.set_input_shape(self._input, batch.shape)
-        out = np.empty((batch.shape[0], len(self.card.class_names)), np.float32)
-        kind = cudart.cudaMemcpyKind
-        self._check(
-            cudart.cudaMemcpyAsync(
-                self._in_ptr,
-                batch.ctypes.data,
-                batch.nbytes,
-                kind.cudaMemcpyHostToDevice,
-                self._stream,
-            )[0]
-        )
-        self._context.set_tensor_address(self._input, self._in_ptr)
-        self._context.set_tensor_address(self._output, self._out_ptr)
-        if not self._context.execute_async_v3(self._stream):
-            raise EdgebcError("TensorRT inference failed")
-        self._check(
-            cudart.cudaMemcpyAsync(
-                out.ctypes.data,
-                self._out_ptr,
-                out.nbytes,
-                kind.cudaMemcpyDeviceToHost,
-                self._stream,
-            )[0]
-        )
-        self._check(cudart.cudaStreamSynchronize(self._stream)[0])
-        return out
+        batch = validate_batch(batch, self.card)
+        if batch.shape[0] > self._plan.max_batch:
+            raise ValueError(
+                f"this engine was built for batches up to {self._plan.max_batch}, got {batch.shape[0]}"
+            )
+        return self._execute({self.card.input_name: batch})[self.card.output_name]
 
     def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The one input by name (engines are built for one-input models here)."""
-        checked = validate_feeds(feeds, self.card)
-        return {self.card.output_name: self.run(checked[self.card.input_name])}
+        """Every output by name for every input by name (checked as ONNX Runtime checks them)."""
+        return self._execute(self._checked(feeds))
+
+    def _checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from edgebc.backends.onnxruntime import (
+            validate_fusion_presence,
+            validate_vectors,
+            validate_view_presence,
+        )
+
+        card, layout = self.card, self.fusion
+        if layout is None:
+            presence = card.presence_input
+            checked = validate_feeds({k: v for k, v in feeds.items() if k != presence}, card)
+            if presence is not None:
+                from edgebc.cases import validate_presence
+
+                if presence not in feeds:
+                    raise ValueError(f"model {card.name} needs {presence}: which views are there")
+                rows = len(next(iter(checked.values())))
+                checked[presence] = validate_presence(feeds[presence], card, rows)
+            return checked
+        declared = layout.inputs_of(layout.graph, card)
+        names = [name for name, _ in declared]
+        if sorted(feeds) != sorted(names):
+            raise ValueError(
+                f"the {layout.graph} graph of fusion model {card.name} takes {', '.join(names)}; "
+                f"got {', '.join(sorted(feeds)) or 'nothing'}"
+            )
+        views = view_presence_name(layout.graph) if len(layout.branches.get(layout.graph, ())) > 1 else None  # fmt: skip
+        checked = {}
+        for name, shape in declared:
+            if layout.graph != HEAD and name != views:
+                from edgebc.backends import validate_input
+
+                model_input = next(i for i in card.inputs if i.name == name)
+                checked[name] = validate_input(feeds[name], model_input, card.max_batch)
+            else:
+                checked[name] = validate_vectors(feeds[name], name, shape, card.max_batch)
+        if len({len(v) for v in checked.values()}) != 1:
+            sizes = {n: len(v) for n, v in checked.items()}
+            raise ValueError(f"every input needs the same batch size, got {sizes}")
+        if views is not None:
+            validate_view_presence(checked[views], views)
+        if layout.graph == HEAD:
+            validate_fusion_presence(checked[layout.presence], layout, card)
+        return checked
+
+    def _execute(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run checked, C-contiguous float32 feeds in pieces of the profile's largest batch."""
+        if self._context is None:
+            raise EdgebcError("this backend was closed")
+        cudart, plan = self._cudart, self._plan
+        rows = len(next(iter(feeds.values())))
+        out = {n: np.empty(s, np.float32) for n, s in plan.output_shapes(rows).items()}
+        to_device, to_host = (cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)  # fmt: skip
+        for part in plan.runs(rows):
+            count = part.stop - part.start
+            for name, shape in plan.input_shapes(count).items():
+                if not self._context.set_input_shape(name, shape):
+                    raise EdgebcError(f"TensorRT refused the shape {shape} for input {name}")
+                piece = np.ascontiguousarray(feeds[name][part], np.float32)
+                self._check(cudart.cudaMemcpyAsync(self._pointers[name], piece.ctypes.data,
+                                                   piece.nbytes, to_device, self._stream)[0])  # fmt: skip
+            if not self._context.execute_async_v3(self._stream):
+                raise EdgebcError("TensorRT inference failed")
+            for name, array in out.items():
+                target = array[part]  # rows of a C-contiguous array: one contiguous block
+                self._check(cudart.cudaMemcpyAsync(target.ctypes.data, self._pointers[name],
+                                                   target.nbytes, to_host, self._stream)[0])  # fmt: skip
+            # shapes are set again for the next piece: wait until this one has run
+            self._check(cudart.cudaStreamSynchronize(self._stream)[0])
+        return out
 
     def close(self) -> None:
-        for pointer in (self._in_ptr, self._out_ptr):
+        if self._context is None:
+            return
+        for pointer in self._pointers.values():
             self._cudart.cudaFree(pointer)
         self._cudart.cudaStreamDestroy(self._stream)
+        self._pointers, self._context = {}, None
 
     def _malloc(self, size: int) -> Any:
         err, pointer = self._cudart.cudaMalloc(size)
@@ -120,6 +185,43 @@ class TensorRTBackend:
     def _check(self, err: Any) -> None:
         if err != self._cudart.cudaError_t.cudaSuccess:
             raise EdgebcError(f"CUDA error {err}")
+
+
+def graph_inputs(card: ModelCard, layout: FusionLayout | None) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape without the batch) of every input an engine of this card (or fusion graph)
+    takes: the layout's for a fusion graph, else the card's inputs and presence input."""
+    if layout is not None:
+        layout.check_card(card)
+        return layout.inputs_of(layout.graph, card)
+    declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in card.inputs]
+    if card.presence_input is not None:
+        declared.append((card.presence_input, (len(card.inputs),)))
+    return declared
+
+
+def warmup_feeds(card: ModelCard, layout: FusionLayout | None,
+                 declared: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:  # fmt: skip
+    """One row of zeros per input, every presence input all present (what warms an engine up)."""
+    feeds = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
+    if layout is None and card.presence_input is not None:
+        feeds[card.presence_input][:] = 1.0
+    elif layout is not None and layout.graph == HEAD:
+        feeds[layout.presence][:] = 1.0
+    elif layout is not None and len(layout.branches[layout.graph]) > 1:
+        feeds[view_presence_name(layout.graph)][:] = 1.0
+    return feeds
+
+
+def engine_tensors(trt: Any, engine: Any) -> list[TensorSpec]:
+    """Every I/O tensor of a deserialized engine, with each input's profile-0 batch limit."""
+    specs = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        limit = int(engine.get_tensor_profile_shape(name, 0)[2][0]) if is_input else None
+        specs.append(TensorSpec(name, is_input, tuple(int(d) for d in engine.get_tensor_shape(name)),
+                                np.dtype(trt.nptype(engine.get_tensor_dtype(name))), limit))  # fmt: skip
+    return specs
 
 
 def run_engine(engine_path: str | Path, inputs: np.ndarray) -> np.ndarray:

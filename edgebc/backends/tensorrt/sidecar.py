@@ -3,7 +3,9 @@
 An engine is tied to the TensorRT version and the GPU (compute capability) it was built on;
 loading one elsewhere fails inside TensorRT with "version tag does not match" or worse. The
 sidecar JSON beside `model.engine` records both, plus the model card, so the runtime can refuse
-with a message that says what to do (rebuild on this device) before TensorRT is even asked.
+with a message that says what to do (rebuild on this device) before TensorRT is even asked. An
+engine of a fusion graph also carries the fusion layout (edgebc.fusion_graphs) with the engines
+as its files, so the device finds a fusion export's other engines beside the one it is given.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
+from edgebc.fusion_graphs import FUSION_KEY, FusionLayout
 from edgebc.sysinfo import nvidia_smi
 
 
@@ -75,3 +78,42 @@ def check_engine_compatible(
             f"engine was built for {built.get('name')} (compute capability {built.get('compute_capability')}) "
             f"but this GPU is {gpu.get('name')} ({gpu.get('compute_capability')}); {rebuild}"
         )
+
+
+def sidecar_layout(sidecar: dict[str, Any], source: str) -> FusionLayout | None:
+    """The fusion layout an engine of a fusion graph carries (its files the engines), or None."""
+    entry = sidecar.get(FUSION_KEY)
+    if entry is None:
+        return None
+    return FusionLayout.from_json(json.dumps(entry), f"{source}: sidecar {FUSION_KEY}")
+
+
+def engine_siblings(engine: str | Path) -> dict[str, Path]:
+    """Every engine of the fusion export that `engine` (any of its graphs) belongs to, by graph,
+    found from the sidecars alone (before TensorRT or CUDA is touched): each must be there with
+    a sidecar naming the same layout, or the message says which and how to build them."""
+    engine = Path(engine)
+    layout = sidecar_layout(read_sidecar(engine), str(engine))
+    if layout is None:
+        raise EdgebcError(
+            f"{engine}: not an engine of an exported fusion model (its sidecar has no "
+            f"{FUSION_KEY} layout); build a fusion model's engines with "
+            "`edgebc export CHECKPOINT --tensorrt fp16`"
+        )
+    found = {}
+    for graph, file in layout.files.items():
+        sibling = engine.parent / file
+        if not sibling.is_file() or not sidecar_path(sibling).is_file():
+            raise EdgebcError(
+                f"{sibling}: the {graph} engine of {engine.name} (or its sidecar) is missing; "
+                "copy the export folder whole, or build every graph's engine on this device "
+                "with `edgebc export CHECKPOINT --tensorrt fp16`"
+            )
+        other = sidecar_layout(read_sidecar(sibling), str(sibling))
+        if other is None or other.for_graph(graph) != layout.for_graph(graph):
+            raise EdgebcError(
+                f"{sibling}: is not the {graph} engine of the same export as {engine.name}; "
+                "copy the export folder whole"
+            )
+        found[graph] = sibling
+    return found
