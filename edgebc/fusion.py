@@ -43,6 +43,7 @@ from edgebc.decode import DicomStudy, ImageView
 from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.fusion_graphs import HEAD, FusionLayout, embedding_name, is_fusion, view_presence_name
+from edgebc.integrity import MANIFEST_NAME, read_manifest
 from edgebc.metrics import softmax
 from edgebc.model_card import ModelInput
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
@@ -255,6 +256,15 @@ def open_fusion_graphs(
             f"{path}: not a graph of an exported fusion model (its card has "
             f"{len(first.card.inputs)} input(s) and no fusion layout); export a fusion checkpoint "
             "with `edgebc export`"
+        )
+    listed = read_manifest(path.parent) if (path.parent / MANIFEST_NAME).exists() else None
+    unlisted = [f for f in layout.files.values() if listed is not None and f not in listed]
+    if unlisted:
+        first.close()
+        raise EdgebcError(
+            f"{path}: {', '.join(sorted(unlisted))} not listed in {MANIFEST_NAME} beside it: "
+            "a file the last export there did not write (an earlier export's, left behind); "
+            "export again into an empty folder, or name a graph the manifest lists"
         )
     graphs: dict[str, Backend] = {}
     for graph, file in layout.files.items():

@@ -208,6 +208,14 @@ def quantize_fusion(
                     sensitive[b] = node_sqnr(prepared[b], candidate[b], first)
             embedded = {b: _embed(candidate[b], b, rows[b][0]) for b in layout.order}
             patterns = _patterns(fp32[HEAD], layout, card, check, rows, reference, embedded, plan)
+            missing = {k: p["n"] for k, p in patterns.items() if "missing" in p}
+            if missing:  # no exclusion of nodes can make up for cases the check set lacks
+                raise EdgebcError(
+                    f"{head_path}: the check set cannot judge INT8 with inputs {sorted(missing)} "
+                    f"(instances: {missing}): it holds no cases of both classes with them, so "
+                    "that path would ship unchecked; check on paired cases of both classes (no "
+                    "INT8 graph written, keep FP32)"
+                )
             met = all(p["budget_met"] for p in patterns.values())
             attempts.append({"excluded": {b: len(v) for b, v in excluded.items()},
                              **{k: p["agreement"] for k, p in patterns.items()}, "budget_met": met})  # fmt: skip
@@ -278,9 +286,15 @@ def _patterns(head: Path, layout: FusionLayout, card: ModelCard, cases: Sequence
     for present in [tuple(layout.order), *((b,) for b in layout.order)]:
         first = frame if frame in present else present[0]
         keys = [k for k in rows[first][1] if all(key_in(b, k) in index[b] for b in present)]
-        if not keys:
-            continue
         labels = card.task.encode([cases[c].label for c, _ in keys])
+        if len(set(labels.tolist())) < 2:
+            # a pattern the device will meet and the check set cannot speak for is not passed
+            # unseen: an unpaired check set would otherwise never compare the fused path
+            out["+".join(present)] = {
+                "n": len(keys), "budget_met": False,
+                "missing": "the check set holds no cases of both classes with these inputs",
+            }  # fmt: skip
+            continue
         picked = {b: [index[b][key_in(b, k)] for k in keys] for b in present}
         mask = np.array([[b in present for b in layout.order]] * len(keys), np.float32)
         logits = [

@@ -5,6 +5,7 @@ every input) and its TensorRT optimisation profiles (one per named input of each
 import importlib.util
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,6 +125,20 @@ def test_the_runtime_runs_the_int8_variant_when_its_file_is_named(exported):
         int8.close()
 
 
+def test_an_int8_variant_its_folder_manifest_does_not_list_is_refused(exported, tmp_path):
+    """A later export into the same folder that wrote no INT8 (refused, or not asked) leaves the
+    earlier INT8 files behind, unlisted: naming them must not run the earlier model."""
+    _, out, _ = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    manifest = copy / "MANIFEST.sha256"
+    manifest.write_text("".join(line for line in manifest.read_text().splitlines(keepends=True)
+                                if ".int8." not in line))  # fmt: skip
+    with pytest.raises(EdgebcError, match=r"fusion\.int8\.mg\.onnx, .* not listed in MANIFEST"):
+        FusionClassifier.open(copy / "fusion.int8.onnx")
+    FusionClassifier.open(copy / "fusion.onnx").close()  # the listed FP32 graphs still open
+
+
 def test_int8_that_breaks_the_decision_budget_is_refused_and_writes_nothing(exported, tmp_path):
     root, out, _ = exported
     card = read_card(out / "fusion.onnx")
@@ -132,6 +147,19 @@ def test_int8_that_breaks_the_decision_budget_is_refused_and_writes_nothing(expo
     impossible = QuantPlan(min_agreement=1.01, max_excluded_nodes=0)  # no agreement reaches it
     with pytest.raises(EdgebcError, match="break the decision budget"):
         quantize_fusion(out / "fusion.onnx", tmp_path, "fusion", calibration, check, impossible)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_checked_on_unpaired_cases_is_refused_the_fused_path_unjudged(exported, tmp_path):
+    root, out, _ = exported
+    card = read_card(out / "fusion.onnx")
+    calibration = read_cases(root / "split.csv", "calibration", card, 8)
+    # each case split in two: its ultrasound alone and its mammograms alone (an unpaired set):
+    # every branch is checked alone, and the path every fused decision takes never would be
+    unpaired = [part for case in read_cases(root / "split.csv", "test", card, 8) for part in (
+        replace(case, mammograms={}), replace(case, ultrasound=()))]  # fmt: skip
+    with pytest.raises(EdgebcError, match=r"cannot judge INT8 with inputs \['us\+mg'\]"):
+        quantize_fusion(out / "fusion.onnx", tmp_path, "fusion", calibration, unpaired)
     assert list(tmp_path.iterdir()) == []
 
 
