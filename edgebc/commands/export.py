@@ -83,7 +83,7 @@ def register_export(commands: argparse._SubParsersAction) -> None:
         "--tensorrt",
         choices=("fp16", "int8"),
         default=None,
-        help="also build a TensorRT engine (on the target device)",
+        help="also build TensorRT engines (one per graph for a fusion model) on the target device",
     )
     export.add_argument(
         "--triton", action="store_true", help="also write a Triton model repository"
