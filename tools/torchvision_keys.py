@@ -1,17 +1,27 @@
 """Write tests/data/torchvision_keys.json: torchvision's state_dict keys and shapes per architecture.
 
-Run once where torchvision imports (a throwaway virtual environment with the CUDA build of torch
-and torchvision runs it on a CPU); the test suite then holds edgebc's own definitions to it
-without torchvision. Usage: python tools/torchvision_keys.py [OUT.json]
+Run once where torchvision's Python files import (a throwaway virtual environment with the CUDA
+build of torch and torchvision runs it on a CPU; so does the torchvision wheel unpacked onto
+PYTHONPATH beside the project's CPU torch, see below); the test suite then holds edgebc's own
+definitions to it without torchvision. Usage: python tools/torchvision_keys.py [OUT.json]
 """
 
 import json
 import sys
+import types
 
-import torchvision
+# torchvision registers fake kernels for its compiled detection ops (nms, roi_align) on import;
+# with a torch its compiled library was not built for, those ops do not exist and the import
+# fails. The classification models never use them, so that registration is skipped.
+sys.modules.setdefault(
+    "torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations")
+)
+
+import torchvision  # noqa: E402
 
 NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
-         "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "resnet18", "resnet50", "densenet121"]  # fmt: skip
+         "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "resnet18", "resnet50", "densenet121",
+         "resnext50_32x4d", "vgg16", "vgg16_bn"]  # fmt: skip
 
 
 def main() -> None:
