@@ -21,14 +21,16 @@ import torchvision  # noqa: E402
 
 NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
          "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "resnet18", "resnet50", "densenet121",
-         "resnext50_32x4d", "vgg16", "vgg16_bn"]  # fmt: skip
+         "resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet"]  # fmt: skip
+# edgebc's GoogLeNet has no auxiliary classifiers (they only add training loss terms)
+OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 
 
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else "tests/data/torchvision_keys.json"
     table = {"torchvision": torchvision.__version__, "models": {}}
     for name in NAMES:
-        model = getattr(torchvision.models, name)(weights=None)
+        model = getattr(torchvision.models, name)(weights=None, **OPTIONS.get(name, {}))
         table["models"][name] = [[k, list(v.shape)] for k, v in model.state_dict().items()]
     with open(out, "w") as handle:
         json.dump(table, handle, indent=0)

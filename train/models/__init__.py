@@ -6,6 +6,7 @@ Importing this package registers every architecture; `create_model(name, ...)` b
 from edgebc.train.models import (  # noqa: F401
     cnn17,
     densenet,
+    googlenet,
     mobilenetv3,
     resnet,
     shufflenetv2,
