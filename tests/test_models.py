@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
@@ -24,7 +25,7 @@ def test_state_dict_keys_and_shapes_match_torchvision(name):
 
 
 def test_every_edge_and_baseline_architecture_is_registered():
-    assert set(TORCHVISION["models"]) | {"simple_cnn"} == set(list_models())
+    assert set(TORCHVISION["models"]) | {"simple_cnn", "cnn17"} == set(list_models())
     assert set(list_models("edge")) == {
         n for n in TORCHVISION["models"] if n.startswith(("mobilenet", "shufflenet"))
     }
@@ -38,6 +39,72 @@ def test_forward_gives_one_logit_per_class(name, channels):
     model = create_model(name, num_classes=3, in_channels=channels).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, channels, 64, 64)).shape == (2, 3)
+
+
+# The architectures the paper comparisons add; narrow (width 0.25) and at 32 pixels, the smallest
+# input their five (cnn17: three) halvings leave a grid for, so the heavy ones stay quick. Their
+# ONNX export and its parity with torch are proven at full width by the slow
+# test_export.py::test_every_architecture_exports_with_parity, which takes every registered name.
+COMPARISON = ["resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet", "cnn17"]
+
+
+@pytest.mark.parametrize("name", COMPARISON)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_comparison_architectures_classify_and_show_grad_cam(name, channels, classes):
+    from edgebc.train.gradcam import grad_cam
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=classes, in_channels=channels, width_mult=0.25).eval()
+    spec = model_spec(name)
+    assert spec.family == "baseline"
+    assert model.get_submodule(spec.first_conv).in_channels == channels
+    assert model.get_submodule(spec.classifier).out_features == classes
+    with torch.no_grad():
+        assert model(torch.rand(2, channels, 32, 32)).shape == (2, classes)
+    image = torch.rand(channels, 96, 96)  # a grid of 3x3 or more at the CAM layer
+    # BatchNorm's statistics from one batch (momentum None: their plain average), so an untrained
+    # net's activations do not vanish in eval mode (GoogLeNet's 0.01-std init leaves ~1e-15)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.momentum = None
+    with torch.no_grad():
+        model.train()(torch.rand(8, channels, 96, 96))
+    model.eval()
+    layer = model.get_submodule(spec.cam_layer)
+    heats = np.stack([grad_cam(model, layer, image, target) for target in range(classes)])
+    assert heats.shape == (classes, 96, 96) and heats.min() >= 0 and heats.max() <= 1
+    # an untrained net's evidence for one class may be nowhere positive, not for every class
+    assert max(heat.max() for heat in heats) == pytest.approx(1.0)
+
+
+def test_resnext_splits_its_three_by_three_into_32_paths():
+    block = create_model("resnext50_32x4d").layer1[0]
+    assert block.conv2.groups == 32 and tuple(block.conv2.weight.shape) == (128, 4, 3, 3)
+    assert create_model("resnet50").layer1[0].conv2.groups == 1  # plain ResNet unchanged
+
+
+def test_googlenet_has_no_auxiliary_classifiers_and_runs_its_stages_in_order():
+    model = create_model("googlenet", num_classes=2, width_mult=0.25)
+    assert not any(key.startswith(("aux1.", "aux2.")) for key in model.state_dict())
+    assert model.stages == ["inception3a", "inception3b", "maxpool3", "inception4a",
+                            "inception4b", "inception4c", "inception4d", "inception4e",
+                            "maxpool4", "inception5a", "inception5b"]  # fmt: skip
+    assert model.fc.in_features == 1024 // 4
+
+
+def test_cnn17_has_the_seventeen_layers_its_docstring_tables():
+    model = create_model("cnn17", num_classes=2)
+    layers = [*model.features, model.classifier]
+    kinds = [type(layer).__name__ for layer in layers]
+    assert len(layers) == 17
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 3 + [
+        "Conv2d", "BatchNorm2d", "ReLU", "AdaptiveAvgPool2d", "Linear"
+    ]  # fmt: skip
+    assert [layer.out_channels for layer in layers if isinstance(layer, torch.nn.Conv2d)] == [
+        32, 64, 128, 256
+    ]  # fmt: skip
+    with torch.no_grad():  # any input size: the last pooling is global
+        assert model(torch.rand(1, 1, 512, 320)).shape == (1, 2)
 
 
 def test_width_multiplier_changes_mobilenet_width():

@@ -1,4 +1,5 @@
-"""ResNet-18 and ResNet-50 reference baselines (He et al. 2016), module names as in torchvision."""
+"""ResNet-18, ResNet-50 (He et al. 2016) and ResNeXt-50 32x4d (Xie et al. 2017) reference
+baselines, module names as in torchvision."""
 
 from __future__ import annotations
 
@@ -30,17 +31,26 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1; ResNeXt splits the 3x3 into `groups` paths of `base_width`/64 the width."""
+
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = max(1, int(planes * (base_width / 64.0))) * groups  # narrow test models keep a path
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -60,8 +70,12 @@ class ResNet(nn.Module):
         num_classes: int,
         in_channels: int,
         width: int,
+        groups: int = 1,
+        width_per_group: int = 64,
     ) -> None:
         super().__init__()
+        # ResNeXt's cardinality and path width; plain ResNets have one 64-wide path
+        self.block_options = {"groups": groups, "base_width": width_per_group} if groups > 1 else {}
         self.inplanes = width
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -89,9 +103,10 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        options = self.block_options
+        layers = [block(self.inplanes, planes, stride, downsample, **options)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **options) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +115,15 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _builder(block: type[BasicBlock] | type[Bottleneck], layers: list[int]):  # type: ignore[no-untyped-def]
+def _builder(  # type: ignore[no-untyped-def]
+    block: type[BasicBlock] | type[Bottleneck],
+    layers: list[int],
+    groups: int = 1,
+    per_group: int = 64,
+):
     def build(num_classes: int, in_channels: int, width_mult: float, dropout: float) -> ResNet:
-        return ResNet(block, layers, num_classes, in_channels, max(8, round(64 * width_mult)))
+        width = max(8, round(64 * width_mult))
+        return ResNet(block, layers, num_classes, in_channels, width, groups, per_group)
 
     return build
 
@@ -127,5 +148,16 @@ register_model(
         "layer4",
         "baseline",
         "resnet50",
+    )
+)
+register_model(
+    ModelSpec(
+        "resnext50_32x4d",
+        _builder(Bottleneck, [3, 4, 6, 3], groups=32, per_group=4),
+        "fc",
+        "conv1",
+        "layer4",
+        "baseline",
+        "resnext50_32x4d",
     )
 )
