@@ -246,8 +246,12 @@ def test_export_cli_writes_every_artifact_and_the_manifest(phantoms, tmp_path, c
     assert "INT8 vs FP32" in capsys.readouterr().out
 
 
+# vgg16 is vgg16_bn without its BatchNorm layers: the BN variant exports every op it has, and
+# each VGG costs over a minute of CI at full width
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [name for name in list_models() if name != "simple_cnn"])
+@pytest.mark.parametrize(
+    "arch", [name for name in list_models() if name not in ("simple_cnn", "vgg16")]
+)
 def test_every_architecture_exports_with_parity(arch, tmp_path):
     _, card, parity = export_onnx(
         make_checkpoint(tmp_path / "c.pt", arch, 64), tmp_path / f"{arch}.onnx"
