@@ -180,6 +180,19 @@ def test_old_densenet_key_names_are_renamed(tmp_path):
     )
 
 
+def test_a_torchvision_googlenet_file_loads_without_its_auxiliary_classifiers(tmp_path):
+    source = create_model("googlenet", num_classes=1000, in_channels=3, width_mult=0.25)
+    state = dict(source.state_dict())
+    state["aux1.fc2.weight"] = torch.zeros(1000, 1024)  # as torchvision's ImageNet file holds
+    state["aux2.conv.conv.weight"] = torch.zeros(128, 528, 1, 1)
+    path = tmp_path / "googlenet.pth"
+    torch.save(state, path)
+    model = create_model("googlenet", num_classes=2, in_channels=3, width_mult=0.25)
+    report = load_torchvision_weights(model, "googlenet", path)
+    assert report["loaded_tensors"] == len(state) - 2 - len(report["reinitialised"])
+    torch.testing.assert_close(model.conv1.conv.weight, source.conv1.conv.weight)
+
+
 def test_mismatched_or_damaged_weights_are_refused_clearly(tmp_path):
     path = tmp_path / "mnv3.pth"
     torch.save(

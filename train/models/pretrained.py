@@ -5,7 +5,8 @@ Our architectures have torchvision's state_dict keys and shapes (a test holds th
 generated from torchvision itself), so a torchvision checkpoint loads directly, with three
 adaptations: grey input gets the first convolution's RGB filters summed (a grey image is R=G=B,
 so the summed filter gives the same response), the classifier is left freshly initialised for our
-classes, and old DenseNet checkpoints' `norm.1`-style keys are renamed as torchvision does.
+classes, old DenseNet checkpoints' `norm.1`-style keys are renamed as torchvision does, and
+GoogLeNet's auxiliary classifiers (`aux1.`, `aux2.`; training-time only) are left out.
 
 An edgebc checkpoint (best.pt) of the same architecture starts a model the same way: its backbone
 is kept and its head made anew. Without ImageNet weights on this machine, that is how a
@@ -53,6 +54,8 @@ def _load_state(
 ) -> dict[str, object]:
     """`state`'s backbone into `model`, its head left fresh; refused whole when it does not fit."""
     state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    if arch == "googlenet":  # torchvision's file keeps the auxiliary classifiers we never build
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     spec = model_spec(arch)
     own = model.state_dict()
     head = tuple(k for k in own if k.startswith(spec.classifier + "."))
