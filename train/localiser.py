@@ -93,6 +93,13 @@ class LocaliserNet(nn.Module):
         )
         self.presence = nn.Linear(channels, 1)
 
+    def set_bn_momentum(self, momentum: float) -> None:
+        """BatchNorm's running-statistics momentum (MobileNetV3's own is 0.01: slow to follow a
+        short run; the classifier's training sets 0.1 the same way)."""
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = momentum
+
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(presence logit (N,), grid maps (N, 5, H, W)) for training."""
         features = self.features(images)
@@ -305,6 +312,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s: %d frames (%d with a lesion) in %.0f s", split, len(splits[split].samples),
                  int(splits[split].present.sum()), time.perf_counter() - started)  # fmt: skip
     model = LocaliserNet(args.backbone, prep.channels, pretrained=args.pretrained)
+    if args.bn_momentum is not None:
+        model.set_bn_momentum(args.bn_momentum)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(args.seed)
     data = splits["train"]
@@ -337,7 +346,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         val = evaluate(model, splits["val"], 0.5)["all"]
         score = float(val["ap50"]) + float(val["mean_iou"] or 0.0)
         if best is None or score > best[0]:
