@@ -230,3 +230,28 @@ def test_a_classifier_is_refused_as_the_localiser(tmp_path):
     path = write_graph(tmp_path / "cls.onnx", classifier_card(), None, 1.0, 0.0)
     with pytest.raises(EdgebcError, match="not a lesion localiser"):
         open_localiser(path)
+
+
+def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(models, tmp_path):
+    """Two malignant frames (one whose lesion the localiser misses), two benign plain frames:
+    the whole frame calls every one benign; the crop finds and calls the visible lesion, and the
+    missed one counts against the end-to-end sensitivity, not as a guess."""
+    import cv2
+
+    from edgebc.data.records import Sample
+    from edgebc.train.localiser_eval import compare
+
+    samples = []
+    for k, (label, bright) in enumerate(
+        [("malignant", True), ("malignant", False), ("benign", False), ("benign", False)]
+    ):
+        path = tmp_path / f"f{k}.png"
+        cv2.imwrite(str(path), np.roll(lesion_frame(bright), k, axis=0))
+        samples.append(Sample(path, label, patient_id=f"p{k}", source="site"))
+    report = compare(tmp_path / "cls.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50)
+    whole, crop = report["whole_frame"]["all"], report["crop"]["all"]
+    assert whole["decided"] == 4 and whole["sensitivity_end_to_end"] == 0.0
+    assert crop["sensitivity_end_to_end"] == 0.5 and crop["positives_without_decision"] == 1
+    assert crop["no_decision"] == {"no_lesion": 3}
+    assert crop["specificity_end_to_end"] == 1.0
+    assert report["crop"]["site"]["frames"] == 4
