@@ -255,3 +255,29 @@ def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(mod
     assert crop["no_decision"] == {"no_lesion": 3}
     assert crop["specificity_end_to_end"] == 1.0
     assert report["crop"]["site"]["frames"] == 4
+
+
+def test_the_local_display_outlines_a_found_lesion_and_not_a_box_below_threshold():
+    from edgebc.serve.display import LESION, fit, render_screen, screen_layout
+
+    size = (960, 540)
+    image = np.full((200, 300), 128, np.uint8)
+    box = {"x": 150.0, "y": 60.0, "w": 60.0, "h": 60.0, "score": 0.9}
+    view = {
+        "banners": ["Research use only"], "region": None, "fps": 30.0,
+        "display": {"label": "benign", "probabilities": {"benign": 0.7, "malignant": 0.3}, "reason": None},
+        "per_frame": {"quality": "ok", "box": box},
+        "latency_ms": {}, "feed": {"source": "x", "status": "ok"}, "audit": {"healthy": True, "problem": None},
+        "model": {"name": "m", "sha256": "ab" * 32, "positive_class": "malignant", "threshold": 0.3},
+    }  # fmt: skip
+    frame = screen_layout(size, 1, 2).frame
+    x, y, scale = fit(image.shape, frame)
+    left, middle_y = x + round(150 * scale), y + round(90 * scale)
+    assert (render_screen(view, image, size)[middle_y, left] == LESION).all()
+    view["per_frame"] = {"quality": "no decision", "box": box}
+    view["display"] = {
+        "label": None,
+        "probabilities": None,
+        "reason": "no decision: no lesion found",
+    }
+    assert not (render_screen(view, image, size)[middle_y, left] == LESION).all()
