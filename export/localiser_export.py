@@ -70,12 +70,39 @@ def export_localiser(
     return out, card, parity, box_diff
 
 
+def link_classifier(
+    classifier: str | Path, localiser: str | Path, out: str | Path, margin: float = 0.15
+) -> ModelCard:
+    """A copy of the exported `classifier` at `out` whose card names `localiser` (by its path
+    relative to `out`'s folder, so the two ship side by side), so every runtime that opens it
+    localises and crops first. The graph is unchanged; the localiser must be one."""
+    import os
+    from dataclasses import replace
+
+    from edgebc.atomic import atomic_write_bytes
+    from edgebc.localiser import check_localiser_card
+    from edgebc.model_card import LocaliserLink, read_card
+
+    onnx = require("onnx", "ONNX export")
+    check_localiser_card(read_card(localiser))
+    out = Path(out)
+    named = os.path.relpath(Path(localiser).resolve(), out.parent.resolve())
+    card = replace(read_card(classifier), localiser=LocaliserLink(named, margin))
+    graph = onnx.load(str(classifier))
+    embed_card(graph, card)
+    atomic_write_bytes(out, graph.SerializeToString())
+    return card
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgebc.export.localiser_export",
                                      description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--link-classifier", nargs=2, metavar=("CLASSIFIER", "OUT"),
+                        help="also write a copy of an exported classifier whose card names this localiser")  # fmt: skip
+    parser.add_argument("--margin", type=float, default=0.15, help="crop margin in the link")
     args = parser.parse_args(argv)
     require("torch", "ONNX export").set_num_threads(1)
     try:
@@ -85,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgebcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.link_classifier:
+        link_classifier(args.link_classifier[0], path, args.link_classifier[1], args.margin)
     print(json.dumps({"model": str(path), "threshold": card.threshold,
                       "max_abs_logit_diff": parity.max_abs_logit_diff, "max_abs_box_diff": box_diff,
                       "decision_agreement": parity.decision_agreement, "n": parity.n}, indent=2))  # fmt: skip

@@ -281,3 +281,25 @@ def test_the_local_display_outlines_a_found_lesion_and_not_a_box_below_threshold
         "reason": "no decision: no lesion found",
     }
     assert not (render_screen(view, image, size)[middle_y, left] == LESION).all()
+
+
+def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(models, tmp_path):
+    from edgebc.classifier_settings import ClassifierSettings, build_classifier
+    from edgebc.export.localiser_export import link_classifier
+
+    linked = tmp_path / "shipped" / "cls.onnx"
+    linked.parent.mkdir()
+    card = link_classifier(tmp_path / "cls.onnx", tmp_path / "loc.onnx", linked, margin=0.0)
+    assert card.localiser == LocaliserLink("../loc.onnx", 0.0)
+    classifier = build_classifier(ClassifierSettings(model=str(linked), threads=1))
+    assert classifier.localiser is not None and classifier.margin == 0.0
+    assert classifier.classify(lesion_frame()).label == "malignant"  # the crop, as above
+    plain = build_classifier(ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1))
+    assert plain.localiser is None and plain.classify(lesion_frame()).label == "benign"
+    named = build_classifier(
+        ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1,
+                           localiser=str(tmp_path / "loc.onnx"), localiser_margin=0.0)
+    )  # fmt: skip
+    assert named.classify(lesion_frame()).label == "malignant"  # the serve config names it
+    with pytest.raises(EdgebcError, match="not a lesion localiser"):
+        link_classifier(tmp_path / "cls.onnx", tmp_path / "cls.onnx", tmp_path / "x.onnx")
