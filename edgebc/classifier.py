@@ -27,6 +27,7 @@ from edgebc.demo import is_demo_card
 from edgebc.errors import EdgebcError
 from edgebc.localiser import Box, Localiser, crop_box
 from edgebc.metrics import softmax
+from edgebc.model_card import DEFAULT_LOCALISER_MARGIN
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import Gate, MammographyGate, QualityGate, QualityResult, gate_for
 from edgebc.region import Region
@@ -118,10 +119,19 @@ class FrameClassifier:
         if self.card.is_localiser:
             raise EdgebcError(
                 f"model {self.card.name} is a lesion localiser, not a classifier: name it as the "
-                "classifier's localiser (serve: localiser.model)"
+                "classifier's localiser (settings: `localiser: PATH`)"
+            )
+        if (
+            localiser is not None
+            and localiser.card.inputs[0].modality != self.card.inputs[0].modality
+        ):
+            raise EdgebcError(
+                f"localiser {localiser.card.name} reads {localiser.card.inputs[0].modality} frames; "
+                f"model {self.card.name} classifies {self.card.inputs[0].modality}"
             )
         self.localiser = localiser
-        link_margin = self.card.localiser.margin if self.card.localiser is not None else 0.15
+        link = self.card.localiser
+        link_margin = link.margin if link is not None else DEFAULT_LOCALISER_MARGIN
         self.margin = link_margin if margin is None else margin
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold

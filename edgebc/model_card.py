@@ -67,6 +67,11 @@ class ModelOutput:
     )
 
 
+# the crop's margin around a localiser's box, per side, as a fraction of the box (BUSI's masks
+# hug the lesion; its margin and the tissue beside it are what a reader looks at)
+DEFAULT_LOCALISER_MARGIN = 0.15
+
+
 @dataclass(frozen=True)
 class LocaliserLink:
     """A classifier's lesion localiser: the localiser's ONNX file (relative to the classifier's
@@ -74,7 +79,7 @@ class LocaliserLink:
     the box's width and height on each side (edgebc.localiser)."""
 
     model: str
-    margin: float = 0.15
+    margin: float = DEFAULT_LOCALISER_MARGIN
 
     def __post_init__(self) -> None:
         if not self.model:
