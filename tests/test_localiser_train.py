@@ -73,7 +73,6 @@ def test_the_localiser_learns_where_phantom_lesions_are():
     assert scores[present.numpy()].min() > scores[~present.numpy()].max()
 
 
-@pytest.mark.slow  # the dynamo exporter takes half a minute or more on two shared cores
 def test_the_export_answers_as_pytorch_and_carries_a_localisers_card(tmp_path):
     from edgebc.export.localiser_export import export_localiser
     from edgebc.train.checkpoint import Checkpoint, save_checkpoint
