@@ -24,7 +24,10 @@ from edgebc.breast import BreastRefusal
 from edgebc.decision import DecisionRule
 from edgebc.decode import ImageView
 from edgebc.demo import is_demo_card
+from edgebc.errors import EdgebcError
+from edgebc.localiser import Box, Localiser, crop_box
 from edgebc.metrics import softmax
+from edgebc.model_card import DEFAULT_LOCALISER_MARGIN
 from edgebc.preprocess import preprocess_chw, to_channels, validated_image
 from edgebc.quality import Gate, MammographyGate, QualityGate, QualityResult, gate_for
 from edgebc.region import Region
@@ -45,6 +48,9 @@ class Decision:
     shift: FrameShift | None = None  # None: not checked (check off, or the frame failed the gate)
     shift_action: str | None = None  # "withdrawn" or "marked" when the frame or stream is out
     demo: bool = False  # made by the demo model (phantoms only): every answer says so
+    # where the lesion localiser found the lesion (frame pixels), when the classifier has one;
+    # with quality "no decision" and check "no_lesion" it found none above its threshold
+    box: Box | None = None
 
     @property
     def unreliable(self) -> str | None:
@@ -67,6 +73,7 @@ class Decision:
             if self.shift is None
             else {**self.shift.to_json(), "action": self.shift_action},
             "demo": self.demo,
+            "box": None if self.box is None else self.box.to_json(),
         }
 
 
@@ -85,6 +92,8 @@ class FrameClassifier:
         shift: ShiftMode = "off",
         shift_window: int = 30,
         mammography_gate: MammographyGate | None = None,
+        localiser: Localiser | None = None,
+        margin: float | None = None,
     ) -> None:
         """The model's input modality picks the gate that judges its frames: the ultrasound gate
         (`gate` when it is a QualityGate, else the defaults) or the mammography gate
@@ -92,7 +101,9 @@ class FrameClassifier:
         classifier made from another's `gate` judges as that one did. `threshold` overrides the
         card's operating threshold (a site's own validated choice); `shift` says what an
         out-of-distribution frame does (withdraw, mark, or off: no check) and `shift_window` how
-        many frames the stream verdict averages."""
+        many frames the stream verdict averages. `localiser` (edgebc.localiser) finds the lesion
+        first: the classifier then sees the lesion's box widened by `margin` (else the card's
+        link's margin) on each side, and a frame without a lesion gets no class."""
         if shift not in SHIFT_MODES:
             raise ValueError(f"shift must be one of {', '.join(SHIFT_MODES)}, got {shift!r}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -105,6 +116,23 @@ class FrameClassifier:
                         "is not for the demo)", shift)  # fmt: skip
             shift = "withdraw"
         self.card.require_one_image("a frame classifier")
+        if self.card.is_localiser:
+            raise EdgebcError(
+                f"model {self.card.name} is a lesion localiser, not a classifier: name it as the "
+                "classifier's localiser (settings: `localiser: PATH`)"
+            )
+        if (
+            localiser is not None
+            and localiser.card.inputs[0].modality != self.card.inputs[0].modality
+        ):
+            raise EdgebcError(
+                f"localiser {localiser.card.name} reads {localiser.card.inputs[0].modality} frames; "
+                f"model {self.card.name} classifies {self.card.inputs[0].modality}"
+            )
+        self.localiser = localiser
+        link = self.card.localiser
+        link_margin = link.margin if link is not None else DEFAULT_LOCALISER_MARGIN
+        self.margin = link_margin if margin is None else margin
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold
         self.region = region
@@ -142,6 +170,19 @@ class FrameClassifier:
         greys = [self._grey(c) for c in crops]
         verdicts = [self.gate.check(c, g) for c, g in zip(crops, greys, strict=True)]
         gated = clock()
+        boxes: list[Box | None] = [None] * len(frames)
+        if self.localiser is not None:
+            crops, greys = list(crops), list(greys)
+            passing_gate = [i for i, v in enumerate(verdicts) if v.ok]
+            found = self.localiser.locate([crops[i] for i in passing_gate])
+            for i, where in zip(passing_gate, found, strict=True):
+                boxes[i] = self._on_frame(where.box)
+                if not where.found:
+                    verdicts[i] = where.refusal()
+                    continue
+                x0, y0, x1, y1 = crop_box(where.box, crops[i].shape[:2], self.margin)
+                crops[i], greys[i] = crops[i][y0:y1, x0:x1], greys[i][y0:y1, x0:x1]
+        localised = clock()
         model_inputs = greys if self.card.preprocess.channels == 1 else crops
         prepared = {}
         for i in (i for i, v in enumerate(verdicts) if v.ok):
@@ -175,7 +216,7 @@ class FrameClassifier:
         for index, verdict in enumerate(verdicts):
             if not verdict.ok:
                 decisions.append(Decision(None, None, None, self.threshold, verdict,
-                                          self.backend.model_sha256, demo=self.demo))  # fmt: skip
+                                          self.backend.model_sha256, demo=self.demo, box=boxes[index]))  # fmt: skip
                 continue
             p, shift = probs[row[index]], shifts[row[index]]
             if shift is not None and shift.flagged and self.shift_mode == "withdraw":
@@ -186,15 +227,25 @@ class FrameClassifier:
             action = "marked" if shift is not None and shift.flagged else None
             decisions.append(Decision(self.rule.decide(p), dict(zip(self.card.class_names, map(float, p), strict=True)),
                                       float(p[self.rule.positive]), self.threshold, verdict, self.backend.model_sha256,
-                                      {}, shift, action, self.demo))  # fmt: skip
+                                      {}, shift, action, self.demo, boxes[index]))  # fmt: skip
         done = clock()
         per_frame = 1000.0 / max(1, len(frames))
         timings = {"crop": (cropped - start) * per_frame, "quality": (gated - cropped) * per_frame,
                    "preprocess": (preprocessed - gated) * per_frame, "inference": (inferred - preprocessed) * per_frame,
                    "postprocess": (done - checked) * per_frame}  # fmt: skip
+        if self.localiser is not None:
+            timings["localise"] = (localised - gated) * per_frame
+            timings["preprocess"] = (preprocessed - localised) * per_frame
         if self.shift is not None:
             timings["shift"] = (checked - inferred) * per_frame
         return [replace(d, timings_ms=dict(timings)) for d in decisions]
+
+    def _on_frame(self, box: Box) -> Box:
+        """A box on the region-cropped frame in the pixels of the frame as it came."""
+        if self.region is None:
+            return box
+        x, y = self.region.x, self.region.y
+        return replace(box, x0=box.x0 + x, y0=box.y0 + y, x1=box.x1 + x, y1=box.y1 + y)
 
     def _grey(self, crop: np.ndarray) -> np.ndarray:
         return to_channels(validated_image(crop), 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_MODEL
+from edgebc.localiser import linked_localiser_path, open_localiser
 from edgebc.quality import MammographyGate, QualityGate
 from edgebc.region import Region
 from edgebc.shift import SHIFT_MODES, ShiftMode
@@ -40,6 +41,11 @@ class ClassifierSettings:
     # unreliable, or do not check. Models whose card has no training statistics are not checked.
     shift: ShiftMode = "withdraw"
     shift_window: int = 30  # frames whose mean score is the stream's verdict
+    # a lesion localiser (exported .onnx) run before the classifier: localise -> crop -> classify,
+    # and "no lesion found" gives no class (edgebc.localiser). None: the one the model's card
+    # links, if any; localiser_margin overrides the card link's margin around the box
+    localiser: str | None = None
+    localiser_margin: float | None = None
 
     def __post_init__(self) -> None:
         if self.region is not None:
@@ -53,6 +59,10 @@ class ClassifierSettings:
         if self.shift_window < 1:
             raise ValueError(
                 f"shift_window is a number of frames, at least 1, got {self.shift_window}"
+            )
+        if self.localiser_margin is not None and not 0.0 <= self.localiser_margin <= 2.0:
+            raise ValueError(
+                f"localiser_margin is a fraction 0..2 of the box, got {self.localiser_margin}"
             )
         if self.threads < 0:
             raise ValueError(
@@ -75,7 +85,14 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
         settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
     )
     region = Region(*settings.region) if settings.region else None
+    localiser_path = settings.localiser or linked_localiser_path(backend.card, settings.model_path)
+    localiser = None
+    if localiser_path is not None:
+        localiser = open_localiser(localiser_path, settings.threads)
+        log.info("lesion localiser %s (threshold %.3f) crops each frame before the classifier",
+                 localiser_path, localiser.threshold)  # fmt: skip
     classifier = FrameClassifier(backend, region, settings.quality, settings.threshold,
-                                 settings.shift, settings.shift_window, settings.mammography_quality)  # fmt: skip
+                                 settings.shift, settings.shift_window, settings.mammography_quality,
+                                 localiser, settings.localiser_margin)  # fmt: skip
     log.info("shift check: %s", classifier.shift_note)  # once, where the classifier is built
     return classifier

@@ -57,11 +57,35 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """One output tensor: `logits` (one per class) or `features` (an embedding, for shift checks)."""
+    """One output tensor: `logits` (one per class), `features` (an embedding, for shift checks)
+    or `box` (a lesion localiser's box: x0, y0, x1, y1 as fractions of its input, edgebc.localiser)."""
 
     name: str
-    kind: Literal["logits", "features"] = "logits"
-    size: int = 0  # classes for logits, the embedding width for features; 0 = not recorded
+    kind: Literal["logits", "features", "box"] = "logits"
+    size: int = (
+        0  # classes for logits, the embedding width for features, 4 for a box; 0 = not recorded
+    )
+
+
+# the crop's margin around a localiser's box, per side, as a fraction of the box (BUSI's masks
+# hug the lesion; its margin and the tissue beside it are what a reader looks at)
+DEFAULT_LOCALISER_MARGIN = 0.15
+
+
+@dataclass(frozen=True)
+class LocaliserLink:
+    """A classifier's lesion localiser: the localiser's ONNX file (relative to the classifier's
+    folder, or absolute) and the margin added around its box before cropping, as a fraction of
+    the box's width and height on each side (edgebc.localiser)."""
+
+    model: str
+    margin: float = DEFAULT_LOCALISER_MARGIN
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("a localiser link names the localiser's model file")
+        if not 0.0 <= self.margin <= 2.0:
+            raise ValueError(f"localiser margin is a fraction 0..2 of the box, got {self.margin}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,9 @@ class ModelCard:
     # a multi-view model's (N, len(inputs)) float input, 1 where an input is present and 0 where
     # it is absent (fed as zeros): its optional inputs may then be missing (edgebc.cases)
     presence_input: str | None = None
+    # a classifier that classifies the lesion's crop: the localiser that finds it (None: the whole
+    # frame, as every model before it)
+    localiser: LocaliserLink | None = None
     schema: int = CARD_SCHEMA
 
     def __post_init__(self) -> None:
@@ -155,6 +182,14 @@ class ModelCard:
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        boxes = [o for o in self.outputs if o.kind == "box"]
+        if boxes and (len(boxes) != 1 or len(self.task.classes) != 2 or len(self.inputs) != 1):
+            raise ValueError(
+                "a lesion localiser's card has one input, a two-class presence output "
+                f"(no lesion, lesion) and one box output; got {self.outputs}"
+            )
+        if boxes and self.localiser is not None:
+            raise ValueError("a lesion localiser cannot itself name a localiser")
         stats = self.training_statistics
         if stats is not None and stats.features.output not in {
             o.name for o in self.outputs if o.kind == "features"
@@ -232,6 +267,19 @@ class ModelCard:
         return self.input.shape
 
     @property
+    def is_localiser(self) -> bool:
+        """A lesion localiser (a box output beside its lesion-present logits), not a classifier."""
+        return any(o.kind == "box" for o in self.outputs)
+
+    @property
+    def box_output(self) -> str:
+        """The name of a localiser's box output."""
+        for output in self.outputs:
+            if output.kind == "box":
+                return output.name
+        raise EdgebcError(f"model {self.name} is not a lesion localiser (it has no box output)")
+
+    @property
     def logits_output(self) -> ModelOutput:
         return next(o for o in self.outputs if o.kind == "logits")
 
@@ -242,7 +290,7 @@ class ModelCard:
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = to_mapping(self)
-        for key in ("training_statistics", "presence_input"):
+        for key in ("training_statistics", "presence_input", "localiser"):
             if data[key] is None:  # absent, as on cards written before it existed
                 del data[key]
         for entry in data["inputs"]:  # likewise: a whole-image input's card is unchanged

@@ -111,7 +111,8 @@ REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (
 
 
 # What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand,
-# plus whether the demo model made them (every answer says so since issue 19).
+# plus whether the demo model made them (every answer says so since issue 19) and the lesion
+# localiser's box (issue 22; None without a localiser).
 ROWS = {
     "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
                 "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
@@ -126,10 +127,11 @@ ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
                 "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
-                "shift": None, "demo": False},
+                "shift": None, "demo": False, "box": None},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
-                "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False},
+                "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False,
+                "box": None},
 }  # fmt: skip
 RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
     "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),

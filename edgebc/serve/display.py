@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # BGR, the page's colours (edgebc/serve/page.html)
 BACKGROUND = (17, 17, 17)
 BANNER_COLOURS = ((31, 31, 122), (0, 109, 138))  # research (#7a1f1f), then DEMO (#8a6d00)
+LESION = (0, 176, 255)  # BGR amber, as the page draws it
 REGION = (132, 220, 61)  # #3ddc84
 TRACK = (51, 51, 51)
 FILL = (255, 154, 76)  # #4c9aff
@@ -123,7 +124,9 @@ def render_screen(
         _fill(screen, box, BANNER_COLOURS[min(k, 1)])
         _text(screen, text, box, TEXT, centre=True)
     if image is not None:
-        _draw_frame(screen, image, view.get("region"), layout.frame, dim=not decided)
+        per_frame = view.get("per_frame") or {}
+        lesion = per_frame.get("box") if per_frame.get("quality") == "ok" else None
+        _draw_frame(screen, image, view.get("region"), layout.frame, dim=not decided, lesion=lesion)
     model = view["model"]
     if decided:
         colour = POSITIVE_FILL if shown["label"] == model["positive_class"] else TEXT
@@ -154,7 +157,7 @@ def render_screen(
 
 
 def _draw_frame(screen: np.ndarray, image: np.ndarray, region: dict[str, int] | None, box: Box,
-                dim: bool) -> None:  # fmt: skip
+                dim: bool, lesion: dict[str, float] | None = None) -> None:  # fmt: skip
     if image.dtype != np.uint8:
         image = (image >> 8).astype(np.uint8)
     if image.ndim == 2:
@@ -172,6 +175,11 @@ def _draw_frame(screen: np.ndarray, image: np.ndarray, region: dict[str, int] | 
         right = x + round((region["x"] + region["w"]) * scale) - 1
         bottom = y + round((region["y"] + region["h"]) * scale) - 1
         cv2.rectangle(screen, (left, top), (right, bottom), REGION, 2)
+    if lesion is not None:  # the localiser's box, where the classifier looked (found lesions only)
+        left, top = x + round(lesion["x"] * scale), y + round(lesion["y"] * scale)
+        right = x + round((lesion["x"] + lesion["w"]) * scale) - 1
+        bottom = y + round((lesion["y"] + lesion["h"]) * scale) - 1
+        cv2.rectangle(screen, (left, top), (right, bottom), LESION, 2)
 
 
 def _bar(screen: np.ndarray, track: Box, name: str, p: float, threshold: float | None,

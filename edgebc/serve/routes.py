@@ -50,6 +50,7 @@ class ClassifyResult(BaseModel):
     timings_ms: dict[str, float]
     shift: dict[str, Any] | None
     demo: bool  # the demo model (synthetic phantoms only) answered
+    box: dict[str, float] | None  # the lesion localiser's box (x, y, w, h, score), when one runs
     input_sha256: str
     width: int
     height: int
