@@ -1,11 +1,11 @@
 """The training loop: one readable epoch loop with the pieces small medical datasets need.
 
-AdamW (or Adam, SGD) with linear warm-up and cosine decay (or a constant or step rate; optim.py),
-per step; weight EMA; early stopping on a
-validation metric (these models overfit within 4-10 epochs without it); gradient clipping;
-class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 with a scaler)
-and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
-`--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
+AdamW (or Adam, SGD) with linear warm-up and cosine decay (or a constant or step rate), per
+step (optim.py); the first stages of the backbone frozen where asked (freeze.py); weight EMA;
+early stopping on a validation metric (these models overfit within 4-10 epochs without it);
+gradient clipping; class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or
+fp16 with a scaler) and channels-last on CUDA; deterministic seeding with every generator (and
+the optimiser's and schedule's state) saved in `last.pt` so `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
 trained teachers' soft predictions (distill.py); with `model.views`, multi-view mammography
 cases instead of images (multiview.py); with `model.fusion`, mammography + ultrasound cases
