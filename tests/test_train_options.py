@@ -170,16 +170,22 @@ def test_vertical_flip_is_off_by_default_and_drawn_per_image():
     assert 16 <= sum(flipped) <= 48
 
 
-def test_flips_are_refused_where_laterality_is_normalised_and_outside_zero_to_one():
+def test_vflip_is_refused_where_laterality_is_normalised_and_outside_zero_to_one():
     with pytest.raises(ValueError, match=r"augment\.vflip are probabilities"):
         AugmentConfig(vflip=1.5)
     mg = ["preprocess.breast_crop=true", "preprocess.laterality=left"]
-    with pytest.raises(ValueError, match="would turn some back; set both to 0"):
-        load_train_config(None, mg)  # the default hflip, 0.5
-    with pytest.raises(ValueError, match="would turn some back"):
+    with pytest.raises(ValueError, match="would turn them upside down; set it to 0"):
         load_train_config(None, [*mg, "augment.hflip=0", "augment.vflip=0.5"])
     assert load_train_config(None, [*mg, "augment.hflip=0", "augment.vflip=0"])
-    assert load_train_config(None, [*mg, "augment.enabled=false"])
+    assert load_train_config(None, [*mg, "augment.enabled=false", "augment.vflip=0.5"])
+
+
+def test_a_run_warns_when_hflip_undoes_the_laterality_turn(tiny_split, tmp_path, caplog):
+    # configs older than the check flip such breasts: they still train, and are told
+    config = _config(tiny_split, tmp_path, "mg", "preprocess.laterality=left", "optim.epochs=1")
+    with caplog.at_level("WARNING", logger="edgebc.train.loop"):
+        loop.train_model(config, show_progress=False)
+    assert "augment.hflip is 0.5: the augmentation mirrors breasts" in caplog.text
 
 
 # --- min-max grey normalisation ----------------------------------------------------------------

@@ -201,7 +201,8 @@ class AugmentConfig:
     in a B-mode frame depth runs down and shadows fall downward, so an upside-down frame is one
     the cart never shows; designs that flip both ways set it. A mammography model whose
     preprocessing turns every breast the same way (preprocess.laterality: left) must keep both
-    at 0: a flip would undo the turn (TrainConfig refuses it)."""
+    at 0: a flip would undo the turn (TrainConfig refuses vflip there; the training loop warns
+    about hflip, which configs written before the check used)."""
 
     enabled: bool = True
     hflip: float = 0.5
@@ -400,12 +401,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preprocess.channels not in (1, 3):
             raise ValueError("preprocess.channels must be 1 or 3")
-        flips = self.augment.enabled and (self.augment.hflip > 0 or self.augment.vflip > 0)
-        if self.preprocess.laterality != "keep" and flips:
+        # vflip is refused outright; hflip, older than this check, is warned about by the loop
+        # (configs written before it flipped such breasts and still train as they did)
+        if self.preprocess.laterality != "keep" and self.augment.enabled and self.augment.vflip:
             raise ValueError(
                 f"preprocess.laterality is {self.preprocess.laterality!r}: every breast is turned "
-                f"the same way, and augment.hflip ({self.augment.hflip}) or augment.vflip "
-                f"({self.augment.vflip}) would turn some back; set both to 0"
+                f"the same way, and augment.vflip ({self.augment.vflip}) would turn them upside "
+                "down; set it to 0 (and augment.hflip too)"
             )
         if self.model.views and (self.optim.mask_loss_weight > 0 or self.optim.distill_from):
             raise ValueError(
