@@ -96,7 +96,8 @@ def test_constant_and_step_schedules_under_the_warm_up():
         ("optim.momentum=1.0", "momentum must be in"),
         ("optim.gamma=0", "gamma in"),
         ("optim.step_size=0", "step_size must be"),
-        ("optim.lr=0", "lr must be positive"),
+        ("optim.lr=-0.001", "lr and weight_decay must be >= 0"),
+        ("optim.weight_decay=-1", "lr and weight_decay must be >= 0"),
         ("optim.warmup_epochs=-1", "warmup_epochs must be"),
     ],
 )

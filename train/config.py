@@ -310,10 +310,10 @@ class OptimConfig:
     def __post_init__(self) -> None:
         look_up_option(self.optimizer, ("adamw", "adam", "sgd"), what="optim.optimizer")
         look_up_option(self.schedule, ("cosine", "constant", "step"), what="optim.schedule")
-        if not (math.isfinite(self.lr) and self.lr > 0) or self.weight_decay < 0:
+        # lr 0 is allowed: a run that must not learn (a test of early stopping uses one)
+        if not (math.isfinite(self.lr) and self.lr >= 0) or self.weight_decay < 0:
             raise ValueError(
-                f"optim.lr must be positive and weight_decay >= 0, got {self.lr} and "
-                f"{self.weight_decay}"
+                f"optim.lr and weight_decay must be >= 0, got {self.lr} and {self.weight_decay}"
             )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
