@@ -32,7 +32,7 @@ from edgebc.region import Region
 CARD_VERSION = 1
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
-APPEARANCES = ("none", "stretch", "equalise")
+APPEARANCES = ("none", "stretch", "equalise", "minmax")
 # Levels at or below this share of full scale are the black surround, not tissue: left out of the
 # statistics and kept black, so the letterbox bars and the sector's outside stay what they were.
 SURROUND_LEVEL = 0.02
@@ -82,7 +82,7 @@ class PreprocessCard:
     std: tuple[float, ...] = (0.25,)
     pad_value: float = 0.0
     marks: Literal["keep", "inpaint"] = "keep"
-    appearance: Literal["none", "stretch", "equalise"] = "none"
+    appearance: Literal["none", "stretch", "equalise", "minmax"] = "none"
     breast_crop: bool = False
     laterality: Literal["keep", "left"] = "keep"
     pectoral: Literal["keep", "suppress"] = "keep"
@@ -313,6 +313,8 @@ def normalise_appearance(image: np.ndarray, mode: str) -> np.ndarray:
         return image
     if mode not in APPEARANCES:
         raise ValueError(f"appearance must be one of {list(APPEARANCES)}, got {mode!r}")
+    if mode == "minmax":
+        return min_max_levels(image)
     is_float = image.dtype == np.float32
     levels = image if not is_float else np.round(image * 65535.0).astype(np.uint16)
     grey = levels if levels.ndim == 2 else cv2.cvtColor(levels, cv2.COLOR_BGR2GRAY)
@@ -334,6 +336,20 @@ def normalise_appearance(image: np.ndarray, mode: str) -> np.ndarray:
     lut = np.round(curve * top).astype(levels.dtype)
     mapped = lut[levels]
     return mapped.astype(np.float32) / np.float32(65535.0) if is_float else mapped
+
+
+def min_max_levels(image: np.ndarray) -> np.ndarray:
+    """The frame's darkest level to 0 and its brightest to full scale, linearly, same dtype out
+    (integer levels rounded). A flat frame has no range to map and becomes all 0: black, the
+    same answer on every device, where (x - min) / (max - min) would divide by zero."""
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        return np.zeros_like(image)
+    top = _max_value(image.dtype)
+    scaled = (image.astype(np.float64) - low) * (top / (high - low))
+    if image.dtype == np.float32:
+        return scaled.astype(np.float32)
+    return np.round(scaled).astype(image.dtype)
 
 
 def letterbox_geometry(height: int, width: int, prep: PreprocessCard) -> LetterboxGeometry:

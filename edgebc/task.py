@@ -3,7 +3,8 @@
 Data sets carry different label sets (BUSI has normal, benign and malignant; BUS-BRA has no normal
 class), so a model's task is derived from the labels by configuration instead of by rewriting
 manifests: `malignant_vs_rest` merges normal and benign, `benign_vs_malignant` leaves normal frames
-out, `normal_vs_abnormal` merges benign and malignant. The task travels in the model card, so
+out, `normal_vs_malignant` leaves benign frames out, `normal_vs_abnormal` merges benign and
+malignant. The task travels in the model card, so
 training, evaluation, calibration and the device map a label the same way.
 """
 
@@ -69,7 +70,7 @@ class Task:
     ) -> tuple[np.ndarray, dict[str, int]]:
         """Which of `labels` the task scores (a boolean mask) and how many of each label it leaves
         out. Leaving out is for the project's own labels (normal frames under
-        benign_vs_malignant); any other label is a mistake in the data and is refused."""
+        benign_vs_malignant, benign frames under normal_vs_malignant); any other label is a mistake in the data and is refused."""
         strays = sorted({label for label in labels if not self.takes(label)} - set(CLASS_NAMES))
         if strays:
             raise EdgebcError(
@@ -103,6 +104,7 @@ TASKS: Mapping[str, Task] = {
             {"normal": "not_malignant", "benign": "not_malignant"},
         ),
         Task("benign_vs_malignant", ("benign", "malignant"), "malignant"),
+        Task("normal_vs_malignant", ("normal", "malignant"), "malignant"),
         Task(
             "normal_vs_abnormal",
             ("normal", "abnormal"),

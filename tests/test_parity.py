@@ -21,6 +21,8 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
         PreprocessCard.imagenet_rgb(160, 192, resize="stretch"),
         PreprocessCard(appearance="equalise"),
         PreprocessCard.imagenet_rgb(appearance="stretch"),
+        PreprocessCard(appearance="minmax"),
+        PreprocessCard.imagenet_rgb(appearance="minmax", resize="stretch"),
     ],
 )
 def test_training_dataset_tensor_equals_runtime_tensor(tmp_path, card):

@@ -7,7 +7,8 @@ brightness, contrast and gamma (gain and dynamic-range knobs), and multiplicativ
 noise; then, where the recipe asks, another scanner's look (overall and depth-dependent gain, a
 log-compression transfer curve, coarser resolution, blur, electronic noise, speckle grain); then
 normalised again. Areas moved in from outside the image are black, like the bars of
-a letterboxed frame. Vertical flips are not used: depth runs down and shadows fall downward.
+a letterboxed frame. Vertical flips are off unless the recipe asks (augment.vflip): depth runs
+down and shadows fall downward; designs that flip both ways set it.
 
 Every random draw comes from the `generator` passed in (seeded, and saved in checkpoints), so
 a resumed run continues with exactly the augmentations it would have seen.
@@ -61,6 +62,8 @@ class BatchAugmenter:
         scale = uniform(c.scale[0], c.scale[1])
         flip = torch.where(uniform(0, 1) < c.hflip, -1.0, 1.0)
         shift = uniform(-c.translate, c.translate, n, 2) * 2
+        # drawn only when asked, so a recipe without it sees what it saw before the option existed
+        vflip = torch.where(uniform(0, 1) < c.vflip, -1.0, 1.0) if c.vflip > 0 else None
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack(
             [
@@ -69,6 +72,8 @@ class BatchAugmenter:
             ],
             1,
         )
+        if vflip is not None:  # mirrors the rows as `flip` mirrors the columns
+            theta[:, :, 1] = theta[:, :, 1] * vflip[:, None]
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         if c.elastic > 0:
             coarse = (

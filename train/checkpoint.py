@@ -217,6 +217,8 @@ def build_model(card: ModelCard) -> torch.nn.Module:
         float(options.get("width_mult", 1.0)),
         str(options.get("head", "linear")),
         float(options.get("dropout", 0.2)),
+        tuple(int(size) for size in options.get("head_hidden", ())),
+        float(options.get("head_dropout", 0.0)),
     )
 
 

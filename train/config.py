@@ -7,12 +7,13 @@ returns a TrainConfig. The resolved configuration is written into every run fold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgebc.config import load_config, to_mapping
+from edgebc.config import load_config, look_up_option, to_mapping
 from edgebc.patches import PatchCard
 from edgebc.preprocess import PreprocessCard
 from edgebc.synth.dataset import SynthPlan
@@ -136,10 +137,22 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network: a registered architecture, its head, and what of it trains.
+
+    head_hidden (e.g. [1024, 512]) puts hidden layers, each Linear -> LeakyReLU -> Dropout
+    (head_dropout), between the backbone's features and the final layer (Linear, or ArcFace with
+    head: arcface); () is the plain final layer. freeze_stages N freezes the backbone's first N
+    stages (the architecture's ModelSpec.stages: the stem, then one per halving of the feature
+    map): no gradient, no weight decay, BatchNorm kept in evaluation mode; 0 trains everything.
+    """
+
     arch: str = "mobilenet_v3_small"
     width_mult: float = 1.0
     head: Literal["linear", "arcface"] = "linear"
     dropout: float = 0.2
+    head_hidden: tuple[int, ...] = ()
+    head_dropout: float = 0.0
+    freeze_stages: int = 0
     pretrained: str | None = None  # a torchvision ImageNet checkpoint on disk; never downloaded
     # Multi-view mammography (train/multiview.py): the manifest's view codes the model takes, one
     # shared backbone over a breast's views, pooled by learned attention or the mean; () = one
@@ -151,6 +164,22 @@ class ModelConfig:
     fusion: FusionConfig | None = None
 
     def __post_init__(self) -> None:
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.head_hidden):
+            raise ValueError(
+                f"model.head_hidden lists hidden layer widths, whole numbers >= 1, got "
+                f"{list(self.head_hidden)}"
+            )
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"model.head_dropout must be in [0, 1), got {self.head_dropout}")
+        if isinstance(self.freeze_stages, bool) or self.freeze_stages < 0:
+            raise ValueError(
+                f"model.freeze_stages is a number of stages >= 0, got {self.freeze_stages!r}"
+            )
+        if (self.head_hidden or self.freeze_stages) and (self.fusion is not None or self.views):
+            raise ValueError(
+                "model.head_hidden and model.freeze_stages are for one-image models: leave them "
+                "unset with model.fusion or model.views"
+            )
         if self.fusion is not None and (self.views or self.head != "linear" or self.pretrained):
             raise ValueError(
                 "model.fusion takes its branches and views from model.fusion: leave model.views "
@@ -165,10 +194,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Ultrasound-appropriate augmentation, applied to batches on the training device."""
+    """Ultrasound-appropriate augmentation, applied to batches on the training device.
+
+    hflip and vflip are each image's probability of a left-right and of an up-down mirror, drawn
+    independently (both at once is the combined flip, a half turn). vflip is 0, off, by default:
+    in a B-mode frame depth runs down and shadows fall downward, so an upside-down frame is one
+    the cart never shows; designs that flip both ways set it. A mammography model whose
+    preprocessing turns every breast the same way (preprocess.laterality: left) must keep both
+    at 0: a flip would undo the turn (TrainConfig refuses vflip there; the training loop warns
+    about hflip, which configs written before the check used)."""
 
     enabled: bool = True
     hflip: float = 0.5
+    vflip: float = 0.0
     rotate_degrees: float = 10.0
     scale: tuple[float, float] = (0.9, 1.1)
     translate: float = 0.06
@@ -189,6 +227,11 @@ class AugmentConfig:
     noise: float = 0.0  # std of additive electronic noise
 
     def __post_init__(self) -> None:
+        if not (0 <= self.hflip <= 1 and 0 <= self.vflip <= 1):
+            raise ValueError(
+                f"augment.hflip and augment.vflip are probabilities in [0, 1], got {self.hflip} "
+                f"and {self.vflip}"
+            )
         if self.resolution < 1 or self.blur < 0 or self.noise < 0 or self.gain < 0 or self.tgc < 0:
             raise ValueError(
                 "augment: resolution must be >= 1 and gain, tgc, blur, noise >= 0, got "
@@ -203,10 +246,29 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The optimiser, its learning-rate schedule and the rest of the training recipe.
+
+    optimizer: "adamw" (decoupled weight decay; the default), "adam" or "sgd" (with `momentum`,
+    and Nesterov's form when `nesterov`). With adam and sgd, weight_decay is the classic L2
+    penalty added to the gradient, so a value tuned for AdamW (0.05) is far too strong there:
+    1e-4 to 5e-4 is usual. Biases and normalisation parameters are never decayed.
+
+    schedule, stepped per batch and multiplied by the linear warm-up over `warmup_epochs` (0: no
+    warm-up; the warm-up starts at 1 % of lr): "cosine" decays to 1 % of lr at the last epoch (the
+    default), "constant" keeps lr, "step" multiplies it by `gamma` every `step_size` epochs
+    (counted from the first epoch, as torch's StepLR counts).
+    """
+
     epochs: int = 60
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    step_size: int = 30  # epochs between lr drops, schedule "step" only
+    gamma: float = 0.1  # lr factor at each drop, schedule "step" only
     warmup_epochs: int = 3
     label_smoothing: float = 0.05
     class_weights: bool = True
@@ -246,6 +308,27 @@ class OptimConfig:
     distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
+        look_up_option(self.optimizer, ("adamw", "adam", "sgd"), what="optim.optimizer")
+        look_up_option(self.schedule, ("cosine", "constant", "step"), what="optim.schedule")
+        # lr 0 is allowed: a run that must not learn (a test of early stopping uses one)
+        if not (math.isfinite(self.lr) and self.lr >= 0) or self.weight_decay < 0:
+            raise ValueError(
+                f"optim.lr and weight_decay must be >= 0, got {self.lr} and {self.weight_decay}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError(
+                "optim.nesterov is Nesterov momentum for optim.optimizer sgd with momentum > 0, got "
+                f"optimizer {self.optimizer!r} and momentum {self.momentum}"
+            )
+        if self.step_size < 1 or not 0 < self.gamma <= 1:
+            raise ValueError(
+                f"optim.step_size must be >= 1 epoch and gamma in (0, 1], got {self.step_size} "
+                f"and {self.gamma}"
+            )
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.distill_weight <= 1 or self.distill_temperature <= 0:
             raise ValueError(
                 f"distill_weight must be in (0, 1] and distill_temperature > 0, got "
@@ -318,6 +401,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preprocess.channels not in (1, 3):
             raise ValueError("preprocess.channels must be 1 or 3")
+        # vflip is refused outright; hflip, older than this check, is warned about by the loop
+        # (configs written before it flipped such breasts and still train as they did)
+        if self.preprocess.laterality != "keep" and self.augment.enabled and self.augment.vflip:
+            raise ValueError(
+                f"preprocess.laterality is {self.preprocess.laterality!r}: every breast is turned "
+                f"the same way, and augment.vflip ({self.augment.vflip}) would turn them upside "
+                "down; set it to 0 (and augment.hflip too)"
+            )
         if self.model.views and (self.optim.mask_loss_weight > 0 or self.optim.distill_from):
             raise ValueError(
                 "model.views (multi-view cases) trains without optim.mask_loss_weight and "

@@ -1,10 +1,11 @@
 """The training loop: one readable epoch loop with the pieces small medical datasets need.
 
-AdamW with linear warm-up and cosine decay (per step); weight EMA; early stopping on a
-validation metric (these models overfit within 4-10 epochs without it); gradient clipping;
-class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or fp16 with a scaler)
-and channels-last on CUDA; deterministic seeding with every generator saved in `last.pt` so
-`--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
+AdamW (or Adam, SGD) with linear warm-up and cosine decay (or a constant or step rate), per
+step (optim.py); the first stages of the backbone frozen where asked (freeze.py); weight EMA;
+early stopping on a validation metric (these models overfit within 4-10 epochs without it);
+gradient clipping; class-weighted loss or a balanced sampler; label smoothing; AMP (bf16, or
+fp16 with a scaler) and channels-last on CUDA; deterministic seeding with every generator (and
+the optimiser's and schedule's state) saved in `last.pt` so `--resume` continues exactly; DistributedDataParallel under torchrun (gloo on CPU, NCCL on
 CUDA); an optional auxiliary lesion-mask loss (lesion_mask.py); optional distillation from
 trained teachers' soft predictions (distill.py); with `model.views`, multi-view mammography
 cases instead of images (multiview.py); with `model.fusion`, mammography + ultrasound cases
@@ -53,11 +54,13 @@ from edgebc.train.checkpoint import (
 from edgebc.train.config import OptimConfig, TrainConfig, load_train_config
 from edgebc.train.dataset import SampleDataset, cache_masks, cache_tensors
 from edgebc.train.distill import Teacher, distillation_loss, load_teachers, soft_targets
+from edgebc.train.freeze import freeze, frozen_prefixes, keep_frozen_in_eval
 from edgebc.train.lesion_mask import MaskSupervised, mask_loss
 from edgebc.train.models import create_model, model_spec
-from edgebc.train.models.heads import ArcFaceHead
+from edgebc.train.models.heads import arcface_of
 from edgebc.train.models.pretrained import load_torchvision_weights
 from edgebc.train.multiview import augment_cases, cache_cases, with_views, wrap_views
+from edgebc.train.optim import make_optimizer, make_schedule
 
 # fusion (model.fusion) is imported where used: train/fusion_data.py and train/models/fusion.py
 
@@ -209,6 +212,7 @@ class _Run:
     sample_weights: torch.Tensor
     memory_format: Any
     amp_dtype: Any
+    frozen: tuple[str, ...]  # module prefixes of the frozen stages (freeze.py)
     history: list[dict[str, float]] = field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = -1
@@ -243,6 +247,12 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     if missing:
         raise EdgebcError(f"the training split has no samples of class {', '.join(missing)}")
     _warn_if_merged(config, train_samples)
+    if config.preprocess.laterality != "keep" and config.augment.enabled and config.augment.hflip:
+        log.warning(
+            "preprocess.laterality is %r but augment.hflip is %s: the augmentation mirrors "
+            "breasts the preprocessing turned; set augment.hflip: 0",
+            config.preprocess.laterality, config.augment.hflip,
+        )  # fmt: skip
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
@@ -292,8 +302,9 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
 
         model = build_fusion(card_of_run(config, "", {}, "", {}))
     else:
-        model = create_model(config.model.arch, len(task.classes), prep.channels,
-                             config.model.width_mult, config.model.head, config.model.dropout)  # fmt: skip
+        m = config.model
+        model = create_model(m.arch, len(task.classes), prep.channels, m.width_mult, m.head,
+                             m.dropout, m.head_hidden, m.head_dropout)  # fmt: skip
     if config.optim.bn_momentum > 0:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -304,6 +315,12 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         pretrained_report = load_torchvision_weights(
             model, config.model.arch, config.model.pretrained
         )
+    # after the pretrained weights, before the optimiser (which takes trainable parameters only)
+    frozen = frozen_prefixes(config.model.arch, config.model.freeze_stages)
+    if frozen:
+        log.info("frozen: %d parameter tensors of %s", freeze(model, frozen), ", ".join(frozen))
+        if not config.model.pretrained:
+            log.warning("model.freeze_stages without model.pretrained freezes random weights")
     if views:  # the registered model becomes the backbone shared by every view
         model = wrap_views(model, config.model.arch, views, config.model.view_pooling)
     model.to(device)
@@ -347,12 +364,9 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     loss_fn = torch.nn.CrossEntropyLoss(
         weight=weights.to(device), label_smoothing=optim.label_smoothing
     )
-    optimizer = torch.optim.AdamW(_param_groups(trained, optim.weight_decay), lr=optim.lr)
+    optimizer = make_optimizer(trained, optim)
     per_rank = math.ceil(len(train_y) / dist.world_size)
-    steps_per_epoch = max(1, math.ceil(per_rank / optim.batch_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(optim.warmup_epochs * steps_per_epoch, optim.epochs * steps_per_epoch)
-    )
+    scheduler = make_schedule(optimizer, optim, max(1, math.ceil(per_rank / optim.batch_size)))
     amp_dtype = _amp_dtype(config, device)
     run = _Run(
         config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_rows], calibration,
@@ -361,7 +375,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         _augmenter(config), torch.Generator().manual_seed(config.seed),
-        sampling_weights(train_rows, train_y.cpu(), optim), memory_format, amp_dtype,
+        sampling_weights(train_rows, train_y.cpu(), optim), memory_format, amp_dtype, frozen,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
@@ -423,11 +437,12 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
     device, model, ema = run.device, run.model, run.ema
     views = config.model.views
     fusion = config.model.fusion
-    head = model.get_submodule(
+    arcface = arcface_of(model.get_submodule(
         "classifier" if fusion else "head" if views else model_spec(config.model.arch).classifier
-    )
+    ))  # fmt: skip
     for epoch in range(run.start_epoch, optim.epochs):
         run.train_module.train()
+        keep_frozen_in_eval(model, run.frozen)
         if optim.balanced_sampler or optim.domain_balance > 0:
             order = torch.multinomial(
                 run.sample_weights, len(run.train_y), replacement=True, generator=run.generator
@@ -463,8 +478,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
                 )
             images = images.contiguous(memory_format=run.memory_format)
             targets = run.train_y[index].to(device)
-            if isinstance(head, ArcFaceHead):
-                head.targets = targets
+            if arcface is not None:
+                arcface.targets = targets
             if fusion is not None and fusion.arcface_weight > 0:  # per-branch ArcFace (fusion.py)
                 model.targets = targets
             with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32,
@@ -503,8 +518,8 @@ def _fit(run: _Run, show_progress: bool, dist: Distributed) -> None:
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}"
             )
-        if isinstance(head, ArcFaceHead):
-            head.targets = None
+        if arcface is not None:
+            arcface.targets = None
         if fusion is not None:
             model.targets = model.aux_loss = None
         if device.type == "cuda":
@@ -674,7 +689,7 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
         inputs=_with_patches(single_input(config.preprocess, modality=card_modality(config.data.modality)),
                              config),
         outputs=(ModelOutput("logits", "logits", len(task.classes)),),
-        arch_options={"width_mult": model.width_mult, "head": model.head, "dropout": model.dropout},
+        arch_options=_arch_options(model),
         metrics={k: float(v) for k, v in row.items()}, weights_sha256=weights_sha256,
         data_fingerprint=fingerprint, lineage=lineage,
     )  # fmt: skip
@@ -686,6 +701,15 @@ def card_of_run(config: TrainConfig, weights_sha256: str, row: dict[str, float],
                            f.mg_preprocess or config.preprocess, f.mg_views, f.view_pooling,
                            f.modality_dropout, f.arcface_weight > 0)  # fmt: skip
     return with_views(card, model.views, model.view_pooling) if model.views else card
+
+
+def _arch_options(model: Any) -> dict[str, Any]:
+    """What rebuilds the network (checkpoint.build_model); the hidden head only where there is
+    one, so the cards of models without it read as they always have."""
+    options = {"width_mult": model.width_mult, "head": model.head, "dropout": model.dropout}
+    if model.head_hidden:
+        options.update(head_hidden=list(model.head_hidden), head_dropout=model.head_dropout)
+    return options
 
 
 def _augmenter(config: TrainConfig) -> Any:
@@ -731,28 +755,6 @@ def _warmup_ema(decay: float):  # type: ignore[no-untyped-def]
                 e.copy_(p)
 
     return update
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation parameters (decaying them only hurts)."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int, floor: float = 0.01):  # type: ignore[no-untyped-def]
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return floor + (1 - floor) * step / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> Any:

@@ -104,6 +104,9 @@ def _build(num_classes: int, in_channels: int, width_mult: float, dropout: float
 
 register_model(
     ModelSpec(
-        "densenet121", _build, "classifier", "features.conv0", "features", "baseline", "densenet121"
+        "densenet121", _build, "classifier", "features.conv0", "features", "baseline", "densenet121",
+        stages=(("features.conv0", "features.norm0"),
+                *((f"features.denseblock{i}", f"features.transition{i}") for i in (1, 2, 3)),
+                ("features.denseblock4", "features.norm5")),
     )
-)
+)  # fmt: skip

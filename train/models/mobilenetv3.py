@@ -154,11 +154,23 @@ def _builder(blocks: list[tuple], last_channel: int):  # type: ignore[no-untyped
     return build
 
 
+def _stages(blocks: list[tuple]) -> tuple[tuple[str, ...], ...]:
+    """The stem, then a stage from each block that halves the feature map; the last 1x1
+    convolution joins the last stage."""
+    stages = [["features.0"]]
+    for index, block in enumerate(blocks, start=1):
+        if block[-1] == 2:
+            stages.append([])
+        stages[-1].append(f"features.{index}")
+    stages[-1].append(f"features.{len(blocks) + 1}")
+    return tuple(tuple(stage) for stage in stages)
+
+
 for _name, _blocks, _last in (
     ("mobilenet_v3_small", _SMALL, 1024),
     ("mobilenet_v3_large", _LARGE, 1280),
 ):
     register_model(
         ModelSpec(_name, _builder(_blocks, _last), classifier="classifier.3", first_conv="features.0.0",
-                  cam_layer="features", family="edge", torchvision_name=_name)
+                  cam_layer="features", family="edge", torchvision_name=_name, stages=_stages(_blocks))
     )  # fmt: skip

@@ -114,5 +114,6 @@ for _name, _widths in _WIDTHS.items():
             cam_layer="conv5",
             family="edge",
             torchvision_name=_name,
+            stages=(("conv1",), ("stage2",), ("stage3",), ("stage4", "conv5")),
         )
     )

@@ -38,5 +38,7 @@ def _build(num_classes: int, in_channels: int, width_mult: float, dropout: float
 
 
 register_model(
-    ModelSpec("simple_cnn", _build, "classifier.2", "features.0", "features", "baseline")
-)
+    ModelSpec("simple_cnn", _build, "classifier.2", "features.0", "features", "baseline",
+              stages=tuple(tuple(f"features.{i}" for i in range(4 * s, min(4 * s + 4, 19)))
+                           for s in range(5)))  # conv, BN, ReLU, max-pool per stage; none last
+)  # fmt: skip
