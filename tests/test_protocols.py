@@ -4,6 +4,8 @@ and where it departs from its paper, the configs' comments say."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
 from edgebc.data import read_manifest, write_manifest
-from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train import loop
 from edgebc.train.checkpoint import load_checkpoint
 from edgebc.train.config import load_train_config
+from edgebc.train.phantom_manifest import ensure_phantom_manifest
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "configs" / "protocols"
 FAST = ["optim.epochs=1", "optim.batch_size=8", "threads=1", "loader_workers=1",
@@ -24,17 +26,29 @@ FAST = ["optim.epochs=1", "optim.batch_size=8", "threads=1", "loader_workers=1",
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Ultrasound and mammogram phantoms, split (the single-image protocols)."""
+    """Ultrasound and mammogram phantoms, every class of each modality on every side (a woman's
+    films on one side): the single-image protocols."""
     root = tmp_path_factory.mktemp("protocol-images")
     manifest = write_phantom_dataset(
-        root / "ph", SynthPlan(n_per_class=8, size=104, seed=4, mammo_women=8)
+        root / "ph", SynthPlan(n_per_class=10, size=104, seed=4, mammo_women=10)
     )
-    plan = SplitPlan(val=0.25, test=0.2, calibration=0.2, seed=3)
-    return write_manifest(assign_splits(read_manifest(manifest), plan), root / "split.csv")
+    sides, seen = ("train", "train", "val", "calibration", "test"), Counter()
+    samples = read_manifest(manifest)
+    women = sorted({s.patient_id for s in samples if s.modality == "mammo"})
+    split = []
+    for sample in samples:
+        if sample.modality == "mammo":
+            side = sides[women.index(sample.patient_id) % len(sides)]
+        else:
+            side = sides[seen[sample.label] % len(sides)]
+            seen[sample.label] += 1
+        split.append(replace(sample, split=side))
+    return write_manifest(split, root / "split.csv")
 
 
 def _train(config_path: Path, settings: list[str]) -> Path:
     config = load_train_config(config_path, settings)
+    ensure_phantom_manifest(config.data)  # as `edgebc train` does: paired phantoms on first use
     torch.manual_seed(0)
     result = loop.train_model(config, show_progress=False)
     assert result.best_checkpoint.is_file() and len(result.history) == 1

@@ -83,4 +83,10 @@ def _build(num_classes: int, in_channels: int, width_mult: float, dropout: float
     return CNN17(num_classes, in_channels, max(4, round(32 * width_mult)))
 
 
-register_model(ModelSpec("cnn17", _build, "classifier", "features.0", "features.14", "baseline"))
+# each block (conv, BN, ReLU, pool) is a stage: the pool closes it
+_STAGES = tuple(tuple(f"features.{4 * b + k}" for k in range(4)) for b in range(4))
+register_model(
+    ModelSpec(
+        "cnn17", _build, "classifier", "features.0", "features.14", "baseline", stages=_STAGES
+    )
+)

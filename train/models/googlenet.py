@@ -117,5 +117,20 @@ def _build(num_classes: int, in_channels: int, width_mult: float, dropout: float
 
 
 register_model(
-    ModelSpec("googlenet", _build, "fc", "conv1.conv", "inception5b", "baseline", "googlenet")
+    ModelSpec(
+        "googlenet",
+        _build,
+        "fc",
+        "conv1.conv",
+        "inception5b",
+        "baseline",
+        "googlenet",
+        stages=(
+            ("conv1",),
+            ("conv2", "conv3"),
+            ("inception3a", "inception3b"),
+            tuple(f"inception4{c}" for c in "abcde"),
+            ("inception5a", "inception5b"),
+        ),
+    )
 )

@@ -115,6 +115,10 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# the stem, then each layer (the feature map halves at each after the first)
+_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
 def _builder(  # type: ignore[no-untyped-def]
     block: type[BasicBlock] | type[Bottleneck],
     layers: list[int],
@@ -137,6 +141,7 @@ register_model(
         "layer4",
         "baseline",
         "resnet18",
+        stages=_STAGES,
     )
 )
 register_model(
@@ -148,6 +153,7 @@ register_model(
         "layer4",
         "baseline",
         "resnet50",
+        stages=_STAGES,
     )
 )
 register_model(
@@ -159,5 +165,6 @@ register_model(
         "layer4",
         "baseline",
         "resnext50_32x4d",
+        stages=_STAGES,
     )
 )

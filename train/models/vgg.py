@@ -82,6 +82,21 @@ def _builder(batch_norm: bool):  # type: ignore[no-untyped-def]
     return build
 
 
+def _stages(batch_norm: bool) -> tuple[tuple[str, ...], ...]:
+    """The five blocks of `features`, each ending at its max-pool (the stem is the first)."""
+    stages: list[tuple[str, ...]] = []
+    block: list[str] = []
+    index = 0
+    for width in _VGG16:
+        size = 1 if width == "M" else (3 if batch_norm else 2)  # pool; conv (+ BN) + ReLU
+        block += [f"features.{index + k}" for k in range(size)]
+        index += size
+        if width == "M":
+            stages.append(tuple(block))
+            block = []
+    return tuple(stages)
+
+
 # Grad-CAM reads the last ReLU, before the final max-pool: twice the final grid's resolution
 # (14x14 at 224 pixels), and the pool after it does not write into its output.
 for _name, _batch_norm, _last_relu in (("vgg16", False, "features.29"), ("vgg16_bn", True, "features.42")):  # fmt: skip
@@ -94,5 +109,6 @@ for _name, _batch_norm, _last_relu in (("vgg16", False, "features.29"), ("vgg16_
             cam_layer=_last_relu,
             family="baseline",
             torchvision_name=_name,
+            stages=_stages(_batch_norm),
         )
     )
