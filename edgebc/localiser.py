@@ -204,12 +204,18 @@ class Localisation:
     box: Box
     found: bool
     threshold: float
+    on_image: bool = True  # False: the box has no area on the image (in the letterbox bars)
 
     def refusal(self) -> QualityResult:
+        why = (
+            f"localiser score {self.box.score:.2f} < {self.threshold:.2f}"
+            if self.on_image
+            else "the localiser's box lies off the image, in the letterbox bars"
+        )
         return QualityResult(
             False,
-            f"no lesion found (localiser score {self.box.score:.2f} < {self.threshold:.2f}): "
-            "no class is given; scan the lesion into view, or judge the frame without the model",
+            f"no lesion found ({why}): no class is given; scan the lesion into view, or judge "
+            "the frame without the model",
             NO_LESION_CHECK,
         )
 
@@ -242,8 +248,14 @@ class Localiser:
         found = []
         for frame, p, box in zip(frames, probs, boxes, strict=True):
             score = float(p[self.card.positive])
+            if not np.all(np.isfinite(box)):  # a broken output is no lesion, not a crash
+                box = np.zeros(4, np.float32)
             mapped = box_to_frame(box, frame.shape[:2], prep, score)
-            found.append(Localisation(mapped, score >= self.threshold, self.threshold))
+            # a box clipped to nothing (it lay in the letterbox bars) is no lesion on the image:
+            # widening it to the smallest crop would classify a strip of the frame's edge
+            on_image = mapped.x1 > mapped.x0 and mapped.y1 > mapped.y0
+            found.append(Localisation(mapped, score >= self.threshold and on_image,
+                                      self.threshold, on_image))  # fmt: skip
         return found
 
     def close(self) -> None:

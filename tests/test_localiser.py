@@ -303,3 +303,30 @@ def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(m
     assert named.classify(lesion_frame()).label == "malignant"  # the serve config names it
     with pytest.raises(EdgebcError, match="not a lesion localiser"):
         link_classifier(tmp_path / "cls.onnx", tmp_path / "cls.onnx", tmp_path / "x.onnx")
+
+
+def test_a_box_in_the_letterbox_bars_is_no_lesion_not_a_strip_of_the_frame_edge(tmp_path):
+    from edgebc.backends import open_backend
+
+    # a confident box entirely in the bottom bar of a wide frame's letterbox (the frame fills
+    # the input's middle third): clipped to the frame it has no height
+    loc = write_graph(tmp_path / "loc.onnx", localiser_card(0.5), [0.4, 0.9, 0.6, 0.98],
+                      gain=0.0, bias=9.0)  # fmt: skip
+    cls = write_graph(tmp_path / "cls.onnx", classifier_card(), None, gain=4.0, bias=0.0)
+    wide = np.random.default_rng(1).integers(40, 200, (100, 300), dtype=np.uint8)
+    classifier = FrameClassifier(open_backend(cls, threads=1), gate=QualityGate(),
+                                 localiser=open_localiser(loc))  # fmt: skip
+    decision = classifier.classify(wide)
+    assert decision.label is None and decision.quality.check == "no_lesion"
+    assert "letterbox bars" in decision.quality.reason
+
+
+def test_an_upload_to_serve_is_localised_as_the_live_frames_are(models, tmp_path):
+    from edgebc.serve.runtime import build_runtime
+    from tests.test_serve import png_bytes, settings_for
+
+    runtime = build_runtime(settings_for(tmp_path, model=str(tmp_path / "cls.onnx"),
+                                         localiser=str(tmp_path / "loc.onnx"),
+                                         localiser_margin=0.0))  # fmt: skip
+    answer = runtime.classify_upload(png_bytes(lesion_frame()), None)  # not started: no live loop
+    assert answer["label"] == "malignant" and answer["box"] is not None  # the crop, as live

@@ -389,7 +389,8 @@ class ServeRuntime:
             if not isinstance(live, FrameClassifier):
                 raise EdgebcError("a fusion model's uploads are classified above")
             # one upload is one frame: its own verdict, a window of one the live stream never sees
-            classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1)  # fmt: skip
+            classifier = FrameClassifier(self.backend, crop, live.gate, live.threshold, live.shift_mode, 1,
+                                         localiser=live.localiser, margin=live.margin)  # fmt: skip
             return image, crop, classifier.classify(image, view), None
 
         image, crop, decision, context = self.uploads.run(work)
