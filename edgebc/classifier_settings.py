@@ -15,7 +15,7 @@ from pathlib import Path
 from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_MODEL
-from edgebc.localiser import linked_localiser_path, open_localiser
+from edgebc.localiser import check_crop_trained, linked_localiser_path, open_localiser
 from edgebc.quality import MammographyGate, QualityGate
 from edgebc.region import Region
 from edgebc.shift import SHIFT_MODES, ShiftMode
@@ -88,6 +88,7 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
     localiser_path = settings.localiser or linked_localiser_path(backend.card, settings.model_path)
     localiser = None
     if localiser_path is not None:
+        check_crop_trained(backend.card, localiser_path)
         localiser = open_localiser(localiser_path, settings.threads)
         log.info("lesion localiser %s (threshold %.3f) crops each frame before the classifier",
                  localiser_path, localiser.threshold)  # fmt: skip

@@ -269,6 +269,24 @@ def open_localiser(path: str | Path, threads: int = 1, threshold: float | None =
     return Localiser(open_backend(path, threads=threads), threshold)
 
 
+# what a classifier's card lineage says when it was trained on localiser crops (its threshold,
+# bound and shift statistics then hold for crops); no training path writes it yet
+CROP_TRAINED = "lesion localiser crops"
+
+
+def check_crop_trained(card: ModelCard, localiser: str | Path) -> None:
+    """Refuse to put a localiser in front of a classifier trained on whole frames: its operating
+    point, sensitivity bound and shift statistics were fitted on whole frames, and on crops it
+    answers worse than it says (docs/LOCALISER.md: the recommended model's AUC 0.862 -> 0.741 and
+    end-to-end sensitivity 0.950 -> 0.813 on the shared test split)."""
+    if card.lineage.get("input_crop") != CROP_TRAINED:
+        raise EdgebcError(
+            f"model {card.name} was trained on whole frames, not on crops of {localiser}: its "
+            "threshold and sensitivity bound do not hold for crops (measured: docs/LOCALISER.md); "
+            "train the classifier on localiser crops, or run it without the localiser"
+        )
+
+
 def linked_localiser_path(card: ModelCard, model_path: str | Path) -> Path | None:
     """Where the classifier's card says its localiser is (relative to the classifier's folder)."""
     if card.localiser is None:

@@ -80,11 +80,12 @@ def link_classifier(
     from dataclasses import replace
 
     from edgebc.atomic import atomic_write_bytes
-    from edgebc.localiser import check_localiser_card
+    from edgebc.localiser import check_crop_trained, check_localiser_card
     from edgebc.model_card import LocaliserLink, read_card
 
     onnx = require("onnx", "ONNX export")
     check_localiser_card(read_card(localiser))
+    check_crop_trained(read_card(classifier), localiser)
     out = Path(out)
     named = os.path.relpath(Path(localiser).resolve(), out.parent.resolve())
     card = replace(read_card(classifier), localiser=LocaliserLink(named, margin))

@@ -12,6 +12,7 @@ import pytest
 from edgebc.classifier import FrameClassifier
 from edgebc.errors import EdgebcError
 from edgebc.localiser import (
+    CROP_TRAINED,
     Box,
     average_precision,
     box_to_frame,
@@ -48,11 +49,13 @@ def localiser_card(threshold: float = 0.5) -> ModelCard:
     )  # fmt: skip
 
 
-def classifier_card(link: LocaliserLink | None = None) -> ModelCard:
+def classifier_card(link: LocaliserLink | None = None, crops: bool = True) -> ModelCard:
+    """A classifier's card; `crops`: its lineage says it was trained on localiser crops."""
     return ModelCard(
         name="cls", arch="hand_built", task=Task("benign_vs_malignant", ("benign", "malignant"), "malignant"),
         inputs=single_input(PreprocessCard(input_height=SIZE, input_width=SIZE)),
         outputs=(ModelOutput("logits", "logits", 2),), operating_point=OperatingPoint(0.5), localiser=link,
+        lineage={"input_crop": CROP_TRAINED} if crops else {},
     )  # fmt: skip
 
 
@@ -330,3 +333,17 @@ def test_an_upload_to_serve_is_localised_as_the_live_frames_are(models, tmp_path
                                          localiser_margin=0.0))  # fmt: skip
     answer = runtime.classify_upload(png_bytes(lesion_frame()), None)  # not started: no live loop
     assert answer["label"] == "malignant" and answer["box"] is not None  # the crop, as live
+
+
+def test_a_classifier_trained_on_whole_frames_is_never_put_behind_the_localiser(models, tmp_path):
+    from edgebc.classifier_settings import ClassifierSettings, build_classifier
+    from edgebc.export.localiser_export import link_classifier
+
+    whole = write_graph(tmp_path / "whole.onnx", classifier_card(crops=False), None, 4.0, 0.0)
+    settings = ClassifierSettings(model=str(whole), threads=1, localiser=str(tmp_path / "loc.onnx"))
+    with pytest.raises(EdgebcError, match="trained on whole frames"):
+        build_classifier(settings)
+    with pytest.raises(EdgebcError, match="trained on whole frames"):
+        link_classifier(whole, tmp_path / "loc.onnx", tmp_path / "linked.onnx")
+    assert not (tmp_path / "linked.onnx").exists()
+    assert build_classifier(ClassifierSettings(model=str(whole), threads=1)).localiser is None
