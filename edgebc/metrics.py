@@ -480,8 +480,13 @@ def delong_test(
         method = "DeLong (fast, midrank structural components)"
     difference = float(aucs[0] - aucs[1])
     variance = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    if variance <= 0:  # identical rankings: no difference to test
-        return PairedTest(difference, 0.0, 0.0, 1.0 if difference == 0 else 0.0, method)
+    if variance <= 0:
+        if difference == 0:  # identical rankings: no difference to test
+            return PairedTest(difference, 0.0, 0.0, 1.0, method)
+        # a difference with no estimable variance (a class of one case, a model with one score
+        # for every case) is no evidence either way: p is not available, not 0
+        return PairedTest(difference, 0.0, math.nan, math.nan,
+                          f"{method}: variance not estimable (too few cases of a class)")  # fmt: skip
     z = difference / math.sqrt(variance)
     return PairedTest(difference, math.sqrt(variance), z, math.erfc(abs(z) / math.sqrt(2)), method)
 

@@ -3,6 +3,7 @@ tiny phantom runs against evaluate_checkpoint's own numbers."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +282,49 @@ def test_a_cross_validation_run_is_scored_out_of_fold_with_mean_and_sd(tmp_path)
     assert np.sum(row["confusion_matrix"]) == len(samples)
     assert report["paired"][0]["auc"]["difference"] == 0.0
     assert row["budget"]["folds"] == 2 and row["budget"]["epochs_run"] == 4
+
+
+def test_a_difference_with_no_estimable_variance_has_no_p_value():
+    positive = np.array([True, False, False])  # one positive case: S10 cannot be estimated
+    test = metrics.delong_test(positive, np.array([0.9, 0.1, 0.2]), np.array([0.1, 0.9, 0.2]))
+    assert test.difference == pytest.approx(1.0) and np.isnan(test.p_value)
+    assert "not estimable" in test.method
+    same = metrics.delong_test(positive, np.array([0.9, 0.1, 0.2]), np.array([0.8, 0.1, 0.2]))
+    assert same.difference == 0 and same.p_value == 1.0
+
+
+def test_models_of_different_tasks_are_tested_on_the_positive_class_they_share():
+    from edgebc.data.records import Sample
+    from edgebc.model_card import ModelCard, OperatingPoint, single_input
+    from edgebc.preprocess import PreprocessCard
+    from edgebc.task import task_for
+    from edgebc.train.compare import ModelEntry, Scored, paired_tests
+    from edgebc.train.evaluate import Predictions
+
+    labels = ["normal", "benign", "malignant", "malignant", "benign", "normal"]
+    samples = [Sample(Path(f"{k}.png"), label) for k, label in enumerate(labels)]
+
+    def scored(task_name, probs):
+        task = task_for(task_name)
+        card = ModelCard(name=task_name, arch="x", task=task,
+                         inputs=single_input(PreprocessCard()), operating_point=OperatingPoint(0.5))  # fmt: skip
+        predictions = Predictions(samples, task.encode(labels), np.array(probs), card)
+        return Scored(ModelEntry(task_name, Path(task_name)), "onnx", [], [predictions])
+
+    # three classes (normal, benign, malignant): it calls both malignant cases, and benign
+    # case 1 malignant; its three-class accuracy (4 of 6) is not the question the other answers
+    three = scored("three_class", [[.8, .1, .1], [.1, .3, .6], [.1, .1, .8], [.1, .2, .7],
+                                   [.2, .7, .1], [.7, .2, .1]])  # fmt: skip
+    # normal vs abnormal: its positive class, abnormal, is no raw label
+    abnormal = scored("normal_vs_abnormal", [[.9, .1], [.2, .8], [.3, .7], [.4, .6],
+                                             [.1, .9], [.8, .2]])  # fmt: skip
+    rest = scored(
+        "malignant_vs_rest",
+        [[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.4, 0.6], [0.7, 0.3], [0.9, 0.1]],
+    )
+    assert list(abnormal.positive) == [False, True, True, True, True, False]
+    assert list(three.correct) == [True, False, True, True, True, True]  # right about malignant
+    assert list(rest.correct) == [True] * 6
+    pairs = paired_tests([three, rest], [s.unit for s in samples])
+    assert pairs[0]["decisions"]["difference"] == pytest.approx(-1 / 6)
+    assert paired_tests([abnormal, abnormal], [s.unit for s in samples])[0]["auc"]["p_value"] == 1.0

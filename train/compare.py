@@ -76,10 +76,17 @@ class Scored:
 
     @property
     def correct(self) -> np.ndarray:
-        """Whether each decision (the card's rule, per fold its own card) was right."""
-        return np.concatenate(
-            [DecisionRule.of(p.card).indices(p.probs) == p.y for p in self.predictions]
-        )
+        """Whether each decision (the card's rule, per fold its own card) was right about the
+        positive class: called positive exactly where the case is. Models of different tasks (a
+        three-class model beside a malignant-vs-rest one) are then judged on the one question
+        they share, not each on its own task's accuracy."""
+        return np.concatenate([_right_about_positive(p) for p in self.predictions])
+
+    @property
+    def positive(self) -> np.ndarray:
+        """Whether each case is of the positive class, by the task's own encoding (a derived
+        task's positive class, `abnormal` say, is no raw label)."""
+        return np.concatenate([p.y == p.card.positive for p in self.predictions])
 
     @property
     def card(self) -> Any:
@@ -292,13 +299,18 @@ def check_same_cases(scored: Sequence[Scored]) -> dict[str, Any]:
             "split": sorted({str(r["split"]) for s in scored for r in s.reports})}  # fmt: skip
 
 
+def _right_about_positive(p: Predictions) -> np.ndarray:
+    called = DecisionRule.of(p.card).indices(p.probs) == p.card.positive
+    return called == (p.y == p.card.positive)
+
+
 def _reorder(scored: Scored, order: list[int]) -> None:
     """Pool a model's predictions into one block in the given case order (the table's numbers are
     the reports'; only the paired tests and the ROC read the pooled block)."""
     if order == list(range(len(order))):
         return
     p = scored.predictions
-    rows = np.concatenate([DecisionRule.of(q.card).indices(q.probs) == q.y for q in p])[order]
+    rows = np.concatenate([_right_about_positive(q) for q in p])[order]
     samples = [s for q in p for s in q.samples]
     pooled = Predictions([samples[i] for i in order], np.concatenate([q.y for q in p])[order],
                          np.concatenate([q.probs for q in p])[order], p[0].card)  # fmt: skip
@@ -313,7 +325,7 @@ def _correct(scored: Scored) -> np.ndarray:
 
 def paired_tests(scored: Sequence[Scored], clusters: Sequence[str]) -> list[dict[str, Any]]:
     """Every pair: DeLong on the positive class's probability, McNemar on the decisions."""
-    positive = np.array([s.label == scored[0].card.positive_class for s in scored[0].samples])
+    positive = scored[0].positive
     results = []
     for a, b in itertools.combinations(scored, 2):
         pa, pb = a.probs[:, a.card.positive], b.probs[:, b.card.positive]
@@ -437,7 +449,7 @@ def _row(
 def _roc(scored: Sequence[Scored], path: Path) -> None:
     curves = {}
     for s in scored:
-        positive = np.array([x.label == s.card.positive_class for x in s.samples])
+        positive = s.positive
         scores = s.probs[:, s.card.positive]
         fpr, tpr, _ = metrics.roc_curve(positive, scores)
         label = s.entry.name + (" (pooled out of fold)" if s.kind == "cross-validation" else "")

@@ -117,7 +117,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{c}: " + " ".join(str(v) for v in values) for c, values in zip(row["classes"], row["confusion_matrix"], strict=True)
         ) + (f" (pooled out-of-fold AUC {row['pooled_out_of_fold_auc']:.3f})" if "pooled_out_of_fold_auc" in row else ""))  # fmt: skip
     lines += ["", "## Paired tests (same cases)", "",
-              "| first vs second | ΔAUC (SE) | p (AUC) | AUC test | Δaccuracy | p (decisions) | decision test |",
+              "| first vs second | ΔAUC (SE) | p (AUC) | AUC test | Δ right about the positive class | p (decisions) | decision test |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for pair in report["paired"]:
         auc, dec = pair["auc"], pair["decisions"]
@@ -125,7 +125,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{auc['p_value']:.3g} | {auc['method']} | {dec['difference']:+.3f} | {dec['p_value']:.3g} | {dec['method']} |")  # fmt: skip
     lines += [
         "",
-        "p values are two-sided and not corrected for the number of pairs.",
+        "p values are two-sided and not corrected for the number of pairs. The decisions are compared "
+        "on the question every model answers (is the case of the positive class?), each at its own "
+        "operating point: models of different tasks are judged alike.",
         "",
         "![ROC](roc.png)",
         "",
