@@ -348,6 +348,10 @@ def test_classify_writes_rows_per_mammogram_frame_and_case(exported, tmp_path, c
     assert main(["classify", str(root / "export" / "fusion.onnx"), str(tmp_path / "still.png"),
                  "--out", str(out)]) == 1  # fmt: skip
     assert "--ultrasound US... and --mammogram MG..." in capsys.readouterr().err
+    # a lesion localiser is not done for fusion models: refused, never silently left out
+    assert main(["classify", str(root / "export" / "fusion.onnx"), "--ultrasound", str(tmp_path / "still.png"),
+                 "--set", "localiser=loc.onnx", "--out", str(out)]) == 1  # fmt: skip
+    assert "localiser is not done for fusion models" in capsys.readouterr().err
 
 
 def test_the_model_store_refuses_a_fusion_export_rather_than_install_its_head_alone(

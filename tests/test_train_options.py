@@ -2,6 +2,7 @@
 min-max grey normalisation, frozen stages, a multi-layer head and the normal-vs-malignant task."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,10 @@ def test_normal_vs_malignant_leaves_benign_out_and_counts_it(tiny_split, tmp_pat
     config = _config(tiny_split, tmp_path, "nvm", "data.task=normal_vs_malignant")
     labels = {s.label for role in ("train", "val") for s in loop.select_samples(config, role)}
     assert labels == {"normal", "malignant"}
+
+
+def test_a_fusion_models_turned_mammograms_are_never_flipped_upside_down():
+    config = Path(__file__).resolve().parents[1] / "configs" / "fusion_phantoms.yaml"
+    with pytest.raises(ValueError, match="mg_preprocess included"):
+        load_train_config(config, ["augment.vflip=0.5"])
+    assert load_train_config(config, []).turned_laterality == "left"

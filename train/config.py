@@ -398,14 +398,25 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     patches: PatchConfig | None = None  # None: the model sees whole images
 
+    @property
+    def turned_laterality(self) -> str:
+        """The laterality normalisation any input is trained with: the preprocessing's, or a
+        fusion model's mammogram branch's (one augmentation serves every branch)."""
+        fusion = self.model.fusion
+        if fusion is not None and fusion.mg_preprocess is not None:
+            if fusion.mg_preprocess.laterality != "keep":
+                return fusion.mg_preprocess.laterality
+        return self.preprocess.laterality
+
     def __post_init__(self) -> None:
         if self.preprocess.channels not in (1, 3):
             raise ValueError("preprocess.channels must be 1 or 3")
         # vflip is refused outright; hflip, older than this check, is warned about by the loop
         # (configs written before it flipped such breasts and still train as they did)
-        if self.preprocess.laterality != "keep" and self.augment.enabled and self.augment.vflip:
+        if self.turned_laterality != "keep" and self.augment.enabled and self.augment.vflip:
             raise ValueError(
-                f"preprocess.laterality is {self.preprocess.laterality!r}: every breast is turned "
+                f"preprocess.laterality is {self.turned_laterality!r} (the mammograms' "
+                "preprocessing, a fusion model's mg_preprocess included): every breast is turned "
                 f"the same way, and augment.vflip ({self.augment.vflip}) would turn them upside "
                 "down; set it to 0 (and augment.hflip too)"
             )

@@ -247,11 +247,11 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     if missing:
         raise EdgebcError(f"the training split has no samples of class {', '.join(missing)}")
     _warn_if_merged(config, train_samples)
-    if config.preprocess.laterality != "keep" and config.augment.enabled and config.augment.hflip:
+    if config.turned_laterality != "keep" and config.augment.enabled and config.augment.hflip:
         log.warning(
             "preprocess.laterality is %r but augment.hflip is %s: the augmentation mirrors "
             "breasts the preprocessing turned; set augment.hflip: 0",
-            config.preprocess.laterality, config.augment.hflip,
+            config.turned_laterality, config.augment.hflip,
         )  # fmt: skip
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,8 @@ def _classify_fusion(settings: ClassifySettings) -> int:
 
     if settings.region or settings.auto_region:
         raise ValueError("--region and --auto-region are not done for fusion models yet")
+    if settings.localiser is not None:
+        raise ValueError("a lesion localiser is not done for fusion models yet; give none")
     classifier = FusionClassifier.open(
         settings.model_path, settings.quality, settings.mammography_quality, settings.threshold,
         settings.providers, settings.threads, settings.spin_wait,

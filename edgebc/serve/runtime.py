@@ -619,6 +619,8 @@ def _open_fusion(settings: ServeSettings) -> FusionClassifier | None:
         return None
     if settings.region is not None or settings.auto_region:
         raise ValueError("region and auto_region are not done for fusion models yet")
+    if settings.localiser is not None:
+        raise ValueError("a lesion localiser is not done for fusion models yet; give none")
     return FusionClassifier.open(settings.model_path, settings.quality,
                                  settings.mammography_quality, settings.threshold,
                                  settings.providers, settings.threads, settings.spin_wait)  # fmt: skip
