@@ -33,7 +33,8 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -418,7 +419,9 @@ class DicomStudy:
     DICOM, or the tag is absent). The patient's hash is for comparing files, never for a record."""
 
     study_sha256: str | None = None
-    patient_sha256: str | None = field(default=None, repr=False)  # a short id's hash reverses
+    patient_sha256: str | None = dataclass_field(
+        default=None, repr=False
+    )  # a short id's hash reverses
 
 
 def read_study(data: bytes, name: str = "<buffer>") -> DicomStudy:

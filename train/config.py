@@ -403,9 +403,9 @@ class TrainConfig:
         """The laterality normalisation any input is trained with: the preprocessing's, or a
         fusion model's mammogram branch's (one augmentation serves every branch)."""
         fusion = self.model.fusion
-        if fusion is not None and fusion.mg_preprocess is not None:
-            if fusion.mg_preprocess.laterality != "keep":
-                return fusion.mg_preprocess.laterality
+        mg = fusion.mg_preprocess if fusion is not None else None
+        if mg is not None and mg.laterality != "keep":
+            return mg.laterality
         return self.preprocess.laterality
 
     def __post_init__(self) -> None:
