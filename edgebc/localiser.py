@@ -21,6 +21,7 @@ import numpy as np
 
 from edgebc.backends import Backend
 from edgebc.errors import EdgebcError
+from edgebc.integrity import sha256_file
 from edgebc.metrics import softmax
 from edgebc.model_card import ModelCard
 from edgebc.preprocess import PreprocessCard, letterbox_geometry, preprocess_chw
@@ -288,8 +289,16 @@ def check_crop_trained(card: ModelCard, localiser: str | Path) -> None:
 
 
 def linked_localiser_path(card: ModelCard, model_path: str | Path) -> Path | None:
-    """Where the classifier's card says its localiser is (relative to the classifier's folder)."""
+    """Where the classifier's card says its localiser is (relative to the classifier's folder),
+    refused when the file there is not the one it was linked with."""
     if card.localiser is None:
         return None
     named = Path(card.localiser.model)
-    return named if named.is_absolute() else Path(model_path).parent / named
+    path = named if named.is_absolute() else Path(model_path).parent / named
+    expected = card.localiser.sha256
+    if expected and path.is_file() and sha256_file(path) != expected:
+        raise EdgebcError(
+            f"{path}: not the localiser model {card.name} was linked with (its sha256 differs from "
+            "the one in the card's link); link the classifier to this localiser again, or restore it"
+        )
+    return path

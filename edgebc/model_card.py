@@ -80,6 +80,9 @@ class LocaliserLink:
 
     model: str
     margin: float = DEFAULT_LOCALISER_MARGIN
+    # the localiser file's sha256 when it was linked ("" in links written before): the runtime
+    # refuses another file under that name, so a swapped localiser never crops unnoticed
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.model:

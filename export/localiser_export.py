@@ -80,6 +80,7 @@ def link_classifier(
     from dataclasses import replace
 
     from edgebc.atomic import atomic_write_bytes
+    from edgebc.integrity import sha256_file
     from edgebc.localiser import check_crop_trained, check_localiser_card
     from edgebc.model_card import LocaliserLink, read_card
 
@@ -88,7 +89,8 @@ def link_classifier(
     check_crop_trained(read_card(classifier), localiser)
     out = Path(out)
     named = os.path.relpath(Path(localiser).resolve(), out.parent.resolve())
-    card = replace(read_card(classifier), localiser=LocaliserLink(named, margin))
+    link = LocaliserLink(named, margin, sha256_file(localiser))
+    card = replace(read_card(classifier), localiser=link)
     graph = onnx.load(str(classifier))
     embed_card(graph, card)
     atomic_write_bytes(out, graph.SerializeToString())

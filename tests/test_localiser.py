@@ -11,6 +11,7 @@ import pytest
 
 from edgebc.classifier import FrameClassifier
 from edgebc.errors import EdgebcError
+from edgebc.integrity import sha256_file
 from edgebc.localiser import (
     CROP_TRAINED,
     Box,
@@ -293,7 +294,7 @@ def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(m
     linked = tmp_path / "shipped" / "cls.onnx"
     linked.parent.mkdir()
     card = link_classifier(tmp_path / "cls.onnx", tmp_path / "loc.onnx", linked, margin=0.0)
-    assert card.localiser == LocaliserLink("../loc.onnx", 0.0)
+    assert card.localiser == LocaliserLink("../loc.onnx", 0.0, sha256_file(tmp_path / "loc.onnx"))
     classifier = build_classifier(ClassifierSettings(model=str(linked), threads=1))
     assert classifier.localiser is not None and classifier.margin == 0.0
     assert classifier.classify(lesion_frame()).label == "malignant"  # the crop, as above
@@ -306,6 +307,10 @@ def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(m
     assert named.classify(lesion_frame()).label == "malignant"  # the serve config names it
     with pytest.raises(EdgebcError, match="not a lesion localiser"):
         link_classifier(tmp_path / "cls.onnx", tmp_path / "cls.onnx", tmp_path / "x.onnx")
+    # another file under the linked name (a swapped or damaged localiser) is refused
+    write_graph(tmp_path / "loc.onnx", localiser_card(0.9), [0.0, 0.0, 1.0, 1.0], 1.0, 0.0)
+    with pytest.raises(EdgebcError, match="not the localiser model cls was linked with"):
+        build_classifier(ClassifierSettings(model=str(linked), threads=1))
 
 
 def test_a_box_in_the_letterbox_bars_is_no_lesion_not_a_strip_of_the_frame_edge(tmp_path):
