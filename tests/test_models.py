@@ -25,14 +25,49 @@ def test_state_dict_keys_and_shapes_match_torchvision(name):
 
 
 def test_every_edge_and_baseline_architecture_is_registered():
-    assert set(TORCHVISION["models"]) | {"simple_cnn", "cnn17"} == set(list_models())
+    ours_only = {"simple_cnn", "cnn17", "mobilenet_v3_small_minimal"}  # no torchvision twin
+    assert set(TORCHVISION["models"]) | ours_only == set(list_models())
     assert set(list_models("edge")) == {
         n for n in TORCHVISION["models"] if n.startswith(("mobilenet", "shufflenet"))
-    }
+    } | {"mobilenet_v3_small_minimal"}
+
+
+def test_minimalistic_mobilenet_v3_small_drops_se_hard_swish_and_5x5_kernels():
+    """The paper's minimalistic Small: Small's keys without squeeze-excite (each block's
+    projection moves up one index where it drops it), no hard-swish anywhere, 3x3 depthwise."""
+    minimal = create_model("mobilenet_v3_small_minimal", num_classes=1000, in_channels=3)
+    modules = list(minimal.modules())
+    assert not any(isinstance(m, torch.nn.Hardswish | torch.nn.Hardsigmoid) for m in modules)
+    depthwise = [m for m in modules if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 11 and {m.kernel_size for m in depthwise} == {(3, 3)}
+    small = dict(TORCHVISION["models"]["mobilenet_v3_small"])
+    ours = {k: list(v.shape) for k, v in minimal.state_dict().items()}
+    assert not any(".fc1." in k or ".fc2." in k for k in ours)
+    # the same widths, layer for layer: Small's tensors without squeeze-excite's, in order, have
+    # our shapes (depthwise kernels 3x3 where Small's later blocks have 5x5)
+    small_layers = [
+        shape for key, shape in small.items() if ".fc1." not in key and ".fc2." not in key
+    ]
+    assert len(small_layers) == len(ours)
+    for (key, shape), theirs in zip(ours.items(), small_layers, strict=True):
+        if len(shape) == 4 and shape[1] == 1 and shape[2:] == [3, 3]:  # a depthwise kernel
+            assert theirs[:2] == shape[:2] and theirs[2:] in ([3, 3], [5, 5]), key
+        else:
+            assert theirs == shape, key
+    assert sum(v.numel() for v in minimal.parameters()) < sum(
+        v.numel() for v in create_model("mobilenet_v3_small", 1000, 3).parameters()
+    )
 
 
 @pytest.mark.parametrize(
-    "name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "simple_cnn", "resnet18"]
+    "name",
+    [
+        "mobilenet_v3_small",
+        "mobilenet_v3_small_minimal",
+        "shufflenet_v2_x0_5",
+        "simple_cnn",
+        "resnet18",
+    ],
 )
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_gives_one_logit_per_class(name, channels):

@@ -3,6 +3,13 @@
 Hard-swish, squeeze-excitation and depthwise convolutions make it the edge model of choice and
 the one quantization and some exporters trip on; keep this definition plain so both see the
 standard pattern.
+
+`mobilenet_v3_small_minimal` is the paper's "minimalistic" Small (section 6.1.2 and TensorFlow's
+MobileNetV3SmallMinimalistic): no squeeze-excite, ReLU wherever Small has hard-swish (stem, blocks,
+last convolution, classifier) and every depthwise kernel 3x3, for hardware and INT8 kernels that
+run those poorly. Same widths, strides and module names as Small (torchvision has no such model;
+its keys are Small's without the `block.N.fc1/fc2` of squeeze-excite, the projection one index
+earlier where a block drops it).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ _SMALL = [
     (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1), (48, 5, 288, 96, True, "HS", 2),
     (96, 5, 576, 96, True, "HS", 1), (96, 5, 576, 96, True, "HS", 1),
 ]  # fmt: skip
+_SMALL_MINIMAL = [(i, 3, e, o, False, "RE", s) for i, _, e, o, _, _, s in _SMALL]
 _LARGE = [
     (16, 3, 16, 16, False, "RE", 1), (16, 3, 64, 24, False, "RE", 2), (24, 3, 72, 24, False, "RE", 1),
     (24, 5, 72, 40, True, "RE", 2), (40, 5, 120, 40, True, "RE", 1), (40, 5, 120, 40, True, "RE", 1),
@@ -104,23 +112,26 @@ class MobileNetV3(nn.Module):
         num_classes: int,
         in_channels: int,
         dropout: float,
+        activation: type[nn.Module] = nn.Hardswish,
     ) -> None:
+        """`activation`: the stem's, the last convolution's and the classifier's (the blocks say
+        their own); ReLU in the minimalistic variant."""
         super().__init__()
         layers: list[nn.Module] = [
             ConvNormActivation(
-                in_channels, blocks[0].in_channels, 3, 2, norm_layer=_norm, activation=nn.Hardswish
+                in_channels, blocks[0].in_channels, 3, 2, norm_layer=_norm, activation=activation
             )
         ]
         layers += [InvertedResidual(cfg) for cfg in blocks]
         last_in = blocks[-1].out_channels
         layers.append(
-            ConvNormActivation(last_in, 6 * last_in, 1, norm_layer=_norm, activation=nn.Hardswish)
+            ConvNormActivation(last_in, 6 * last_in, 1, norm_layer=_norm, activation=activation)
         )
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(
             nn.Linear(6 * last_in, last_channel),
-            nn.Hardswish(inplace=True),
+            activation(inplace=True),
             nn.Dropout(p=dropout, inplace=True),
             nn.Linear(last_channel, num_classes),
         )
@@ -141,7 +152,7 @@ class MobileNetV3(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _builder(blocks: list[tuple], last_channel: int):  # type: ignore[no-untyped-def]
+def _builder(blocks: list[tuple], last_channel: int, activation: type[nn.Module] = nn.Hardswish):  # type: ignore[no-untyped-def]
     def build(num_classes: int, in_channels: int, width_mult: float, dropout: float) -> MobileNetV3:
         return MobileNetV3(
             _scaled(blocks, width_mult),
@@ -149,6 +160,7 @@ def _builder(blocks: list[tuple], last_channel: int):  # type: ignore[no-untyped
             num_classes,
             in_channels,
             dropout,
+            activation,
         )
 
     return build
@@ -166,11 +178,12 @@ def _stages(blocks: list[tuple]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(stage) for stage in stages)
 
 
-for _name, _blocks, _last in (
-    ("mobilenet_v3_small", _SMALL, 1024),
-    ("mobilenet_v3_large", _LARGE, 1280),
+for _name, _blocks, _last, _activation, _tv_name in (
+    ("mobilenet_v3_small", _SMALL, 1024, nn.Hardswish, "mobilenet_v3_small"),
+    ("mobilenet_v3_large", _LARGE, 1280, nn.Hardswish, "mobilenet_v3_large"),
+    ("mobilenet_v3_small_minimal", _SMALL_MINIMAL, 1024, nn.ReLU, None),
 ):
     register_model(
-        ModelSpec(_name, _builder(_blocks, _last), classifier="classifier.3", first_conv="features.0.0",
-                  cam_layer="features", family="edge", torchvision_name=_name, stages=_stages(_blocks))
+        ModelSpec(_name, _builder(_blocks, _last, _activation), classifier="classifier.3", first_conv="features.0.0",
+                  cam_layer="features", family="edge", torchvision_name=_tv_name, stages=_stages(_blocks))
     )  # fmt: skip
