@@ -54,6 +54,9 @@ def test_minimalistic_mobilenet_v3_small_drops_se_hard_swish_and_5x5_kernels():
             assert theirs[:2] == shape[:2] and theirs[2:] in ([3, 3], [5, 5]), key
         else:
             assert theirs == shape, key
+    minimal.train()(
+        torch.randn(2, 3, 64, 64)
+    ).sum().backward()  # trains (nothing in place breaks it)
     assert sum(v.numel() for v in minimal.parameters()) < sum(
         v.numel() for v in create_model("mobilenet_v3_small", 1000, 3).parameters()
     )

@@ -132,7 +132,7 @@ class MobileNetV3(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(6 * last_in, last_channel),
             activation(inplace=True),
-            nn.Dropout(p=dropout, inplace=True),
+            nn.Dropout(p=dropout),  # not in place: a ReLU before it needs its output in backward
             nn.Linear(last_channel, num_classes),
         )
         for module in self.modules():
