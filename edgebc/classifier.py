@@ -131,7 +131,9 @@ class FrameClassifier:
             )
         self.localiser = localiser
         link = self.card.localiser
-        link_margin = link.margin if link is not None else DEFAULT_LOCALISER_MARGIN
+        trained = self.card.lineage.get("localiser") or {}  # the crops it was trained on
+        link_margin = (link.margin if link is not None
+                       else float(trained.get("margin", DEFAULT_LOCALISER_MARGIN)))  # fmt: skip
         self.margin = link_margin if margin is None else margin
         self.rule = DecisionRule.of(self.card, threshold)
         self.threshold = self.rule.threshold

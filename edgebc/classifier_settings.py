@@ -95,5 +95,7 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
     classifier = FrameClassifier(backend, region, settings.quality, settings.threshold,
                                  settings.shift, settings.shift_window, settings.mammography_quality,
                                  localiser, settings.localiser_margin)  # fmt: skip
+    if localiser_path is not None:  # the margin it crops with must be the one it was trained on
+        check_crop_trained(backend.card, localiser_path, classifier.margin)
     log.info("shift check: %s", classifier.shift_note)  # once, where the classifier is built
     return classifier

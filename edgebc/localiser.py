@@ -271,20 +271,99 @@ def open_localiser(path: str | Path, threads: int = 1, threshold: float | None =
 
 
 # what a classifier's card lineage says when it was trained on localiser crops (its threshold,
-# bound and shift statistics then hold for crops); no training path writes it yet
+# bound and shift statistics then hold for crops); `lineage["localiser"]` then names the localiser
+# whose crops it saw: {"model": path, "sha256": ..., "margin": ...}
 CROP_TRAINED = "lesion localiser crops"
 
 
-def check_crop_trained(card: ModelCard, localiser: str | Path) -> None:
-    """Refuse to put a localiser in front of a classifier trained on whole frames: its operating
-    point, sensitivity bound and shift statistics were fitted on whole frames, and on crops it
-    answers worse than it says (docs/LOCALISER.md: the recommended model's AUC 0.862 -> 0.741 and
-    end-to-end sensitivity 0.950 -> 0.813 on the shared test split)."""
+class LesionCrop:
+    """The crop the cart classifies, made the cart's way (locate, widen by the margin, cut), for
+    reading frames in training, evaluation and calibration: one crop for the device and the
+    data it learnt from. Unlike the cart it crops every frame, a frame below the localiser's
+    threshold too (at its best box): a model must learn what a crop of lesion-free tissue looks
+    like, and the cart gives those frames no class anyway. A box wholly in the letterbox bars
+    (no area on the image) leaves the frame whole; `uncropped` counts them."""
+
+    def __init__(self, localiser: Localiser, margin: float) -> None:
+        self.localiser = localiser
+        self.margin = float(margin)
+        self.uncropped = 0
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        where = self.localiser.locate([frame])[0]
+        if not where.on_image:
+            self.uncropped += 1
+            return frame
+        x0, y0, x1, y1 = crop_box(where.box, frame.shape[:2], self.margin)
+        return frame[y0:y1, x0:x1]
+
+    def lineage(self, path: str | Path) -> dict[str, object]:
+        """What a card trained on these crops records of them."""
+        return {"model": str(path), "sha256": self.localiser.model_sha256, "margin": self.margin}
+
+
+def open_lesion_crop(path: str | Path, margin: float, threads: int = 1) -> LesionCrop:
+    """The localiser at `path` as a frame cropper for training-side reading."""
+    return LesionCrop(open_localiser(path, threads=threads), margin)
+
+
+def lesion_crop_of(
+    card: ModelCard, model_path: str | Path | None = None, also: Sequence[str | Path] = ()
+) -> LesionCrop | None:
+    """The crop a classifier was trained on, from its card's lineage (None: whole frames), so
+    evaluation and calibration read frames as training did. The localiser is the file whose
+    sha256 the lineage holds, looked for where the lineage names it, beside the model
+    (`model_path`: an export ships it there), where the card's link names it, and in `also` (a
+    checkpoint's training configuration); a file of another sha256 is refused, never used."""
+    if card.lineage.get("input_crop") != CROP_TRAINED:
+        return None
+    trained = card.lineage.get("localiser") or {}
+    named = Path(str(trained.get("model", "")))
+    places = [named, *map(Path, also)]
+    if model_path is not None:
+        places.append(Path(model_path).parent / named.name)
+        if card.localiser is not None:
+            places.append(Path(model_path).parent / card.localiser.model)
+    present = [p for p in places if p.is_file()]
+    for path in present:
+        if sha256_file(path) == trained.get("sha256"):
+            return open_lesion_crop(path, float(trained.get("margin", 0.15)))
+    if present:
+        raise EdgebcError(
+            f"{present[0]}: not the localiser model {card.name} was trained behind (its sha256 "
+            "differs from the card's lineage)"
+        )
+    raise EdgebcError(
+        f"model {card.name} was trained on crops of the localiser {named}, which is not there "
+        "(nor beside the model): its frames cannot be read as it was trained on"
+    )
+
+
+def check_crop_trained(card: ModelCard, localiser: str | Path, margin: float | None = None) -> None:
+    """Refuse to put a localiser in front of a classifier that was not trained on its crops: a
+    classifier trained on whole frames has its operating point, sensitivity bound and shift
+    statistics fitted on whole frames, and on crops it answers worse than it says
+    (docs/LOCALISER.md: the recommended model's AUC 0.862 -> 0.741 and end-to-end sensitivity
+    0.950 -> 0.813 on the shared test split); one trained behind another localiser, or with
+    another margin, saw other crops."""
     if card.lineage.get("input_crop") != CROP_TRAINED:
         raise EdgebcError(
             f"model {card.name} was trained on whole frames, not on crops of {localiser}: its "
             "threshold and sensitivity bound do not hold for crops (measured: docs/LOCALISER.md); "
             "train the classifier on localiser crops, or run it without the localiser"
+        )
+    trained = card.lineage.get("localiser") or {}
+    expected = trained.get("sha256")
+    if expected and Path(localiser).is_file() and sha256_file(localiser) != expected:
+        raise EdgebcError(
+            f"model {card.name} was trained on the crops of another localiser than {localiser} "
+            "(sha256 differs from its card's lineage): its threshold does not hold for this "
+            "one's crops; use the localiser it was trained behind"
+        )
+    if margin is not None and "margin" in trained and abs(float(trained["margin"]) - margin) > 1e-9:
+        raise EdgebcError(
+            f"model {card.name} was trained on crops with margin {trained['margin']}, not "
+            f"{margin}: set localiser_margin: {trained['margin']}"
         )
 
 

@@ -29,6 +29,7 @@ from edgebc.data.records import Sample
 from edgebc.data.sample_image import sample_input
 from edgebc.errors import EdgebcError
 from edgebc.integrity import MANIFEST_NAME, verify_artifact
+from edgebc.localiser import lesion_crop_of
 from edgebc.model_card import ModelCard, OperatingPoint, read_card, without_machine_paths
 from edgebc.release import SITE_ENTRY, write_release
 from edgebc.task import Task
@@ -121,10 +122,11 @@ def model_logits(backend: Backend, samples: Sequence[Sample], progress: Progress
     """Logits of every sample, preprocessed by the card and run through the cart's backend, in
     batches (a few hundred frames at once would not fit a cart's memory)."""
     card, step = backend.card, min(batch, backend.card.max_batch)
+    crop = lesion_crop_of(card)  # a classifier trained on localiser crops is calibrated on crops
     out = []
     for start in range(0, len(samples), step):
         chunk = samples[start : start + step]
-        images = np.stack([sample_input(s, card.preprocess) for s in chunk])
+        images = np.stack([sample_input(s, card.preprocess, crop) for s in chunk])
         out.append(backend.run(images))
         if progress is not None:
             progress(len(chunk))

@@ -78,8 +78,18 @@ class DataConfig:
     # only for phantom runs: make the phantoms and the split when the manifest is missing (real
     # data is never made up: without this a missing manifest is an error)
     phantoms: PhantomRecipe | None = None
+    # train on the lesion localiser's crops (an exported localiser .onnx, docs/LOCALISER.md): every
+    # frame of every split is read as the cart reads it behind that localiser (locate, widen the
+    # box by localiser_margin per side, crop), and the card's lineage names the localiser, so the
+    # cart runs this classifier only behind it (edgebc.localiser.check_crop_trained)
+    localiser: str | None = None
+    localiser_margin: float = 0.15
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.localiser_margin <= 2.0:
+            raise ValueError(
+                f"data.localiser_margin is a fraction 0..2 of the box, got {self.localiser_margin}"
+            )
         self.resolved_task()  # a task name, class list or positive class that cannot be is named now
 
     def resolved_task(self) -> Task:
@@ -440,6 +450,15 @@ class TrainConfig:
         if self.model.views and self.patches is not None:
             raise ValueError(
                 "model.views (whole views of a case) and patches are two input modes: pick one"
+            )
+        if self.data.localiser and (
+            self.model.views or self.model.fusion is not None or self.patches is not None
+            or self.optim.mask_loss_weight > 0 or self.data.modality != "us"
+        ):  # fmt: skip
+            raise ValueError(
+                "data.localiser crops ultrasound frames to the lesion for a one-image classifier: "
+                "it needs data.modality us and no model.views, model.fusion, patches or "
+                "optim.mask_loss_weight (the lesion mask is drawn on the whole frame)"
             )
         if self.patches is not None and (
             self.preprocess.pectoral != "keep" or self.preprocess.clahe_clip > 0

@@ -35,6 +35,7 @@ from edgebc.data.records import Sample
 from edgebc.data.sample_image import sample_input
 from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
+from edgebc.localiser import lesion_crop_of
 from edgebc.model_card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -305,9 +306,12 @@ def _probabilities(
     run: Callable[[np.ndarray], np.ndarray], samples: Sequence[Sample], card: ModelCard
 ) -> np.ndarray:
     """Calibrated probabilities for `samples` through the shared preprocessing, in batches."""
+    crop = lesion_crop_of(card)
     out = []
     for start in range(0, len(samples), 32):
-        batch = np.stack([sample_input(s, card.preprocess) for s in samples[start : start + 32]])
+        batch = np.stack(
+            [sample_input(s, card.preprocess, crop) for s in samples[start : start + 32]]
+        )
         out.append(run(batch))
     return metrics.softmax(np.concatenate(out), card.temperature)
 

@@ -10,7 +10,7 @@ Lesion masks (for the auxiliary mask loss) take the same letterbox geometry as t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +31,15 @@ torch = require("torch", "training")
 class SampleDataset(torch.utils.data.Dataset):
     """(tensor C x H x W float32, class index) for each sample, via the shared preprocessing."""
 
-    def __init__(self, samples: Sequence[Sample], prep: PreprocessCard, task: Task) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        prep: PreprocessCard,
+        task: Task,
+        crop: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """`crop`: each frame cut as the cart cuts it before the preprocessing (the lesion
+        localiser's crop, edgebc.localiser.LesionCrop), None for whole frames."""
         unknown = sorted({s.label for s in samples if not task.takes(s.label)})
         if unknown:
             raise ValueError(
@@ -41,6 +49,7 @@ class SampleDataset(torch.utils.data.Dataset):
         self.samples = list(samples)
         self.prep = prep
         self.task = task
+        self.crop = crop
         self._targets = task.encode(s.label for s in self.samples)
 
     def __len__(self) -> int:
@@ -48,7 +57,7 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        tensor = torch.from_numpy(sample_input(sample, self.prep))
+        tensor = torch.from_numpy(sample_input(sample, self.prep, self.crop))
         return tensor, int(self._targets[index])
 
     def mask(self, index: int) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from edgebc.data.records import Sample
 from edgebc.data.sample_image import read_sample, sample_input
 from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
+from edgebc.localiser import lesion_crop_of
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
 from edgebc.preprocess import PreprocessCard, prepared_frame
@@ -114,7 +115,10 @@ def evaluate_with_predictions(
         raise EdgebcError(
             f"{data}: no samples{where}{f' fold {fold}' if fold is not None else ''} for task {task.name}"
         )
-    images = np.stack([sample_input(s, prep) for s in samples])
+    crop = lesion_crop_of(
+        card, checkpoint, model.trained_localiser
+    )  # crops if it was trained on them
+    images = np.stack([sample_input(s, prep, crop) for s in samples])
     y = task.encode(s.label for s in samples)
     logits = model.logits(images)
     probs = metrics.softmax(logits, card.temperature)
@@ -150,6 +154,7 @@ class _EvalModel:
     def __init__(self, path: Path, device: str) -> None:
         self.path = path
         self._torch_model: Any = None
+        self.trained_localiser: list[str] = []  # where its training configuration found it
         self.runtime: Backend
         if path.suffix.lower() == ".onnx":
             # The runtime's own backend: it checks MANIFEST.sha256 and reads the card.
@@ -161,6 +166,8 @@ class _EvalModel:
             torch_backend = TorchBackend(path, device)
             self.runtime, self.backend = torch_backend, "pytorch"
             self._torch_model = torch_backend.module
+            data = (torch_backend.config or {}).get("data") or {}
+            self.trained_localiser = [data["localiser"]] if data.get("localiser") else []
         self.card: ModelCard = self.runtime.card
 
     def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -192,6 +199,8 @@ class _EvalModel:
             return None
         if self._torch_model is None:
             return "not available for ONNX models: Grad-CAM needs gradients"
+        if self.card.lineage.get("input_crop"):
+            return "not measured: the lesion masks are drawn on whole frames, the model reads crops"
         from edgebc.train.dataset import lesion_mask_on_input
         from edgebc.train.gradcam import lesion_attention
         from edgebc.train.models import model_spec

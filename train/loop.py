@@ -17,6 +17,7 @@ operating point on validation and writes them into the card of `best.pt`.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -39,6 +40,7 @@ from edgebc.data import read_dataset
 from edgebc.data.records import Sample, card_modality
 from edgebc.decision import DecisionRule
 from edgebc.errors import ConfigError, EdgebcError
+from edgebc.localiser import CROP_TRAINED, LesionCrop, open_lesion_crop
 from edgebc.model_card import ModelCard, ModelInput, ModelOutput, single_input
 from edgebc.optional import require
 from edgebc.task import Task
@@ -260,7 +262,7 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
         )
     prep = config.preprocess
     views = config.model.views
-    train_set = SampleDataset(train_samples, prep, task)
+    train_set = SampleDataset(train_samples, prep, task, lesion_crop(config))
     train_x, train_y, train_rows = _cache_split(config, train_samples, "cache train")
     train_masks = has_mask = None
     if config.optim.mask_loss_weight > 0:
@@ -371,7 +373,8 @@ def _prepare(config: TrainConfig, resume: Path | None, dist: Distributed) -> _Ru
     run = _Run(
         config, run_dir, device, task, train_x, train_y, val_x, val_y, [s.unit for s in val_rows], calibration,
         train_masks, has_mask,
-        train_soft, fingerprint, lineage_of(pretrained_report, provenance), pretrained_report,
+        train_soft, fingerprint, {**lineage_of(pretrained_report, provenance), **crop_lineage(config)},
+        pretrained_report,
         model, ema, supervised, trained, train_module, loss_fn, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         _augmenter(config), torch.Generator().manual_seed(config.seed),
@@ -400,9 +403,14 @@ def _cache_split(
         return cache_cases(samples, config.preprocess, task, config.model.views,
                            config.loader_workers, desc)  # fmt: skip
     if patches is None:
+        crop = lesion_crop(config)
         x, y = cache_tensors(
-            SampleDataset(samples, config.preprocess, task), config.loader_workers, desc
+            SampleDataset(samples, config.preprocess, task, crop), config.loader_workers, desc
         )
+        if crop is not None and crop.uncropped:
+            log.warning("%s: %d frames left whole (the localiser's box lay off the image)",
+                        desc, crop.uncropped)  # fmt: skip
+            crop.uncropped = 0
         return x, y, samples
     from edgebc.train.patches import PatchSampling, cache_patches
 
@@ -410,6 +418,28 @@ def _cache_split(
     return cache_patches(
         samples, config.preprocess, patches.card(), task, sampling, config.seed, desc
     )
+
+
+@functools.cache
+def _open_crop(path: str, margin: float) -> LesionCrop:
+    return open_lesion_crop(path, margin)
+
+
+def lesion_crop(config: TrainConfig) -> LesionCrop | None:
+    """The localiser's crop every frame is read through (data.localiser), None for whole frames;
+    opened once per run."""
+    if not config.data.localiser:
+        return None
+    return _open_crop(str(Path(config.data.localiser).resolve()), config.data.localiser_margin)
+
+
+def crop_lineage(config: TrainConfig) -> dict[str, Any]:
+    """What the card records of the crops the model was trained on (edgebc.localiser)."""
+    crop = lesion_crop(config)
+    if crop is None:
+        return {}
+    return {"input_crop": CROP_TRAINED,
+            "localiser": crop.lineage(Path(config.data.localiser or "").resolve())}  # fmt: skip
 
 
 def _restore(run: _Run, state: Checkpoint) -> None:

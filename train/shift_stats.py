@@ -87,12 +87,13 @@ def cached_split(config: Any, role: str) -> tuple[Any, list[str]]:
     """The model inputs of one split of a training configuration, and their units (patients, or
     images), read through the shared preprocessing as training read them."""
     from edgebc.train.dataset import SampleDataset, cache_tensors
-    from edgebc.train.loop import select_samples
+    from edgebc.train.loop import lesion_crop, select_samples
 
     samples = select_samples(config, role)
     if not samples:
         return None, []
-    dataset = SampleDataset(samples, config.preprocess, config.data.resolved_task())
+    task = config.data.resolved_task()
+    dataset = SampleDataset(samples, config.preprocess, task, lesion_crop(config))
     images, _ = cache_tensors(dataset, config.loader_workers, f"cache {role}")
     return images, [s.unit for s in samples]
 

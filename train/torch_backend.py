@@ -31,7 +31,7 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.card, model = _card_and_model(checkpoint)
+        self.card, model, self.config = _card_and_model(checkpoint)
         self._module: Any = model.to(self.device).eval()
         self._named: Any = None  # the module returning every card output, built when first asked
         self.model_sha256 = sha256_file(checkpoint)
@@ -129,9 +129,10 @@ class CudaGraphsTorchBackend(TorchBackend):
         return graph, static_in, static_out
 
 
-def _card_and_model(checkpoint: Path) -> tuple[ModelCard, Any]:
-    """The card the export would embed and the rebuilt model (eval mode, CPU): the one place this
-    module reads a checkpoint, so a change of the checkpoint's format changes only this."""
+def _card_and_model(checkpoint: Path) -> tuple[ModelCard, Any, dict[str, Any]]:
+    """The card the export would embed, the rebuilt model (eval mode, CPU) and the training
+    configuration: the one place this module reads a checkpoint, so a change of the checkpoint's
+    format changes only this."""
     from edgebc.export.onnx_export import card_for_export
     from edgebc.train.checkpoint import load_checkpoint, model_from_checkpoint
     from edgebc.train.models.features import card_with_features
@@ -140,4 +141,4 @@ def _card_and_model(checkpoint: Path) -> tuple[ModelCard, Any]:
     model = model_from_checkpoint(loaded)
     card = card_for_export(card_with_features(loaded.card, model), name=checkpoint.stem,
                            max_batch=64, source=str(checkpoint))  # fmt: skip
-    return card, model
+    return card, model, dict(loaded.config or {})

@@ -9,6 +9,7 @@ the pectoral muscle is looked for. Ultrasound is read exactly as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,13 @@ def sample_view(sample: Sample, header: ImageView | None = None) -> ImageView:
     return header
 
 
-def sample_input(sample: Sample, prep: PreprocessCard) -> np.ndarray:
-    """One sample's (C, H, W) model input: its pixels and view through the shared preprocessing."""
+def sample_input(
+    sample: Sample,
+    prep: PreprocessCard,
+    crop: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """One sample's (C, H, W) model input: its pixels and view through the shared preprocessing;
+    for a classifier trained on lesion crops, cropped first as the cart crops
+    (`edgebc.localiser.lesion_crop_of(card)`)."""
     image, view = read_sample(sample)
-    return preprocess_chw(image, prep, view=view)
+    return preprocess_chw(image if crop is None else crop(image), prep, view=view)
