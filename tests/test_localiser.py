@@ -259,6 +259,18 @@ def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(mod
     assert crop["no_decision"] == {"no_lesion": 3}
     assert crop["specificity_end_to_end"] == 1.0
     assert report["crop"]["site"]["frames"] == 4
+    # paired, on the same frames: the crop found one more malignant frame of the two
+    paired = report["whole_minus_crop"]["all"]
+    assert paired["sensitivity_end_to_end"]["difference"] == -0.5
+    assert paired["sensitivity_end_to_end"]["malignant_frames"] == 2
+    assert paired["auc_both_decided"] == {"frames": 1, "difference": None, "p": None}
+    assert paired["auc_end_to_end"]["frames"] == 4
+    # a classifier trained on the crops runs the crop pipeline when named
+    other = write_graph(tmp_path / "crops.onnx", classifier_card(), None, gain=-4.0, bias=0.0)
+    flipped = compare(tmp_path / "cls.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50,
+                      crop_classifier_path=other)  # fmt: skip
+    assert flipped["crop_classifier"] == str(other)
+    assert flipped["crop"]["all"]["sensitivity_end_to_end"] == 0.0  # it calls the bright crop benign
 
 
 def test_the_local_display_outlines_a_found_lesion_and_not_a_box_below_threshold():
