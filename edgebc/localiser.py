@@ -284,9 +284,10 @@ class LesionCrop:
     like, and the cart gives those frames no class anyway. A box wholly in the letterbox bars
     (no area on the image) leaves the frame whole; `uncropped` counts them."""
 
-    def __init__(self, localiser: Localiser, margin: float) -> None:
+    def __init__(self, localiser: Localiser, margin: float, path: Path | None = None) -> None:
         self.localiser = localiser
         self.margin = float(margin)
+        self.path = path  # the localiser's file, where known
         self.uncropped = 0
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
@@ -304,7 +305,7 @@ class LesionCrop:
 
 def open_lesion_crop(path: str | Path, margin: float, threads: int = 1) -> LesionCrop:
     """The localiser at `path` as a frame cropper for training-side reading."""
-    return LesionCrop(open_localiser(path, threads=threads), margin)
+    return LesionCrop(open_localiser(path, threads=threads), margin, Path(path))
 
 
 def lesion_crop_of(

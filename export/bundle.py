@@ -3,7 +3,9 @@
 Writes into one folder: `<name>.onnx` (FP32, card embedded, ONNX Runtime vs PyTorch parity) — for
 a fusion model (one branch per modality) that is the fusion head, beside one `<name>.<branch>.onnx`
 per branch (edgebc.export.fusion_export), each checked alone and end to end —, optionally `<name>.fp16.onnx`, `<name>.int8.onnx` (with its parity report and latency evidence),
-a TensorRT engine with sidecar, a Triton repository; then `export.json` / `export.md` with every
+a TensorRT engine with sidecar, a Triton repository; for a classifier trained on lesion-localiser
+crops, `<name>.localiser.onnx` (the localiser it was trained behind, linked from its card; every
+check frame cropped as it was trained); then `export.json` / `export.md` with every
 number, and `MANIFEST.sha256` over the artifacts so a device can refuse a damaged copy.
 """
 
@@ -14,12 +16,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgebc.atomic import atomic_write_text
+import numpy as np
+
+from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.fusion_graphs import HEAD
 from edgebc.integrity import write_manifest
+from edgebc.localiser import LesionCrop, lesion_crop_of
+from edgebc.model_card import read_card
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,11 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     if _is_fusion_checkpoint(checkpoint):  # refuses what it cannot do before making a folder
         return _run_fusion_export(checkpoint, options)
     out.mkdir(parents=True, exist_ok=True)
+    crop = _trained_crop(checkpoint)  # a classifier trained on localiser crops checks on crops
     frames = (
-        load_frames(options.verify_data, options.verify_count)[0] if options.verify_data else []
+        _cropped(load_frames(options.verify_data, options.verify_count)[0], crop)
+        if options.verify_data
+        else []
     )
     fp32_path, card, parity = export_onnx(
         checkpoint,
@@ -67,6 +76,11 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         "onnx": {"path": fp32_path.name, "parity_vs_torch": asdict(parity)},
     }
     artifacts = [fp32_path]
+    if crop is not None and crop.path is not None:
+        artifacts.append(_ship_localiser(fp32_path, crop.path, crop.margin))
+        card = read_card(fp32_path)
+        report["card"] = card.to_dict()
+        report["localiser"] = {"path": artifacts[-1].name, "margin": crop.margin}
     if options.fp16:
         fp16_path, _, fp16_parity = export_fp16(
             fp32_path, out / f"{options.name}.fp16.onnx", frames
@@ -87,6 +101,7 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         check, labels = load_frames(
             options.check_data, options.check_count, split=options.check_split
         )
+        calibration, check = _cropped(calibration, crop), _cropped(check, crop)
         if not labels:
             raise EdgebcError(
                 f"{options.check_data}: the check set must be labelled (a manifest or class folders), not a video"
@@ -131,6 +146,29 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     atomic_write_text(out / "export.md", render_markdown(report))
     write_manifest(out, artifacts)
     return report
+
+
+def _trained_crop(checkpoint: str | Path) -> LesionCrop | None:
+    """The localiser crop the checkpoint's model was trained on (None: whole frames)."""
+    from edgebc.train.checkpoint import load_checkpoint
+
+    return lesion_crop_of(load_checkpoint(checkpoint).card)
+
+
+def _cropped(frames: list[np.ndarray], crop: LesionCrop | None) -> list[np.ndarray]:
+    return frames if crop is None else [crop(frame) for frame in frames]
+
+
+def _ship_localiser(model: Path, localiser: Path, margin: float) -> Path:
+    """Copy the localiser the model was trained behind beside it and link the model's card to the
+    copy (edgebc.export.localiser_export.link_classifier): the export runs on a cart as trained,
+    localise -> crop -> classify, and the two files travel under one MANIFEST."""
+    from edgebc.export.localiser_export import link_classifier
+
+    shipped = model.parent / f"{model.stem}.localiser.onnx"
+    atomic_write_bytes(shipped, localiser.read_bytes())
+    link_classifier(model, shipped, model, margin)
+    return shipped
 
 
 def _is_fusion_checkpoint(checkpoint: str | Path) -> bool:

@@ -129,6 +129,9 @@ def test_the_config_refuses_a_localiser_where_crops_cannot_be_made():
 
 def test_a_run_on_crops_says_so_in_its_card_and_is_evaluated_on_crops(tmp_path):
     torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
+    import cv2
+
     from edgebc.data import read_manifest, write_manifest
     from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
     from edgebc.train import loop
@@ -157,6 +160,21 @@ def test_a_run_on_crops_says_so_in_its_card_and_is_evaluated_on_crops(tmp_path):
         best, manifest, tmp_path / "eval", split="test", n_boot=50, gradcam_per_kind=0
     )
     assert report["n"] > 0
+    # the export ships the localiser beside the model, linked, under one manifest: the cart
+    # localises and crops with the trained margin without being told
+    from edgebc.classifier_settings import ClassifierSettings, build_classifier
+    from edgebc.export.bundle import ExportOptions, run_export
+    from edgebc.integrity import verify_artifact
+
+    out = tmp_path / "export"
+    run_export(best, ExportOptions(out_dir=out, verify_data=str(manifest), verify_count=4))
+    shipped = out / "model.localiser.onnx"
+    assert sha256_file(shipped) == sha256_file(loc)
+    assert verify_artifact(out / "model.onnx") and verify_artifact(shipped)  # listed and whole
+    cart = build_classifier(ClassifierSettings(model=str(out / "model.onnx"), threads=1))
+    assert cart.localiser is not None and cart.margin == 0.2
+    frame = cv2.imread(str(split[0].path), cv2.IMREAD_UNCHANGED)
+    assert cart.classify(frame).box is not None
     (tmp_path / "loc.onnx").write_bytes(b"not the localiser")
     with pytest.raises(EdgebcError, match="not the localiser model"):
         evaluate_checkpoint(

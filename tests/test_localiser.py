@@ -270,7 +270,9 @@ def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(mod
     flipped = compare(tmp_path / "cls.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50,
                       crop_classifier_path=other)  # fmt: skip
     assert flipped["crop_classifier"] == str(other)
-    assert flipped["crop"]["all"]["sensitivity_end_to_end"] == 0.0  # it calls the bright crop benign
+    assert (
+        flipped["crop"]["all"]["sensitivity_end_to_end"] == 0.0
+    )  # it calls the bright crop benign
 
 
 def test_the_local_display_outlines_a_found_lesion_and_not_a_box_below_threshold():
