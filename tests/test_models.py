@@ -83,7 +83,10 @@ def test_forward_gives_one_logit_per_class(name, channels):
 # input their five (cnn17: three) halvings leave a grid for, so the heavy ones stay quick. Their
 # ONNX export and its parity with torch are proven at full width by the slow
 # test_export.py::test_every_architecture_exports_with_parity, which takes every registered name.
-COMPARISON = ["resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet", "cnn17"]
+COMPARISON = ["resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet", "inception_v3", "cnn17"]
+# (smallest input, Grad-CAM input) where 32 and 96 px are too small: Inception-v3's stem and two
+# unpadded grid reductions need 75 px, and 160 px to leave a 3x3 grid at its CAM layer
+SIZES = {"inception_v3": (75, 160)}
 
 
 @pytest.mark.parametrize("name", COMPARISON)
@@ -98,19 +101,20 @@ def test_comparison_architectures_classify_and_show_grad_cam(name, channels, cla
     assert spec.family == "baseline"
     assert model.get_submodule(spec.first_conv).in_channels == channels
     assert model.get_submodule(spec.classifier).out_features == classes
+    smallest, seen = SIZES.get(name, (32, 96))
     with torch.no_grad():
-        assert model(torch.rand(2, channels, 32, 32)).shape == (2, classes)
-    image = torch.rand(channels, 96, 96)  # a grid of 3x3 or more at the CAM layer
+        assert model(torch.rand(2, channels, smallest, smallest)).shape == (2, classes)
+    image = torch.rand(channels, seen, seen)  # a grid of 3x3 or more at the CAM layer
     # BatchNorm's statistics from one batch (momentum None: their plain average), so an untrained
     # net's activations do not vanish in eval mode (GoogLeNet's 0.01-std init leaves ~1e-15)
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         norm.momentum = None
     with torch.no_grad():
-        model.train()(torch.rand(8, channels, 96, 96))
+        model.train()(torch.rand(8, channels, seen, seen))
     model.eval()
     layer = model.get_submodule(spec.cam_layer)
     heats = np.stack([grad_cam(model, layer, image, target) for target in range(classes)])
-    assert heats.shape == (classes, 96, 96) and heats.min() >= 0 and heats.max() <= 1
+    assert heats.shape == (classes, seen, seen) and heats.min() >= 0 and heats.max() <= 1
     # an untrained net's evidence for one class may be nowhere positive, not for every class
     assert max(heat.max() for heat in heats) == pytest.approx(1.0)
 

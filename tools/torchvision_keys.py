@@ -21,9 +21,11 @@ import torchvision  # noqa: E402
 
 NAMES = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
          "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "resnet18", "resnet50", "densenet121",
-         "resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet"]  # fmt: skip
-# edgebc's GoogLeNet has no auxiliary classifiers (they only add training loss terms)
-OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+         "resnext50_32x4d", "vgg16", "vgg16_bn", "googlenet", "inception_v3"]  # fmt: skip
+# edgebc's GoogLeNet and Inception-v3 have no auxiliary classifiers (they only add training loss
+# terms)
+OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+           "inception_v3": {"aux_logits": False, "init_weights": True}}  # fmt: skip
 
 
 def main() -> None:

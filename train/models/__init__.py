@@ -7,6 +7,7 @@ from edgebc.train.models import (  # noqa: F401
     cnn17,
     densenet,
     googlenet,
+    inception,
     mobilenetv3,
     resnet,
     shufflenetv2,

@@ -49,13 +49,17 @@ def load_torchvision_weights(
     return _load_state(model, arch, state, path)
 
 
+# the auxiliary classifiers' keys in torchvision's files, per architecture that has them
+AUXILIARY = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
 def _load_state(
     model: torch.nn.Module, arch: str, state: dict[str, torch.Tensor], path: Path
 ) -> dict[str, object]:
     """`state`'s backbone into `model`, its head left fresh; refused whole when it does not fit."""
     state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
-    if arch == "googlenet":  # torchvision's file keeps the auxiliary classifiers we never build
-        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    if arch in AUXILIARY:  # torchvision's file keeps the auxiliary classifiers we never build
+        state = {k: v for k, v in state.items() if not k.startswith(AUXILIARY[arch])}
     spec = model_spec(arch)
     own = model.state_dict()
     head = tuple(k for k in own if k.startswith(spec.classifier + "."))
