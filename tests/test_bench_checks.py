@@ -3,12 +3,14 @@ outputs are checked against ONNX Runtime FP32 on a trained model before it is ti
 variants are timed interleaved, the load around a run is judged, and the report names the real
 CPU. No timings are asserted here: speed is measured by benchmarks/."""
 
+import argparse
+
 import numpy as np
 import onnxruntime
 import pytest
 
 from edgebc import sysinfo
-from edgebc.bench.accuracy import check_frames, check_outputs, run_batched
+from edgebc.bench.accuracy import check_frames, check_outputs, dataset_set, run_batched
 from edgebc.bench.backends import BenchModel, Candidate
 from edgebc.bench.report import fastest_checked, rows, to_markdown
 from edgebc.bench.timing import BUSY_LOAD_PER_CORE, Variant, busy_warning, time_interleaved
@@ -323,3 +325,26 @@ def session_z(path, x):
         model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     return session.run(["z"], {"x": x})[0]
+
+
+def test_the_check_runs_on_the_given_real_frames(tmp_path):
+    """--check-data: the frames of a manifest or dataset folder replace the phantoms."""
+    import cv2
+
+    from edgebc.bench.cli import add_arguments
+    from edgebc.bench.run import model_section
+    from edgebc.synth import make_ultrasound_phantom
+    from edgebc.synth.ultrasound import phantom_rng
+
+    for k, label in enumerate(("normal", "benign", "malignant") * 2):
+        (tmp_path / label).mkdir(exist_ok=True)
+        image = make_ultrasound_phantom(label, phantom_rng(k, 95), 200, 200).image
+        cv2.imwrite(str(tmp_path / label / f"{k}.png"), image)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--check-data", str(tmp_path), "--check-limit", "5"])
+    check_set = dataset_set(args.check_data, args.check_split, args.check_limit)
+    assert len(check_set.frames) == 5
+    model = BenchModel("demo-phantom", DEMO_MODEL, extra_backends=[Candidate("copy", _Ort)])
+    section = model_section(model, 128, [1], [1], 1, 2, check_set=check_set)
+    assert section["copy"]["check"]["frames"] == 5 and section["copy"]["check"]["wrong"] is None
