@@ -96,8 +96,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         pipeline = sections["pipeline"]
         for key, value in pipeline.items():
             if key.startswith("speedup_vs_naive"):
+                tag = key.rsplit("_", 1)[-1]
+                cpu = pipeline.get(f"cpu_speedup_vs_naive_{tag}")
                 lines.append(
-                    f"\n{model}: edgebc pipeline (ORT FP32, 1 thread) is {value:.1f}x faster than the PIL + torch notebook pipeline at p50 ({key.rsplit('_', 1)[-1]})"
+                    f"\n{model}: edgebc pipeline (ORT FP32, 1 thread) is {value:.1f}x faster than the PIL + torch notebook pipeline at p50 ({tag}"
+                    + (f"; {cpu:.1f}x in CPU time per frame" if cpu else "")
+                    + "), timed interleaved"
                 )
             if key.startswith("headroom"):
                 lines.append(f"\n{model}: at {value['fps']:.0f} fps from 1920x1080 the pipeline used {value['core_fraction']:.0%} of one core; "
