@@ -66,11 +66,11 @@ def time_interleaved(
     every round), so a change in the machine's load falls on all of them alike and their ratios
     hold; per variant the statistics of `time_call`, CPU time measured around each call."""
     names = list(variants)
-    for name in names:
+    for variant in variants.values():
         for _ in range(warmup):
-            variants[name].call()
-        if variants[name].sync:
-            variants[name].sync()  # type: ignore[misc]
+            variant.call()
+        if variant.sync:
+            variant.sync()
     wall = {name: np.empty(iterations) for name in names}
     cpu = {name: np.empty(iterations) for name in names}
     for k in range(iterations):
