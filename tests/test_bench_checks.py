@@ -348,3 +348,32 @@ def test_the_check_runs_on_the_given_real_frames(tmp_path):
     model = BenchModel("demo-phantom", DEMO_MODEL, extra_backends=[Candidate("copy", _Ort)])
     section = model_section(model, 128, [1], [1], 1, 2, check_set=check_set)
     assert section["copy"]["check"]["frames"] == 5 and section["copy"]["check"]["wrong"] is None
+
+
+def test_an_int8_model_that_ignores_its_input_is_not_timed_in_the_pipeline(tmp_path):
+    """The demo model with its input multiplied by zero: same card, one answer for every frame."""
+    onnx = pytest.importorskip("onnx", reason="editing the graph needs the [export] extra")
+    from onnx import helper, numpy_helper
+
+    from edgebc.bench.report import to_markdown
+    from edgebc.bench.run import pipeline_section, screens
+
+    model = onnx.load(str(DEMO_MODEL))
+    name = model.graph.input[0].name
+    for node in model.graph.node:
+        node.input[:] = [f"{name}_zeroed" if i == name else i for i in node.input]
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
+    model.graph.node.insert(0, helper.make_node("Mul", [name, "zero"], [f"{name}_zeroed"]))
+    blind = tmp_path / "blind.onnx"
+    onnx.save(model, str(blind))
+    pipeline = pipeline_section(
+        BenchModel("demo-phantom", DEMO_MODEL, int8=blind), screens(), 1, 3, 30, 0.1
+    )
+    assert pipeline["not_timed"] == {"int8": "the same outputs for every frame"}
+    assert "fp32_640x480" in pipeline and not any(k.startswith("int8_") for k in pipeline)
+    report = {
+        "edgebc": "x", "date": "d", "quick": True, "stages": {}, "peak_rss_mb": 1.0, "seconds": 1.0,
+        "machine": {"cpu": {"model": "c"}, "python": "3", "opencv": "5", "gpus": []},
+        "models": {"m": {"backends": {}, "pipeline": pipeline}},
+    }  # fmt: skip
+    assert "m: the int8 pipeline was not timed: **WRONG**, the same outputs" in to_markdown(report)

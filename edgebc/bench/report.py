@@ -94,6 +94,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.extend(check_lines(model, sections["backends"]))
         lines.extend(_gpu_lines(model, sections["backends"]))
         pipeline = sections["pipeline"]
+        for precision, why in pipeline.get("not_timed", {}).items():
+            lines.append(f"\n{model}: the {precision} pipeline was not timed: **WRONG**, {why}")
         for key, value in pipeline.items():
             if key.startswith("speedup_vs_naive"):
                 tag = key.rsplit("_", 1)[-1]

@@ -158,11 +158,13 @@ def pipeline_section(
     iterations: int,
     fps: float,
     seconds: float,
+    check_set: LabelledSet | None = None,
 ) -> dict[str, Any]:
     """Raw frame to decision through FrameClassifier (one thread), its stages, the real-time
     headroom at `fps`, and the notebook pipeline on the same frame when the model brings one: FP32,
     INT8 and the notebook timed interleaved on each frame size, so the speed-up over the notebook
-    is a ratio of one run."""
+    is a ratio of one run. An INT8 model whose outputs on the check frames disagree with FP32's
+    is not timed (`not_timed` says why)."""
     from edgebc.classifier import FrameClassifier
 
     out: dict[str, Any] = {}
@@ -171,6 +173,14 @@ def pipeline_section(
         for precision, path in (("fp32", model.fp32), ("int8", model.int8))
         if path is not None
     }
+    if "int8" in backends:
+        card = read_card(model.fp32)
+        checked = check_frames(card, check_set)
+        reference = run_batched(backends["fp32"], checked)
+        check = check_outputs(reference, run_batched(backends["int8"], checked), card.temperature)
+        if check.wrong:
+            out["not_timed"] = {"int8": check.wrong}
+            del backends["int8"]
     naive = model.notebook() if model.notebook is not None else None
     for tag, (screen, region) in frames.items():
         stages: dict[str, dict[str, list[float]]] = {}
@@ -258,7 +268,9 @@ def run(
                 "backends": model_section(
                     model, size, batches, threads, warmup, iterations, Path(work), check_set
                 ),
-                "pipeline": pipeline_section(model, frames, warmup, iterations, fps, seconds),
+                "pipeline": pipeline_section(
+                    model, frames, warmup, iterations, fps, seconds, check_set
+                ),
             }
     report["peak_rss_mb"] = peak_rss_mb()
     report["seconds"] = time.monotonic() - started
