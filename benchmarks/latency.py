@@ -8,10 +8,16 @@ composed here on the development side: PyTorch rows on the checkpoint (eager on 
 count; on CUDA, eager and FP16 replayed from CUDA graphs), the research-notebook pipeline (PIL +
 torch) beside the edgebc pipeline, and, without --model, models made from the registry with random
 weights (speed does not depend on them): checkpoint -> ONNX FP32 -> INT8 QDQ calibrated on phantom
-frames (the [train] and [export] extras). Each call is warmed up, then timed with perf_counter
-(with a device sync on GPUs) over enough iterations for stable tails: p50/p90/p99/max,
-throughput, process CPU time per call, peak RSS, and real-time headroom at 30 fps, with a machine
-description. Compare ratios measured in one run across machines, not absolute numbers.
+frames (the [train] and [export] extras). Before any backend is timed its outputs on the check
+frames (phantoms, or --check-data's real frames) are compared with ONNX Runtime FP32 on the same
+model; one that disagrees is reported WRONG with the figures and never timed. Use a trained model
+(--model with --checkpoint) for that check to mean much: on random weights only whether the
+outputs follow the input is judged. Compared variants (the backends at each batch size; the edgebc
+pipeline, its INT8 twin and the notebook pipeline on each frame) are timed interleaved, in
+rotating order, after a warm-up, with perf_counter (and a device sync on GPUs): p50/p90/p99/max,
+throughput, process CPU time per call beside the wall time, peak RSS, real-time headroom at
+30 fps, the machine's CPU as /proc/cpuinfo names it, and a flag when the load average from other
+processes was high. Compare ratios measured in one run, not absolute numbers.
 """
 
 from __future__ import annotations

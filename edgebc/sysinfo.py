@@ -52,25 +52,55 @@ def collect() -> dict[str, Any]:
     }
 
 
-def cpu_description() -> dict[str, Any]:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", "unknown"):
-                model = value.strip()
-            if key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimd", "asimddp")
-    import os
+# Features the runtimes choose kernels by: AVX-512 VNNI / AVX-VNNI and AMX for INT8, AVX-512 BF16
+# and AMX for BF16 (OpenVINO runs BF16 by default where they are), NEON dot products on ARM.
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                 "amx_int8", "neon", "asimd", "asimddp")  # fmt: skip
 
-    return {
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU as lscpu names it: /proc/cpuinfo's model name (platform.processor() says only
+    "x86_64" or nothing on Linux), vendor, family/model/stepping (which tell generations apart
+    where a VM's model name is as vague as "AMD EPYC"), whether a hypervisor runs it, and the
+    features the runtimes choose kernels by. `cpuinfo` is /proc/cpuinfo's text (read when None)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    model = fields.get("model name") or fields.get("Model") or platform.processor() or "unknown"
+    out: dict[str, Any] = {
         "model": model,
         "logical_cores": os.cpu_count(),
-        "features": [f for f in wanted if f in flags],
+        "features": [f for f in _CPU_FEATURES if f in flags],
     }
+    if "vendor_id" in fields:
+        out["vendor"] = fields["vendor_id"]
+    if "cpu family" in fields:
+        out["family_model_stepping"] = "/".join(
+            fields.get(k, "?") for k in ("cpu family", "model", "stepping")
+        )
+    if flags:
+        out["hypervisor"] = "hypervisor" in flags
+    return out
+
+
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """One line naming the CPU for a report's header: model name, family/model/stepping, whether
+    virtualised, logical cores."""
+    details = [
+        f"family/model/stepping {cpu['family_model_stepping']}"
+        if "family_model_stepping" in cpu
+        else "",
+        "virtual machine" if cpu.get("hypervisor") else "",
+        f"{cpu.get('logical_cores', '?')} logical cores",
+    ]
+    return f"{cpu.get('model', 'unknown')} ({', '.join(d for d in details if d)})"
 
 
 def onnxruntime_providers() -> list[str]:

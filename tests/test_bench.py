@@ -173,6 +173,14 @@ def test_torch_rows_and_the_notebook_pipeline_agree_with_the_runtime(torch_model
         assert pipeline[f"speedup_vs_naive_{tag}"] == pytest.approx(
             pipeline[f"naive_pil_torch_{tag}"]["p50_ms"] / pipeline[f"fp32_{tag}"]["p50_ms"]
         )
+        assert pipeline[f"cpu_speedup_vs_naive_{tag}"] == pytest.approx(
+            pipeline[f"naive_pil_torch_{tag}"]["cpu_ms"] / pipeline[f"fp32_{tag}"]["cpu_ms"]
+        )
+        # timed interleaved: the notebook and the edgebc pipeline ran the same number of times
+        assert (
+            pipeline[f"naive_pil_torch_{tag}"]["iterations"]
+            == pipeline[f"fp32_{tag}"]["iterations"]
+        )
 
 
 def test_accuracy_takes_pytorch_on_the_checkpoint_as_its_reference(torch_models, tmp_path):

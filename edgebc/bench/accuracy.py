@@ -7,6 +7,10 @@ decisions at the model's operating threshold, and agreement with the reference b
 that runs: PyTorch eager on the checkpoint when benchmarks/accuracy.py is given one, else ONNX
 Runtime FP32 on one thread): the share of identical decisions and the largest change in the
 malignant probability. Torch-free; the command is `python benchmarks/accuracy.py`.
+
+`check_outputs` is the gate the latency benchmark puts before every timing: a backend whose
+outputs on the same frames differ from ONNX Runtime FP32's (top-1, probabilities, or outputs that
+do not follow the input at all) is reported wrong and never timed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,99 @@ from edgebc.model_card import ModelCard, read_card
 from edgebc.preprocess import preprocess_chw
 
 BATCH = 8
+
+# The gate before timing. Loose enough for reduced precisions (INT8 QDQ: top-1 97.8%, max Δp 0.09
+# on BUSI; BF16 0.03), tight enough for a wrong backend: OpenCV DNN 5.0 on a trained
+# MobileNetV3-Small gives the same logits for every frame (variation 1e-5 of the reference's).
+MIN_TOP1_AGREEMENT = 0.9
+MAX_PROB_CHANGE = 0.2
+VARIATION_RANGE = (0.5, 2.0)
+# Below this spread of the reference's probabilities across the frames the model cannot tell the
+# frames apart (untrained weights), so agreement there proves nothing about a backend.
+MIN_REFERENCE_PROB_SPREAD = 0.02
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """A backend's outputs against the reference's on the same frames, and the verdict.
+
+    top1_agreement: share of frames with the same most probable class; max_prob_change: largest
+    |Δp| over frames and classes (softmax at the card's temperature); variation: how much the
+    backend's logits move between frames relative to the reference's (1 = as much; 0 = the same
+    logits for every frame); max_logit_error: largest |Δlogit| relative to the reference's
+    logit spread across the frames; discriminating: whether the reference's outputs vary enough
+    across the frames for agreement to mean anything (False on untrained weights)."""
+
+    frames: int
+    top1_agreement: float
+    max_prob_change: float
+    variation: float
+    max_logit_error: float
+    discriminating: bool
+    wrong: str | None  # why the outputs are wrong, or None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "top1_agreement": self.top1_agreement,
+            "max_prob_change": self.max_prob_change,
+            "variation": self.variation,
+            "max_logit_error": self.max_logit_error,
+            "discriminating": self.discriminating,
+            "wrong": self.wrong,
+        }
+
+
+def check_outputs(
+    reference: np.ndarray, logits: np.ndarray, temperature: float = 1.0
+) -> OutputCheck:
+    """Compare one backend's logits (frames x classes) with the reference's on the same frames."""
+    reference = np.asarray(reference, np.float64)
+    logits = np.asarray(logits, np.float64)
+    if logits.shape != reference.shape:
+        return OutputCheck(len(reference), 0.0, 1.0, 0.0, float("inf"), True,
+                           f"output shape {logits.shape}, the reference's {reference.shape}")  # fmt: skip
+    if len(reference) < 2:
+        raise EdgebcError("checking outputs needs at least two different frames")
+    if not np.all(np.isfinite(logits)):
+        return OutputCheck(len(reference), 0.0, 1.0, 0.0, float("inf"), True,
+                           "non-finite outputs (NaN or inf)")  # fmt: skip
+    p_ref, p = softmax(reference, temperature), softmax(logits, temperature)
+    top1 = float(np.mean(p.argmax(axis=1) == p_ref.argmax(axis=1)))
+    dp = float(np.max(np.abs(p - p_ref)))
+    spread_ref = float(np.max(np.std(reference, axis=0)))
+    spread = float(np.max(np.std(logits, axis=0)))
+    variation = spread / spread_ref if spread_ref > 0 else (1.0 if spread == 0 else float("inf"))
+    error = float(np.max(np.abs(logits - reference)))
+    relative_error = error / spread_ref if spread_ref > 0 else (0.0 if error == 0 else float("inf"))
+    discriminating = float(np.max(np.std(p_ref, axis=0))) >= MIN_REFERENCE_PROB_SPREAD
+    wrong = None
+    low, high = VARIATION_RANGE
+    if not low <= variation <= high:
+        wrong = (
+            "the same outputs for every frame"
+            if variation < 1e-3
+            else f"outputs vary {variation:.3g}x as much across frames as the reference's"
+        )
+    elif discriminating and top1 < MIN_TOP1_AGREEMENT:
+        wrong = f"top-1 agrees on {top1:.1%} of frames (< {MIN_TOP1_AGREEMENT:.0%})"
+    elif discriminating and dp > MAX_PROB_CHANGE:
+        wrong = f"probabilities differ by up to {dp:.3f} (> {MAX_PROB_CHANGE})"
+    return OutputCheck(len(reference), top1, dp, variation, relative_error, discriminating, wrong)
+
+
+def check_frames(card: ModelCard, labelled: LabelledSet | None = None) -> np.ndarray:
+    """The frames every backend's outputs are checked on, preprocessed for `card`: the given
+    labelled set (real frames), else 24 phantoms of every class from seeds of their own."""
+    frames = (labelled or phantom_set(8, seed=91)).frames
+    return np.stack([preprocess_chw(f, card.preprocess) for f in frames]).astype(np.float32)
+
+
+def run_batched(runner: Any, tensors: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    """Logits of every frame, `batch` frames a call (the last call smaller)."""
+    return np.concatenate(
+        [np.asarray(runner.run(tensors[i : i + batch])) for i in range(0, len(tensors), batch)]
+    )
 
 
 @dataclass(frozen=True)
@@ -80,15 +177,14 @@ def evaluate(
     for candidate in candidates(model, [1], work, BATCH):
         try:
             loaded = candidate.make()
-            logits = np.concatenate(
-                [loaded.run(tensors[i : i + BATCH]) for i in range(0, len(tensors), BATCH)]
-            )
+            logits = run_batched(loaded, tensors)
         except Exception as exc:  # reported in the table, like the latency benchmark does
             backends[candidate.name] = {"unavailable": why_unavailable(exc)}
             continue
         result = _scores(logits, y, card, n_boot)
         if reference is None:
-            reference = {"name": candidate.name, **result}
+            reference = {"name": candidate.name, "logits": logits, **result}
+        result["check"] = check_outputs(reference["logits"], logits, card.temperature).as_dict()
         result["agreement"] = float(
             np.mean(np.array(result.pop("decisions")) == reference["decisions"])
         )
@@ -132,23 +228,39 @@ def _scores(logits: np.ndarray, y: np.ndarray, card: ModelCard, n_boot: int) -> 
 
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"edgebc {report['edgebc']}, {report['date']}: {report['model']} on {report['data']}; "
+        f"edgebc {report['edgebc']}, {report['date']}, {sysinfo.cpu_line(report['machine']['cpu'])}: "
+        f"{report['model']} on {report['data']}; "
         f"decisions at threshold {_threshold(report['threshold'])}; agreement against {report['reference']}",
         "",
-        "| backend | AUC malignant (95% CI) | accuracy | sensitivity | specificity | agreement | max Δp |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | AUC malignant (95% CI) | accuracy | sensitivity | specificity | agreement | max Δp | outputs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["backends"].items():
         if "unavailable" in r:
-            lines.append(f"| {name} | not available: {r['unavailable']} ||||||")
+            lines.append(f"| {name} | not available: {r['unavailable']} |||||||")
             continue
         low, high = r["auc_ci95"]
         lines.append(
             f"| {name} | {r['auc_positive']:.3f} ({low:.3f}–{high:.3f}) | {r['accuracy']:.3f} | "
             f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['agreement']:.1%} | "
-            f"{r['max_positive_prob_change']:.4f} |"
+            f"{r['max_positive_prob_change']:.4f} | {check_summary(r.get('check'))} |"
         )
     return "\n".join(lines)
+
+
+def check_summary(check: dict[str, Any] | None) -> str:
+    """One table cell: WRONG with the reason, or the figures of a passed check."""
+    if check is None:
+        return "not checked"
+    figures = (
+        f"top-1 {check['top1_agreement']:.1%}, max Δp {check['max_prob_change']:.3f}, "
+        f"variation {check['variation']:.3g}"
+    )
+    if check["wrong"]:
+        return f"**WRONG**: {check['wrong']} ({figures})"
+    if not check["discriminating"]:
+        return f"ok on variation only: the reference barely varies across the frames ({figures})"
+    return f"ok ({figures})"
 
 
 def _threshold(value: float | None) -> str:

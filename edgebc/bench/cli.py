@@ -47,6 +47,12 @@ def add_arguments(
         "--compare", type=Path, default=None, help="previous JSON: print ratios, flag regressions"
     )
     parser.add_argument("--tolerance", type=float, default=0.15, help="slow-down beyond this fraction is a regression")  # fmt: skip
+    parser.add_argument("--check-data", type=Path, default=None,
+                        help="manifest .csv or dataset folder whose frames every backend's outputs are "
+                             "checked on against ONNX Runtime FP32 before it is timed (default: phantoms)")  # fmt: skip
+    parser.add_argument("--check-split", default=None, help="only this split of --check-data")
+    parser.add_argument("--check-limit", type=int, default=64,
+                        help="at most this many --check-data frames, drawn at random (seed 0)")  # fmt: skip
 
 
 def batches_and_threads(args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -82,7 +88,12 @@ def main_from_args(args: argparse.Namespace, models: Sequence[BenchModel] | None
     batches, threads = batches_and_threads(args)
     if models is None:
         models = given_models(args)
-    report = run(args.quick, batches, threads, models, args.fps)
+    check_set = None
+    if args.check_data is not None:
+        from edgebc.bench.accuracy import dataset_set
+
+        check_set = dataset_set(args.check_data, args.check_split, args.check_limit)
+    report = run(args.quick, batches, threads, models, args.fps, check_set)
     markdown = to_markdown(report)
     print(markdown)
     if args.out:

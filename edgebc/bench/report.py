@@ -7,6 +7,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from edgebc import sysinfo
+
 KEYS = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "per_s", "cpu_ms")
 
 
@@ -21,6 +23,12 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             if "unavailable" in result:
                 out.append({**row, "batch": "", "note": result["unavailable"]})
                 continue
+            wrong = result.get("check", {}).get("wrong")
+            if wrong:
+                out.append(
+                    {**row, "batch": "", "note": f"WRONG, not timed: {wrong}", "wrong": True}
+                )
+                continue
             for batch, timing in result["batches"].items():
                 if "unavailable" in timing:
                     out.append({**row, "batch": batch[1:], "note": timing["unavailable"]})
@@ -34,32 +42,68 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def fastest_checked(backends: dict[str, Any], batch: int = 1) -> str | None:
+    """The backend with the lowest p50 at `batch` among those whose outputs passed the check."""
+    timed = {
+        name: result["batches"][f"b{batch}"]["p50_ms"]
+        for name, result in backends.items()
+        if not result.get("check", {}).get("wrong")
+        and "p50_ms" in result.get("batches", {}).get(f"b{batch}", {})
+    }
+    return min(timed, key=timed.__getitem__) if timed else None
+
+
+def check_lines(model: str, backends: dict[str, Any]) -> list[str]:
+    """The output check of every backend that ran: the figures, and WRONG where it failed."""
+    from edgebc.bench.accuracy import check_summary
+
+    lines = [f"\n{model}: outputs on the check frames against ONNX Runtime FP32"]
+    lines += [
+        f"- {name}: {check_summary(result.get('check'))}"
+        for name, result in backends.items()
+        if "unavailable" not in result
+    ]
+    fastest = fastest_checked(backends)
+    if fastest:
+        lines.append(f"- fastest at batch 1 among the backends that passed: {fastest}")
+    return lines
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     cpu = report["machine"]["cpu"]
     lines = [
-        f"edgebc {report['edgebc']}, {report['date']}, {cpu.get('model', '?')} ({cpu.get('logical_cores', '?')} cores), "
+        f"edgebc {report['edgebc']}, {report['date']}, {sysinfo.cpu_line(cpu)}, "
         f"Python {report['machine']['python']}, OpenCV {report['machine']['opencv']}"
         + (f", GPU {'; '.join(report['machine']['gpus'])}" if report["machine"].get("gpus") else "")
         + (" — quick run, few iterations" if report["quick"] else ""),
+        *([f"\n**{report['load']['busy']}**"] if report.get("load", {}).get("busy") else []),
         "",
         "| section | model | what | batch | p50 ms | p90 ms | p99 ms | max ms | items/s | CPU ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows(report):
         if "note" in row:
+            note = row["note"] if row.get("wrong") else f"not available: {row['note']}"
             lines.append(
-                f"| {row['section']} | {row['model']} | {row['what']} | {row['batch']} | not available: {row['note']} |||||||"
+                f"| {row['section']} | {row['model']} | {row['what']} | {row['batch']} | {note} |||||||"
             )
             continue
         lines.append(f"| {row['section']} | {row['model']} | {row['what']} | {row['batch']} | "
                      + " | ".join(f"{row[k]:.3f}" if k != "per_s" else f"{row[k]:.0f}" for k in KEYS) + " |")  # fmt: skip
     for model, sections in report["models"].items():
+        lines.extend(check_lines(model, sections["backends"]))
         lines.extend(_gpu_lines(model, sections["backends"]))
         pipeline = sections["pipeline"]
+        for precision, why in pipeline.get("not_timed", {}).items():
+            lines.append(f"\n{model}: the {precision} pipeline was not timed: **WRONG**, {why}")
         for key, value in pipeline.items():
             if key.startswith("speedup_vs_naive"):
+                tag = key.rsplit("_", 1)[-1]
+                cpu = pipeline.get(f"cpu_speedup_vs_naive_{tag}")
                 lines.append(
-                    f"\n{model}: edgebc pipeline (ORT FP32, 1 thread) is {value:.1f}x faster than the PIL + torch notebook pipeline at p50 ({key.rsplit('_', 1)[-1]})"
+                    f"\n{model}: edgebc pipeline (ORT FP32, 1 thread) is {value:.1f}x faster than the PIL + torch notebook pipeline at p50 ({tag}"
+                    + (f"; {cpu:.1f}x in CPU time per frame" if cpu else "")
+                    + "), timed interleaved"
                 )
             if key.startswith("headroom"):
                 lines.append(f"\n{model}: at {value['fps']:.0f} fps from 1920x1080 the pipeline used {value['core_fraction']:.0%} of one core; "

@@ -8,6 +8,8 @@ machine.
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import tempfile
 import time
@@ -20,8 +22,18 @@ import cv2
 import numpy as np
 
 from edgebc import __version__, sysinfo
+from edgebc.backends import open_backend
+from edgebc.bench.accuracy import BATCH, LabelledSet, check_frames, check_outputs, run_batched
 from edgebc.bench.backends import BenchModel, candidates, why_unavailable
-from edgebc.bench.timing import peak_rss_mb, realtime_headroom, time_call
+from edgebc.bench.timing import (
+    Variant,
+    busy_warning,
+    load_per_core,
+    peak_rss_mb,
+    realtime_headroom,
+    time_call,
+    time_interleaved,
+)
 from edgebc.decode import decode_image
 from edgebc.model_card import read_card
 from edgebc.preprocess import PreprocessCard, preprocess, preprocess_chw
@@ -29,6 +41,7 @@ from edgebc.region import Region, detect_imaging_region
 from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
 from edgebc.synth.ultrasound import phantom_rng, phantom_stills
 
+log = logging.getLogger(__name__)
 FRAME_SIZES = ((1080, 1920), (480, 640))
 
 
@@ -65,12 +78,13 @@ def stage_timings(
         results[f"detect_region_{tag}"] = time_call(
             partial(detect_imaging_region, screen), warmup, few
         )
-        results[f"crop_preprocess_{tag}"] = time_call(
-            partial(preprocess, screen, prep, region), warmup, iterations
-        )
-        results[f"baseline_naive_preprocess_{tag}"] = time_call(
-            partial(naive_preprocess, region.crop(screen), prep), warmup, iterations
-        )
+        compared = {  # the same maths in two orders: a ratio, so timed interleaved
+            f"crop_preprocess_{tag}": Variant(partial(preprocess, screen, prep, region)),
+            f"baseline_naive_preprocess_{tag}": Variant(
+                partial(naive_preprocess, region.crop(screen), prep)
+            ),
+        }
+        results.update(time_interleaved(compared, warmup, iterations))
     return results
 
 
@@ -82,34 +96,58 @@ def model_section(
     warmup: int,
     iterations: int,
     work: Path | None = None,
+    check_set: LabelledSet | None = None,
 ) -> dict[str, Any]:
-    """Every available backend on the same preprocessed phantom frames, at each batch size; for
-    GPU backends also the device memory this process held while it ran."""
+    """Every available backend on the same preprocessed phantom frames, at each batch size, after
+    its outputs on the check frames (`check_set`, else phantoms) passed the comparison with ONNX
+    Runtime FP32: a backend that gives other answers is reported wrong, with the figures, and not
+    timed. The backends that passed are timed interleaved, batch size by batch size; for GPU
+    backends also the device memory this process held once each was loaded."""
+    card = read_card(model.fp32)
     frames, _ = phantom_stills(max(batches), seed=33)
-    prep = read_card(model.fp32).preprocess  # the model's own preprocessing, whatever its input
+    prep = card.preprocess  # the model's own preprocessing, whatever its input
     inputs = np.stack([preprocess_chw(f, prep) for f in frames]).astype(np.float32)
+    checked = check_frames(card, check_set)
+    check_batch = min(BATCH, max(batches))  # native engines are built for max(batches)
+    reference_backend = open_backend(model.fp32, ("CPUExecutionProvider",), 1, warmup=0)
+    reference = run_batched(reference_backend, checked, check_batch)
+    reference_backend.close()
     out: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
     for candidate in candidates(model, threads, work, max(batches)):
         try:
-            loaded = candidate.make()
-            reference = loaded.run(inputs[:1])
+            runner = candidate.make()
+            logits = run_batched(runner, checked, check_batch)
+            first = runner.run(inputs[:1])
         except Exception as exc:  # a backend that cannot run this model is reported, not fatal
             out[candidate.name] = {"unavailable": why_unavailable(exc)}
             continue
-        rows: dict[str, dict[str, Any]] = {}
-        for batch in batches:
-            x = np.ascontiguousarray(inputs[:batch])
-            try:
-                calls = max(20, iterations // batch)  # same number of frames per batch size
-                rows[f"b{batch}"] = time_call(
-                    partial(loaded.run, x), warmup, calls, getattr(loaded, "sync", None), batch
-                )
-            except Exception as exc:
-                rows[f"b{batch}"] = {"unavailable": why_unavailable(exc)}
-        out[candidate.name] = {"batches": rows, "logits_b1": reference[0].tolist()}
+        check = check_outputs(reference, logits, card.temperature)
+        out[candidate.name] = {"check": check.as_dict(), "logits_b1": first[0].tolist()}
         if candidate.gpu:
             out[candidate.name].update(gpu=True, device_memory_mb=sysinfo.process_gpu_memory_mb())
-        loaded.close()
+        if check.wrong:
+            log.warning("%s: %s; not timed", candidate.name, check.wrong)
+            runner.close()
+            continue
+        loaded[candidate.name] = runner
+    for name in loaded:
+        out[name]["batches"] = {}
+    for batch in batches:
+        x = np.ascontiguousarray(inputs[:batch])
+        variants = {}
+        for name, runner in loaded.items():
+            try:
+                runner.run(x)  # a batch size a backend cannot take is reported, not fatal
+            except Exception as exc:
+                out[name]["batches"][f"b{batch}"] = {"unavailable": why_unavailable(exc)}
+                continue
+            variants[name] = Variant(partial(runner.run, x), getattr(runner, "sync", None), batch)
+        calls = max(20, iterations // batch)  # same number of frames per batch size
+        for name, timing in time_interleaved(variants, warmup, calls).items():
+            out[name]["batches"][f"b{batch}"] = timing
+    for runner in loaded.values():
+        runner.close()
     return out
 
 
@@ -120,38 +158,57 @@ def pipeline_section(
     iterations: int,
     fps: float,
     seconds: float,
+    check_set: LabelledSet | None = None,
 ) -> dict[str, Any]:
     """Raw frame to decision through FrameClassifier (one thread), its stages, the real-time
-    headroom at `fps`, and the notebook pipeline on the same frame when the model brings one."""
-    from edgebc.backends import open_backend
+    headroom at `fps`, and the notebook pipeline on the same frame when the model brings one: FP32,
+    INT8 and the notebook timed interleaved on each frame size, so the speed-up over the notebook
+    is a ratio of one run. An INT8 model whose outputs on the check frames disagree with FP32's
+    is not timed (`not_timed` says why)."""
     from edgebc.classifier import FrameClassifier
 
     out: dict[str, Any] = {}
-    for precision, path in (("fp32", model.fp32), ("int8", model.int8)):
-        if path is None:
-            continue
-        backend = open_backend(path, threads=1, spin_wait=False)
-        for tag, (screen, region) in frames.items():
-            stages: dict[str, list[float]] = {}
-            classify = partial(_classify_into, FrameClassifier(backend, region), screen, stages)
-            timing: dict[str, Any] = dict(time_call(classify, warmup, iterations))
-            timing["stages_p50_ms"] = {k: float(np.percentile(v, 50)) for k, v in stages.items()}
-            out[f"{precision}_{tag}"] = timing
-        if precision == "fp32":
-            screen, region = frames["1920x1080"]
-            live = FrameClassifier(backend, region)
-            out["headroom_1920x1080_fp32"] = realtime_headroom(
-                partial(live.classify, screen), fps, seconds
-            )
-    if model.notebook is not None:
-        naive = model.notebook()
-        for tag, (screen, region) in frames.items():
-            out[f"naive_pil_torch_{tag}"] = time_call(
-                partial(naive, screen, region), warmup, max(5, iterations // 2)
-            )
-            out[f"speedup_vs_naive_{tag}"] = (
-                out[f"naive_pil_torch_{tag}"]["p50_ms"] / out[f"fp32_{tag}"]["p50_ms"]
-            )
+    backends = {
+        precision: open_backend(path, threads=1, spin_wait=False)
+        for precision, path in (("fp32", model.fp32), ("int8", model.int8))
+        if path is not None
+    }
+    if "int8" in backends:
+        card = read_card(model.fp32)
+        checked = check_frames(card, check_set)
+        reference = run_batched(backends["fp32"], checked)
+        check = check_outputs(reference, run_batched(backends["int8"], checked), card.temperature)
+        if check.wrong:
+            out["not_timed"] = {"int8": check.wrong}
+            del backends["int8"]
+    naive = model.notebook() if model.notebook is not None else None
+    for tag, (screen, region) in frames.items():
+        stages: dict[str, dict[str, list[float]]] = {}
+        variants = {}
+        for precision, backend in backends.items():
+            classifier = FrameClassifier(backend, region)
+            stages[precision] = {}
+            call = partial(_classify_into, classifier, screen, stages[precision])
+            variants[f"{precision}_{tag}"] = Variant(call)
+        if naive is not None:
+            variants[f"naive_pil_torch_{tag}"] = Variant(partial(naive, screen, region))
+        for name, timing in time_interleaved(variants, warmup, iterations).items():
+            out[name] = dict(timing)
+        for precision, per_stage in stages.items():
+            out[f"{precision}_{tag}"]["stages_p50_ms"] = {
+                k: float(np.percentile(v, 50)) for k, v in per_stage.items()
+            }
+        if naive is not None:
+            naive_timing, fp32 = out[f"naive_pil_torch_{tag}"], out[f"fp32_{tag}"]
+            out[f"speedup_vs_naive_{tag}"] = naive_timing["p50_ms"] / fp32["p50_ms"]
+            # in CPU time too: on a shared core the wall times stretch, the CPU times much less
+            out[f"cpu_speedup_vs_naive_{tag}"] = naive_timing["cpu_ms"] / fp32["cpu_ms"]
+    if "fp32" in backends:
+        screen, region = frames["1920x1080"]
+        live = FrameClassifier(backends["fp32"], region)
+        out["headroom_1920x1080_fp32"] = realtime_headroom(
+            partial(live.classify, screen), fps, seconds
+        )
     return out
 
 
@@ -166,11 +223,15 @@ def run(
     threads: list[int],
     models: Sequence[BenchModel],
     fps: float = 30.0,
+    check_set: LabelledSet | None = None,
 ) -> dict[str, Any]:
+    """The whole benchmark; `check_set` holds the real frames each backend's outputs are checked
+    on before it is timed (default: phantoms)."""
     cv2.setNumThreads(1)
     warmup, iterations = (3, 30) if quick else (20, 300)
     seconds = 2.0 if quick else 10.0
     started = time.monotonic()
+    load_before = load_per_core()
     frames = screens()
     report: dict[str, Any] = {
         "edgebc": __version__,
@@ -192,6 +253,10 @@ def run(
             "fps": fps,
             "opencv_threads": 1,
         },
+        "check": {
+            "reference": "ONNX Runtime FP32, 1 thread, on the same model",
+            "frames": check_set.description if check_set else "24 synthetic phantoms (seed 91)",
+        },
         "stages": stage_timings(frames, warmup, iterations),
         "models": {},
     }
@@ -201,10 +266,19 @@ def run(
             report["models"][model.name] = {
                 "input": size,
                 "backends": model_section(
-                    model, size, batches, threads, warmup, iterations, Path(work)
+                    model, size, batches, threads, warmup, iterations, Path(work), check_set
                 ),
-                "pipeline": pipeline_section(model, frames, warmup, iterations, fps, seconds),
+                "pipeline": pipeline_section(
+                    model, frames, warmup, iterations, fps, seconds, check_set
+                ),
             }
     report["peak_rss_mb"] = peak_rss_mb()
     report["seconds"] = time.monotonic() - started
+    load_after = load_per_core()
+    report["load"] = {
+        "per_core_before": load_before,
+        "per_core_after": load_after,
+        # mostly one busy thread of this run's own in the last minute's average
+        "busy": busy_warning(load_before, load_after, 1 / (os.cpu_count() or 1)),
+    }
     return report

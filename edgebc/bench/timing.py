@@ -1,13 +1,29 @@
 """Honest timing: warm-up, perf_counter around each call (with a device sync when one is given),
-percentiles and tails, throughput, process CPU time per call, and real-time headroom."""
+percentiles and tails, throughput, process CPU time per call, variants compared interleaved, the
+machine's load around a run, and real-time headroom."""
 
 from __future__ import annotations
 
+import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
+
+# Load average per core (other processes' runnable threads) above which a run's timings are
+# flagged: on a shared core the wall times stretch, only ratios of interleaved variants hold.
+BUSY_LOAD_PER_CORE = 0.5
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of the things compared in an interleaved timing."""
+
+    call: Callable[[], object]
+    sync: Callable[[], object] | None = None
+    items_per_call: int = 1
 
 
 def time_call(
@@ -41,6 +57,78 @@ def time_call(
         "cpu_ms": cpu * 1e3,
         "iterations": iterations,
     }
+
+
+def time_interleaved(
+    variants: Mapping[str, Variant], warmup: int, iterations: int
+) -> dict[str, dict[str, float]]:
+    """Time the variants A B C, B C A, C A B, ... (one call of each per round, the order rotated
+    every round), so a change in the machine's load falls on all of them alike and their ratios
+    hold; per variant the statistics of `time_call`, CPU time measured around each call."""
+    names = list(variants)
+    for variant in variants.values():
+        for _ in range(warmup):
+            variant.call()
+        if variant.sync:
+            variant.sync()
+    wall = {name: np.empty(iterations) for name in names}
+    cpu = {name: np.empty(iterations) for name in names}
+    for k in range(iterations):
+        shift = k % len(names)
+        for name in names[shift:] + names[:shift]:
+            variant = variants[name]
+            cpu_start, start = time.process_time(), time.perf_counter()
+            variant.call()
+            if variant.sync:
+                variant.sync()
+            wall[name][k] = time.perf_counter() - start
+            cpu[name][k] = time.process_time() - cpu_start
+    out = {}
+    for name in names:
+        ms = wall[name] * 1e3
+        out[name] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()),
+            "per_s": float(variants[name].items_per_call * 1e3 / ms.mean()),
+            "cpu_ms": float(cpu[name].mean() * 1e3),
+            "iterations": iterations,
+        }
+    return out
+
+
+def load_per_core() -> float | None:
+    """The 1-minute load average per logical core, or None where the system has none."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return None
+
+
+def busy_warning(
+    before: float | None, after: float | None, own_threads_per_core: float
+) -> str | None:
+    """Why a run's timings are suspect, or None. `before` and `after` are load per core around the
+    run; the run's own threads count in `after` (one busy thread on a 2-core machine: 0.5), so
+    they are taken off it before it is compared with BUSY_LOAD_PER_CORE."""
+    seen = [
+        value
+        for value in (before, None if after is None else after - own_threads_per_core)
+        if value is not None
+    ]
+    if not seen or max(seen) <= BUSY_LOAD_PER_CORE:
+        return None
+    return (
+        f"busy machine: load average {max(seen):.2f} per core from other processes "
+        f"(before {_or_unknown(before)}, after {_or_unknown(after)} including this run's "
+        f"{own_threads_per_core:.2f}); wall times are inflated, compare only the ratios of "
+        "interleaved variants"
+    )
+
+
+def _or_unknown(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
 
 
 def peak_rss_mb() -> float:
