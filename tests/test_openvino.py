@@ -226,3 +226,13 @@ def test_bench_times_openvino_only_after_it_runs_the_reference_s_logits(qdq_demo
     reference = open_backend(DEMO_MODEL, threads=1).run(phantom_batch)
     fp32 = rows["openvino-cpu-fp32-t1"].make()
     assert np.abs(fp32.run(phantom_batch) - reference).max() < 1e-5
+
+
+@needs_openvino
+def test_an_answer_of_the_wrong_batch_size_is_refused(phantom_batch):
+    """Seen: OpenVINO BF16 under ONEDNN_MAX_CPU_ISA=AVX2 answered (0, classes) for any batch."""
+    backend = open_backend(DEMO_MODEL, threads=1, runtime="openvino")
+    infer = backend._request.infer
+    backend._request.infer = lambda feeds: {k: v[:0] for k, v in infer(feeds).items()}
+    with pytest.raises(EdgebcError, match=r"answered \{'logits': \(0, 3\), .*\} for a batch of 2: refusing"):  # fmt: skip
+        backend.run(phantom_batch[:2])

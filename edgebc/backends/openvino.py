@@ -128,12 +128,18 @@ class OpenVinoBackend:
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._request is None:
             raise EdgebcError("this backend was closed")
+        rows = len(next(iter(feeds.values())))
         with self._lock:
             results = self._request.infer(dict(feeds))
-            return {
+            out = {
                 name: np.array(results[self._compiled.output(name)], np.float32)
                 for name in self.outputs
             }
+        # seen: BF16 under ONEDNN_MAX_CPU_ISA=AVX2 gave (0, classes) for any batch, no error
+        wrong = {name: v.shape for name, v in out.items() if v.ndim < 1 or len(v) != rows}
+        if wrong:
+            raise EdgebcError(f"OpenVINO ({self.name}) answered {wrong} for a batch of {rows}: refusing the result")  # fmt: skip
+        return out
 
     def close(self) -> None:
         self._request, self._compiled = None, None
