@@ -5,8 +5,9 @@ whose card has several inputs (one per modality or view) and returns every outpu
 (logits, and features where the card declares them).
 
 `open_backend(path)` picks by file type: `.onnx` runs on ONNX Runtime (CPU, or CUDA / TensorRT
-execution providers when present), `.engine` on native TensorRT (its sidecar checked first).
-Both verify the file against `MANIFEST.sha256` when one lists it, read the card from the model
+execution providers when present), `.engine` on native TensorRT (its sidecar checked first);
+`runtime="openvino"` runs an `.onnx` on OpenVINO at the precision asked for (fp32, bf16, or int8
+from the QDQ export: edgebc.backends.openvino). Each verifies the file against `MANIFEST.sha256` when one lists it, read the card from the model
 (or a release's verified `card.json` beside it: edgebc.release), and validate every input against
 the model's declared shape before inference.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from edgebc.errors import EdgebcError
+from edgebc.fusion_graphs import HEAD, FusionLayout, view_presence_name
 from edgebc.model_card import ModelCard, ModelInput
 
 
@@ -39,27 +41,54 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+
+
 def open_backend(
     path: str | Path,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
     warmup: int = 3,
     spin_wait: bool = True,
+    runtime: str | None = None,
+    precision: str | None = None,
 ) -> Backend:
-    """The backend for `path`; `spin_wait=False` for live loops (ONNX Runtime only: see there)."""
+    """The backend for `path`; `spin_wait=False` for live loops (ONNX Runtime only: see there).
+
+    `runtime` None picks by file type (ONNX Runtime for `.onnx`, TensorRT for `.engine`);
+    "openvino" runs an `.onnx` on OpenVINO's CPU plugin. `precision` None is the file's own
+    (fp32, or int8 for the QDQ export); OpenVINO also takes "bf16" for an FP32 file. A precision
+    the runtime cannot give the file is refused, never substituted."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        from edgebc.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
-    if suffix == ".engine":
+    if runtime is not None and runtime not in RUNTIMES:
+        raise EdgebcError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if suffix == ".engine" and runtime in (None, "tensorrt"):
+        if precision is not None:
+            raise EdgebcError(f"{path}: a TensorRT engine's precision is the one it was built with; give no precision")  # fmt: skip
         from edgebc.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(path, warmup)
-    raise EdgebcError(
-        f"{path}: expected an exported .onnx model or a TensorRT .engine (export checkpoints with `edgebc export`)"
-    )
+    if suffix != ".onnx":
+        raise EdgebcError(
+            f"{path}: expected an exported .onnx model or a TensorRT .engine (export checkpoints with `edgebc export`)"
+        )
+    if runtime == "tensorrt":
+        raise EdgebcError(f"{path}: TensorRT runs .engine files; build one with `edgebc model engine`")  # fmt: skip
+    if runtime == "openvino":
+        from edgebc.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, precision, threads, warmup)
+    from edgebc.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
+    if precision is not None and precision != backend.card.precision:
+        raise EdgebcError(
+            f"{path}: ONNX Runtime runs this model as {backend.card.precision}, the precision it "
+            f"was exported in, not {precision}"
+            + (" (bf16 runs on OpenVINO: runtime='openvino')" if precision == "bf16" else "")
+        )
+    return backend
 
 
 def validate_batch(batch: object, card: ModelCard) -> np.ndarray:
@@ -103,3 +132,51 @@ def validate_input(batch: object, model_input: ModelInput, max_batch: int) -> np
     if not np.all(np.isfinite(batch)):
         raise ValueError("input contains NaN or infinite values")
     return np.ascontiguousarray(batch)
+
+
+def checked_feeds(
+    feeds: Mapping[str, np.ndarray], card: ModelCard, layout: FusionLayout | None
+) -> dict[str, np.ndarray]:
+    """Every input a graph of this card takes, checked as ONNX Runtime checks them: the card's
+    inputs (and a multi-view model's presence), or a fusion graph's (a branch's views and their
+    presence, the head's embeddings and theirs); a ValueError says what is wrong."""
+    from edgebc.backends.onnxruntime import (
+        validate_fusion_presence,
+        validate_vectors,
+        validate_view_presence,
+    )
+
+    if layout is None:
+        presence = card.presence_input
+        checked = validate_feeds({k: v for k, v in feeds.items() if k != presence}, card)
+        if presence is not None:
+            from edgebc.cases import validate_presence
+
+            if presence not in feeds:
+                raise ValueError(f"model {card.name} needs {presence}: which views are there")
+            rows = len(next(iter(checked.values())))
+            checked[presence] = validate_presence(feeds[presence], card, rows)
+        return checked
+    declared = layout.inputs_of(layout.graph, card)
+    names = [name for name, _ in declared]
+    if sorted(feeds) != sorted(names):
+        raise ValueError(
+            f"the {layout.graph} graph of fusion model {card.name} takes {', '.join(names)}; "
+            f"got {', '.join(sorted(feeds)) or 'nothing'}"
+        )
+    views = view_presence_name(layout.graph) if len(layout.branches.get(layout.graph, ())) > 1 else None  # fmt: skip
+    checked = {}
+    for name, shape in declared:
+        if layout.graph != HEAD and name != views:
+            model_input = next(i for i in card.inputs if i.name == name)
+            checked[name] = validate_input(feeds[name], model_input, card.max_batch)
+        else:
+            checked[name] = validate_vectors(feeds[name], name, shape, card.max_batch)
+    if len({len(v) for v in checked.values()}) != 1:
+        sizes = {n: len(v) for n, v in checked.items()}
+        raise ValueError(f"every input needs the same batch size, got {sizes}")
+    if views is not None:
+        validate_view_presence(checked[views], views)
+    if layout.graph == HEAD:
+        validate_fusion_presence(checked[layout.presence], layout, card)
+    return checked

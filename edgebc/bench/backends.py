@@ -86,6 +86,8 @@ def candidates(
                 make = partial(_tensorrt, source, precision, work, max_batch)
                 out.append(Candidate(f"tensorrt-{precision}", make, gpu=True))
     out.append(Candidate("opencv-dnn-cpu", partial(_OpenCvDnn, model.fp32)))
+    if is_installed("openvino"):
+        out.extend(_openvino_candidates(model, threads))
     return out
 
 
@@ -129,3 +131,24 @@ class _OpenCvDnn:
 
     def close(self) -> None:
         """Nothing to free early: the network goes with this object."""
+
+
+def _openvino_candidates(model: BenchModel, threads: list[int]) -> list[Candidate]:
+    """OpenVINO FP32 and BF16 (precision stated: its default on a BF16 CPU is bf16) on the FP32
+    model, INT8 on the QDQ export; one that cannot run here (no BF16 instructions, a QOperator
+    INT8 model) is reported with the reason, as every candidate is."""
+    out = []
+    for t in threads:
+        for precision in ("fp32", "bf16"):
+            make = partial(_openvino, model.fp32, precision, t)
+            out.append(Candidate(f"openvino-cpu-{precision}-t{t}", make))
+        if model.int8 is not None:
+            make = partial(_openvino, model.int8, "int8", t)
+            out.append(Candidate(f"openvino-cpu-int8-t{t}", make))
+    return out
+
+
+def _openvino(path: Path, precision: str, threads: int) -> Runner:
+    from edgebc.backends import open_backend
+
+    return open_backend(path, threads=threads, warmup=0, runtime="openvino", precision=precision)
