@@ -16,7 +16,7 @@ from typing import Any
 
 from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
-from edgebc.export.frames import load_frames
+from edgebc.export.frames import load_frame_set, load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.fusion_graphs import HEAD
 from edgebc.integrity import write_manifest
@@ -38,8 +38,8 @@ class ExportOptions:
     calibration_split: str | None = "train"
     calibration_method: str = "minmax"
     check_data: str | None = None
-    check_split: str | None = "val"
-    check_count: int = 500
+    check_split: str | None = None  # every split: all labelled frames not used for calibration
+    check_count: int = 0  # 0: every one
     int8_search: bool = True
     tensorrt: str | None = None  # "fp16" | "int8"
     triton: bool = False
@@ -81,13 +81,13 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
             raise EdgebcError(
                 "--int8 needs --calibration (frames to calibrate on) and --check (a labelled set to prove accuracy held)"
             )
-        calibration, _ = load_frames(
+        calibration = load_frame_set(
             options.calibration, options.calibration_size, split=options.calibration_split
         )
-        check, labels = load_frames(
-            options.check_data, options.check_count, split=options.check_split
-        )
-        if not labels:
+        # every labelled frame not used for calibration (options.check_count <= 0: no limit)
+        check = load_frame_set(options.check_data, options.check_count,
+                               split=options.check_split, exclude=calibration.paths)  # fmt: skip
+        if not check.labels:
             raise EdgebcError(
                 f"{options.check_data}: the check set must be labelled (a manifest or class folders), not a video"
             )
@@ -96,7 +96,8 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         )  # type: ignore[arg-type]
         int8_path = out / f"{options.name}.int8.onnx"
         quantize = search_int8 if options.int8_search else quantize_int8
-        quant = quantize(fp32_path, int8_path, calibration, check, labels, plan)
+        quant = quantize(fp32_path, int8_path, calibration.frames, check.frames, check.labels,
+                         plan, check_units=check.units)  # fmt: skip
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:

@@ -65,13 +65,19 @@ def register_export(commands: argparse._SubParsersAction) -> None:
         "--check",
         dest="check_data",
         default=None,
-        help="labelled frames for the FP32 vs INT8 parity report",
+        help="labelled frames for the FP32 vs INT8 parity report and accuracy budget "
+        "(the calibration frames are left out of it)",
     )
     export.add_argument(
-        "--check-split", default="val", help="split of --check to use ('all' for every sample)"
+        "--check-split",
+        default="all",
+        help="split of --check to use (default 'all': every labelled frame not used for calibration)",
     )
     export.add_argument(
-        "--check-count", type=int, default=500, help="labelled frames to check with"
+        "--check-count",
+        type=int,
+        default=0,
+        help="labelled frames to check with (0: every one; fewer frames, looser bounds)",
     )
     export.add_argument(
         "--no-int8-search",
