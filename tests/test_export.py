@@ -18,11 +18,11 @@ from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.export.quantize import QuantPlan, quantize_int8, search_int8
-from edgebc.precision_budget import PrecisionBudget
 from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.model_card import ModelCard, read_card
+from edgebc.precision_budget import PrecisionBudget
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train.models import list_models
 from tests.helpers import make_checkpoint
