@@ -19,7 +19,7 @@ from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frame_set, load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.fusion_graphs import HEAD
-from edgebc.integrity import write_manifest
+from edgebc.integrity import sha256_file, write_manifest
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         int8_path = out / f"{options.name}.int8.onnx"
         quantize = search_int8 if options.int8_search else quantize_int8
         quant = quantize(fp32_path, int8_path, calibration.frames, check.frames, check.labels,
-                         plan, check_units=check.units)  # fmt: skip
+                         plan, check_units=check.units,
+                         calibration_ids=[sha256_file(p)[:16] for p in calibration.paths])  # fmt: skip
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:

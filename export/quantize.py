@@ -171,9 +171,12 @@ def quantize_int8(
     check_labels: Sequence[str],
     plan: QuantPlan = QuantPlan(),
     check_units: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] = (),
 ) -> QuantReport:
     """Write an INT8 QDQ model to `out` that meets `plan`'s accuracy budget, or say it could not.
-    `check_units` names each check frame's patient where patients repeat (clustered bounds)."""
+    `check_units` names each check frame's patient where patients repeat (clustered bounds);
+    `calibration_ids` (the calibration files' sha256, 16 hex digits) go into the card, so a
+    deployment plan made later leaves those frames out of its check set."""
     require("onnx", "INT8 quantization")
     card = read_card(fp32_path)
     # The check set is scored on the model's task: labels it leaves out are counted, not scored.
@@ -247,6 +250,7 @@ def quantize_int8(
                 **asdict(plan),
                 "excluded_nodes": excluded,
                 "calibration_frames": len(calib),
+                "calibration_sha256": sorted(set(calibration_ids)),
                 "check_frames": len(check),
                 "budget_met": verdict.allowed,
                 "budget_verdict": verdict.summary(),
@@ -308,6 +312,7 @@ def search_int8(
     candidates: Sequence[dict[str, Any]] = CANDIDATES,
     latency_runs: int = 100,
     check_units: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] = (),
 ) -> QuantReport:
     """Quantize with each candidate format, time each against FP32 on this machine, keep the fastest
     that meets the accuracy budget, and say plainly when none beats FP32."""
@@ -317,7 +322,7 @@ def search_int8(
         for index, options in enumerate(candidates):
             path = Path(scratch) / f"candidate{index}.onnx"
             report = quantize_int8(fp32_path, path, calibration, check_frames, check_labels,
-                                   replace(plan, **options), check_units)  # fmt: skip
+                                   replace(plan, **options), check_units, calibration_ids)  # fmt: skip
             tried.append((options, path, report))
         card = read_card(fp32_path)
         shape = (1, *card.input_shape)

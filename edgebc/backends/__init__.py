@@ -45,14 +45,28 @@ def open_backend(
     threads: int = 0,
     warmup: int = 3,
     spin_wait: bool = True,
+    runtime: str = "onnxruntime",
+    precision: str | None = None,
 ) -> Backend:
-    """The backend for `path`; `spin_wait=False` for live loops (ONNX Runtime only: see there)."""
+    """The backend for `path`; `spin_wait=False` for live loops (ONNX Runtime only: see there).
+    `runtime` runs an .onnx file; `precision` (fp32, fp16, int8), when given, must be the one the
+    file's card declares: ONNX Runtime runs a file at the precision it was exported in, so a
+    deployment plan that names one file and another precision is refused, not run."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
+        if runtime != "onnxruntime":
+            raise EdgebcError(f"{path}: unknown runtime {runtime!r}; expected onnxruntime")
         from edgebc.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
+        backend = OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
+        if precision is not None and backend.card.precision != precision:
+            backend.close()
+            raise EdgebcError(
+                f"{path}: holds a {backend.card.precision} model, not {precision}; ONNX Runtime "
+                "runs a file at its own precision"
+            )
+        return backend
     if suffix == ".engine":
         from edgebc.backends.tensorrt import TensorRTBackend
 
