@@ -203,6 +203,9 @@ def labelled_set(model: str | Path, source: str | Path, split: str | None = None
 
     model = Path(model)
     card = card_for_model(model)
+    if len(card.inputs) > 1:
+        raise EdgebcError(f"{model}: a deployment plan covers one-image models; {card.name} "
+                          f"has {len(card.inputs)} inputs")  # fmt: skip
     samples = [s for s in read_dataset(source) if split is None or s.split == split]
     calibrated = _calibration_hashes(model)
     left_out: dict[str, int] = {}

@@ -244,3 +244,15 @@ def test_a_plan_for_another_model_file_is_not_followed(int8_release, tmp_path):
 def test_a_planned_file_of_another_precision_is_refused(int8_release):
     with pytest.raises(EdgebcError, match="holds a int8 model, not fp32"):
         open_backend(int8_release / "model.int8.onnx", threads=1, precision="fp32")
+
+
+def test_an_install_carries_the_int8_variant_for_the_device_to_plan(int8_release, tmp_path):
+    from edgebc.model_store import ModelStore
+
+    release = ModelStore(tmp_path / "store").install(int8_release / "model.onnx")
+    assert (release.path / "model.int8.onnx").read_bytes() == (
+        int8_release / "model.int8.onnx"
+    ).read_bytes()
+    assert set(read_manifest(release.path)) == {"model.onnx", "model.int8.onnx"}
+    assert release.problem is None and not (release.path / PLAN_FILE).exists()  # planned here
+    assert [c.precision for c in available_candidates(release.model)] == ["fp32", "int8"]

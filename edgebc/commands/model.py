@@ -112,6 +112,9 @@ def run_model(args: argparse.Namespace) -> int:
     if args.action == "install":
         release = store.install(args.source, progress=_say)
         print(f"current: {release.id} ({release.model})")
+        if not (release.path / "deployment-plan.json").exists():
+            print(f"choose its runtime and precision on this device: edgebc model plan "
+                  f"{release.model} --check LABELLED_FRAMES")  # fmt: skip
         print("restart the service to load it: sudo systemctl restart edgebc")
         return 0
     if args.action == "rollback":
