@@ -169,6 +169,12 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
             "--int8 needs --calibration and --check: a case manifest (patient_id, modality, view) "
             "whose calibration split calibrates each branch and whose held-out split checks them"
         )
+    if options.int8 and options.check_split in (None, options.calibration_split):
+        # read_cases takes one split: the check set must be another than calibration's
+        raise EdgebcError(
+            "a fusion model's --int8 needs --check-split naming a split other than "
+            f"--calibration-split ({options.calibration_split}), e.g. --check-split test"
+        )
     if options.tensorrt:
         _check_fusion_tensorrt(options)
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,8 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
         card = exported.card
         calibration = read_cases(options.calibration, options.calibration_split, card,
                                  options.calibration_size)  # fmt: skip
-        check = read_cases(options.check_data, options.check_split, card, options.check_count)
+        check = read_cases(options.check_data, options.check_split, card,
+                           options.check_count if options.check_count > 0 else 1 << 31)  # fmt: skip
         plan = QuantPlan(
             method=options.calibration_method,
             calibration_size=options.calibration_size,
