@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_MODEL
+from edgebc.deployment_plan import open_planned_backend
 from edgebc.localiser import check_crop_trained, linked_localiser_path, open_localiser
 from edgebc.quality import MammographyGate, QualityGate
 from edgebc.region import Region
@@ -46,6 +46,9 @@ class ClassifierSettings:
     # links, if any; localiser_margin overrides the card link's margin around the box
     localiser: str | None = None
     localiser_margin: float | None = None
+    # run the runtime and precision the deployment plan beside the model chose for this machine
+    # (edgebc.deployment_plan); False runs the model file as given
+    use_plan: bool = True
 
     def __post_init__(self) -> None:
         if self.region is not None:
@@ -81,9 +84,9 @@ class ClassifierSettings:
 def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
     """Open the model and put region, quality gate and threshold around it. With `auto_region`
     the region starts empty: whoever reads the stream detects it on its first frame."""
-    backend = open_backend(
-        settings.model_path, settings.providers, settings.threads, spin_wait=settings.spin_wait
-    )
+    backend, note = open_planned_backend(settings.model_path, settings.providers, settings.threads,
+                                         spin_wait=settings.spin_wait, use_plan=settings.use_plan)  # fmt: skip
+    log.info("%s", note)
     region = Region(*settings.region) if settings.region else None
     localiser_path = settings.localiser or linked_localiser_path(backend.card, settings.model_path)
     localiser = None

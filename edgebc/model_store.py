@@ -3,7 +3,9 @@
 A store (default /var/lib/edgebc/models, or $EDGEBC_MODEL_STORE) holds:
 
     releases/<name>-<sha12>/  one folder per installed model: model.onnx, MANIFEST.sha256, release.json,
-                              and card.json for a site-calibrated release (<name>-<sha12>-<card sha8>)
+                              card.json for a site-calibrated release (<name>-<sha12>-<card sha8>),
+                              model.int8.onnx where the export wrote one (listed in its manifest),
+                              and deployment-plan.json once `edgebc model plan` measured this device
     current  -> releases/...  what `edgebc serve` loads (config: model: <store>/current/model.onnx)
     previous -> releases/...  what `edgebc model rollback` returns to
     .incoming-*/              an install in progress; never loaded, removed by the next install
@@ -43,6 +45,7 @@ from edgebc.release import CARD_FILE, card_for_model, site_card_path, verify_rel
 
 DEFAULT_STORE = Path("/var/lib/edgebc/models")
 MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # the export's INT8 variant, installed beside it when listed
 RELEASE_FILE = "release.json"
 KEEP_RELEASES = 3
 COPY_CHUNK = 1 << 20
@@ -133,13 +136,18 @@ class ModelStore:
             try:
                 _copy_synced(source, incoming / MODEL_FILE, progress)
                 files = [MODEL_FILE]
+                wanted = {MODEL_FILE: sha}
+                int8 = source.with_name(f"{source.stem}.int8.onnx")
+                int8_sha = verify_artifact(int8) if int8.is_file() else None
+                if int8_sha is not None:  # a candidate for the device's deployment plan
+                    _copy_synced(int8, incoming / INT8_FILE, progress)
+                    files.append(INT8_FILE)
+                    wanted[INT8_FILE] = int8_sha
                 if site_card is not None:
                     _copy_synced(site_card, incoming / CARD_FILE, progress)
                     files.append(CARD_FILE)
-                write_manifest(incoming, files)
-                wanted = {MODEL_FILE: sha}
-                if site_card is not None:
                     wanted[CARD_FILE] = read_manifest(source.parent)[CARD_FILE]
+                write_manifest(incoming, files)
                 if read_manifest(incoming) != wanted:
                     raise EdgebcError(f"{source}: the copy differs from the original (disk error?)")
                 progress("copied")

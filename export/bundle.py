@@ -12,7 +12,7 @@ number, and `MANIFEST.sha256` over the artifacts so a device can refuse a damage
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ import numpy as np
 
 from edgebc.atomic import atomic_write_bytes, atomic_write_text
 from edgebc.errors import EdgebcError
-from edgebc.export.frames import load_frames
+from edgebc.export.frames import load_frame_set, load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
 from edgebc.fusion_graphs import HEAD
-from edgebc.integrity import write_manifest
+from edgebc.integrity import sha256_file, write_manifest
 from edgebc.localiser import LesionCrop, lesion_crop_of
 from edgebc.model_card import read_card
 
@@ -44,8 +44,8 @@ class ExportOptions:
     calibration_split: str | None = "train"
     calibration_method: str = "minmax"
     check_data: str | None = None
-    check_split: str | None = "val"
-    check_count: int = 500
+    check_split: str | None = None  # every split: all labelled frames not used for calibration
+    check_count: int = 0  # 0: every one
     int8_search: bool = True
     tensorrt: str | None = None  # "fp16" | "int8"
     triton: bool = False
@@ -95,14 +95,16 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
             raise EdgebcError(
                 "--int8 needs --calibration (frames to calibrate on) and --check (a labelled set to prove accuracy held)"
             )
-        calibration, _ = load_frames(
+        calibration = load_frame_set(
             options.calibration, options.calibration_size, split=options.calibration_split
         )
-        check, labels = load_frames(
-            options.check_data, options.check_count, split=options.check_split
-        )
-        calibration, check = _cropped(calibration, crop), _cropped(check, crop)
-        if not labels:
+        # every labelled frame not used for calibration (options.check_count <= 0: no limit)
+        check = load_frame_set(options.check_data, options.check_count,
+                               split=options.check_split, exclude=calibration.paths)  # fmt: skip
+        # a classifier trained on localiser crops is calibrated and checked on crops
+        calibration = replace(calibration, frames=_cropped(calibration.frames, crop))
+        check = replace(check, frames=_cropped(check.frames, crop))
+        if not check.labels:
             raise EdgebcError(
                 f"{options.check_data}: the check set must be labelled (a manifest or class folders), not a video"
             )
@@ -111,7 +113,9 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
         )  # type: ignore[arg-type]
         int8_path = out / f"{options.name}.int8.onnx"
         quantize = search_int8 if options.int8_search else quantize_int8
-        quant = quantize(fp32_path, int8_path, calibration, check, labels, plan)
+        quant = quantize(fp32_path, int8_path, calibration.frames, check.frames, check.labels,
+                         plan, check_units=check.units,
+                         calibration_ids=[sha256_file(p)[:16] for p in calibration.paths])  # fmt: skip
         report["int8"] = {"path": int8_path.name, **asdict(quant)}
         artifacts.append(int8_path)
     if options.tensorrt:
@@ -205,6 +209,12 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
             "--int8 needs --calibration and --check: a case manifest (patient_id, modality, view) "
             "whose calibration split calibrates each branch and whose held-out split checks them"
         )
+    if options.int8 and options.check_split in (None, options.calibration_split):
+        # read_cases takes one split: the check set must be another than calibration's
+        raise EdgebcError(
+            "a fusion model's --int8 needs --check-split naming a split other than "
+            f"--calibration-split ({options.calibration_split}), e.g. --check-split test"
+        )
     if options.tensorrt:
         _check_fusion_tensorrt(options)
     Path(options.out_dir).mkdir(parents=True, exist_ok=True)
@@ -228,7 +238,8 @@ def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[s
         card = exported.card
         calibration = read_cases(options.calibration, options.calibration_split, card,
                                  options.calibration_size)  # fmt: skip
-        check = read_cases(options.check_data, options.check_split, card, options.check_count)
+        check = read_cases(options.check_data, options.check_split, card,
+                           options.check_count if options.check_count > 0 else 1 << 31)  # fmt: skip
         plan = QuantPlan(
             method=options.calibration_method,
             calibration_size=options.calibration_size,

@@ -4,9 +4,13 @@ ONNX Runtime static quantization (QDQ, per-channel int8 weights) calibrated on r
 went through the shared preprocessing, with MinMax, Entropy or Percentile calibration. Then a
 parity report on a labelled set: FP32 vs INT8 agreement of the decisions the cart shows (the card's rule and threshold), malignant-vs-rest AUC and
 sensitivity at the card's threshold for both, probability differences, and per-node SQNR
-(signal-to-quantization-noise, dB) to find the nodes that lose most. When the accuracy budget
-is missed, the least accurate nodes stay in float and quantization is retried; what was
-excluded is reported. Latency of both on this machine is part of the evidence.
+(signal-to-quantization-noise, dB) to find the nodes that lose most. The accuracy budget is the
+statistical one every reduced precision passes (edgebc.precision_budget: one-sided confidence
+bounds on decision agreement, the paired AUC drop and the paired sensitivity drop, with the
+binding criterion named), judged on every labelled check frame given — `edgebc export` gives
+every labelled frame not used for calibration. When the budget is missed, the least accurate
+nodes stay in float and quantization is retried; what was excluded is reported. Latency of both
+on this machine is part of the evidence.
 
 On x86, ONNX Runtime's fast int8 kernels (VNNI) take uint8 activations with int8 weights (U8S8),
 so that is the default here; S8S8 is an option.
@@ -31,6 +35,7 @@ from edgebc.errors import EdgebcError
 from edgebc.export.onnx_export import run_onnx
 from edgebc.model_card import ModelCard, read_card
 from edgebc.optional import require
+from edgebc.precision_budget import PrecisionBudget, judge
 from edgebc.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,10 @@ class QuantPlan:
     per_channel: bool = True
     activations: Literal["uint8", "int8"] = "uint8"
     format: Literal["qdq", "qoperator"] = "qdq"
+    budget: PrecisionBudget = field(
+        default_factory=PrecisionBudget
+    )  # a one-input model's budget (precision_budget)
+    # The fusion path's point budget (export/fusion_quantize.py), until it is judged by `budget`.
     min_agreement: float = 0.99
     max_auc_drop: float = 0.01
     max_sensitivity_drop: float = 0.01
@@ -67,6 +76,8 @@ class QuantReport:
     recommendation: str = ""
     check_frames: int = 0
     check_labels_left_out: dict[str, int] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)  # the last verdict (precision_budget)
+    binding: str = ""  # the criterion that bound it
 
 
 class _Reader:
@@ -109,8 +120,30 @@ def prepared_for_quantization(fp32_path: str | Path, scratch: Path) -> Path:
         log.warning(
             "quantization pre-processing failed (%s); quantizing the exported graph as is", exc
         )
-        return Path(fp32_path)
-    return prepared
+        prepared = Path(fp32_path)
+    return named_nodes(prepared, scratch / f"named-{Path(fp32_path).stem}.onnx")
+
+
+def named_nodes(model: Path, out: Path) -> Path:
+    """`model` with every node named: the pre-processing's fusions leave nodes unnamed (39 of a
+    MobileNetV3-Small's HardSigmoid/Mul), and an unnamed node can be neither excluded from
+    quantization nor reported (the kept-in-float list showed an empty name). Unnamed nodes get
+    `<op>_unnamed_<index>`; `model` itself is returned when every node has a name."""
+    onnx = require("onnx", "INT8 quantization")
+    graph = onnx.load(str(model))
+    taken = {node.name for node in graph.graph.node}
+    unnamed = [node for node in graph.graph.node if not node.name]
+    if not unnamed:
+        return model
+    for index, node in enumerate(graph.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_unnamed_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(graph, str(out))
+    return out
 
 
 def quantize_pass(prepared: Path, out: Path, calibration: Mapping[str, np.ndarray], plan: QuantPlan,
@@ -137,8 +170,13 @@ def quantize_int8(
     check_frames: Sequence[np.ndarray],
     check_labels: Sequence[str],
     plan: QuantPlan = QuantPlan(),
+    check_units: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] = (),
 ) -> QuantReport:
-    """Write an INT8 QDQ model to `out` that meets `plan`'s accuracy budget, or say it could not."""
+    """Write an INT8 QDQ model to `out` that meets `plan`'s accuracy budget, or say it could not.
+    `check_units` names each check frame's patient where patients repeat (clustered bounds);
+    `calibration_ids` (the calibration files' sha256, 16 hex digits) go into the card, so a
+    deployment plan made later leaves those frames out of its check set."""
     require("onnx", "INT8 quantization")
     card = read_card(fp32_path)
     # The check set is scored on the model's task: labels it leaves out are counted, not scored.
@@ -151,6 +189,9 @@ def quantize_int8(
     calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
     check = np.stack([preprocess(f, card.preprocess)[0] for f in kept_frames])
     y = card.task.encode([label for label, kept in zip(check_labels, keep, strict=True) if kept])
+    units = None
+    if check_units is not None:
+        units = [u for u, kept in zip(check_units, keep, strict=True) if kept]
     fp32_logits = run_onnx(fp32_path, check)
     fp32_stats = _clinical(fp32_logits, y, card)
     excluded: list[str] = []
@@ -164,14 +205,16 @@ def quantize_int8(
             quantize_pass(prepared, candidate, calibration_feeds, plan, excluded)
             int8_logits = run_onnx(candidate, check)
             int8_stats = _clinical(int8_logits, y, card)
-            agreement = _decisions_agree(fp32_logits, int8_logits, card)
-            met = _within_budget(fp32_stats, int8_stats, agreement, plan)
+            verdict = judge(fp32_logits, int8_logits, y, card, units, plan.budget)
+            met = verdict.allowed
             attempts.append(
                 {
                     "excluded": len(excluded),
-                    "agreement": agreement,
+                    "agreement": verdict.agreement,
                     **{f"int8_{k}": v for k, v in int8_stats.items()},
                     "budget_met": met,
+                    "binding": verdict.binding,
+                    "verdict": verdict.summary(),
                 }
             )
             if not sensitive:  # part of every report, and the ranking the exclusion loop follows
@@ -190,8 +233,8 @@ def quantize_int8(
             for nodes in remaining[:step]:
                 excluded += [n for n in nodes if n not in excluded]
             log.info(
-                "INT8 misses the budget (agreement %.3f); keeping %d nodes in float and retrying",
-                agreement,
+                "INT8 misses the budget (%s); keeping %d nodes in float and retrying",
+                verdict.summary(),
                 len(excluded),
             )
         graph = require("onnx", "INT8 quantization").load(str(candidate))
@@ -207,6 +250,10 @@ def quantize_int8(
                 **asdict(plan),
                 "excluded_nodes": excluded,
                 "calibration_frames": len(calib),
+                "calibration_sha256": sorted(set(calibration_ids)),
+                "check_frames": len(check),
+                "budget_met": verdict.allowed,
+                "budget_verdict": verdict.summary(),
             },
         ),
     )
@@ -220,7 +267,8 @@ def quantize_int8(
         plan=asdict(plan), calibration_frames=len(calib), fp32=fp32_stats, int8=int8_stats, agreement=attempts[-1]["agreement"],
         max_prob_diff=float(diff.max()), mean_prob_diff=float(diff.mean()), budget_met=attempts[-1]["budget_met"],
         excluded_nodes=excluded, attempts=attempts, sensitive_nodes=sensitive[:10],
-        check_frames=len(check), check_labels_left_out=left_out,
+        check_frames=len(check), check_labels_left_out=left_out, budget=verdict.to_dict(),
+        binding=verdict.binding,
     )  # fmt: skip
 
 
@@ -263,6 +311,8 @@ def search_int8(
     plan: QuantPlan = QuantPlan(),
     candidates: Sequence[dict[str, Any]] = CANDIDATES,
     latency_runs: int = 100,
+    check_units: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] = (),
 ) -> QuantReport:
     """Quantize with each candidate format, time each against FP32 on this machine, keep the fastest
     that meets the accuracy budget, and say plainly when none beats FP32."""
@@ -271,9 +321,8 @@ def search_int8(
     with tempfile.TemporaryDirectory() as scratch:
         for index, options in enumerate(candidates):
             path = Path(scratch) / f"candidate{index}.onnx"
-            report = quantize_int8(
-                fp32_path, path, calibration, check_frames, check_labels, replace(plan, **options)
-            )
+            report = quantize_int8(fp32_path, path, calibration, check_frames, check_labels,
+                                   replace(plan, **options), check_units, calibration_ids)  # fmt: skip
             tried.append((options, path, report))
         card = read_card(fp32_path)
         shape = (1, *card.input_shape)
@@ -288,6 +337,7 @@ def search_int8(
                 "speedup_vs_fp32": fp32_ms / ms,
                 "budget_met": r.budget_met,
                 "agreement": r.agreement,
+                "binding": r.binding,
                 "excluded_nodes": len(r.excluded_nodes),
             }
             for (options, _, r), ms in zip(tried, latency[1:], strict=True)

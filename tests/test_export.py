@@ -22,6 +22,7 @@ from edgebc.export.triton import write_triton_repository
 from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.model_card import ModelCard, read_card
+from edgebc.precision_budget import PrecisionBudget
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train.models import list_models
 from tests.helpers import make_checkpoint
@@ -126,9 +127,8 @@ def test_int8_report_has_parity_sqnr_and_budget(exported, phantoms, tmp_path):
     path, _, _ = exported
     calibration, _ = load_frames(phantoms, 24, split="train")
     check, labels = load_frames(phantoms, 40, split="val")
-    strict = QuantPlan(
-        min_agreement=1.0, max_auc_drop=0.0, max_sensitivity_drop=0.0, max_excluded_nodes=2
-    )
+    impossible = PrecisionBudget(max_disagreement=0.0, max_auc_drop=0.0, max_sensitivity_drop=0.0)
+    strict = QuantPlan(budget=impossible, max_excluded_nodes=2)
     report = quantize_int8(path, tmp_path / "model.int8.onnx", calibration, check, labels, strict)
     assert read_card(tmp_path / "model.int8.onnx").precision == "int8"
     assert 0 <= report.agreement <= 1 and 0 <= report.max_prob_diff <= 1

@@ -83,6 +83,7 @@ def open_backend(
 
     backend = OnnxRuntimeBackend(path, providers, threads, warmup, spin_wait)
     if precision is not None and precision != backend.card.precision:
+        backend.close()
         raise EdgebcError(
             f"{path}: ONNX Runtime runs this model as {backend.card.precision}, the precision it "
             f"was exported in, not {precision}"

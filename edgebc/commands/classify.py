@@ -74,6 +74,9 @@ def register_classify(commands: argparse._SubParsersAction) -> None:
     classify.add_argument(
         "--batch", type=int, default=None, help="frames per inference batch (default 16)"
     )
+    classify.add_argument("--no-plan", dest="use_plan", action="store_false", default=None,
+                          help="run the model file as given, not the runtime and precision its "
+                          "deployment plan chose (edgebc model plan)")  # fmt: skip
     classify.add_argument("--stride", type=int, default=None,
                           help="classify every Nth frame of videos and cines (default 1)")  # fmt: skip
     classify.set_defaults(handler=run_classify)
@@ -94,7 +97,7 @@ def classify_settings(args: argparse.Namespace) -> ClassifySettings:
     given = {"model": args.model, "inputs": tuple(args.inputs) or None, "out": args.out,
              "region": region, "auto_region": args.auto_region, "threshold": args.threshold, "threads": args.threads,
              "providers": tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
-             "batch": args.batch, "stride": args.stride, "case": args.case,
+             "batch": args.batch, "stride": args.stride, "case": args.case, "use_plan": args.use_plan,
              "ultrasound": tuple(args.ultrasound) if args.ultrasound else None,
              "mammogram": tuple(args.mammogram) if args.mammogram else None}  # fmt: skip
     overrides = [

@@ -65,13 +65,19 @@ def register_export(commands: argparse._SubParsersAction) -> None:
         "--check",
         dest="check_data",
         default=None,
-        help="labelled frames for the FP32 vs INT8 parity report",
+        help="labelled frames for the FP32 vs INT8 parity report and accuracy budget "
+        "(the calibration frames are left out of it)",
     )
     export.add_argument(
-        "--check-split", default="val", help="split of --check to use ('all' for every sample)"
+        "--check-split",
+        default="all",
+        help="split of --check to use (default 'all': every labelled frame not used for calibration)",
     )
     export.add_argument(
-        "--check-count", type=int, default=500, help="labelled frames to check with"
+        "--check-count",
+        type=int,
+        default=0,
+        help="labelled frames to check with (0: every one; fewer frames, looser bounds)",
     )
     export.add_argument(
         "--no-int8-search",
@@ -88,6 +94,16 @@ def register_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--triton", action="store_true", help="also write a Triton model repository"
     )
+    export.add_argument(
+        "--plan",
+        action="store_true",
+        help="then measure every runtime x precision of the export on THIS machine with the "
+        "--check set and write the fastest within the accuracy budget as its deployment plan "
+        "(edgebc model plan does the same on the device)",
+    )
+    from edgebc.commands.model import add_plan_arguments
+
+    add_plan_arguments(export, None)
     export.set_defaults(handler=run_export)
 
 
@@ -109,4 +125,12 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out} ({', '.join(k for k in ('onnx', 'fp16', 'int8', 'tensorrt', 'triton') if k in report)} + MANIFEST.sha256)"
     )
+    if args.plan:
+        from edgebc.commands.model import make_and_write_plan
+        from edgebc.errors import EdgebcError
+
+        if not args.check_data:
+            raise EdgebcError("--plan needs --check (a labelled set to judge each precision on)")
+        return make_and_write_plan(args.out / report["onnx"]["path"], args.check_data,
+                                   split(args.check_split), args.check_count, args.plan_runs)  # fmt: skip
     return 0

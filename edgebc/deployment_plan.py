@@ -1,0 +1,334 @@
+"""The deployment plan: which runtime and precision this machine runs a model with, by measurement.
+
+Every available (runtime, model file, precision) candidate beside a model is run on a labelled
+set: its outputs are compared with the FP32 reference, a reduced precision is judged by the one
+accuracy budget (edgebc.precision_budget), the allowed ones are timed interleaved (batch 1, one
+thread, round-robin so machine noise hits all alike), and the fastest is written beside the model
+as `deployment-plan.json` with the whole table it was chosen from, covered by the folder's
+MANIFEST.sha256. `edgebc serve` and `edgebc classify` run the planned candidate unless told not
+to (`--no-plan`); a plan that is missing, altered, made for another model file or made on another
+machine (CPU model or instruction-set features differ: the fastest runtime there is another
+question) is reported and not followed: the model file runs as given.
+
+Candidates come from `CANDIDATE_SOURCES`, one function per runtime: another runtime (OpenVINO
+FP32/BF16/INT8) appends its own and is judged and timed by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebc.atomic import atomic_write_text
+from edgebc.errors import EdgebcError
+from edgebc.integrity import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
+from edgebc.model_card import ModelCard
+from edgebc.precision_budget import PrecisionBudget, judge
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "deployment-plan.json"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    runtime: str  # as open_backend takes it
+    precision: str  # fp32, bf16, fp16, int8
+    model: str  # file name beside the reference model
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime} {self.precision} ({self.model})"
+
+
+def onnxruntime_candidates(model: Path) -> list[Candidate]:
+    """ONNX Runtime runs the FP32 file and, where the export wrote one, its INT8 QDQ sibling."""
+    found = [Candidate("onnxruntime", "fp32", model.name)]
+    int8 = model.with_name(f"{model.stem}.int8.onnx")
+    if int8.is_file():
+        found.append(Candidate("onnxruntime", "int8", int8.name))
+    return found
+
+
+# One function per runtime; the first candidate of the first is the FP32 reference.
+CANDIDATE_SOURCES: list[Callable[[Path], list[Candidate]]] = [onnxruntime_candidates]
+
+
+def available_candidates(model: Path) -> list[Candidate]:
+    return [c for source in CANDIDATE_SOURCES for c in source(Path(model))]
+
+
+def machine_identity() -> dict[str, Any]:
+    """What makes a plan this machine's: the CPU model and the instruction-set features the
+    runtimes' kernels pick from (VNNI, BF16, AMX, NEON dot product)."""
+    from edgebc.sysinfo import cpu_description
+
+    cpu = cpu_description()
+    return {"cpu": cpu["model"], "features": sorted(cpu["features"])}
+
+
+@dataclass
+class DeploymentPlan:
+    chosen: Candidate
+    reference_sha256: str
+    machine: dict[str, Any]
+    table: list[dict[str, Any]]
+    frames: int
+    budget: dict[str, Any]
+    timing: str
+    made: str = ""
+    version: int = PLAN_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str) + "\n"
+
+
+Timer = Callable[[Sequence[Any], np.ndarray], list[float]]
+
+
+def interleaved_ms(backends: Sequence[Any], frame: np.ndarray, runs: int = 200) -> list[float]:
+    """Median batch-1 milliseconds of each backend on `frame`, measured round-robin in a
+    rotating order so that load on a busy machine hits every candidate alike."""
+    for backend in backends:
+        for _ in range(10):
+            backend.run(frame)
+    samples: list[list[float]] = [[] for _ in backends]
+    for turn in range(runs):
+        for offset in range(len(backends)):
+            index = (turn + offset) % len(backends)
+            start = time.perf_counter()
+            backends[index].run(frame)
+            samples[index].append(time.perf_counter() - start)
+    return [float(np.median(s) * 1e3) for s in samples]
+
+
+def make_plan(
+    model: str | Path,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    units: Sequence[str] | None = None,
+    budget: PrecisionBudget | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    timer: Timer = interleaved_ms,
+    open_candidate: Callable[[Path, Candidate], Any] | None = None,
+) -> DeploymentPlan:
+    """Measure every candidate for `model` on preprocessed `inputs` (N, C, H, W) with class
+    indices `labels` of the card's task; the fastest within the budget is chosen."""
+    model, budget = Path(model), budget or PrecisionBudget()
+    listed = list(candidates) if candidates is not None else available_candidates(model)
+    if not listed or listed[0].precision != "fp32" or listed[0].model != model.name:
+        raise EdgebcError(f"{model}: the first candidate must be the FP32 model itself")
+    opener = open_candidate or _open
+    backends: list[Any] = []
+    table: list[dict[str, Any]] = []
+    reference_logits = None
+    card: ModelCard | None = None
+    try:
+        for candidate in listed:
+            row: dict[str, Any] = {"runtime": candidate.runtime, "precision": candidate.precision,
+                                   "model": candidate.model}  # fmt: skip
+            try:
+                backend = opener(model.parent / candidate.model, candidate)
+            except (EdgebcError, ImportError, OSError, RuntimeError) as exc:
+                if reference_logits is None:
+                    raise
+                table.append({**row, "allowed": False, "status": f"unavailable: {exc}"})
+                continue
+            logits = _run_all(backend, inputs)
+            if reference_logits is None:
+                card, reference_logits = backend.card, logits
+                row.update(allowed=True, status="reference", max_prob_diff=0.0)
+            elif card is not None:  # the reference ran first
+                verdict = judge(reference_logits, logits, labels, card, units, budget)
+                row.update(allowed=verdict.allowed, binding=verdict.binding,
+                           agreement=verdict.agreement, max_prob_diff=verdict.max_prob_diff,
+                           status=verdict.summary(),
+                           criteria={c.name: {"loss": c.loss, "bound": c.bound, "limit": c.limit,
+                                              "passed": c.passed} for c in verdict.criteria})  # fmt: skip
+            table.append(row)
+            if row["allowed"]:
+                backends.append(backend)
+                row["_backend"] = len(backends) - 1
+            else:
+                backend.close()
+        timed = [r for r in table if "_backend" in r]
+        latencies = timer(backends, np.ascontiguousarray(inputs[:1]))
+        for row in timed:
+            row["p50_ms"] = latencies[row.pop("_backend")]
+        fp32_ms = table[0]["p50_ms"]
+        for row in timed:
+            row["speedup_vs_fp32"] = fp32_ms / row["p50_ms"]
+        best = min(timed, key=lambda r: r["p50_ms"])
+    finally:
+        for backend in backends:
+            backend.close()
+    chosen = next(c for c in listed if (c.runtime, c.precision, c.model) ==
+                  (best["runtime"], best["precision"], best["model"]))  # fmt: skip
+    for row in table:
+        row["chosen"] = row is best
+    return DeploymentPlan(
+        chosen=chosen, reference_sha256=sha256_file(model), machine=machine_identity(),
+        table=table, frames=len(inputs), budget=asdict(budget),
+        timing=f"median of batch-1 runs, candidates interleaved ({getattr(timer, '__name__', 'timer')})",
+        made=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )  # fmt: skip
+
+
+@dataclass
+class LabelledSet:
+    inputs: np.ndarray  # preprocessed (N, C, H, W)
+    labels: np.ndarray  # class indices of the card's task
+    units: list[str]
+    left_out: dict[str, int]  # labels outside the task, and "calibration" frames
+
+
+def labelled_set(model: str | Path, source: str | Path, split: str | None = None,
+                 limit: int = 0, seed: int = 0) -> LabelledSet:  # fmt: skip
+    """Every labelled frame of `source` (a manifest or dataset folder; `split` of it, `limit` > 0
+    a seeded sample) for judging `model`'s candidates, preprocessed by its card, with the frames
+    an INT8 variant beside it was calibrated on left out (its card lists their sha256)."""
+    from edgebc.data import read_dataset
+    from edgebc.data.sample_image import read_sample
+    from edgebc.preprocess import preprocess
+    from edgebc.release import card_for_model
+
+    model = Path(model)
+    card = card_for_model(model)
+    if len(card.inputs) > 1:
+        raise EdgebcError(f"{model}: a deployment plan covers one-image models; {card.name} "
+                          f"has {len(card.inputs)} inputs")  # fmt: skip
+    samples = [s for s in read_dataset(source) if split is None or s.split == split]
+    calibrated = _calibration_hashes(model)
+    left_out: dict[str, int] = {}
+    if calibrated:
+        kept = [s for s in samples if sha256_file(s.path)[:16] not in calibrated]
+        left_out["calibration"] = len(samples) - len(kept)
+        samples = kept
+    keep, by_label = card.task.partition([s.label for s in samples], f"{source}")
+    left_out.update(by_label)
+    samples = [s for s, k in zip(samples, keep, strict=True) if k]
+    if limit > 0:
+        order = np.random.default_rng(seed).permutation(len(samples))[:limit]
+        samples = [samples[i] for i in sorted(order)]
+    if not samples:
+        raise EdgebcError(f"{source}: no labelled frames of {card.task.name} left to plan with")
+    inputs = np.concatenate([preprocess(read_sample(s)[0], card.preprocess) for s in samples])
+    labels = card.task.encode([s.label for s in samples])
+    return LabelledSet(inputs, labels, [s.unit for s in samples], left_out)
+
+
+def _calibration_hashes(model: Path) -> set[str]:
+    from edgebc.model_card import read_card
+
+    found: set[str] = set()
+    for candidate in available_candidates(model):
+        path = model.parent / candidate.model
+        if candidate.precision == "int8" and path.is_file():
+            found |= set((read_card(path).quantization or {}).get("calibration_sha256", []))
+    return found
+
+
+def write_plan(model: str | Path, plan: DeploymentPlan) -> Path:
+    """Write the plan beside `model`, atomically, and into the folder's manifest when it has one
+    (so an altered plan is refused like an altered model)."""
+    folder = Path(model).parent
+    path = folder / PLAN_FILE
+    atomic_write_text(path, plan.to_json())
+    if (folder / MANIFEST_NAME).exists():
+        write_manifest(folder, [PLAN_FILE])
+    return path
+
+
+def planned_candidate(model: str | Path) -> tuple[Candidate | None, str]:
+    """The candidate the plan beside `model` chose for this machine, or None and why the model
+    file runs as given (no plan, an altered one, another model's, another machine's)."""
+    model = Path(model)
+    path = model.parent / PLAN_FILE
+    as_given = f"running {model.name} as given (ONNX Runtime, its own precision)"
+    if not path.exists():
+        return None, f"no deployment plan beside {model.name}: {as_given}"
+    try:
+        manifest = model.parent / MANIFEST_NAME
+        if manifest.exists():
+            expected = read_manifest(model.parent).get(PLAN_FILE)
+            if expected is None:
+                return None, f"{path}: not listed in {MANIFEST_NAME}; ignoring it, {as_given}"
+            if sha256_file(path) != expected:
+                return None, (f"{path}: does not match {MANIFEST_NAME} (altered or half-written); "
+                              f"ignoring it, {as_given}")  # fmt: skip
+        data = json.loads(path.read_text(encoding="utf-8"))
+        chosen = Candidate(**data["chosen"])
+        reference, machine = data["reference_sha256"], data["machine"]
+    except (OSError, ValueError, KeyError, TypeError, EdgebcError) as exc:
+        return None, f"{path}: unreadable ({exc}); ignoring it, {as_given}"
+    if reference != sha256_file(model):
+        return None, f"{path}: made for another {model.name}; ignoring it, {as_given}"
+    here = machine_identity()
+    if machine != here:
+        return None, (
+            f"{path}: made on another machine ({machine.get('cpu')}, {', '.join(machine.get('features', []))}); "
+            f"this one is {here['cpu']} ({', '.join(here['features'])}): not trusted, {as_given}; "
+            f"plan here with `edgebc model plan {model} --check DATA`"
+        )  # fmt: skip
+    return chosen, f"deployment plan: {chosen.label}"
+
+
+def open_planned_backend(model: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                         threads: int = 0, warmup: int = 3, spin_wait: bool = True,
+                         use_plan: bool = True) -> tuple[Any, str]:  # fmt: skip
+    """The backend the plan beside `model` chose, or `model` itself (with the reason) when there
+    is no plan to follow, or `use_plan` is False."""
+    from edgebc.backends import open_backend
+
+    model = Path(model)
+    chosen, note = (None, f"deployment plan not used (told so): running {model.name}")
+    if use_plan and model.suffix.lower() == ".onnx":
+        chosen, note = planned_candidate(model)
+    if chosen is not None:
+        try:
+            backend = open_backend(model.parent / chosen.model, providers, threads, warmup,
+                                   spin_wait, runtime=chosen.runtime, precision=chosen.precision)  # fmt: skip
+            return backend, note
+        except (EdgebcError, ImportError, OSError) as exc:
+            note = f"the planned {chosen.label} cannot be opened ({exc}); running {model.name}"
+            log.warning("%s", note)
+    elif use_plan and (model.parent / PLAN_FILE).exists():
+        log.warning("%s", note)  # a plan that is there and not followed is worth a warning
+    return open_backend(model, providers, threads, warmup, spin_wait), note
+
+
+def render_table(plan: DeploymentPlan) -> str:
+    """The table the plan chose from, for the CLI and docs."""
+    lines = [
+        f"{'':2}{'runtime':12} {'precision':9} {'model':24} {'p50 ms':>8} {'vs FP32':>8}  verdict"
+    ]
+    for row in plan.table:
+        mark = "*" if row.get("chosen") else ""
+        ms = f"{row['p50_ms']:.3f}" if "p50_ms" in row else "-"
+        speed = f"{row['speedup_vs_fp32']:.2f}x" if "speedup_vs_fp32" in row else "-"
+        lines.append(f"{mark:2}{row['runtime']:12} {row['precision']:9} {row['model']:24} "
+                     f"{ms:>8} {speed:>8}  {row['status']}")  # fmt: skip
+    lines.append(f"* chosen: {plan.chosen.label}; {plan.frames} labelled frames; {plan.timing}")
+    return "\n".join(lines)
+
+
+def _open(path: Path, candidate: Candidate) -> Any:
+    from edgebc.backends import open_backend
+
+    return open_backend(path, threads=1, warmup=1, runtime=candidate.runtime,
+                        precision=candidate.precision)  # fmt: skip
+
+
+def _run_all(backend: Any, inputs: np.ndarray, chunk: int = 32) -> np.ndarray:
+    size = max(1, min(chunk, backend.card.max_batch))
+    return np.concatenate([backend.run(np.ascontiguousarray(inputs[i : i + size]))
+                           for i in range(0, len(inputs), size)])  # fmt: skip
