@@ -53,9 +53,11 @@ from edgebc.data.readers import read_busi, read_mias
 from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.decode import read_image, to_grey_uint8
 from edgebc.quality import (
+    GATE_SIZE,
     MammographyGate,
     QualityGate,
     breast_texture,
+    gate_at_size,
     speckle_statistics,
     thumbnail,
 )
@@ -128,7 +130,7 @@ def tally(
     for name, frame in frame_set.frames():
         frame_set.total += 1
         flat, contrast = speckle_statistics(
-            to_grey_uint8(thumbnail(to_grey_uint8(frame))), gate.flat_contrast
+            to_grey_uint8(thumbnail(to_grey_uint8(frame), gate.size)), gate.flat_contrast, gate.size
         )
         frame_set.flat.append(flat)
         frame_set.contrast.append(contrast)
@@ -419,8 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also write every frame's verdicts (set, frame, ultrasound gate, mammography gate) "
         "as tab-separated lines, to compare two versions of the gates frame by frame",
     )
+    parser.add_argument(
+        "--gate-size",
+        type=int,
+        default=GATE_SIZE,
+        help="the ultrasound gate's size (the long side of the copy it judges), to measure another",
+    )
     args = parser.parse_args(argv)
-    gate, mg_gate = QualityGate(), MammographyGate()
+    gate, mg_gate = gate_at_size(args.gate_size), MammographyGate()
     sets = synthetic_sets()
     if args.data.is_dir():
         sets += real_sets(args.data)
