@@ -28,8 +28,24 @@ from edgebc.errors import EdgebcError
 from edgebc.localiser import Box, Localiser, crop_box
 from edgebc.metrics import softmax
 from edgebc.model_card import DEFAULT_LOCALISER_MARGIN
-from edgebc.preprocess import preprocess_chw, to_channels, validated_image
-from edgebc.quality import Gate, MammographyGate, QualityGate, QualityResult, gate_for
+from edgebc.preprocess import (
+    input_tensor,
+    letterbox_bars,
+    letterbox_geometry,
+    preprocess_chw,
+    resized_for_input,
+    resizes_frame_only,
+    to_channels,
+    validated_image,
+)
+from edgebc.quality import (
+    Gate,
+    MammographyGate,
+    QualityGate,
+    QualityResult,
+    gate_for,
+    thumbnail_shape,
+)
 from edgebc.region import Region
 from edgebc.shift import SHIFT_MODES, FrameShift, ShiftMode, shift_check_for
 
@@ -142,6 +158,16 @@ class FrameClassifier:
         if mammography_gate is None:
             mammography_gate = gate if isinstance(gate, MammographyGate) else MammographyGate()
         self.gate: Gate = gate_for(self.card.inputs[0].modality, ultrasound, mammography_gate)
+        # the ultrasound gate that may judge the model's own resize (not where a localiser's box,
+        # rather than the whole crop, is what the model sees)
+        self._sharing_gate = (
+            self.gate
+            if isinstance(self.gate, QualityGate)
+            and localiser is None
+            and resizes_frame_only(self.card.preprocess)
+            and self.card.preprocess.interpolation == "area"
+            else None
+        )
         self.shift_mode: ShiftMode = shift
         outputs = getattr(backend, "outputs", tuple(o.name for o in self.card.outputs))
         self.shift, self.shift_note = shift_check_for(self.card, shift, shift_window, outputs)
@@ -170,7 +196,10 @@ class FrameClassifier:
         # A grey model's input and the gate both start from the grey crop: convert it once (the
         # same conversion preprocess_chw makes, so the tensor is unchanged).
         greys = [self._grey(c) for c in crops]
-        verdicts = [self.gate.check(c, g) for c, g in zip(crops, greys, strict=True)]
+        # Where the model's input is the grey crop resized and nothing else, and that resize is
+        # the gate's own downscale (a model of the gate's size), it is made once for both.
+        smalls = [self._shared_downscale(g) for g in greys]
+        verdicts = [self._judge(c, g, small) for c, g, small in zip(crops, greys, smalls, strict=True)]  # fmt: skip
         gated = clock()
         boxes: list[Box | None] = [None] * len(frames)
         if self.localiser is not None:
@@ -185,12 +214,17 @@ class FrameClassifier:
                 x0, y0, x1, y1 = crop_box(where.box, crops[i].shape[:2], self.margin)
                 crops[i], greys[i] = crops[i][y0:y1, x0:x1], greys[i][y0:y1, x0:x1]
         localised = clock()
-        model_inputs = greys if self.card.preprocess.channels == 1 else crops
+        prep = self.card.preprocess
+        model_inputs = greys if prep.channels == 1 else crops
         prepared = {}
         for i in (i for i, v in enumerate(verdicts) if v.ok):
+            small = smalls[i]
+            if small is not None:  # the resize preprocess_chw makes, already made
+                prepared[i] = input_tensor(letterbox_bars(small, prep), prep)
+                continue
             try:
                 prepared[i] = preprocess_chw(
-                    model_inputs[i], self.card.preprocess, view=views[i] if views else None
+                    model_inputs[i], prep, view=views[i] if views else None
                 )
             except BreastRefusal as exc:
                 # the frame cannot be made into the model's input: no decision, said why, and the
@@ -251,3 +285,20 @@ class FrameClassifier:
 
     def _grey(self, crop: np.ndarray) -> np.ndarray:
         return to_channels(validated_image(crop), 1)
+
+    def _judge(self, crop: np.ndarray, grey: np.ndarray, small: np.ndarray | None) -> QualityResult:
+        """The gate's verdict on a crop; `small`: the shared downscale (ultrasound gate only)."""
+        if small is not None and self._sharing_gate is not None:
+            return self._sharing_gate.check(crop, grey, small)
+        return self.gate.check(crop, grey)
+
+    def _shared_downscale(self, grey: np.ndarray) -> np.ndarray | None:
+        """The model's resize of `grey` when it is also the ultrasound gate's downscale (the
+        same cv2.resize of the same array to the same size), else None: each makes its own."""
+        if self._sharing_gate is None:
+            return None
+        prep, (height, width) = self.card.preprocess, grey.shape[:2]
+        placed = letterbox_geometry(height, width, prep)
+        if (placed.height, placed.width) != thumbnail_shape(height, width, self._sharing_gate.size):
+            return None
+        return resized_for_input(grey, prep)

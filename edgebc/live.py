@@ -215,11 +215,7 @@ class LiveReader:
         with self._lock:
             before = self._status
             self._last_frame_at = now
-            if (
-                self._previous is not None
-                and self._previous.shape == image.shape
-                and np.array_equal(self._previous, image)
-            ):
+            if self._previous is not None and same_picture(self._previous, image):
                 self._identical_since = self._identical_since or now
                 if now - self._identical_since >= self.freeze_seconds:
                     self._status, self._detail = (
@@ -237,6 +233,17 @@ class LiveReader:
                 self._status, self._detail = status, detail = "ok", ""
                 self._lock.notify_all()
         self._log_change(before, status, detail)  # an identical frame is never classified again
+
+
+def same_picture(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two frames are identical, pixel for pixel. Eight whole rows are compared first:
+    live frames differ nearly everywhere (speckle, capture noise), so that settles almost every
+    pair for a hundredth of the cost of comparing whole 1080p frames (0.2-0.3 ms a frame, about
+    1 % of a core at 30 fps); only frames equal on those rows are compared whole."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    rows = slice(None, None, max(1, a.shape[0] // 8))  # whole rows: contiguous, cheap to read
+    return bool(np.array_equal(a[rows], b[rows]) and np.array_equal(a, b))
 
 
 def _close_quietly(source: FrameSource) -> None:

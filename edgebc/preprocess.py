@@ -241,7 +241,12 @@ def preprocess_chw(
     """One frame to a (C, H, W) float32 tensor: the single implementation behind every caller."""
     image = to_channels(prepared_frame(image, prep, region, view), prep.channels)
     image = normalise_appearance(image, prep.appearance)
-    image = resize_to_input(image, prep)
+    return input_tensor(resize_to_input(image, prep), prep)
+
+
+def input_tensor(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
+    """A frame already at the model's input size (`resize_to_input`) to the (C, H, W) float32
+    tensor: scaled to [0, 1], then (x - mean) / std."""
     scaled = image.astype(np.float32) * np.float32(1.0 / _max_value(image.dtype))
     if scaled.ndim == 2:
         scaled = scaled[:, :, np.newaxis]
@@ -366,21 +371,47 @@ def letterbox_geometry(height: int, width: int, prep: PreprocessCard) -> Letterb
 
 def resize_to_input(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
     """Resize (stretch) or fit inside with bars of pad_value (letterbox), keeping the dtype."""
+    return letterbox_bars(resized_for_input(image, prep), prep)
+
+
+def resized_for_input(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
+    """The resize of `resize_to_input` alone: the image at its size inside the model's input
+    (the whole input when stretched), before the letterbox bars; `image` itself at that size."""
     geometry = letterbox_geometry(image.shape[0], image.shape[1], prep)
+    if image.shape[0] == geometry.height and image.shape[1] == geometry.width:
+        return image
     interpolation = _INTERPOLATION[prep.interpolation]
-    if image.shape[0] != geometry.height or image.shape[1] != geometry.width:
-        image = cv2.resize(image, (geometry.width, geometry.height), interpolation=interpolation)
+    return cv2.resize(image, (geometry.width, geometry.height), interpolation=interpolation)
+
+
+def letterbox_bars(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
+    """`resized_for_input`'s image inside the model's input, with bars of pad_value around it
+    (letterbox; a stretched image already fills the input)."""
     if prep.resize == "stretch":
         return image
+    height, width = image.shape[:2]
+    top, left = (prep.input_height - height) // 2, (prep.input_width - width) // 2  # as geometry's
     canvas_shape = (prep.input_height, prep.input_width, *image.shape[2:])
     pad = prep.pad_value * _max_value(image.dtype)
     fill = np.round(pad) if image.dtype != np.float32 else pad
     canvas = np.full(canvas_shape, fill, dtype=image.dtype)
-    canvas[
-        geometry.top : geometry.top + geometry.height,
-        geometry.left : geometry.left + geometry.width,
-    ] = image
+    canvas[top : top + height, left : left + width] = image
     return canvas
+
+
+def resizes_frame_only(prep: PreprocessCard) -> bool:
+    """True when a grey model's input is its grey frame resized and nothing else (no breast
+    steps, CLAHE, mark removal or appearance curve): `resized_for_input` of the grey frame is
+    then the very picture the model sees, and the quality gate may judge it too."""
+    return (
+        prep.channels == 1
+        and not prep.breast_crop
+        and prep.laterality == "keep"
+        and prep.pectoral == "keep"
+        and prep.clahe_clip <= 0
+        and prep.marks == "keep"
+        and prep.appearance == "none"
+    )
 
 
 def _max_value(dtype: np.dtype) -> float:

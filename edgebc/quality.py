@@ -29,6 +29,7 @@ input, not a detector of every non-ultrasound picture.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, cast
 
 import cv2
 import numpy as np
@@ -48,6 +49,13 @@ class QualityResult:
         return "ok" if self.ok else f"no decision: {self.reason}"
 
 
+#: The ultrasound gate's default size: it judges a grey copy at most this many pixels on its
+#: long side. Where a grey model's resize makes that very copy (a model of the gate's size), the
+#: classifier downscales once for both. Not 224, the common model size, by default: judged at
+#: 224 px with the same limits, 42 of the 5,548 frames tools/measure_quality_gate.py measures
+#: change verdict (35 mammogram phantoms, 5 mini-MIAS films, one BUS-BRA Logiq 5 frame and its
+#: JPEG copy), and no choice of limits at 224 keeps every verdict (issue 23).
+GATE_SIZE = 256
 CHECKS = ("uniform", "dark", "bright", "colour", "flat", "speckle")
 #: The mammography gate's checks, in the order it makes them.
 MAMMOGRAPHY_CHECKS = (
@@ -73,14 +81,26 @@ class QualityGate:
     max_flat_fraction: float = 0.25
     flat_contrast: float = 0.01  # a pixel is flat when its speckle contrast is below this
     min_speckle_contrast: float = 0.04
+    # The long side, in pixels, of the grey copy every statistic is judged on: part of the gate's
+    # design, not a setting (its limits were measured at this size); see gate_at_size.
+    size: ClassVar[int] = GATE_SIZE
 
-    def check(self, frame: np.ndarray, grey: np.ndarray | None = None) -> QualityResult:
+    def check(
+        self, frame: np.ndarray, grey: np.ndarray | None = None, small: np.ndarray | None = None
+    ) -> QualityResult:
         """`grey` is the frame already converted to grey (the classifier converts once for both
-        the gate and a grey model's preprocessing); computed here when not given."""
-        # Every test is a statistic over the picture, so it is judged on a grey copy at most 256 px
-        # on its long side: 1080p crops cost about 2 ms instead of 40 (measured). Grey first, then
-        # scale: scaling the colour frame cost three times as much for the same statistics.
-        grey8 = to_grey_uint8(thumbnail(grey if grey is not None else to_grey_uint8(frame)))
+        the gate and a grey model's preprocessing); computed here when not given. `small` is
+        `thumbnail(grey, self.size)` already made (the classifier's, where a grey model's
+        resize of the same grey frame is that very array)."""
+        # Every test is a statistic over the picture, so it is judged on a grey copy at most
+        # `size` px on its long side: 1080p crops cost about 2 ms instead of 40 (measured).
+        # Grey first, then scale: scaling the colour frame cost three times as much.
+        if small is None:
+            small = thumbnail(grey if grey is not None else to_grey_uint8(frame), self.size)
+        elif small.shape[:2] != thumbnail_shape(frame.shape[0], frame.shape[1], self.size):
+            raise ValueError(f"the gate's copy must be {self.size} px on its long side, got shape "
+                             f"{small.shape} for a frame of shape {frame.shape}")  # fmt: skip
+        grey8 = to_grey_uint8(small)
         std, mean = float(grey8.std()), float(grey8.mean())
         if std < self.min_std:
             return QualityResult(
@@ -97,7 +117,7 @@ class QualityGate:
             return QualityResult(
                 False, f"colour overlay covers {colour:.0%} of the image (Doppler?)", "colour"
             )
-        flat, contrast = speckle_statistics(grey8, self.flat_contrast)
+        flat, contrast = speckle_statistics(grey8, self.flat_contrast, self.size)
         if flat > self.max_flat_fraction:
             return QualityResult(
                 False,
@@ -114,14 +134,32 @@ class QualityGate:
         return QualityResult(True)
 
 
+def gate_at_size(size: int, **limits: float) -> QualityGate:
+    """A QualityGate judging a copy `size` px on its long side instead of GATE_SIZE, to measure
+    what another size does (tools/measure_quality_gate.py --gate-size, benchmarks/pipeline.py):
+    its limits were measured at GATE_SIZE, so the size is not a site's setting."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise ValueError(f"quality gate size must be a whole number of pixels >= 32, got {size!r}")
+    if size == GATE_SIZE:
+        return QualityGate(**limits)
+    sized = type(f"QualityGateAt{size}", (QualityGate,), {"size": size})
+    return cast(QualityGate, sized(**limits))
+
+
 def thumbnail(image: np.ndarray, size: int = 256) -> np.ndarray:
     """`image` scaled (area-averaged) so its long side is at most `size`; small images unchanged."""
-    height, width = image.shape[:2]
+    height, width = thumbnail_shape(image.shape[0], image.shape[1], size)
+    if (height, width) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def thumbnail_shape(height: int, width: int, size: int = 256) -> tuple[int, int]:
+    """(height, width) of `thumbnail` of a height x width image."""
     scale = size / max(height, width)
     if scale >= 1:
-        return image
-    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
-                      interpolation=cv2.INTER_AREA)  # fmt: skip
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def subsample(image: np.ndarray, size: int = 256) -> np.ndarray:
@@ -132,7 +170,7 @@ def subsample(image: np.ndarray, size: int = 256) -> np.ndarray:
 
 
 def speckle_statistics(
-    grey8: np.ndarray, flat_contrast: float = 0.01, size: int = 256
+    grey8: np.ndarray, flat_contrast: float = 0.01, size: int = GATE_SIZE
 ) -> tuple[float, float]:
     """(share of flat pixels, median speckle contrast) over the non-black pixels of a grey frame.
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgebc.errors import EdgebcError
-from edgebc.live import LiveReader
+from edgebc.live import LiveReader, same_picture
 from edgebc.sources import Frame, OpenCVSource, PhantomCineSource, SourceError, open_source
 from edgebc.synth import make_ultrasound_phantom
 from edgebc.synth.cine import write_video
@@ -268,3 +268,14 @@ def test_probe_says_what_a_video_declares(tmp_path):
     found = probe_source(str(tmp_path / "clip.avi"))
     assert found.startswith("64x48, 3 channels uint8") and "declared" in found and "fps" in found
     assert "format MJPG" in found
+
+
+def test_frames_equal_on_the_rows_compared_first_are_still_compared_whole():
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    changed = frame.copy()
+    changed[1, 1, 0] ^= 1  # off the eight rows the first comparison looks at
+    assert same_picture(frame, frame.copy())
+    assert not same_picture(frame, changed)
+    assert not same_picture(frame, frame[:-1])
+    assert not same_picture(frame, frame.astype(np.uint16))

@@ -1,6 +1,6 @@
 """Measure both quality gates' refusal rates per scanner, per site and per reason, against their goals.
 
-    python tools/measure_quality_gate.py [--data ../shared/data] [--non-us FOLDER ...]
+    python tools/measure_quality_gate.py [--data ../shared/data] [--non-us FOLDER ...] [--verdicts F.tsv]
 
 Sets, each of one kind:
 - ultrasound, which the gate must let through: synthetic phantoms (still; cine through an MJPG
@@ -26,7 +26,9 @@ own; at least 95 % of every non-ultrasound set and 99 % of blank frames refused 
 Markdown table (kind, site, scanner or set, frames, refused, refusals by the gate's check, and
 the range of the two speckle statistics the gate judges; the same for the mammography gate with
 its breast region's largest one-level share and speckle contrast), the site totals and, per
-goal of both gates, whether it is met; nothing is written. Exit status 1 when a goal is not met.
+goal of both gates, whether it is met. Nothing is written unless --verdicts names a file for
+every frame's two verdicts (to compare two versions of the gates frame by frame). Exit status 1
+when a goal is not met.
 The real data is read from --data (default: ../shared/data beside the repository).
 """
 
@@ -44,15 +46,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgebc.atomic import atomic_write_text
 from edgebc.breast import NoBreastFoundError
 from edgebc.data.manifest import read_manifest
 from edgebc.data.readers import read_busi, read_mias
 from edgebc.data.records import CLASS_NAMES, Sample
 from edgebc.decode import read_image, to_grey_uint8
 from edgebc.quality import (
+    GATE_SIZE,
     MammographyGate,
     QualityGate,
     breast_texture,
+    gate_at_size,
     speckle_statistics,
     thumbnail,
 )
@@ -96,6 +101,7 @@ class FrameSet:
     mammograms: bool = False  # the mammography gate must pass it (else refuse it)
     mg_judged: bool = True  # False: not held to the mammography gate's goals (--non-us folders)
     total: int = 0
+    verdicts: list[tuple[str, str, str]] = field(default_factory=list)  # (frame, gate, mg gate)
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     passed: list[str] = field(default_factory=list)
     flat: list[float] = field(default_factory=list)  # the gate's speckle statistics per frame
@@ -124,11 +130,12 @@ def tally(
     for name, frame in frame_set.frames():
         frame_set.total += 1
         flat, contrast = speckle_statistics(
-            to_grey_uint8(thumbnail(to_grey_uint8(frame))), gate.flat_contrast
+            to_grey_uint8(thumbnail(to_grey_uint8(frame), gate.size)), gate.flat_contrast, gate.size
         )
         frame_set.flat.append(flat)
         frame_set.contrast.append(contrast)
         verdict = gate.check(frame)
+        us_verdict = "ok" if verdict.ok else str(verdict.check)
         if verdict.ok:
             frame_set.passed.append(name)
         else:
@@ -146,6 +153,8 @@ def tally(
             else:
                 frame_set.mg_refused[mg_verdict.check or "other"] += 1
                 frame_set.mg_refused_names.append(f"{name} ({mg_verdict.check})")
+        mg = "-" if mg_gate is None else "ok" if mg_verdict.ok else str(mg_verdict.check)
+        frame_set.verdicts.append((name, us_verdict, mg))
     return frame_set
 
 
@@ -387,6 +396,14 @@ def site_totals(sets: list[FrameSet]) -> list[str]:
     return lines
 
 
+def write_verdicts(path: Path, sets: list[FrameSet]) -> None:
+    """Every frame's two verdicts, one tab-separated line each ("ok" or the refusing check)."""
+    lines = ["set\tframe\tgate\tmammography_gate"]
+    for s in sets:
+        lines += [f"{s.site} / {s.name}\t{n}\t{us}\t{mg}" for n, us, mg in s.verdicts]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -397,8 +414,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--non-us", type=Path, nargs="*", default=[], help="folders of non-ultrasound pictures"
     )
+    parser.add_argument(
+        "--verdicts",
+        type=Path,
+        default=None,
+        help="also write every frame's verdicts (set, frame, ultrasound gate, mammography gate) "
+        "as tab-separated lines, to compare two versions of the gates frame by frame",
+    )
+    parser.add_argument(
+        "--gate-size",
+        type=int,
+        default=GATE_SIZE,
+        help="the ultrasound gate's size (the long side of the copy it judges), to measure another",
+    )
     args = parser.parse_args(argv)
-    gate, mg_gate = QualityGate(), MammographyGate()
+    gate, mg_gate = gate_at_size(args.gate_size), MammographyGate()
     sets = synthetic_sets()
     if args.data.is_dir():
         sets += real_sets(args.data)
@@ -421,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
             verb = "refused by" if s.mammograms else "passed"
             print(f"\n{s.site} / {s.name}: {verb} the mammography gate: {shown}")
+    if args.verdicts is not None:
+        write_verdicts(args.verdicts, sets)
     print("\nUltrasound refused per site: " + "; ".join(site_totals(sets) or ["no real data"]))
     results = goals(sets) + mg_goals(sets)
     print("\nGoals:")

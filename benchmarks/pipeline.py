@@ -1,0 +1,425 @@
+"""From a 1080p capture frame to a decision on one thread: the core path stage by stage, the live
+CPU share at 30 fps, and each optional stage's added cost, in one interleaved run.
+
+    python benchmarks/pipeline.py --model model.onnx [--localiser localiser.onnx] [--quick]
+        [--rounds 400] [--seconds 20] [--fps 30] [--out pipeline.json]
+
+The core path is capture frame -> imaging region -> quality gate -> preprocessing -> inference ->
+decision. Variants, each timed on the same 1080p scanner screens (phantoms in one fixed imaging
+region, as a capture card delivers them):
+
+- reference: the stages composed one by one, each making its own downscale (the gate its grey
+  thumbnail, the preprocessing the model's resize): the pipeline as it was before the two were
+  shared;
+- core: FrameClassifier (edgebc.classifier), as `serve` and `classify` run it;
+- core + each optional stage the model allows: mark removal (the model's card with marks
+  "inpaint"), the shift check (`shift: mark`), the lesion localiser (--localiser). The fusion
+  head has its own interleaved benchmark, benchmarks/fusion.py.
+
+Before anything is timed, every variant's outputs are checked on every frame: the core path's
+decisions and probabilities must equal the reference's exactly (the model's input tensor is the
+same array), and the shift check's those of the core path (it marks, it does not change them).
+Then each round runs every variant once on the same frame, in an order that rotates from round
+to round, so a busy machine slows them alike; what is reported is the median over rounds of each
+variant's time against the core path's in the same round (ratio and added ms), beside the
+absolute percentiles per stage. The live run reads the screens through edgebc.live.LiveReader
+from a source that delivers them at --fps like a capture card (no decoding: the card's DMA does
+that), classifies the newest frame in a loop, and reports process CPU time over wall time; the
+reference and the core path alternate in segments (A B A B). The load average is reported and
+runs on a loaded machine (load above the core count) are flagged: their absolute figures must be
+measured again on a quiet machine, their ratios hold.
+
+Without --model the embedded demo model is timed as an ordinary model (torch-free; its 128 px
+input does not share the gate's downscale, so only --model with a 224 px model shows the gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edgebc import sysinfo
+from edgebc.backends import Backend, open_backend
+from edgebc.classifier import Decision, FrameClassifier
+from edgebc.decision import DecisionRule
+from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
+from edgebc.live import LiveReader
+from edgebc.localiser import Localiser
+from edgebc.metrics import softmax
+from edgebc.preprocess import preprocess_chw, to_channels, validated_image
+from edgebc.quality import GATE_SIZE, QualityGate, gate_at_size
+from edgebc.region import Region
+from edgebc.sources import Frame
+from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
+from edgebc.synth.ultrasound import phantom_rng
+
+CLASSES = ("normal", "benign", "malignant")
+Outcome = tuple[str | None, str | None, tuple[float, ...] | None]  # label, refusal, probabilities
+Timed = Callable[[np.ndarray], tuple[Outcome, dict[str, float]]]
+
+
+def capture_frames(count: int, height: int = 1080, width: int = 1920) -> tuple[list[np.ndarray], Region]:  # fmt: skip
+    """`count` different BGR scanner screens of one layout: the same imaging region (a cart's,
+    measured once) around a different phantom each, as a capture card delivers them."""
+    screens, region = [], None
+    for k in range(count):
+        phantom = make_ultrasound_phantom(CLASSES[k % 3], phantom_rng(23, k), 400, 480).image
+        screen, where = render_scanner_screen(phantom, phantom_rng(23, 10_000), height, width)
+        if region is not None and where != region:
+            raise RuntimeError(f"the screens' layouts differ: {where} and {region}")
+        region = where
+        screens.append(cv2.cvtColor(screen, cv2.COLOR_GRAY2BGR) if screen.ndim == 2 else screen)
+    if region is None:
+        raise ValueError("capture_frames needs at least one frame")
+    return screens, region
+
+
+class CardAs:
+    """A backend seen through another card (the same graph): the demo graph as an ordinary model,
+    or a model's preprocessing with an optional stage switched on, to time what it adds."""
+
+    def __init__(self, backend: Backend, **preprocess: Any) -> None:
+        card = backend.card
+        inputs = tuple(
+            dataclasses.replace(i, preprocess=dataclasses.replace(i.preprocess, **preprocess))
+            for i in card.inputs
+        )
+        lineage = {k: v for k, v in card.lineage.items() if k != DEMO_LINEAGE_KEY}
+        self.card = dataclasses.replace(card, inputs=inputs, lineage=lineage)
+        self._backend = backend
+        self.model_sha256 = backend.model_sha256
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+def outcome(decision: Decision) -> Outcome:
+    probabilities = decision.probabilities
+    return (
+        decision.label,
+        decision.quality.check,
+        None if probabilities is None else tuple(probabilities.values()),
+    )
+
+
+def classifier_variant(classifier: FrameClassifier) -> Timed:
+    def run(frame: np.ndarray) -> tuple[Outcome, dict[str, float]]:
+        decision = classifier.classify(frame)
+        return outcome(decision), decision.timings_ms
+
+    return run
+
+
+def reference_variant(backend: Backend, region: Region) -> Timed:
+    """The core path's stages one by one, as they ran before the gate and the model shared one
+    downscale: the gate makes its own grey thumbnail, preprocess_chw its own resize."""
+    gate, card = QualityGate(), backend.card
+    rule, prep = DecisionRule.of(card, None), card.preprocess
+    clock = time.perf_counter
+
+    def run(frame: np.ndarray) -> tuple[Outcome, dict[str, float]]:
+        start = clock()
+        crop = region.crop(frame)
+        cropped = clock()
+        grey = to_channels(validated_image(crop), 1)
+        verdict = gate.check(crop, grey)
+        gated = clock()
+        if not verdict.ok:
+            return (None, verdict.check, None), {"crop": (cropped - start) * 1e3}
+        tensor = preprocess_chw(grey if prep.channels == 1 else crop, prep)[np.newaxis]
+        prepared = clock()
+        p = softmax(backend.run(tensor), card.temperature)[0]
+        inferred = clock()
+        label = rule.decide(p)
+        done = clock()
+        stages = {"crop": cropped - start, "quality": gated - cropped,
+                  "preprocess": prepared - gated, "inference": inferred - prepared,
+                  "postprocess": done - inferred}  # fmt: skip
+        return (label, None, tuple(map(float, p))), {k: v * 1e3 for k, v in stages.items()}
+
+    return run
+
+
+def check_outputs(variants: dict[str, Timed], frames: list[np.ndarray]) -> dict[str, str]:
+    """The core path against the reference, and the shift check against the core path, on every
+    frame: decisions and probabilities exactly equal, or this refuses to time them."""
+    must_equal = {name: "reference" for name in variants if name.startswith("core, gate at")}
+    must_equal.update({"core": "reference", "core + shift check": "core"})
+    checked = {}
+    for name, reference in must_equal.items():
+        if name not in variants:
+            continue
+        for k, frame in enumerate(frames):
+            got, want = variants[name](frame)[0], variants[reference](frame)[0]
+            if got != want:
+                raise SystemExit(f"{name} differs from {reference} on frame {k}: {got} != {want}; "
+                                 "not timed")  # fmt: skip
+        checked[name] = f"equal to {reference} on {len(frames)} frames"
+    return checked
+
+
+def time_interleaved(
+    variants: dict[str, Timed], frames: list[np.ndarray], rounds: int, warmup: int
+) -> dict[str, Any]:
+    """Each round runs every variant once on the same frame, in an order rotated every round."""
+    names = list(variants)
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    stages: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for r in range(warmup + rounds):
+        frame = frames[r % len(frames)]
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            cpu_start, start = time.process_time(), time.perf_counter()
+            _, timings = variants[name](frame)
+            wall = (time.perf_counter() - start) * 1e3
+            if r < warmup:
+                continue
+            cpu[name].append((time.process_time() - cpu_start) * 1e3)
+            totals[name].append(wall)
+            for stage, ms in timings.items():
+                stages[name].setdefault(stage, []).append(ms)
+    core, core_cpu = np.array(totals["core"]), np.array(cpu["core"])
+    out: dict[str, Any] = {}
+    for name in names:
+        ms, cpu_ms = np.array(totals[name]), np.array(cpu[name])
+        out[name] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
+            "cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
+            "vs_core_ratio_median": float(np.median(ms / core)),
+            "vs_core_added_ms_median": float(np.median(ms - core)),
+            "vs_core_cpu_ratio_median": float(np.median(cpu_ms / core_cpu)),
+            "vs_core_added_cpu_ms_median": float(np.median(cpu_ms - core_cpu)),
+            "stages_p50_ms": {s: float(np.percentile(v, 50)) for s, v in stages[name].items()},
+            "stages_p99_ms": {s: float(np.percentile(v, 99)) for s, v in stages[name].items()},
+        }
+    return out
+
+
+class CaptureCardSource:
+    """A live source that delivers prepared frames at `fps` like a capture card: no decoding (the
+    card's DMA delivers pixels), only the wait for the next frame."""
+
+    live = True
+
+    def __init__(self, frames: list[np.ndarray], fps: float) -> None:
+        self.frames, self.fps, self.name = frames, fps, "capture card (prepared frames)"
+        self._next = 0.0
+        self._index = 0
+
+    def open(self) -> None:
+        self._next = time.monotonic()
+
+    def read(self) -> Frame | None:
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next = max(self._next + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
+        image = self.frames[self._index % len(self.frames)]
+        self._index += 1
+        return Frame(image, self._index, time.time(), time.monotonic(), self.name)
+
+    def close(self) -> None:
+        pass
+
+
+def live_share(classify: Callable[[np.ndarray], object], frames: list[np.ndarray], fps: float,
+               seconds: float) -> dict[str, float]:  # fmt: skip
+    """Process CPU time over wall time while the newest frame is classified live at `fps`."""
+    reader = LiveReader(lambda: CaptureCardSource(frames, fps)).start()
+    try:
+        for _ in range(5):  # warm-up, and the reader reaches its pace
+            frame = reader.latest(1.0)
+            if frame is not None:
+                classify(frame.image)
+        before = reader.state()
+        cpu_start, wall_start = time.process_time(), time.monotonic()
+        classified = 0
+        while time.monotonic() - wall_start < seconds:
+            frame = reader.latest(1.0)
+            if frame is None:
+                continue
+            classify(frame.image)
+            classified += 1
+        wall = time.monotonic() - wall_start
+        cpu = time.process_time() - cpu_start
+        after = reader.state()
+    finally:
+        reader.stop()
+    return {
+        "core_share": cpu / wall,
+        "classified_per_s": classified / wall,
+        "dropped": after.dropped - before.dropped,
+        "seconds": wall,
+    }
+
+
+def live_interleaved(variants: dict[str, Callable[[np.ndarray], object]], frames: list[np.ndarray],
+                     fps: float, seconds: float, segments: int) -> dict[str, Any]:  # fmt: skip
+    """Segments of `seconds / segments` each, the variants alternating (A B A B ...)."""
+    shares: dict[str, list[dict[str, float]]] = {n: [] for n in variants}
+    for s in range(segments):
+        for j, name in enumerate(variants):
+            name = list(variants)[(s + j) % len(variants)]
+            shares[name].append(live_share(variants[name], frames, fps, seconds / segments))
+    out: dict[str, Any] = {}
+    for name, runs in shares.items():
+        out[name] = {
+            "core_share_median": float(np.median([r["core_share"] for r in runs])),
+            "core_shares": [round(r["core_share"], 4) for r in runs],
+            "classified_per_s_median": float(np.median([r["classified_per_s"] for r in runs])),
+            "dropped": int(sum(r["dropped"] for r in runs)),
+        }
+    for name in (n for n in shares if n != "reference" and "reference" in shares):
+        ratios = [c["core_share"] / r["core_share"]
+                  for c, r in zip(shares[name], shares["reference"], strict=True)]  # fmt: skip
+        out[name]["vs_reference_ratio_median"] = float(np.median(ratios))
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    timed = report["core_path"]
+    stages = ["crop", "quality", "preprocess", "inference", "postprocess", "localise", "shift"]
+    lines = [
+        f"{report['machine']['cpu'].get('model', 'unknown CPU')}, model {report['model']}, "
+        f"1920x1080 frames, one thread; load average {report['load_average']['before']} before, "
+        f"{report['load_average']['after']} after"
+        + (" (LOADED: re-measure the absolute figures quietly)" if report["loaded"] else ""),
+        "",
+        "| variant | p50 ms | p99 ms | CPU p50 / p99 ms | vs core: wall, CPU (median of rounds) "
+        "| added ms: wall, CPU | " + " | ".join(f"{s} p50" for s in stages) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(stages),
+    ]
+    for name, row in timed.items():
+        cells = [
+            f"{row['stages_p50_ms'][s]:.3f}" if s in row["stages_p50_ms"] else "" for s in stages
+        ]
+        lines.append(
+            f"| {name} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['cpu_p50_ms']:.2f} / "
+            f"{row['cpu_p99_ms']:.2f} | {row['vs_core_ratio_median']:.2f}x, "
+            f"{row['vs_core_cpu_ratio_median']:.2f}x | {row['vs_core_added_ms_median']:+.2f}, "
+            f"{row['vs_core_added_cpu_ms_median']:+.2f} | " + " | ".join(cells) + " |"
+        )
+    for name, why in report["unavailable"].items():
+        lines.append(f"| {name} | not timed: {why} |")
+    live = report["live"]
+    lines += ["", f"Live at {report['settings']['fps']:.0f} fps (LiveReader, newest frame):"]
+    for name, row in live.items():
+        lines.append(f"- {name}: {row['core_share_median']:.1%} of one core (segments "
+                     f"{row['core_shares']}), {row['classified_per_s_median']:.1f} frames/s "
+                     f"classified, {row['dropped']} dropped")  # fmt: skip
+        if "vs_reference_ratio_median" in row:
+            lines.append(f"  ({name} / reference, median of segment pairs: "
+                         f"{row['vs_reference_ratio_median']:.2f})")  # fmt: skip
+    lines.append(f"\nOutputs checked before timing: {report['checked']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the classifier (.onnx); default: the embedded demo model")  # fmt: skip
+    parser.add_argument("--localiser", type=Path, default=None, help="a lesion localiser (.onnx)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (CI): a few seconds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 400; 40 quick)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="live run, all segments together (default 24; 2 quick)")  # fmt: skip
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (40 if args.quick else 400)
+    seconds = args.seconds or (2.0 if args.quick else 24.0)
+    segments = 2 if args.quick else 6
+    cv2.setNumThreads(1)
+    load_before = os.getloadavg()[0]
+    frames, region = capture_frames(6 if args.quick else 12)
+    backend = open_backend(args.model or DEMO_MODEL, threads=1, spin_wait=False)
+    if args.model is None:
+        backend = CardAs(backend)  # type: ignore[assignment]  # the demo graph, answering
+    core = FrameClassifier(backend, region)
+    variants: dict[str, Timed] = {
+        "reference": reference_variant(backend, region),
+        "core": classifier_variant(core),
+    }
+    unavailable: dict[str, str] = {}
+    prep = backend.card.preprocess
+    side = max(prep.input_height, prep.input_width)
+    at_model_size = f"core, gate at {side} px"
+    if side != GATE_SIZE:  # the gate judging the model's own resize: fewer steps, other verdicts
+        sharing = FrameClassifier(backend, region, gate=gate_at_size(side))
+        variants[at_model_size] = classifier_variant(sharing)
+    marks = FrameClassifier(CardAs(backend, marks="inpaint"), region)  # type: ignore[arg-type]
+    variants["core + mark removal"] = classifier_variant(marks)
+    shift = FrameClassifier(backend, region, shift="mark")
+    if shift.shift is not None:
+        variants["core + shift check"] = classifier_variant(shift)
+    else:
+        unavailable["core + shift check"] = shift.shift_note
+    if args.localiser is not None:
+        localiser = Localiser(open_backend(args.localiser, threads=1, spin_wait=False))
+        variants["core + lesion localiser"] = classifier_variant(
+            FrameClassifier(backend, region, localiser=localiser)
+        )
+    else:
+        unavailable["core + lesion localiser"] = "no --localiser given"
+    unavailable["core + fusion head"] = "timed by benchmarks/fusion.py (interleaved, same frames)"
+    checked = check_outputs(variants, frames)
+    started = time.monotonic()
+    core_path = time_interleaved(variants, frames, rounds, warmup=max(5, rounds // 20))
+    live_variants = {"reference": variants["reference"], "core": core.classify}
+    if at_model_size in variants:
+        live_variants[at_model_size] = variants[at_model_size]
+    live = live_interleaved(
+        live_variants,
+        frames, args.fps, seconds, segments,
+    )  # fmt: skip
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    report = {
+        "model": str(args.model or "embedded demo model (as an ordinary model)"),
+        "input": list(backend.card.preprocess.input_shape),
+        "region": dataclasses.asdict(region),
+        "machine": {
+            "cpu": sysinfo.cpu_description(),
+            "cores": cores,
+            "opencv": cv2.__version__,
+            "numpy": np.__version__,
+        },
+        "settings": {
+            "rounds": rounds,
+            "live_seconds": seconds,
+            "live_segments": segments,
+            "fps": args.fps,
+            "threads": 1,
+            "frames": len(frames),
+        },
+        "load_average": {"before": round(load_before, 2), "after": round(load_after, 2)},
+        "loaded": max(load_before, load_after) > cores,
+        "checked": checked,
+        "unavailable": unavailable,
+        "core_path": core_path,
+        "live": live,
+        "seconds": time.monotonic() - started,
+    }
+    print(markdown(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The classifier downscales a frame once where the gate and the model would make the same copy,
+and the model's input and the gate's verdict stay exactly what each stage gives alone."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from edgebc.backends import open_backend
+from edgebc.classifier import FrameClassifier
+from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
+from edgebc.preprocess import preprocess_chw, to_channels
+from edgebc.quality import GATE_SIZE, QualityGate, gate_at_size, thumbnail
+from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
+from edgebc.synth.decoys import make_blank_frame, make_desktop_screen
+from edgebc.synth.ultrasound import phantom_rng
+
+
+class RecordingBackend:
+    """The demo model's card with another input size; records each tensor it is given."""
+
+    def __init__(self, side, **preprocess):
+        card = open_backend(DEMO_MODEL).card
+        inputs = tuple(
+            dataclasses.replace(i, preprocess=dataclasses.replace(
+                i.preprocess, input_height=side, input_width=side, **preprocess))
+            for i in card.inputs
+        )  # fmt: skip
+        lineage = {k: v for k, v in card.lineage.items() if k != DEMO_LINEAGE_KEY}
+        self.card = dataclasses.replace(card, inputs=inputs, lineage=lineage)
+        self.model_sha256 = "ab" * 32
+        self.tensors = []
+
+    def run(self, tensors):
+        self.tensors.append(tensors.copy())
+        return np.tile(np.array([[0.2, 0.3, 0.5]], np.float32), (len(tensors), 1))
+
+
+def screen(k):
+    phantom = make_ultrasound_phantom("malignant", phantom_rng(5, k), 400, 480).image
+    frame, region = render_scanner_screen(phantom, phantom_rng(5, 100 + k), 1080, 1920)
+    return frame, region
+
+
+@pytest.fixture
+def resizes(monkeypatch):
+    """Counts cv2.resize calls (the gate's and the model's downscales)."""
+    calls = []
+    original = cv2.resize
+
+    def counting(image, *args, **kwargs):
+        calls.append(image.shape)
+        return original(image, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "resize", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("side", "gate_size", "downscales"),
+    [(GATE_SIZE, GATE_SIZE, 1), (224, GATE_SIZE, 2), (224, 224, 1), (128, GATE_SIZE, 2)],
+)
+def test_one_downscale_where_the_gate_and_model_share_it_and_the_same_answers(
+    resizes, side, gate_size, downscales
+):
+    for k in range(3):
+        frame, region = screen(k)
+        backend = RecordingBackend(side)
+        gate = gate_at_size(gate_size)
+        resizes.clear()
+        decision = FrameClassifier(backend, region, gate=gate).classify(frame)
+        assert len(resizes) == downscales
+        crop = region.crop(frame)
+        assert decision.quality == gate.check(crop) and decision.quality.ok
+        want = preprocess_chw(to_channels(crop, 1), backend.card.preprocess)
+        assert backend.tensors[0].shape == (1, *want.shape)
+        assert np.array_equal(backend.tensors[0][0], want)  # bit for bit
+
+
+def test_refused_frames_get_the_gates_own_verdict_and_no_inference():
+    backend = RecordingBackend(GATE_SIZE)
+    classifier = FrameClassifier(backend)
+    for frame in (make_blank_frame(phantom_rng(8, 1)), make_desktop_screen(phantom_rng(9, 1))):
+        decision = classifier.classify(frame)
+        assert decision.quality == QualityGate().check(frame) and not decision.quality.ok
+    assert backend.tensors == []
+
+
+def test_steps_before_the_resize_keep_each_stage_on_its_own_copy(resizes):
+    frame, region = screen(0)
+    backend = RecordingBackend(GATE_SIZE, appearance="stretch")
+    classifier = FrameClassifier(backend, region)
+    resizes.clear()
+    classifier.classify(frame)
+    assert len(resizes) == 2  # the model's input is not the grey crop resized: no sharing
+    want = preprocess_chw(to_channels(region.crop(frame), 1), backend.card.preprocess)
+    assert np.array_equal(backend.tensors[0][0], want)
+
+
+def test_the_gate_given_its_copy_judges_as_it_does_alone():
+    frames = [screen(k)[0] for k in range(2)] + [make_desktop_screen(phantom_rng(9, 2))]
+    frames += [make_ultrasound_phantom("benign", phantom_rng(6, k), 300, 500).image for k in range(3)]  # fmt: skip
+    for size in (GATE_SIZE, 224):
+        gate = gate_at_size(size)
+        for frame in frames:
+            grey = to_channels(frame, 1)
+            assert gate.check(frame, grey, thumbnail(grey, size)) == gate.check(frame)
+    big = screen(0)[0]
+    with pytest.raises(ValueError, match="224 px on its long side"):
+        gate_at_size(224).check(big, None, thumbnail(to_channels(big, 1), 256))
+
+
+def test_the_gate_size_is_no_setting_and_another_is_only_made_on_purpose():
+    assert "size" not in dataclasses.asdict(QualityGate())  # limits were measured at GATE_SIZE
+    other = gate_at_size(224, min_std=7.0)
+    assert other.size == 224 and other.min_std == 7.0 and QualityGate().size == GATE_SIZE
+
+
+@pytest.mark.parametrize("size", [16, 0, 224.0, True])
+def test_a_gate_size_that_is_not_a_sensible_whole_number_is_refused(size):
+    with pytest.raises(ValueError, match="quality gate size"):
+        gate_at_size(size)
