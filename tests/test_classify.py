@@ -112,7 +112,7 @@ REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (
 
 # What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand,
 # plus whether the demo model made them (every answer says so since issue 19) and the lesion
-# localiser's box (issue 22; None without a localiser).
+# localiser's box and its model's sha256 (issue 22; None without a localiser).
 ROWS = {
     "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
                 "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
@@ -127,15 +127,22 @@ ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
                 "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
-                "shift": None, "demo": False, "box": None},
+                "shift": None, "demo": False, "box": None, "localiser_sha256": None},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
                 "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False,
-                "box": None},
+                "box": None, "localiser_sha256": None},
 }  # fmt: skip
-RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
-    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),
-    "refused": ("cd" * 32, "no decision: frame too dark (mean grey level 3)", None, None, 0.3),
+RECORDS = {  # model_sha256, quality, decision, probabilities, threshold, localiser of the record
+    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3, None),
+    "refused": (
+        "cd" * 32,
+        "no decision: frame too dark (mean grey level 3)",
+        None,
+        None,
+        0.3,
+        None,
+    ),
 }
 
 
@@ -146,7 +153,7 @@ def test_rows_records_and_answers_keep_their_fields(case, decision):
     assert fields == ANSWERS[case]
     record = record_of(decision, source="upload")
     assert (record.model_sha256, record.quality, record.decision, record.probabilities,
-            record.threshold) == RECORDS[case]  # fmt: skip
+            record.threshold, record.localiser) == RECORDS[case]  # fmt: skip
 
 
 def test_the_classifier_builds_its_decision_rule_once(monkeypatch):
