@@ -388,4 +388,4 @@ BOX_FIELDS = ("x", "y", "w", "h", "score")
 def frame_columns(classes: Sequence[str]) -> list[str]:
     return ["source", "frame", "decision", "quality", *(f"p_{c}" for c in classes),
             "positive_probability", "threshold", "shift", "shift_score", *(f"box_{k}" for k in BOX_FIELDS),
-            "model_sha256", "localiser_sha256", "error"]  # fmt: skip
+            "model_sha256", "localiser_sha256", "demo", "error"]  # fmt: skip

@@ -213,6 +213,7 @@ def test_classify_rows_carry_the_box_and_the_localiser_and_are_blank_without(gra
     assert plain["decision"] == "" and plain["quality"].startswith("no decision: no lesion found")
     assert float(plain["box_x"]) == pytest.approx(150, abs=1.0) and float(plain["box_score"]) < 0.5
     assert plain["localiser_sha256"] == sha and plain["model_sha256"] == sha256_file(cls)
+    assert lesion["demo"] == plain["demo"] == "no"
     assert (
         main(["classify", str(cls), str(scans), *behind, "--out", str(tmp_path / "r.jsonl")]) == 0
     )

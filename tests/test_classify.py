@@ -58,6 +58,7 @@ def test_the_threshold_and_the_quality_gate_apply_to_archive_runs(tmp_path, caps
     base = ["classify", str(DEMO_MODEL), str(scans)]
     assert main([*base, "--out", str(tmp_path / "card.csv")]) == 0
     card = rows_of(tmp_path / "card.csv")
+    assert {r["demo"] for r in card} == {"yes"}  # the demo model said so in every row
     assert {r["threshold"] for r in card} == {str(build_classifier(ClassifierSettings()).threshold)}
     # threshold 0: every decided frame is the positive class, whatever its probability
     assert main([*base, "--threshold", "0", "--out", str(tmp_path / "zero.csv")]) == 0
