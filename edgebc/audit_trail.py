@@ -289,18 +289,21 @@ class AuditTrail:
         connection.executescript(SCHEMA)
         return connection
 
-    def _finish_rotation(self) -> None:
+    def _finish_rotation(self, cut_off: bool = True) -> None:
         """A rotation cut off by a kill: after the live file was sealed, the prepared next one
-        becomes live; before that, the prepared one is dropped (the live file never stopped)."""
+        becomes live; before that, the prepared one is dropped (the live file never stopped).
+        `cut_off` False: the rotation's own last step, which is not worth a warning."""
         prepared = next_live_path(self.path)
         if not prepared.exists():
             return
         if self.path.exists():
             prepared.unlink()
-            log.warning("audit trail %s: a rotation was cut off before sealing; the live segment goes on", self.path)  # fmt: skip
+            if cut_off:
+                log.warning("audit trail %s: a rotation was cut off before sealing; the live segment goes on", self.path)  # fmt: skip
         else:
             os.rename(prepared, self.path)
-            log.warning("audit trail %s: a rotation was cut off after sealing; it is finished now", self.path)  # fmt: skip
+            if cut_off:
+                log.warning("audit trail %s: a rotation was cut off after sealing; it is finished now", self.path)  # fmt: skip
         fsync_directory(self.path.parent)
 
     def _continue_sealed_chain(self) -> None:
@@ -614,7 +617,9 @@ class AuditTrail:
                 with contextlib.suppress(OSError):
                     os.chmod(target, 0o444)  # sealed: nothing writes it again
             finally:
-                self._finish_rotation()  # the prepared file goes live, or (not sealed) goes
+                self._finish_rotation(
+                    cut_off=False
+                )  # the prepared file goes live, or (not sealed) goes
                 self._connection = self._connect()
             self._live_since = None
         self.set_max_bytes(self._max_bytes)
