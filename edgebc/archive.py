@@ -356,6 +356,10 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     if shift is not None:  # blank: not checked (check off, or the frame failed the gate)
         row["shift"] = f"out ({decision.shift_action})" if shift.flagged else "in"
         row["shift_score"] = round(shift.score, 3)
+    if decision.localiser_sha256 is not None:  # blank: no localiser (or the gate refused first)
+        box = fields["box"] or {}
+        row.update({f"box_{k}": box.get(k, "") for k in BOX_FIELDS})
+        row["localiser_sha256"] = decision.localiser_sha256
     row["error"] = ""
     return row
 
@@ -377,6 +381,11 @@ def render_table(rows: list[dict[str, object]], suffix: str, columns: Sequence[s
     return buffer.getvalue()
 
 
+# the lesion localiser's box in a frame's row: x, y, w, h in the frame's pixels, and its score
+BOX_FIELDS = ("x", "y", "w", "h", "score")
+
+
 def frame_columns(classes: Sequence[str]) -> list[str]:
     return ["source", "frame", "decision", "quality", *(f"p_{c}" for c in classes),
-            "positive_probability", "threshold", "shift", "shift_score", "model_sha256", "error"]  # fmt: skip
+            "positive_probability", "threshold", "shift", "shift_score", *(f"box_{k}" for k in BOX_FIELDS),
+            "model_sha256", "localiser_sha256", "demo", "error"]  # fmt: skip

@@ -25,16 +25,42 @@ from typing import Any
 
 GENESIS = "0" * 64
 KEY_BYTES = 32
-# Rows the chain covers, in the order hashed: every column but the id (moving a record is caught
-# by the chain itself) and the chain's own two columns.
+# The columns every chained record hashes, by position, in this order: every column the trail had
+# when the chain began but the id (moving a record is caught by the chain itself) and the chain's
+# own two columns. Never add to it: a new column goes into LATER_COLUMNS.
 CHAINED_COLUMNS = ("logged_at", "captured_at", "source", "frame_index", "frame_sha256", "model_sha256", "probabilities",
                    "decision", "smoothed_decision", "threshold", "quality", "latencies_ms", "pixels", "patient_id", "shift")  # fmt: skip
 
 
+# Columns added after the chain began, in the order hashed. Each enters a record's hash only when
+# it is set, after the columns above and tagged with its name (`{"localiser": value}`): a record
+# written before it existed (the column absent, or NULL) hashes exactly as it did then, and a value
+# set in one of them cannot pass for another's or for a chained column's.
+LATER_COLUMNS = ("localiser",)
+# What a record's row carries, in order: the chained columns, then the later ones (a row read from
+# an older trail or journal may stop after CHAINED_COLUMNS).
+RECORD_COLUMNS = (*CHAINED_COLUMNS, *LATER_COLUMNS)
+
+
 def canonical(row: Sequence[Any]) -> bytes:
-    """One byte form per record: JSON of the values in column order, a BLOB as its sha256."""
-    values = [{"sha256": hashlib.sha256(v).hexdigest()} if isinstance(v, bytes) else v for v in row]
+    """One byte form per record: JSON of the values in column order, a BLOB as its sha256; then
+    each later column that is set, as {name: value}."""
+    if not len(CHAINED_COLUMNS) <= len(row) <= len(RECORD_COLUMNS):
+        raise ValueError(f"an audit record has {len(CHAINED_COLUMNS)} to {len(RECORD_COLUMNS)} "
+                         f"fields, not {len(row)}")  # fmt: skip
+    chained, later = row[: len(CHAINED_COLUMNS)], row[len(CHAINED_COLUMNS) :]
+    values = [
+        {"sha256": hashlib.sha256(v).hexdigest()} if isinstance(v, bytes) else v for v in chained
+    ]
+    values += [{name: v} for name, v in zip(LATER_COLUMNS, later, strict=False) if v is not None]
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_columns(present: Collection[str]) -> str:
+    """The SELECT list of a record's fields in a trail whose table has the columns `present`: a
+    later column an older trail lacks reads as NULL (it hashes as it did without it)."""
+    later = (c if c in present else f"NULL AS {c}" for c in LATER_COLUMNS)
+    return ", ".join((*CHAINED_COLUMNS, *later))
 
 
 def record_hash(previous: str, row: Sequence[Any]) -> str:
@@ -155,7 +181,7 @@ def _read_segment(path: Path) -> _Segment | str:
             return (f"{path}: no hash chain (written by an older edgebc and not opened since; "
                     "opening it with edgebc adds the chain)")  # fmt: skip
         rows = connection.execute(
-            f"SELECT id, {', '.join(CHAINED_COLUMNS)}, chain, chain_mac FROM decisions ORDER BY id"
+            f"SELECT id, {record_columns(columns)}, chain, chain_mac FROM decisions ORDER BY id"
         ).fetchall()
         events = connection.execute(
             "SELECT at, first_id, last_id FROM chain_events ORDER BY first_id"

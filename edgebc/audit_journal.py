@@ -2,7 +2,9 @@
 
 A JSON-lines file on another path (ideally another filesystem): a header line naming the journal
 (a random id), then one line per record carrying every field the trail's row would carry, in the
-trail's column order (pixels as base64), MACed with the trail's key when it has one. The trail
+trail's column order (pixels as base64), MACed with the trail's key when it has one. A later column
+(edgebc.audit_chain.LATER_COLUMNS) that is not set is left off the line's end, so a line written
+before it existed reads as the same record, and one without it can be read by the edgebc before. The trail
 replays it, in order, in one transaction that also records the journal's id in `journal_replays`,
 and removes the file only after that commit: a crash between the two finds the id already there
 at the next replay and removes the file without writing anything twice.
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebc.atomic import fsync_directory
-from edgebc.audit_chain import CHAINED_COLUMNS, canonical, record_mac
+from edgebc.audit_chain import CHAINED_COLUMNS, RECORD_COLUMNS, canonical, record_mac
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,9 @@ class FallbackJournal:
             try:
                 entry = json.loads(line)
                 row = list(entry["row"])
-                if len(row) != len(CHAINED_COLUMNS):
+                if not len(CHAINED_COLUMNS) <= len(row) <= len(RECORD_COLUMNS):
                     raise ValueError(f"{len(row)} fields")
+                row += [None] * (len(RECORD_COLUMNS) - len(row))  # unset later columns
                 if row[_PIXELS] is not None:
                     row[_PIXELS] = base64.b64decode(row[_PIXELS], validate=True)
             except (ValueError, KeyError, TypeError) as exc:
@@ -132,6 +135,8 @@ class FallbackJournal:
 
     def _line(self, row: Sequence[Any]) -> str:
         values = list(row)
+        while len(values) > len(CHAINED_COLUMNS) and values[-1] is None:
+            values.pop()  # an unset later column: the line an older edgebc wrote, and reads
         if values[_PIXELS] is not None:
             values[_PIXELS] = base64.b64encode(values[_PIXELS]).decode("ascii")
         entry: dict[str, Any] = {"row": values}

@@ -41,8 +41,9 @@ import numpy as np
 from edgebc.atomic import fsync_directory
 from edgebc.audit_archive import retire_segments, unarchived
 from edgebc.audit_chain import (
-    CHAINED_COLUMNS,
     GENESIS,
+    LATER_COLUMNS,
+    RECORD_COLUMNS,
     append_anchor,
     load_or_create_key,
     record_hash,
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     patient_id TEXT,
     shift TEXT,
     chain TEXT,
-    chain_mac TEXT
+    chain_mac TEXT,
+    localiser TEXT
 );
 CREATE TABLE IF NOT EXISTS chain_events (
     at TEXT NOT NULL,
@@ -110,7 +112,7 @@ SCHEMA += "".join(
     f"{_append_only(t, e)};\n" for t in APPEND_ONLY_TABLES for e in ("UPDATE", "DELETE")
 )
 _NO_UPDATE = _append_only("decisions", "UPDATE", if_not_exists=False)
-_COLUMNS = ("id", *CHAINED_COLUMNS, "chain", "chain_mac")
+_COLUMNS = ("id", *RECORD_COLUMNS, "chain", "chain_mac")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,10 @@ class AuditRecord:
     pixels: np.ndarray | None = None  # stored only with store_pixels=True
     patient_id: str | None = None  # stored only with store_patient_ids=True
     shift: dict[str, Any] | None = None  # the shift check's verdict (None: not checked)
+    # the lesion localiser the frame went through: {"sha256": its model's, "box": {x, y, w, h,
+    # score} in frame pixels, or None where it did not run (the frame failed the gate)}; None:
+    # the classifier had no localiser
+    localiser: dict[str, Any] | None = None
 
 
 def described_source(source: str | None, how: str) -> str | None:
@@ -146,14 +152,20 @@ def described_source(source: str | None, how: str) -> str | None:
 
 def record_of(decision: Decision, **context: Any) -> AuditRecord:
     """The audit record of one decision, its quality as one text ("ok" or "no decision: <reason>",
-    `QualityResult`'s own); `context` adds where and when the frame came from."""
+    `QualityResult`'s own); `context` adds where and when the frame came from. Behind a lesion
+    localiser it names the localiser's model and the box it found (on "no lesion found" too: where
+    it looked best, beside the no-decision reason in `quality`)."""
+    fields = decision.to_json()
+    localiser = (None if decision.localiser_sha256 is None
+                 else {"sha256": decision.localiser_sha256, "box": fields["box"]})  # fmt: skip
     return AuditRecord(
         model_sha256=decision.model_sha256,
         quality=str(decision.quality),
         decision=decision.label,
         probabilities=decision.probabilities,
         threshold=decision.threshold,
-        shift=decision.to_json()["shift"],
+        shift=fields["shift"],
+        localiser=localiser,
         **context,
     )
 
@@ -277,18 +289,21 @@ class AuditTrail:
         connection.executescript(SCHEMA)
         return connection
 
-    def _finish_rotation(self) -> None:
+    def _finish_rotation(self, cut_off: bool = True) -> None:
         """A rotation cut off by a kill: after the live file was sealed, the prepared next one
-        becomes live; before that, the prepared one is dropped (the live file never stopped)."""
+        becomes live; before that, the prepared one is dropped (the live file never stopped).
+        `cut_off` False: the rotation's own last step, which is not worth a warning."""
         prepared = next_live_path(self.path)
         if not prepared.exists():
             return
         if self.path.exists():
             prepared.unlink()
-            log.warning("audit trail %s: a rotation was cut off before sealing; the live segment goes on", self.path)  # fmt: skip
+            if cut_off:
+                log.warning("audit trail %s: a rotation was cut off before sealing; the live segment goes on", self.path)  # fmt: skip
         else:
             os.rename(prepared, self.path)
-            log.warning("audit trail %s: a rotation was cut off after sealing; it is finished now", self.path)  # fmt: skip
+            if cut_off:
+                log.warning("audit trail %s: a rotation was cut off after sealing; it is finished now", self.path)  # fmt: skip
         fsync_directory(self.path.parent)
 
     def _continue_sealed_chain(self) -> None:
@@ -322,10 +337,11 @@ class AuditTrail:
             return time.time()
 
     def _add_missing_columns(self) -> None:
-        """A log written by an older edgebc lacks the newer columns (shift): added, the rows kept
-        (ALTER TABLE ADD COLUMN changes no row, so the append-only triggers allow it)."""
+        """A log written by an older edgebc lacks the newer columns (shift, localiser): added, the
+        rows kept (ALTER TABLE ADD COLUMN changes no row, so the append-only triggers allow it; a
+        later column is NULL in the old rows, which hash as they did: edgebc.audit_chain)."""
         present = {row[1] for row in self._connection.execute("PRAGMA table_info(decisions)")}
-        for column in ("shift", "chain", "chain_mac"):
+        for column in ("shift", "chain", "chain_mac", *LATER_COLUMNS):
             if column not in present:
                 self._connection.execute(f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
 
@@ -336,7 +352,7 @@ class AuditTrail:
         connection = self._connection
         last = connection.execute("SELECT max(id) FROM decisions WHERE chain IS NOT NULL").fetchone()[0]  # fmt: skip
         rows = connection.execute(
-            f"SELECT id, {', '.join(CHAINED_COLUMNS)} FROM decisions WHERE id > ? ORDER BY id",
+            f"SELECT id, {', '.join(RECORD_COLUMNS)} FROM decisions WHERE id > ? ORDER BY id",
             (last or 0,),
         ).fetchall()
         if not rows:
@@ -601,7 +617,9 @@ class AuditTrail:
                 with contextlib.suppress(OSError):
                     os.chmod(target, 0o444)  # sealed: nothing writes it again
             finally:
-                self._finish_rotation()  # the prepared file goes live, or (not sealed) goes
+                self._finish_rotation(
+                    cut_off=False
+                )  # the prepared file goes live, or (not sealed) goes
                 self._connection = self._connect()
             self._live_since = None
         self.set_max_bytes(self._max_bytes)
@@ -638,6 +656,7 @@ class AuditTrail:
             None if entry.threshold is None else float(entry.threshold), entry.quality, json.dumps(entry.latencies_ms), pixels,
             entry.patient_id if self.store_patient_ids else None,
             None if entry.shift is None else json.dumps(entry.shift),
+            None if entry.localiser is None else json.dumps(entry.localiser),
         )  # fmt: skip
 
     def _run(self) -> None:

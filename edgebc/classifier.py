@@ -67,6 +67,9 @@ class Decision:
     # where the lesion localiser found the lesion (frame pixels), when the classifier has one;
     # with quality "no decision" and check "no_lesion" it found none above its threshold
     box: Box | None = None
+    # the localiser's model (sha256) when the classifier runs behind one: with the classifier's,
+    # the models that made the decision (its box is None where the frame failed the gate first)
+    localiser_sha256: str | None = None
 
     @property
     def unreliable(self) -> str | None:
@@ -90,6 +93,7 @@ class Decision:
             else {**self.shift.to_json(), "action": self.shift_action},
             "demo": self.demo,
             "box": None if self.box is None else self.box.to_json(),
+            "localiser_sha256": self.localiser_sha256,
         }
 
 
@@ -274,7 +278,11 @@ class FrameClassifier:
             timings["preprocess"] = (preprocessed - localised) * per_frame
         if self.shift is not None:
             timings["shift"] = (checked - inferred) * per_frame
-        return [replace(d, timings_ms=dict(timings)) for d in decisions]
+        localiser_sha256 = None if self.localiser is None else self.localiser.model_sha256
+        return [
+            replace(d, timings_ms=dict(timings), localiser_sha256=localiser_sha256)
+            for d in decisions
+        ]
 
     def _on_frame(self, box: Box) -> Box:
         """A box on the region-cropped frame in the pixels of the frame as it came."""

@@ -395,3 +395,14 @@ def test_a_second_server_on_the_same_audit_file_refuses_to_start(tmp_path):
     second = build_runtime(settings_for(tmp_path))  # free once the first has closed its trail
     second.audit.close()
     second.backend.close()
+
+
+def test_a_rotation_that_completes_logs_no_cut_off_warning(tmp_path, caplog):
+    trail = AuditTrail(tmp_path / "trail" / "a.db")
+    trail.record(record(0))
+    assert trail.flush(5.0)
+    with caplog.at_level("INFO", logger="edgebc.audit_trail"):
+        assert trail.rotate_now()
+    trail.close()
+    assert "sealed as a.db.000001" in caplog.text
+    assert "cut off" not in caplog.text  # it was not: the warning is for a kill mid-rotation

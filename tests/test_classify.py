@@ -58,6 +58,7 @@ def test_the_threshold_and_the_quality_gate_apply_to_archive_runs(tmp_path, caps
     base = ["classify", str(DEMO_MODEL), str(scans)]
     assert main([*base, "--out", str(tmp_path / "card.csv")]) == 0
     card = rows_of(tmp_path / "card.csv")
+    assert {r["demo"] for r in card} == {"yes"}  # the demo model said so in every row
     assert {r["threshold"] for r in card} == {str(build_classifier(ClassifierSettings()).threshold)}
     # threshold 0: every decided frame is the positive class, whatever its probability
     assert main([*base, "--threshold", "0", "--out", str(tmp_path / "zero.csv")]) == 0
@@ -112,7 +113,7 @@ REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (
 
 # What edgebc wrote for these two decisions before the one conversion (commit 141b6e5), by hand,
 # plus whether the demo model made them (every answer says so since issue 19) and the lesion
-# localiser's box (issue 22; None without a localiser).
+# localiser's box and its model's sha256 (issue 22; None without a localiser).
 ROWS = {
     "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
                 "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
@@ -127,15 +128,22 @@ ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
                 "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
-                "shift": None, "demo": False, "box": None},
+                "shift": None, "demo": False, "box": None, "localiser_sha256": None},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
                 "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False,
-                "box": None},
+                "box": None, "localiser_sha256": None},
 }  # fmt: skip
-RECORDS = {  # model_sha256, quality, decision, probabilities, threshold of the audit record
-    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3),
-    "refused": ("cd" * 32, "no decision: frame too dark (mean grey level 3)", None, None, 0.3),
+RECORDS = {  # model_sha256, quality, decision, probabilities, threshold, localiser of the record
+    "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3, None),
+    "refused": (
+        "cd" * 32,
+        "no decision: frame too dark (mean grey level 3)",
+        None,
+        None,
+        0.3,
+        None,
+    ),
 }
 
 
@@ -146,7 +154,7 @@ def test_rows_records_and_answers_keep_their_fields(case, decision):
     assert fields == ANSWERS[case]
     record = record_of(decision, source="upload")
     assert (record.model_sha256, record.quality, record.decision, record.probabilities,
-            record.threshold) == RECORDS[case]  # fmt: skip
+            record.threshold, record.localiser) == RECORDS[case]  # fmt: skip
 
 
 def test_the_classifier_builds_its_decision_rule_once(monkeypatch):

@@ -51,6 +51,7 @@ class ClassifyResult(BaseModel):
     shift: dict[str, Any] | None
     demo: bool  # the demo model (synthetic phantoms only) answered
     box: dict[str, float] | None  # the lesion localiser's box (x, y, w, h, score), when one runs
+    localiser_sha256: str | None  # the lesion localiser's model, when one runs
     input_sha256: str
     width: int
     height: int
