@@ -22,6 +22,7 @@ INSTALL_HINTS: dict[str, str] = {
     "picamera2": "on Raspberry Pi OS: sudo apt install python3-picamera2 "
     "(or pip install 'edgebc[picamera]')",
     "pydicom": "pip install 'edgebc[dicom]'",
+    "openvino": "pip install 'edgebc[openvino]'",
     "fastapi": "pip install 'edgebc[serve]'",
     "uvicorn": "pip install 'edgebc[serve]'",
     "fastapi_offline": "pip install 'edgebc[serve]'",
