@@ -30,6 +30,7 @@ from edgebc.atomic import atomic_write_text
 from edgebc.errors import EdgebcError
 from edgebc.integrity import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 from edgebc.model_card import ModelCard
+from edgebc.optional import is_installed
 from edgebc.precision_budget import PrecisionBudget, judge
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,24 @@ def onnxruntime_candidates(model: Path) -> list[Candidate]:
     return found
 
 
+def openvino_candidates(model: Path) -> list[Candidate]:
+    """OpenVINO (where installed) runs the FP32 file at FP32 and at BF16 (its hint set explicitly
+    either way) and the INT8 QDQ sibling; one this CPU or file cannot take (no BF16 instructions,
+    a QOperator INT8 file) is listed with OpenVINO's reason and never chosen."""
+    if not is_installed("openvino"):
+        return []
+    found = [Candidate("openvino", "fp32", model.name), Candidate("openvino", "bf16", model.name)]
+    int8 = model.with_name(f"{model.stem}.int8.onnx")
+    if int8.is_file():
+        found.append(Candidate("openvino", "int8", int8.name))
+    return found
+
+
 # One function per runtime; the first candidate of the first is the FP32 reference.
-CANDIDATE_SOURCES: list[Callable[[Path], list[Candidate]]] = [onnxruntime_candidates]
+CANDIDATE_SOURCES: list[Callable[[Path], list[Candidate]]] = [
+    onnxruntime_candidates,
+    openvino_candidates,
+]
 
 
 def available_candidates(model: Path) -> list[Candidate]:

@@ -22,6 +22,7 @@ from edgebc.deployment_plan import (
 )
 from edgebc.errors import EdgebcError
 from edgebc.integrity import read_manifest, write_manifest
+from edgebc.optional import is_installed
 from edgebc.preprocess import preprocess
 from edgebc.serve.runtime import check_model_manifest
 from edgebc.synth import make_ultrasound_phantom
@@ -147,9 +148,20 @@ def test_an_unavailable_runtime_is_listed_not_fatal(release, labelled):
 
 
 def test_candidates_are_the_model_and_its_int8_sibling(release):
-    assert available_candidates(release) == [Candidate("onnxruntime", "fp32", "model.onnx")]
+    # OpenVINO's FP32, BF16 (and INT8) where it is installed, after ONNX Runtime's
+    openvino = is_installed("openvino")
+    found = [(c.runtime, c.precision) for c in available_candidates(release)]
+    assert found == [("onnxruntime", "fp32")] + openvino * [
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+    ]
     shutil.copy(release, release.with_name("model.int8.onnx"))
-    assert [c.precision for c in available_candidates(release)] == ["fp32", "int8"]
+    found = [(c.runtime, c.precision) for c in available_candidates(release)]
+    assert found == [("onnxruntime", "fp32"), ("onnxruntime", "int8")] + openvino * [
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("openvino", "int8"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +177,9 @@ def int8_release(tmp_path_factory, labelled):
     quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", images, images,
                   [c for _ in range(8) for c in CLASSES], QuantPlan(max_excluded_nodes=0))  # fmt: skip
     write_manifest(folder, ["model.onnx", "model.int8.onnx"])
+    # ONNX Runtime INT8 the fastest; any OpenVINO candidate slower than FP32
     plan = make_plan(folder / "model.onnx", labelled[0], labelled[1],
-                     timer=lambda backends, frame: [2.0, 1.0][: len(backends)])  # fmt: skip
+                     timer=lambda backends, frame: [2.0, 1.0, *[3.0] * len(backends)][: len(backends)])  # fmt: skip
     assert plan.table[1]["allowed"], plan.table[1]["status"]  # the demo model's INT8 keeps it
     write_plan(folder / "model.onnx", plan)
     return folder
@@ -255,4 +268,5 @@ def test_an_install_carries_the_int8_variant_for_the_device_to_plan(int8_release
     ).read_bytes()
     assert set(read_manifest(release.path)) == {"model.onnx", "model.int8.onnx"}
     assert release.problem is None and not (release.path / PLAN_FILE).exists()  # planned here
-    assert [c.precision for c in available_candidates(release.model)] == ["fp32", "int8"]
+    found = [(c.runtime, c.precision) for c in available_candidates(release.model)]
+    assert found[:2] == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
