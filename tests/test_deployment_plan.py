@@ -31,7 +31,7 @@ from edgebc.synth.ultrasound import phantom_rng
 CLASSES = ("normal", "benign", "malignant")
 
 
-def phantom_set(n_per_class=40, seed=3):
+def phantom_set(n_per_class=80, seed=3):
     """Labelled phantoms through the demo model's preprocessing (the demo model knows them)."""
     card = open_backend(DEMO_MODEL, threads=1, warmup=0).card
     frames, labels = [], []
@@ -115,7 +115,7 @@ def test_the_fastest_candidate_within_the_budget_is_chosen(release, labelled):
     assert plan.chosen == CANDIDATES[1]
     assert rows["close.onnx"]["speedup_vs_fp32"] == pytest.approx(1.6)
     assert rows["close.onnx"]["chosen"] and not rows["model.onnx"]["chosen"]
-    assert plan.frames == 120 and "* chosen: onnxruntime int8 (close.onnx)" in render_table(plan)
+    assert plan.frames == 240 and "* chosen: onnxruntime int8 (close.onnx)" in render_table(plan)
 
 
 def test_fp32_stays_when_the_reduced_precision_is_not_faster(release, labelled):
@@ -270,3 +270,35 @@ def test_an_install_carries_the_int8_variant_for_the_device_to_plan(int8_release
     assert release.problem is None and not (release.path / PLAN_FILE).exists()  # planned here
     found = [(c.runtime, c.precision) for c in available_candidates(release.model)]
     assert found[:2] == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+
+
+def test_a_reduced_precision_within_noise_of_fp32_does_not_replace_it(release, labelled):
+    plan, _ = plan_with(release, labelled, {2: [2.0, 1.95]})  # 1.03x: noise on a shared machine
+    assert plan.chosen == CANDIDATES[0]
+    assert not plan.table[1]["chosen"] and plan.table[1]["allowed"]
+
+
+def test_a_candidate_that_fails_to_run_is_a_row_not_the_end_of_the_plan(release, labelled):
+    class Broken(Shifted):
+        def run(self, batch):
+            raise RuntimeError("answered 0 rows for a batch of 1")
+
+    def opening(path, candidate):
+        return Broken(None) if candidate.model == "worse.onnx" else opener(path, candidate)
+
+    plan = make_plan(release, labelled[0], labelled[1], candidates=CANDIDATES,
+                     timer=lambda b, f: [2.0, 1.0][: len(b)], open_candidate=opening)  # fmt: skip
+    assert plan.chosen == CANDIDATES[1]
+    assert plan.table[2]["status"] == "failed: answered 0 rows for a batch of 1"
+    assert not plan.table[2]["allowed"]
+
+
+def test_a_planned_file_replaced_after_planning_is_not_run(int8_release, tmp_path):
+    """The plan pins the file it judged: a re-quantized INT8 listed in the manifest later was
+    never judged, and is not run on the plan's word."""
+    model = copy_of(int8_release, tmp_path)
+    int8 = model.with_name("model.int8.onnx")
+    int8.write_bytes(int8.read_bytes() + b"\0")  # another file under the planned name
+    write_manifest(model.parent, ["model.int8.onnx"])
+    chosen, note = planned_candidate(model)
+    assert chosen is None and "not the file the plan judged" in note
