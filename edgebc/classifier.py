@@ -149,6 +149,12 @@ class FrameClassifier:
                 f"localiser {localiser.card.name} reads {localiser.card.inputs[0].modality} frames; "
                 f"model {self.card.name} classifies {self.card.inputs[0].modality}"
             )
+        if localiser is None and self.card.lineage.get("input_crop"):
+            raise EdgebcError(
+                f"model {self.card.name} was trained on lesion-localiser crops: on whole frames its "
+                "threshold and bound do not hold; run it behind its localiser (its export ships "
+                "it linked; or set `localiser:`)"
+            )
         self.localiser = localiser
         link = self.card.localiser
         trained = self.card.lineage.get("localiser") or {}  # the crops it was trained on

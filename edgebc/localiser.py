@@ -382,3 +382,24 @@ def linked_localiser_path(card: ModelCard, model_path: str | Path) -> Path | Non
             "the one in the card's link); link the classifier to this localiser again, or restore it"
         )
     return path
+
+
+def shipped_localiser(card: ModelCard, model_path: str | Path) -> tuple[str, Path] | None:
+    """(name in the model's folder, file) of the localiser a classifier's card links, for copying
+    the two together into a release; refused when the link leaves the folder (a release is one
+    folder) or the file is missing or another (its sha256 differs from the link's)."""
+    if card.localiser is None:
+        return None
+    name = Path(card.localiser.model)
+    if name.is_absolute() or ".." in name.parts:
+        raise EdgebcError(
+            f"{model_path}: its localiser {card.localiser.model} lies outside the model's folder; "
+            "a release is one folder: export the model with its localiser beside it"
+        )
+    path = linked_localiser_path(card, model_path)  # refuses another file under the name
+    if path is None or not path.is_file():
+        raise EdgebcError(
+            f"{model_path}: the localiser its card links ({card.localiser.model}) is not beside it; "
+            "without it the model cannot run (it classifies the localiser's crops)"
+        )
+    return name.as_posix(), path

@@ -41,6 +41,7 @@ from edgebc.integrity import (
     verify_artifact,
     write_manifest,
 )
+from edgebc.localiser import shipped_localiser
 from edgebc.release import CARD_FILE, card_for_model, site_card_path, verify_release_card
 
 DEFAULT_STORE = Path("/var/lib/edgebc/models")
@@ -143,6 +144,12 @@ class ModelStore:
                     _copy_synced(int8, incoming / INT8_FILE, progress)
                     files.append(INT8_FILE)
                     wanted[INT8_FILE] = int8_sha
+                shipped = shipped_localiser(card, source)  # it classifies the localiser's crops
+                if shipped is not None:
+                    name, localiser = shipped
+                    _copy_synced(localiser, incoming / name, progress)
+                    files.append(name)
+                    wanted[name] = sha256_file(localiser)
                 if site_card is not None:
                     _copy_synced(site_card, incoming / CARD_FILE, progress)
                     files.append(CARD_FILE)

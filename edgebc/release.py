@@ -43,7 +43,9 @@ def card_for_model(model: str | Path, embedded: ModelCard | None = None) -> Mode
     model = Path(model)
     embedded = embedded if embedded is not None else read_card(model)
     path = site_card_path(model)
-    if not path.exists():
+    # the release's card is its classifier's: the localiser shipped beside a crop-trained model
+    # runs by its own
+    if not path.exists() or embedded.is_localiser:
         return embedded
     verify_release_card(model)
     site = read_site_card(path)
@@ -121,7 +123,14 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
             writer.flush()
             os.fsync(writer.fileno())
         atomic_write_text(building / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n")
-        write_manifest(building, [MODEL_FILE, CARD_FILE])
+        files = [MODEL_FILE, CARD_FILE]
+        from edgebc.localiser import shipped_localiser
+
+        shipped = shipped_localiser(card, model)  # a crop-trained model travels with its localiser
+        if shipped is not None:
+            shutil.copyfile(shipped[1], building / shipped[0])
+            files.append(shipped[0])
+        write_manifest(building, files)
         if read_manifest(building)[MODEL_FILE] != source_sha:
             raise EdgebcError(f"{model}: the copy differs from the original (disk error?)")
         if card_for_model(building / MODEL_FILE).to_json() != card.to_json():  # read back

@@ -118,11 +118,12 @@ def check_enough_cases(data: SiteData, task: Task, confidence: float, min_positi
 
 
 def model_logits(backend: Backend, samples: Sequence[Sample], progress: Progress | None = None,
-                 batch: int = 32) -> np.ndarray:  # fmt: skip
+                 batch: int = 32, model_path: str | Path | None = None) -> np.ndarray:  # fmt: skip
     """Logits of every sample, preprocessed by the card and run through the cart's backend, in
     batches (a few hundred frames at once would not fit a cart's memory)."""
     card, step = backend.card, min(batch, backend.card.max_batch)
-    crop = lesion_crop_of(card)  # a classifier trained on localiser crops is calibrated on crops
+    # a classifier trained on localiser crops is calibrated on crops (its localiser ships beside it)
+    crop = lesion_crop_of(card, model_path)
     out = []
     for start in range(0, len(samples), step):
         chunk = samples[start : start + step]
@@ -177,7 +178,7 @@ def calibrate_site(
         if all(u.startswith("frame:") for u in site.units):
             log.warning("%s: no patient ids: each image counts as its own case, so the bound "
                         "overstates what it knows if a patient has several images", data)  # fmt: skip
-        logits = model_logits(backend, site.samples, progress)
+        logits = model_logits(backend, site.samples, progress, model_path=model)
     finally:
         backend.close()
     fit = fit_calibration(logits, site.y, site.units, card.positive, target, confidence,

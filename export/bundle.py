@@ -55,8 +55,8 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     out = Path(options.out_dir)
     if _is_fusion_checkpoint(checkpoint):  # refuses what it cannot do before making a folder
         return _run_fusion_export(checkpoint, options)
-    out.mkdir(parents=True, exist_ok=True)
     crop = _trained_crop(checkpoint)  # a classifier trained on localiser crops checks on crops
+    out.mkdir(parents=True, exist_ok=True)
     frames = (
         _cropped(load_frames(options.verify_data, options.verify_count)[0], crop)
         if options.verify_data

@@ -177,7 +177,8 @@ def test_the_record_of_a_decision_behind_a_localiser_names_it_and_its_box(tmp_pa
     assert nothing.localiser["sha256"] == sha and nothing.localiser["box"]["score"] < 0.5
     # a frame the gate refused never reached the localiser: named, without a box
     assert record_of(blank).localiser == {"sha256": sha, "box": None}
-    whole = FrameClassifier(open_backend(cls, threads=1), gate=QualityGate())
+    plain = write_graph(tmp_path / "whole.onnx", classifier_card(crops=False), None, 4.0, 0.0)
+    whole = FrameClassifier(open_backend(plain, threads=1), gate=QualityGate())
     assert record_of(whole.classify(lesion_frame())).localiser is None
 
 
@@ -219,8 +220,9 @@ def test_classify_rows_carry_the_box_and_the_localiser_and_are_blank_without(gra
     )
     jsonl = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert jsonl[0]["box_w"] == pytest.approx(60, abs=1.0) and jsonl[1]["localiser_sha256"] == sha
-    # without a localiser: the same columns, blank
-    assert main(["classify", str(cls), str(scans), "--out", str(tmp_path / "w.csv")]) == 0
+    # without a localiser (a whole-frame model): the same columns, blank
+    plain = write_graph(tmp_path / "whole.onnx", classifier_card(crops=False), None, 4.0, 0.0)
+    assert main(["classify", str(plain), str(scans), "--out", str(tmp_path / "w.csv")]) == 0
     with open(tmp_path / "w.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["decision"] for r in rows] == ["benign", "benign"]

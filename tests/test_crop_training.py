@@ -175,6 +175,19 @@ def test_a_run_on_crops_says_so_in_its_card_and_is_evaluated_on_crops(tmp_path):
     assert cart.localiser is not None and cart.margin == 0.2
     frame = cv2.imread(str(split[0].path), cv2.IMREAD_UNCHANGED)
     assert cart.classify(frame).box is not None
+    # the model store installs the localiser with it (under the manifest), so the cart starts
+    from edgebc.model_store import ModelStore
+
+    release = ModelStore(tmp_path / "store").install(out / "model.onnx")
+    assert (release.path / "model.localiser.onnx").read_bytes() == loc.read_bytes()
+    installed = build_classifier(ClassifierSettings(model=str(release.model), threads=1))
+    assert installed.localiser is not None and installed.classify(frame).box is not None
+    # a site calibration's release carries it too (torch-free; the shipped file, not training's)
+    from edgebc.release import write_release
+
+    site = write_release(tmp_path / "site", out / "model.onnx", cart.card)
+    assert (site / "model.localiser.onnx").is_file()
+    assert build_classifier(ClassifierSettings(model=str(site / "model.onnx"), threads=1)).localiser
     (tmp_path / "loc.onnx").write_bytes(b"not the localiser")
     with pytest.raises(EdgebcError, match="not the localiser model"):
         evaluate_checkpoint(

@@ -193,13 +193,20 @@ def models(tmp_path):
     loc_path = write_graph(tmp_path / "loc.onnx", localiser_card(0.5), box, gain=50.0, bias=66.4)
     # malignant when the input is bright on average: the crop (all lesion) is, the frame is not
     cls_path = write_graph(tmp_path / "cls.onnx", classifier_card(), None, gain=4.0, bias=0.0)
+    # the same graph under a whole-frame card: what the crop-trained model is compared with
+    write_graph(tmp_path / "whole.onnx", classifier_card(crops=False), None, gain=4.0, bias=0.0)
     return open_localiser(loc_path), open_backend(cls_path, threads=1)
 
 
-def test_the_classifier_sees_the_lesions_crop_and_the_decision_carries_the_box(models):
+def test_the_classifier_sees_the_lesions_crop_and_the_decision_carries_the_box(models, tmp_path):
+    from edgebc.backends import open_backend
+
     localiser, backend = models
-    whole = FrameClassifier(backend, gate=QualityGate()).classify(lesion_frame())
+    whole_frames = open_backend(tmp_path / "whole.onnx", threads=1)
+    whole = FrameClassifier(whole_frames, gate=QualityGate()).classify(lesion_frame())
     assert whole.label == "benign"  # the whole frame is mostly dark speckle
+    with pytest.raises(EdgebcError, match="trained on lesion-localiser crops"):
+        FrameClassifier(backend, gate=QualityGate())  # a crop-trained model never sees whole frames
     cropped = FrameClassifier(backend, gate=QualityGate(), localiser=localiser,
                               margin=0.0).classify(lesion_frame())  # fmt: skip
     assert cropped.label == "malignant"  # the crop is the bright lesion
@@ -252,7 +259,8 @@ def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(mod
         path = tmp_path / f"f{k}.png"
         cv2.imwrite(str(path), np.roll(lesion_frame(bright), k, axis=0))
         samples.append(Sample(path, label, patient_id=f"p{k}", source="site"))
-    report = compare(tmp_path / "cls.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50)
+    report = compare(tmp_path / "whole.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50,
+                     crop_classifier_path=tmp_path / "cls.onnx")  # fmt: skip
     whole, crop = report["whole_frame"]["all"], report["crop"]["all"]
     assert whole["decided"] == 4 and whole["sensitivity_end_to_end"] == 0.0
     assert crop["sensitivity_end_to_end"] == 0.5 and crop["positives_without_decision"] == 1
@@ -267,7 +275,7 @@ def test_the_pipeline_comparison_counts_localiser_misses_against_sensitivity(mod
     assert paired["auc_end_to_end"]["frames"] == 4
     # a classifier trained on the crops runs the crop pipeline when named
     other = write_graph(tmp_path / "crops.onnx", classifier_card(), None, gain=-4.0, bias=0.0)
-    flipped = compare(tmp_path / "cls.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50,
+    flipped = compare(tmp_path / "whole.onnx", tmp_path / "loc.onnx", samples, margin=0.0, n_boot=50,
                       crop_classifier_path=other)  # fmt: skip
     assert flipped["crop_classifier"] == str(other)
     assert (
@@ -312,7 +320,9 @@ def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(m
     classifier = build_classifier(ClassifierSettings(model=str(linked), threads=1))
     assert classifier.localiser is not None and classifier.margin == 0.0
     assert classifier.classify(lesion_frame()).label == "malignant"  # the crop, as above
-    plain = build_classifier(ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1))
+    with pytest.raises(EdgebcError, match="trained on lesion-localiser crops"):
+        build_classifier(ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1))
+    plain = build_classifier(ClassifierSettings(model=str(tmp_path / "whole.onnx"), threads=1))
     assert plain.localiser is None and plain.classify(lesion_frame()).label == "benign"
     named = build_classifier(
         ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1,

@@ -160,7 +160,7 @@ def run_cross_site(
                     f"site {site}: no {config.own_split + ' ' if seen else ''}samples for task "
                     f"{card.task.name}"
                 )
-            probs = _probabilities(backend.run, chosen, card)
+            probs = _probabilities(backend.run, chosen, card, backend.config)
             row = site_statistics(chosen, probs, card, config)
             row.update(arm=arm.name, trained_on=list(arm.sites), site=site,
                        scored_on=f"{config.own_split} split" if seen else "every shared patient", labels_left_out=left_out,
@@ -303,10 +303,15 @@ def render_remedies(table: dict[str, Any]) -> str:
 
 
 def _probabilities(
-    run: Callable[[np.ndarray], np.ndarray], samples: Sequence[Sample], card: ModelCard
+    run: Callable[[np.ndarray], np.ndarray],
+    samples: Sequence[Sample],
+    card: ModelCard,
+    trained: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Calibrated probabilities for `samples` through the shared preprocessing, in batches."""
-    crop = lesion_crop_of(card)
+    """Calibrated probabilities for `samples` through the shared preprocessing, in batches (the
+    localiser's crops for a model trained on them: its training configuration names the file)."""
+    localiser = ((trained or {}).get("data") or {}).get("localiser")
+    crop = lesion_crop_of(card, also=[localiser] if localiser else [])
     out = []
     for start in range(0, len(samples), 32):
         batch = np.stack(

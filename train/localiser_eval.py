@@ -37,7 +37,7 @@ from edgebc.data.manifest import read_manifest
 from edgebc.data.records import Sample
 from edgebc.data.sample_image import read_sample
 from edgebc.errors import EdgebcError
-from edgebc.localiser import open_localiser
+from edgebc.localiser import check_crop_trained, open_localiser
 from edgebc.metrics import cluster_bootstrap_ci, delong_test, mcnemar_test, roc_auc
 
 
@@ -144,6 +144,8 @@ def compare(
     whole = FrameClassifier(backend, shift="off")
     cropped = FrameClassifier(crop_backend, shift="off", localiser=open_localiser(localiser_path),
                               margin=margin)  # fmt: skip
+    if crop_classifier_path is not None:  # a model trained on crops: only its localiser's, margin
+        check_crop_trained(crop_backend.card, localiser_path, cropped.margin)
     runs = {"whole_frame": run_pipeline(whole, samples), "crop": run_pipeline(cropped, samples)}
     report: dict[str, Any] = {"classifier": str(classifier_path), "localiser": str(localiser_path),
                               "crop_classifier": str(crop_classifier_path or classifier_path),
