@@ -351,6 +351,7 @@ def _row(item: FrameItem, decision: Decision, classes: list[str]) -> dict[str, o
     for name in classes:
         row[f"p_{name}"] = rounded(probabilities.get(name))
     row["model_sha256"] = fields["model_sha256"]
+    row["runtime"] = fields["runtime"] or ""
     row["demo"] = "yes" if fields["demo"] else "no"  # the demo model: phantoms only
     shift = decision.shift
     if shift is not None:  # blank: not checked (check off, or the frame failed the gate)
@@ -388,4 +389,4 @@ BOX_FIELDS = ("x", "y", "w", "h", "score")
 def frame_columns(classes: Sequence[str]) -> list[str]:
     return ["source", "frame", "decision", "quality", *(f"p_{c}" for c in classes),
             "positive_probability", "threshold", "shift", "shift_score", *(f"box_{k}" for k in BOX_FIELDS),
-            "model_sha256", "localiser_sha256", "demo", "error"]  # fmt: skip
+            "model_sha256", "runtime", "localiser_sha256", "demo", "error"]  # fmt: skip

@@ -36,7 +36,7 @@ CHAINED_COLUMNS = ("logged_at", "captured_at", "source", "frame_index", "frame_s
 # it is set, after the columns above and tagged with its name (`{"localiser": value}`): a record
 # written before it existed (the column absent, or NULL) hashes exactly as it did then, and a value
 # set in one of them cannot pass for another's or for a chained column's.
-LATER_COLUMNS = ("localiser",)
+LATER_COLUMNS = ("localiser", "runtime")
 # What a record's row carries, in order: the chained columns, then the later ones (a row read from
 # an older trail or journal may stop after CHAINED_COLUMNS).
 RECORD_COLUMNS = (*CHAINED_COLUMNS, *LATER_COLUMNS)

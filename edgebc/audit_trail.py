@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     shift TEXT,
     chain TEXT,
     chain_mac TEXT,
-    localiser TEXT
+    localiser TEXT,
+    runtime TEXT
 );
 CREATE TABLE IF NOT EXISTS chain_events (
     at TEXT NOT NULL,
@@ -135,6 +136,9 @@ class AuditRecord:
     # score} in frame pixels, or None where it did not run (the frame failed the gate)}; None:
     # the classifier had no localiser
     localiser: dict[str, Any] | None = None
+    # the runtime and precision that ran the model (Decision.runtime): the file's sha256 alone does
+    # not tell ONNX Runtime FP32 from OpenVINO BF16
+    runtime: str | None = None
 
 
 def described_source(source: str | None, how: str) -> str | None:
@@ -166,6 +170,7 @@ def record_of(decision: Decision, **context: Any) -> AuditRecord:
         threshold=decision.threshold,
         shift=fields["shift"],
         localiser=localiser,
+        runtime=decision.runtime,
         **context,
     )
 
@@ -657,6 +662,7 @@ class AuditTrail:
             entry.patient_id if self.store_patient_ids else None,
             None if entry.shift is None else json.dumps(entry.shift),
             None if entry.localiser is None else json.dumps(entry.localiser),
+            entry.runtime,
         )  # fmt: skip
 
     def _run(self) -> None:

@@ -70,6 +70,9 @@ class Decision:
     # the localiser's model (sha256) when the classifier runs behind one: with the classifier's,
     # the models that made the decision (its box is None where the frame failed the gate first)
     localiser_sha256: str | None = None
+    # the runtime and precision that ran the model (the backend's name, e.g. "openvino:CPU:bf16"):
+    # one model file answers slightly differently at FP32 and BF16, and the record must say which
+    runtime: str | None = None
 
     @property
     def unreliable(self) -> str | None:
@@ -94,6 +97,7 @@ class Decision:
             "demo": self.demo,
             "box": None if self.box is None else self.box.to_json(),
             "localiser_sha256": self.localiser_sha256,
+            "runtime": self.runtime,
         }
 
 
@@ -286,7 +290,12 @@ class FrameClassifier:
             timings["shift"] = (checked - inferred) * per_frame
         localiser_sha256 = None if self.localiser is None else self.localiser.model_sha256
         return [
-            replace(d, timings_ms=dict(timings), localiser_sha256=localiser_sha256)
+            replace(
+                d,
+                timings_ms=dict(timings),
+                localiser_sha256=localiser_sha256,
+                runtime=self.backend.name,
+            )
             for d in decisions
         ]
 

@@ -74,8 +74,12 @@ def test_the_hash_of_a_record_without_a_localiser_is_the_hash_from_before():
         assert json.loads(with_box)[:-1] == json.loads(canonical_before(row))
     with pytest.raises(ValueError, match="not 14"):
         canonical(rows[0][:-1])
-    with pytest.raises(ValueError, match="not 17"):
-        canonical((*rows[0], None, None))
+    with pytest.raises(ValueError, match="not 18"):
+        canonical((*rows[0], None, None, None))
+    # the runtime, the next later column, enters tagged after the localiser, and only when set
+    both = json.loads(canonical((*rows[0], json.dumps(LOCALISER), "openvino:CPU:bf16")))
+    assert both[-2:] == [{"localiser": json.dumps(LOCALISER)}, {"runtime": "openvino:CPU:bf16"}]
+    assert canonical((*rows[0], None, None)) == canonical_before(rows[0])
 
 
 def test_a_trail_and_journal_written_before_the_localiser_column_verify_and_replay_unchanged(
@@ -94,15 +98,17 @@ def test_a_trail_and_journal_written_before_the_localiser_column_verify_and_repl
     assert trail.status().written == 2 and not journal.exists()
     trail.record(record(7, localiser=LOCALISER))
     trail.record(record(8))
+    trail.record(record(9, runtime="openvino:CPU:bf16"))
     assert trail.flush(5.0)
     trail.close()
     after = verify_trail(db, key=key, anchor_path=anchors)
-    assert after.ok and after.records == 9, after
+    assert after.ok and after.records == 10, after
     assert any("records 6..7 were replayed from the fallback journal" in n for n in after.notes)
     rows = read_trail(db)
     assert {r["id"]: r["chain"] for r in rows if r["id"] <= 5} == {k: v for k, v in old.items() if k > 3}  # fmt: skip
-    assert [r["frame_index"] for r in rows] == [3, 4, 5, 6, 7, 8]
-    assert [r["localiser"] for r in rows if r["id"] != 8] == [None] * 5
+    assert [r["frame_index"] for r in rows] == [3, 4, 5, 6, 7, 8, 9]
+    assert [r["localiser"] for r in rows if r["id"] != 8] == [None] * 6
+    assert [r["runtime"] for r in rows] == [None] * 6 + ["openvino:CPU:bf16"]
     stored = json.loads(rows[4]["localiser"])
     assert stored == LOCALISER and rows[4]["frame_index"] == 7
     # the box cannot be changed, nor a localiser given to an old record, unseen
@@ -114,6 +120,11 @@ def test_a_trail_and_journal_written_before_the_localiser_column_verify_and_repl
     tamper(db, f"UPDATE decisions SET localiser = '{json.dumps(LOCALISER)}' WHERE id = 4")
     given = verify_trail(db, key=key)
     assert not given.ok and "record 4 in audit.sqlite was changed" in given.problem, given
+    tamper(db, "UPDATE decisions SET localiser = NULL WHERE id = 4")
+    # which runtime and precision answered cannot be changed unseen either
+    tamper(db, "UPDATE decisions SET runtime = 'onnxruntime:CPUExecutionProvider' WHERE id = 9")
+    swapped = verify_trail(db, key=key)
+    assert not swapped.ok and "record 9 in audit.sqlite was changed" in swapped.problem, swapped
     tamper(db, "ALTER TABLE decisions DROP COLUMN localiser")  # the record's box, dropped
     dropped = verify_trail(db, key=key)
     assert not dropped.ok and "record 8 in audit.sqlite was changed" in dropped.problem, dropped
@@ -145,8 +156,9 @@ def test_a_journal_line_leaves_an_unset_localiser_off_and_reads_both_lengths(tmp
     assert [len(r) for r in rows] == [len(RECORD_COLUMNS)] * 2
     journal.append(rows)
     lines = [json.loads(line) for line in journal.path.read_text().splitlines()[1:]]
-    # a line without a localiser is the line the edgebc before wrote (and reads)
-    assert [len(line["row"]) for line in lines] == [len(CHAINED_COLUMNS), len(RECORD_COLUMNS)]
+    # a line without a localiser is the line the edgebc before wrote (and reads); later columns
+    # left unset at the end (the runtime here) are left off too
+    assert [len(line["row"]) for line in lines] == [len(CHAINED_COLUMNS), len(CHAINED_COLUMNS) + 1]
     assert lines[1]["row"][-1] == json.dumps(LOCALISER)
     _, read = journal.read()  # MACs checked: the same record either length
     assert read == [tuple(r) for r in rows]
@@ -171,6 +183,7 @@ def test_the_record_of_a_decision_behind_a_localiser_names_it_and_its_box(tmp_pa
     assert entry.localiser is not None and entry.localiser["sha256"] == sha
     assert entry.localiser["box"]["x"] == pytest.approx(150, abs=1.0)
     assert entry.model_sha256 == sha256_file(cls) and found.to_json()["localiser_sha256"] == sha
+    assert entry.runtime == "onnxruntime:CPUExecutionProvider"  # which runtime and precision ran it
     # no lesion found: the box where it looked best, with the reason in the quality
     nothing = record_of(missed)
     assert nothing.quality.startswith("no decision: no lesion found")

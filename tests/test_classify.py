@@ -117,22 +117,22 @@ REFUSED = Decision(None, None, None, 0.3, QualityResult(False, "frame too dark (
 ROWS = {
     "decided": {"source": "scan.png", "frame": 3, "decision": "benign", "quality": "ok",
                 "positive_probability": 0.222221, "threshold": 0.3, "p_normal": 0.123457,
-                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "demo": "no",
-                "error": ""},
+                "p_benign": 0.654322, "p_malignant": 0.222221, "model_sha256": "ab" * 32, "runtime": "",
+                "demo": "no", "error": ""},
     "refused": {"source": "scan.png", "frame": 3, "decision": "",
                 "quality": "no decision: frame too dark (mean grey level 3)",
                 "positive_probability": "", "threshold": 0.3, "p_normal": "", "p_benign": "",
-                "p_malignant": "", "model_sha256": "cd" * 32, "demo": "no", "error": ""},
+                "p_malignant": "", "model_sha256": "cd" * 32, "runtime": "", "demo": "no", "error": ""},
 }  # fmt: skip
 ANSWERS = {
     "decided": {"label": "benign", "probabilities": DECIDED.probabilities,
                 "positive_probability": 0.2222214, "threshold": 0.3, "quality": "ok", "reason": None,
                 "model_sha256": "ab" * 32, "timings_ms": {"crop": 0.123, "inference": 4.568},
-                "shift": None, "demo": False, "box": None, "localiser_sha256": None},
+                "shift": None, "demo": False, "box": None, "localiser_sha256": None, "runtime": None},
     "refused": {"label": None, "probabilities": None, "positive_probability": None, "threshold": 0.3,
                 "quality": "no decision", "reason": "frame too dark (mean grey level 3)",
                 "model_sha256": "cd" * 32, "timings_ms": {}, "shift": None, "demo": False,
-                "box": None, "localiser_sha256": None},
+                "box": None, "localiser_sha256": None, "runtime": None},
 }  # fmt: skip
 RECORDS = {  # model_sha256, quality, decision, probabilities, threshold, localiser of the record
     "decided": ("ab" * 32, "ok", "benign", DECIDED.probabilities, 0.3, None),

@@ -52,6 +52,7 @@ class ClassifyResult(BaseModel):
     demo: bool  # the demo model (synthetic phantoms only) answered
     box: dict[str, float] | None  # the lesion localiser's box (x, y, w, h, score), when one runs
     localiser_sha256: str | None  # the lesion localiser's model, when one runs
+    runtime: str | None = None  # the runtime and precision that ran the model
     input_sha256: str
     width: int
     height: int

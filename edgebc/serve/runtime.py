@@ -271,7 +271,8 @@ class ServeRuntime:
             "sha256": self.backend.model_sha256,
             "path": str(self.model_path),
             "backend": self.backend.name,
-            "precision": card.precision,
+            # what runs, which may be below the file's (OpenVINO BF16 of an FP32 file, by the plan)
+            "precision": getattr(self.backend, "precision", None) or card.precision,
             "class_names": list(card.class_names),
             "positive_class": card.positive_class,
             "threshold": threshold,
