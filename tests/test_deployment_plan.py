@@ -199,14 +199,17 @@ def test_the_plan_is_in_the_manifest_and_serve_and_classify_run_it(int8_release)
     assert told.backend.card.precision == "fp32"
 
 
-def test_classify_takes_no_plan_from_the_command_line():
+def test_classify_and_serve_take_no_plan_from_the_command_line():
     from edgebc.cli import build_parser
     from edgebc.commands.classify import classify_settings
+    from edgebc.commands.serve import settings_from_args
 
     parser = build_parser()
     args = parser.parse_args(["classify", "m.onnx", "x.png", "--no-plan"])
     assert classify_settings(args).use_plan is False
     assert classify_settings(parser.parse_args(["classify", "m.onnx", "x.png"])).use_plan is True
+    assert settings_from_args(parser.parse_args(["serve", "--no-plan"])).use_plan is False
+    assert settings_from_args(parser.parse_args(["serve"])).use_plan is True
 
 
 def copy_of(folder, tmp_path):

@@ -83,6 +83,12 @@ def register_serve(commands: argparse._SubParsersAction) -> None:
         "browser (display.enabled; needs the [display] extra)",
     )
     serve.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="run the model file as given, not the runtime and precision its deployment plan "
+        "chose (use_plan: false; edgebc model plan)",
+    )
+    serve.add_argument(
         "--check",
         action="store_true",
         help="validate the settings (keys, values, token rule) and say what would be served; "
@@ -106,6 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         "region": f"[{args.region}]" if args.region else None,
         "auto_region": "true" if args.auto_region else None,
         "display.enabled": "true" if args.display else None,
+        "use_plan": "false" if args.no_plan else None,
     }
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in shortcuts.items() if v is not None)]
     return load_serve_settings(args.config, overrides)
