@@ -55,6 +55,11 @@ def main() -> int:
     frames = frames_for(args)
     backend = open_backend(args.classifier, threads=1)
     localiser = open_localiser(args.localiser, threads=1)
+    # the added cost of the localiser is against the same classifier on whole frames; a
+    # classifier trained on crops never runs on whole frames, so it has no such baseline here
+    if backend.card.lineage.get("input_crop"):
+        parser.error(f"{args.classifier} was trained on localiser crops: give the whole-frame "
+                     "classifier (the cost is the same graph's either way)")  # fmt: skip
     whole = FrameClassifier(backend, shift="off")
     crop = FrameClassifier(backend, shift="off", localiser=localiser)
     checked = {"whole_decided": 0, "crop_decided": 0, "crop_no_lesion": 0, "crop_gate": 0}

@@ -349,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     backend = open_backend(args.model or DEMO_MODEL, threads=1, spin_wait=False)
     if args.model is None:
         backend = CardAs(backend)  # type: ignore[assignment]  # the demo graph, answering
+    if backend.card.lineage.get("input_crop"):
+        parser.error(
+            f"{args.model} was trained on lesion-localiser crops and never runs on whole frames: "
+            "time a whole-frame classifier here (its + lesion localiser row is the localiser's "
+            "cost), or localise -> crop -> classify with benchmarks/localiser.py"
+        )
     core = FrameClassifier(backend, region)
     variants: dict[str, Timed] = {
         "reference": reference_variant(backend, region),

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "deployment-plan.json"
 MIN_SPEEDUP = 1.05  # what a reduced precision must gain over FP32 to replace it
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: every judged file pinned by sha256
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def make_plan(
                 logits = _run_all(backend, inputs)
                 verdict = (None if reference_logits is None or card is None
                            else judge(reference_logits, logits, labels, card, units, budget))  # fmt: skip
-            except (EdgebcError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # a runtime's own errors are its verdict
                 backend.close()
                 if reference_logits is None:
                     raise
@@ -301,6 +301,10 @@ def planned_candidate(model: str | Path) -> tuple[Candidate | None, str]:
                 return None, (f"{path}: does not match {MANIFEST_NAME} (altered or half-written); "
                               f"ignoring it, {as_given}")  # fmt: skip
         data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != PLAN_VERSION:
+            return None, (f"{path}: written by another edgebc (plan version {data.get('version')}, "
+                          f"this one reads {PLAN_VERSION}); ignoring it, {as_given}; plan again "
+                          f"with `edgebc model plan {model} --check DATA`")  # fmt: skip
         chosen = Candidate(**data["chosen"])
         reference, machine = data["reference_sha256"], data["machine"]
         pinned = next((row.get("sha256") for row in data["table"] if row.get("chosen")), None)

@@ -574,11 +574,13 @@ class FusionClassifier:
 
     def _decision(self, p: np.ndarray | None, quality: QualityResult) -> Decision:
         sha = self.graphs_sha256[HEAD]
+        runtime = self.graphs[HEAD].name  # the head's; the branches run on the same runtime
         if p is None:
-            return Decision(None, None, None, self.threshold, quality, sha, demo=self.demo)
+            return Decision(None, None, None, self.threshold, quality, sha, demo=self.demo,
+                            runtime=runtime)  # fmt: skip
         named = dict(zip(self.card.class_names, map(float, p), strict=True))
         return Decision(self.rule.decide(p), named, float(p[self.rule.positive]), self.threshold,
-                        quality, sha, demo=self.demo)  # fmt: skip
+                        quality, sha, demo=self.demo, runtime=runtime)  # fmt: skip
 
     def _result(self, decision: Decision, inputs: Sequence[str],
                 modalities: Sequence[str]) -> FusionDecision:  # fmt: skip

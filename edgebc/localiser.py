@@ -384,6 +384,16 @@ def linked_localiser_path(card: ModelCard, model_path: str | Path) -> Path | Non
     return path
 
 
+def localiser_behind(card: ModelCard, model_path: str | Path, threads: int = 1) -> Localiser | None:
+    """The localiser a classifier runs behind, opened: the one its card links (beside it), for
+    tools that open a model file themselves (benchmarks); None for a whole-frame classifier."""
+    path = linked_localiser_path(card, model_path)
+    if path is None:
+        return None
+    check_crop_trained(card, path)
+    return open_localiser(path, threads)
+
+
 def shipped_localiser(card: ModelCard, model_path: str | Path) -> tuple[str, Path] | None:
     """(name in the model's folder, file) of the localiser a classifier's card links, for copying
     the two together into a release; refused when the link leaves the folder (a release is one
@@ -391,10 +401,10 @@ def shipped_localiser(card: ModelCard, model_path: str | Path) -> tuple[str, Pat
     if card.localiser is None:
         return None
     name = Path(card.localiser.model)
-    if name.is_absolute() or ".." in name.parts:
+    if name.is_absolute() or len(name.parts) != 1:
         raise EdgebcError(
-            f"{model_path}: its localiser {card.localiser.model} lies outside the model's folder; "
-            "a release is one folder: export the model with its localiser beside it"
+            f"{model_path}: its localiser {card.localiser.model} is not a file beside it; a "
+            "release is one folder of files: export the model with its localiser beside it"
         )
     path = linked_localiser_path(card, model_path)  # refuses another file under the name
     if path is None or not path.is_file():

@@ -289,6 +289,11 @@ def _problem(folder: Path) -> str | None:
             return f"{MANIFEST_NAME} is missing or does not list {MODEL_FILE}"
         if (folder / CARD_FILE).exists():
             verify_release_card(model)
+        shipped = shipped_localiser(card_for_model(model), model)  # refuses a missing or other one
+        if shipped is not None and verify_artifact(shipped[1]) is None:
+            return (
+                f"{MANIFEST_NAME} does not list {shipped[0]}, the localiser the model runs behind"
+            )
     except EdgebcError as exc:
         return str(exc)
     return None

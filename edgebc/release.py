@@ -128,7 +128,10 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
 
         shipped = shipped_localiser(card, model)  # a crop-trained model travels with its localiser
         if shipped is not None:
-            shutil.copyfile(shipped[1], building / shipped[0])
+            with open(shipped[1], "rb") as reader, open(building / shipped[0], "wb") as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+                writer.flush()
+                os.fsync(writer.fileno())
             files.append(shipped[0])
         write_manifest(building, files)
         if read_manifest(building)[MODEL_FILE] != source_sha:

@@ -182,6 +182,14 @@ def test_a_run_on_crops_says_so_in_its_card_and_is_evaluated_on_crops(tmp_path):
     assert (release.path / "model.localiser.onnx").read_bytes() == loc.read_bytes()
     installed = build_classifier(ClassifierSettings(model=str(release.model), threads=1))
     assert installed.localiser is not None and installed.classify(frame).box is not None
+    # a release that lost its localiser is not healthy (a reinstall copies it again)
+    (release.path / "model.localiser.onnx").unlink()
+    store = ModelStore(tmp_path / "store")
+    assert "model.localiser.onnx" in (
+        next(r for r in store.list() if r.id == release.id).problem or ""
+    )
+    again = store.install(out / "model.onnx")
+    assert (again.path / "model.localiser.onnx").read_bytes() == loc.read_bytes()
     # a site calibration's release carries it too (torch-free; the shipped file, not training's)
     from edgebc.release import write_release
 

@@ -305,3 +305,14 @@ def test_a_planned_file_replaced_after_planning_is_not_run(int8_release, tmp_pat
     write_manifest(model.parent, ["model.int8.onnx"])
     chosen, note = planned_candidate(model)
     assert chosen is None and "not the file the plan judged" in note
+
+
+def test_a_plan_written_by_another_edgebc_is_not_followed(int8_release, tmp_path):
+    """A plan of another version (the first had no pins) is re-planned, not trusted."""
+    model = copy_of(int8_release, tmp_path)
+    plan = json.loads((model.parent / PLAN_FILE).read_text())
+    plan["version"] = 1
+    (model.parent / PLAN_FILE).write_text(json.dumps(plan))
+    write_manifest(model.parent, [PLAN_FILE])
+    chosen, note = planned_candidate(model)
+    assert chosen is None and "plan version 1" in note and "plan again" in note

@@ -319,6 +319,13 @@ def test_a_classifier_whose_card_links_a_localiser_crops_wherever_it_is_opened(m
     assert card.localiser == LocaliserLink("../loc.onnx", 0.0, sha256_file(tmp_path / "loc.onnx"))
     classifier = build_classifier(ClassifierSettings(model=str(linked), threads=1))
     assert classifier.localiser is not None and classifier.margin == 0.0
+    # tools that open the file themselves (edgebc bench) find the same localiser behind it
+    from edgebc.localiser import localiser_behind
+    from edgebc.model_card import read_card
+
+    behind = localiser_behind(read_card(linked), linked)
+    assert behind is not None and behind.model_sha256 == sha256_file(tmp_path / "loc.onnx")
+    assert localiser_behind(read_card(tmp_path / "whole.onnx"), tmp_path / "whole.onnx") is None
     assert classifier.classify(lesion_frame()).label == "malignant"  # the crop, as above
     with pytest.raises(EdgebcError, match="trained on lesion-localiser crops"):
         build_classifier(ClassifierSettings(model=str(tmp_path / "cls.onnx"), threads=1))

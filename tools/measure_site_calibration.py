@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         f"running {card.name} over {len(samples)} images of splits {sorted(splits)}",
         file=sys.stderr,
     )
-    logits = model_logits(backend, samples)
+    logits = model_logits(backend, samples, model_path=args.model)
     backend.close()
 
     units = np.array([s.unit for s in samples])

@@ -166,6 +166,7 @@ def pipeline_section(
     is a ratio of one run. An INT8 model whose outputs on the check frames disagree with FP32's
     is not timed (`not_timed` says why)."""
     from edgebc.classifier import FrameClassifier
+    from edgebc.localiser import localiser_behind
 
     out: dict[str, Any] = {}
     backends = {
@@ -186,7 +187,10 @@ def pipeline_section(
         stages: dict[str, dict[str, list[float]]] = {}
         variants = {}
         for precision, backend in backends.items():
-            classifier = FrameClassifier(backend, region)
+            # a classifier trained on lesion-localiser crops runs behind its linked localiser
+            file = model.int8 if precision == "int8" and model.int8 else model.fp32
+            behind = localiser_behind(backend.card, file)
+            classifier = FrameClassifier(backend, region, localiser=behind)
             stages[precision] = {}
             call = partial(_classify_into, classifier, screen, stages[precision])
             variants[f"{precision}_{tag}"] = Variant(call)
@@ -205,7 +209,8 @@ def pipeline_section(
             out[f"cpu_speedup_vs_naive_{tag}"] = naive_timing["cpu_ms"] / fp32["cpu_ms"]
     if "fp32" in backends:
         screen, region = frames["1920x1080"]
-        live = FrameClassifier(backends["fp32"], region)
+        live = FrameClassifier(backends["fp32"], region,
+                               localiser=localiser_behind(backends["fp32"].card, model.fp32))  # fmt: skip
         out["headroom_1920x1080_fp32"] = realtime_headroom(
             partial(live.classify, screen), fps, seconds
         )

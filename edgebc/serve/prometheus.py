@@ -129,6 +129,12 @@ class _Collector:
         )
         card = runtime.backend.card
         info.add_metric(
-            [card.name, runtime.backend.model_sha256, card.precision, str(runtime.demo).lower()], 1
+            [
+                card.name,
+                runtime.backend.model_sha256,
+                getattr(runtime.backend, "precision", None) or card.precision,  # what runs
+                str(runtime.demo).lower(),
+            ],
+            1,
         )
         yield info

@@ -72,6 +72,7 @@ class TensorRTBackend:
             self._pointers[name] = self._malloc(size)
             self._context.set_tensor_address(name, self._pointers[name])
         self.name = f"tensorrt:{sidecar.get('precision')}"
+        self.precision = str(sidecar.get("precision") or self.card.precision)
         for _ in range(warmup):
             self._execute(warmup_feeds(self.card, self.fusion, declared))
 
