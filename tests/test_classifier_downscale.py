@@ -30,6 +30,7 @@ class RecordingBackend:
         lineage = {k: v for k, v in card.lineage.items() if k != DEMO_LINEAGE_KEY}
         self.card = dataclasses.replace(card, inputs=inputs, lineage=lineage)
         self.model_sha256 = "ab" * 32
+        self.name = "recording"  # the Backend protocol's runtime name
         self.tensors = []
 
     def run(self, tensors):
