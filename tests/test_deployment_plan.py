@@ -316,3 +316,26 @@ def test_a_plan_written_by_another_edgebc_is_not_followed(int8_release, tmp_path
     write_manifest(model.parent, [PLAN_FILE])
     chosen, note = planned_candidate(model)
     assert chosen is None and "plan version 1" in note and "plan again" in note
+
+
+def test_candidates_are_timed_in_blocks_as_the_cart_runs_one_model():
+    """Alternating single calls would time every model with a cold cache; blocks of consecutive
+    calls, rotating the order each round, time them warm as the cart runs them."""
+    from edgebc.deployment_plan import interleaved_ms
+
+    calls = []
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, frame):
+            calls.append(self.name)
+
+    backends = [Named("a"), Named("b"), Named("c")]
+    ms = interleaved_ms(backends, np.zeros((1, 1, 4, 4), np.float32), runs=20, block=5)
+    assert len(ms) == 3 and all(m >= 0 for m in ms)
+    timed = calls[30:]  # after ten warm-up calls each
+    assert timed[:15] == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
+    assert timed[15:30] == ["b"] * 5 + ["c"] * 5 + ["a"] * 5  # the next round starts elsewhere
+    assert len(timed) == 4 * 15
