@@ -187,10 +187,16 @@ def test_the_markdown_flags_wrong_backends_and_a_busy_machine(demo):
 def test_interleaved_timing_rotates_the_order_of_the_variants():
     order = []
     variants = {name: Variant(lambda name=name: order.append(name)) for name in "ABC"}
-    result = time_interleaved(variants, warmup=1, iterations=4)
+    result = time_interleaved(variants, warmup=1, iterations=4, block=1)
     assert order[:3] == ["A", "B", "C"]  # the warm-up, one variant after the other
     assert order[3:] == list("ABCBCACABABC")
     assert set(result) == {"A", "B", "C"} and all(r["iterations"] == 4 for r in result.values())
+    # by default in blocks of consecutive calls (the first of each untimed), so each variant is
+    # timed warm as a cart runs its one model, the blocks' order still rotating
+    order.clear()
+    result = time_interleaved(variants, warmup=0, iterations=4, block=3)
+    assert order == list("AAABBBCCCBBBCCCAAA")
+    assert all(r["iterations"] == 4 for r in result.values())
     assert all(r["cpu_ms"] >= 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in result.values())
 
 
