@@ -149,7 +149,14 @@ def checked_feeds(
 
     if layout is None:
         presence = card.presence_input
-        checked = validate_feeds({k: v for k, v in feeds.items() if k != presence}, card)
+        images = {k: v for k, v in feeds.items() if k != presence}
+        missing = [i.name for i in card.inputs if i.name not in images]
+        if presence is not None and missing:
+            raise ValueError(
+                f"model {card.name} takes every view input: feed the absent ones "
+                f"({', '.join(missing)}) as zeros marked 0 in {presence} (edgebc.cases.case_feeds)"
+            )
+        checked = validate_feeds(images, card)
         if presence is not None:
             from edgebc.cases import validate_presence
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from edgebc.backends import validate_batch, validate_feeds, validate_input
-from edgebc.cases import validate_presence
+from edgebc.backends import checked_feeds, validate_batch
 from edgebc.errors import EdgebcError
 from edgebc.fusion_graphs import HEAD, FusionLayout, layout_from_metadata, view_presence_name
 from edgebc.integrity import sha256_file, verify_artifact
@@ -104,59 +103,13 @@ class OnnxRuntimeBackend:
     def run_named(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise EdgebcError("this backend was closed")
-        if self.fusion is not None:
-            return self._run_fusion_graph(self._session, self.fusion, feeds)
-        names = [o.name for o in self.card.outputs]
-        presence = self.card.presence_input
-        images = {k: v for k, v in feeds.items() if k != presence}
-        missing = [i.name for i in self.card.inputs if i.name not in images]
-        if presence is not None and missing:
-            raise ValueError(
-                f"model {self.card.name} takes every view input: feed the absent ones "
-                f"({', '.join(missing)}) as zeros marked 0 in {presence} (edgebc.cases.case_feeds)"
-            )
-        checked = validate_feeds(images, self.card)
-        if presence is not None:
-            if presence not in feeds:
-                raise ValueError(f"model {self.card.name} needs {presence}: which views are there")
-            rows = len(next(iter(checked.values())))
-            checked[presence] = validate_presence(feeds[presence], self.card, rows)
+        # one check of the feeds for every backend (edgebc.backends.checked_feeds)
+        checked = checked_feeds(feeds, self.card, self.fusion)
+        names = (
+            list(self.outputs) if self.fusion is not None else [o.name for o in self.card.outputs]
+        )
         values = self._session.run(names, checked)
         return {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
-
-    def _run_fusion_graph(
-        self,
-        session: onnxruntime.InferenceSession,
-        layout: FusionLayout,
-        feeds: Mapping[str, np.ndarray],
-    ) -> dict[str, np.ndarray]:
-        """A fusion branch or head, every input checked against the layout's shapes."""
-        declared = layout.inputs_of(layout.graph, self.card)
-        names = [name for name, _ in declared]
-        if sorted(feeds) != sorted(names):
-            raise ValueError(
-                f"the {layout.graph} graph of fusion model {self.card.name} takes "
-                f"{', '.join(names)}; got {', '.join(sorted(feeds)) or 'nothing'}"
-            )
-        checked = {}
-        views = view_presence_name(layout.graph) if len(layout.branches.get(layout.graph, ())) > 1 else None  # fmt: skip
-        for name, shape in declared:
-            if name == views:
-                checked[name] = validate_vectors(feeds[name], name, shape, self.card.max_batch)
-                validate_view_presence(checked[name], name)
-            elif layout.graph != HEAD:
-                model_input = next(i for i in self.card.inputs if i.name == name)
-                checked[name] = validate_input(feeds[name], model_input, self.card.max_batch)
-            else:
-                checked[name] = validate_vectors(feeds[name], name, shape, self.card.max_batch)
-        if len({len(v) for v in checked.values()}) != 1:
-            raise ValueError(
-                f"every input needs the same batch size, got { {n: len(v) for n, v in checked.items()} }"
-            )
-        if layout.graph == HEAD:
-            validate_fusion_presence(checked[layout.presence], layout, self.card)
-        values = session.run(list(self.outputs), checked)
-        return {n: np.asarray(v, np.float32) for n, v in zip(self.outputs, values, strict=True)}
 
     def close(self) -> None:
         self._session = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.backends import validate_batch, validate_feeds
+from edgebc.backends import checked_feeds, validate_batch
 from edgebc.backends.tensorrt.io_plan import TensorSpec, plan_io
 from edgebc.backends.tensorrt.sidecar import (
     check_engine_compatible,
@@ -99,49 +99,7 @@ class TensorRTBackend:
         return self._execute(self._checked(feeds))
 
     def _checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from edgebc.backends.onnxruntime import (
-            validate_fusion_presence,
-            validate_vectors,
-            validate_view_presence,
-        )
-
-        card, layout = self.card, self.fusion
-        if layout is None:
-            presence = card.presence_input
-            checked = validate_feeds({k: v for k, v in feeds.items() if k != presence}, card)
-            if presence is not None:
-                from edgebc.cases import validate_presence
-
-                if presence not in feeds:
-                    raise ValueError(f"model {card.name} needs {presence}: which views are there")
-                rows = len(next(iter(checked.values())))
-                checked[presence] = validate_presence(feeds[presence], card, rows)
-            return checked
-        declared = layout.inputs_of(layout.graph, card)
-        names = [name for name, _ in declared]
-        if sorted(feeds) != sorted(names):
-            raise ValueError(
-                f"the {layout.graph} graph of fusion model {card.name} takes {', '.join(names)}; "
-                f"got {', '.join(sorted(feeds)) or 'nothing'}"
-            )
-        views = view_presence_name(layout.graph) if len(layout.branches.get(layout.graph, ())) > 1 else None  # fmt: skip
-        checked = {}
-        for name, shape in declared:
-            if layout.graph != HEAD and name != views:
-                from edgebc.backends import validate_input
-
-                model_input = next(i for i in card.inputs if i.name == name)
-                checked[name] = validate_input(feeds[name], model_input, card.max_batch)
-            else:
-                checked[name] = validate_vectors(feeds[name], name, shape, card.max_batch)
-        if len({len(v) for v in checked.values()}) != 1:
-            sizes = {n: len(v) for n, v in checked.items()}
-            raise ValueError(f"every input needs the same batch size, got {sizes}")
-        if views is not None:
-            validate_view_presence(checked[views], views)
-        if layout.graph == HEAD:
-            validate_fusion_presence(checked[layout.presence], layout, card)
-        return checked
+        return checked_feeds(feeds, self.card, self.fusion)
 
     def _execute(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run checked, C-contiguous float32 feeds in pieces of the profile's largest batch."""
