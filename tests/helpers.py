@@ -37,3 +37,17 @@ def demo_model_as(folder, name, modality="us", **preprocess):
     onnx.save(graph, str(path))
     write_manifest(folder, sorted(folder.glob("*.onnx")))
     return path
+
+
+def split_phantoms(root):
+    """A small labelled phantom set (12 per class, 64 px) split train/val/test, for the export
+    and INT8 tests: the manifest path."""
+    from edgebc.data import read_manifest, write_manifest
+    from edgebc.data.split import SplitPlan, assign_splits
+    from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
+
+    manifest = write_phantom_dataset(root, SynthPlan(n_per_class=12, size=64, seed=4))
+    return write_manifest(
+        assign_splits(read_manifest(manifest), SplitPlan(val=0.3, test=0.2, seed=0)),
+        root / "split.csv",
+    )

@@ -12,8 +12,6 @@ torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not in
 pytest.importorskip("onnx", reason="onnx (the [export] extra) is not installed")
 
 from edgebc.backends.tensorrt.sidecar import check_engine_compatible
-from edgebc.data import read_manifest, write_manifest
-from edgebc.data.split import SplitPlan, assign_splits
 from edgebc.errors import EdgebcError
 from edgebc.export.frames import load_frames
 from edgebc.export.onnx_export import export_fp16, export_onnx
@@ -23,19 +21,13 @@ from edgebc.integrity import verify_artifact
 from edgebc.integrity import write_manifest as write_sha_manifest
 from edgebc.model_card import ModelCard, read_card
 from edgebc.precision_budget import PrecisionBudget
-from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 from edgebc.train.models import list_models
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, split_phantoms
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ph")
-    manifest = write_phantom_dataset(root, SynthPlan(n_per_class=12, size=64, seed=4))
-    return write_manifest(
-        assign_splits(read_manifest(manifest), SplitPlan(val=0.3, test=0.2, seed=0)),
-        root / "split.csv",
-    )
+    return split_phantoms(tmp_path_factory.mktemp("ph"))
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +280,7 @@ def test_a_normal_export_says_nothing_alarming(tmp_path, exporter):
 
     script = (
         "import warnings; warnings.simplefilter('default')\n"
-        "from tests.helpers import make_checkpoint\n"
+        "from tests.helpers import make_checkpoint, split_phantoms\n"
         "from edgebc.export.onnx_export import export_onnx\n"
         f"export_onnx(make_checkpoint({str(tmp_path / 'c.pt')!r}), {str(tmp_path / 'm.onnx')!r}, "
         f"exporter={exporter!r})\n"

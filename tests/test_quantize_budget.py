@@ -8,26 +8,19 @@ pytest.importorskip("torch", reason="torch (the [train] extra) is not installed"
 
 import onnx
 
-from edgebc.data import read_manifest, write_manifest
-from edgebc.data.split import SplitPlan, assign_splits
+from edgebc.data import read_manifest
 from edgebc.demo import DEMO_MODEL
 from edgebc.export.frames import load_frame_set
 from edgebc.export.onnx_export import export_onnx
 from edgebc.export.quantize import QuantPlan, prepared_for_quantization, quantize_int8
 from edgebc.model_card import read_card
 from edgebc.precision_budget import AGREEMENT, AUC, SENSITIVITY, PrecisionBudget
-from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, split_phantoms
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ph")
-    manifest = write_phantom_dataset(root, SynthPlan(n_per_class=12, size=64, seed=4))
-    return write_manifest(
-        assign_splits(read_manifest(manifest), SplitPlan(val=0.3, test=0.2, seed=0)),
-        root / "split.csv",
-    )
+    return split_phantoms(tmp_path_factory.mktemp("ph"))
 
 
 def test_check_set_is_every_labelled_frame_not_used_for_calibration(phantoms):
