@@ -13,7 +13,6 @@ extra).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,9 +20,9 @@ from pathlib import Path
 
 from latency import with_torch_rows  # the sibling script (benchmarks/ is on sys.path when run)
 
-from edgebc.atomic import atomic_write_text
 from edgebc.bench.accuracy import LabelledSet, dataset_set, evaluate, phantom_set, to_markdown
 from edgebc.bench.backends import given_model
+from edgebc.bench.report import write_report
 from edgebc.demo import DEMO_MODEL
 from edgebc.errors import EdgebcError
 
@@ -97,10 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = to_markdown(report)
     print(markdown)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-        atomic_write_text(args.out.with_suffix(".md"), markdown + "\n")
-        print(f"\nwrote {args.out.with_suffix('.json')} and .md")
+        print(f"\nwrote {write_report(args.out, report, markdown)} and .md")
     return 0
 
 

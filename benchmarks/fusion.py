@@ -23,7 +23,6 @@ to 1e-5. The machine is its CPU model (edgebc.sysinfo).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -216,11 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     if args.out:
-        from edgebc.atomic import atomic_write_text
+        from edgebc.bench.report import write_report
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "fusion.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(args.out / "fusion.md", text)
+        write_report(args.out / "fusion", report, text)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -252,11 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     if args.out:
-        from edgebc.atomic import atomic_write_text
+        from edgebc.bench.report import write_report
 
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "mammogram.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(args.out / "mammogram.md", text)
+        write_report(args.out / "mammogram", report, text)
     return 0
 
 

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from edgebc import sysinfo
+from edgebc.atomic import atomic_write_text
 from edgebc.backends import Backend, open_backend
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.decision import DecisionRule
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        atomic_write_text(args.out, json.dumps(report, indent=1))
     return 0
 
 

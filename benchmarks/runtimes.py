@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.atomic import atomic_write_text
+from edgebc.bench.report import write_report
 
 VARIANTS = (  # name, runtime, precision, file
     ("ort-fp32", None, None, "fp32"),
@@ -229,9 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = to_markdown(results)
     print(markdown)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
-        atomic_write_text(args.out.with_suffix(".md"), markdown + "\n")
+        write_report(args.out, results, markdown)
     return 0
 
 

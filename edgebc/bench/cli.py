@@ -82,7 +82,7 @@ def given_models(args: argparse.Namespace) -> list[BenchModel]:
 
 def main_from_args(args: argparse.Namespace, models: Sequence[BenchModel] | None = None) -> int:
     """Time `models` (default: those the arguments name), print the table, write and compare."""
-    from edgebc.bench.report import compare, to_csv, to_markdown, to_png
+    from edgebc.bench.report import compare, to_csv, to_markdown, to_png, write_report
     from edgebc.bench.run import run
 
     batches, threads = batches_and_threads(args)
@@ -97,10 +97,8 @@ def main_from_args(args: argparse.Namespace, models: Sequence[BenchModel] | None
     markdown = to_markdown(report)
     print(markdown)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report, markdown)
         atomic_write_text(args.out.with_suffix(".csv"), to_csv(report))
-        atomic_write_text(args.out.with_suffix(".md"), markdown + "\n")
         to_png(report, args.out.with_suffix(".png"))
         print(f"\nwrote {args.out.with_suffix('.json')}, .csv, .md, .png")
     if args.compare:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from edgebc import sysinfo
+from edgebc.atomic import atomic_write_text
 
 KEYS = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "per_s", "cpu_ms")
 
@@ -210,3 +212,12 @@ def compare(
             f"{' / '.join(k for k in key if k)}: {old[key]['p50_ms']:.3f} -> {row['p50_ms']:.3f} ms ({ratio:.2f}x){flag}"
         )
     return lines, regressed
+
+
+def write_report(stem: Path, report: dict[str, Any], markdown: str) -> Path:
+    """`stem`.json (the numbers) and `stem`.md (the table), each written atomically, the folder
+    made: every benchmark's results out the one way. Returns the JSON's path."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), markdown.rstrip("\n") + "\n")
+    return stem.with_suffix(".json")
