@@ -91,14 +91,13 @@ def build_classifier(settings: ClassifierSettings) -> FrameClassifier:
     localiser_path = settings.localiser or linked_localiser_path(backend.card, settings.model_path)
     localiser = None
     if localiser_path is not None:
-        check_crop_trained(backend.card, localiser_path)
         localiser = open_localiser(localiser_path, settings.threads)
-        log.info("lesion localiser %s (threshold %.3f) crops each frame before the classifier",
-                 localiser_path, localiser.threshold)  # fmt: skip
     classifier = FrameClassifier(backend, region, settings.quality, settings.threshold,
                                  settings.shift, settings.shift_window, settings.mammography_quality,
                                  localiser, settings.localiser_margin)  # fmt: skip
-    if localiser_path is not None:  # the margin it crops with must be the one it was trained on
-        check_crop_trained(backend.card, localiser_path, classifier.margin)
+    if localiser_path is not None and localiser is not None:  # only behind the localiser, and
+        check_crop_trained(backend.card, localiser_path, classifier.margin)  # margin, it learnt
+        log.info("lesion localiser %s (threshold %.3f) crops each frame before the classifier",
+                 localiser_path, localiser.threshold)  # fmt: skip
     log.info("shift check: %s", classifier.shift_note)  # once, where the classifier is built
     return classifier
