@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +116,18 @@ Timer = Callable[[Sequence[Any], np.ndarray], list[float]]
 
 def interleaved_ms(backends: Sequence[Any], frame: np.ndarray, runs: int = 200,
                    block: int = 10) -> list[float]:  # fmt: skip
-    """Median batch-1 milliseconds of each backend on `frame`, as the cart runs one model: in
-    blocks of `block` consecutive calls (the first of each left out, it pays for the caches the
-    other candidates used), the blocks round-robin in a rotating order so that load on a busy
-    machine hits every candidate alike. Alternating single calls would time every model with a
-    cold cache: measured here, that made OpenVINO BF16 look slower than ONNX Runtime FP32
-    (1.04 vs 1.01 ms) when warm, as on the cart, it is faster (0.68 vs 0.85 ms)."""
-    for backend in backends:
-        for _ in range(10):
-            backend.run(frame)
-    samples: list[list[float]] = [[] for _ in backends]
-    for turn in range(max(1, runs // block)):
-        for offset in range(len(backends)):
-            index = (turn + offset) % len(backends)
-            for call in range(block):
-                start = time.perf_counter()
-                backends[index].run(frame)
-                if call:
-                    samples[index].append(time.perf_counter() - start)
-    return [float(np.median(s) * 1e3) for s in samples]
+    """Median batch-1 milliseconds of each backend on `frame`, as the cart runs one model: the
+    benchmarks' interleaved timing (edgebc.bench.timing.time_interleaved), in blocks of `block`
+    consecutive calls (the first of each untimed, it pays for the caches the other candidates
+    used), the blocks round-robin in a rotating order. Alternating single calls would time every
+    model with a cold cache: measured here, that made OpenVINO BF16 look slower than ONNX Runtime
+    FP32 (1.04 vs 1.01 ms) when warm, as on the cart, it is faster (0.68 vs 0.85 ms)."""
+    from edgebc.bench.timing import Variant, time_interleaved
+
+    variants = {str(k): Variant(partial(b.run, frame)) for k, b in enumerate(backends)}
+    timed = time_interleaved(variants, warmup=10, block=block,
+                             iterations=max(1, runs // block) * max(1, block - 1))  # fmt: skip
+    return [timed[str(k)]["p50_ms"] for k in range(len(backends))]
 
 
 def make_plan(

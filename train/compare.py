@@ -18,9 +18,9 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 
 from edgebc import metrics, sysinfo
 from edgebc.atomic import atomic_write_text
+from edgebc.bench.timing import Variant, time_interleaved
 from edgebc.data.sample_image import sample_input
 from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
@@ -366,23 +367,19 @@ def measure_latency(
         backends[s.entry.name], inputs[s.entry.name] = backend, check[:1]
         result[s.entry.name] = {"onnx_mb": onnx_path.stat().st_size / 1e6, "parity_max_prob_diff": gap,
                                 "parameters": parameter_count(s, onnx_path)}  # fmt: skip
-    for name, backend in backends.items():  # warm-up, each in turn
-        for _ in range(5):
-            backend.run(inputs[name])
-    # each round, every model in a block of consecutive calls, the first untimed: alternating
-    # single calls would time each model with the cache the others left, not as a cart runs it
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for _ in range(rounds):
-        for name, backend in backends.items():
-            for call in range(BLOCK):
-                start = time.perf_counter()
-                backend.run(inputs[name])
-                if call:
-                    times[name].append((time.perf_counter() - start) * 1e3)
+    # the benchmarks' interleaved timing: each round every model in a block of consecutive calls,
+    # the first untimed (alternating single calls would time each with the cache the others left)
+    variants = {
+        name: Variant(partial(backend.run, inputs[name])) for name, backend in backends.items()
+    }
+    timed = (
+        time_interleaved(variants, warmup=5, iterations=max(1, rounds) * (BLOCK - 1), block=BLOCK)
+        if backends
+        else {}
+    )
     for name, backend in backends.items():
-        ms = np.array(times[name])
         result[name].update(
-            p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)), rounds=rounds
+            p50_ms=timed[name]["p50_ms"], p90_ms=timed[name]["p90_ms"], rounds=rounds
         )
         backend.close()
     return result
