@@ -24,14 +24,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgebc.bench.report import write_report
+from edgebc.bench.timing import Variant, time_interleaved
 
 VARIANTS = (  # name, runtime, precision, file
     ("ort-fp32", None, None, "fp32"),
@@ -102,32 +103,19 @@ def measure(folder: Path, rounds: int, per_round: int, min_agreement: float) -> 
             rows[name]["status"] = f"wrong: top-1 agreement {agreement:.3f} < {min_agreement}"
             del backends[name]
     frame = check[:1]
-    wall: dict[str, list[float]] = {n: [] for n in backends}
-    cpu: dict[str, list[float]] = {n: [] for n in backends}
-    names = list(backends)
     load_before = os.getloadavg()[0]
-    for backend in backends.values():
-        for _ in range(20):
-            backend.run(frame)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
-            run = backends[name].run
-            for _ in range(per_round):
-                c0, t0 = time.process_time(), time.perf_counter()
-                run(frame)
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    base = np.array(wall["ort-fp32"]) * 1e3
-    for name in names:
-        ms = np.array(wall[name]) * 1e3
+    # the benchmarks' interleaved timer: per round a block of per_round + 1 calls of each variant
+    # (the first untimed), the order rotating round by round
+    variants = {name: Variant(partial(backend.run, frame)) for name, backend in backends.items()}
+    timed = time_interleaved(
+        variants, warmup=20, iterations=rounds * per_round, block=per_round + 1
+    )
+    base = timed["ort-fp32"]
+    for name, t in timed.items():
         rows[name].update(
-            status="timed",
-            p50_ms=float(np.percentile(ms, 50)),
-            p99_ms=float(np.percentile(ms, 99)),
-            cpu_ms=float(np.mean(cpu[name]) * 1e3),
-            p50_ratio=float(np.percentile(ms, 50) / np.percentile(base, 50)),
-            p99_ratio=float(np.percentile(ms, 99) / np.percentile(base, 99)),
-        )
+            status="timed", p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], cpu_ms=t["cpu_ms"],
+            p50_ratio=t["p50_ms"] / base["p50_ms"], p99_ratio=t["p99_ms"] / base["p99_ms"],
+        )  # fmt: skip
     return {
         "rows": rows,
         "calls_per_variant": rounds * per_round,
