@@ -54,6 +54,7 @@ from edgebc.backends import Backend, open_backend
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.decision import DecisionRule
 from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
+from edgebc.deployment_plan import open_planned_backend
 from edgebc.live import LiveReader
 from edgebc.localiser import Localiser
 from edgebc.metrics import softmax
@@ -295,6 +296,7 @@ def markdown(report: dict[str, Any]) -> str:
     stages = ["crop", "quality", "preprocess", "inference", "postprocess", "localise", "shift"]
     lines = [
         f"{report['machine']['cpu'].get('model', 'unknown CPU')}, model {report['model']}, "
+        f"runtime {report['runtime']['backend']} ({report['runtime']['plan']}), "
         f"1920x1080 frames, one thread; load average {report['load_average']['before']} before, "
         f"{report['load_average']['after']} after"
         + (" (LOADED: re-measure the absolute figures quietly)" if report["loaded"] else ""),
@@ -339,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None,
                         help="live run, all segments together (default 24; 2 quick)")  # fmt: skip
     parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--no-plan", action="store_true",
+                        help="run the model file as given (ONNX Runtime), not the runtime and "
+                        "precision its deployment plan chose, as serve does")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON")
     args = parser.parse_args(argv)
     rounds = args.rounds or (40 if args.quick else 400)
@@ -347,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     load_before = os.getloadavg()[0]
     frames, region = capture_frames(6 if args.quick else 12)
-    backend = open_backend(args.model or DEMO_MODEL, threads=1, spin_wait=False)
+    if args.model is not None:  # as serve runs it: the runtime its deployment plan chose
+        backend, plan_note = open_planned_backend(args.model, threads=1, spin_wait=False,
+                                                  use_plan=not args.no_plan)  # fmt: skip
+    else:
+        backend, plan_note = open_backend(DEMO_MODEL, threads=1, spin_wait=False), "demo model"
     if args.model is None:
         backend = CardAs(backend)  # type: ignore[assignment]  # the demo graph, answering
     if backend.card.lineage.get("input_crop"):
@@ -398,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": str(args.model or "embedded demo model (as an ordinary model)"),
         "input": list(backend.card.preprocess.input_shape),
+        "runtime": {"backend": backend.name, "plan": plan_note},
         "region": dataclasses.asdict(region),
         "machine": {
             "cpu": sysinfo.cpu_description(),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgebc.area import area_resizes
 from edgebc.backends import Backend
 from edgebc.breast import BreastRefusal
 from edgebc.decision import DecisionRule
@@ -33,7 +34,6 @@ from edgebc.preprocess import (
     letterbox_bars,
     letterbox_geometry,
     preprocess_chw,
-    resized_for_input,
     resizes_frame_only,
     to_channels,
     validated_image,
@@ -210,10 +210,11 @@ class FrameClassifier:
         # A grey model's input and the gate both start from the grey crop: convert it once (the
         # same conversion preprocess_chw makes, so the tensor is unchanged).
         greys = [self._grey(c) for c in crops]
-        # Where the model's input is the grey crop resized and nothing else, and that resize is
-        # the gate's own downscale (a model of the gate's size), it is made once for both.
-        smalls = [self._shared_downscale(g) for g in greys]
-        verdicts = [self._judge(c, g, small) for c, g, small in zip(crops, greys, smalls, strict=True)]  # fmt: skip
+        # Where the model's input is the grey crop resized and nothing else, the gate's copy and
+        # the model's resize are read from one summed-area table (one array where they agree).
+        downscales = [self._downscales(g) for g in greys]
+        verdicts = [self._judge(c, g, gate_copy)
+                    for c, g, (gate_copy, _) in zip(crops, greys, downscales, strict=True)]  # fmt: skip
         gated = clock()
         boxes: list[Box | None] = [None] * len(frames)
         if self.localiser is not None:
@@ -232,9 +233,9 @@ class FrameClassifier:
         model_inputs = greys if prep.channels == 1 else crops
         prepared = {}
         for i in (i for i, v in enumerate(verdicts) if v.ok):
-            small = smalls[i]
-            if small is not None:  # the resize preprocess_chw makes, already made
-                prepared[i] = input_tensor(letterbox_bars(small, prep), prep)
+            resized = downscales[i][1]
+            if resized is not None:  # the resize preprocess_chw makes, already made
+                prepared[i] = input_tensor(letterbox_bars(resized, prep), prep)
                 continue
             try:
                 prepared[i] = preprocess_chw(
@@ -310,18 +311,25 @@ class FrameClassifier:
         return to_channels(validated_image(crop), 1)
 
     def _judge(self, crop: np.ndarray, grey: np.ndarray, small: np.ndarray | None) -> QualityResult:
-        """The gate's verdict on a crop; `small`: the shared downscale (ultrasound gate only)."""
+        """The gate's verdict on a crop; `small`: its grey copy, already made (ultrasound gate)."""
         if small is not None and self._sharing_gate is not None:
             return self._sharing_gate.check(crop, grey, small)
         return self.gate.check(crop, grey)
 
-    def _shared_downscale(self, grey: np.ndarray) -> np.ndarray | None:
-        """The model's resize of `grey` when it is also the ultrasound gate's downscale (the
-        same cv2.resize of the same array to the same size), else None: each makes its own."""
+    def _downscales(self, grey: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(the ultrasound gate's grey copy, the model's resize of `grey`), equal to what
+        `thumbnail` and `resized_for_input` make of it, read from one summed-area table
+        (edgebc.area); (None, None) where the model's input is more than the grey crop resized
+        by area: the gate and the preprocessing then make their own."""
         if self._sharing_gate is None:
-            return None
-        prep, (height, width) = self.card.preprocess, grey.shape[:2]
-        placed = letterbox_geometry(height, width, prep)
-        if (placed.height, placed.width) != thumbnail_shape(height, width, self._sharing_gate.size):
-            return None
-        return resized_for_input(grey, prep)
+            return None, None
+        height, width = grey.shape[:2]
+        placed = letterbox_geometry(height, width, self.card.preprocess)
+        thumb_h, thumb_w = thumbnail_shape(height, width, self._sharing_gate.size)
+        gate_size, model_size = (thumb_w, thumb_h), (placed.width, placed.height)
+        wanted = [
+            size for size in dict.fromkeys((gate_size, model_size)) if size != (width, height)
+        ]
+        made = dict(zip(wanted, area_resizes(grey, wanted), strict=True))
+        made[(width, height)] = grey
+        return made[gate_size], made[model_size]

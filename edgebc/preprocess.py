@@ -22,6 +22,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from edgebc.area import area_resize
 from edgebc.breast import LATERALITY_MODES, prepare_breast
 from edgebc.config import from_mapping, to_mapping
 from edgebc.decode import ImageView
@@ -380,6 +381,8 @@ def resized_for_input(image: np.ndarray, prep: PreprocessCard) -> np.ndarray:
     geometry = letterbox_geometry(image.shape[0], image.shape[1], prep)
     if image.shape[0] == geometry.height and image.shape[1] == geometry.width:
         return image
+    if prep.interpolation == "area":  # cell means from a summed-area table (edgebc.area)
+        return area_resize(image, geometry.width, geometry.height)
     interpolation = _INTERPOLATION[prep.interpolation]
     return cv2.resize(image, (geometry.width, geometry.height), interpolation=interpolation)
 

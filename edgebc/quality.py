@@ -34,6 +34,7 @@ from typing import ClassVar, cast
 import cv2
 import numpy as np
 
+from edgebc.area import area_resize
 from edgebc.breast import Breast, NoBreastFoundError, find_breast
 from edgebc.data.fingerprint import colour_fraction
 from edgebc.decode import to_grey_uint8
@@ -50,8 +51,8 @@ class QualityResult:
 
 
 #: The ultrasound gate's default size: it judges a grey copy at most this many pixels on its
-#: long side. Where a grey model's resize makes that very copy (a model of the gate's size), the
-#: classifier downscales once for both. Not 224, the common model size, by default: judged at
+#: long side. Where a grey model's input is the grey crop resized by area, the classifier reads
+#: this copy and the model's resize from one summed-area table (edgebc.area). Not 224, the common model size, by default: judged at
 #: 224 px with the same limits, 42 of the 5,548 frames tools/measure_quality_gate.py measures
 #: change verdict (35 mammogram phantoms, 5 mini-MIAS films, one BUS-BRA Logiq 5 frame and its
 #: JPEG copy), and no choice of limits at 224 keeps every verdict (issue 23).
@@ -151,7 +152,7 @@ def thumbnail(image: np.ndarray, size: int = 256) -> np.ndarray:
     height, width = thumbnail_shape(image.shape[0], image.shape[1], size)
     if (height, width) == image.shape[:2]:
         return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return area_resize(image, width, height)
 
 
 def thumbnail_shape(height: int, width: int, size: int = 256) -> tuple[int, int]:

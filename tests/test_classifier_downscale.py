@@ -1,5 +1,6 @@
-"""The classifier downscales a frame once where the gate and the model would make the same copy,
-and the model's input and the gate's verdict stay exactly what each stage gives alone."""
+"""The classifier reads the gate's copy and the model's resize of a frame from one summed-area
+table where the model's input is the frame resized and nothing else (one array where the two
+agree), and the model's input and the gate's verdict stay exactly what each stage gives alone."""
 
 import dataclasses
 
@@ -45,33 +46,32 @@ def screen(k):
 
 
 @pytest.fixture
-def resizes(monkeypatch):
-    """Counts cv2.resize calls (the gate's and the model's downscales)."""
+def passes(monkeypatch):
+    """Counts the passes over a full-size frame that downscale it: summed-area tables
+    (edgebc.area) and cv2.resize calls."""
     calls = []
-    original = cv2.resize
+    for name in ("integral", "resize"):
+        original = getattr(cv2, name)
 
-    def counting(image, *args, **kwargs):
-        calls.append(image.shape)
-        return original(image, *args, **kwargs)
+        def counting(image, *args, _original=original, **kwargs):
+            calls.append(image.shape)
+            return _original(image, *args, **kwargs)
 
-    monkeypatch.setattr(cv2, "resize", counting)
+        monkeypatch.setattr(cv2, name, counting)
     return calls
 
 
 @pytest.mark.parametrize(
-    ("side", "gate_size", "downscales"),
-    [(GATE_SIZE, GATE_SIZE, 1), (224, GATE_SIZE, 2), (224, 224, 1), (128, GATE_SIZE, 2)],
+    ("side", "gate_size"), [(GATE_SIZE, GATE_SIZE), (224, GATE_SIZE), (224, 224), (128, GATE_SIZE)]
 )
-def test_one_downscale_where_the_gate_and_model_share_it_and_the_same_answers(
-    resizes, side, gate_size, downscales
-):
+def test_one_table_for_the_gate_and_the_model_and_the_same_answers(passes, side, gate_size):
     for k in range(3):
         frame, region = screen(k)
         backend = RecordingBackend(side)
         gate = gate_at_size(gate_size)
-        resizes.clear()
+        passes.clear()
         decision = FrameClassifier(backend, region, gate=gate).classify(frame)
-        assert len(resizes) == downscales
+        assert len(passes) == 1
         crop = region.crop(frame)
         assert decision.quality == gate.check(crop) and decision.quality.ok
         want = preprocess_chw(to_channels(crop, 1), backend.card.preprocess)
@@ -88,13 +88,13 @@ def test_refused_frames_get_the_gates_own_verdict_and_no_inference():
     assert backend.tensors == []
 
 
-def test_steps_before_the_resize_keep_each_stage_on_its_own_copy(resizes):
+def test_steps_before_the_resize_keep_each_stage_on_its_own_copy(passes):
     frame, region = screen(0)
     backend = RecordingBackend(GATE_SIZE, appearance="stretch")
     classifier = FrameClassifier(backend, region)
-    resizes.clear()
+    passes.clear()
     classifier.classify(frame)
-    assert len(resizes) == 2  # the model's input is not the grey crop resized: no sharing
+    assert len(passes) == 2  # the model's input is not the grey crop resized: no sharing
     want = preprocess_chw(to_channels(region.crop(frame), 1), backend.card.preprocess)
     assert np.array_equal(backend.tensors[0][0], want)
 

@@ -1,0 +1,154 @@
+"""Area downscaling (OpenCV's INTER_AREA) read from a summed-area table: about half of
+cv2.resize's cost on the cart's frames, and a second size of the same frame for less again.
+
+Why: behind a 1080p capture the grey imaging region (about 950 x 800 px) is downscaled twice per
+frame, to the quality gate's 256 px copy and to the model's 224 px input, and cv2.resize's area
+mode took 0.7 ms for each (OpenCV 5.0, one thread, AMD EPYC; non-integer factors take its generic
+float path): together more than the network. An area downscale gives each output pixel the mean
+of its cell of the input, the rectangle [x * W/w, (x + 1) * W/w) x [y * H/h, (y + 1) * H/h). The
+summed-area table (cv2.integral, 0.13 ms) gives any cell's sum from its four corners; a corner at
+a fractional position is read by linear interpolation between table entries, which is exact for
+an image constant within each pixel. What is left is a gather of four table entries per corner:
+0.2-0.3 ms per size (both sizes with the table: 0.6-0.7 ms, against 1.46 ms with cv2.resize;
+benchmarks/pipeline.py times it in the whole path, docs/RUNTIME.md).
+
+Not bit for bit OpenCV's: OpenCV accumulates each cell in float32 and drops slivers thinner than
+1/1000 of a pixel at cell edges; here the means are exact (float64) and rounded half to even, as
+OpenCV rounds. Over every BUSI and BUS-BRA frame (1,755), as the gate's 256 px copy and a 224 px
+model's input, 1 to 7 pixels in 100,000 differ, each by one grey level, and the recommended
+model's answers moved by at most 0.0005 with no decision changed (tools/measure_area_resize.py,
+2026-11-30); tests/test_area.py holds the bound on phantoms. Both training and the device read frames through this one function
+(edgebc.preprocess.resized_for_input, edgebc.quality.thumbnail), so a model's input is the same
+array in both.
+
+Where OpenCV is already fast or does something else, cv2.resize itself answers: integer factors
+on both axes (its exact integer path), enlarging on either axis (it interpolates), images that are
+not 8-bit, and frames too large for a 32-bit table.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: The largest frame (pixels) whose 8-bit table fits int32 exactly: every sum is at most 255 * H * W.
+MAX_TABLE_PIXELS = (2**31 - 1) // 255
+
+
+class _Workspace(threading.local):
+    """Each thread's summed-area table, reused from frame to frame: a fresh 3 MB array per frame
+    costs the kernel's page faults (measured: 3.5 ms a frame instead of 0.13)."""
+
+    table: np.ndarray | None = None
+
+
+_workspace = _Workspace()
+
+
+def area_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`image` (H x W or H x W x C) downscaled to width x height by cell means: what
+    cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA) computes (see the module)."""
+    return area_resizes(image, [(width, height)])[0]
+
+
+def area_resizes(image: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """`image` downscaled to each (width, height) of `sizes`, all read from one summed-area table;
+    each equal, bit for bit, to `area_resize(image, width, height)`."""
+    height, width = image.shape[:2]
+    results: list[np.ndarray] = []
+    table: np.ndarray | None = None
+    for out_w, out_h in sizes:
+        if not reads_table(image, out_w, out_h):
+            results.append(cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA))
+            continue
+        if table is None:
+            table = summed_area_table(image)
+        results.append(cell_means(table, cell_plan(height, width, out_h, out_w)))
+    return results
+
+
+def reads_table(image: np.ndarray, width: int, height: int) -> bool:
+    """True where the table gives the downscale, False where cv2.resize does (module docstring)."""
+    rows, cols = image.shape[:2]
+    return (
+        image.dtype == np.uint8
+        and image.ndim in (2, 3)
+        and 0 < width <= cols
+        and 0 < height <= rows
+        and (cols % width != 0 or rows % height != 0)
+        and rows * cols <= MAX_TABLE_PIXELS
+    )
+
+
+def summed_area_table(image: np.ndarray) -> np.ndarray:
+    """cv2.integral of an 8-bit image, int32, (H + 1) x (W + 1) [x C], in this thread's reused
+    buffer: valid until this thread makes its next table."""
+    rows, cols = image.shape[:2]
+    shape = (rows + 1, cols + 1, *image.shape[2:])
+    table = _workspace.table
+    if table is None or table.shape != shape:
+        table = _workspace.table = np.empty(shape, np.int32)
+    return cv2.integral(image, sum=table, sdepth=cv2.CV_32S)  # written into `table`
+
+
+@functools.lru_cache(maxsize=8)
+def cell_plan(rows: int, cols: int, out_h: int, out_w: int) -> CellPlan:
+    """Where the cell grid's corners lie in the table (cached: a cart's frames have one size)."""
+    ylo, yfrac = _edges(rows, out_h)
+    xlo, xfrac = _edges(cols, out_w)
+    stride = cols + 1
+    base = ylo[:, None] * stride + xlo[None, :]
+    plan = CellPlan(base, yfrac[:, None], xfrac, stride, (out_h / rows) * (out_w / cols))
+    for array in (plan.base, plan.yfrac, plan.xfrac):
+        array.setflags(write=False)
+    return plan
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """The cell grid's corners: each lies between four table entries, the one at or above and
+    left of it at flat index `base` (out_h + 1, out_w + 1), with its fractions below (`yfrac`, a
+    column) and right (`xfrac`, a row) of that entry; `stride` is the table's row length. Kept
+    small (one index and two vectors, not four of each): the plan is read every frame."""
+
+    base: np.ndarray
+    yfrac: np.ndarray
+    xfrac: np.ndarray
+    stride: int
+    inverse_area: float
+
+
+def _edges(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `cells + 1` cell edges along one axis as (table index at or below, fraction above it);
+    the last edge is the image's own border exactly."""
+    edges = np.arange(cells + 1, dtype=np.float64) * (size / cells)
+    edges[-1] = size
+    below = np.minimum(edges.astype(np.intp), size - 1)
+    return below, edges - below
+
+
+def cell_means(table: np.ndarray, plan: CellPlan) -> np.ndarray:
+    """Every cell's mean, rounded to uint8: the table interpolated at the cell grid's corners
+    (linearly across, then down), then each cell's sum as the difference of its four corners."""
+    channels = table.shape[2:]
+    flat = table.reshape(-1, *channels)
+    xfrac = plan.xfrac if not channels else plan.xfrac[:, None]
+    yfrac = plan.yfrac if not channels else plan.yfrac[:, :, None]
+    upper, lower = (_across(flat[offset:], plan.base, xfrac) for offset in (0, plan.stride))
+    grid = upper + (lower - upper) * yfrac
+    sums = np.diff(np.diff(grid, axis=0), axis=1)
+    sums *= plan.inverse_area
+    np.clip(sums, 0, 255, out=sums)  # a sum a rounding error below zero is 0
+    return np.rint(sums).astype(np.uint8)
+
+
+def _across(flat: np.ndarray, base: np.ndarray, xfrac: np.ndarray) -> np.ndarray:
+    """The table row through each corner, read at the corner's fractional column (float64)."""
+    left = np.take(flat, base, axis=0)
+    right = np.take(flat[1:], base, axis=0)
+    return left + (right - left) * xfrac
