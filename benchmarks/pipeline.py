@@ -9,9 +9,13 @@ decision. Variants, each timed on the same 1080p scanner screens (phantoms in on
 region, as a capture card delivers them):
 
 - reference: the stages composed one by one, each making its own downscale (the gate its grey
-  thumbnail, the preprocessing the model's resize): the pipeline as it was before the two were
-  shared;
-- core: FrameClassifier (edgebc.classifier), as `serve` and `classify` run it;
+  thumbnail, the preprocessing the model's resize, each from a summed-area table of its own):
+  the pipeline as it was before the two shared one table;
+- core: FrameClassifier (edgebc.classifier), as `serve` and `classify` run it: on the runtime
+  and precision the deployment plan beside --model chose (`edgebc model plan`; --no-plan: the
+  model file on ONNX Runtime);
+- core, model file on ONNX Runtime: where the plan chose another runtime, the same path on the
+  model file as given, for comparison (its decisions must be the core path's);
 - core + each optional stage the model allows: mark removal (the model's card with marks
   "inpaint"), the shift check (`shift: mark`), the lesion localiser (--localiser). The fusion
   head has its own interleaved benchmark, benchmarks/fusion.py.
@@ -25,12 +29,14 @@ variant's time against the core path's in the same round (ratio and added ms), b
 absolute percentiles per stage. The live run reads the screens through edgebc.live.LiveReader
 from a source that delivers them at --fps like a capture card (no decoding: the card's DMA does
 that), classifies the newest frame in a loop, and reports process CPU time over wall time; the
-reference and the core path alternate in segments (A B A B). The load average is reported and
+reference and the core path alternate in segments (A B A B); each frame's time from its arrival
+to its decision is reported too: between frames 30 fps leaves the core idle, and a frame then
+starts on cold caches, which back-to-back rounds do not show. The load average is reported and
 runs on a loaded machine (load above the core count) are flagged: their absolute figures must be
 measured again on a quiet machine, their ratios hold.
 
-Without --model the embedded demo model is timed as an ordinary model (torch-free; its 128 px
-input does not share the gate's downscale, so only --model with a 224 px model shows the gain).
+Without --model the embedded demo model is timed as an ordinary model (torch-free; a smoke run:
+the figures that mean something are a trained 224 px model's).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
 from edgebc.synth.ultrasound import phantom_rng
 
 CLASSES = ("normal", "benign", "malignant")
+AS_GIVEN = "core, model file on ONNX Runtime"  # beside a deployment plan's other runtime
 Outcome = tuple[str | None, str | None, tuple[float, ...] | None]  # label, refusal, probabilities
 Timed = Callable[[np.ndarray], tuple[Outcome, dict[str, float]]]
 
@@ -167,6 +174,16 @@ def check_outputs(variants: dict[str, Timed], frames: list[np.ndarray]) -> dict[
                 raise SystemExit(f"{name} differs from {reference} on frame {k}: {got} != {want}; "
                                  "not timed")  # fmt: skip
         checked[name] = f"equal to {reference} on {len(frames)} frames"
+    if AS_GIVEN in variants:  # another runtime and precision: the same decisions, close answers
+        largest = 0.0
+        for k, frame in enumerate(frames):
+            (label, refusal, p), (want_label, want_refusal, q) = (variants[n](frame)[0] for n in (AS_GIVEN, "core"))  # fmt: skip
+            if (label, refusal) != (want_label, want_refusal):
+                raise SystemExit(f"{AS_GIVEN} decides {label or refusal} on frame {k}, the core "
+                                 f"path {want_label or want_refusal}; not timed")  # fmt: skip
+            if p is not None and q is not None:
+                largest = max(largest, float(np.max(np.abs(np.subtract(p, q)))))
+        checked[AS_GIVEN] = f"the core path's decisions on {len(frames)} frames, max |dp| {largest:.4f}"  # fmt: skip
     return checked
 
 
@@ -238,8 +255,10 @@ class CaptureCardSource:
 
 
 def live_share(classify: Callable[[np.ndarray], object], frames: list[np.ndarray], fps: float,
-               seconds: float) -> dict[str, float]:  # fmt: skip
-    """Process CPU time over wall time while the newest frame is classified live at `fps`."""
+               seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Process CPU time over wall time while the newest frame is classified live at `fps`, and
+    each frame's time from its arrival to its decision: at 30 fps the core idles between frames
+    and each starts with cold caches, unlike the back-to-back rounds (docs/RUNTIME.md)."""
     reader = LiveReader(lambda: CaptureCardSource(frames, fps)).start()
     try:
         for _ in range(5):  # warm-up, and the reader reaches its pace
@@ -248,12 +267,13 @@ def live_share(classify: Callable[[np.ndarray], object], frames: list[np.ndarray
                 classify(frame.image)
         before = reader.state()
         cpu_start, wall_start = time.process_time(), time.monotonic()
-        classified = 0
+        classified, latencies = 0, []
         while time.monotonic() - wall_start < seconds:
             frame = reader.latest(1.0)
             if frame is None:
                 continue
             classify(frame.image)
+            latencies.append(frame.age())
             classified += 1
         wall = time.monotonic() - wall_start
         cpu = time.process_time() - cpu_start
@@ -265,24 +285,28 @@ def live_share(classify: Callable[[np.ndarray], object], frames: list[np.ndarray
         "classified_per_s": classified / wall,
         "dropped": after.dropped - before.dropped,
         "seconds": wall,
+        "latencies_ms": [1000.0 * t for t in latencies],
     }
 
 
 def live_interleaved(variants: dict[str, Callable[[np.ndarray], object]], frames: list[np.ndarray],
                      fps: float, seconds: float, segments: int) -> dict[str, Any]:  # fmt: skip
     """Segments of `seconds / segments` each, the variants alternating (A B A B ...)."""
-    shares: dict[str, list[dict[str, float]]] = {n: [] for n in variants}
+    shares: dict[str, list[dict[str, Any]]] = {n: [] for n in variants}
     for s in range(segments):
         for j, name in enumerate(variants):
             name = list(variants)[(s + j) % len(variants)]
             shares[name].append(live_share(variants[name], frames, fps, seconds / segments))
     out: dict[str, Any] = {}
     for name, runs in shares.items():
+        latencies = [t for r in runs for t in r["latencies_ms"]]
         out[name] = {
             "core_share_median": float(np.median([r["core_share"] for r in runs])),
             "core_shares": [round(r["core_share"], 4) for r in runs],
             "classified_per_s_median": float(np.median([r["classified_per_s"] for r in runs])),
             "dropped": int(sum(r["dropped"] for r in runs)),
+            "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+            "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
         }
     for name in (n for n in shares if n != "reference" and "reference" in shares):
         ratios = [c["core_share"] / r["core_share"]
@@ -322,7 +346,8 @@ def markdown(report: dict[str, Any]) -> str:
     for name, row in live.items():
         lines.append(f"- {name}: {row['core_share_median']:.1%} of one core (segments "
                      f"{row['core_shares']}), {row['classified_per_s_median']:.1f} frames/s "
-                     f"classified, {row['dropped']} dropped")  # fmt: skip
+                     f"classified, {row['dropped']} dropped; arrival to decision p50 / p99 "
+                     f"{row['latency_p50_ms']:.2f} / {row['latency_p99_ms']:.2f} ms")  # fmt: skip
         if "vs_reference_ratio_median" in row:
             lines.append(f"  ({name} / reference, median of segment pairs: "
                          f"{row['vs_reference_ratio_median']:.2f})")  # fmt: skip
@@ -377,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     if side != GATE_SIZE:  # the gate judging the model's own resize: fewer steps, other verdicts
         sharing = FrameClassifier(backend, region, gate=gate_at_size(side))
         variants[at_model_size] = classifier_variant(sharing)
+    as_given = None
+    if args.model is not None and backend.name != "onnxruntime:CPUExecutionProvider":
+        # the plan chose another runtime: the model file on ONNX Runtime beside it, back to back
+        # and live (a runtime faster back to back need not be cheaper at 30 fps)
+        as_given = AS_GIVEN
+        plain = open_backend(args.model, threads=1, spin_wait=False)
+        variants[as_given] = classifier_variant(FrameClassifier(plain, region))
     marks = FrameClassifier(CardAs(backend, marks="inpaint"), region)  # type: ignore[arg-type]
     variants["core + mark removal"] = classifier_variant(marks)
     shift = FrameClassifier(backend, region, shift="mark")
@@ -396,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     core_path = time_interleaved(variants, frames, rounds, warmup=max(5, rounds // 20))
     live_variants = {"reference": variants["reference"], "core": core.classify}
-    if at_model_size in variants:
-        live_variants[at_model_size] = variants[at_model_size]
+    for name in (at_model_size, as_given):
+        if name in variants:
+            live_variants[name] = variants[name]
     live = live_interleaved(
         live_variants,
         frames, args.fps, seconds, segments,
