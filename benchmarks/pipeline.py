@@ -60,7 +60,7 @@ from edgebc.backends import Backend, open_backend
 from edgebc.classifier import Decision, FrameClassifier
 from edgebc.decision import DecisionRule
 from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
-from edgebc.deployment_plan import open_planned_backend
+from edgebc.deployment_plan import open_planned_backend, planned_candidate
 from edgebc.live import LiveReader
 from edgebc.localiser import Localiser
 from edgebc.metrics import softmax
@@ -174,16 +174,15 @@ def check_outputs(variants: dict[str, Timed], frames: list[np.ndarray]) -> dict[
                 raise SystemExit(f"{name} differs from {reference} on frame {k}: {got} != {want}; "
                                  "not timed")  # fmt: skip
         checked[name] = f"equal to {reference} on {len(frames)} frames"
-    if AS_GIVEN in variants:  # another runtime and precision: the same decisions, close answers
-        largest = 0.0
-        for k, frame in enumerate(frames):
+    if AS_GIVEN in variants:  # the plan's precision passed its accuracy budget: report, not refuse
+        largest, differing = 0.0, 0
+        for frame in frames:
             (label, refusal, p), (want_label, want_refusal, q) = (variants[n](frame)[0] for n in (AS_GIVEN, "core"))  # fmt: skip
-            if (label, refusal) != (want_label, want_refusal):
-                raise SystemExit(f"{AS_GIVEN} decides {label or refusal} on frame {k}, the core "
-                                 f"path {want_label or want_refusal}; not timed")  # fmt: skip
+            differing += (label, refusal) != (want_label, want_refusal)
             if p is not None and q is not None:
                 largest = max(largest, float(np.max(np.abs(np.subtract(p, q)))))
-        checked[AS_GIVEN] = f"the core path's decisions on {len(frames)} frames, max |dp| {largest:.4f}"  # fmt: skip
+        checked[AS_GIVEN] = (f"{differing} of {len(frames)} decisions differ from the core path's, "
+                             f"max |dp| {largest:.4f}")  # fmt: skip
     return checked
 
 
@@ -315,6 +314,10 @@ def live_interleaved(variants: dict[str, Callable[[np.ndarray], object]], frames
     return out
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     timed = report["core_path"]
     stages = ["crop", "quality", "preprocess", "inference", "postprocess", "localise", "shift"]
@@ -347,7 +350,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: {row['core_share_median']:.1%} of one core (segments "
                      f"{row['core_shares']}), {row['classified_per_s_median']:.1f} frames/s "
                      f"classified, {row['dropped']} dropped; arrival to decision p50 / p99 "
-                     f"{row['latency_p50_ms']:.2f} / {row['latency_p99_ms']:.2f} ms")  # fmt: skip
+                     f"{_ms(row['latency_p50_ms'])} / {_ms(row['latency_p99_ms'])} ms")  # fmt: skip
         if "vs_reference_ratio_median" in row:
             lines.append(f"  ({name} / reference, median of segment pairs: "
                          f"{row['vs_reference_ratio_median']:.2f})")  # fmt: skip
@@ -403,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         sharing = FrameClassifier(backend, region, gate=gate_at_size(side))
         variants[at_model_size] = classifier_variant(sharing)
     as_given = None
-    if args.model is not None and backend.name != "onnxruntime:CPUExecutionProvider":
+    planned = planned_candidate(args.model)[0] if args.model is not None and not args.no_plan else None  # fmt: skip
+    if planned is not None and (planned.runtime, planned.precision, planned.model) != ("onnxruntime", "fp32", args.model.name):  # fmt: skip
         # the plan chose another runtime: the model file on ONNX Runtime beside it, back to back
         # and live (a runtime faster back to back need not be cheaper at 30 fps)
         as_given = AS_GIVEN

@@ -13,17 +13,21 @@ an image constant within each pixel. What is left is a gather of four table entr
 benchmarks/pipeline.py times it in the whole path, docs/RUNTIME.md).
 
 Not bit for bit OpenCV's: OpenCV accumulates each cell in float32 and drops slivers thinner than
-1/1000 of a pixel at cell edges; here the means are exact (float64) and rounded half to even, as
-OpenCV rounds. Over every BUSI and BUS-BRA frame (1,755), as the gate's 256 px copy and a 224 px
-model's input, 1 to 7 pixels in 100,000 differ, each by one grey level, and the recommended
-model's answers moved by at most 0.0005 with no decision changed (tools/measure_area_resize.py,
-2026-11-30); tests/test_area.py holds the bound on phantoms. Both training and the device read frames through this one function
-(edgebc.preprocess.resized_for_input, edgebc.quality.thumbnail), so a model's input is the same
-array in both.
+1/1000 of a pixel at cell edges; here the means are exact (float64) and rounded to the nearest
+grey level. A mean that is exactly a half (common only where a factor is whole on one axis) lands
+a float64 rounding error to one side, the same side every time, so it may round either way;
+OpenCV's does too. Over every BUSI and BUS-BRA frame (1,755), as the gate's 256 px copy and a
+224 px model's input, 1 to 7 pixels in 100,000 differ from OpenCV's, each by one grey level, and
+the recommended model's answers moved by at most 0.0005 with no decision changed
+(tools/measure_area_resize.py, 2026-11-30); tests/test_area.py holds the bound on phantoms. Both
+training and the device read frames through this one function (edgebc.preprocess.
+resized_for_input, edgebc.quality.thumbnail), so a model's input is the same array in both;
+models trained before it (on cv2.resize) see inputs that differ as above.
 
 Where OpenCV is already fast or does something else, cv2.resize itself answers: integer factors
 on both axes (its exact integer path), enlarging on either axis (it interpolates), images that are
-not 8-bit, and frames too large for a 32-bit table.
+not 8-bit, single-channel images with a channel axis (cv2 drops it), and frames too large for a
+32-bit table.
 """
 
 from __future__ import annotations
@@ -36,8 +40,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-#: The largest frame (pixels) whose 8-bit table fits int32 exactly: every sum is at most 255 * H * W.
+#: The largest frame (pixels) whose 8-bit table fits int32: every sum is at most 255 * H * W.
 MAX_TABLE_PIXELS = (2**31 - 1) // 255
+
+
+#: A thread keeps its table for the next frame up to this size (a 1080p grey frame's is 8.3 MB);
+#: larger ones (colour, mammograms) are made afresh each time rather than held.
+KEEP_TABLE_BYTES = 16 << 20
 
 
 class _Workspace(threading.local):
@@ -77,7 +86,7 @@ def reads_table(image: np.ndarray, width: int, height: int) -> bool:
     rows, cols = image.shape[:2]
     return (
         image.dtype == np.uint8
-        and image.ndim in (2, 3)
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] > 1))
         and 0 < width <= cols
         and 0 < height <= rows
         and (cols % width != 0 or rows % height != 0)
@@ -92,7 +101,8 @@ def summed_area_table(image: np.ndarray) -> np.ndarray:
     shape = (rows + 1, cols + 1, *image.shape[2:])
     table = _workspace.table
     if table is None or table.shape != shape:
-        table = _workspace.table = np.empty(shape, np.int32)
+        table = np.empty(shape, np.int32)
+        _workspace.table = table if table.nbytes <= KEEP_TABLE_BYTES else None
     return cv2.integral(image, sum=table, sdepth=cv2.CV_32S)  # written into `table`
 
 

@@ -78,6 +78,8 @@ class PreprocessCard:
     input_width: int = 224
     channels: Literal[1, 3] = 1
     resize: Literal["stretch", "letterbox"] = "letterbox"
+    # "area": each output pixel the mean of its cell (edgebc.area; OpenCV's INTER_AREA where it
+    # enlarges or the factor is whole); "linear": cv2.resize's bilinear
     interpolation: Literal["area", "linear"] = "area"
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)

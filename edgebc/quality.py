@@ -52,10 +52,10 @@ class QualityResult:
 
 #: The ultrasound gate's default size: it judges a grey copy at most this many pixels on its
 #: long side. Where a grey model's input is the grey crop resized by area, the classifier reads
-#: this copy and the model's resize from one summed-area table (edgebc.area). Not 224, the common model size, by default: judged at
-#: 224 px with the same limits, 42 of the 5,548 frames tools/measure_quality_gate.py measures
-#: change verdict (35 mammogram phantoms, 5 mini-MIAS films, one BUS-BRA Logiq 5 frame and its
-#: JPEG copy), and no choice of limits at 224 keeps every verdict (issue 23).
+#: this copy and the model's resize from one summed-area table (edgebc.area). Not 224, the
+#: common model size, by default: judged at 224 px with the same limits, 42 of the 5,548 frames
+#: tools/measure_quality_gate.py measures change verdict (35 mammogram phantoms, 5 mini-MIAS
+#: films, one BUS-BRA Logiq 5 frame and its JPEG copy), and no choice of limits at 224 keeps every verdict (issue 23).
 GATE_SIZE = 256
 CHECKS = ("uniform", "dark", "bright", "colour", "flat", "speckle")
 #: The mammography gate's checks, in the order it makes them.

@@ -122,3 +122,17 @@ def test_the_gate_size_is_no_setting_and_another_is_only_made_on_purpose():
 def test_a_gate_size_that_is_not_a_sensible_whole_number_is_refused(size):
     with pytest.raises(ValueError, match="quality gate size"):
         gate_at_size(size)
+
+
+@pytest.mark.parametrize("shape", [(213, 256), (200, 240), (150, 180), (224, 300)])
+def test_crops_at_or_under_a_size_get_the_same_copies_as_alone(passes, shape):
+    """A crop already at the gate's size (its copy is the crop), between the two sizes, under
+    both (the model's resize enlarges: OpenCV's), and one the model's size on one side."""
+    frame = make_ultrasound_phantom("benign", phantom_rng(7, shape[0]), *shape).image
+    backend = RecordingBackend(224)
+    passes.clear()
+    decision = FrameClassifier(backend).classify(frame)
+    assert len(passes) <= 1  # one table, or OpenCV's one resize where it enlarges
+    assert decision.quality == QualityGate().check(frame) and decision.quality.ok
+    want = preprocess_chw(to_channels(frame, 1), backend.card.preprocess)
+    assert np.array_equal(backend.tensors[0][0], want)

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     backend = open_backend(args.model, threads=1)
     prep = backend.card.preprocess
+    if backend.card.lineage.get("input_crop"):
+        parser.error(f"{args.model} reads lesion-localiser crops: this tool measures whole frames")
     if prep.interpolation != "area":
         parser.error(f"{args.model} resizes with {prep.interpolation!r}: area resizing is not used")
     rule = DecisionRule.of(backend.card)
