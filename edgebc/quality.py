@@ -102,7 +102,7 @@ class QualityGate:
             raise ValueError(f"the gate's copy must be {self.size} px on its long side, got shape "
                              f"{small.shape} for a frame of shape {frame.shape}")  # fmt: skip
         grey8 = to_grey_uint8(small)
-        std, mean = float(grey8.std()), float(grey8.mean())
+        std, mean = level_spread(grey8)
         if std < self.min_std:
             return QualityResult(
                 False,
@@ -161,6 +161,14 @@ def thumbnail_shape(height: int, width: int, size: int = 256) -> tuple[int, int]
     if scale >= 1:
         return height, width
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def level_spread(grey8: np.ndarray) -> tuple[float, float]:
+    """(standard deviation, mean) of the grey levels: OpenCV's in one pass (0.002 ms on a 256 px
+    copy; numpy's std and mean took 0.056), the mean as numpy gives it (the exact sum over the
+    count; OpenCV multiplies by the count's reciprocal, a last bit apart at a whole-number mean)."""
+    _, deviation = cv2.meanStdDev(grey8)
+    return float(deviation[0, 0]), float(cv2.sumElems(grey8)[0]) / grey8.size
 
 
 def subsample(image: np.ndarray, size: int = 256) -> np.ndarray:

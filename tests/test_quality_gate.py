@@ -17,6 +17,7 @@ from edgebc.quality import (
     MammographyGate,
     QualityGate,
     breast_texture,
+    level_spread,
     speckle_statistics,
 )
 from edgebc.synth import make_ultrasound_phantom
@@ -386,3 +387,16 @@ def test_the_mammography_gate_passes_mini_mias_and_refuses_real_bmode(data_dir):
             s.mg_refused,
         )
     assert all(met for met, _ in tool.mg_goals(sets))
+
+
+def test_level_spread_is_numpys_mean_exactly_and_its_std_to_the_last_bits():
+    frames = [
+        make_ultrasound_phantom("benign", phantom_rng(41, k), 213, 256).image for k in range(4)
+    ]
+    frames.append(np.full((50, 60), 8, np.uint8))  # a whole-number mean right at the gate's limit
+    frames.append(np.tile(np.array([0, 16], np.uint8), (40, 30)))  # mean 8, spread 8
+    for grey in frames:
+        std, mean = level_spread(grey)
+        assert mean == float(grey.mean())
+        assert std == pytest.approx(float(grey.std()), rel=1e-12, abs=1e-12)
+    assert level_spread(np.full((50, 60), 8, np.uint8)) == (0.0, 8.0)
