@@ -2,6 +2,8 @@
 manifest, followed by serve/classify, refused (and reported) when altered or another machine's.
 Timings are injected: speed is measured in benchmarks/, never in a unit test."""
 
+import inspect
+import itertools
 import json
 import shutil
 
@@ -339,3 +341,27 @@ def test_candidates_are_timed_in_blocks_as_the_cart_runs_one_model():
     assert timed[:15] == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
     assert timed[15:30] == ["b"] * 5 + ["c"] * 5 + ["a"] * 5  # the next round starts elsewhere
     assert len(timed) == 4 * 15
+
+
+def test_candidates_are_timed_at_a_live_sources_pace_by_default():
+    """A cart classifies frames as a 30 fps source delivers them, each call after an idle gap;
+    back to back (pace 0) is asked for, not the default."""
+    import time
+
+    from edgebc.bench.timing import Variant, time_interleaved
+    from edgebc.deployment_plan import LIVE_PACE, interleaved_ms
+
+    assert inspect.signature(interleaved_ms).parameters["pace"].default == LIVE_PACE == 30.0
+    starts = {"a": [], "b": []}
+    variants = {n: Variant(lambda n=n: starts[n].append(time.perf_counter())) for n in starts}
+    time_interleaved(variants, warmup=0, iterations=6, block=4, pace=100.0)
+    for times in starts.values():
+        blocks = [times[k : k + 4] for k in range(0, len(times), 4)]
+        assert len(blocks) == 2
+        assert all(b - a >= 0.0095 for block in blocks for a, b in itertools.pairwise(block))
+    starts = {"a": [], "b": []}
+    time_interleaved(variants, warmup=0, iterations=6, block=4, pace=0.0)
+    assert min(b - a for a, b in itertools.pairwise(starts["a"][:4])) < 0.002  # back to back
+    for pace in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="pace"):
+            time_interleaved(variants, warmup=0, iterations=2, pace=pace)

@@ -132,5 +132,6 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.check_data:
             raise EdgebcError("--plan needs --check (a labelled set to judge each precision on)")
         return make_and_write_plan(args.out / report["onnx"]["path"], args.check_data,
-                                   split(args.check_split), args.check_count, args.plan_runs)  # fmt: skip
+                                   split(args.check_split), args.check_count, args.plan_runs,
+                                   args.plan_pace)  # fmt: skip
     return 0

@@ -78,11 +78,20 @@ def add_plan_arguments(parser: argparse.ArgumentParser, check_flag: str | None) 
                             help="labelled frames to use (0: every one)")  # fmt: skip
     parser.add_argument("--plan-runs", type=int, default=200,
                         help="interleaved batch-1 runs per candidate when timing")  # fmt: skip
+    parser.add_argument("--plan-pace", type=float, default=30.0, metavar="FPS",
+                        help="time each candidate's runs at this many a second, as a live "
+                        "source's frames come (0: back to back)")  # fmt: skip
 
 
-def make_and_write_plan(model: Path, check: str, split: str | None, count: int, runs: int) -> int:
+def make_and_write_plan(model: Path, check: str, split: str | None, count: int, runs: int,
+                        pace: float = 30.0) -> int:  # fmt: skip
     """Plan `model` on this machine, write the plan beside it and print the table."""
     from functools import partial
+
+    from edgebc.errors import EdgebcError
+
+    if not pace >= 0:  # NaN too
+        raise EdgebcError(f"--plan-pace is frames per second (0: back to back), got {pace}")
 
     from edgebc.deployment_plan import (
         interleaved_ms,
@@ -96,8 +105,10 @@ def make_and_write_plan(model: Path, check: str, split: str | None, count: int, 
     left = ", ".join(f"{n} {k}" for k, n in data.left_out.items() if n)
     print(f"planning {model} on {len(data.labels)} labelled frames"
           + (f" (left out: {left})" if left else ""), flush=True)  # fmt: skip
-    timer = partial(interleaved_ms, runs=runs)
-    timer.__name__ = f"{runs} runs each"  # type: ignore[attr-defined]
+    timer = partial(interleaved_ms, runs=runs, pace=pace)
+    timer.__name__ = f"{runs} runs each, " + (  # type: ignore[attr-defined]
+        f"one every {1000.0 / pace:.1f} ms as at {pace:g} fps" if pace else "back to back"
+    )
     plan = make_plan(model, data.inputs, data.labels, data.units, timer=timer)
     path = write_plan(model, plan)
     print(render_table(plan))
@@ -148,7 +159,8 @@ def run_model(args: argparse.Namespace) -> int:
                 raise EdgebcError(f"{store.root}: no current model; give the model to plan")
             model = store.releases / current / "model.onnx"
         split = None if args.check_split == "all" else args.check_split
-        return make_and_write_plan(model, args.check_data, split, args.check_count, args.plan_runs)
+        return make_and_write_plan(model, args.check_data, split, args.check_count, args.plan_runs,
+                                   args.plan_pace)  # fmt: skip
     releases = store.list()
     if not releases:
         print(f"{store.root}: no models installed")
