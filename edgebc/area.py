@@ -1,5 +1,6 @@
-"""Area downscaling (OpenCV's INTER_AREA) read from a summed-area table: about half of
-cv2.resize's cost on the cart's frames, and a second size of the same frame for less again.
+"""Area downscaling (OpenCV's INTER_AREA) read from a summed-area table: on the cart's frames
+the gate's copy and the model's input from one table cost 0.4 ms a frame less than two
+cv2.resize calls (docs/RUNTIME.md).
 
 Why: behind a 1080p capture the grey imaging region (about 950 x 800 px) is downscaled twice per
 frame, to the quality gate's 256 px copy and to the model's 224 px input, and cv2.resize's area
@@ -8,9 +9,9 @@ float path): together more than the network. An area downscale gives each output
 of its cell of the input, the rectangle [x * W/w, (x + 1) * W/w) x [y * H/h, (y + 1) * H/h). The
 summed-area table (cv2.integral, 0.13 ms) gives any cell's sum from its four corners; a corner at
 a fractional position is read by linear interpolation between table entries, which is exact for
-an image constant within each pixel. What is left is a gather of four table entries per corner:
-0.2-0.3 ms per size (both sizes with the table: 0.6-0.7 ms, against 1.46 ms with cv2.resize;
-benchmarks/pipeline.py times it in the whole path, docs/RUNTIME.md).
+an image constant within each pixel. What is left is a gather of four table entries per corner,
+0.2-0.5 ms per size depending on what the caches hold (benchmarks/pipeline.py times the whole
+path with the table and with cv2.resize side by side).
 
 Not bit for bit OpenCV's: OpenCV accumulates each cell in float32 and drops slivers thinner than
 1/1000 of a pixel at cell edges; here the means are exact (float64) and rounded to the nearest

@@ -109,12 +109,22 @@ class DeploymentPlan:
     made: str = ""
     version: int = PLAN_VERSION
     notes: list[str] = field(default_factory=list)
+    pace_fps: float | None = None  # calls per second the candidates were timed at; 0: back to back
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str) + "\n"
 
 
 Timer = Callable[[Sequence[Any], np.ndarray], list[float]]
+
+
+def checked_pace(pace: float) -> float:
+    """`pace` (frames per second to time candidates at) if it is 0 (back to back) or a live
+    source's rate, 1 to 1000 fps; else an error saying so, before any work is done."""
+    if not (pace == 0 or 1 <= pace <= 1000):  # NaN and infinity fail both
+        raise EdgebcError(f"--plan-pace is a source's frames per second, 1 to 1000, or 0 for back "
+                          f"to back; got {pace}")  # fmt: skip
+    return float(pace)
 
 
 def interleaved_ms(backends: Sequence[Any], frame: np.ndarray, runs: int = 200,
@@ -125,8 +135,8 @@ def interleaved_ms(backends: Sequence[Any], frame: np.ndarray, runs: int = 200,
     used), the blocks round-robin in a rotating order, each call `1 / pace` s after the last as
     frames come from a live source (0: back to back). Alternating single calls timed every model
     with the others' cache (OpenVINO BF16 1.04 vs ONNX Runtime FP32 1.01 ms; back to back in
-    blocks 0.68 vs 0.85); at 30 fps each call starts after 33 ms idle, and there the order turns
-    (2.18 vs 1.67 ms, measured 2026-11-30, docs/EXPORT.md): the cart's pace is what is timed."""
+    blocks 0.70 vs 0.90); at 30 fps each call starts after 33 ms idle, and there the order turns
+    (2.15 vs 1.61 ms, measured 2026-11-30, docs/EXPORT.md): the cart's pace is what is timed."""
     from edgebc.bench.timing import Variant, time_interleaved
 
     variants = {str(k): Variant(partial(b.run, frame)) for k, b in enumerate(backends)}
@@ -145,6 +155,7 @@ def make_plan(
     timer: Timer = interleaved_ms,
     open_candidate: Callable[[Path, Candidate], Any] | None = None,
     min_speedup: float = MIN_SPEEDUP,
+    pace: float | None = None,
 ) -> DeploymentPlan:
     """Measure every candidate for `model` on preprocessed `inputs` (N, C, H, W) with class
     indices `labels` of the card's task; the fastest within the budget is chosen, FP32 unless
@@ -217,7 +228,7 @@ def make_plan(
         row["chosen"] = row is best
     return DeploymentPlan(
         chosen=chosen, reference_sha256=sha256_file(model), machine=machine_identity(),
-        table=table, frames=len(inputs), budget=asdict(budget),
+        table=table, frames=len(inputs), budget=asdict(budget), pace_fps=pace,
         timing=f"median of batch-1 runs, candidates interleaved in blocks ({getattr(timer, '__name__', 'timer')})",
         made=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )  # fmt: skip
@@ -329,6 +340,10 @@ def planned_candidate(model: str | Path) -> tuple[Candidate | None, str]:
             f"this one is {here['cpu']} ({', '.join(here['features'])}): not trusted, {as_given}; "
             f"plan here with `edgebc model plan {model} --check DATA`"
         )  # fmt: skip
+    if data.get("pace_fps") is None:  # written before plans were timed at the source's pace
+        return chosen, (f"deployment plan: {chosen.label} (timed back to back by an older edgebc; "
+                        f"plan again to time it at a live source's pace: `edgebc model plan "
+                        f"{model} --check DATA`)")  # fmt: skip
     return chosen, f"deployment plan: {chosen.label}"
 
 

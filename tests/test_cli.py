@@ -161,3 +161,22 @@ def test_an_unquoted_off_is_the_word_off_not_yaml_false():
     assert from_mapping(ClassifierSettings, yaml.safe_load("shift: off")).shift == "off"
     with pytest.raises(ConfigError, match="expected one of"):
         from_mapping(ClassifierSettings, yaml.safe_load("shift: true"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--plan-pace", "30"], "give --plan too"),
+        (["--plan"], "--plan needs --check"),
+        (["--plan", "--check", "x.csv", "--plan-pace", "-1"], "--plan-pace is a source's frames"),
+        (["--plan", "--check", "x.csv", "--plan-pace", "inf"], "--plan-pace is a source's frames"),
+    ],
+)
+def test_export_refuses_a_plan_it_cannot_make_before_exporting_anything(
+    tmp_path, capsys, extra, said
+):
+    pytest.importorskip("torch", reason="edgebc export needs the [export] extra")
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "missing.pt"), "--out", str(out), *extra]) == 1
+    assert said in capsys.readouterr().err  # not the missing checkpoint: nothing was begun
+    assert not out.exists()

@@ -181,7 +181,8 @@ def int8_release(tmp_path_factory, labelled):
     write_manifest(folder, ["model.onnx", "model.int8.onnx"])
     # ONNX Runtime INT8 the fastest; any OpenVINO candidate slower than FP32
     plan = make_plan(folder / "model.onnx", labelled[0], labelled[1],
-                     timer=lambda backends, frame: [2.0, 1.0, *[3.0] * len(backends)][: len(backends)])  # fmt: skip
+                     timer=lambda backends, frame: [2.0, 1.0, *[3.0] * len(backends)][: len(backends)],
+                     pace=30.0)  # fmt: skip
     assert plan.table[1]["allowed"], plan.table[1]["status"]  # the demo model's INT8 keeps it
     write_plan(folder / "model.onnx", plan)
     return folder
@@ -335,7 +336,7 @@ def test_candidates_are_timed_in_blocks_as_the_cart_runs_one_model():
             calls.append(self.name)
 
     backends = [Named("a"), Named("b"), Named("c")]
-    ms = interleaved_ms(backends, np.zeros((1, 1, 4, 4), np.float32), runs=20, block=5)
+    ms = interleaved_ms(backends, np.zeros((1, 1, 4, 4), np.float32), runs=20, block=5, pace=0)
     assert len(ms) == 3 and all(m >= 0 for m in ms)
     timed = calls[30:]  # after ten warm-up calls each
     assert timed[:15] == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
@@ -343,25 +344,73 @@ def test_candidates_are_timed_in_blocks_as_the_cart_runs_one_model():
     assert len(timed) == 4 * 15
 
 
-def test_candidates_are_timed_at_a_live_sources_pace_by_default():
-    """A cart classifies frames as a 30 fps source delivers them, each call after an idle gap;
-    back to back (pace 0) is asked for, not the default."""
-    import time
+class FakeClock:
+    """time for edgebc.bench.timing: sleeping moves it on, a call takes `call_s` (or more)."""
 
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def process_time(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += max(0.0, seconds)
+
+
+def test_candidates_are_timed_at_a_live_sources_pace_by_default(monkeypatch):
+    """A cart classifies frames as a 30 fps source delivers them, each call after an idle gap;
+    back to back (pace 0) is asked for, not the default. A call that overruns its period is
+    followed at once by the next (the newest frame), then the source's pace again."""
+    from edgebc.bench import timing
     from edgebc.bench.timing import Variant, time_interleaved
     from edgebc.deployment_plan import LIVE_PACE, interleaved_ms
 
     assert inspect.signature(interleaved_ms).parameters["pace"].default == LIVE_PACE == 30.0
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
     starts = {"a": [], "b": []}
-    variants = {n: Variant(lambda n=n: starts[n].append(time.perf_counter())) for n in starts}
-    time_interleaved(variants, warmup=0, iterations=6, block=4, pace=100.0)
-    for times in starts.values():
-        blocks = [times[k : k + 4] for k in range(0, len(times), 4)]
-        assert len(blocks) == 2
-        assert all(b - a >= 0.0095 for block in blocks for a, b in itertools.pairwise(block))
+    slow = {"a": [], "b": [4]}  # b's fifth call takes 35 ms, three and a half periods
+
+    def call(name):
+        starts[name].append(clock.now)
+        clock.now += 0.035 if len(starts[name]) - 1 in slow[name] else 0.001
+
+    variants = {n: Variant(lambda n=n: call(n)) for n in starts}
+    timed = time_interleaved(variants, warmup=0, iterations=6, block=4, pace=100.0)
+    gaps = {n: [round(b - a, 6) for a, b in itertools.pairwise(t)] for n, t in starts.items()}
+    assert gaps["a"][:3] == [0.01, 0.01, 0.01]  # a block: one frame every 10 ms
+    assert gaps["b"][4] == 0.035 and gaps["b"][5] == 0.01  # late: next at once, then the pace
+    assert timed["a"]["p50_ms"] == pytest.approx(1.0)
     starts = {"a": [], "b": []}
     time_interleaved(variants, warmup=0, iterations=6, block=4, pace=0.0)
-    assert min(b - a for a, b in itertools.pairwise(starts["a"][:4])) < 0.002  # back to back
-    for pace in (-1.0, float("nan")):
+    assert all(g == pytest.approx(0.001) for g in np.diff(starts["a"][:4]))  # back to back
+    for pace in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pace"):
             time_interleaved(variants, warmup=0, iterations=2, pace=pace)
+
+
+@pytest.mark.parametrize("pace", [-1.0, float("nan"), float("inf"), 0.5, 1e-6, 2000.0])
+def test_a_plan_pace_that_is_no_sources_rate_is_refused(pace):
+    from edgebc.deployment_plan import checked_pace
+
+    with pytest.raises(EdgebcError, match="plan-pace"):
+        checked_pace(pace)
+    assert checked_pace(0) == 0.0 and checked_pace(30) == 30.0
+
+
+def test_a_plan_timed_back_to_back_by_an_older_edgebc_is_followed_and_said_so(
+    int8_release, tmp_path
+):
+    folder = tmp_path / "release"
+    shutil.copytree(int8_release, folder)
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    assert plan["pace_fps"] == 30.0
+    del plan["pace_fps"]  # as written before plans were paced
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    write_manifest(folder, [PLAN_FILE])
+    chosen, note = planned_candidate(folder / "model.onnx")
+    assert chosen == Candidate("onnxruntime", "int8", "model.int8.onnx")
+    assert "timed back to back by an older edgebc" in note and "edgebc model plan" in note

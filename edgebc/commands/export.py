@@ -113,6 +113,17 @@ def run_export(args: argparse.Namespace) -> int:
     def split(value):
         return None if value == "all" else value
 
+    from edgebc.errors import EdgebcError
+
+    # what --plan needs, checked before anything is exported
+    if args.plan and not args.check_data:
+        raise EdgebcError("--plan needs --check (a labelled set to judge each precision on)")
+    if args.plan_pace is not None:
+        if not args.plan:
+            raise EdgebcError("--plan-pace times the deployment plan: give --plan too")
+        from edgebc.deployment_plan import checked_pace
+
+        checked_pace(args.plan_pace)
     options = ExportOptions(
         out_dir=args.out, name=args.name, opset=args.opset, max_batch=args.max_batch, exporter=args.exporter,
         verify_data=args.verify_data, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
@@ -127,10 +138,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     if args.plan:
         from edgebc.commands.model import make_and_write_plan
-        from edgebc.errors import EdgebcError
 
-        if not args.check_data:
-            raise EdgebcError("--plan needs --check (a labelled set to judge each precision on)")
         return make_and_write_plan(args.out / report["onnx"]["path"], args.check_data,
                                    split(args.check_split), args.check_count, args.plan_runs,
                                    args.plan_pace)  # fmt: skip

@@ -78,20 +78,19 @@ def add_plan_arguments(parser: argparse.ArgumentParser, check_flag: str | None) 
                             help="labelled frames to use (0: every one)")  # fmt: skip
     parser.add_argument("--plan-runs", type=int, default=200,
                         help="interleaved batch-1 runs per candidate when timing")  # fmt: skip
-    parser.add_argument("--plan-pace", type=float, default=30.0, metavar="FPS",
+    parser.add_argument("--plan-pace", type=float, default=None, metavar="FPS",
                         help="time each candidate's runs at this many a second, as a live "
-                        "source's frames come (0: back to back)")  # fmt: skip
+                        "source's frames come (default 30; 0: back to back)")  # fmt: skip
 
 
 def make_and_write_plan(model: Path, check: str, split: str | None, count: int, runs: int,
-                        pace: float = 30.0) -> int:  # fmt: skip
+                        pace: float | None = None) -> int:  # fmt: skip
     """Plan `model` on this machine, write the plan beside it and print the table."""
     from functools import partial
 
-    from edgebc.errors import EdgebcError
+    from edgebc.deployment_plan import LIVE_PACE, checked_pace
 
-    if not pace >= 0:  # NaN too
-        raise EdgebcError(f"--plan-pace is frames per second (0: back to back), got {pace}")
+    pace = checked_pace(LIVE_PACE if pace is None else pace)
 
     from edgebc.deployment_plan import (
         interleaved_ms,
@@ -109,7 +108,7 @@ def make_and_write_plan(model: Path, check: str, split: str | None, count: int, 
     timer.__name__ = f"{runs} runs each, " + (  # type: ignore[attr-defined]
         f"one every {1000.0 / pace:.1f} ms as at {pace:g} fps" if pace else "back to back"
     )
-    plan = make_plan(model, data.inputs, data.labels, data.units, timer=timer)
+    plan = make_plan(model, data.inputs, data.labels, data.units, timer=timer, pace=pace)
     path = write_plan(model, plan)
     print(render_table(plan))
     print(f"wrote {path}")
