@@ -2,7 +2,7 @@
 CPU share at 30 fps, and each optional stage's added cost, in one interleaved run.
 
     python benchmarks/pipeline.py --model model.onnx [--localiser localiser.onnx] [--quick]
-        [--rounds 100] [--seconds 24] [--fps 30] [--out pipeline.json]
+        [--rounds 100] [--seconds 24] [--fps 30] [--out pipeline.json] [--profile FRAMES]
 
 The core path is capture frame -> imaging region -> quality gate -> preprocessing -> inference ->
 decision. Variants, each timed on the same 1080p scanner screens (phantoms in one fixed imaging
@@ -343,6 +343,27 @@ def live_interleaved(variants: dict[str, Callable[[np.ndarray], object]], frames
     return out
 
 
+def profile(classifier: FrameClassifier, frames: list[np.ndarray], count: int) -> str:
+    """cProfile of `count` core-path frames back to back (after a warm-up): where the time goes,
+    by function, per frame."""
+    import cProfile
+    import io
+    import pstats
+
+    for k in range(20):
+        classifier.classify(frames[k % len(frames)])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for k in range(count):
+        classifier.classify(frames[k % len(frames)])
+    profiler.disable()
+    out = io.StringIO()
+    print(f"{classifier.backend.name}, {count} frames: a total of T seconds is {1000 / count:g} * T ms a frame",
+          file=out)  # fmt: skip
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -402,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the model file as given (ONNX Runtime), not the runtime and "
                         "precision its deployment plan chose, as serve does")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON")
+    parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
+                        help="only profile the core path over this many frames back to back "
+                        "(cProfile, the functions that take the most time) and stop")  # fmt: skip
     args = parser.parse_args(argv)
     for flag, value in (
         ("--rounds", args.rounds),
@@ -430,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             "cost), or localise -> crop -> classify with benchmarks/localiser.py"
         )
     core = FrameClassifier(backend, region)
+    if args.profile > 0:
+        print(profile(core, frames, args.profile))
+        return 0
     variants: dict[str, Timed] = {
         "reference": reference_variant(backend, region),
         "core": classifier_variant(core),
