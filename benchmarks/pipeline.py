@@ -69,10 +69,10 @@ from edgebc.deployment_plan import open_planned_backend, planned_candidate
 from edgebc.live import LiveReader
 from edgebc.localiser import Localiser
 from edgebc.metrics import softmax
-from edgebc.preprocess import letterbox_geometry, preprocess_chw, to_channels, validated_image
-from edgebc.quality import GATE_SIZE, QualityGate, gate_at_size, thumbnail_shape
+from edgebc.preprocess import preprocess_chw, to_channels, validated_image
+from edgebc.quality import GATE_SIZE, QualityGate, gate_at_size
 from edgebc.region import Region
-from edgebc.sources import Frame
+from edgebc.sources import Frame, FramePacer
 from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
 from edgebc.synth.ultrasound import phantom_rng
 
@@ -174,10 +174,8 @@ class OpenCVDownscales(FrameClassifier):
         if self._sharing_gate is None:
             return None, None
         height, width = grey.shape[:2]
-        placed = letterbox_geometry(height, width, self.card.preprocess)
-        thumb_h, thumb_w = thumbnail_shape(height, width, self._sharing_gate.size)
-        made = [grey if (w, h) == (width, height) else cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
-                for w, h in ((thumb_w, thumb_h), (placed.width, placed.height))]  # fmt: skip
+        made = [grey if size == (width, height) else cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+                for size in self._downscale_sizes(grey, self._sharing_gate)]  # fmt: skip
         return made[0], made[1]
 
 
@@ -263,17 +261,14 @@ class CaptureCardSource:
 
     def __init__(self, frames: list[np.ndarray], fps: float) -> None:
         self.frames, self.fps, self.name = frames, fps, "capture card (prepared frames)"
-        self._next = 0.0
+        self._pacer = FramePacer(fps)
         self._index = 0
 
     def open(self) -> None:
-        self._next = time.monotonic()
+        self._pacer.start()
 
     def read(self) -> Frame | None:
-        delay = self._next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._next = max(self._next + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
+        self._pacer.wait()
         image = self.frames[self._index % len(self.frames)]
         self._index += 1
         return Frame(image, self._index, time.time(), time.monotonic(), self.name)

@@ -324,12 +324,17 @@ class FrameClassifier:
         if self._sharing_gate is None:
             return None, None
         height, width = grey.shape[:2]
-        placed = letterbox_geometry(height, width, self.card.preprocess)
-        thumb_h, thumb_w = thumbnail_shape(height, width, self._sharing_gate.size)
-        gate_size, model_size = (thumb_w, thumb_h), (placed.width, placed.height)
+        gate_size, model_size = self._downscale_sizes(grey, self._sharing_gate)
         wanted = [
             size for size in dict.fromkeys((gate_size, model_size)) if size != (width, height)
         ]
         made = dict(zip(wanted, area_resizes(grey, wanted), strict=True))
         made[(width, height)] = grey
         return made[gate_size], made[model_size]
+
+    def _downscale_sizes(self, grey: np.ndarray, gate: QualityGate) -> tuple[tuple[int, int], tuple[int, int]]:  # fmt: skip
+        """(width, height) of `gate`'s grey copy of `grey` and of the model's resize of it."""
+        height, width = grey.shape[:2]
+        placed = letterbox_geometry(height, width, self.card.preprocess)
+        thumb_h, thumb_w = thumbnail_shape(height, width, gate.size)
+        return (thumb_w, thumb_h), (placed.width, placed.height)

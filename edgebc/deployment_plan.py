@@ -33,6 +33,7 @@ from edgebc.integrity import MANIFEST_NAME, read_manifest, sha256_file, write_ma
 from edgebc.model_card import ModelCard
 from edgebc.optional import is_installed
 from edgebc.precision_budget import PrecisionBudget, judge
+from edgebc.release import int8_sibling
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Candidate:
 def onnxruntime_candidates(model: Path) -> list[Candidate]:
     """ONNX Runtime runs the FP32 file and, where the export wrote one, its INT8 QDQ sibling."""
     found = [Candidate("onnxruntime", "fp32", model.name)]
-    int8 = model.with_name(f"{model.stem}.int8.onnx")
+    int8 = int8_sibling(model)
     if int8.is_file():
         found.append(Candidate("onnxruntime", "int8", int8.name))
     return found
@@ -71,7 +72,7 @@ def openvino_candidates(model: Path) -> list[Candidate]:
     if not is_installed("openvino"):
         return []
     found = [Candidate("openvino", "fp32", model.name), Candidate("openvino", "bf16", model.name)]
-    int8 = model.with_name(f"{model.stem}.int8.onnx")
+    int8 = int8_sibling(model)
     if int8.is_file():
         found.append(Candidate("openvino", "int8", int8.name))
     return found

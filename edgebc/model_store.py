@@ -42,7 +42,13 @@ from edgebc.integrity import (
     write_manifest,
 )
 from edgebc.localiser import shipped_localiser
-from edgebc.release import CARD_FILE, card_for_model, site_card_path, verify_release_card
+from edgebc.release import (
+    CARD_FILE,
+    card_for_model,
+    int8_sibling,
+    site_card_path,
+    verify_release_card,
+)
 
 DEFAULT_STORE = Path("/var/lib/edgebc/models")
 MODEL_FILE = "model.onnx"
@@ -138,7 +144,7 @@ class ModelStore:
                 _copy_synced(source, incoming / MODEL_FILE, progress)
                 files = [MODEL_FILE]
                 wanted = {MODEL_FILE: sha}
-                int8 = source.with_name(f"{source.stem}.int8.onnx")
+                int8 = int8_sibling(source)
                 int8_sha = verify_artifact(int8) if int8.is_file() else None
                 if int8_sha is not None:  # a candidate for the device's deployment plan
                     _copy_synced(int8, incoming / INT8_FILE, progress)

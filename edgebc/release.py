@@ -37,6 +37,11 @@ def site_card_path(model: str | Path) -> Path:
     return Path(model).parent / CARD_FILE
 
 
+def int8_sibling(model: Path) -> Path:
+    """Where `edgebc export --int8` writes `model`'s INT8 variant: `<name>.int8.onnx` beside it."""
+    return model.with_name(f"{model.stem}.int8.onnx")
+
+
 def card_for_model(model: str | Path, embedded: ModelCard | None = None) -> ModelCard:
     """The card `model` runs by: the release's verified `card.json` when there is one, else the
     card embedded in the file (`embedded`, when the caller has read it already)."""

@@ -278,6 +278,25 @@ class PiCameraSource:
 PHANTOM_TOUR = ("normal", "benign", "malignant")
 
 
+class FramePacer:
+    """When a paced source's next frame is due: every 1/fps s from `start`, never more than one
+    period behind (a reader that fell behind gets the next frame at once, not a burst of the
+    frames it missed)."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps
+        self._due = 0.0
+
+    def start(self) -> None:
+        self._due = time.monotonic()
+
+    def wait(self) -> None:
+        delay = self._due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._due = max(self._due + self.period, time.monotonic() - self.period)
+
+
 class PhantomCineSource:
     """Synthetic phantom sweeps, looping, delivered at `fps` like a live scanner.
 
@@ -306,7 +325,7 @@ class PhantomCineSource:
         self.name = f"phantom:{label}"
         self._clip: list[np.ndarray] = []
         self._position = 0
-        self._next_time = 0.0
+        self._pacer = FramePacer(fps)
         self._counter = _Counter(self.name)
 
     def open(self) -> None:
@@ -320,15 +339,12 @@ class PhantomCineSource:
                 label, phantom_rng(self.seed, 77 + number), self.frames, self.size, self.size
             )
             self._clip += sweep + sweep[-2:0:-1]  # back and forth, so a loop has no jump
-        self._next_time = time.monotonic()
+        self._pacer.start()
 
     def read(self) -> Frame | None:
         if not self._clip:
             raise SourceError(f"{self.name}: not open")
-        delay = self._next_time - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        self._next_time = max(self._next_time + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
+        self._pacer.wait()
         image = self._clip[self._position % len(self._clip)]
         self._position += 1
         return self._counter.stamp(image)
