@@ -123,20 +123,14 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
     try:
         building.chmod(0o755)  # mkdtemp makes 0700: a service user must read the release
         source_sha = sha256_file(model)
-        with open(model, "rb") as reader, open(building / MODEL_FILE, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
+        _copy_synced(model, building / MODEL_FILE)
         atomic_write_text(building / CARD_FILE, json.dumps(card.to_dict(), indent=2) + "\n")
         files = [MODEL_FILE, CARD_FILE]
         from edgebc.localiser import shipped_localiser
 
         shipped = shipped_localiser(card, model)  # a crop-trained model travels with its localiser
         if shipped is not None:
-            with open(shipped[1], "rb") as reader, open(building / shipped[0], "wb") as writer:
-                shutil.copyfileobj(reader, writer, 1 << 20)
-                writer.flush()
-                os.fsync(writer.fileno())
+            _copy_synced(shipped[1], building / shipped[0])
             files.append(shipped[0])
         write_manifest(building, files)
         if read_manifest(building)[MODEL_FILE] != source_sha:
@@ -151,6 +145,14 @@ def write_release(out: Path, model: Path, card: ModelCard) -> Path:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return out
+
+
+def _copy_synced(source: Path, target: Path) -> None:
+    """`source` copied to `target` and on disk before the release's manifest is written."""
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
+        writer.flush()
+        os.fsync(writer.fileno())
 
 
 def _canonical(value: Any) -> str:

@@ -105,9 +105,7 @@ class OnnxRuntimeBackend:
             raise EdgebcError("this backend was closed")
         # one check of the feeds for every backend (edgebc.backends.checked_feeds)
         checked = checked_feeds(feeds, self.card, self.fusion)
-        names = (
-            list(self.outputs) if self.fusion is not None else [o.name for o in self.card.outputs]
-        )
+        names = list(self.outputs)
         values = self._session.run(names, checked)
         return {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
 

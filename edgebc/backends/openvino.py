@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from edgebc.backends import checked_feeds
-from edgebc.backends.tensorrt.backend import graph_inputs  # pure: needs no TensorRT
+from edgebc.backends.tensorrt.backend import graph_inputs, warmup_feeds  # pure: no TensorRT
 from edgebc.errors import EdgebcError
-from edgebc.fusion_graphs import HEAD, FusionLayout, read_layout, view_presence_name
+from edgebc.fusion_graphs import FusionLayout, read_layout
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.optional import require
 from edgebc.release import card_for_model
@@ -112,8 +112,9 @@ class OpenVinoBackend:
         self._request: Any = self._compiled.create_infer_request()
         # one infer request, which is not thread-safe (an ONNX Runtime session is): runs queue
         self._lock = threading.Lock()
+        feeds = warmup_feeds(self.card, self.fusion, declared)
         for _ in range(warmup):
-            self._infer(_warmup_feeds(self, declared))
+            self._infer(feeds)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self.fusion is not None or len(self.card.inputs) != 1 or self.card.presence_input:
@@ -143,22 +144,6 @@ class OpenVinoBackend:
 
     def close(self) -> None:
         self._request, self._compiled = None, None
-
-
-def _warmup_feeds(
-    backend: OpenVinoBackend, declared: list[tuple[str, tuple[int, ...]]]
-) -> dict[str, np.ndarray]:
-    """Zeros for every input, with every view or branch marked present."""
-    feeds = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
-    card, layout = backend.card, backend.fusion
-    if card.presence_input is not None and layout is None:
-        feeds[card.presence_input] = np.ones((1, len(card.inputs)), np.float32)
-    if layout is not None and layout.graph == HEAD:
-        feeds[layout.presence] = np.ones((1, len(layout.order)), np.float32)
-    elif layout is not None and len(layout.branches[layout.graph]) > 1:
-        views = len(layout.branches[layout.graph])
-        feeds[view_presence_name(layout.graph)] = np.ones((1, views), np.float32)
-    return feeds
 
 
 def _shape_after_batch(port: Any) -> tuple[int, ...]:

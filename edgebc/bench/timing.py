@@ -47,15 +47,19 @@ def time_call(
             sync()
         samples[k] = time.perf_counter() - start
     cpu = (time.process_time() - cpu_start) / iterations
-    ms = samples * 1e3
+    return summary(samples * 1e3, cpu * 1e3, items_per_call)
+
+
+def summary(ms: np.ndarray, cpu_ms: float, items_per_call: int = 1) -> dict[str, float]:
+    """The statistics a timing reports of its calls' milliseconds and mean CPU ms per call."""
     return {
         "p50_ms": float(np.percentile(ms, 50)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "max_ms": float(ms.max()),
         "per_s": float(items_per_call * 1e3 / ms.mean()),
-        "cpu_ms": cpu * 1e3,
-        "iterations": iterations,
+        "cpu_ms": float(cpu_ms),
+        "iterations": len(ms),
     }
 
 
@@ -111,19 +115,8 @@ def time_interleaved(
                 if (call or block == 1) and index < iterations:
                     wall[name][index], cpu[name][index] = elapsed, used
         done += kept
-    out = {}
-    for name in names:
-        ms = wall[name] * 1e3
-        out[name] = {
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)),
-            "max_ms": float(ms.max()),
-            "per_s": float(variants[name].items_per_call * 1e3 / ms.mean()),
-            "cpu_ms": float(cpu[name].mean() * 1e3),
-            "iterations": iterations,
-        }
-    return out
+    return {name: summary(wall[name] * 1e3, cpu[name].mean() * 1e3, variants[name].items_per_call)
+            for name in names}  # fmt: skip
 
 
 def load_per_core() -> float | None:
