@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from edgebc import sysinfo
 from edgebc.bench.report import write_report
 from edgebc.bench.timing import Variant, time_interleaved
 
@@ -47,11 +48,10 @@ SETTINGS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
 def prepare(checkpoint: Path, data: Path, args: argparse.Namespace) -> Path:
     """--work/NAME/: model.onnx, model.int8.onnx (QDQ, every node quantized) and check.npy (the
     check frames through the shared preprocessing); reused when already there."""
-    from edgebc.bench.accuracy import dataset_set
+    from edgebc.bench.accuracy import check_frames, dataset_set
     from edgebc.export.onnx_export import export_onnx
     from edgebc.export.quantize import QuantPlan, quantize_int8
     from edgebc.model_card import read_card
-    from edgebc.preprocess import preprocess_chw
 
     folder = args.work / checkpoint.parent.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,15 +64,14 @@ def prepare(checkpoint: Path, data: Path, args: argparse.Namespace) -> Path:
         plan = QuantPlan(calibration_size=len(calibration.frames), max_excluded_nodes=0)
         quantize_int8(fp32, int8, calibration.frames, checking.frames, checking.labels, plan)
     if not check.exists():
-        card = read_card(fp32)
-        frames = dataset_set(data, args.check_split, args.check, seed=2).frames
-        np.save(check, np.stack([preprocess_chw(f, card.preprocess) for f in frames]))
+        np.save(check, check_frames(read_card(fp32), dataset_set(data, args.check_split, args.check, seed=2)))  # fmt: skip
     return folder
 
 
 def measure(folder: Path, rounds: int, per_round: int, min_agreement: float) -> dict[str, Any]:
     """In this process (its environment is the CPU setting): outputs first, then interleaved timing."""
     from edgebc.backends import open_backend
+    from edgebc.bench.accuracy import run_batched
     from edgebc.errors import EdgebcError
     from edgebc.metrics import softmax
 
@@ -86,11 +85,11 @@ def measure(folder: Path, rounds: int, per_round: int, min_agreement: float) -> 
             rows[name] = {"status": f"cannot run here: {exc}"}
     reference = backends["ort-fp32"]
     temperature = reference.card.temperature
-    ref_logits = np.concatenate([reference.run(check[i : i + 8]) for i in range(0, len(check), 8)])
+    ref_logits = run_batched(reference, check)
     ref_p = softmax(ref_logits.astype(np.float64), temperature)
     for name, backend in list(backends.items()):
         try:
-            logits = np.concatenate([backend.run(check[i : i + 8]) for i in range(0, len(check), 8)])  # fmt: skip
+            logits = ref_logits if backend is reference else run_batched(backend, check)
         except EdgebcError as exc:
             rows[name] = {"status": f"wrong: {exc}"}
             del backends[name]
@@ -139,14 +138,6 @@ def openvino_kernels(fp32: Path) -> dict[str, int]:
         if isa:
             counts[isa] += 1
     return dict(counts)
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown").strip()
-    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
-    return f"{name} (family {family}, model {model}, {os.cpu_count()} logical cores)"
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -199,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --checkpoint (one or more) and --data")
     torch = __import__("torch")
     torch.set_num_threads(1)
-    results: dict[str, Any] = {"cpu": cpu_name(), "rounds": args.rounds,
+    results: dict[str, Any] = {"cpu": sysinfo.cpu_line(sysinfo.cpu_description()), "rounds": args.rounds,
                                "per_round": args.per_round, "models": {}}  # fmt: skip
     for checkpoint in args.checkpoint:
         folder = prepare(checkpoint, args.data, args)
