@@ -183,14 +183,14 @@ def pipeline_section(
             out["not_timed"] = {"int8": check.wrong}
             del backends["int8"]
     naive = model.notebook() if model.notebook is not None else None
+    # a classifier trained on lesion-localiser crops runs behind its linked localiser: opened once
+    behind = {precision: localiser_behind(backend.card, model.int8 if precision == "int8" and model.int8 else model.fp32)
+              for precision, backend in backends.items()}  # fmt: skip
     for tag, (screen, region) in frames.items():
         stages: dict[str, dict[str, list[float]]] = {}
         variants = {}
         for precision, backend in backends.items():
-            # a classifier trained on lesion-localiser crops runs behind its linked localiser
-            file = model.int8 if precision == "int8" and model.int8 else model.fp32
-            behind = localiser_behind(backend.card, file)
-            classifier = FrameClassifier(backend, region, localiser=behind)
+            classifier = FrameClassifier(backend, region, localiser=behind[precision])
             stages[precision] = {}
             call = partial(_classify_into, classifier, screen, stages[precision])
             variants[f"{precision}_{tag}"] = Variant(call)
@@ -209,8 +209,7 @@ def pipeline_section(
             out[f"cpu_speedup_vs_naive_{tag}"] = naive_timing["cpu_ms"] / fp32["cpu_ms"]
     if "fp32" in backends:
         screen, region = frames["1920x1080"]
-        live = FrameClassifier(backends["fp32"], region,
-                               localiser=localiser_behind(backends["fp32"].card, model.fp32))  # fmt: skip
+        live = FrameClassifier(backends["fp32"], region, localiser=behind["fp32"])
         out["headroom_1920x1080_fp32"] = realtime_headroom(
             partial(live.classify, screen), fps, seconds
         )
