@@ -52,10 +52,14 @@ class ExportOptions:
 
 
 def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
+    from edgebc.fusion_graphs import is_fusion
+    from edgebc.train.checkpoint import load_checkpoint
+
     out = Path(options.out_dir)
-    if _is_fusion_checkpoint(checkpoint):  # refuses what it cannot do before making a folder
+    trained = load_checkpoint(checkpoint).card  # read once, for what kind of export this is
+    if is_fusion(trained):  # refuses what it cannot do before making a folder
         return _run_fusion_export(checkpoint, options)
-    crop = _trained_crop(checkpoint)  # a classifier trained on localiser crops checks on crops
+    crop = lesion_crop_of(trained)  # a classifier trained on localiser crops checks on crops
     out.mkdir(parents=True, exist_ok=True)
     frames = (
         _cropped(load_frames(options.verify_data, options.verify_count)[0], crop)
@@ -152,13 +156,6 @@ def run_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]
     return report
 
 
-def _trained_crop(checkpoint: str | Path) -> LesionCrop | None:
-    """The localiser crop the checkpoint's model was trained on (None: whole frames)."""
-    from edgebc.train.checkpoint import load_checkpoint
-
-    return lesion_crop_of(load_checkpoint(checkpoint).card)
-
-
 def _cropped(frames: list[np.ndarray], crop: LesionCrop | None) -> list[np.ndarray]:
     return frames if crop is None else [crop(frame) for frame in frames]
 
@@ -173,13 +170,6 @@ def _ship_localiser(model: Path, localiser: Path, margin: float) -> Path:
     atomic_write_bytes(shipped, localiser.read_bytes())
     link_classifier(model, shipped, model, margin)
     return shipped
-
-
-def _is_fusion_checkpoint(checkpoint: str | Path) -> bool:
-    from edgebc.fusion_graphs import is_fusion
-    from edgebc.train.checkpoint import load_checkpoint
-
-    return is_fusion(load_checkpoint(checkpoint).card)
 
 
 def _run_fusion_export(checkpoint: str | Path, options: ExportOptions) -> dict[str, Any]:
