@@ -35,7 +35,7 @@ from edgebc.data.records import Sample
 from edgebc.data.sample_image import sample_input
 from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
-from edgebc.localiser import lesion_crop_of
+from edgebc.localiser import LesionCrop, lesion_crop_of
 from edgebc.model_card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ def run_cross_site(
 
         backend = TorchBackend(checkpoint)
         card = backend.card
+        # a model trained on localiser crops is scored on them: the crop opened once per arm
+        crop = lesion_crop_of(card, also=backend.trained_localiser)
         for site in sites:
             seen = site in arm.sites
             chosen = [
@@ -160,7 +162,7 @@ def run_cross_site(
                     f"site {site}: no {config.own_split + ' ' if seen else ''}samples for task "
                     f"{card.task.name}"
                 )
-            probs = _probabilities(backend.run, chosen, card, backend.config)
+            probs = _probabilities(backend.run, chosen, card, crop)
             row = site_statistics(chosen, probs, card, config)
             row.update(arm=arm.name, trained_on=list(arm.sites), site=site,
                        scored_on=f"{config.own_split} split" if seen else "every shared patient", labels_left_out=left_out,
@@ -306,12 +308,10 @@ def _probabilities(
     run: Callable[[np.ndarray], np.ndarray],
     samples: Sequence[Sample],
     card: ModelCard,
-    trained: dict[str, Any] | None = None,
+    crop: LesionCrop | None = None,
 ) -> np.ndarray:
     """Calibrated probabilities for `samples` through the shared preprocessing, in batches (the
-    localiser's crops for a model trained on them: its training configuration names the file)."""
-    localiser = ((trained or {}).get("data") or {}).get("localiser")
-    crop = lesion_crop_of(card, also=[localiser] if localiser else [])
+    localiser's `crop` for a model trained on them)."""
     out = []
     for start in range(0, len(samples), 32):
         batch = np.stack(

@@ -166,8 +166,7 @@ class _EvalModel:
             torch_backend = TorchBackend(path, device)
             self.runtime, self.backend = torch_backend, "pytorch"
             self._torch_model = torch_backend.module
-            data = (torch_backend.config or {}).get("data") or {}
-            self.trained_localiser = [data["localiser"]] if data.get("localiser") else []
+            self.trained_localiser = torch_backend.trained_localiser
         self.card: ModelCard = self.runtime.card
 
     def logits(self, images: np.ndarray, batch: int = 32) -> np.ndarray:

@@ -38,6 +38,13 @@ class TorchBackend:
         self.name = f"torch:{device}"
 
     @property
+    def trained_localiser(self) -> list[str]:
+        """The localiser file its training read crops through (`data.localiser`), as
+        lesion_crop_of's `also`: where a checkpoint's crops come from before an export links one."""
+        data = (self.config or {}).get("data") or {}
+        return [data["localiser"]] if data.get("localiser") else []
+
+    @property
     def module(self) -> Any:
         """The torch model (eval mode, on `device`), for what needs gradients such as Grad-CAM."""
         if self._module is None:
