@@ -315,10 +315,10 @@ def live_share(classify: Callable[[np.ndarray], object], frames: list[np.ndarray
 def live_interleaved(variants: dict[str, Callable[[np.ndarray], object]], frames: list[np.ndarray],
                      fps: float, seconds: float, segments: int) -> dict[str, Any]:  # fmt: skip
     """Segments of `seconds / segments` each, the variants taking turns in a rotating order."""
-    shares: dict[str, list[dict[str, Any]]] = {n: [] for n in variants}
+    names = list(variants)
+    shares: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for s in range(segments):
-        for j, name in enumerate(variants):
-            name = list(variants)[(s + j) % len(variants)]
+        for name in names[s % len(names) :] + names[: s % len(names)]:
             shares[name].append(live_share(variants[name], frames, fps, seconds / segments))
     out: dict[str, Any] = {}
     for name, runs in shares.items():
