@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edgebc.data.fingerprint import CHROMA_THRESHOLD, chroma_spread
 from edgebc.decode import to_grey_uint8
 
-#: A pixel whose channels spread more than this (of 255) is coloured, not grey stored as RGB.
-CHROMA_THRESHOLD = 40
 #: The local tissue level: a median this wide removes strokes up to 4 px and specks up to ~7 px.
 MEDIAN_SIZE = 9
 #: A candidate pixel stands this many grey levels above its local median ...
@@ -240,9 +239,7 @@ def _thin_colour(image: np.ndarray) -> tuple[np.ndarray, int]:
     pixels = image[:, :, :3]
     if pixels.dtype != np.uint8:
         pixels = _to_uint8(pixels)
-    b, g, r = cv2.split(np.ascontiguousarray(pixels))
-    spread = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
-    colour = (spread > CHROMA_THRESHOLD).astype(np.uint8)
+    colour = (chroma_spread(pixels) > CHROMA_THRESHOLD).astype(np.uint8)
     count, found = cv2.connectedComponents(colour, connectivity=8)
     labels = np.asarray(found, np.int32)
     if count <= 1:

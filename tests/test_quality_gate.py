@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from edgebc.data.fingerprint import chroma_spread
 from edgebc.quality import (
     CHECKS,
     MAMMOGRAPHY_CHECKS,
@@ -19,6 +20,7 @@ from edgebc.quality import (
     breast_texture,
     level_spread,
     speckle_statistics,
+    subsample,
 )
 from edgebc.synth import make_ultrasound_phantom
 from edgebc.synth.decoys import (
@@ -400,3 +402,16 @@ def test_level_spread_is_numpys_mean_exactly_and_its_std_to_the_last_bits():
         assert mean == float(grey.mean())
         assert std == pytest.approx(float(grey.std()), rel=1e-12, abs=1e-12)
     assert level_spread(np.full((50, 60), 8, np.uint8)) == (0.0, 8.0)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_chroma_spread_of_a_strided_sample_is_each_pixels_channel_range(channels):
+    # the gate's colour test reads every k-th pixel of a crop of a capture frame: a strided view
+    # that chroma_spread copies as 3-byte units; each pixel's max - min of B, G, R either way
+    rng = np.random.default_rng(4)
+    frame = rng.integers(0, 256, (200, 300, channels), dtype=np.uint8)
+    sample = subsample(frame[13:190, 21:290], 32)[:, :, :3]
+    assert not sample.flags.c_contiguous
+    expected = sample.max(axis=2) - sample.min(axis=2)
+    np.testing.assert_array_equal(chroma_spread(sample), expected)
+    np.testing.assert_array_equal(chroma_spread(np.ascontiguousarray(sample)), expected)
