@@ -85,7 +85,7 @@ def _recipe(tmp_path, epochs):
 
 
 @pytest.mark.slow
-def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
+def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path, capsys):
     pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
     import yaml
 
@@ -139,6 +139,15 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path):
     before = best.stat().st_mtime_ns
     assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]"]) == 0
     assert best.stat().st_mtime_ns == before
+    # ... but not a finished arm of another recipe: its numbers would be this recipe's
+    report_before = (tmp_path / "out" / "cross_site.json").read_bytes()
+    assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]",
+                 "--set", "overrides=[model.arch=mobilenet_v3_small]"]) == 1  # fmt: skip
+    said = capsys.readouterr().err
+    assert "holds a finished run of another recipe" in said
+    assert "model: arch 'simple_cnn' in the run, 'mobilenet_v3_small' in the recipe" in said
+    assert best.stat().st_mtime_ns == before
+    assert (tmp_path / "out" / "cross_site.json").read_bytes() == report_before
 
 
 @pytest.mark.slow

@@ -185,8 +185,8 @@ def register_cross_site(commands: argparse._SubParsersAction) -> None:
     cross = commands.add_parser(
         "cross-site",
         help="does a model hold at a site it never saw? leave-one-site-out and pooled, every site scored",
-        description="Train the recipe once per site and once pooled (finished arms are reused, "
-        "interrupted ones resumed), score every model on every site (a site it trained on: its test "
+        description="Train the recipe once per site and once pooled (finished arms of the same recipe are "
+        "reused, interrupted ones resumed), score every model on every site (a site it trained on: its test "
         "split; any other: all its shared patients) with patient-clustered 95%% intervals, the card's "
         "operating point against its bound, calibration, per scanner and per BI-RADS, and the "
         "radiologists' BI-RADS as a reference reader; writes cross_site.md and cross_site.json.",
