@@ -1,6 +1,7 @@
 """The cross-site report on two phantom sites: every arm trained, every site scored the right way,
 intervals resampled by patient, the reference reader beside the model, finished arms reused."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,10 +145,26 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path, 
     assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]",
                  "--set", "overrides=[model.arch=mobilenet_v3_small]"]) == 1  # fmt: skip
     said = capsys.readouterr().err
-    assert "holds a finished run of another recipe" in said
+    assert "holds a run of another recipe" in said
     assert "model: arch 'simple_cnn' in the run, 'mobilenet_v3_small' in the recipe" in said
     assert best.stat().st_mtime_ns == before
     assert (tmp_path / "out" / "cross_site.json").read_bytes() == report_before
+    # nor resumes an interrupted run of another recipe (resuming trains what the run recorded)
+    (tmp_path / "out" / "north-only" / "metrics.json").unlink()
+    last = tmp_path / "out" / "north-only" / "last.pt"
+    interrupted_at = last.stat().st_mtime_ns
+    assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]",
+                 "--set", "overrides=[optim.lr=0.5]"]) == 1  # fmt: skip
+    assert "optim: lr 0.002 in the run, 0.5 in the recipe" in capsys.readouterr().err
+    assert last.stat().st_mtime_ns == interrupted_at
+    # and a run on other frames (a manifest with another split) is another recipe's too
+    (tmp_path / "out" / "north-only" / "metrics.json").write_text("{}")
+    moved = [dataclasses.replace(s, split="train" if s.split == "val" else s.split)
+             for s in read_manifest(manifest)]  # fmt: skip
+    other = write_manifest(moved, tmp_path / "resplit.csv")
+    assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]",
+                 "--set", f"manifest={other}"]) == 1  # fmt: skip
+    assert "data: trained on other frames" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -238,3 +255,59 @@ def test_sites_can_be_scanners_for_leave_one_scanner_out(tmp_path):
         train_config="x.yaml", manifest=str(manifest), pooled_name="recommended"
     )
     assert [a.name for a in arms_of(named, ["a", "b"])] == ["a-only", "b-only", "recommended"]
+
+
+def _run_folder(tmp_path, name, overrides=(), drop=()):
+    """A run folder whose config.yaml is the recipe with `overrides`, without the dotted keys in
+    `drop` (fields a run made before they existed does not record)."""
+    import yaml
+
+    from edgebc.train.config import load_train_config
+
+    recorded = load_train_config(_recipe(tmp_path, epochs=2), list(overrides)).to_dict()
+    for key in drop:
+        section, field = key.split(".")
+        del recorded[section][field]
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    return run_dir
+
+
+def test_a_run_is_the_recipes_unless_something_it_records_differs(tmp_path, monkeypatch):
+    from edgebc.train.config import load_train_config
+    from edgebc.train.reuse import recipe_differences
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_train_config(_recipe(tmp_path, epochs=2), ["data.manifest=sites.csv"])
+    sites = ["north", "south"]
+    # where it ran is not the recipe; a field the run did not record is not held against it
+    same = _run_folder(tmp_path, "same", ["threads=1", "device=cpu", "loader_workers=2"],
+                       drop=["optim.early_stop_min_epochs"])  # fmt: skip
+    assert recipe_differences(same, recipe, sites) == []
+    # the same task, file and sites, spelled otherwise
+    spelled = _run_folder(tmp_path, "spelled", ["data.task=null", "data.classes=[benign, malignant]",
+                          "data.positive_class=malignant", f"data.sources={sites}"])  # fmt: skip
+    assert recipe_differences(spelled, recipe, sites) == []
+    weights = tmp_path / "w.pt"
+    local = load_train_config(_recipe(tmp_path, epochs=2), ["model.pretrained=w.pt"])
+    absolute = _run_folder(tmp_path, "absolute", [f"model.pretrained={weights}"])
+    assert recipe_differences(absolute, local, sites) == []
+    # what the model is, how it learns, which sites and task: each named
+    other = _run_folder(tmp_path, "other", ["optim.epochs=3", "seed=1", "data.sources=[north]",
+                        "data.task=malignant_vs_rest", "preprocess.input_height=48"])  # fmt: skip
+    found = recipe_differences(other, recipe, sites)
+    assert found == [
+        "preprocess: input_height 48 in the run, 32 in the recipe",
+        "optim: epochs 3 in the run, 2 in the recipe",
+        "seed: 1 in the run, 0 in the recipe",
+        "data.task: malignant_vs_rest in the run, benign_vs_malignant in the recipe",
+        "data.sources: ['north'] in the run, ['north', 'south'] in the recipe",
+    ]
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "config.yaml").write_text("model: {arch: simple_cnn, no_such_field: 1}\n")
+    assert (
+        "config.yaml cannot be read, so what it trained is unknown"
+        in recipe_differences(unreadable, recipe, sites)[0]
+    )

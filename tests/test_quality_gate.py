@@ -415,3 +415,10 @@ def test_chroma_spread_of_a_strided_sample_is_each_pixels_channel_range(channels
     expected = sample.max(axis=2) - sample.min(axis=2)
     np.testing.assert_array_equal(chroma_spread(sample), expected)
     np.testing.assert_array_equal(chroma_spread(np.ascontiguousarray(sample)), expected)
+
+
+def test_a_grey_frame_with_a_channel_axis_is_judged_like_one_without():
+    # (H, W, 1) frames, which to_grey_uint8 accepts, crashed the colour test
+    frame = make_ultrasound_phantom("benign", phantom_rng(41, 0)).image
+    assert QualityGate().check(frame[:, :, None]) == QualityGate().check(frame)
+    assert QualityGate().check(frame[:, :, None]).ok

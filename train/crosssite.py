@@ -21,9 +21,9 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,9 +37,6 @@ from edgebc.decision import DecisionRule
 from edgebc.errors import EdgebcError
 from edgebc.localiser import LesionCrop, lesion_crop_of
 from edgebc.model_card import ModelCard
-
-if TYPE_CHECKING:
-    from edgebc.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -197,57 +194,20 @@ def _trained(
     sites trained on all of them)."""
     from edgebc.train.config import load_train_config
     from edgebc.train.loop import train_model
+    from edgebc.train.reuse import refuse_other_recipe
 
     run_dir = out / arm.name
     train = load_train_config(config.train_config, [
         *config.arm_overrides, f"data.manifest={config.manifest}", f"data.sources={json.dumps(list(arm.sites))}",
         f"data.site_column={config.site_column}", f"name={arm.name}", f"out_dir={out}",
     ])  # fmt: skip
+    resume = run_dir if (run_dir / "last.pt").is_file() else None
+    if _finished(run_dir) or resume is not None:
+        refuse_other_recipe(run_dir, train, every_site)
     if _finished(run_dir):
-        trained = load_train_config(run_dir / "config.yaml")
-        differences = recipe_differences(trained, train, every_site)
-        if differences:
-            raise EdgebcError(
-                f"{run_dir} holds a finished run of another recipe than {config.train_config} "
-                f"with {list(config.arm_overrides)} ({'; '.join(differences)}): its numbers "
-                "would be reported as this recipe's. Move it away, or give this report another "
-                "out_dir"
-            )
         log.info("%s: reusing the finished run in %s", arm.name, run_dir)
         return run_dir / "best.pt"
-    resume = run_dir if (run_dir / "last.pt").is_file() else None
     return train_model(train, resume=resume, show_progress=show_progress).best_checkpoint
-
-
-#: What makes a run this recipe's: what the model is and sees, how it learns, on which data and
-#: task (not where it ran: threads, device, loader workers, the run's name and folder).
-RECIPE_SECTIONS = ("preprocess", "model", "optim", "augment", "patches")
-RECIPE_DATA_FIELDS = ("task", "classes", "positive_class", "modality", "sources", "train_split",
-                      "val_split", "calibration_split", "localiser", "localiser_margin")  # fmt: skip
-
-
-def recipe_differences(
-    trained: TrainConfig, recipe: TrainConfig, every_site: Sequence[str] = ()
-) -> list[str]:
-    """What a finished run's configuration (`trained`, its config.yaml) says other than `recipe`,
-    as "key: in the run, in the recipe": empty when the run is the recipe's. A run folder left by
-    an earlier recipe (the recommended architecture changed since) must not be reused as if it
-    were this one's. Sources are compared as sets, none named meaning `every_site`."""
-    pairs = [(name, getattr(trained, name), getattr(recipe, name)) for name in RECIPE_SECTIONS]
-    pairs += [(f"data.{name}", getattr(trained.data, name), getattr(recipe.data, name))
-              for name in RECIPE_DATA_FIELDS if name != "sources"]  # fmt: skip
-    ran_on, wanted = (sorted(set(c.data.sources or every_site)) for c in (trained, recipe))
-    pairs.append(("data.sources", ran_on, wanted))
-    return [f"{key}: {_differing(run, wanted)}" for key, run, wanted in pairs if run != wanted]
-
-
-def _differing(run: Any, wanted: Any) -> str:
-    """The fields of two config sections that differ, or the two values."""
-    if is_dataclass(run) and is_dataclass(wanted):
-        theirs, ours = asdict(run), asdict(wanted)  # type: ignore[arg-type]
-        return ", ".join(f"{key} {theirs[key]!r} in the run, {ours[key]!r} in the recipe"
-                         for key in ours if theirs.get(key) != ours[key])  # fmt: skip
-    return f"{run!r} in the run, {wanted!r} in the recipe"
 
 
 def _finished(run_dir: Path) -> bool:

@@ -85,7 +85,7 @@ def normalised_thumbnail(grey: np.ndarray) -> np.ndarray:
 
 def colour_fraction(image: np.ndarray) -> float:
     """Share of pixels that carry colour (Doppler, coloured boxes); 0 for grey stored as RGB."""
-    if image.ndim == 2:
+    if image.ndim == 2 or image.shape[2] < 3:  # grey, with or without its channel axis
         return 0.0
     pixels = image[:, :, :3]
     if pixels.dtype != np.uint8:
