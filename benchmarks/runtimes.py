@@ -2,7 +2,7 @@
 each checked against ONNX Runtime FP32 on real frames before it is timed, natively and with a
 typical Intel cart's CPU features emulated.
 
-    python benchmarks/runtimes.py --checkpoint runs/recommended-us/best.pt \\
+    python benchmarks/runtimes.py --checkpoint runs/small-us/best.pt \\
         --checkpoint runs/cmp-shufflenet/best.pt --data runs/sites-cal.csv --out results/runtimes
 
 Each checkpoint is exported (FP32 ONNX) and quantized to QDQ INT8 with every node quantized

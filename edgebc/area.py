@@ -19,7 +19,7 @@ grey level. A mean that is exactly a half (common only where a factor is whole o
 a float64 rounding error to one side, the same side every time, so it may round either way;
 OpenCV's does too. Over every BUSI and BUS-BRA frame (1,755), as the gate's 256 px copy and a
 224 px model's input, 1 to 7 pixels in 100,000 differ from OpenCV's, each by one grey level, and
-the recommended model's answers moved by at most 0.0005 with no decision changed
+the then recommended MobileNetV3-Small's answers moved by at most 0.0005 with no decision changed
 (tools/measure_area_resize.py, 2026-11-30); tests/test_area.py holds the bound on phantoms. Both
 training and the device read frames through this one function (edgebc.preprocess.
 resized_for_input, edgebc.quality.thumbnail), so a model's input is the same array in both;

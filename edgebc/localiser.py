@@ -344,7 +344,7 @@ def check_crop_trained(card: ModelCard, localiser: str | Path, margin: float | N
     """Refuse to put a localiser in front of a classifier that was not trained on its crops: a
     classifier trained on whole frames has its operating point, sensitivity bound and shift
     statistics fitted on whole frames, and on crops it answers worse than it says
-    (docs/LOCALISER.md: the recommended model's AUC 0.862 -> 0.741 and end-to-end sensitivity
+    (docs/LOCALISER.md: the then recommended model's AUC 0.862 -> 0.741 and end-to-end sensitivity
     0.950 -> 0.813 on the shared test split); one trained behind another localiser, or with
     another margin, saw other crops."""
     if card.lineage.get("input_crop") != CROP_TRAINED:

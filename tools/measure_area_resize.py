@@ -2,7 +2,7 @@
 cv2.resize's INTER_AREA, which it replaced: the pixels of the quality gate's copy and of a model's
 input, and a trained model's answers, over every BUSI and BUS-BRA frame.
 
-    python tools/measure_area_resize.py --model runs/recommended-us/export/model.onnx \\
+    python tools/measure_area_resize.py --model runs/small-us/export/model.onnx \\
         [--data ../shared/data] [--out report.json]
 
 Every frame goes through the model's own preprocessing (edgebc.preprocess.preprocess_chw) twice,
