@@ -10,6 +10,9 @@ execution providers when present), `.engine` on native TensorRT (its sidecar che
 from the QDQ export: edgebc.backends.openvino). Each verifies the file against `MANIFEST.sha256` when one lists it, read the card from the model
 (or a release's verified `card.json` beside it: edgebc.release), and validate every input against
 the model's declared shape before inference.
+
+The input checks and the warm-up feeds every backend shares live here (`checked_feeds`,
+`declared_inputs`, `warmup_feeds`), so no backend imports another's module for them.
 """
 
 from __future__ import annotations
@@ -141,12 +144,6 @@ def checked_feeds(
     """Every input a graph of this card takes, checked as ONNX Runtime checks them: the card's
     inputs (and a multi-view model's presence), or a fusion graph's (a branch's views and their
     presence, the head's embeddings and theirs); a ValueError says what is wrong."""
-    from edgebc.backends.onnxruntime import (
-        validate_fusion_presence,
-        validate_vectors,
-        validate_view_presence,
-    )
-
     if layout is None:
         presence = card.presence_input
         images = {k: v for k, v in feeds.items() if k != presence}
@@ -188,3 +185,77 @@ def checked_feeds(
     if layout.graph == HEAD:
         validate_fusion_presence(checked[layout.presence], layout, card)
     return checked
+
+
+def validate_vectors(
+    batch: object, name: str, shape: tuple[int, ...], max_batch: int
+) -> np.ndarray:
+    """A float32 (N, *shape) batch of finite values, or a ValueError saying what is wrong."""
+    if not isinstance(batch, np.ndarray):
+        raise ValueError(f"expected {name} as a numpy array, got {type(batch).__name__}")
+    if batch.ndim != 1 + len(shape) or tuple(batch.shape[1:]) != shape:
+        raise ValueError(
+            f"expected {name} of shape (N, {', '.join(map(str, shape))}), got {batch.shape}"
+        )
+    if not 1 <= batch.shape[0] <= max_batch:
+        raise ValueError(f"batch size must be 1..{max_batch}, got {batch.shape[0]}")
+    if batch.dtype != np.float32:
+        raise ValueError(f"expected {name} as float32, got {batch.dtype}")
+    if not np.all(np.isfinite(batch)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return np.ascontiguousarray(batch)
+
+
+def validate_view_presence(present: np.ndarray, name: str) -> None:
+    """A multi-view branch's presence: 0/1 only, at least one view per row (a branch with no view
+    is not run: its embedding is marked absent in the head's presence)."""
+    if not np.isin(present, (0.0, 1.0)).all():
+        raise ValueError(f"{name} holds 1 (present) or 0 (absent) only")
+    if (present.sum(axis=1) < 1).any():
+        raise ValueError(
+            f"every row needs at least one view present in {name} (with none, leave the branch "
+            "out and mark it absent in the head's presence)"
+        )
+
+
+def validate_fusion_presence(present: np.ndarray, layout: FusionLayout, card: ModelCard) -> None:
+    """0/1 only, at least one branch per row, and every input the card requires present."""
+    if not np.isin(present, (0.0, 1.0)).all():
+        raise ValueError(f"{layout.presence} holds 1 (present) or 0 (absent) only")
+    if (present.sum(axis=1) < 1).any():
+        raise ValueError(f"every row needs at least one input present in {layout.presence}")
+    optional = {i.name: i.optional for i in card.inputs}
+    for column, branch in enumerate(layout.order):
+        required = [n for n in layout.branches[branch] if not optional[n]]
+        if required and (present[:, column] == 0).any():
+            raise ValueError(
+                f"model {card.name} requires its input {required[0]} (not optional in the card); "
+                f"{layout.presence} marks it absent"
+            )
+
+
+def declared_inputs(
+    card: ModelCard, layout: FusionLayout | None
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape without the batch) of every input an engine of this card (or fusion graph)
+    takes: the layout's for a fusion graph, else the card's inputs and presence input."""
+    if layout is not None:
+        layout.check_card(card)
+        return layout.inputs_of(layout.graph, card)
+    declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in card.inputs]
+    if card.presence_input is not None:
+        declared.append((card.presence_input, (len(card.inputs),)))
+    return declared
+
+
+def warmup_feeds(card: ModelCard, layout: FusionLayout | None,
+                 declared: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:  # fmt: skip
+    """One row of zeros per input, every presence input all present (what warms an engine up)."""
+    feeds = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
+    if layout is None and card.presence_input is not None:
+        feeds[card.presence_input][:] = 1.0
+    elif layout is not None and layout.graph == HEAD:
+        feeds[layout.presence][:] = 1.0
+    elif layout is not None and len(layout.branches[layout.graph]) > 1:
+        feeds[view_presence_name(layout.graph)][:] = 1.0
+    return feeds

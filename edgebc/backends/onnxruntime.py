@@ -17,7 +17,6 @@ from edgebc.backends import checked_feeds, validate_batch
 from edgebc.errors import EdgebcError
 from edgebc.fusion_graphs import HEAD, FusionLayout, layout_from_metadata, view_presence_name
 from edgebc.integrity import sha256_file, verify_artifact
-from edgebc.model_card import ModelCard
 from edgebc.release import card_for_model
 
 
@@ -111,50 +110,3 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._session = None
-
-
-def validate_vectors(
-    batch: object, name: str, shape: tuple[int, ...], max_batch: int
-) -> np.ndarray:
-    """A float32 (N, *shape) batch of finite values, or a ValueError saying what is wrong."""
-    if not isinstance(batch, np.ndarray):
-        raise ValueError(f"expected {name} as a numpy array, got {type(batch).__name__}")
-    if batch.ndim != 1 + len(shape) or tuple(batch.shape[1:]) != shape:
-        raise ValueError(
-            f"expected {name} of shape (N, {', '.join(map(str, shape))}), got {batch.shape}"
-        )
-    if not 1 <= batch.shape[0] <= max_batch:
-        raise ValueError(f"batch size must be 1..{max_batch}, got {batch.shape[0]}")
-    if batch.dtype != np.float32:
-        raise ValueError(f"expected {name} as float32, got {batch.dtype}")
-    if not np.all(np.isfinite(batch)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return np.ascontiguousarray(batch)
-
-
-def validate_view_presence(present: np.ndarray, name: str) -> None:
-    """A multi-view branch's presence: 0/1 only, at least one view per row (a branch with no view
-    is not run: its embedding is marked absent in the head's presence)."""
-    if not np.isin(present, (0.0, 1.0)).all():
-        raise ValueError(f"{name} holds 1 (present) or 0 (absent) only")
-    if (present.sum(axis=1) < 1).any():
-        raise ValueError(
-            f"every row needs at least one view present in {name} (with none, leave the branch "
-            "out and mark it absent in the head's presence)"
-        )
-
-
-def validate_fusion_presence(present: np.ndarray, layout: FusionLayout, card: ModelCard) -> None:
-    """0/1 only, at least one branch per row, and every input the card requires present."""
-    if not np.isin(present, (0.0, 1.0)).all():
-        raise ValueError(f"{layout.presence} holds 1 (present) or 0 (absent) only")
-    if (present.sum(axis=1) < 1).any():
-        raise ValueError(f"every row needs at least one input present in {layout.presence}")
-    optional = {i.name: i.optional for i in card.inputs}
-    for column, branch in enumerate(layout.order):
-        required = [n for n in layout.branches[branch] if not optional[n]]
-        if required and (present[:, column] == 0).any():
-            raise ValueError(
-                f"model {card.name} requires its input {required[0]} (not optional in the card); "
-                f"{layout.presence} marks it absent"
-            )

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.backends import checked_feeds
-from edgebc.backends.tensorrt.backend import graph_inputs, warmup_feeds  # pure: no TensorRT
+from edgebc.backends import checked_feeds, declared_inputs, warmup_feeds
 from edgebc.errors import EdgebcError
 from edgebc.fusion_graphs import FusionLayout, read_layout
 from edgebc.integrity import sha256_file, verify_artifact
@@ -77,7 +76,7 @@ class OpenVinoBackend:
                 "bf16; choose fp32 (or int8)"
             )
         self.fusion: FusionLayout | None = read_layout(path)
-        declared = graph_inputs(self.card, self.fusion)
+        declared = declared_inputs(self.card, self.fusion)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINT[precision],
             "PERFORMANCE_HINT": "LATENCY",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.backends import checked_feeds, validate_batch
+from edgebc.backends import checked_feeds, declared_inputs, validate_batch, warmup_feeds
 from edgebc.backends.tensorrt.io_plan import TensorSpec, plan_io
 from edgebc.backends.tensorrt.sidecar import (
     check_engine_compatible,
@@ -27,7 +27,7 @@ from edgebc.backends.tensorrt.sidecar import (
     sidecar_layout,
 )
 from edgebc.errors import EdgebcError
-from edgebc.fusion_graphs import HEAD, FusionLayout, view_presence_name
+from edgebc.fusion_graphs import FusionLayout
 from edgebc.integrity import sha256_file, verify_artifact
 from edgebc.model_card import ModelCard
 from edgebc.optional import require
@@ -49,7 +49,7 @@ class TensorRTBackend:
             )
         self.card = ModelCard.from_json(sidecar["card"], source=f"{path}: sidecar card")
         self.fusion: FusionLayout | None = sidecar_layout(sidecar, str(path))
-        declared = graph_inputs(self.card, self.fusion)
+        declared = declared_inputs(self.card, self.fusion)
         # the outputs run_named returns: a fusion graph's own (its layout's), else the card's
         # logits only (a single model's features go unread, and the classifier's shift check
         # says it is off for want of them, as before)
@@ -144,31 +144,6 @@ class TensorRTBackend:
     def _check(self, err: Any) -> None:
         if err != self._cudart.cudaError_t.cudaSuccess:
             raise EdgebcError(f"CUDA error {err}")
-
-
-def graph_inputs(card: ModelCard, layout: FusionLayout | None) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape without the batch) of every input an engine of this card (or fusion graph)
-    takes: the layout's for a fusion graph, else the card's inputs and presence input."""
-    if layout is not None:
-        layout.check_card(card)
-        return layout.inputs_of(layout.graph, card)
-    declared: list[tuple[str, tuple[int, ...]]] = [(i.name, i.shape) for i in card.inputs]
-    if card.presence_input is not None:
-        declared.append((card.presence_input, (len(card.inputs),)))
-    return declared
-
-
-def warmup_feeds(card: ModelCard, layout: FusionLayout | None,
-                 declared: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:  # fmt: skip
-    """One row of zeros per input, every presence input all present (what warms an engine up)."""
-    feeds = {name: np.zeros((1, *shape), np.float32) for name, shape in declared}
-    if layout is None and card.presence_input is not None:
-        feeds[card.presence_input][:] = 1.0
-    elif layout is not None and layout.graph == HEAD:
-        feeds[layout.presence][:] = 1.0
-    elif layout is not None and len(layout.branches[layout.graph]) > 1:
-        feeds[view_presence_name(layout.graph)][:] = 1.0
-    return feeds
 
 
 def engine_tensors(trt: Any, engine: Any) -> list[TensorSpec]:
