@@ -163,6 +163,54 @@ def quantize_pass(prepared: Path, out: Path, calibration: Mapping[str, np.ndarra
                       extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})  # fmt: skip
 
 
+@dataclass(frozen=True)
+class PreparedCheck:
+    """What every INT8 pass of one FP32 model is judged on, independent of the INT8 format: the
+    calibration and check frames through the card's preprocessing, the check labels on the card's
+    task, and FP32's answers on them; `graph`, when set, the FP32 graph already pre-processed
+    for quantization (prepared_for_quantization). search_int8 makes it once for its formats (each
+    format made it again: the whole check set's preprocessing and FP32 run, three times)."""
+
+    card: ModelCard
+    calibration: np.ndarray
+    check: np.ndarray
+    truth: np.ndarray
+    units: list[str] | None
+    left_out: dict[str, int]
+    fp32_logits: np.ndarray
+    fp32_stats: dict[str, float]
+    graph: Path | None = None
+
+
+def prepare_check(
+    fp32_path: str | Path,
+    calibration: Sequence[np.ndarray],
+    check_frames: Sequence[np.ndarray],
+    check_labels: Sequence[str],
+    check_units: Sequence[str] | None = None,
+) -> PreparedCheck:
+    """The frames of an INT8 check prepared once (PreparedCheck); the check set is scored on the
+    model's task: labels it leaves out are counted, not scored."""
+    card = read_card(fp32_path)
+    keep, left_out = card.task.partition(list(check_labels), "INT8 check labels")
+    kept_frames = [f for f, kept in zip(check_frames, keep, strict=True) if kept]
+    if len(calibration) == 0 or not kept_frames:
+        raise EdgebcError(
+            "INT8 quantization needs calibration frames and labelled frames of the model's task to check against"
+        )
+    calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
+    check = np.stack([preprocess(f, card.preprocess)[0] for f in kept_frames])
+    truth = card.task.encode(
+        [label for label, kept in zip(check_labels, keep, strict=True) if kept]
+    )
+    units = None
+    if check_units is not None:
+        units = [u for u, kept in zip(check_units, keep, strict=True) if kept]
+    fp32_logits = run_onnx(fp32_path, check)
+    return PreparedCheck(card, calib, check, truth, units, left_out, fp32_logits,
+                         _clinical(fp32_logits, truth, card))  # fmt: skip
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out: str | Path,
@@ -172,37 +220,28 @@ def quantize_int8(
     plan: QuantPlan = QuantPlan(),
     check_units: Sequence[str] | None = None,
     calibration_ids: Sequence[str] = (),
+    prepared: PreparedCheck | None = None,
 ) -> QuantReport:
     """Write an INT8 QDQ model to `out` that meets `plan`'s accuracy budget, or say it could not.
     `check_units` names each check frame's patient where patients repeat (clustered bounds);
     `calibration_ids` (the calibration files' sha256, 16 hex digits) go into the card, so a
-    deployment plan made later leaves those frames out of its check set."""
+    deployment plan made later leaves those frames out of its check set. `prepared`: the same
+    frames already prepared by `prepare_check` (search_int8 prepares them once for every format)."""
     require("onnx", "INT8 quantization")
-    card = read_card(fp32_path)
-    # The check set is scored on the model's task: labels it leaves out are counted, not scored.
-    keep, left_out = card.task.partition(list(check_labels), "INT8 check labels")
-    kept_frames = [f for f, kept in zip(check_frames, keep, strict=True) if kept]
-    if len(calibration) == 0 or not kept_frames:
-        raise EdgebcError(
-            "INT8 quantization needs calibration frames and labelled frames of the model's task to check against"
-        )
-    calib = np.stack([preprocess(f, card.preprocess)[0] for f in calibration])
-    check = np.stack([preprocess(f, card.preprocess)[0] for f in kept_frames])
-    y = card.task.encode([label for label, kept in zip(check_labels, keep, strict=True) if kept])
-    units = None
-    if check_units is not None:
-        units = [u for u, kept in zip(check_units, keep, strict=True) if kept]
-    fp32_logits = run_onnx(fp32_path, check)
-    fp32_stats = _clinical(fp32_logits, y, card)
+    if prepared is None:
+        prepared = prepare_check(fp32_path, calibration, check_frames, check_labels, check_units)
+    card, calib, check, y, units = (prepared.card, prepared.calibration, prepared.check,
+                                    prepared.truth, prepared.units)  # fmt: skip
+    fp32_logits, fp32_stats = prepared.fp32_logits, prepared.fp32_stats
     excluded: list[str] = []
     attempts: list[dict[str, Any]] = []
     sensitive: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        prepared = prepared_for_quantization(fp32_path, Path(scratch))
+        graph_in = prepared.graph or prepared_for_quantization(fp32_path, Path(scratch))
         candidate = Path(scratch) / "int8.onnx"
         calibration_feeds = {card.input_name: calib}
         while True:
-            quantize_pass(prepared, candidate, calibration_feeds, plan, excluded)
+            quantize_pass(graph_in, candidate, calibration_feeds, plan, excluded)
             int8_logits = run_onnx(candidate, check)
             int8_stats = _clinical(int8_logits, y, card)
             verdict = judge(fp32_logits, int8_logits, y, card, units, plan.budget)
@@ -219,11 +258,11 @@ def quantize_int8(
             )
             if not sensitive:  # part of every report, and the ranking the exclusion loop follows
                 if plan.format == "qdq":
-                    sensitive = node_sqnr(prepared, candidate, _rows(calibration_feeds, 16))
+                    sensitive = node_sqnr(graph_in, candidate, _rows(calibration_feeds, 16))
                 else:  # per-node SQNR is measured on a QDQ build (QOperator hides the floats)
                     qdq = Path(scratch) / "sensitivity.onnx"
-                    quantize_pass(prepared, qdq, calibration_feeds, plan, quant_format="qdq")
-                    sensitive = node_sqnr(prepared, qdq, _rows(calibration_feeds, 16))
+                    quantize_pass(graph_in, qdq, calibration_feeds, plan, quant_format="qdq")
+                    sensitive = node_sqnr(graph_in, qdq, _rows(calibration_feeds, 16))
             if met or len(excluded) >= plan.max_excluded_nodes:
                 break
             step = max(1, len(excluded))  # exclude 1, 2, 4, 8, ... of the least accurate nodes
@@ -267,7 +306,7 @@ def quantize_int8(
         plan=asdict(plan), calibration_frames=len(calib), fp32=fp32_stats, int8=int8_stats, agreement=attempts[-1]["agreement"],
         max_prob_diff=float(diff.max()), mean_prob_diff=float(diff.mean()), budget_met=attempts[-1]["budget_met"],
         excluded_nodes=excluded, attempts=attempts, sensitive_nodes=sensitive[:10],
-        check_frames=len(check), check_labels_left_out=left_out, budget=verdict.to_dict(),
+        check_frames=len(check), check_labels_left_out=prepared.left_out, budget=verdict.to_dict(),
         binding=verdict.binding,
     )  # fmt: skip
 
@@ -319,12 +358,16 @@ def search_int8(
     out = Path(out)
     tried = []
     with tempfile.TemporaryDirectory() as scratch:
+        prepared = replace(
+            prepare_check(fp32_path, calibration, check_frames, check_labels, check_units),
+            graph=prepared_for_quantization(fp32_path, Path(scratch)),
+        )
         for index, options in enumerate(candidates):
             path = Path(scratch) / f"candidate{index}.onnx"
             report = quantize_int8(fp32_path, path, calibration, check_frames, check_labels,
-                                   replace(plan, **options), check_units, calibration_ids)  # fmt: skip
+                                   replace(plan, **options), check_units, calibration_ids, prepared)  # fmt: skip
             tried.append((options, path, report))
-        card = read_card(fp32_path)
+        card = prepared.card
         shape = (1, *card.input_shape)
         latency = interleaved_latency(
             [Path(fp32_path), *(p for _, p, _ in tried)], shape, latency_runs
