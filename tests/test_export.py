@@ -292,3 +292,19 @@ def test_a_normal_export_says_nothing_alarming(tmp_path, exporter):
     noise = [line for line in run.stderr.splitlines()
              if re.search(r"Warning|torchvision is not installed|deprecated", line)]  # fmt: skip
     assert noise == [], noise
+
+
+def test_calibration_and_check_frames_are_one_seeded_draw(phantoms):
+    from edgebc.export.frames import load_frame_set
+
+    frames, labels = load_frames(phantoms, 6, split="val", seed=3)
+    drawn = load_frame_set(phantoms, 0, split="val", seed=3)
+    assert labels == drawn.labels[:6] and len(drawn.labels) > 6
+    assert all(np.array_equal(a, b) for a, b in zip(frames, drawn.frames[:6], strict=True))
+    left = load_frame_set(phantoms, 0, split="val", seed=3, exclude=drawn.paths[:6])
+    assert not set(left.paths) & set(drawn.paths[:6])
+    assert len(left.paths) == len(drawn.paths) - 6
+    with pytest.raises(EdgebcError, match="at least 1"):
+        load_frames(phantoms, 0)
+    with pytest.raises(EdgebcError, match=r"no samples in split 'nope' to calibrate or check with"):
+        load_frame_set(phantoms, 4, split="nope")
