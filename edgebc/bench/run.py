@@ -14,6 +14,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,28 @@ def stage_timings(
     return results
 
 
+@dataclass(frozen=True)
+class CheckReference:
+    """The check frames preprocessed for one model and ONNX Runtime FP32's logits on them: what
+    every backend (model_section) and the INT8 classifier (pipeline_section) are compared with,
+    made once per model by `run` (each section made it again)."""
+
+    frames: np.ndarray
+    logits: np.ndarray
+
+
+def check_reference(
+    fp32: Path, check_set: LabelledSet | None, batch: int = BATCH
+) -> CheckReference:
+    """ONNX Runtime FP32 (CPU, one thread) on the check frames, `batch` frames a call."""
+    checked = check_frames(read_card(fp32), check_set)
+    backend = open_backend(fp32, ("CPUExecutionProvider",), 1, warmup=0)
+    try:
+        return CheckReference(checked, run_batched(backend, checked, batch))
+    finally:
+        backend.close()
+
+
 def model_section(
     model: BenchModel,
     size: int,
@@ -97,6 +120,7 @@ def model_section(
     iterations: int,
     work: Path | None = None,
     check_set: LabelledSet | None = None,
+    reference: CheckReference | None = None,
 ) -> dict[str, Any]:
     """Every available backend on the same preprocessed phantom frames, at each batch size, after
     its outputs on the check frames (`check_set`, else phantoms) passed the comparison with ONNX
@@ -107,11 +131,10 @@ def model_section(
     frames, _ = phantom_stills(max(batches), seed=33)
     prep = card.preprocess  # the model's own preprocessing, whatever its input
     inputs = np.stack([preprocess_chw(f, prep) for f in frames]).astype(np.float32)
-    checked = check_frames(card, check_set)
     check_batch = min(BATCH, max(batches))  # native engines are built for max(batches)
-    reference_backend = open_backend(model.fp32, ("CPUExecutionProvider",), 1, warmup=0)
-    reference = run_batched(reference_backend, checked, check_batch)
-    reference_backend.close()
+    if reference is None:
+        reference = check_reference(model.fp32, check_set, check_batch)
+    checked = reference.frames
     out: dict[str, Any] = {}
     loaded: dict[str, Any] = {}
     for candidate in candidates(model, threads, work, max(batches)):
@@ -122,7 +145,7 @@ def model_section(
         except Exception as exc:  # a backend that cannot run this model is reported, not fatal
             out[candidate.name] = {"unavailable": why_unavailable(exc)}
             continue
-        check = check_outputs(reference, logits, card.temperature)
+        check = check_outputs(reference.logits, logits, card.temperature)
         out[candidate.name] = {"check": check.as_dict(), "logits_b1": first[0].tolist()}
         if candidate.gpu:
             out[candidate.name].update(gpu=True, device_memory_mb=sysinfo.process_gpu_memory_mb())
@@ -159,6 +182,7 @@ def pipeline_section(
     fps: float,
     seconds: float,
     check_set: LabelledSet | None = None,
+    reference: CheckReference | None = None,
 ) -> dict[str, Any]:
     """Raw frame to decision through FrameClassifier (one thread), its stages, the real-time
     headroom at `fps`, and the notebook pipeline on the same frame when the model brings one: FP32,
@@ -176,9 +200,10 @@ def pipeline_section(
     }
     if "int8" in backends:
         card = read_card(model.fp32)
-        checked = check_frames(card, check_set)
-        reference = run_batched(backends["fp32"], checked)
-        check = check_outputs(reference, run_batched(backends["int8"], checked), card.temperature)
+        if reference is None:
+            reference = check_reference(model.fp32, check_set)
+        int8_logits = run_batched(backends["int8"], reference.frames)
+        check = check_outputs(reference.logits, int8_logits, card.temperature)
         if check.wrong:
             out["not_timed"] = {"int8": check.wrong}
             del backends["int8"]
@@ -267,14 +292,17 @@ def run(
     with tempfile.TemporaryDirectory(prefix="edgebc-bench-") as work:
         for model in models:
             size = read_card(model.fp32).input_shape[1]
+            reference = check_reference(model.fp32, check_set, min(BATCH, max(batches)))
+            backends = model_section(
+                model, size, batches, threads, warmup, iterations, Path(work), check_set, reference
+            )
+            pipeline = pipeline_section(
+                model, frames, warmup, iterations, fps, seconds, check_set, reference
+            )
             report["models"][model.name] = {
                 "input": size,
-                "backends": model_section(
-                    model, size, batches, threads, warmup, iterations, Path(work), check_set
-                ),
-                "pipeline": pipeline_section(
-                    model, frames, warmup, iterations, fps, seconds, check_set
-                ),
+                "backends": backends,
+                "pipeline": pipeline,
             }
     report["peak_rss_mb"] = peak_rss_mb()
     report["seconds"] = time.monotonic() - started
