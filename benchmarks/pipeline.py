@@ -237,14 +237,14 @@ def time_interleaved(
     core, core_cpu = np.array(totals["core"]), np.array(cpu["core"])
     out: dict[str, Any] = {}
     for name in names:
-        ms, cpu_ms = np.array(totals[name]), np.array(cpu[name])
+        walls, cpu_ms = np.array(totals[name]), np.array(cpu[name])
         out[name] = {
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)),
+            "p50_ms": float(np.percentile(walls, 50)),
+            "p99_ms": float(np.percentile(walls, 99)),
             "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
             "cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
-            "vs_core_ratio_median": float(np.median(ms / core)),
-            "vs_core_added_ms_median": float(np.median(ms - core)),
+            "vs_core_ratio_median": float(np.median(walls / core)),
+            "vs_core_added_ms_median": float(np.median(walls - core)),
             "vs_core_cpu_ratio_median": float(np.median(cpu_ms / core_cpu)),
             "vs_core_added_cpu_ms_median": float(np.median(cpu_ms - core_cpu)),
             "stages_p50_ms": {s: float(np.percentile(v, 50)) for s, v in stages[name].items()},
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backend, plan_note = open_backend(DEMO_MODEL, threads=1, spin_wait=False), "demo model"
     if args.model is None:
-        backend = CardAs(backend)  # type: ignore[assignment]  # the demo graph, answering
+        backend = CardAs(backend)  # the demo graph, answering
     if backend.card.lineage.get("input_crop"):
         parser.error(
             f"{args.model} was trained on lesion-localiser crops and never runs on whole frames: "
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = open_backend(args.model, threads=1, spin_wait=False)
         variants[as_given] = classifier_variant(FrameClassifier(plain, region))
     variants[OPENCV_AREA] = classifier_variant(OpenCVDownscales(backend, region))
-    marks = FrameClassifier(CardAs(backend, marks="inpaint"), region)  # type: ignore[arg-type]
+    marks = FrameClassifier(CardAs(backend, marks="inpaint"), region)
     variants["core + mark removal"] = classifier_variant(marks)
     shift = FrameClassifier(backend, region, shift="mark")
     if shift.shift is not None:
@@ -490,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     checked = check_outputs(variants, frames)
     started = time.monotonic()
     core_path = time_interleaved(variants, frames, rounds, warmup=max(5, rounds // 20))
-    live_variants = {"reference": variants["reference"], "core": core.classify}
+    live_variants: dict[str, Callable[[np.ndarray], object]] = {
+        "reference": variants["reference"],
+        "core": core.classify,
+    }
     for name in (at_model_size, as_given, OPENCV_AREA):
         if name in variants:
             live_variants[name] = variants[name]
