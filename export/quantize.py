@@ -355,6 +355,7 @@ def search_int8(
 ) -> QuantReport:
     """Quantize with each candidate format, time each against FP32 on this machine, keep the fastest
     that meets the accuracy budget, and say plainly when none beats FP32."""
+    require("onnx", "INT8 quantization")
     out = Path(out)
     tried = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -11,7 +11,7 @@ from edgebc import metrics
 from edgebc.data import read_manifest, write_manifest
 from edgebc.data.manifest import merge_sites
 from edgebc.data.split import SplitPlan, assign_splits
-from edgebc.errors import DataLayoutError
+from edgebc.errors import DataLayoutError, EdgebcError
 from edgebc.synth.dataset import SynthPlan, write_phantom_dataset
 
 
@@ -146,7 +146,7 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path, 
                  "--set", "overrides=[model.arch=mobilenet_v3_small]"]) == 1  # fmt: skip
     said = capsys.readouterr().err
     assert "holds a run of another recipe" in said
-    assert "model: arch 'simple_cnn' in the run, 'mobilenet_v3_small' in the recipe" in said
+    assert "model.arch: 'simple_cnn' in the run, 'mobilenet_v3_small' in the recipe" in said
     assert best.stat().st_mtime_ns == before
     assert (tmp_path / "out" / "cross_site.json").read_bytes() == report_before
     # nor resumes an interrupted run of another recipe (resuming trains what the run recorded)
@@ -155,7 +155,7 @@ def test_the_cross_site_report_trains_every_arm_and_scores_every_site(tmp_path, 
     interrupted_at = last.stat().st_mtime_ns
     assert main(["cross-site", "--config", str(config), "--set", "arms=[north-only]",
                  "--set", "overrides=[optim.lr=0.5]"]) == 1  # fmt: skip
-    assert "optim: lr 0.002 in the run, 0.5 in the recipe" in capsys.readouterr().err
+    assert "optim.lr: 0.002 in the run, 0.5 in the recipe" in capsys.readouterr().err
     assert last.stat().st_mtime_ns == interrupted_at
     # and a run on other frames (a manifest with another split) is another recipe's too
     (tmp_path / "out" / "north-only" / "metrics.json").write_text("{}")
@@ -298,8 +298,8 @@ def test_a_run_is_the_recipes_unless_something_it_records_differs(tmp_path, monk
                         "data.task=malignant_vs_rest", "preprocess.input_height=48"])  # fmt: skip
     found = recipe_differences(other, recipe, sites)
     assert found == [
-        "preprocess: input_height 48 in the run, 32 in the recipe",
-        "optim: epochs 3 in the run, 2 in the recipe",
+        "preprocess.input_height: 48 in the run, 32 in the recipe",
+        "optim.epochs: 3 in the run, 2 in the recipe",
         "seed: 1 in the run, 0 in the recipe",
         "data.task: malignant_vs_rest in the run, benign_vs_malignant in the recipe",
         "data.sources: ['north'] in the run, ['north', 'south'] in the recipe",
@@ -311,3 +311,33 @@ def test_a_run_is_the_recipes_unless_something_it_records_differs(tmp_path, monk
         "config.yaml cannot be read, so what it trained is unknown"
         in recipe_differences(unreadable, recipe, sites)[0]
     )
+
+
+def test_nested_fields_a_run_did_not_record_are_noted_and_count_only_when_resuming(tmp_path):
+    import yaml
+
+    from edgebc.train.config import load_train_config
+    from edgebc.train.reuse import recipe_differences, refuse_other_recipe
+
+    recipe_file = "configs/fusion_phantoms.yaml"
+    recorded = load_train_config(recipe_file).to_dict()
+    del recorded["model"]["fusion"]["arcface_weight"]  # a field added after the run
+    run_dir = tmp_path / "fusion-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    same = load_train_config(recipe_file)
+    noted: list[str] = []
+    assert recipe_differences(run_dir, same, unrecorded=noted) == [] and noted == []
+    other = load_train_config(recipe_file, ["model.fusion.arcface_weight=0.5"])
+    assert recipe_differences(run_dir, other, unrecorded=noted) == []
+    assert noted == ["model.fusion.arcface_weight: not recorded by the run (the code's default "
+                     "now: 0.0), 0.5 in the recipe"]  # fmt: skip
+    # an interrupted run resumes with its own config.yaml, so the recipe's 0.5 would not be used
+    with pytest.raises(EdgebcError, match=r"another recipe \(model\.fusion\.arcface_weight: not recorded"):
+        refuse_other_recipe(run_dir, other, [], resuming=True)
+    # a recorded nested field is compared field by field and named
+    changed = load_train_config(recipe_file, ["model.fusion.mg_preprocess.input_height=96"])
+    assert recipe_differences(run_dir, changed) == [
+        f"model.fusion.mg_preprocess.input_height: {same.model.fusion.mg_preprocess.input_height} "
+        "in the run, 96 in the recipe"
+    ]

@@ -203,7 +203,7 @@ def _trained(
     ])  # fmt: skip
     resume = run_dir if (run_dir / "last.pt").is_file() else None
     if _finished(run_dir) or resume is not None:
-        refuse_other_recipe(run_dir, train, every_site)
+        refuse_other_recipe(run_dir, train, every_site, resuming=not _finished(run_dir))
     if _finished(run_dir):
         log.info("%s: reusing the finished run in %s", arm.name, run_dir)
         return run_dir / "best.pt"

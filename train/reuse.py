@@ -19,8 +19,9 @@ recipe would train now:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import yaml
 
 from edgebc.errors import EdgebcError
 from edgebc.train.config import TrainConfig, load_train_config
+
+log = logging.getLogger(__name__)
 
 #: The config sections that are the recipe (not where or how fast it ran).
 RECIPE_SECTIONS = ("preprocess", "model", "optim", "augment", "patches")
@@ -39,11 +42,18 @@ RECIPE_DATA_FIELDS = ("modality", "train_split", "val_split", "calibration_split
 PATH_FIELDS = frozenset({"pretrained", "localiser", "distill_from"})
 
 
-def refuse_other_recipe(run_dir: Path, recipe: TrainConfig, every_site: Sequence[str]) -> None:
-    """Raise EdgebcError, saying what differs, unless the run in `run_dir` (finished or
-    interrupted) is what `recipe` would train; `every_site`: the manifest's sites, which a run
-    trained on no named sites trained on."""
-    differences = recipe_differences(run_dir, recipe, every_site)
+def refuse_other_recipe(
+    run_dir: Path, recipe: TrainConfig, every_site: Sequence[str], resuming: bool = False
+) -> None:
+    """Raise EdgebcError, saying what differs, unless the run in `run_dir` is what `recipe` would
+    train; `every_site`: the manifest's sites, which a run trained on no named sites trained on.
+    `resuming`: the run is interrupted and would continue; it continues with its own config.yaml,
+    so a field it does not record, where the recipe sets other than the code's default, counts
+    against it (a finished run is only warned about such fields: it predates them)."""
+    unrecorded: list[str] = []
+    differences = recipe_differences(run_dir, recipe, every_site, unrecorded)
+    if resuming:
+        differences += unrecorded
     if not differences:
         differences = data_differences(run_dir, recipe)
     if differences:
@@ -52,31 +62,30 @@ def refuse_other_recipe(run_dir: Path, recipe: TrainConfig, every_site: Sequence
             "would be reported as this recipe's. Move the folder away, or give the report "
             "another out_dir"
         )
+    if unrecorded:
+        log.warning("reusing %s, whose config.yaml predates what the recipe sets: %s",
+                    run_dir, "; ".join(unrecorded))  # fmt: skip
 
 
 def recipe_differences(
-    run_dir: Path, recipe: TrainConfig, every_site: Sequence[str] = ()
+    run_dir: Path,
+    recipe: TrainConfig,
+    every_site: Sequence[str] = (),
+    unrecorded: list[str] | None = None,
 ) -> list[str]:
     """What the run's config.yaml records other than `recipe`, one "key: run's, recipe's" each;
-    empty when it is the recipe's run (see the module for what is compared)."""
+    empty when it is the recipe's run (see the module for what is compared). Fields the run does
+    not record but the recipe sets other than the code's default go into `unrecorded`."""
+    unrecorded = [] if unrecorded is None else unrecorded
     path = run_dir / "config.yaml"
     try:
         recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         trained = load_train_config(path)
     except (OSError, ValueError, yaml.YAMLError) as exc:  # ConfigError is a ValueError
         return [f"its {path.name} cannot be read, so what it trained is unknown: {exc}"]
-    found: list[str] = []
-    for section in RECIPE_SECTIONS:
-        if section in recorded:
-            found += _section_differences(
-                section, getattr(trained, section), getattr(recipe, section), recorded[section],
-                run_dir,
-            )  # fmt: skip
-    if "seed" in recorded and trained.seed != recipe.seed:
-        found.append(f"seed: {trained.seed} in the run, {recipe.seed} in the recipe")
+    found = _differences("", trained, recipe, recorded, unrecorded, (*RECIPE_SECTIONS, "seed"))
     data = recorded.get("data") or {}
-    found += _section_differences("data", trained.data, recipe.data,
-                                  {k: v for k, v in data.items() if k in RECIPE_DATA_FIELDS}, run_dir)  # fmt: skip
+    found += _differences("data.", trained.data, recipe.data, data, unrecorded, RECIPE_DATA_FIELDS)
     ran_task, wanted_task = trained.data.resolved_task(), recipe.data.resolved_task()
     if ran_task != wanted_task:
         found.append(f"data.task: {ran_task.name} in the run, {wanted_task.name} in the recipe")
@@ -104,21 +113,28 @@ def data_differences(run_dir: Path, recipe: TrainConfig) -> list[str]:
             "now: another manifest, split or site)"]  # fmt: skip
 
 
-def _section_differences(
-    name: str, ran: Any, wanted: Any, recorded: Any, run_dir: Path
-) -> list[str]:
-    """A section's fields that differ, only those the run recorded (`recorded`, its YAML)."""
-    if not (is_dataclass(ran) and is_dataclass(wanted)):
-        same = ran == wanted or (not ran and not wanted)
-        return [] if same else [f"{name}: {ran!r} in the run, {wanted!r} in the recipe"]
-    theirs, ours = asdict(ran), asdict(wanted)  # type: ignore[arg-type]
-    keys = [k for k in ours if isinstance(recorded, Mapping) and k in recorded]
-    return [f"{name}: {key} {theirs[key]!r} in the run, {ours[key]!r} in the recipe"
-            for key in keys if not _same(key, theirs[key], ours[key], run_dir)]  # fmt: skip
+def _differences(prefix: str, ran: Any, wanted: Any, recorded: Any, unrecorded: list[str],
+                 names: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+    """The fields of two configs (or sections; `names`, else all) that differ, as "key: run's,
+    recipe's", nested sections field by field; a field the run did not record (`recorded`, its
+    YAML) is not compared, only noted in `unrecorded` where the recipe sets another value."""
+    found: list[str] = []
+    for name in names if names is not None else [f.name for f in fields(wanted)]:
+        theirs, ours, key = getattr(ran, name), getattr(wanted, name), f"{prefix}{name}"
+        if not isinstance(recorded, Mapping) or name not in recorded:
+            if not _same(name, theirs, ours):
+                unrecorded.append(f"{key}: not recorded by the run (the code's default now: "
+                                  f"{theirs!r}), {ours!r} in the recipe")  # fmt: skip
+        elif is_dataclass(theirs) and is_dataclass(ours) and isinstance(recorded[name], Mapping):
+            found += _differences(f"{key}.", theirs, ours, recorded[name], unrecorded)
+        elif not _same(name, theirs, ours):
+            found.append(f"{key}: {theirs!r} in the run, {ours!r} in the recipe")
+    return found
 
 
-def _same(key: str, ran: Any, wanted: Any, run_dir: Path) -> bool:
-    if ran == wanted:
+def _same(key: str, ran: Any, wanted: Any) -> bool:
+    empty = lambda v: v is None or v == () or v == []  # noqa: E731  # "none" however spelled
+    if ran == wanted or (empty(ran) and empty(wanted)):
         return True
     if key in PATH_FIELDS and ran and wanted:
         as_files = lambda v: [Path(p).resolve() for p in ([v] if isinstance(v, str) else v)]  # noqa: E731
