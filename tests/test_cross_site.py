@@ -333,7 +333,9 @@ def test_nested_fields_a_run_did_not_record_are_noted_and_count_only_when_resumi
     assert noted == ["model.fusion.arcface_weight: not recorded by the run (the code's default "
                      "now: 0.0), 0.5 in the recipe"]  # fmt: skip
     # an interrupted run resumes with its own config.yaml, so the recipe's 0.5 would not be used
-    with pytest.raises(EdgebcError, match=r"another recipe \(model\.fusion\.arcface_weight: not recorded"):
+    with pytest.raises(
+        EdgebcError, match=r"another recipe \(model\.fusion\.arcface_weight: not recorded"
+    ):
         refuse_other_recipe(run_dir, other, [], resuming=True)
     # a recorded nested field is compared field by field and named
     changed = load_train_config(recipe_file, ["model.fusion.mg_preprocess.input_height=96"])
