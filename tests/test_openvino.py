@@ -204,7 +204,7 @@ def test_the_guarantees_of_the_onnxruntime_backend(tmp_path, phantom_batch):
     # every input checked before inference, with what was wrong
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, 128, 128\)"):
         backend.run(np.zeros((1, 1, 64, 64), np.float32))
-    with pytest.raises(ValueError, match="expected float32 input, got float64"):
+    with pytest.raises(ValueError, match="expected input as float32, got float64"):
         backend.run(phantom_batch[:1].astype(np.float64))
     bad = phantom_batch[:1].copy()
     bad[0, 0, 0, 0] = np.nan

@@ -56,10 +56,10 @@ def test_backend_reads_the_card_and_matches_direct_inference(model):
     ("batch", "message"),
     [
         (np.zeros((1, 3, 48, 48), np.float32), r"expected input of shape \(N, 1, 48, 48\)"),
-        (np.zeros((1, 1, 48, 48), np.float64), "expected float32"),
+        (np.zeros((1, 1, 48, 48), np.float64), "expected input as float32"),
         (np.full((1, 1, 48, 48), np.nan, np.float32), "NaN"),
         (np.zeros((65, 1, 48, 48), np.float32), "batch size must be 1..64"),
-        ([[1.0]], "expected a numpy array"),
+        ([[1.0]], "expected input as a numpy array"),
     ],
 )
 def test_backend_validates_input_before_inference(model, batch, message):
@@ -99,7 +99,7 @@ def test_torch_backend_matches_the_export_for_any_batch_size_and_checks_inputs(m
     reference = np.concatenate([exported.run(batch[:64]), exported.run(batch[64:])])
     assert logits.shape == (70, 3) and np.abs(reference).max() > 1e-3
     np.testing.assert_allclose(logits, reference, atol=1e-4)
-    with pytest.raises(ValueError, match="expected float32"):
+    with pytest.raises(ValueError, match="expected input as float32"):
         backend.run(batch.astype(np.float64))
     with pytest.raises(ValueError, match=r"batch size must be 1\.\.64, got 0"):
         backend.run(batch[:0])

@@ -122,20 +122,8 @@ def validate_feeds(feeds: Mapping[str, object], card: ModelCard) -> dict[str, np
 
 
 def validate_input(batch: object, model_input: ModelInput, max_batch: int) -> np.ndarray:
-    if not isinstance(batch, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(batch).__name__}")
-    shape = model_input.shape
-    if batch.ndim != 4 or tuple(batch.shape[1:]) != shape:
-        raise ValueError(
-            f"expected {model_input.name} of shape (N, {', '.join(map(str, shape))}), got {batch.shape}"
-        )
-    if not 1 <= batch.shape[0] <= max_batch:
-        raise ValueError(f"batch size must be 1..{max_batch}, got {batch.shape[0]}")
-    if batch.dtype != np.float32:
-        raise ValueError(f"expected float32 input, got {batch.dtype}")
-    if not np.all(np.isfinite(batch)):
-        raise ValueError("input contains NaN or infinite values")
-    return np.ascontiguousarray(batch)
+    """One of the card's inputs as float32 (N, *its shape), or a ValueError saying what is wrong."""
+    return validate_vectors(batch, model_input.name, model_input.shape, max_batch)
 
 
 def checked_feeds(
