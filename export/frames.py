@@ -66,7 +66,7 @@ def _video_frames(path: Path, limit: int) -> list[np.ndarray]:
     video = open_source(str(path))
     video.open()
     try:
-        frames = []
+        frames: list[np.ndarray] = []
         while len(frames) < limit and (frame := video.read()) is not None:
             frames.append(frame.image)
     finally:
