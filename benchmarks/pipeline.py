@@ -16,6 +16,9 @@ region, as a capture card delivers them):
   model file on ONNX Runtime);
 - core, model file on ONNX Runtime: where the plan chose another runtime, the same path on the
   model file as given, for comparison (decisions that differ from the core path's are counted);
+- core, numpy's table: the gate's copy and the model's resize read by numpy from a stored
+  summed-area table, as before the native kernel (edgebc.area_native; its inputs are the same
+  arrays, so its decisions must equal the core path's);
 - core, OpenCV's area resize: the gate's copy and the model's resize made by cv2.resize, as
   before the summed-area table (edgebc.area);
 - core + each optional stage the model allows: mark removal (the model's card with marks
@@ -60,6 +63,7 @@ import cv2
 import numpy as np
 
 from edgebc import sysinfo
+from edgebc.area import native_kernel, native_kernel_status, numpy_only
 from edgebc.atomic import atomic_write_text
 from edgebc.backends import Backend, open_backend
 from edgebc.classifier import Decision, FrameClassifier
@@ -79,6 +83,7 @@ from edgebc.synth.ultrasound import phantom_rng
 CLASSES = ("normal", "benign", "malignant")
 AS_GIVEN = "core, model file on ONNX Runtime"  # beside a deployment plan's other runtime
 OPENCV_AREA = "core, OpenCV's area resize"  # the downscales as before edgebc.area
+NUMPY_AREA = "core, numpy's table"  # the downscales as before edgebc.area_native
 Outcome = tuple[str | None, str | None, tuple[float, ...] | None]  # label, refusal, probabilities
 Timed = Callable[[np.ndarray], tuple[Outcome, dict[str, float]]]
 
@@ -135,6 +140,17 @@ def classifier_variant(classifier: FrameClassifier) -> Timed:
     return run
 
 
+def numpy_area_variant(classifier: FrameClassifier) -> Timed:
+    """The core path with its downscales held to numpy's reading of the summed-area table."""
+
+    def run(frame: np.ndarray) -> tuple[Outcome, dict[str, float]]:
+        with numpy_only():
+            decision = classifier.classify(frame)
+        return outcome(decision), decision.timings_ms
+
+    return run
+
+
 def reference_variant(backend: Backend, region: Region) -> Timed:
     """The core path's stages one by one, as they ran before the gate and the model shared one
     downscale: the gate makes its own grey thumbnail, preprocess_chw its own resize."""
@@ -182,7 +198,7 @@ class OpenCVDownscales(FrameClassifier):
 def check_outputs(variants: dict[str, Timed], frames: list[np.ndarray]) -> dict[str, str]:
     """The core path against the reference, and the shift check against the core path, on every
     frame: decisions and probabilities exactly equal, or this refuses to time them."""
-    must_equal = {"core": "reference", "core + shift check": "core"}
+    must_equal = {"core": "reference", NUMPY_AREA: "core", "core + shift check": "core"}
     checked = {}
     for name, reference in must_equal.items():
         if name not in variants:
@@ -369,7 +385,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"{report['machine']['cpu'].get('model', 'unknown CPU')}, model {report['model']}, "
         f"runtime {report['runtime']['backend']} ({report['runtime']['plan']}), "
-        f"1920x1080 frames, one thread; load average {report['load_average']['before']} before, "
+        f"1920x1080 frames, one thread, area downscales: native kernel "
+        f"{report['machine']['area_kernel']}; load average {report['load_average']['before']} before, "
         f"{report['load_average']['after']} after"
         + (" (LOADED: re-measure the absolute figures quietly)" if report["loaded"] else ""),
         "",
@@ -471,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         as_given = AS_GIVEN
         plain = open_backend(args.model, threads=1, spin_wait=False)
         variants[as_given] = classifier_variant(FrameClassifier(plain, region))
+    if native_kernel() is not None:
+        variants[NUMPY_AREA] = numpy_area_variant(core)
+    else:
+        unavailable[NUMPY_AREA] = f"the native area kernel is {native_kernel_status()[1]}: core is numpy's table"  # fmt: skip
     variants[OPENCV_AREA] = classifier_variant(OpenCVDownscales(backend, region))
     marks = FrameClassifier(CardAs(backend, marks="inpaint"), region)
     variants["core + mark removal"] = classifier_variant(marks)
@@ -494,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": variants["reference"],
         "core": core.classify,
     }
-    for name in (at_model_size, as_given, OPENCV_AREA):
+    for name in (at_model_size, as_given, NUMPY_AREA, OPENCV_AREA):
         if name in variants:
             live_variants[name] = variants[name]
     live = live_interleaved(
@@ -512,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": sysinfo.cpu_description(),
             "cores": cores,
             "opencv": cv2.__version__,
+            "area_kernel": native_kernel_status()[1],
             "numpy": np.__version__,
         },
         "settings": {

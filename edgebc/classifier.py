@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebc.area import area_resizes
+from edgebc.area import area_resizes, native_kernel_status
 from edgebc.backends import Backend
 from edgebc.breast import BreastRefusal
 from edgebc.decision import DecisionRule
@@ -186,6 +186,7 @@ class FrameClassifier:
         outputs = getattr(backend, "outputs", tuple(o.name for o in self.card.outputs))
         self.shift, self.shift_note = shift_check_for(self.card, shift, shift_window, outputs)
         log.debug("shift check: %s", self.shift_note)
+        native_kernel_status()  # its one-time check (30 ms) here, not on the first frame
 
     def reset_stream(self) -> None:
         """A new stream begins (a gap in the feed): the shift window starts empty."""

@@ -1,7 +1,9 @@
 """Area downscaling from a summed-area table (edgebc.area): the exact cell means, OpenCV's
 INTER_AREA to within one grey level on a few pixels, several sizes from one table, and cv2.resize
-itself wherever the table does not answer."""
+itself wherever the table does not answer. Every test runs on both paths a grey image may take:
+the native kernel (edgebc.area_native) and numpy's reading of the table."""
 
+import contextlib
 import threading
 
 import cv2
@@ -12,6 +14,18 @@ from edgebc import area
 from edgebc.area import KEEP_TABLE_BYTES, MAX_TABLE_PIXELS, area_resize, area_resizes, reads_table
 from edgebc.synth import make_ultrasound_phantom, render_scanner_screen
 from edgebc.synth.ultrasound import phantom_rng
+
+
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def downscale_path(request):
+    """Each test once through the native kernel, once held to the numpy path."""
+    if request.param == "numpy":
+        with area.numpy_only():
+            yield request.param
+        return
+    if area.native_kernel() is None:  # test_the_native_kernel_is_built_and_checked fails then
+        pytest.skip(f"native area kernel: {area.native_kernel_status()[1]}")
+    yield request.param
 
 
 def coverage(size: int, cells: int) -> np.ndarray:
@@ -121,15 +135,18 @@ def test_a_result_is_its_own_array_not_the_reused_table():
     assert np.array_equal(area_resize(first, 224, 187), kept)
 
 
-def test_threads_each_read_their_own_table():
+def test_threads_each_read_their_own_table(downscale_path):
     images = [phantom(k) for k in range(4)]
     want = [area_resize(image, 224, 187) for image in images]
     wrong = []
 
     def work(k):
-        for _ in range(30):
-            if not np.array_equal(area_resize(images[k], 224, 187), want[k]):
-                wrong.append(k)
+        with area.numpy_only() if downscale_path == "numpy" else contextlib.nullcontext():
+            if area._workspace.numpy_only != (downscale_path == "numpy"):
+                wrong.append("path")  # an assert here would end the thread, not fail the test
+            for _ in range(30):
+                if not np.array_equal(area_resize(images[k], 224, 187), want[k]):
+                    wrong.append(k)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for thread in threads:
@@ -173,9 +190,10 @@ def test_one_channel_with_a_channel_axis_comes_back_as_opencv_gives_it():
         assert area_resize(image, *size).shape == want.shape == size[::-1]
 
 
-def test_a_thread_does_not_hold_a_large_table():
+def test_a_thread_does_not_hold_a_large_table(downscale_path):
     area_resize(np.zeros((2000, 3000, 3), np.uint8) + 9, 224, 150)  # a 72 MB table
     kept = area._workspace.table
     assert kept is None or kept.nbytes <= KEEP_TABLE_BYTES
-    area_resize(phantom(9), 224, 187)  # a grey frame's is kept for the next
-    assert area._workspace.table is not None
+    area._workspace.table = None
+    area_resize(phantom(9), 224, 187)  # numpy keeps a grey frame's for the next; the kernel none
+    assert (area._workspace.table is not None) == (downscale_path == "numpy")

@@ -1,5 +1,5 @@
 """The classifier reads the gate's copy and the model's resize of a frame from one summed-area
-table where the model's input is the frame resized and nothing else (one array where the two
+table (or one pass of the native kernel) where the model's input is the frame resized and nothing else (one array where the two
 agree), and the model's input and the gate's verdict stay exactly what each stage gives alone."""
 
 import dataclasses
@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edgebc import area, area_native
 from edgebc.backends import open_backend
 from edgebc.classifier import FrameClassifier
 from edgebc.demo import DEMO_LINEAGE_KEY, DEMO_MODEL
@@ -48,7 +49,8 @@ def screen(k):
 @pytest.fixture
 def passes(monkeypatch):
     """Counts the passes over a full-size frame that downscale it: summed-area tables
-    (edgebc.area) and cv2.resize calls."""
+    (edgebc.area's numpy path), the native kernel's passes and cv2.resize calls."""
+    area.native_kernel_status()  # its check on first use makes passes of its own
     calls = []
     for name in ("integral", "resize"):
         original = getattr(cv2, name)
@@ -58,6 +60,13 @@ def passes(monkeypatch):
             return _original(image, *args, **kwargs)
 
         monkeypatch.setattr(cv2, name, counting)
+    native = area_native.Kernel.downscale
+
+    def counting_native(self, image, grids):
+        calls.append(image.shape)
+        return native(self, image, grids)
+
+    monkeypatch.setattr(area_native.Kernel, "downscale", counting_native)
     return calls
 
 

@@ -20,6 +20,9 @@ def test_info_json_reports_versions_and_providers():
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert facts["packages"]["numpy"] and "CPUExecutionProvider" in facts["onnxruntime_providers"]
+    # which path makes the downscales, as edgebc.area judged it (the kernel is built here)
+    assert facts["area_kernel"].startswith("loaded from area_kernel")
+    assert facts["area_kernel"].endswith("equal to the numpy path")
 
 
 @pytest.mark.parametrize("command", [["info"], ["synth"], ["data", "audit"], ["data", "split"]])

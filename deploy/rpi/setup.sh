@@ -25,7 +25,8 @@ if [ "$(uname -m)" != "aarch64" ]; then
 fi
 
 apt-get update
-apt-get install -y --no-install-recommends python3-venv python3-picamera2
+# gcc: pip builds edgebc's native area kernel with it (without it a numpy path answers, slower)
+apt-get install -y --no-install-recommends python3-venv python3-picamera2 gcc libc6-dev
 # the camera must answer before the service is pointed at it
 if command -v rpicam-hello > /dev/null; then
   rpicam-hello --list-cameras || echo "warning: no camera listed; check the ribbon cable" >&2

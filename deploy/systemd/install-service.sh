@@ -43,6 +43,7 @@ if [ ! -x "$prefix/venv/bin/python" ]; then
   python3 -m venv "${venv_options[@]}" "$prefix/venv"
 fi
 "$prefix/venv/bin/pip" install --upgrade "$spec"
+"$prefix/venv/bin/edgebc" info | grep "^Area downscales"  # the native kernel, or why the numpy path
 if [ ! -f /etc/edgebc/token ]; then
   # a bearer token for the API off loopback; 32 random bytes, readable by the service only
   umask 027

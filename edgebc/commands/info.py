@@ -39,6 +39,7 @@ def run_info(args: argparse.Namespace) -> int:
     print("Packages:")
     for name, version in facts["packages"].items():
         print(f"  {name:24s} {version or '-'}")
+    print(f"Area downscales: native kernel {facts['area_kernel']}")
     print(
         f"ONNX Runtime providers: {', '.join(facts['onnxruntime_providers']) or 'onnxruntime not installed'}"
     )
