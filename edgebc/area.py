@@ -28,7 +28,7 @@ models trained before it (on cv2.resize) see inputs that differ as above.
 A grey image's downscales are made by the native kernel where `pip install` could build it
 (edgebc/_native/area_kernel.c through edgebc.area_native): the same arithmetic in one pass over the
 image, without the stored table or numpy's temporaries: about 0.5 ms a cart frame instead of 0.8
-(0.41-0.45 ms less on the core path, docs/RUNTIME.md). It
+(0.41-0.55 ms less on the core path, docs/RUNTIME.md). It
 is checked against the numpy path below when it first loads, and used only if every pixel agrees;
 `native_kernel_status` says which path answers, and `edgebc info` prints it.
 
