@@ -9,7 +9,8 @@ decision. Variants, each timed on the same 1080p scanner screens (phantoms in on
 region, as a capture card delivers them):
 
 - reference: the stages composed one by one, each making its own downscale (the gate its grey
-  thumbnail, the preprocessing the model's resize, each from a summed-area table of its own):
+  thumbnail, the preprocessing the model's resize, each a pass of its own, by the native kernel
+  where it is loaded):
   the pipeline as it was before the two shared one table;
 - core: FrameClassifier (edgebc.classifier), as `serve` and `classify` run it: on the runtime
   and precision the deployment plan beside --model chose (`edgebc model plan`; --no-plan: the

@@ -51,12 +51,9 @@ import cv2
 import numpy as np
 
 from edgebc import area_native
-from edgebc.area_native import Grid, Kernel
+from edgebc.area_native import MAX_TABLE_PIXELS, Grid, Kernel
 
 log = logging.getLogger(__name__)
-
-#: The largest frame (pixels) whose 8-bit table fits int32: every sum is at most 255 * H * W.
-MAX_TABLE_PIXELS = (2**31 - 1) // 255
 
 
 #: A thread keeps its table for the next frame up to this size (a 1080p grey frame's is 8.3 MB);
@@ -128,9 +125,9 @@ def native_kernel_status() -> tuple[Kernel | None, str]:
     path on random images (sizes with non-integer factors, a whole factor on one axis, a kept
     axis, a single row or column), or None and why not. A kernel that disagrees anywhere is not
     used: a compiler that fuses multiply-adds, say, would move the rounding of exact halves."""
-    kernel, how = area_native.load()
+    kernel, how, loud = area_native.load()
     if kernel is None:
-        log.info("area downscales: numpy path (native kernel %s)", how)
+        (log.warning if loud else log.info)("area downscales: numpy path (native kernel %s)", how)
         return None, how
     try:
         differs = _differs_from_numpy(kernel)

@@ -2,7 +2,7 @@
 to numpy's reading of the summed-area table on any grey image and size, and never used where it
 disagrees or is missing. tests/test_area.py runs every downscale test through both paths."""
 
-import ctypes
+import platform
 import shutil
 import subprocess
 import threading
@@ -132,7 +132,7 @@ def test_a_kernel_that_disagrees_anywhere_is_not_used(monkeypatch, caplog):
     kernel = area.native_kernel()
     if kernel is None:
         pytest.skip(f"native area kernel: {area.native_kernel_status()[1]}")
-    monkeypatch.setattr(area.area_native, "load", lambda: (OffByOne(kernel), "loaded"))
+    monkeypatch.setattr(area.area_native, "load", lambda: (OffByOne(kernel), "loaded", False))
     area.native_kernel_status.cache_clear()
     try:
         got, how = area.native_kernel_status()
@@ -160,10 +160,12 @@ SOURCE = Path(area_native.__file__).parent / "_native" / "area_kernel.c"
 
 
 def build(tmp_path, source: str, *flags: str) -> Path:
-    """`source` built as the library is (setup.py's flags unless `flags` say otherwise)."""
+    """`source` built as the library is (setup.py's flags unless `flags` say otherwise), under a
+    name of its own (the dynamic loader hands back a library already loaded from the same path)."""
     if shutil.which("gcc") is None:
         pytest.skip("no gcc here to build a kernel variant")
-    c_file, library = tmp_path / "variant.c", tmp_path / "variant.so"
+    name = f"variant{len(list(tmp_path.glob('variant*.so')))}"
+    c_file, library = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
     c_file.write_text(source)
     subprocess.run(["gcc", "-O3", "-fPIC", "-shared", *(flags or ("-ffp-contract=off",)),
                     "-o", str(library), str(c_file)], check=True, capture_output=True)  # fmt: skip
@@ -192,15 +194,18 @@ def test_the_check_refuses_kernels_that_round_or_order_otherwise(tmp_path, chang
     source = SOURCE.read_text()
     assert source.count(change[0]) == 1
     kernel = loaded(build(tmp_path, source.replace(*change), *flags))
-    assert kernel.abi == area_native.ABI
     assert "differs from the numpy path's" in (area._differs_from_numpy(kernel) or "")
 
 
 def test_the_check_refuses_a_build_with_fused_multiply_adds(tmp_path):
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " fma " not in flags:
-        pytest.skip("this CPU has no FMA instructions to build the variant with")
-    kernel = loaded(build(tmp_path, SOURCE.read_text(), "-ffp-contract=fast", "-mfma"))
+    if platform.machine() == "aarch64":  # fused multiply-adds are baseline there
+        flags = ("-ffp-contract=fast",)
+    else:
+        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if " fma " not in cpu:
+            pytest.skip("this CPU has no FMA instructions to build the variant with")
+        flags = ("-ffp-contract=fast", "-mfma")
+    kernel = loaded(build(tmp_path, SOURCE.read_text(), *flags))
     assert "differs from the numpy path's" in (area._differs_from_numpy(kernel) or "")
 
 
@@ -210,11 +215,56 @@ def test_fast_math_builds_are_refused_at_compile_time(tmp_path):
     assert b"must not be built with -ffast-math" in failed.value.stderr
 
 
-def test_a_library_built_from_another_version_is_not_loaded(tmp_path, monkeypatch):
-    source = SOURCE.read_text().replace("int edgebc_area_abi(void) { return 1; }",
-                                        "int edgebc_area_abi(void) { return 99; }")  # fmt: skip
-    library = build(tmp_path, source)
+def test_a_library_built_from_another_source_is_not_loaded(tmp_path, monkeypatch, caplog):
+    """An editable install keeps its old library after the source changes; one built from
+    another source could crash the process, so it is never loaded (and said loudly)."""
+    source = SOURCE.read_text()
+    library = build(tmp_path, source, "-ffp-contract=off", '-DEDGEBC_AREA_SOURCE_SHA256="0123abcd"')
     monkeypatch.setattr(area_native, "library_path", lambda: library)
-    kernel, how = area_native.load()
-    assert kernel is None and "another version of area_kernel.c (ABI 99" in how
-    assert ctypes.CDLL(str(library)).edgebc_area_abi() == 99
+    kernel, how, loud = area_native.load()
+    assert kernel is None and loud
+    assert "built from another area_kernel.c (sha256 0123abcd" in how and "reinstall" in how
+    area.native_kernel_status.cache_clear()
+    try:
+        assert area.native_kernel_status() == (None, how)
+        assert "WARNING" in caplog.text or any(r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        area.native_kernel_status.cache_clear()
+    # the same source built as setup.py builds it is loaded
+    digest = area_native.source_sha256()
+    same = build(tmp_path, source, "-ffp-contract=off", f'-DEDGEBC_AREA_SOURCE_SHA256="{digest}"')
+    monkeypatch.setattr(area_native, "library_path", lambda: same)
+    kernel, how, loud = area_native.load()
+    assert kernel is not None and kernel.source_sha256 == digest and not loud
+
+
+@pytest.mark.parametrize(
+    ("value", "loud"), [("numpy", False), ("nump", True), ("", True)]
+)  # fmt: skip
+def test_the_kernel_can_be_switched_off_and_a_wrong_switch_is_said(monkeypatch, value, loud):
+    monkeypatch.setenv(area_native.SWITCH, value)
+    kernel, how, said = area_native.load()
+    assert kernel is None and said == loud and how.startswith("switched off")
+    area.native_kernel_status.cache_clear()
+    try:
+        assert area.native_kernel_status()[0] is None
+        image = phantom(17)
+        assert np.array_equal(area_resize(image, 224, 187), numpy_path(image, [(224, 187)])[0])
+    finally:
+        area.native_kernel_status.cache_clear()
+
+
+def test_a_grid_the_kernel_would_read_outside_of_is_refused_when_made():
+    good = area.cell_grid(400, 480, 187, 224)
+    fields = {f: getattr(good, f) for f in good.__dataclass_fields__}
+    below = good.rows_below.copy()
+    below[-1] = 400  # one row past the image: the kernel would read past its table
+    for change, words in [
+        ({"rows_below": below}, r"rows_below leaves \[0, 399\]"),
+        ({"cols_below": good.cols_below[:-1].copy()}, "cols_below has 224 entries, not 225"),
+        ({"row_fractions": good.row_fractions.astype(np.float32)}, "contiguous float64"),
+        ({"rows": 3000, "cols": 3000}, "too large for the kernel's 32-bit table"),
+        ({"out_h": 401}, "does not downscale"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            area_native.Grid(**{**fields, **change})

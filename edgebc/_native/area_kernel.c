@@ -28,9 +28,13 @@
 #error "area_kernel.c needs doubles evaluated as doubles (no x87 excess precision)"
 #endif
 
-/* Bumped whenever edgebc_area_plan or a signature changes: edgebc/area_native.py refuses a
- * library built from another version (an editable install keeps its old build until reinstalled). */
-int edgebc_area_abi(void) { return 1; }
+/* The SHA-256 of this file, compiled in by setup.py: edgebc/area_native.py loads the library only
+ * if it matches the source shipped beside it (an editable install keeps its old build after the
+ * source changes, and a library built from another source could crash the process). */
+#ifndef EDGEBC_AREA_SOURCE_SHA256
+#define EDGEBC_AREA_SOURCE_SHA256 "unknown"
+#endif
+const char *edgebc_area_source_sha256(void) { return EDGEBC_AREA_SOURCE_SHA256; }
 
 /* One output size: the grid's corner rows and columns as (table index at or below, fraction
  * above it), from edgebc.area._edges; out is out_h x out_w, rows contiguous. */
