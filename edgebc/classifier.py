@@ -186,7 +186,7 @@ class FrameClassifier:
         outputs = getattr(backend, "outputs", tuple(o.name for o in self.card.outputs))
         self.shift, self.shift_note = shift_check_for(self.card, shift, shift_window, outputs)
         log.debug("shift check: %s", self.shift_note)
-        native_kernel_status()  # its one-time check (30 ms) here, not on the first frame
+        native_kernel_status()  # its one-time check (31-45 ms) here, not on the first frame
 
     def reset_stream(self) -> None:
         """A new stream begins (a gap in the feed): the shift window starts empty."""
